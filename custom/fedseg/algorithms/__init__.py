@@ -1,0 +1,31 @@
+"""Pure math of the FedSeg server workflows (numpy only; no FLARE or torch imports).
+
+* :mod:`.aggregation` -- update validation, weighted averaging, applying diffs
+* :mod:`.softpull`    -- FedSM SoftPull mixing of personalized models
+* :mod:`.routing`     -- FedSM super-model routing (global vs personalized)
+* :mod:`.schedules`   -- FedCross / FedCrossEns site-visit schedules
+"""
+
+from .aggregation import UpdateRejected, apply_diff, check_update, weighted_average
+from .routing import GLOBAL, Route, route, route_batch, softmax
+from .schedules import KINDS, assign, make_schedule, validate_explicit, visits_per_model
+from .softpull import softpull, softpull_weights
+
+__all__ = [
+    "UpdateRejected",
+    "check_update",
+    "weighted_average",
+    "apply_diff",
+    "softpull_weights",
+    "softpull",
+    "GLOBAL",
+    "Route",
+    "route",
+    "route_batch",
+    "softmax",
+    "KINDS",
+    "assign",
+    "make_schedule",
+    "validate_explicit",
+    "visits_per_model",
+]

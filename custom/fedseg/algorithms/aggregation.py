@@ -1,0 +1,174 @@
+"""Validation and weighted averaging of model updates (pure numpy, no FLARE/torch).
+
+A model ("params") is a ``dict[str, numpy.ndarray]``, e.g. a converted PyTorch state dict.
+Floating arrays are averaged in (at least) float64 and cast back to their own dtype; integer
+and bool arrays (e.g. BatchNorm ``num_batches_tracked``) are averaged the same way and then
+rounded to the nearest integer (``numpy.rint``, ties to even) before the cast back, i.e. they
+get the rounded weighted mean.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Mapping
+
+import numpy as np
+
+__all__ = ["UpdateRejected", "check_update", "weighted_average", "apply_diff"]
+
+_MAX_NAMED_KEYS = 5
+
+
+class UpdateRejected(ValueError):
+    """A site's update failed validation; ``site`` and ``reason`` are kept as attributes."""
+
+    def __init__(self, site: str, reason: str):
+        self.site = site
+        self.reason = reason
+        super().__init__(f"update from {site} rejected: {reason}")
+
+    def __reduce__(self):  # keep the two-argument constructor picklable
+        return (type(self), (self.site, self.reason))
+
+
+def _name_keys(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_MAX_NAMED_KEYS])
+    more = len(keys) - _MAX_NAMED_KEYS
+    return f"{shown}, ... ({more} more)" if more > 0 else shown
+
+
+def _is_allowed_dtype(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)
+
+
+def check_update(site: str, params: dict, reference: Mapping[str, np.ndarray], allow_missing: bool = False) -> None:
+    """Raise :class:`UpdateRejected` unless ``params`` is a sane update shaped like ``reference``.
+
+    Rejected, in this order: ``params`` not a dict or empty; keys of ``reference`` missing from
+    ``params`` (unless ``allow_missing``; up to 5 are named); keys not in ``reference``; per key
+    (in ``params`` order): a value that is not a numpy array/scalar, a non-numeric dtype (numeric
+    and bool are accepted), a shape different from the reference's, any NaN/Inf in a floating
+    (or complex) array (the count is named). Integer and bool arrays are checked for shape only.
+    The dtype need not equal the reference's (e.g. float16 vs float32 is accepted).
+    """
+    if not isinstance(reference, Mapping):
+        raise TypeError(f"reference must be a dict of arrays, got {type(reference).__name__}")
+    if not isinstance(params, dict):
+        raise UpdateRejected(site, f"params is not a dict (got {type(params).__name__})")
+    if not params:
+        raise UpdateRejected(site, "empty update (no parameters)")
+
+    missing = [k for k in reference if k not in params]
+    if missing and not allow_missing:
+        raise UpdateRejected(site, f"missing {len(missing)} key(s): {_name_keys(missing)}")
+    extra = [k for k in params if k not in reference]
+    if extra:
+        raise UpdateRejected(site, f"unexpected {len(extra)} key(s): {_name_keys(extra)}")
+
+    for key, value in params.items():
+        if not isinstance(value, (np.ndarray, np.generic)):
+            raise UpdateRejected(site, f"key {key!r}: value is not a numpy array (got {type(value).__name__})")
+        if not _is_allowed_dtype(value.dtype):
+            raise UpdateRejected(site, f"key {key!r}: non-numeric dtype {value.dtype}")
+        expected = np.shape(reference[key])
+        if value.shape != expected:
+            raise UpdateRejected(site, f"key {key!r}: shape {value.shape} does not match expected {expected}")
+        if np.issubdtype(value.dtype, np.inexact):
+            finite = np.isfinite(value)
+            bad = int(value.size - np.count_nonzero(finite))
+            if bad:
+                n_nan = int(np.count_nonzero(np.isnan(value)))
+                raise UpdateRejected(
+                    site, f"key {key!r}: {bad} non-finite value(s) ({n_nan} NaN, {bad - n_nan} Inf)"
+                )
+
+
+def _cast_back(acc: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast a float64/complex accumulator back to ``dtype``; non-float dtypes are rounded first."""
+    if np.issubdtype(dtype, np.inexact):
+        return acc.astype(dtype)
+    return np.rint(acc).astype(dtype)
+
+
+def _acc_dtype(dtype: np.dtype, key: str) -> np.dtype:
+    if not _is_allowed_dtype(dtype):
+        raise ValueError(f"key {key!r}: cannot average non-numeric dtype {dtype}")
+    return np.promote_types(dtype, np.float64)
+
+
+def weighted_average(updates: Mapping[str, Mapping[str, np.ndarray]], weights: Mapping[str, float]) -> dict:
+    """Key-wise weighted mean ``out[k] = sum_i (w_i / sum_j w_j) * updates[i][k]``.
+
+    * ``weights`` needs an entry for every site in ``updates``; entries for other sites are
+      ignored, so the weights are normalised over the sites present. Each weight must be finite
+      and >= 0 and the total > 0, else ``ValueError``. Zero-weight updates are skipped (shape
+      still checked).
+    * Computed in float64 (complex128 for complex); each key is cast back to the dtype of the
+      first update's array; integer/bool arrays get the rounded weighted mean (``np.rint``).
+    * The result has the key order of the first update; all updates must have the same key set
+      and shapes, else ``ValueError``. Returned arrays are new (never views of the inputs).
+    """
+    if not updates:
+        raise ValueError("weighted_average needs at least one update")
+    norm: dict[str, float] = {}
+    for site in updates:
+        if site not in weights:
+            raise ValueError(f"no weight given for site {site!r}")
+        w = weights[site]
+        if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(float(w)) or w < 0:
+            raise ValueError(f"weight for site {site!r} must be a finite number >= 0, got {w!r}")
+        norm[site] = float(w)
+    total = math.fsum(norm.values())
+    if not total > 0:
+        raise ValueError(f"total weight must be > 0, got {total}")
+    norm = {site: w / total for site, w in norm.items()}
+
+    first_site, first = next(iter(updates.items()))
+    keys = list(first)
+    key_set = set(keys)
+    for site, upd in updates.items():
+        if set(upd) != key_set:
+            missing = [k for k in keys if k not in upd]
+            extra = [k for k in upd if k not in key_set]
+            raise ValueError(
+                f"key set of {site!r} differs from {first_site!r}: "
+                f"missing [{_name_keys(missing)}], extra [{_name_keys(extra)}]"
+            )
+
+    out = {}
+    for key in keys:
+        ref = np.asarray(first[key])
+        acc = np.zeros(ref.shape, dtype=_acc_dtype(ref.dtype, key))
+        for site, upd in updates.items():
+            arr = np.asarray(upd[key])
+            if arr.shape != ref.shape:
+                raise ValueError(f"key {key!r}: shape {arr.shape} from {site!r} != {ref.shape} from {first_site!r}")
+            if norm[site] != 0.0:
+                acc += norm[site] * arr.astype(acc.dtype, copy=False)
+        out[key] = _cast_back(acc, ref.dtype)
+    return out
+
+
+def apply_diff(base: Mapping[str, np.ndarray], diff: Mapping[str, np.ndarray]) -> dict:
+    """Return ``base + diff`` key-wise, keeping ``base``'s key order and dtypes.
+
+    Keys of ``base`` absent from ``diff`` are copied unchanged; a ``diff`` key absent from
+    ``base`` or a shape mismatch raises ``ValueError``. The sum is computed in float64 and cast
+    back to the base dtype (integer/bool arrays rounded with ``np.rint`` first).
+    """
+    unknown = [k for k in diff if k not in base]
+    if unknown:
+        raise ValueError(f"diff has key(s) not in base: {_name_keys(unknown)}")
+    out = {}
+    for key, value in base.items():
+        b = np.asarray(value)
+        if key not in diff:
+            out[key] = b.copy()
+            continue
+        d = np.asarray(diff[key])
+        if d.shape != b.shape:
+            raise ValueError(f"key {key!r}: diff shape {d.shape} != base shape {b.shape}")
+        acc_dtype = np.promote_types(_acc_dtype(b.dtype, key), _acc_dtype(d.dtype, key))
+        out[key] = _cast_back(b.astype(acc_dtype) + d.astype(acc_dtype), b.dtype)
+    return out

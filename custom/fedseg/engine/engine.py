@@ -1,0 +1,372 @@
+"""The MONAI training / evaluation engine of one site. It knows nothing about FLARE.
+
+Everything a method needs at a site goes through `SegEngine`: build a network, train it for a number of
+steps (optionally with a FedProx proximal term and a learning-rate function), evaluate it per case on a
+datalist section, and predict a volume with sliding-window inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader, list_data_collate
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.networks.utils import one_hot
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensityd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+from monai.utils import set_determinism
+
+from fedseg.engine.config import EngineConfig
+from fedseg.engine.networks import SegNetwork
+
+log = logging.getLogger("fedseg.engine")
+
+
+def select_device() -> torch.device:
+    """cuda:0 when a GPU is visible. FLARE (simulator -gpu, GPUResourceConsumer) sets CUDA_VISIBLE_DEVICES."""
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def load_transforms(keys: Sequence[str] = ("image", "label")) -> list:
+    """Read NIfTI as channel-first tensors and z-score each image (hospital intensity scales differ)."""
+    return [
+        LoadImaged(keys=list(keys), image_only=True),
+        EnsureChannelFirstd(keys=list(keys)),
+        NormalizeIntensityd(keys="image", channel_wise=True),
+    ]
+
+
+def train_transforms(cfg: EngineConfig) -> Compose:
+    roi = list(cfg.roi_size)
+    return Compose(
+        load_transforms()
+        + [
+            SpatialPadd(keys=["image", "label"], spatial_size=roi),
+            EnsureTyped(keys=["image", "label"], track_meta=False),
+            # everything above is cached once; the random part below runs every epoch
+            RandCropByPosNegLabeld(
+                keys=["image", "label"], label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=1
+            ),
+        ]
+        + [RandFlipd(keys=["image", "label"], spatial_axis=axis, prob=0.5) for axis in range(cfg.spatial_dims)]
+        + [
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        ]
+    )
+
+
+def eval_transforms() -> Compose:
+    return Compose(load_transforms())
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    mean_loss: float
+    seconds: float
+    images: int
+
+    def as_metrics(self, prefix: str = "train_") -> dict[str, float]:
+        return {f"{prefix}loss": self.mean_loss, f"{prefix}steps": float(self.steps)}
+
+
+@dataclass
+class EvalResult:
+    """Per-case scores on one datalist section: dice[case, foreground_class], hd95 likewise (voxels)."""
+
+    case_names: list[str]
+    dice: np.ndarray
+    hd95: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def case_dice(self) -> np.ndarray:
+        """Mean over foreground classes, one value per case."""
+        return self.dice.mean(axis=1) if self.dice.size else np.zeros(0)
+
+    def summary(self, prefix: str = "") -> dict[str, float]:
+        per_case = self.case_dice
+        out = {
+            f"{prefix}dice": float(per_case.mean()) if per_case.size else float("nan"),
+            f"{prefix}dice_std": float(per_case.std()) if per_case.size else float("nan"),
+            f"{prefix}n_cases": float(per_case.size),
+        }
+        if self.dice.ndim == 2 and self.dice.shape[1] > 1:
+            for c in range(self.dice.shape[1]):
+                out[f"{prefix}dice_class{c + 1}"] = float(self.dice[:, c].mean())
+        if self.hd95 is not None and self.hd95.size:
+            finite = self.hd95.mean(axis=1)
+            finite = finite[np.isfinite(finite)]
+            out[f"{prefix}hd95"] = float(finite.mean()) if finite.size else float("nan")
+        return out
+
+
+def case_name(path: str) -> str:
+    name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _forever(loader: DataLoader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+class SegEngine:
+    """Training and evaluation of segmentation networks on one site's datalist.
+
+    Datasets are built once per section and cached in memory (CacheDataset), so a site that trains every
+    round does not re-read its NIfTI files every round.
+    """
+
+    def __init__(self, cfg: EngineConfig, datalist: dict, site: str = "local", device: torch.device | None = None):
+        self.cfg = cfg
+        self.datalist = datalist
+        self.site = site
+        self.device = device or select_device()
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        set_determinism(seed=cfg.seed)
+        self._datasets: dict[str, CacheDataset] = {}
+        self._train_iter: Iterator[dict] | None = None
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.use_amp = bool(cfg.amp) and self.device.type == "cuda"
+
+    # ---- data ---------------------------------------------------------------------------------------
+    def cases(self, section: str) -> list[dict]:
+        return list(self.datalist.get(section) or [])
+
+    def dataset(self, section: str) -> CacheDataset:
+        if section not in self._datasets:
+            cases = self.cases(section)
+            if not cases:
+                raise ValueError(f"[site {self.site}] datalist has no '{section}' cases")
+            transform = train_transforms(self.cfg) if section == "training" else eval_transforms()
+            ds = CacheDataset(cases, transform=transform, cache_rate=self.cfg.cache_rate, progress=False)
+            if section == "training":
+                ds.set_random_state(seed=self.cfg.seed)
+            self._datasets[section] = ds
+        return self._datasets[section]
+
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.cases("training")) / self.cfg.batch_size))
+
+    def local_steps(self, epochs: int | None = None, steps: int | None = None) -> int:
+        """The local budget in optimizer steps: explicit steps win, then epochs, then the config."""
+        if steps:
+            return int(steps)
+        if epochs:
+            return int(epochs) * self.steps_per_epoch()
+        if self.cfg.local_steps > 0:
+            return self.cfg.local_steps
+        return self.cfg.local_epochs * self.steps_per_epoch()
+
+    def _train_batches(self) -> Iterator[dict]:
+        if self._train_iter is None:
+            generator = torch.Generator().manual_seed(self.cfg.seed)
+            loader = DataLoader(
+                self.dataset("training"),
+                batch_size=self.cfg.batch_size,
+                shuffle=True,
+                num_workers=self.cfg.num_workers,
+                collate_fn=list_data_collate,
+                generator=generator,
+                drop_last=False,
+            )
+            self._train_iter = _forever(loader)
+        return self._train_iter
+
+    # ---- networks -----------------------------------------------------------------------------------
+    def new_network(self) -> SegNetwork:
+        return SegNetwork(**self.cfg.network_args()).to(self.device)
+
+    def new_optimizer(self, net: torch.nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+        lr = self.cfg.lr if lr is None else lr
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(
+                net.parameters(), lr=lr, momentum=self.cfg.momentum, nesterov=True, weight_decay=self.cfg.weight_decay
+            )
+        return torch.optim.Adam(net.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
+
+    # ---- training -----------------------------------------------------------------------------------
+    def train(
+        self,
+        net: torch.nn.Module,
+        num_steps: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        prox_mu: float = 0.0,
+        lr_at_step: Callable[[int], float] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> TrainStats:
+        """Train `net` in place for `num_steps` optimizer steps.
+
+        prox_mu > 0 adds FedProx's proximal term towards the weights `net` had on entry (NVFlare's
+        PTFedProxLoss). lr_at_step(i) sets the learning rate before step i (schedules that travel with a model).
+        """
+        optimizer = optimizer or self.new_optimizer(net)
+        prox_loss, reference = None, None
+        if prox_mu > 0:
+            from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss  # torch-only helper, no FLARE runtime
+
+            prox_loss = PTFedProxLoss(mu=prox_mu)
+            reference = copy.deepcopy(net).eval()
+            for p in reference.parameters():
+                p.requires_grad_(False)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        batches = self._train_batches()
+        net.train()
+        start, total_loss, images, done = time.perf_counter(), 0.0, 0, 0
+        for step in range(num_steps):
+            if should_stop is not None and should_stop():
+                break
+            if lr_at_step is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at_step(step)
+            batch = next(batches)
+            image = batch["image"].to(self.device, non_blocking=True)
+            label = batch["label"].to(self.device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=self.device.type, enabled=self.use_amp):
+                loss = self.loss_fn(net(image), label)
+            if prox_loss is not None:
+                loss = loss + prox_loss(net, reference)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"[site {self.site}] training loss became {value} at step {step}")
+            total_loss += value
+            images += image.shape[0]
+            done += 1
+            if on_step is not None:
+                on_step(step, value)
+        return TrainStats(
+            steps=done, mean_loss=total_loss / max(done, 1), seconds=time.perf_counter() - start, images=images
+        )
+
+    # ---- inference / evaluation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_probs(self, net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (B, num_classes, *spatial) with sliding windows of roi_size."""
+        net.eval()
+        with torch.autocast(device_type=self.device.type, enabled=self.use_amp):
+            logits = sliding_window_inference(
+                image.to(self.device),
+                roi_size=list(self.cfg.roi_size),
+                sw_batch_size=self.cfg.sw_batch_size,
+                predictor=net,
+                overlap=self.cfg.overlap,
+                mode="gaussian",
+            )
+        return torch.softmax(logits.float(), dim=1)
+
+    def eval_batches(self, section: str) -> Iterator[tuple[str, dict]]:
+        ds = self.dataset(section)
+        for i in range(len(ds)):
+            item = ds[i]
+            yield case_name(self.cases(section)[i]["image"]), item
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        net: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+        section: str = "validation",
+        with_hd95: bool = False,
+    ) -> EvalResult:
+        """Per-case Dice (and HD95) of argmax predictions. `net` may also be any image -> probs callable."""
+        probs_fn = net if not isinstance(net, torch.nn.Module) else (lambda x: self.predict_probs(net, x))
+        return self.score(probs_fn, section, with_hd95)
+
+    @torch.no_grad()
+    def score(self, probs_fn: Callable[[torch.Tensor], torch.Tensor], section: str, with_hd95: bool = False):
+        dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+        hd_metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
+        names, dices, hds = [], [], []
+        for name, item in self.eval_batches(section):
+            image = item["image"].unsqueeze(0)
+            label = item["label"].unsqueeze(0).to(self.device)
+            probs = probs_fn(image)
+            pred = one_hot(probs.argmax(dim=1, keepdim=True), num_classes=self.cfg.num_classes)
+            truth = one_hot(label.long(), num_classes=self.cfg.num_classes)
+            dices.append(dice_metric(pred, truth).cpu().numpy()[0])
+            if with_hd95:
+                hds.append(hd_metric(pred, truth).cpu().numpy()[0])
+            names.append(name)
+        dice = np.nan_to_num(np.stack(dices), nan=0.0) if dices else np.zeros((0, self.cfg.num_classes - 1))
+        hd95 = np.stack(hds) if hds else None
+        return EvalResult(case_names=names, dice=dice, hd95=hd95)
+
+
+# ---- weights and optimizer state as numpy (what travels through FLARE) -----------------------------------
+def state_to_numpy(net: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
+
+
+def load_numpy_state(net: torch.nn.Module, params: dict, site: str = "?") -> None:
+    """Load numpy/torch params into net; a missing or unexpected key is a clear error, not a silent skip."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(params))
+    unexpected = sorted(set(params) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"[site {site}] model keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tensors = {}
+    for k, v in params.items():
+        t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v)
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise ValueError(f"[site {site}] shape of {k}: got {tuple(t.shape)}, network has {tuple(own[k].shape)}")
+        tensors[k] = t.to(own[k].dtype)
+    net.load_state_dict(tensors, strict=True)
+
+
+def optimizer_state_to_numpy(optimizer: torch.optim.Optimizer, net: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Optimizer state keyed by parameter name ("<param>::<state key>"), so it can be averaged and travel."""
+    names = {id(p): n for n, p in net.named_parameters()}
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    out[f"{names[id(p)]}::{key}"] = value.detach().cpu().numpy().copy()
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, net: torch.nn.Module, flat: dict | None) -> None:
+    """Inverse of optimizer_state_to_numpy; an empty/None state leaves a fresh optimizer."""
+    if not flat:
+        return
+    params = dict(net.named_parameters())
+    for key, value in flat.items():
+        name, _, state_key = key.partition("::")
+        if name not in params:
+            raise KeyError(f"optimizer state for unknown parameter {name!r}")
+        p = params[name]
+        tensor = torch.as_tensor(np.asarray(value))
+        if state_key == "step":
+            tensor = tensor.to(torch.float32)  # Adam keeps its step count on the CPU as a float tensor
+        else:
+            tensor = tensor.to(device=p.device, dtype=p.dtype)
+        optimizer.state[p][state_key] = tensor

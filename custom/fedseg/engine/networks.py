@@ -1,0 +1,122 @@
+"""Network factory: the same constructor arguments build the network on the server (persistor) and at sites.
+
+`SegNetwork` wraps a MONAI network so that a FLARE persistor can build it from a class path plus plain JSON
+arguments; its state_dict keys are "net.<monai keys>" everywhere, so server and sites always agree.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from monai.networks.nets import Classifier, DynUNet, SegResNet, UNet
+from torch import nn
+
+ARCHITECTURES = ("unet", "segresnet", "dynunet")
+
+
+def build_segmentation_network(
+    arch: str = "unet",
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    out_channels: int = 2,
+    channels: Sequence[int] = (16, 32, 64, 128),
+    strides: Sequence[int] | None = None,
+    num_res_units: int = 1,
+    norm: str = "instance",
+    dropout: float = 0.0,
+) -> nn.Module:
+    """A MONAI segmentation network. `channels` are the feature widths per level for every architecture.
+
+    Instance norm is the default: BatchNorm running statistics average poorly across non-iid hospitals.
+    """
+    arch = arch.lower()
+    channels = tuple(int(c) for c in channels)
+    if len(channels) < 2:
+        raise ValueError(f"network needs at least 2 levels in 'channels', got {channels}")
+    strides = tuple(strides) if strides is not None else (2,) * (len(channels) - 1)
+    if arch == "unet":
+        return UNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=channels,
+            strides=strides,
+            num_res_units=num_res_units,
+            norm=norm,
+            dropout=dropout,
+        )
+    if arch == "segresnet":
+        # SegResNet doubles its width per level from init_filters; its depth follows len(channels).
+        blocks_down = tuple([1] + [2] * (len(channels) - 1))
+        return SegResNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            init_filters=channels[0],
+            blocks_down=blocks_down,
+            norm=norm,
+            dropout_prob=dropout or None,
+        )
+    if arch == "dynunet":
+        kernels = [3] * len(channels)
+        dyn_strides = [1] + list(strides)
+        return DynUNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_size=kernels,
+            strides=dyn_strides,
+            upsample_kernel_size=dyn_strides[1:],
+            filters=channels,
+            norm_name=norm,
+            dropout=dropout or None,
+            res_block=num_res_units > 0,
+        )
+    raise ValueError(f"unknown network arch {arch!r}; choose one of {ARCHITECTURES}")
+
+
+class SegNetwork(nn.Module):
+    """The segmentation network of a FedSeg job (see build_segmentation_network for the arguments)."""
+
+    def __init__(self, **network_args):
+        super().__init__()
+        self.network_args = dict(network_args)
+        self.net = build_segmentation_network(**network_args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SiteClassifier(nn.Module):
+    """FedSM's model selector: predicts which site an image comes from.
+
+    A small strided CNN (MONAI Classifier) on a fixed-size, intensity-normalised thumbnail of the image,
+    instead of the reference's VGG-11 (a 25088x4096 classifier head for a handful of classes).
+    """
+
+    def __init__(
+        self,
+        num_sites: int,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        input_size: int = 32,
+        channels: Sequence[int] = (8, 16, 32, 64),
+    ):
+        super().__init__()
+        self.num_sites = int(num_sites)
+        self.input_size = int(input_size)
+        channels = tuple(int(c) for c in channels)
+        self.net = Classifier(
+            in_shape=(in_channels,) + (self.input_size,) * spatial_dims,
+            classes=self.num_sites,
+            channels=channels,
+            strides=(2,) * len(channels),
+            num_res_units=0,
+            # No normalisation layers: per-batch/per-image normalisation would erase the intensity and
+            # texture cues that tell sites apart, and BatchNorm statistics from single-site batches average badly.
+            norm=None,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,213 @@
+"""The FedSeg site executor: thin FLARE glue around the MONAI engine.
+
+One classic FLARE Executor serves every task of every FedSeg job at a site:
+  train            FedAvg / FedProx local training (FedProx when the server sends fedprox_mu in meta)
+  validate         score the received model on a datalist section (testing by default: cross-site evaluation)
+  submit_model     return this site's last locally trained model (cross-site evaluation)
+  fedsm_train      FedSM: train global, personalized and selector models (fedseg.methods.fedsm)
+  fedsm_evaluate   FedSM: score global / personalized / super model and the selector
+  cross_train      FedCross: train one travelling model with its optimizer state (fedseg.methods.fedcross)
+  cross_validate   FedCross: score K models and their ensemble
+
+The site finds its data by its own name (see fedseg.data.resolve_site_datalist) and validates every file
+before any training; a bad dataset stops the job with a message naming the site, the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AlgorithmConstants
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.apis.fl_constant import FLMetaKey
+
+from fedseg.data import DataValidationError, load_datalist, resolve_site_datalist, validate_site_data
+from fedseg.engine import EngineConfig, SegEngine, load_numpy_state, state_to_numpy
+
+DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
+
+
+class SegExecutor(Executor):
+    def __init__(
+        self,
+        datalist: str = DEFAULT_DATALIST,
+        engine: dict | None = None,
+        validate_before_train: bool = True,
+        eval_section: str = "testing",
+        tb_writer_id: str = "tb_writer",
+        method_args: dict | None = None,
+    ):
+        """
+        Args:
+            datalist: where this site's datalist JSON is, as the job states it; "{SITE_NAME}" and $VARS are
+                expanded. FEDSEG_DATALIST and the site's local/fedseg_site.json take precedence.
+            engine: EngineConfig settings (network, roi_size, batch_size, lr, local_epochs, ...).
+            validate_before_train: score the received global model on the validation cases before training;
+                FLARE's IntimeModelSelector uses that score ("val_dice") to keep the best global model.
+            eval_section: datalist section scored by the "validate" task (cross-site evaluation).
+            tb_writer_id: id of an NVFlare TBWriter component; training curves go through it to the server.
+            method_args: settings of the FedSM / FedCross site routines (e.g. selector settings).
+        """
+        super().__init__()
+        self.datalist_setting = datalist
+        self.cfg = EngineConfig.from_dict(engine)
+        self.validate_before_train = validate_before_train
+        self.eval_section = eval_section
+        self.tb_writer_id = tb_writer_id
+        self.method_args = dict(method_args or {})
+        self.site = "?"
+        self.engine: SegEngine | None = None
+        self.setup_error: str | None = None
+        self.tb_writer = None
+        self.local_params: dict | None = None  # last locally trained weights, for submit_model
+        self.state: dict = {}  # per-method site state kept across rounds (e.g. FedSM's selector optimizer)
+        self.handlers: dict[str, Callable] = {
+            "train": self._train,
+            "validate": self._validate,
+            "submit_model": self._submit_model,
+        }
+        from fedseg.methods import register_site_tasks  # late import: methods import this module's helpers
+
+        register_site_tasks(self)
+
+    # ---- set-up ------------------------------------------------------------------------------------
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            self._setup(fl_ctx)
+
+    def _setup(self, fl_ctx: FLContext) -> None:
+        self.site = fl_ctx.get_identity_name()
+        self.tb_writer = fl_ctx.get_engine().get_component(self.tb_writer_id) if self.tb_writer_id else None
+        workspace = fl_ctx.get_engine().get_workspace()
+        try:
+            path = resolve_site_datalist(self.site, self.datalist_setting, workspace.get_root_dir())
+            summary = validate_site_data(path, self.site, num_classes=self.cfg.num_classes)
+            self._check_summary(summary, path)
+            self.engine = SegEngine(self.cfg, load_datalist(path, self.site), site=self.site)
+        except DataValidationError as e:
+            self.setup_error = str(e)
+        except Exception as e:  # an unexpected failure must still name the site
+            self.setup_error = f"[site {self.site}] cannot set up the engine: {type(e).__name__}: {e}"
+        if self.setup_error:
+            self.log_error(fl_ctx, f"DATA ERROR {self.setup_error}")
+            self.system_panic(self.setup_error, fl_ctx)
+            return
+        self.log_info(
+            fl_ctx,
+            f"site {self.site}: datalist {path} OK: {summary.get('counts')}; device {self.engine.device}; "
+            f"{self.engine.steps_per_epoch()} steps/epoch",
+        )
+
+    def _check_summary(self, summary: dict, path: str) -> None:
+        """The site's data must match what the job's network expects."""
+        for key in ("spatial_dims", "in_channels"):
+            found = summary.get(key)
+            wanted = getattr(self.cfg, key)
+            if found is not None and int(found) != int(wanted):
+                raise DataValidationError(self.site, path, f"{key} is {found} but the job's network expects {wanted}")
+
+    # ---- dispatch ------------------------------------------------------------------------------------
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if self.engine is None:
+            self.log_error(fl_ctx, f"task {task_name} refused: {self.setup_error or 'engine not set up'}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        handler = self.handlers.get(task_name)
+        if handler is None:
+            self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor handles {sorted(self.handlers)}")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        try:
+            model = FLModelUtils.from_shareable(shareable)
+            start = time.perf_counter()
+            result = handler(model, fl_ctx, abort_signal)
+            if abort_signal.triggered:
+                return make_reply(ReturnCode.TASK_ABORTED)
+            self.log_info(fl_ctx, f"task {task_name} done in {time.perf_counter() - start:.1f}s")
+            return FLModelUtils.to_shareable(result)
+        except Exception as e:
+            self.log_exception(fl_ctx, f"[site {self.site}] task {task_name} failed: {type(e).__name__}: {e}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    # ---- helpers shared by the method handlers ------------------------------------------------------
+    def track(self, tag: str, value: float, step: int) -> None:
+        """Training curves to the server's TensorBoard through NVFlare's experiment tracking."""
+        if self.tb_writer is not None:
+            self.tb_writer.add_scalar(tag, float(value), global_step=int(step))
+
+    def progress(self, fl_ctx: FLContext, label: str, round_num) -> Callable[[int, float], None]:
+        """Per-step callback: a log line every ~10% of a long local run, TB scalar every step."""
+        counter = {"n": 0}
+
+        def on_step(step: int, loss: float) -> None:
+            counter["n"] += 1
+            global_step = int(round_num or 0) * 100000 + step
+            self.track(f"{label}/loss", loss, global_step)
+            if step and step % 50 == 0:
+                self.log_info(fl_ctx, f"{label} round {round_num}: step {step} loss {loss:.4f}")
+
+        return on_step
+
+    def new_net(self, params: dict | None):
+        net = self.engine.new_network()
+        if params is not None:
+            load_numpy_state(net, params, self.site)
+        return net
+
+    # ---- FedAvg / FedProx / cross-site evaluation ---------------------------------------------------
+    def _train(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+        net = self.new_net(model.params)
+        metrics = {}
+        rnd = model.current_round
+        if self.validate_before_train and self.engine.cases("validation"):
+            metrics.update(self.engine.evaluate(net, "validation").summary("val_"))
+            self.track("val_dice", metrics["val_dice"], rnd or 0)
+        mu = float((model.meta or {}).get(AlgorithmConstants.FEDPROX_MU) or 0.0)
+        steps = self.engine.local_steps(
+            epochs=self.method_args.get("local_epochs"), steps=self.method_args.get("local_steps")
+        )
+        stats = self.engine.train(
+            net,
+            steps,
+            prox_mu=mu,
+            should_stop=lambda: abort_signal.triggered,
+            on_step=self.progress(fl_ctx, "train", rnd),
+        )
+        self.log_info(
+            fl_ctx,
+            f"round {rnd}: {stats.steps} steps, loss {stats.mean_loss:.4f}, {stats.images / max(stats.seconds, 1e-9):.1f} img/s"
+            + (f", FedProx mu={mu}" if mu else "")
+            + (f", received model val_dice={metrics['val_dice']:.4f}" if "val_dice" in metrics else ""),
+        )
+        self.local_params = state_to_numpy(net)
+        metrics.update(stats.as_metrics())
+        return FLModel(
+            params=self.local_params,
+            params_type=ParamsType.FULL,
+            metrics=metrics or None,
+            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps},
+        )
+
+    def _validate(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+        section = (model.meta or {}).get("section", self.eval_section)
+        if not self.engine.cases(section):
+            section = "validation"
+        result = self.engine.evaluate(self.new_net(model.params), section)
+        metrics = result.summary()
+        metrics["dice_per_case"] = [float(x) for x in result.case_dice]
+        metrics["section"] = section
+        model_name = (model.meta or {}).get("model_name", "")
+        self.log_info(fl_ctx, f"validate {model_name} on {section}: dice {metrics['dice']:.4f} ± {metrics['dice_std']:.4f}")
+        return FLModel(metrics=metrics)
+
+    def _submit_model(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+        if self.local_params is None:
+            raise RuntimeError(f"site {self.site} has no locally trained model to submit yet")
+        return FLModel(params=self.local_params, params_type=ParamsType.FULL)

@@ -1,0 +1,190 @@
+"""Writes FedSeg's FLARE job folders (meta.json + server and client app configs) from one description.
+
+The job folders in jobs/ are this module's output, kept under version control so hospital IT can read and
+submit them as they are (a test checks they match). A researcher edits jobs/<name>/app_*/config/*.json
+directly, or regenerates with other settings:
+
+    python -m fedseg.jobgen --out jobs                     # every default job
+    python -m fedseg.jobgen --out /tmp/jobs --only fedavg --rounds 20 --engine '{"local_epochs": 2}'
+    python -m fedseg.jobgen --out /tmp/jobs --only fedavg --byoc   # code travels inside the job (BYOC)
+
+The network is stated once and written into both the server persistor and the site executor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from fedseg.engine.config import EngineConfig
+
+DEFAULT_ENGINE: dict[str, Any] = {
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "num_classes": 2,
+    "roi_size": [64, 64],
+    "network": {"arch": "unet", "channels": [16, 32, 64, 128], "num_res_units": 1},
+    "batch_size": 4,
+    "lr": 0.001,
+    "local_epochs": 2,
+}
+DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
+SERVER_APP, CLIENT_APP = "app_server", "app_client"
+
+
+def _component(cid: str, path: str, args: dict | None = None) -> dict:
+    return {"id": cid, "path": path, "args": args or {}}
+
+
+def client_config(engine: dict, datalist: str, method_args: dict | None = None, extra: dict | None = None) -> dict:
+    args = {"datalist": datalist, "engine": engine}
+    if method_args:
+        args["method_args"] = method_args
+    config = {
+        "format_version": 2,
+        "executors": [{"tasks": ["*"], "executor": {"path": "fedseg.fl.executor.SegExecutor", "args": args}}],
+        "components": [
+            _component("tb_writer", "nvflare.app_opt.tracking.tb.tb_writer.TBWriter"),
+            _component(
+                "event_to_fed",
+                "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
+                {"events_to_convert": ["analytix_log_stats"], "fed_event_prefix": "fed."},
+            ),
+        ],
+        "task_data_filters": [],
+        "task_result_filters": [],
+    }
+    config.update(extra or {})
+    return config
+
+
+def server_components(engine: dict, key_metric: str | None = "val_dice") -> list[dict]:
+    network = EngineConfig.from_dict(engine).network_args()
+    components = [
+        _component("persistor", "fedseg.fl.persistor.SegModelPersistor", {"network": network}),
+        _component("model_locator", "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator", {"pt_persistor_id": "persistor"}),
+        _component("json_generator", "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator"),
+        _component("tb_receiver", "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver", {"events": ["fed.analytix_log_stats"]}),
+    ]
+    if key_metric:
+        components.append(
+            _component("model_selector", "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector", {"key_metric": key_metric})
+        )
+    return components
+
+
+def cross_site_eval() -> dict:
+    return {
+        "id": "cross_site_eval",
+        "path": "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval",
+        "args": {"model_locator_id": "model_locator", "submit_model_timeout": 600, "validation_timeout": 3600},
+    }
+
+
+def fedavg_server(engine: dict, rounds: int, fedprox_mu: float | None = None) -> dict:
+    args: dict[str, Any] = {"num_clients": None, "num_rounds": rounds, "persistor_id": "persistor"}
+    if fedprox_mu:
+        args["fedprox_mu"] = fedprox_mu
+    return {
+        "format_version": 2,
+        # num_clients null: every site that joined the job takes part in every round
+        "workflows": [{"id": "fedavg", "path": "nvflare.app_common.workflows.fedavg.FedAvg", "args": args}, cross_site_eval()],
+        "components": server_components(engine),
+        "task_data_filters": [],
+        "task_result_filters": [],
+    }
+
+
+def meta(name: str, min_clients: int) -> dict:
+    return {
+        "name": name,
+        "resource_spec": {},
+        "min_clients": min_clients,
+        "deploy_map": {SERVER_APP: ["server"], CLIENT_APP: ["@ALL"]},
+    }
+
+
+def job_fedavg(o: argparse.Namespace) -> tuple[dict, dict]:
+    return fedavg_server(o.engine, o.rounds), client_config(o.engine, o.datalist)
+
+
+def job_fedprox(o: argparse.Namespace) -> tuple[dict, dict]:
+    return fedavg_server(o.engine, o.rounds, fedprox_mu=o.fedprox_mu), client_config(o.engine, o.datalist)
+
+
+JOBS: dict[str, Callable[[argparse.Namespace], tuple[dict, dict]]] = {
+    "fedavg": job_fedavg,
+    "fedprox": job_fedprox,
+}
+
+
+def write_job(out_dir: str | os.PathLike, name: str, server: dict, client: dict, min_clients: int, byoc: bool = False) -> Path:
+    """Write one job folder atomically (a temp folder renamed into place)."""
+    out_dir = Path(out_dir)
+    final = out_dir / name
+    tmp = out_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / SERVER_APP / "config").mkdir(parents=True)
+    (tmp / CLIENT_APP / "config").mkdir(parents=True)
+    _dump(tmp / "meta.json", meta(name, min_clients))
+    _dump(tmp / SERVER_APP / "config" / "config_fed_server.json", server)
+    _dump(tmp / CLIENT_APP / "config" / "config_fed_client.json", client)
+    if byoc:
+        package = Path(__file__).resolve().parent
+        for app in (SERVER_APP, CLIENT_APP):
+            shutil.copytree(package, tmp / app / "custom" / "fedseg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _dump(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fedseg.jobgen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder to write job folders into")
+    p.add_argument("--only", nargs="*", choices=sorted(JOBS), help="jobs to write (default: all)")
+    p.add_argument("--name", help="job name (only with a single --only job)")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--min-clients", type=int, default=2)
+    p.add_argument("--engine", type=json.loads, default={}, help="JSON engine settings merged over the defaults")
+    p.add_argument("--datalist", default=DEFAULT_DATALIST)
+    p.add_argument("--fedprox-mu", type=float, default=0.01)
+    p.add_argument("--byoc", action="store_true", help="copy the fedseg package into the job (app*/custom/)")
+    return p
+
+
+def resolve_engine(overrides: dict) -> dict:
+    engine = copy.deepcopy(DEFAULT_ENGINE)
+    for key, value in overrides.items():
+        if key == "network" and isinstance(value, dict):
+            engine["network"] = {**engine["network"], **value}
+        else:
+            engine[key] = value
+    EngineConfig.from_dict(engine)  # fail here, not at the sites
+    return engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    o = build_parser().parse_args(argv)
+    o.engine = resolve_engine(o.engine)
+    names = o.only or sorted(JOBS)
+    if o.name and len(names) != 1:
+        sys.exit("--name needs exactly one --only job")
+    for name in names:
+        server, client = JOBS[name](o)
+        path = write_job(o.out, o.name or name, server, client, o.min_clients, o.byoc)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
