@@ -1,7 +1,7 @@
 """Writes FedSeg's FLARE job folders (meta.json + server and client app configs) from one description.
 
 The job folders in jobs/ are this module's output, kept under version control so hospital IT can read and
-submit them as they are (a test checks they match). A researcher edits jobs/<name>/app_*/config/*.json
+submit them as they are (a test checks they match). A researcher edits jobs/<name>/app/config/*.json
 directly, or regenerates with other settings:
 
     python -m fedseg.jobgen --out jobs                     # every default job
@@ -35,7 +35,7 @@ DEFAULT_ENGINE: dict[str, Any] = {
     "local_epochs": 2,
 }
 DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
-SERVER_APP, CLIENT_APP = "app_server", "app_client"
+APP = "app"  # one app for the server and every site (deploy_map @ALL), so any site names work
 
 
 def _component(cid: str, path: str, args: dict | None = None) -> dict:
@@ -106,7 +106,7 @@ def meta(name: str, min_clients: int) -> dict:
         "name": name,
         "resource_spec": {},
         "min_clients": min_clients,
-        "deploy_map": {SERVER_APP: ["server"], CLIENT_APP: ["@ALL"]},
+        "deploy_map": {APP: ["@ALL"]},
     }
 
 
@@ -130,15 +130,13 @@ def write_job(out_dir: str | os.PathLike, name: str, server: dict, client: dict,
     final = out_dir / name
     tmp = out_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / SERVER_APP / "config").mkdir(parents=True)
-    (tmp / CLIENT_APP / "config").mkdir(parents=True)
+    (tmp / APP / "config").mkdir(parents=True)
     _dump(tmp / "meta.json", meta(name, min_clients))
-    _dump(tmp / SERVER_APP / "config" / "config_fed_server.json", server)
-    _dump(tmp / CLIENT_APP / "config" / "config_fed_client.json", client)
+    _dump(tmp / APP / "config" / "config_fed_server.json", server)
+    _dump(tmp / APP / "config" / "config_fed_client.json", client)
     if byoc:
         package = Path(__file__).resolve().parent
-        for app in (SERVER_APP, CLIENT_APP):
-            shutil.copytree(package, tmp / app / "custom" / "fedseg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(package, tmp / APP / "custom" / "fedseg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -158,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", type=json.loads, default={}, help="JSON engine settings merged over the defaults")
     p.add_argument("--datalist", default=DEFAULT_DATALIST)
     p.add_argument("--fedprox-mu", type=float, default=0.01)
-    p.add_argument("--byoc", action="store_true", help="copy the fedseg package into the job (app*/custom/)")
+    p.add_argument("--byoc", action="store_true", help="copy the fedseg package into the job (app/custom/)")
     return p
 
 

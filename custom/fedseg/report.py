@@ -39,7 +39,8 @@ def from_cross_site_val(cse: dict, method: str = "fedavg") -> dict:
             models.setdefault(_model_label(model_name), {})[site] = {
                 k: metrics[k] for k in ("dice", "dice_std", "n_cases", "dice_per_case", "hd95") if k in metrics
             }
-    return {"method": method, "section": "testing", "models": models, "extra": {}}
+    order = sorted(models, key=lambda name: (name.startswith("local:"), name))  # global models first
+    return {"method": method, "section": "testing", "models": {k: models[k] for k in order}, "extra": {}}
 
 
 def find_results(path: str | os.PathLike) -> Path:

@@ -121,12 +121,19 @@ class EvalResult:
         return out
 
 
-def case_name(path: str) -> str:
+def case_name(path) -> str:
+    if isinstance(path, (list, tuple)):  # multi-channel cases list one file per channel
+        path = path[0]
     name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
     for ext in (".nii.gz", ".nii"):
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+def _plain(value):
+    """MetaTensor -> Tensor (keeps the affine out of the math; inference reads it from the file)."""
+    return value.as_tensor() if hasattr(value, "as_tensor") else value
 
 
 def _forever(loader: DataLoader) -> Iterator[dict]:
@@ -149,7 +156,7 @@ class SegEngine:
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
         set_determinism(seed=cfg.seed)
-        self._datasets: dict[str, CacheDataset] = {}
+        self._datasets: dict[tuple[str, bool], CacheDataset] = {}
         self._train_iter: Iterator[dict] | None = None
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.use_amp = bool(cfg.amp) and self.device.type == "cuda"
@@ -158,17 +165,20 @@ class SegEngine:
     def cases(self, section: str) -> list[dict]:
         return list(self.datalist.get(section) or [])
 
-    def dataset(self, section: str) -> CacheDataset:
-        if section not in self._datasets:
+    def dataset(self, section: str, training: bool | None = None) -> CacheDataset:
+        """Cached dataset of a section: with the random training transforms for "training" (unless
+        training=False), with the deterministic evaluation transforms otherwise."""
+        training = (section == "training") if training is None else training
+        key = (section, training)
+        if key not in self._datasets:
             cases = self.cases(section)
             if not cases:
                 raise ValueError(f"[site {self.site}] datalist has no '{section}' cases")
-            transform = train_transforms(self.cfg) if section == "training" else eval_transforms()
-            ds = CacheDataset(cases, transform=transform, cache_rate=self.cfg.cache_rate, progress=False)
-            if section == "training":
-                ds.set_random_state(seed=self.cfg.seed)
-            self._datasets[section] = ds
-        return self._datasets[section]
+            transform = train_transforms(self.cfg) if training else eval_transforms()
+            if training:
+                transform.set_random_state(seed=self.cfg.seed)
+            self._datasets[key] = CacheDataset(cases, transform=transform, cache_rate=self.cfg.cache_rate, progress=False)
+        return self._datasets[key]
 
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(len(self.cases("training")) / self.cfg.batch_size))
@@ -285,10 +295,10 @@ class SegEngine:
         return torch.softmax(logits.float(), dim=1)
 
     def eval_batches(self, section: str) -> Iterator[tuple[str, dict]]:
-        ds = self.dataset(section)
+        ds = self.dataset(section, training=False)
         for i in range(len(ds)):
             item = ds[i]
-            yield case_name(self.cases(section)[i]["image"]), item
+            yield case_name(self.cases(section)[i]["image"]), {k: _plain(v) for k, v in item.items()}
 
     @torch.no_grad()
     def evaluate(

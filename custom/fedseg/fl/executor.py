@@ -98,8 +98,9 @@ class SegExecutor(Executor):
         except Exception as e:  # an unexpected failure must still name the site
             self.setup_error = f"[site {self.site}] cannot set up the engine: {type(e).__name__}: {e}"
         if self.setup_error:
+            # Every task of this site now fails with this message: FedAvg stops the job at once, FedSM and
+            # FedCross carry on without the site. (A client-side panic would leave the server waiting.)
             self.log_error(fl_ctx, f"DATA ERROR {self.setup_error}")
-            self.system_panic(self.setup_error, fl_ctx)
             return
         self.log_info(
             fl_ctx,
@@ -118,7 +119,7 @@ class SegExecutor(Executor):
     # ---- dispatch ------------------------------------------------------------------------------------
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self.engine is None:
-            self.log_error(fl_ctx, f"task {task_name} refused: {self.setup_error or 'engine not set up'}")
+            self.log_error(fl_ctx, f"task {task_name} refused: DATA ERROR {self.setup_error or 'engine not set up'}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         handler = self.handlers.get(task_name)
         if handler is None:

@@ -1,5 +1,8 @@
-"""FLARE-side adapters of the methods' site routines (filled by the FedSM and FedCross work)."""
+"""Registers each method's site task handlers on the SegExecutor (FedSM, FedCross)."""
 
 
 def register(executor) -> None:
-    return None
+    from fedseg.fl import fedcross_tasks, fedsm_tasks
+
+    fedsm_tasks.register(executor)
+    fedcross_tasks.register(executor)

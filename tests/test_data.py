@@ -1,0 +1,630 @@
+"""Tests of fedseg.data: generator, validation, datalist resolution and converter, on real files."""
+
+import gzip
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedseg.data import (
+    SECTIONS,
+    DataValidationError,
+    convert_folder_dataset,
+    generate_dataset,
+    image_paths,
+    load_datalist,
+    resolve_site_datalist,
+    validate_site_data,
+)
+from fedseg.data.datalist import atomic_output_dir
+from fedseg.data.synthetic import ARCHETYPES
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def run_module(module, *args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "custom"), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def read(path):
+    img = nib.load(str(path))
+    return np.asanyarray(img.dataobj), img.affine
+
+
+def all_cases(datalist):
+    return [entry for section in SECTIONS for entry in datalist.get(section, [])]
+
+
+def no_leftovers(parent: Path, name: str) -> bool:
+    return not [p for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generator
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gen2d(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "gen2d"
+    return out, generate_dataset(out, n_sites=4, spatial_dims=2, seed=0, size="tiny")
+
+
+@pytest.fixture(scope="module")
+def gen3d(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "gen3d"
+    return out, generate_dataset(out, n_sites=4, spatial_dims=3, seed=0, size="tiny")
+
+
+def test_generator_writes_sites_datalists_and_summary(gen2d):
+    out, summary = gen2d
+    assert json.loads((out / "dataset.json").read_text()) == summary
+    assert [s["site"] for s in summary["sites"]] == ["site-1", "site-2", "site-3", "site-4"]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "site-1", "site-2", "site-3", "site-4"]
+    for s in summary["sites"]:
+        datalist = json.loads((out / s["datalist"]).read_text())
+        assert datalist["site"] == s["site"]
+        assert (datalist["num_classes"], datalist["spatial_dims"], datalist["in_channels"]) == (2, 2, 1)
+        assert datalist["labels"] == {"0": "background", "1": "target"}
+        assert {k: len(datalist[k]) for k in SECTIONS} == s["counts"]
+        for entry in all_cases(datalist):  # relative paths, files present
+            assert not os.path.isabs(entry["image"]) and (out / s["site"] / entry["image"]).is_file()
+            assert (out / s["site"] / entry["label"]).is_file()
+    training_counts = [s["counts"]["training"] for s in summary["sites"]]
+    assert len(set(training_counts)) == 4, "sites should have different numbers of cases"
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_generated_sites_validate(dims, gen2d, gen3d):
+    out, summary = gen2d if dims == 2 else gen3d
+    for s in summary["sites"]:
+        report = validate_site_data(str(out / s["datalist"]), s["site"])
+        assert report["site"] == s["site"] and report["spatial_dims"] == dims and report["in_channels"] == 1
+        assert report["counts"] == s["counts"]
+        assert report["num_classes"] == 2
+        assert sum(report["label_fractions"].values()) == pytest.approx(1.0)
+        assert report["label_fractions"]["1"] == pytest.approx(s["measured"]["foreground_fraction"], abs=1e-4)
+        assert report["shape_min"] == s["shape"] and len(report["spacing"]) == dims
+
+
+def test_generator_is_deterministic(gen2d, tmp_path):
+    out, summary = gen2d
+    again = generate_dataset(tmp_path / "again", n_sites=4, spatial_dims=2, seed=0, size="tiny")
+    other = generate_dataset(tmp_path / "other", n_sites=4, spatial_dims=2, seed=1, size="tiny")
+    assert again == summary
+    assert other["sites"][0]["params"] != summary["sites"][0]["params"]
+    for site in ("site-1", "site-3"):
+        assert (out / site / "datalist.json").read_bytes() == (tmp_path / "again" / site / "datalist.json").read_bytes()
+        datalist = load_datalist(str(out / site / "datalist.json"))
+        for entry in all_cases(datalist)[:4]:
+            for key in ("image", "label"):
+                rel = os.path.relpath(entry[key], out)
+                a, b, c = read(out / rel)[0], read(tmp_path / "again" / rel)[0], read(tmp_path / "other" / rel)[0]
+                assert a.dtype == b.dtype and np.array_equal(a, b)
+                assert Path(out / rel).read_bytes() == Path(tmp_path / "again" / rel).read_bytes()
+                if key == "image":
+                    assert not np.array_equal(a, c), "a different seed must give different images"
+
+
+def test_affines_differ_per_site_and_match_within_a_case(gen2d, gen3d):
+    for out, summary in (gen2d, gen3d):
+        site_affines = []
+        for s in summary["sites"]:
+            datalist = load_datalist(str(out / s["datalist"]))
+            for entry in all_cases(datalist):
+                image, image_affine = read(entry["image"])
+                label, label_affine = read(entry["label"])
+                assert image.dtype == np.float32 and label.dtype == np.uint8
+                assert image.shape == label.shape == tuple(s["shape"])
+                assert np.array_equal(image_affine, label_affine)
+            spacing = np.sqrt((image_affine[:3, :3] ** 2).sum(axis=0))
+            assert np.allclose(spacing[: len(s["shape"])], s["spacing_mm"], atol=1e-3)
+            assert np.allclose(np.diag(np.diag(image_affine[:3, :3])), image_affine[:3, :3]), "diagonal spacing"
+            site_affines.append(image_affine)
+        for i in range(len(site_affines)):
+            for j in range(i):
+                assert not np.allclose(site_affines[i], site_affines[j])
+
+
+def test_sites_differ_measurably(gen2d):
+    out, summary = gen2d
+    sites = summary["sites"]
+    means = [s["measured"]["intensity_mean"] for s in sites]
+    foreground = [s["measured"]["foreground_fraction"] for s in sites]
+    spacings = [s["spacing_mm"][0] for s in sites]
+    shapes = [tuple(s["shape"]) for s in sites]
+    assert max(means) / max(min(abs(m) for m in means), 1e-6) > 100, "intensity scales differ by orders of magnitude"
+    assert max(foreground) > 2.5 * min(foreground), "site-4 has much smaller targets"
+    assert len(set(spacings)) == 4 and len(set(shapes)) >= 3
+    # The archetypes are what the README describes: site-2 low contrast, site-3 darker targets.
+    assert sites[1]["params"]["contrast"] < sites[0]["params"]["contrast"]
+    assert sites[2]["params"]["contrast"] < 0 < sites[0]["params"]["contrast"]
+    assert sites[2]["params"]["bias"] > 3 * sites[0]["params"]["bias"]
+    assert foreground.index(min(foreground)) == 3
+
+
+def test_generator_multiclass_multichannel_and_extra_sites(tmp_path):
+    summary = generate_dataset(tmp_path / "mc", n_sites=6, spatial_dims=2, seed=3, num_classes=3, size="tiny",
+                               cases_per_site=[3, 2, 2, 2, 2, 4], in_channels=2)
+    assert [s["counts"]["training"] for s in summary["sites"]] == [3, 2, 2, 2, 2, 4]
+    for s in summary["sites"][4:]:  # sites beyond the archetypes stay within their ranges
+        for key in ("noise", "bias", "spacing_ref", "radius_mm"):
+            values = [a[key] for a in ARCHETYPES]
+            assert min(values) * 0.99 <= s["params"][key] <= max(values) * 1.01
+    seen = set()
+    for s in summary["sites"]:
+        report = validate_site_data(str(tmp_path / "mc" / s["datalist"]), s["site"])
+        assert report["in_channels"] == 2 and report["num_classes"] == 3
+        datalist = load_datalist(str(tmp_path / "mc" / s["datalist"]))
+        entry = datalist["training"][0]
+        assert isinstance(entry["image"], list) and len(entry["image"]) == 2
+        assert entry["image"][0].endswith("_0000.nii.gz") and entry["image"][1].endswith("_0001.nii.gz")
+        c0, c1 = read(entry["image"][0])[0], read(entry["image"][1])[0]
+        assert c0.shape == c1.shape and not np.array_equal(c0, c1)
+        label = read(entry["label"])[0]
+        seen |= set(np.unique(label).tolist())
+        core, target = label == 2, label >= 1
+        if core.any():  # the core lies inside the target
+            assert target[core].all() and core.sum() < target.sum()
+    assert seen == {0, 1, 2}
+
+
+def test_generator_cli_and_existing_output(tmp_path):
+    result = run_module("fedseg.data.synthetic", "--out", tmp_path / "cli", "--sites", 2, "--dims", 3,
+                        "--size", "tiny", "--cases", "2,3", "--seed", 5)
+    assert result.returncode == 0, result.stderr
+    assert "site-2: 3/1/1 cases" in result.stdout
+    summary = json.loads((tmp_path / "cli" / "dataset.json").read_text())
+    assert summary["spatial_dims"] == 3 and summary["seed"] == 5
+    with pytest.raises(FileExistsError):
+        generate_dataset(tmp_path / "cli", n_sites=1, size="tiny")
+    generate_dataset(tmp_path / "cli", n_sites=1, size="tiny", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["dataset.json", "site-1"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "half-written.nii.gz").write_bytes(b"x")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_monai_reads_the_on_disk_convention(gen3d, tmp_path):
+    """LoadImaged + EnsureChannelFirstd, no options, give (K, *spatial) images and (1, *spatial) labels."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    load = Compose([LoadImaged(keys=["image", "label"], image_only=True), EnsureChannelFirstd(keys=["image", "label"])])
+    generate_dataset(tmp_path / "two", n_sites=1, size="tiny", cases_per_site=1, in_channels=2)
+    out3d, summary3d = gen3d
+    cases = [
+        (load_datalist(str(out3d / "site-1" / "datalist.json"))["training"][0], 1, summary3d["sites"][0]["shape"]),
+        (load_datalist(str(tmp_path / "two" / "site-1" / "datalist.json"))["training"][0], 2, [32, 32]),
+    ]
+    for entry, channels, shape in cases:
+        data = load(dict(entry))
+        assert tuple(data["image"].shape) == (channels, *shape)
+        assert tuple(data["label"].shape) == (1, *shape)
+        first = read(image_paths(entry)[0])[0]
+        assert np.allclose(data["image"][0].numpy(), first)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation errors: copy a tiny generated site, break one file, expect a precise error
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def site_copy(gen2d, tmp_path):
+    out, _ = gen2d
+    shutil.copytree(out / "site-1", tmp_path / "site-1")
+    path = tmp_path / "site-1" / "datalist.json"
+    return path, load_datalist(str(path))
+
+
+def resave(path, data=None, affine=None):
+    old_data, old_affine = read(path)
+    nib.save(nib.Nifti1Image(old_data if data is None else data, old_affine if affine is None else affine), str(path))
+
+
+def break_missing_datalist(path, dl):
+    path.unlink()
+    return path, ["datalist file not found"]
+
+
+def break_invalid_json(path, dl):
+    path.write_text('{"training": [')
+    return path, ["invalid JSON", "line 1"]
+
+
+def break_not_an_object(path, dl):
+    path.write_text("[1, 2]")
+    return path, ["must be a JSON object"]
+
+
+def break_empty_training(path, dl):
+    raw = json.loads(path.read_text())
+    raw["training"] = []
+    path.write_text(json.dumps(raw))
+    return path, ['"training" list is empty']
+
+
+def break_entry_without_image(path, dl):
+    raw = json.loads(path.read_text())
+    del raw["validation"][1]["image"]
+    path.write_text(json.dumps(raw))
+    return path, ['validation[1] has no "image"']
+
+
+def break_missing_image(path, dl):
+    victim = Path(dl["training"][2]["image"])
+    victim.unlink()
+    return victim, ["image file not found"]
+
+
+def break_missing_label(path, dl):
+    victim = Path(dl["validation"][0]["label"])
+    victim.unlink()
+    return victim, ["label file not found"]
+
+
+def break_garbage_nifti(path, dl):
+    victim = Path(dl["training"][1]["image"])
+    victim.write_bytes(np.random.default_rng(0).bytes(2000))
+    return victim, ["cannot read image as NIfTI", "corrupt"]
+
+
+def break_truncated_nifti(path, dl):
+    # The header still reads (nib.load succeeds); the voxel data ends early.
+    victim = Path(dl["training"][3]["label"])
+    raw = gzip.decompress(victim.read_bytes())
+    victim.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    return victim, ["cannot read label as NIfTI", "truncated"]
+
+
+def break_shape_mismatch(path, dl):
+    victim = Path(dl["training"][0]["label"])
+    label, _ = read(victim)
+    resave(victim, data=np.ascontiguousarray(label[:, :-4]))
+    return victim, ["label shape (32, 28) does not match image shape (32, 32)", dl["training"][0]["image"]]
+
+
+def break_affine_mismatch(path, dl):
+    victim = Path(dl["training"][4]["label"])
+    _, affine = read(victim)
+    shifted = affine.copy()
+    shifted[0, 3] += 2.5
+    resave(victim, affine=shifted)
+    return victim, ["label affine does not match image affine", "largest difference 2.5"]
+
+
+def break_label_out_of_range(path, dl):
+    victim = Path(dl["training"][5]["label"])
+    label, _ = read(victim)
+    label = label.copy()
+    label[0, 0], label[1, 1] = 3, 7
+    resave(victim, data=label)
+    return victim, ["label values [3, 7] are outside 0..1", "num_classes=2"]
+
+
+def break_non_integer_label(path, dl):
+    victim = Path(dl["training"][0]["label"])
+    label, _ = read(victim)
+    label = label.astype(np.float32)
+    label[2, 2] = 0.5
+    resave(victim, data=label)
+    return victim, ["non-integer values", "0.5"]
+
+
+def break_nan_in_image(path, dl):
+    victim = Path(dl["testing"][2]["image"])  # the testing section is checked too
+    image, _ = read(victim)
+    image = image.copy()
+    image[3, 4:7] = np.nan
+    image[0, 0] = np.inf
+    resave(victim, data=image)
+    return victim, ["image has 4 NaN/Inf voxel(s) out of 1024"]
+
+
+def break_2d_image_stored_as_3d(path, dl):
+    victim = Path(dl["training"][1]["image"])
+    image, _ = read(victim)
+    resave(victim, data=image[..., None])
+    return victim, ["image has shape (32, 32, 1)", "not a 2-D image"]
+
+
+@pytest.mark.parametrize("breaker", [
+    break_missing_datalist, break_invalid_json, break_not_an_object, break_empty_training,
+    break_entry_without_image, break_missing_image, break_missing_label, break_garbage_nifti,
+    break_truncated_nifti, break_shape_mismatch, break_affine_mismatch, break_label_out_of_range,
+    break_non_integer_label, break_nan_in_image, break_2d_image_stored_as_3d,
+], ids=lambda f: f.__name__[len("break_"):])
+def test_validation_names_site_file_and_problem(site_copy, breaker):
+    path, dl = site_copy
+    validate_site_data(str(path), "site-1")  # intact before breaking
+    victim, problem_parts = breaker(path, dl)
+    with pytest.raises(DataValidationError) as caught:
+        validate_site_data(str(path), "site-1")
+    error = caught.value
+    assert error.site == "site-1"
+    assert error.file == str(victim)
+    for part in problem_parts:
+        assert part in error.problem
+    assert str(error) == f"[site site-1] {victim}: {error.problem}"
+    assert isinstance(error, ValueError)
+    copy = pickle.loads(pickle.dumps(error))  # errors cross process boundaries intact
+    assert (copy.site, copy.file, copy.problem, str(copy)) == (error.site, error.file, error.problem, str(error))
+
+
+def test_num_classes_argument_overrides_datalist(site_copy):
+    path, dl = site_copy
+    victim = Path(dl["training"][0]["label"])
+    label, _ = read(victim)
+    label = label.copy()
+    label[0, 0] = 2
+    resave(victim, data=label)
+    report = validate_site_data(str(path), "site-1", num_classes=3)
+    assert report["num_classes"] == 3 and set(report["label_fractions"]) == {"0", "1", "2"}
+    with pytest.raises(DataValidationError, match=r"label values \[2\] are outside 0\.\.1"):
+        validate_site_data(str(path), "site-1")
+
+
+def test_validation_sections_and_check_files(site_copy):
+    path, dl = site_copy
+    Path(dl["testing"][0]["image"]).unlink()
+    report = validate_site_data(str(path), "site-1", sections=("training", "validation"))
+    assert report["counts"] == {"training": 6, "validation": 2}
+    assert validate_site_data(str(path), "site-1", check_files=False)["counts"]["testing"] == 3
+    with pytest.raises(DataValidationError, match="image file not found"):
+        validate_site_data(str(path), "site-1")
+
+
+def test_load_datalist_resolves_relative_and_keeps_absolute_paths(site_copy, tmp_path):
+    path, dl = site_copy
+    raw = json.loads(path.read_text())
+    absolute = dl["training"][0]["image"]
+    raw["training"][0]["image"] = absolute
+    raw.pop("validation")  # optional sections may be absent
+    moved = tmp_path / "elsewhere" / "datalist.json"
+    moved.parent.mkdir()
+    moved.write_text(json.dumps(raw))
+    loaded = load_datalist(str(moved), "site-1")
+    assert loaded["training"][0]["image"] == absolute
+    assert loaded["training"][1]["image"] == str(tmp_path / "elsewhere" / raw["training"][1]["image"])
+    assert "validation" not in loaded and raw["training"][1]["image"].startswith("imagesTr/")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the datalist comes from
+# ---------------------------------------------------------------------------------------------
+
+
+def write_site_config(workspace: Path, value):
+    (workspace / "local").mkdir(parents=True, exist_ok=True)
+    (workspace / "local" / "fedseg_site.json").write_text(json.dumps({"datalist": value, "other": 1}))
+
+
+def test_resolve_precedence_env_then_local_then_job(tmp_path):
+    workspace = tmp_path / "ws"
+    write_site_config(workspace, "/data/local/{SITE_NAME}.json")
+    env = {"FEDSEG_DATALIST": "/data/env/{SITE_NAME}/datalist.json"}
+    assert resolve_site_datalist("site-2", "/job/x.json", str(workspace), env) == "/data/env/site-2/datalist.json"
+    assert resolve_site_datalist("site-2", "/job/x.json", str(workspace), {}) == "/data/local/site-2.json"
+    assert resolve_site_datalist("site-2", "/job/{SITE_NAME}.json", str(tmp_path / "no-ws"), {}) == "/job/site-2.json"
+    assert resolve_site_datalist("site-2", "/job/{SITE_NAME}.json", None, {"FEDSEG_DATALIST": ""}) == "/job/site-2.json"
+
+
+def test_resolve_expands_variables_and_relative_paths(tmp_path):
+    workspace = tmp_path / "ws"
+    env = {"DATA": "/mnt/data", "HOME": os.environ.get("HOME", "/root")}
+    assert resolve_site_datalist("a", "$DATA/{SITE_NAME}/dl.json", None, env) == "/mnt/data/a/dl.json"
+    assert resolve_site_datalist("a", "${DATA}/x.json", None, env) == "/mnt/data/x.json"
+    assert resolve_site_datalist("a", "~/x.json", None, env) == os.path.expanduser("~/x.json")
+    assert resolve_site_datalist("a", "data/{SITE_NAME}.json", str(workspace), env) == str(workspace / "data" / "a.json")
+    write_site_config(workspace, "../data/{SITE_NAME}/datalist.json")  # relative to the config file's folder
+    assert resolve_site_datalist("a", None, str(workspace), env) == str(workspace / "data" / "a" / "datalist.json")
+    # The site file may exist for other settings without naming a datalist.
+    (workspace / "local" / "fedseg_site.json").write_text(json.dumps({"other": 1}))
+    assert resolve_site_datalist("a", "/job.json", str(workspace), env) == "/job.json"
+
+
+def test_resolve_errors(tmp_path):
+    with pytest.raises(DataValidationError) as caught:
+        resolve_site_datalist("site-3", None, str(tmp_path), {})
+    error = caught.value
+    assert error.site == "site-3" and error.file == "<no datalist>"
+    for way in ("FEDSEG_DATALIST", str(tmp_path / "local" / "fedseg_site.json"), "job"):
+        assert way in error.problem
+    write_site_config(tmp_path, "x")
+    (tmp_path / "local" / "fedseg_site.json").write_text("{not json")
+    with pytest.raises(DataValidationError) as caught:
+        resolve_site_datalist("site-3", "/job.json", str(tmp_path), {})
+    assert caught.value.file == str(tmp_path / "local" / "fedseg_site.json") and "invalid JSON" in caught.value.problem
+
+
+# ---------------------------------------------------------------------------------------------
+# Converter
+# ---------------------------------------------------------------------------------------------
+
+
+def make_picture_dataset(root: Path):
+    """siteA: 10 RGB PNG + 0/255 PNG masks; siteB: 6 JPEG pairs (grey mask edges);
+    siteC: train/test layout with grey PNGs (3 train, 2 test), folder names image/mask."""
+    rng = np.random.default_rng(42)
+
+    def pair(size, colour):
+        h, w = size
+        mask = np.zeros((h, w), np.uint8)
+        top, left = rng.integers(2, h // 2), rng.integers(2, w // 2)
+        mask[top: top + h // 3, left: left + w // 4] = 255
+        image = rng.integers(0, 200, size=(h, w, 3) if colour else (h, w), dtype=np.uint8)
+        image[mask > 0] = 250
+        return image, mask
+
+    for site, suffix, n in (("siteA", ".png", 10), ("siteB", ".jpg", 6)):
+        (root / site / "images").mkdir(parents=True)
+        (root / site / "masks").mkdir()
+        for i in range(n):
+            image, mask = pair((24, 20), colour=True)
+            Image.fromarray(image).save(root / site / "images" / f"case {i}{suffix}")
+            Image.fromarray(mask).save(root / site / "masks" / f"case {i}{suffix}")
+    for given, n in (("train", 3), ("test", 2)):
+        (root / "siteC" / given / "image").mkdir(parents=True)
+        (root / "siteC" / given / "mask").mkdir()
+        for i in range(n):
+            image, mask = pair((16, 18), colour=False)
+            Image.fromarray(image).save(root / "siteC" / given / "image" / f"{i:02d}.png")
+            Image.fromarray(mask).save(root / "siteC" / given / "mask" / f"{i:02d}.png")
+    (root / "notes").mkdir()  # not a site: no image folder
+
+
+@pytest.fixture
+def pictures(tmp_path):
+    make_picture_dataset(tmp_path / "src")
+    return tmp_path / "src"
+
+
+def test_convert_picture_folders(pictures, tmp_path):
+    out = tmp_path / "out"
+    summary = convert_folder_dataset(pictures, out)
+    assert json.loads((out / "dataset.json").read_text()) == summary
+    assert (summary["spatial_dims"], summary["in_channels"], summary["num_classes"]) == (2, 3, 2)
+    sites = {s["site"]: s for s in summary["sites"]}
+    assert list(sites) == ["siteA", "siteB", "siteC"]
+    assert sites["siteA"]["counts"] == {"training": 7, "validation": 1, "testing": 2}
+    assert sites["siteB"]["counts"] == {"training": 4, "validation": 1, "testing": 1}
+    assert sites["siteC"]["layout"] == "train/test"
+    assert sites["siteC"]["counts"] == {"training": 3, "validation": 0, "testing": 2}
+    for site, info in sites.items():
+        report = validate_site_data(str(out / info["datalist"]), site)
+        assert report["in_channels"] == 3 and report["num_classes"] == 2
+        datalist = load_datalist(str(out / info["datalist"]), site)
+        for entry in all_cases(datalist):
+            channels = [read(p) for p in entry["image"]]
+            label, label_affine = read(entry["label"])
+            assert len(channels) == 3 and label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
+            assert all(c.shape == label.shape == ((16, 18) if site == "siteC" else (24, 20)) for c, _ in channels)
+            assert np.array_equal(label_affine, np.eye(4)) and all(np.array_equal(a, np.eye(4)) for _, a in channels)
+    # Arrays are the pictures' rows x columns, and PNG masks binarise exactly.
+    entry = load_datalist(str(out / "siteA" / "datalist.json"))["training"][0]
+    name = Path(entry["label"]).name[: -len(".nii.gz")].replace("_", " ")
+    source = np.asarray(Image.open(pictures / "siteA" / "images" / f"{name}.png"))
+    assert np.array_equal(read(entry["image"][1])[0], source[..., 1])
+    mask = np.asarray(Image.open(pictures / "siteA" / "masks" / f"{name}.png"))
+    assert np.array_equal(read(entry["label"])[0], (mask > 127).astype(np.uint8))
+    # JPEG masks have grey edges, still binary after thresholding; their foreground is the drawn box.
+    assert 0.05 < sites["siteB"]["foreground_fraction"] < 0.3
+
+
+def test_convert_is_deterministic_and_seeded(pictures, tmp_path):
+    def layout(out):
+        return {site: (out / site / "datalist.json").read_text() for site in ("siteA", "siteB", "siteC")}
+
+    convert_folder_dataset(pictures, tmp_path / "a", seed=0)
+    convert_folder_dataset(pictures, tmp_path / "b", seed=0)
+    convert_folder_dataset(pictures, tmp_path / "c", seed=1)
+    assert layout(tmp_path / "a") == layout(tmp_path / "b")
+    assert layout(tmp_path / "a")["siteA"] != layout(tmp_path / "c")["siteA"]
+    for p in sorted((tmp_path / "a" / "siteA" / "imagesTr").iterdir()):
+        assert p.read_bytes() == (tmp_path / "b" / "siteA" / "imagesTr" / p.name).read_bytes()
+
+
+def test_convert_grayscale_label_map_and_max_cases(pictures, tmp_path):
+    summary = convert_folder_dataset(pictures, tmp_path / "g", sites=["siteA"], grayscale=True,
+                                     label_map={"255": 2}, max_cases=5, split=(0.6, 0.2, 0.2))
+    assert summary["in_channels"] == 1 and summary["num_classes"] == 3
+    assert summary["sites"][0]["counts"] == {"training": 3, "validation": 1, "testing": 1}
+    datalist = load_datalist(str(tmp_path / "g" / "siteA" / "datalist.json"))
+    assert datalist["labels"] == {"0": "background", "1": "class-1", "2": "class-2"}
+    entry = datalist["training"][0]
+    assert isinstance(entry["image"], str) and read(entry["image"])[0].shape == (24, 20)
+    assert set(np.unique(read(entry["label"])[0])) == {0, 2}
+    validate_site_data(str(tmp_path / "g" / "siteA" / "datalist.json"), "siteA")
+
+
+def test_convert_missing_mask_fails_and_leaves_nothing(pictures, tmp_path):
+    (pictures / "siteB" / "masks" / "case 3.jpg").unlink()
+    with pytest.raises(DataValidationError) as caught:
+        convert_folder_dataset(pictures, tmp_path / "out")
+    assert caught.value.site == "siteB"
+    assert caught.value.file == str(pictures / "siteB" / "images" / "case 3.jpg")
+    assert "no mask named case 3" in caught.value.problem
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_convert_failure_mid_write_leaves_nothing(pictures, tmp_path):
+    # A truncated picture: its header reads, its pixels do not, so the failure comes after
+    # siteA and siteB were already written.
+    victim = pictures / "siteC" / "test" / "image" / "01.png"
+    victim.write_bytes(victim.read_bytes()[:60])
+    with pytest.raises(DataValidationError) as caught:
+        convert_folder_dataset(pictures, tmp_path / "out")
+    assert (caught.value.site, caught.value.file) == ("siteC", str(victim))
+    assert "cannot read image" in caught.value.problem
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_convert_rejects_mismatched_mask_size_and_empty_threshold(pictures, tmp_path):
+    mask = pictures / "siteA" / "masks" / "case 2.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(mask)
+    with pytest.raises(DataValidationError, match=r"mask size \(10, 10\) differs from image size \(24, 20\)"):
+        convert_folder_dataset(pictures, tmp_path / "out", sites=["siteA"])
+    # A 0/1 PNG mask with the default threshold 127 would silently become empty: refuse.
+    Image.fromarray(np.eye(24, 20, dtype=np.uint8)).save(mask)
+    with pytest.raises(DataValidationError, match="all at or below the threshold 127"):
+        convert_folder_dataset(pictures, tmp_path / "out", sites=["siteA"])
+    assert no_leftovers(tmp_path, "out")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "polyp").is_dir(), reason="../shared/data/polyp not available")
+def test_convert_real_polyp_sites(tmp_path):
+    result = run_module("fedseg.data.convert", "--src", SHARED_DATA / "polyp", "--out", tmp_path / "polyp",
+                        "--max-cases", 8)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "polyp" / "dataset.json").read_text())
+    assert [s["site"] for s in summary["sites"]] == ["CVC-ClinicDB", "Kvasir-SEG"]
+    assert (summary["in_channels"], summary["num_classes"]) == (3, 2)
+    for s in summary["sites"]:
+        assert s["counts"] == {"training": 5, "validation": 1, "testing": 2}
+        assert 0.01 < s["foreground_fraction"] < 0.5 and not s["warnings"]
+        report = validate_site_data(str(tmp_path / "polyp" / s["datalist"]), s["site"])
+        assert report["shape_min"] == report["shape_max"] == [256, 256]
+        assert report["label_fractions"]["1"] == pytest.approx(s["foreground_fraction"], abs=1e-4)
+    again = convert_folder_dataset(SHARED_DATA / "polyp", tmp_path / "again", max_cases=8)
+    assert again["sites"] == summary["sites"]
+    for site in ("CVC-ClinicDB", "Kvasir-SEG"):
+        assert ((tmp_path / "polyp" / site / "datalist.json").read_text()
+                == (tmp_path / "again" / site / "datalist.json").read_text())
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "prostate-slices").is_dir(), reason="../shared/data/prostate-slices not available")
+def test_convert_real_prostate_slices(tmp_path):
+    # These masks mark the prostate with 0 and the background with 255.
+    summary = convert_folder_dataset(SHARED_DATA / "prostate-slices", tmp_path / "prostate", label_map={"0": 1})
+    sites = {s["site"]: s for s in summary["sites"]}
+    assert sorted(sites) == ["BIDMC", "BMC", "HK", "I2CVB", "RUNMC", "UCL"]
+    assert summary["in_channels"] == 1 and summary["num_classes"] == 2
+    assert sites["I2CVB"]["pairing"] == "train: order, test: stem"  # its one training pair has different names
+    means = []
+    for site, s in sites.items():
+        assert s["layout"] == "train/test"
+        assert s["counts"] == {"training": 1, "validation": 0, "testing": 1}
+        assert 0.002 < s["foreground_fraction"] < 0.05 and not s["warnings"]
+        report = validate_site_data(str(tmp_path / "prostate" / s["datalist"]), site)
+        assert report["shape_min"] == [384, 384]
+        means.append(report["intensity"]["mean"])
+    assert max(means) > 3 * min(means), "the six real sites' intensity ranges differ a lot"
+    inverted = convert_folder_dataset(SHARED_DATA / "prostate-slices", tmp_path / "raw", sites=["HK"])
+    assert inverted["sites"][0]["warnings"] and "inverted" in inverted["sites"][0]["warnings"][0]

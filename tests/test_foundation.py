@@ -1,0 +1,170 @@
+"""Foundation: engine, job folders, FedAvg/FedProx in the real NVFlare simulator (code-less and BYOC),
+baselines, the result table and the data errors a site reports."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import CUSTOM, JOBS, REPO, TINY_ENGINE, copy_job, simulate
+
+from fedseg.baselines import load_sites, run_centralized, run_local
+from fedseg.data import load_datalist
+from fedseg.engine import EngineConfig, SegEngine, load_numpy_state, state_to_numpy
+from fedseg.jobgen import DEFAULT_ENGINE, resolve_engine
+from fedseg.report import format_table, load_results, site_mean
+
+
+def tiny_cfg(**extra) -> EngineConfig:
+    return EngineConfig.from_dict(resolve_engine({**TINY_ENGINE, **extra}))
+
+
+def untrained_mean_dice(data: Path) -> float:
+    engines = load_sites(data, tiny_cfg())
+    torch.manual_seed(0)
+    net = next(iter(engines.values())).new_network()
+    return float(np.mean([e.evaluate(net, "testing").summary()["dice"] for e in engines.values()]))
+
+
+# ---- engine ----------------------------------------------------------------------------------------------
+def test_engine_trains_2d_and_beats_untrained(tiny2d):
+    engine = SegEngine(tiny_cfg(), load_datalist(str(tiny2d / "site-1" / "datalist.json")), site="site-1")
+    net = engine.new_network()
+    before = engine.evaluate(net, "testing").summary()["dice"]
+    stats = engine.train(net, 80)
+    after = engine.evaluate(net, "testing", with_hd95=True).summary()
+    assert stats.steps == 80 and np.isfinite(stats.mean_loss)
+    assert after["dice"] > before + 0.2 and after["dice"] > 0.55, (before, after)
+    assert np.isfinite(after["hd95"])
+    assert after["n_cases"] == len(engine.cases("testing"))
+
+
+def test_engine_3d_multiclass(tmp_path):
+    from fedseg.data.synthetic import generate_dataset
+
+    generate_dataset(str(tmp_path / "d"), n_sites=2, spatial_dims=3, seed=1, num_classes=3, size="tiny")
+    cfg = EngineConfig.from_dict(resolve_engine({"spatial_dims": 3, "num_classes": 3, "roi_size": [16, 16, 16],
+                                                 "network": {"channels": [8, 16, 32]}, "batch_size": 2}))
+    engine = SegEngine(cfg, load_datalist(str(tmp_path / "d" / "site-1" / "datalist.json")), site="site-1")
+    net = engine.new_network()
+    engine.train(net, 3)
+    result = engine.evaluate(net, "testing")
+    assert result.dice.shape == (len(engine.cases("testing")), 2)  # per case, per foreground class
+    summary = result.summary()
+    assert "dice_class1" in summary and "dice_class2" in summary
+
+
+def test_numpy_state_roundtrip_and_errors():
+    cfg = tiny_cfg()
+    engine = SegEngine(cfg, {"training": []}, site="x")
+    a, b = engine.new_network(), engine.new_network()
+    load_numpy_state(b, state_to_numpy(a))
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    params = state_to_numpy(a)
+    params.pop(next(iter(params)))
+    with pytest.raises(KeyError, match="missing"):
+        load_numpy_state(b, params, site="site-9")
+
+
+# ---- jobs ------------------------------------------------------------------------------------------------
+def test_job_folders_match_the_generator(tmp_path):
+    """jobs/ is the generator's output: a hand edit that breaks consistency (e.g. network on one side) fails here."""
+    subprocess.run([sys.executable, "-m", "fedseg.jobgen", "--out", str(tmp_path)], check=True, cwd=REPO,
+                   env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"})
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(JOBS) for p in JOBS.rglob("*") if p.is_file())
+    assert generated == committed
+    for rel in generated:
+        assert filecmp.cmp(tmp_path / rel, JOBS / rel, shallow=False), f"jobs/{rel} differs from the generator"
+
+
+def test_fedavg_in_simulator_codeless_job(tiny2d, tmp_path):
+    """jobs/fedavg as an installed site runs it: no code in the job, fedseg importable and allow-listed."""
+    job = copy_job("fedavg", tmp_path, server_args={"num_rounds": 3}, engine=TINY_ENGINE)
+    assert not (job / "app" / "custom").exists()
+    result = simulate(job, tmp_path / "ws", tiny2d, n=3)
+    run_dir = result.job_dir
+    assert (run_dir / "app_server" / "FL_global_model.pt").exists()
+    assert (run_dir / "app_server" / "best_FL_global_model.pt").exists()
+    assert list((run_dir / "tb_events").rglob("events.out.tfevents*")), "no TensorBoard curves streamed to the server"
+    results = load_results(result.workspace, "fedavg")
+    final = results["models"]["global (last)"]
+    assert sorted(final) == ["site-1", "site-2", "site-3"]
+    for site, scores in final.items():
+        n_test = len(json.loads((tiny2d / site / "datalist.json").read_text())["testing"])
+        assert scores["n_cases"] == n_test and len(scores["dice_per_case"]) == n_test
+    assert {"local:site-1", "local:site-2", "local:site-3"} <= set(results["models"])
+    assert site_mean(final) > untrained_mean_dice(tiny2d) + 0.05
+    site_log = result.log("site-1")
+    assert "received model val_dice=" in site_log and "steps/epoch" in site_log
+    table = format_table(results)
+    assert "global (last)" in table and "site-3" in table
+
+
+def test_fedavg_byoc_job_carries_its_code(tiny2d, tmp_path):
+    """The same job with the package bundled (BYOC) runs with fedseg NOT on PYTHONPATH."""
+    subprocess.run(
+        [sys.executable, "-m", "fedseg.jobgen", "--out", str(tmp_path), "--only", "fedavg", "--byoc", "--rounds", "1",
+         "--engine", json.dumps(TINY_ENGINE)],
+        check=True, cwd=REPO, env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"},
+    )
+    job = tmp_path / "fedavg"
+    assert (job / "app" / "custom" / "fedseg" / "fl" / "executor.py").exists()
+    result = simulate(job, tmp_path / "ws", tiny2d, n=2, on_pythonpath=False)
+    assert "global (last)" in load_results(result.workspace)["models"]
+    # the code that ran is the job's copy
+    assert "simulate_job/app_site-1/custom" in result.log("site-1") or (result.workspace / "site-1" / "simulate_job" / "app_site-1" / "custom" / "fedseg").exists()
+
+
+def test_fedprox_in_simulator(tiny2d, tmp_path):
+    job = copy_job("fedprox", tmp_path, server_args={"num_rounds": 2}, engine=TINY_ENGINE)
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    assert server["workflows"][0]["args"]["fedprox_mu"] > 0
+    result = simulate(job, tmp_path / "ws", tiny2d, n=2)
+    assert "FedProx mu=0.01" in result.log("site-1")
+    assert "global (last)" in load_results(result.workspace)["models"]
+
+
+def test_corrupt_site_data_stops_the_job_with_a_clear_message(tiny2d, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny2d, data)
+    bad = sorted((data / "site-2").rglob("*.nii.gz"))[0]
+    bad.write_bytes(b"this is not a NIfTI file")
+    job = copy_job("fedavg", tmp_path, server_args={"num_rounds": 1}, engine=TINY_ENGINE)
+    result = simulate(job, tmp_path / "ws", data, n=2, expect_ok=False, timeout=300)
+    log = result.log("site-2")
+    assert "DATA ERROR [site site-2]" in log and bad.name in log, log[-3000:]
+    assert result.returncode != 0  # the job stopped instead of training without the site
+    assert "site-2" in result.log("server") and "EXECUTION_EXCEPTION" in result.log("server")
+
+
+# ---- baselines and report ----------------------------------------------------------------------------------
+def test_baselines_same_budget_and_tables(tiny2d, tmp_path):
+    engines = load_sites(tiny2d, tiny_cfg())
+    budget = sum(2 * e.local_steps() for e in engines.values())
+    local = run_local(engines, rounds=2, log=lambda *_: None)
+    central = run_centralized(engines, tiny_cfg(), rounds=2, log=lambda *_: None)
+    assert local["extra"]["train_steps_total"] == budget == central["extra"]["train_steps_total"]
+    matrix = local["extra"]["cross_site_dice_matrix"]
+    assert sorted(matrix) == sorted(engines) and all(sorted(row) == sorted(engines) for row in matrix.values())
+    (tmp_path / "fedseg_results.json").write_text(json.dumps(central))
+    out = subprocess.run([sys.executable, "-m", "fedseg.report", str(tmp_path)], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"}, check=True).stdout
+    assert "centralized" in out and "site-1" in out and "mean over sites" in out
+
+
+def test_default_engine_is_valid():
+    cfg = EngineConfig.from_dict(DEFAULT_ENGINE)
+    assert cfg.network_args()["out_channels"] == cfg.num_classes
+    with pytest.raises(ValueError, match="unknown engine setting"):
+        EngineConfig.from_dict({"learning_rate": 1})
