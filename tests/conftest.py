@@ -74,6 +74,7 @@ def simulate(job: Path, workspace: Path, data: Path, n: int = 3, expect_ok: bool
     helpers = str(Path(__file__).resolve().parent / "helpers")
     extra_env.setdefault("PYTHONPATH", os.pathsep.join([str(CUSTOM), helpers]) if kwargs.get("on_pythonpath", True) else helpers)
     kwargs.setdefault("timeout", 900)
+    kwargs.setdefault("allow_prefixes", ("fedseg_faults.",))  # the tests' fault-injecting executors
     result = run_simulator(job, workspace, n, data_root=data, extra_env=extra_env, **kwargs)
     if expect_ok:
         assert result.returncode == 0, result.log_tail

@@ -64,14 +64,19 @@ def client_config(engine: dict, datalist: str, method_args: dict | None = None, 
     return config
 
 
-def server_components(engine: dict, key_metric: str | None = "val_dice") -> list[dict]:
+def server_components(engine: dict, key_metric: str | None = "val_dice", cross_site_eval: bool = True) -> list[dict]:
+    """Persistor (builds the network from the engine settings), TensorBoard receiver, and for FedAvg-style jobs
+    the pieces of FLARE's cross-site evaluation and best-model selection."""
     network = EngineConfig.from_dict(engine).network_args()
     components = [
         _component("persistor", "fedseg.fl.persistor.SegModelPersistor", {"network": network}),
-        _component("model_locator", "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator", {"pt_persistor_id": "persistor"}),
-        _component("json_generator", "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator"),
         _component("tb_receiver", "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver", {"events": ["fed.analytix_log_stats"]}),
     ]
+    if cross_site_eval:
+        components += [
+            _component("model_locator", "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator", {"pt_persistor_id": "persistor"}),
+            _component("json_generator", "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator"),
+        ]
     if key_metric:
         components.append(
             _component("model_selector", "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector", {"key_metric": key_metric})
@@ -118,9 +123,88 @@ def job_fedprox(o: argparse.Namespace) -> tuple[dict, dict]:
     return fedavg_server(o.engine, o.rounds, fedprox_mu=o.fedprox_mu), client_config(o.engine, o.datalist)
 
 
+def fedsm_server(o: argparse.Namespace, use_selector: bool) -> dict:
+    from fedseg.methods.fedsm import DEFAULT_SELECTOR
+
+    args: dict[str, Any] = {
+        "num_rounds": o.rounds,
+        "lam": o.lam,
+        "gamma": o.gamma,
+        "use_selector": use_selector,
+        "min_clients": 1,
+        "task_timeout": o.task_timeout,
+        "eval_timeout": o.task_timeout,
+        "engine": o.engine,
+    }
+    if use_selector:
+        args["selector"] = dict(DEFAULT_SELECTOR)
+    return {
+        "format_version": 2,
+        "workflows": [{"id": "fedsm", "path": "fedseg.fl.fedsm_controller.FedSMController", "args": args}],
+        "components": server_components(o.engine, key_metric=None, cross_site_eval=False),
+        "task_data_filters": [],
+        "task_result_filters": [],
+    }
+
+
+def job_fedsm(o: argparse.Namespace) -> tuple[dict, dict]:
+    return fedsm_server(o, use_selector=True), client_config(o.engine, o.datalist)
+
+
+def job_softpull(o: argparse.Namespace) -> tuple[dict, dict]:
+    return fedsm_server(o, use_selector=False), client_config(o.engine, o.datalist)
+
+
+# FedCross defaults match jobs/fedavg's budget (10 rounds x 2 local epochs at every site) at 4 sites:
+# FedCrossEns (K = N): 10 communications x 2-epoch visits, every site trains one model per communication;
+# FedCross (K = 1, one site trains per communication): 20 communications x 4-epoch visits (cyclic: 5 per site).
+FEDCROSS_DEFAULTS = {
+    "fedcross": {"num_models": 1, "schedule": "cyclic", "communications": 20, "visit_epochs": 4},
+    "fedcrossens": {"num_models": 0, "schedule": "latin", "communications": 10, "visit_epochs": 2},
+}
+
+
+def fedcross_server(o: argparse.Namespace, job: str) -> dict:
+    defaults = FEDCROSS_DEFAULTS[job]
+    args: dict[str, Any] = {
+        "num_models": defaults["num_models"],
+        "num_communications": o.communications or defaults["communications"],
+        "schedule": o.schedule or defaults["schedule"],
+        "seed": o.seed,
+        "visit_epochs": defaults["visit_epochs"] if o.visit_epochs is None else o.visit_epochs,
+        "visit_steps": o.visit_steps,
+        "lr_schedule": o.lr_schedule,
+        "task_timeout": o.task_timeout,
+        "validate_timeout": o.task_timeout,
+        "max_site_failures": 1,
+        "retry_on_free_site": True,
+        "min_clients": 1,
+        "engine": o.engine,
+    }
+    return {
+        "format_version": 2,
+        "workflows": [{"id": "fedcross", "path": "fedseg.fl.fedcross_controller.FedCrossController", "args": args}],
+        "components": server_components(o.engine, key_metric=None, cross_site_eval=False),
+        "task_data_filters": [],
+        "task_result_filters": [],
+    }
+
+
+def job_fedcross(o: argparse.Namespace) -> tuple[dict, dict]:
+    return fedcross_server(o, "fedcross"), client_config(o.engine, o.datalist)
+
+
+def job_fedcrossens(o: argparse.Namespace) -> tuple[dict, dict]:
+    return fedcross_server(o, "fedcrossens"), client_config(o.engine, o.datalist)
+
+
 JOBS: dict[str, Callable[[argparse.Namespace], tuple[dict, dict]]] = {
     "fedavg": job_fedavg,
     "fedprox": job_fedprox,
+    "fedsm": job_fedsm,
+    "softpull": job_softpull,
+    "fedcross": job_fedcross,
+    "fedcrossens": job_fedcrossens,
 }
 
 
@@ -156,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", type=json.loads, default={}, help="JSON engine settings merged over the defaults")
     p.add_argument("--datalist", default=DEFAULT_DATALIST)
     p.add_argument("--fedprox-mu", type=float, default=0.01)
+    p.add_argument("--lam", type=float, default=0.7, help="FedSM/SoftPull: weight of a site's own personalized model")
+    p.add_argument("--gamma", type=float, default=0.9, help="FedSM: selector confidence needed to use a personalized model")
+    p.add_argument("--task-timeout", type=int, default=3600, help="FedSM/FedCross: seconds per site task (0: no limit)")
+    p.add_argument("--communications", type=int, help="FedCross: visits per model (default 20 fedcross, 10 fedcrossens)")
+    p.add_argument("--schedule", choices=["cyclic", "latin", "random", "explicit"],
+                   help="FedCross: site-visit schedule (default cyclic for fedcross, latin for fedcrossens)")
+    p.add_argument("--visit-epochs", type=int, help="FedCross: epochs per visit (default 4 fedcross, 2 fedcrossens)")
+    p.add_argument("--visit-steps", type=int, default=0, help="FedCross: steps per visit; wins over --visit-epochs when > 0")
+    p.add_argument("--lr-schedule", choices=["poly", "cosine", "constant"], default="poly", help="FedCross: lr over each model's visits")
+    p.add_argument("--seed", type=int, default=0, help="FedCross: seeds the schedule and the models' initialisation")
     p.add_argument("--byoc", action="store_true", help="copy the fedseg package into the job (app/custom/)")
     return p
 

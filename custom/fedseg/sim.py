@@ -70,6 +70,7 @@ def run_simulator(
     extra_env: dict | None = None,
     timeout: float = 1800,
     clients: list[str] | None = None,
+    allow_prefixes: tuple[str, ...] = (),
 ) -> SimResult:
     """nvflare simulator JOB -w WS -n N -t T [-gpu ...] with the fedseg package on PYTHONPATH (as an installed
     site has it) unless on_pythonpath=False (then the job must carry its code: BYOC)."""
@@ -93,7 +94,7 @@ def run_simulator(
         # as at an installed site: the simulator copies <workspace>/local into the server's and every site's local/
         from fedseg.fl.allowlist import allow_fedseg
 
-        allow_fedseg(workspace / "local" / "resources.json")
+        allow_fedseg(workspace / "local" / "resources.json", tuple(allow_prefixes))
     start = time.perf_counter()
     out_path = workspace.parent / f"{workspace.name}.simulator.out"
     with open(out_path, "w") as out:

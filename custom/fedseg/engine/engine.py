@@ -23,6 +23,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
+    CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
@@ -75,8 +76,11 @@ def train_transforms(cfg: EngineConfig) -> Compose:
     )
 
 
-def eval_transforms() -> Compose:
-    return Compose(load_transforms())
+def eval_transforms(keys: Sequence[str] = ("image", "label")) -> Compose:
+    """Deterministic loading for evaluation and inference. "image_raw" keeps the intensities as stored: the
+    FedSM selector tells sites apart partly by them (scanner units differ between hospitals)."""
+    load, channel_first, normalize = load_transforms(keys)
+    return Compose([load, channel_first, CopyItemsd(keys="image", names="image_raw"), normalize])
 
 
 @dataclass
@@ -174,7 +178,8 @@ class SegEngine:
             cases = self.cases(section)
             if not cases:
                 raise ValueError(f"[site {self.site}] datalist has no '{section}' cases")
-            transform = train_transforms(self.cfg) if training else eval_transforms()
+            labelled = all("label" in case for case in cases)  # inference on new images has no labels
+            transform = train_transforms(self.cfg) if training else eval_transforms(("image", "label") if labelled else ("image",))
             if training:
                 transform.set_random_state(seed=self.cfg.seed)
             self._datasets[key] = CacheDataset(cases, transform=transform, cache_rate=self.cfg.cache_rate, progress=False)
@@ -312,14 +317,19 @@ class SegEngine:
         return self.score(probs_fn, section, with_hd95)
 
     @torch.no_grad()
-    def score(self, probs_fn: Callable[[torch.Tensor], torch.Tensor], section: str, with_hd95: bool = False):
+    def score(self, probs_fn: Callable[[torch.Tensor], torch.Tensor], section: str, with_hd95: bool = False) -> EvalResult:
+        """Per-case scores of any (1, C, *spatial) image -> probabilities function."""
+        return self.score_items(lambda item: probs_fn(item["image"].unsqueeze(0)), section, with_hd95)
+
+    @torch.no_grad()
+    def score_items(self, probs_fn: Callable[[dict], torch.Tensor], section: str, with_hd95: bool = False) -> EvalResult:
+        """Like score, for functions that need the whole case (e.g. the raw intensities FedSM's selector uses)."""
         dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
         hd_metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
         names, dices, hds = [], [], []
         for name, item in self.eval_batches(section):
-            image = item["image"].unsqueeze(0)
             label = item["label"].unsqueeze(0).to(self.device)
-            probs = probs_fn(image)
+            probs = probs_fn(item)
             pred = one_hot(probs.argmax(dim=1, keepdim=True), num_classes=self.cfg.num_classes)
             truth = one_hot(label.long(), num_classes=self.cfg.num_classes)
             dices.append(dice_metric(pred, truth).cpu().numpy()[0])

@@ -19,14 +19,15 @@ def fedseg_allow_list() -> list[str]:
     return list(DEFAULT_CLASS_ALLOW_LIST) + [FEDSEG_PREFIX]
 
 
-def allow_fedseg(resources_file: str | os.PathLike) -> dict:
-    """Add the fedseg prefix to a resources.json (created if absent; *.default used as its base)."""
+def allow_fedseg(resources_file: str | os.PathLike, extra_prefixes: tuple[str, ...] = ()) -> dict:
+    """Add the fedseg prefix (and any extra ones) to a resources.json (created if absent; *.default used as its base)."""
     path = Path(resources_file)
     base = path if path.exists() else path.with_name(path.name + ".default")
     resources = json.loads(base.read_text()) if base.exists() else {}
     allow = resources.get("class_allow_list") or list(DEFAULT_CLASS_ALLOW_LIST)
-    if FEDSEG_PREFIX not in allow:
-        allow.append(FEDSEG_PREFIX)
+    for prefix in (FEDSEG_PREFIX, *extra_prefixes):
+        if prefix not in allow:
+            allow.append(prefix)
     resources["class_allow_list"] = allow
     resources.setdefault("class_list_enforcement_mode", "enforce")
     path.parent.mkdir(parents=True, exist_ok=True)

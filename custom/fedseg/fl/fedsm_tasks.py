@@ -6,6 +6,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedseg.algorithms.packing import pack, unpack
+from fedseg.engine import load_numpy_state
 from fedseg.methods.fedsm import SelectorSettings, fedsm_local_round, new_selector, score_super_model
 
 PERSONAL_PREFIX = "personal:"
@@ -59,22 +60,24 @@ def fedsm_evaluate(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
     section = meta.get("section", "testing")
     groups = unpack(model.params)
     engine = executor.engine
-    settings = SelectorSettings.from_meta(len(site_names), meta.get("selector"))
+    settings = SelectorSettings.from_meta(len(site_names), meta.get("selector") or {})
     global_net = executor.new_net(groups["global"])
     personal = {k[len(PERSONAL_PREFIX):]: executor.new_net(v) for k, v in groups.items() if k.startswith(PERSONAL_PREFIX)}
-    selector = new_selector(engine, settings)
-    from fedseg.engine import load_numpy_state
-
-    load_numpy_state(selector, groups["selector"], executor.site)
+    selector = None
+    if "selector" in groups:
+        selector = new_selector(engine, settings)
+        load_numpy_state(selector, groups["selector"], executor.site)
     _site_index(executor, site_names)
     scored = score_super_model(engine, global_net, personal, selector, site_names, executor.site,
                                float(meta.get("gamma", 0.9)), settings.input_size, section)
-    metrics = {"section": section, "selector_accuracy": scored["selector_accuracy"], "routing": scored["routing"],
-               "mean_confidence": scored["mean_confidence"]}
+    metrics = {"section": section}
+    for key in ("selector_accuracy", "routing", "mean_confidence"):
+        if key in scored:
+            metrics[key] = scored[key]
     for name, result in scored["scores"].items():
         summary = result.summary()
         summary["dice_per_case"] = [float(x) for x in result.case_dice]
         metrics[name] = summary
     executor.log_info(fl_ctx, "FedSM evaluation: " + ", ".join(f"{n} {metrics[n]['dice']:.4f}" for n in scored["scores"])
-                      + f", selector accuracy {scored['selector_accuracy']:.3f}, routing {scored['routing']}")
+                      + (f", selector accuracy {scored['selector_accuracy']:.3f}, routing {scored['routing']}" if selector else ""))
     return FLModel(metrics=metrics)

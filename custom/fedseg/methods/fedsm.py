@@ -18,17 +18,17 @@ import torch.nn.functional as F
 from fedseg.algorithms.routing import GLOBAL, route
 from fedseg.engine import SegEngine, SiteClassifier, load_numpy_state, load_optimizer_state, optimizer_state_to_numpy, state_to_numpy
 
-DEFAULT_SELECTOR = {"input_size": 32, "channels": [8, 16, 32, 64], "lr": 1e-3, "epochs": 1, "batch_size": 8}
+DEFAULT_SELECTOR = {"input_size": 32, "channels": [8, 16, 32, 64], "lr": 3e-3, "epochs": 2, "batch_size": 8}
 
 
 @dataclass
 class SelectorSettings:
     num_sites: int
-    input_size: int = 32
-    channels: Sequence[int] = (8, 16, 32, 64)
-    lr: float = 1e-3
-    epochs: int = 1
-    batch_size: int = 8
+    input_size: int = DEFAULT_SELECTOR["input_size"]
+    channels: Sequence[int] = tuple(DEFAULT_SELECTOR["channels"])
+    lr: float = DEFAULT_SELECTOR["lr"]
+    epochs: int = DEFAULT_SELECTOR["epochs"]
+    batch_size: int = DEFAULT_SELECTOR["batch_size"]
 
     @classmethod
     def from_meta(cls, num_sites: int, values: dict | None) -> "SelectorSettings":
@@ -36,14 +36,14 @@ class SelectorSettings:
         return cls(num_sites=int(num_sites), **{k: merged[k] for k in DEFAULT_SELECTOR})
 
 
+def build_selector(spatial_dims: int, in_channels: int, s: SelectorSettings) -> SiteClassifier:
+    """The selector sees two views per image channel (see selector_input), hence 2 x in_channels."""
+    return SiteClassifier(num_sites=s.num_sites, spatial_dims=spatial_dims, in_channels=2 * in_channels,
+                          input_size=s.input_size, channels=s.channels)
+
+
 def new_selector(engine: SegEngine, s: SelectorSettings) -> SiteClassifier:
-    return SiteClassifier(
-        num_sites=s.num_sites,
-        spatial_dims=engine.cfg.spatial_dims,
-        in_channels=engine.cfg.in_channels,
-        input_size=s.input_size,
-        channels=s.channels,
-    ).to(engine.device)
+    return build_selector(engine.cfg.spatial_dims, engine.cfg.in_channels, s).to(engine.device)
 
 
 def thumbnail(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -52,8 +52,17 @@ def thumbnail(image: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(image.float(), size=(size,) * (image.ndim - 2), mode=mode, align_corners=False)
 
 
+def selector_input(image: torch.Tensor, image_raw: torch.Tensor, size: int) -> torch.Tensor:
+    """Selector input: the z-scored image (appearance, noise, bias field, anatomy) and the signed log of the
+    stored intensities (scanner units and ranges differ between hospitals), both as fixed-size thumbnails."""
+    raw = image_raw.float()
+    log_intensity = torch.sign(raw) * torch.log1p(raw.abs())
+    return torch.cat([thumbnail(image, size), thumbnail(log_intensity, size)], dim=1)
+
+
 def _thumbnails(engine: SegEngine, section: str, size: int) -> torch.Tensor:
-    images = [thumbnail(item["image"].unsqueeze(0), size) for _, item in engine.eval_batches(section)]
+    images = [selector_input(item["image"].unsqueeze(0), item["image_raw"].unsqueeze(0), size)
+              for _, item in engine.eval_batches(section)]
     return torch.cat(images).to(engine.device)
 
 
@@ -80,28 +89,35 @@ def train_selector(engine: SegEngine, selector: SiteClassifier, optim_state: dic
 
 
 @torch.no_grad()
-def selector_probs(engine: SegEngine, selector: SiteClassifier, image: torch.Tensor, size: int) -> np.ndarray:
+def selector_probs(engine: SegEngine, selector: SiteClassifier, image: torch.Tensor, image_raw: torch.Tensor, size: int) -> np.ndarray:
     selector.eval()
-    logits = selector(thumbnail(image.to(engine.device), size))
+    logits = selector(selector_input(image, image_raw, size).to(engine.device))
     return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
 
 @torch.no_grad()
-def score_super_model(engine: SegEngine, global_net, personal_nets: dict[str, torch.nn.Module], selector: SiteClassifier,
+def score_super_model(engine: SegEngine, global_net, personal_nets: dict[str, torch.nn.Module], selector: SiteClassifier | None,
                       site_names: list[str], own_site: str, gamma: float, size: int, section: str) -> dict:
-    """Per-site scores of global, own personalized and super model, selector accuracy and routing counts."""
+    """Per-site scores of global, own personalized and super model, selector accuracy and routing counts.
+    Without a selector (SoftPull alone) only the global and own personalized model are scored."""
+    if selector is None:
+        result = {"global": engine.evaluate(global_net, section)}
+        if own_site in personal_nets:
+            result["personalized"] = engine.evaluate(personal_nets[own_site], section)
+        return {"scores": result}
     own_index = site_names.index(own_site)
     routes = []
 
-    def super_probs(image: torch.Tensor) -> torch.Tensor:
-        choice = route(selector_probs(engine, selector, image, size)[0], site_names, gamma)
+    def super_probs(item: dict) -> torch.Tensor:
+        image = item["image"].unsqueeze(0)
+        choice = route(selector_probs(engine, selector, image, item["image_raw"].unsqueeze(0), size)[0], site_names, gamma)
         routes.append(choice)
         net = global_net if choice.model == GLOBAL else personal_nets.get(choice.model, global_net)
         return engine.predict_probs(net, image)
 
     result = {
         "global": engine.evaluate(global_net, section),
-        "super": engine.score(super_probs, section),
+        "super": engine.score_items(super_probs, section),
     }
     if own_site in personal_nets:
         result["personalized"] = engine.evaluate(personal_nets[own_site], section)
@@ -117,45 +133,46 @@ def score_super_model(engine: SegEngine, global_net, personal_nets: dict[str, to
     }
 
 
-def fedsm_local_round(engine: SegEngine, groups: dict, site_index: int, site_names: list[str], selector_values: dict,
+def fedsm_local_round(engine: SegEngine, groups: dict, site_index: int, site_names: list[str], selector_values: dict | None,
                       gamma: float, steps: int, should_stop: Callable[[], bool] | None = None,
                       on_step: Callable[[int, float], None] | None = None, seed: int = 0) -> tuple[dict, dict, int]:
-    """One FedSM round at a site. groups: {"global", "personal", "selector", "selector_optim"} as numpy dicts.
+    """One FedSM round at a site. groups: {"global", "personal"} plus {"selector", "selector_optim"} when the
+    job uses the selector (SoftPull alone sends none), all numpy dicts.
 
     Returns (updated groups, metrics measured on the RECEIVED models before training, segmentation steps).
     """
-    s = SelectorSettings.from_meta(len(site_names), selector_values)
     own = site_names[site_index]
     global_net = engine.new_network()
     load_numpy_state(global_net, groups["global"], engine.site)
     personal_net = engine.new_network()
     load_numpy_state(personal_net, groups["personal"], engine.site)
-    selector = new_selector(engine, s)
-    load_numpy_state(selector, groups["selector"], engine.site)
+    use_selector = "selector" in groups
+    selector, s = None, None
+    if use_selector:
+        s = SelectorSettings.from_meta(len(site_names), selector_values)
+        selector = new_selector(engine, s)
+        load_numpy_state(selector, groups["selector"], engine.site)
 
     metrics: dict[str, float] = {}
     if engine.cases("validation"):
-        # personal models of other sites are not sent in training rounds: routing to another site counts
-        # as the global model here; the full super model is scored in the final evaluation
-        scored = score_super_model(engine, global_net, {own: personal_net}, selector, site_names, own, gamma, s.input_size, "validation")
-        for name, res in scored["scores"].items():
-            metrics[f"val_{name}_dice"] = res.summary()["dice"]
-        metrics["val_selector_acc"] = scored["selector_accuracy"]
+        if use_selector:
+            # other sites' personalized models are not sent in training rounds: routing to another site uses
+            # the global model here; the final evaluation scores the full super model
+            scored = score_super_model(engine, global_net, {own: personal_net}, selector, site_names, own, gamma,
+                                       s.input_size, "validation")
+            for name, res in scored["scores"].items():
+                metrics[f"val_{name}_dice"] = res.summary()["dice"]
+            metrics["val_selector_acc"] = scored["selector_accuracy"]
+        else:
+            metrics["val_global_dice"] = engine.evaluate(global_net, "validation").summary()["dice"]
+            metrics["val_personalized_dice"] = engine.evaluate(personal_net, "validation").summary()["dice"]
 
     global_stats = engine.train(global_net, steps, should_stop=should_stop, on_step=on_step)
     personal_stats = engine.train(personal_net, steps, should_stop=should_stop)
-    sel_params, sel_optim, sel_steps = train_selector(engine, selector, groups.get("selector_optim"), site_index, s, seed)
-    metrics.update(
-        {
-            "train_global_loss": global_stats.mean_loss,
-            "train_personal_loss": personal_stats.mean_loss,
-            "selector_steps": float(sel_steps),
-        }
-    )
-    updated = {
-        "global": state_to_numpy(global_net),
-        "personal": state_to_numpy(personal_net),
-        "selector": sel_params,
-        "selector_optim": sel_optim,
-    }
+    metrics.update({"train_global_loss": global_stats.mean_loss, "train_personal_loss": personal_stats.mean_loss})
+    updated = {"global": state_to_numpy(global_net), "personal": state_to_numpy(personal_net)}
+    if use_selector:
+        updated["selector"], updated["selector_optim"], sel_steps = train_selector(
+            engine, selector, groups.get("selector_optim"), site_index, s, seed)
+        metrics["selector_steps"] = float(sel_steps)
     return updated, metrics, global_stats.steps
