@@ -45,6 +45,7 @@ class SegExecutor(Executor):
         eval_section: str = "testing",
         tb_writer_id: str = "tb_writer",
         method_args: dict | None = None,
+        hd95: bool = False,
     ):
         """
         Args:
@@ -56,6 +57,7 @@ class SegExecutor(Executor):
             eval_section: datalist section scored by the "validate" task (cross-site evaluation).
             tb_writer_id: id of an NVFlare TBWriter component; training curves go through it to the server.
             method_args: settings of the FedSM / FedCross site routines (e.g. selector settings).
+            hd95: also report the 95% Hausdorff distance (voxels) in evaluations (slower).
         """
         super().__init__()
         self.datalist_setting = datalist
@@ -64,6 +66,7 @@ class SegExecutor(Executor):
         self.eval_section = eval_section
         self.tb_writer_id = tb_writer_id
         self.method_args = dict(method_args or {})
+        self.hd95 = bool(hd95)
         self.site = "?"
         self.engine: SegEngine | None = None
         self.setup_error: str | None = None
@@ -200,7 +203,7 @@ class SegExecutor(Executor):
         section = (model.meta or {}).get("section", self.eval_section)
         if not self.engine.cases(section):
             section = "validation"
-        result = self.engine.evaluate(self.new_net(model.params), section)
+        result = self.engine.evaluate(self.new_net(model.params), section, with_hd95=self.hd95)
         metrics = result.summary()
         metrics["dice_per_case"] = [float(x) for x in result.case_dice]
         metrics["section"] = section

@@ -69,7 +69,7 @@ def fedsm_evaluate(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
         load_numpy_state(selector, groups["selector"], executor.site)
     _site_index(executor, site_names)
     scored = score_super_model(engine, global_net, personal, selector, site_names, executor.site,
-                               float(meta.get("gamma", 0.9)), settings.input_size, section)
+                               float(meta.get("gamma", 0.9)), settings.input_size, section, with_hd95=executor.hd95)
     metrics = {"section": section}
     for key in ("selector_accuracy", "routing", "mean_confidence"):
         if key in scored:

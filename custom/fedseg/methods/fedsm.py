@@ -97,13 +97,14 @@ def selector_probs(engine: SegEngine, selector: SiteClassifier, image: torch.Ten
 
 @torch.no_grad()
 def score_super_model(engine: SegEngine, global_net, personal_nets: dict[str, torch.nn.Module], selector: SiteClassifier | None,
-                      site_names: list[str], own_site: str, gamma: float, size: int, section: str) -> dict:
+                      site_names: list[str], own_site: str, gamma: float, size: int, section: str,
+                      with_hd95: bool = False) -> dict:
     """Per-site scores of global, own personalized and super model, selector accuracy and routing counts.
     Without a selector (SoftPull alone) only the global and own personalized model are scored."""
     if selector is None:
-        result = {"global": engine.evaluate(global_net, section)}
+        result = {"global": engine.evaluate(global_net, section, with_hd95)}
         if own_site in personal_nets:
-            result["personalized"] = engine.evaluate(personal_nets[own_site], section)
+            result["personalized"] = engine.evaluate(personal_nets[own_site], section, with_hd95)
         return {"scores": result}
     own_index = site_names.index(own_site)
     routes = []
@@ -116,11 +117,11 @@ def score_super_model(engine: SegEngine, global_net, personal_nets: dict[str, to
         return engine.predict_probs(net, image)
 
     result = {
-        "global": engine.evaluate(global_net, section),
-        "super": engine.score_items(super_probs, section),
+        "global": engine.evaluate(global_net, section, with_hd95),
+        "super": engine.score_items(super_probs, section, with_hd95),
     }
     if own_site in personal_nets:
-        result["personalized"] = engine.evaluate(personal_nets[own_site], section)
+        result["personalized"] = engine.evaluate(personal_nets[own_site], section, with_hd95)
     correct = sum(int(r.site_index == own_index) for r in routes)
     counts: dict[str, int] = {}
     for r in routes:
