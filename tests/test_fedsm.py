@@ -81,7 +81,8 @@ def test_fedsm_inference_writes_segmentations(fedsm_run, tiny2d, tmp_path):
     datalist = tiny2d / "site-2" / "datalist.json"
     subprocess.run([sys.executable, "-m", "fedseg.infer", "fedsm", "--models", str(fedsm_run.job_dir / FEDSM_DIR / "best.pt"),
                     "--input", str(datalist), "--out", str(out)], check=True, env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"})
-    records = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    records = summary["cases"]
     cases = json.loads(datalist.read_text())["testing"]
     assert len(records) == len(cases)
     for case, record in zip(cases, records):
@@ -90,6 +91,7 @@ def test_fedsm_inference_writes_segmentations(fedsm_run, tiny2d, tmp_path):
         assert seg.shape == image.shape and np.allclose(seg.affine, image.affine)
         assert record["model"] in ("global", "site-1", "site-2", "site-3") and 0 <= record["confidence"] <= 1
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1} and "dice" in record
+    assert sum(summary["routing"].values()) == len(cases)
 
 
 @pytest.fixture(scope="module")

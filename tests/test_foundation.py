@@ -101,7 +101,7 @@ def test_fedavg_in_simulator_codeless_job(tiny2d, tmp_path):
     for site, scores in final.items():
         n_test = len(json.loads((tiny2d / site / "datalist.json").read_text())["testing"])
         assert scores["n_cases"] == n_test and len(scores["dice_per_case"]) == n_test
-    assert {"local:site-1", "local:site-2", "local:site-3"} <= set(results["models"])
+    assert {"site update: site-1", "site update: site-2", "site update: site-3"} <= set(results["models"])
     assert site_mean(final) > untrained_mean_dice(tiny2d) + 0.05
     site_log = result.log("site-1")
     assert "received model val_dice=" in site_log and "steps/epoch" in site_log

@@ -26,7 +26,7 @@ def _model_label(name: str) -> str:
     if name.startswith("SRV_"):
         stem = name[4:].replace(".pt", "")
         return {"FL_global_model": "global (last)", "best_FL_global_model": "global (best)"}.get(stem, stem)
-    return f"local:{name}"
+    return f"site update: {name}"
 
 
 def from_cross_site_val(cse: dict, method: str = "fedavg") -> dict:
@@ -39,7 +39,7 @@ def from_cross_site_val(cse: dict, method: str = "fedavg") -> dict:
             models.setdefault(_model_label(model_name), {})[site] = {
                 k: metrics[k] for k in ("dice", "dice_std", "n_cases", "dice_per_case", "hd95") if k in metrics
             }
-    order = sorted(models, key=lambda name: (name.startswith("local:"), name))  # global models first
+    order = sorted(models, key=lambda name: (name.startswith("site update:"), name))  # global models first
     return {"method": method, "section": "testing", "models": {k: models[k] for k in order}, "extra": {}}
 
 
