@@ -109,19 +109,20 @@ def test_fedavg_in_simulator_codeless_job(tiny2d, tmp_path):
     assert "global (last)" in table and "site-3" in table
 
 
-def test_fedavg_byoc_job_carries_its_code(tiny2d, tmp_path):
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_byoc_job_carries_its_code(name, tiny2d, tmp_path):
     """The same job with the package bundled (BYOC) runs with fedseg NOT on PYTHONPATH."""
     subprocess.run(
-        [sys.executable, "-m", "fedseg.jobgen", "--out", str(tmp_path), "--only", "fedavg", "--byoc", "--rounds", "1",
+        [sys.executable, "-m", "fedseg.jobgen", "--out", str(tmp_path), "--only", name, "--byoc", "--rounds", "1",
          "--engine", json.dumps(TINY_ENGINE)],
         check=True, cwd=REPO, env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"},
     )
-    job = tmp_path / "fedavg"
+    job = tmp_path / name
     assert (job / "app" / "custom" / "fedseg" / "fl" / "executor.py").exists()
     result = simulate(job, tmp_path / "ws", tiny2d, n=2, on_pythonpath=False)
     assert "global (last)" in load_results(result.workspace)["models"]
-    # the code that ran is the job's copy
-    assert "simulate_job/app_site-1/custom" in result.log("site-1") or (result.workspace / "site-1" / "simulate_job" / "app_site-1" / "custom" / "fedseg").exists()
+    # the code that ran is the job's own copy, deployed into each site's app
+    assert (result.workspace / "site-1" / "simulate_job" / "app_site-1" / "custom" / "fedseg" / "engine").is_dir()
 
 
 def test_fedprox_in_simulator(tiny2d, tmp_path):
