@@ -169,3 +169,14 @@ def test_default_engine_is_valid():
     assert cfg.network_args()["out_channels"] == cfg.num_classes
     with pytest.raises(ValueError, match="unknown engine setting"):
         EngineConfig.from_dict({"learning_rate": 1})
+
+
+@pytest.mark.parametrize("arch", ["unet", "segresnet", "dynunet"])
+def test_selectable_networks_train_and_infer(arch, tiny2d):
+    cfg = tiny_cfg(network={"arch": arch, "channels": [8, 16, 32]})
+    engine = SegEngine(cfg, load_datalist(str(tiny2d / "site-1" / "datalist.json")), site="site-1")
+    net = engine.new_network()
+    assert type(net.net).__name__.lower() == arch
+    stats = engine.train(net, 2)
+    assert stats.steps == 2 and np.isfinite(stats.mean_loss)
+    assert engine.evaluate(net, "testing").dice.shape[0] == len(engine.cases("testing"))

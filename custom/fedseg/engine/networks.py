@@ -55,6 +55,7 @@ def build_segmentation_network(
             out_channels=out_channels,
             init_filters=channels[0],
             blocks_down=blocks_down,
+            blocks_up=(1,) * (len(channels) - 1),
             norm=norm,
             dropout_prob=dropout or None,
         )
