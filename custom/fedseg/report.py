@@ -101,9 +101,22 @@ def format_table(results: dict, title: str | None = None) -> str:
     out = [f"{title or results.get('method', 'run')}: per-site test Dice (mean ± std over cases)"]
     out += [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
     for key, value in (results.get("extra") or {}).items():
-        if isinstance(value, (int, float, str)):
+        if isinstance(value, float):
+            out.append(f"{key}: {value:.4g}")
+        elif isinstance(value, (int, str)):
             out.append(f"{key}: {value}")
+        elif isinstance(value, dict) and value and len(value) <= 16 and all(isinstance(v, (int, float, dict)) for v in value.values()):
+            # per-site extras, e.g. selector accuracy or routing counts
+            out.append(f"{key}: " + "; ".join(f"{k}={_short(v)}" for k, v in value.items()))
     return "\n".join(out)
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
