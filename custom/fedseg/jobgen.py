@@ -176,6 +176,7 @@ def fedcross_server(o: argparse.Namespace, job: str) -> dict:
         "lr_schedule": o.lr_schedule,
         "task_timeout": o.task_timeout,
         "validate_timeout": o.task_timeout,
+        "startup_grace": 300,
         "max_site_failures": 1,
         "retry_on_free_site": True,
         "min_clients": 1,

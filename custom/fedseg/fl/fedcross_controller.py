@@ -1,0 +1,497 @@
+"""FedCross / FedCrossEns server workflow: K models travel among the sites, with no aggregation.
+
+In every communication each model that trains is sent to one site (at most one model per site), all of them
+train in parallel, and the weights a site returns replace that model. K = 1 is FedCross (one model relayed
+round-robin); K = number of sites is FedCrossEns (every site hosts one model in every communication).
+Each model carries its optimizer state and its position in its own learning-rate schedule from site to site.
+
+Counting: one communication = one visit per model. `num_communications` is the number of visits each model
+makes (when every site stays). NVFlare's cyclic workflows call a full pass over the N sites a "round",
+i.e. one NVFlare round = N FedCross communications.
+
+After every communication the ensemble (mean of the K softmax outputs) is scored on every active site's
+validation cases; the K models of the best communication are kept (best.pt), all K are written every
+communication (last.pt), and a job can resume from last.pt (resume_from). At the end the best set is
+scored on every site's test cases and the common results record fedseg_results.json is written.
+
+A site whose task fails, times out or returns an unusable update (NaN/Inf, missing keys, wrong shapes) does
+not cost a model: the model keeps its last weights (or is retried at once on a site that is free in that
+communication) and, after max_site_failures failures, the site is left out of later communications.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+from fedseg.algorithms.packing import pack, unpack
+from fedseg.algorithms.schedules import KINDS, assign, validate_explicit
+from fedseg.algorithms.aggregation import UpdateRejected
+from fedseg.engine.config import EngineConfig
+from fedseg.fl.base_controller import FedSegController
+from fedseg.methods.fedcross import (
+    LR_SCHEDULES,
+    LrSchedule,
+    check_optimizer_state,
+    fingerprint,
+    initial_members,
+    load_members,
+    member_key,
+    save_members,
+)
+from fedseg.report import RESULTS_FILE, format_table
+
+HISTORY_FILE = "validation_history.json"
+# engine settings that decide how a saved model set is rebuilt and run for inference
+INFERENCE_KEYS = ("spatial_dims", "in_channels", "num_classes", "roi_size", "network", "sw_batch_size", "overlap", "amp")
+
+
+class FedCrossController(FedSegController):
+    def __init__(
+        self,
+        num_models: int = 1,
+        num_communications: int = 20,
+        schedule: str = "cyclic",
+        explicit_schedule: list | None = None,
+        seed: int = 0,
+        visit_epochs: int = 0,
+        visit_steps: int = 0,
+        lr_schedule: str = "poly",
+        lr: float = 0.0,
+        lr_power: float = 0.9,
+        validate_timeout: int = 0,
+        startup_grace: int = 300,
+        max_site_failures: int = 1,
+        retry_on_free_site: bool = True,
+        engine: dict | None = None,
+        resume_from: str = "",
+        final_section: str = "testing",
+        output_dir: str = "fedcross",
+        **kwargs,
+    ):
+        """
+        Args:
+            num_models: K, the number of travelling models; 0 means one per site connected at the start
+                (FedCrossEns). 1 is FedCross.
+            num_communications: visits per model (one NVFlare "round" of a cyclic workflow = N communications).
+            schedule: who visits whom: "cyclic" (model m at sites[(m + c) % N]), "latin" (a seeded Latin
+                square per block of N communications: every model visits every site once per block),
+                "random" (a seeded permutation per communication) or "explicit" (explicit_schedule rows).
+            explicit_schedule: for "explicit": rows of K site names, row c % len(rows) used at communication c.
+            seed: seeds the schedule and the initialisation of models 1..K-1 (seed + m).
+            visit_epochs / visit_steps: local budget of one visit (steps win; 0/0: the sites' engine
+                local_steps / local_epochs).
+            lr_schedule: "poly", "cosine" or "constant" over each model's own visits (fedseg.methods.fedcross.lr_at).
+            lr: base learning rate (0: the engine's lr). lr_power: exponent of "poly".
+            task_timeout: seconds one visit may take (0: no limit). validate_timeout: same for scoring.
+            startup_grace: extra seconds for a site that has not answered any task yet: FLARE counts a
+                task's timeout from when it is scheduled, and a site's job process may start later than that.
+            max_site_failures: failures (error, timeout, rejected update) after which a site is left out.
+            retry_on_free_site: a model whose visit failed is sent at once to a site idle in that communication.
+            min_clients: fewest remaining sites with which training continues.
+            engine: the sites' engine settings, stored with the model sets so inference can rebuild the networks.
+            resume_from: absolute server path of a last.pt to continue from (at its communication + 1).
+            final_section: datalist section of the final per-site scores.
+            output_dir: folder under the server's app dir for last.pt, best.pt and the validation history.
+        """
+        super().__init__(**kwargs)
+        if schedule not in KINDS:
+            raise ValueError(f"schedule must be one of {KINDS}, got {schedule!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        for name, value in (("num_models", num_models), ("num_communications", num_communications),
+                            ("visit_epochs", visit_epochs), ("visit_steps", visit_steps), ("seed", seed),
+                            ("validate_timeout", validate_timeout), ("startup_grace", startup_grace)):
+            if int(value) < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if int(max_site_failures) < 1:
+            raise ValueError("max_site_failures must be >= 1")
+        self.num_models_arg = int(num_models)
+        self.num_communications = int(num_communications)
+        self.schedule = schedule
+        self.explicit_schedule = explicit_schedule
+        self.seed = int(seed)
+        self.visit_epochs = int(visit_epochs)
+        self.visit_steps = int(visit_steps)
+        self.engine_settings = dict(engine or {})
+        self.lr_schedule = LrSchedule(
+            kind=lr_schedule,
+            base_lr=float(lr or EngineConfig.from_dict(self.engine_settings).lr),
+            total_visits=max(self.num_communications, 1),
+            power=float(lr_power),
+        )
+        self.validate_timeout = int(validate_timeout)
+        self.startup_grace = int(startup_grace)
+        self.max_site_failures = int(max_site_failures)
+        self.retry_on_free_site = bool(retry_on_free_site)
+        self.resume_from = resume_from or ""
+        self.final_section = final_section
+        self.output_name = output_dir
+
+        # run state
+        self.sites: list[str] = []
+        self.members: list[dict] = []
+        self.optimizers: list[dict] = []
+        self.visits_done: list[int] = []
+        self.failures: dict[str, int] = {}
+        self.answered: set[str] = set()  # sites that have answered a task: they are up, no start-up grace
+        self.dropped: list[str] = []
+        self.history: list[dict] = []
+        self.best: dict | None = None  # {"communication", "val_dice", "members", "optimizers", "visits_done"}
+        self.steps_total = 0
+        self.network_args: dict = {}
+        self._engine_checked = False
+
+    # ---- workflow -----------------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.sites = self.connected_sites()
+        if not self.sites:
+            self.panic("FedCross: no sites connected")
+            return
+        self.out = self.output_dir(self.output_name)
+        start = self._start_state()
+        if start is None:
+            return
+        k = len(self.members)
+        self.info(
+            f"FedCross: {k} model(s) over sites {self.sites}, schedule {self.schedule!r} (seed {self.seed}), "
+            f"communications {start}..{self.num_communications - 1}, visit budget "
+            + (f"{self.visit_steps} steps" if self.visit_steps else f"{self.visit_epochs} epochs" if self.visit_epochs else "the sites' engine default")
+            + f", lr {self.lr_schedule.kind} from {self.lr_schedule.base_lr:g}; output {self.out}"
+        )
+        for c in range(start, self.num_communications):
+            if self.abort_signal.triggered:
+                return
+            active = self.active_sites()
+            if len(active) < max(self.min_clients, 1):
+                self.error(f"FedCross: only {active} left (min_clients {self.min_clients}); stopping training at communication {c}")
+                break
+            began = time.perf_counter()
+            entry = self._train_communication(c, active)
+            if self.abort_signal.triggered:
+                return
+            entry.update(self._validate_communication(c))
+            entry["seconds"] = round(time.perf_counter() - began, 1)
+            self.history.append(entry)
+            self._checkpoint(c)
+            self.info(
+                f"FedCross communication {c} done in {entry['seconds']}s: validation ensemble dice "
+                f"{entry['val_dice']:.4f} (best {self.best['val_dice'] if self.best else float('nan'):.4f} at "
+                f"communication {self.best['communication'] if self.best else '-'}); dropped sites {self.dropped or 'none'}"
+            )
+        self._final_test()
+
+    def active_sites(self) -> list[str]:
+        return [s for s in self.sites if s not in self.dropped]
+
+    # ---- start: fresh or resumed -------------------------------------------------------------------------------
+    def _start_state(self) -> int | None:
+        model0 = self.load_model()
+        if model0 is None:
+            return None
+        model0 = {k: np.asarray(v) for k, v in model0.params.items()}
+        persisted = getattr(self.persistor, "model", None)
+        self.network_args = dict(getattr(persisted, "network_args", None) or EngineConfig.from_dict(self.engine_settings).network_args())
+        if self.schedule == "explicit":
+            k = self.num_models_arg or len(self.sites)
+            self.explicit_schedule = validate_explicit(self.explicit_schedule, self.sites, k)
+        if self.resume_from:
+            return self._resume(model0)
+        k = self.num_models_arg or len(self.sites)
+        if k > len(self.sites):
+            self.warning(f"FedCross: {k} models but {len(self.sites)} sites: models take turns sitting out")
+        self.members = initial_members(self.network_args, model0, k, self.seed)
+        self.optimizers = [{} for _ in range(k)]
+        self.visits_done = [0] * k
+        return 0
+
+    def _resume(self, model0: dict) -> int | None:
+        path = Path(self.resume_from).expanduser()
+        try:
+            members, optimizers, info = load_members(path)
+        except Exception as e:
+            self.panic(f"FedCross: cannot resume from {path}: {type(e).__name__}: {e}")
+            return None
+        if not all(self.accept(f"resume file {path}", w, model0, f"saved model {m}") for m, w in enumerate(members)):
+            self.panic(f"FedCross: {path} does not match the job's network; not resuming")
+            return None
+        if self.num_models_arg and self.num_models_arg != len(members):
+            self.warning(f"FedCross: num_models {self.num_models_arg} but {path} holds {len(members)}; using the saved {len(members)}")
+        self.members, self.optimizers = members, optimizers
+        self.visits_done = [int(v) for v in info.get("visits_done", [0] * len(members))]
+        self.history = list(info.get("history", []))
+        self.steps_total = int(info.get("train_steps_total", 0))
+        start = int(info["communication"]) + 1
+        best_path = path.with_name("best.pt")
+        if best_path.exists():
+            b_members, b_optimizers, b_info = load_members(best_path)
+            self.best = {"communication": b_info["communication"], "val_dice": float(b_info["val_dice"]),
+                         "members": b_members, "optimizers": b_optimizers, "visits_done": b_info.get("visits_done")}
+            save_members(self.out / "best.pt", b_members, b_optimizers, self._info(self.best["communication"], self.best))
+        else:
+            self.warning(f"FedCross: no best.pt next to {path}; best-set tracking starts afresh")
+        self.info(f"FedCross: resuming from {path} (communication {start - 1} done) at communication {start} "
+                  f"with {len(members)} model(s); visits so far {self.visits_done}")
+        if start >= self.num_communications:
+            self.warning(f"FedCross: {path} already has {start} communications (num_communications {self.num_communications})")
+        return start
+
+    # ---- one communication --------------------------------------------------------------------------------------
+    def _visit_task(self, m: int, c: int) -> FLModel:
+        return FLModel(
+            params=pack({"model": self.members[m], "optim": self.optimizers[m]}),
+            params_type=ParamsType.FULL,
+            current_round=c,
+            total_rounds=self.num_communications,
+            meta={
+                "model_index": m,
+                "communication": c,
+                "visits_done": self.visits_done[m],
+                "lr_schedule": self.lr_schedule.as_meta(),
+                "visit_epochs": self.visit_epochs,
+                "visit_steps": self.visit_steps,
+            },
+        )
+
+    def _train_communication(self, c: int, active: list[str]) -> dict:
+        k = len(self.members)
+        assignment = assign(self.schedule, active, k, c, self.seed, self.explicit_schedule)
+        visits: list[dict] = [{"model": m, "site": s, "status": "sat out" if s is None else "pending"} for m, s in enumerate(assignment)]
+        lrs = [self.lr_schedule.lr(v) for v in self.visits_done]
+        self.info(
+            f"FedCross communication {c}/{self.num_communications - 1}: "
+            + ", ".join(f"model {m} -> {s or 'sits out'}" for m, s in enumerate(assignment))
+            + f" (lr {', '.join(f'{x:.2e}' for x in lrs)})"
+        )
+        pending = {s: m for m, s in enumerate(assignment) if s is not None}
+        tried: set[str] = set(pending)
+        failed_now: list[str] = []
+        while pending:
+            results = self._run_parallel("cross_train", {s: self._visit_task(m, c) for s, m in pending.items()}, self.task_timeout)
+            unplaced = []
+            for site, m in pending.items():
+                reason = self._apply_visit(site, m, results.get(site))
+                if reason is None:
+                    visits[m].update(site=site, status="trained")
+                    continue
+                failed_now.append(site)
+                visits[m].setdefault("failed_at", []).append({"site": site, "reason": reason})
+                visits[m]["status"] = "kept last weights"
+                self.warning(f"FedCross communication {c}: model {m} at {site}: {reason}; model {m} keeps its last weights")
+                unplaced.append(m)
+            self._count_failures(failed_now)
+            if self.abort_signal.triggered:
+                break
+            free = [s for s in self.active_sites() if s not in tried] if self.retry_on_free_site else []
+            pending = {}
+            for m, site in zip(unplaced, free):
+                self.info(f"FedCross communication {c}: retrying model {m} on free site {site}")
+                pending[site] = m
+                tried.add(site)
+        return {
+            "communication": c,
+            "active_sites": active,
+            "assignment": assignment,
+            "visits": visits,
+            "lr": lrs,
+            "visits_done": list(self.visits_done),
+            "weights_sha1": [fingerprint(w) for w in self.members],
+            "dropped_sites": list(self.dropped),
+        }
+
+    def _run_parallel(self, task_name: str, per_site: dict[str, FLModel], timeout: int) -> dict[str, FLModel]:
+        """FedSegController.run_tasks with a per-site timeout: a site that has not answered yet gets
+        startup_grace more seconds (FLARE's clock starts before a late site's job process does)."""
+        results: dict[str, FLModel] = {}
+
+        def collect(result: FLModel) -> bool:
+            results[result.meta["client_name"]] = result
+            return True
+
+        limits = {}
+        for site, model in per_site.items():
+            limits[site] = timeout + self.startup_grace if timeout and site not in self.answered else timeout
+            self.send_model(task_name=task_name, data=model, targets=[site], timeout=limits[site], callback=collect)
+        while self.get_num_standing_tasks():
+            if self.abort_signal.triggered:
+                break
+            time.sleep(0.2)
+        self.answered.update(results)
+        missing = sorted(set(per_site) - set(results))
+        if missing:
+            self.warning(f"{task_name}: no usable result from " + ", ".join(f"{s} (timeout {limits[s]}s)" for s in missing)
+                         + f" (task error, timeout or disconnect); continuing with {sorted(results)}")
+        return results
+
+    def _apply_visit(self, site: str, m: int, result: FLModel | None) -> str | None:
+        """Replace model m with the site's result if it is usable; otherwise return why not."""
+        if result is None:
+            return "no result (error, timeout or disconnect)"
+        if int((result.meta or {}).get("model_index", -1)) != m:
+            return f"result is for model {(result.meta or {}).get('model_index')}, expected {m}"
+        try:
+            groups = unpack(result.params)
+        except KeyError as e:
+            return f"REJECTED update from {site}: {e}"
+        weights, optim = groups.get("model", {}), groups.get("optim", {})
+        if not self.accept(site, weights, self.members[m], f"model {m}:"):
+            return f"REJECTED update from {site} (see the line above)"
+        try:
+            check_optimizer_state(site, optim, weights, self.optimizers[m])
+        except UpdateRejected as e:
+            self.warning(f"REJECTED model {m}: {e}")
+            return f"REJECTED update from {site}: {e.reason}"
+        self.members[m] = weights
+        self.optimizers[m] = optim
+        self.visits_done[m] += 1
+        self.steps_total += int((result.meta or {}).get("NUM_STEPS_CURRENT_ROUND", 0) or 0)
+        return None
+
+    def _count_failures(self, sites: list[str]) -> None:
+        for site in sites:
+            self.failures[site] = self.failures.get(site, 0) + 1
+            if self.failures[site] >= self.max_site_failures and site not in self.dropped:
+                self.dropped.append(site)
+                self.warning(
+                    f"FedCross: site {site} failed {self.failures[site]} time(s) (max_site_failures "
+                    f"{self.max_site_failures}); leaving it out of later communications; remaining {self.active_sites()}"
+                )
+        sites.clear()
+
+    # ---- scoring ------------------------------------------------------------------------------------------------
+    def _score(self, members: list[dict], sites: list[str], section: str) -> dict[str, dict]:
+        """cross_validate of the ensemble of `members` at `sites`: {site: metrics} of those that answered."""
+        packed = pack({member_key(m): w for m, w in enumerate(members)})
+        task = {s: FLModel(params=packed, params_type=ParamsType.FULL, meta={"section": section, "num_models": len(members)}) for s in sites}
+        results = self._run_parallel("cross_validate", task, self.validate_timeout)
+        scores = {s: r.metrics or {} for s, r in results.items()}
+        self._adopt_site_engine(scores)
+        return scores
+
+    def _adopt_site_engine(self, scores: dict[str, dict]) -> None:
+        """The model sets must say how the sites ran the networks; warn once if the job's copy differs."""
+        if self._engine_checked:
+            return
+        for site, metrics in sorted(scores.items()):
+            reported = metrics.get("engine")
+            if not reported:
+                continue
+            self._engine_checked = True
+            stated = EngineConfig.from_dict(self.engine_settings).to_dict()
+            differ = [key for key in INFERENCE_KEYS if stated.get(key) != reported.get(key)]
+            if differ:
+                self.warning(f"FedCross: the controller's engine settings differ from {site}'s in {differ}; "
+                             f"the model sets record the sites' settings")
+            self.engine_settings = {key: reported[key] for key in reported}
+            return
+
+    def _validate_communication(self, c: int) -> dict:
+        scores = self._score(self.members, self.active_sites(), "validation")
+        ens_cases, member_cases = [], [[] for _ in self.members]
+        per_site = {}
+        for site, metrics in sorted(scores.items()):
+            if not metrics.get("n_cases"):
+                continue
+            ens_cases += metrics["ensemble"]["dice_per_case"]
+            for m, summary in enumerate(metrics["members"]):
+                member_cases[m] += summary["dice_per_case"]
+            per_site[site] = {"ensemble": metrics["ensemble"]["dice"], "members": [s["dice"] for s in metrics["members"]],
+                              "n_cases": metrics["n_cases"]}
+        val_dice = float(np.mean(ens_cases)) if ens_cases else float("nan")
+        missing = sorted(set(self.active_sites()) - set(scores))
+        if missing:
+            self._count_failures(list(missing))
+        if math.isfinite(val_dice) and (self.best is None or val_dice > self.best["val_dice"]):
+            self.best = {"communication": c, "val_dice": val_dice, "members": list(self.members),
+                         "optimizers": list(self.optimizers), "visits_done": list(self.visits_done)}
+            save_members(self.out / "best.pt", self.best["members"], self.best["optimizers"], self._info(c, self.best))
+        return {
+            "val_dice": val_dice,
+            "val_member_dice": [float(np.mean(x)) if x else float("nan") for x in member_cases],
+            "val_n_cases": len(ens_cases),
+            "val_per_site": per_site,
+            "val_missing_sites": missing,
+        }
+
+    # ---- files --------------------------------------------------------------------------------------------------
+    def _info(self, c: int, best: dict | None = None) -> dict:
+        return {
+            "communication": c,
+            "num_communications": self.num_communications,
+            "val_dice": best["val_dice"] if best else (self.history[-1]["val_dice"] if self.history else float("nan")),
+            "visits_done": (best or {}).get("visits_done") or list(self.visits_done),
+            "schedule": self.schedule,
+            "seed": self.seed,
+            "sites": self.sites,
+            "dropped_sites": list(self.dropped),
+            "lr_schedule": self.lr_schedule.as_meta(),
+            "visit_epochs": self.visit_epochs,
+            "visit_steps": self.visit_steps,
+            "train_steps_total": self.steps_total,
+            "engine": self.engine_settings,
+            "network_args": self.network_args,
+            "best_communication": self.best["communication"] if self.best else None,
+            "history": self.history,
+        }
+
+    def _checkpoint(self, c: int) -> None:
+        save_members(self.out / "last.pt", self.members, self.optimizers, self._info(c))
+        self.write_json(self.out / HISTORY_FILE, self.history)
+        # model 0 also through the persistor, so FL_global_model.pt exists like in every FLARE job
+        self.save_model(FLModel(params=self.members[0], params_type=ParamsType.FULL, current_round=c))
+
+    def _final_test(self) -> None:
+        if self.best is None:
+            self.warning("FedCross: no validated communication; scoring the last models")
+            best = {"communication": self.history[-1]["communication"] if self.history else None,
+                    "val_dice": float("nan"), "members": self.members}
+        else:
+            best = self.best
+        k = len(best["members"])
+        self.info(f"FedCross: scoring the best set (communication {best['communication']}) on '{self.final_section}' at {self.sites}")
+        scores = self._score(best["members"], self.sites, self.final_section)
+        models: dict[str, dict] = {"ensemble": {}}
+        models.update({f"member {m}": {} for m in range(k)})
+        sums = {"std_sum_wrong": 0.0, "n_wrong": 0, "std_sum_right": 0.0, "n_right": 0}
+        per_site_uncertainty = {}
+        keep = ("dice", "dice_std", "n_cases", "dice_per_case")
+        for site, metrics in sorted(scores.items()):
+            if not metrics.get("n_cases"):
+                continue
+            models["ensemble"][site] = {key: metrics["ensemble"][key] for key in keep}
+            for m, summary in enumerate(metrics["members"]):
+                models[f"member {m}"][site] = {key: summary[key] for key in keep}
+            u = metrics["uncertainty"]
+            for key in sums:
+                sums[key] += u[key]
+            per_site_uncertainty[site] = {key: u[key] for key in ("mean_std_wrong", "mean_std_right", "mean_std_per_case",
+                                                                  "n_wrong", "n_right")}
+            per_site_uncertainty[site]["section"] = metrics["section"]
+        results = {
+            "method": "fedcross" if k == 1 else "fedcrossens",
+            "section": self.final_section,
+            "models": models,
+            "extra": {
+                "num_models": k,
+                "schedule": self.schedule,
+                "num_communications": self.num_communications,
+                "best_communication": best["communication"],
+                "best_val_dice": best["val_dice"],
+                "train_steps_total": self.steps_total,
+                "dropped_sites": ", ".join(self.dropped) or "none",
+                "uncertainty_mean_std_wrong": sums["std_sum_wrong"] / sums["n_wrong"] if sums["n_wrong"] else float("nan"),
+                "uncertainty_mean_std_right": sums["std_sum_right"] / sums["n_right"] if sums["n_right"] else float("nan"),
+                "uncertainty_per_site": per_site_uncertainty,
+                "model_set": str(self.out / "best.pt"),
+                "history": self.history,
+            },
+        }
+        missing = sorted(set(self.sites) - set(models["ensemble"]))
+        if missing:
+            self.warning(f"FedCross: no final scores from {missing}")
+        self.write_json(Path(self.get_app_dir()) / RESULTS_FILE, results)
+        self.info("\n" + format_table(results))
