@@ -22,7 +22,7 @@ demo: venv
 	$(PY) -m fedseg.demo --data $(DATA) --sites $(SITES) --rounds $(ROUNDS)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --timeout=1200 tests
 
 jobs: venv
 	$(PY) -m fedseg.jobgen --out jobs
