@@ -1,0 +1,396 @@
+"""Deployment: POC federation (localhost only), the three submission ways, roles, signing, privacy scope,
+GPU planning, provisioning of the real-deployment project, and teardown that leaves nothing behind.
+
+One POC (server + hospital-a/b/c, hospital-a with the privacy scope on) is shared by the module; its
+finalizer stops it and asserts that no process of it and no listening port is left, whatever the tests did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from conftest import REPO, copy_job
+
+sys.path.insert(0, str(REPO / "poc"))
+import fedseg_poc  # noqa: E402
+import submit as flare_submit  # noqa: E402
+from fedseg_poc import PocFederation, find_processes, hospital_names, port_listeners, process_listeners  # noqa: E402
+
+LEAD, MEMBER, ADMIN = "lead@hospital-a.org", "member@hospital-a.org", "admin@fedseg.org"
+SITES = hospital_names(3)
+PRIVATE_SITE = "hospital-a"
+FINAL_LAYER = "net.model.2.1.conv.unit0.conv"  # what poc/privacy.json zeroes in FedSeg's UNet
+TINY = {"roi_size": [32, 32], "batch_size": 4, "local_epochs": 1}
+JOB_TIMEOUT = 420
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process checks read /proc")
+
+
+def ss_listeners() -> str:
+    """`ss -ltnp` output ('' when ss is not installed): an independent check of listening sockets."""
+    if not shutil.which("ss"):
+        return ""
+    return subprocess.run(["ss", "-ltnp"], capture_output=True, text=True, timeout=30).stdout
+
+
+def assert_nothing_left(fed: PocFederation, port: int, pids: set[int]) -> None:
+    left = fed.processes()
+    assert not left, f"processes left behind: {left}"
+    alive = [p for p in pids if Path(f"/proc/{p}").exists() and ") Z" not in Path(f"/proc/{p}/stat").read_text()]
+    assert not alive, f"POC processes still alive: {alive}"
+    assert not port_listeners(port), f"port {port} still listening: {port_listeners(port)}"
+    ss = ss_listeners()
+    assert f":{port} " not in ss, ss
+    for pid in pids:
+        assert f"pid={pid}," not in ss, ss
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared POC
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def poc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("poc")
+    job = copy_job("fedavg", root / "src_jobs", server_args={"num_rounds": 1}, engine=TINY)
+    fed = PocFederation(root / "fed")
+    port = fedseg_poc.free_port()
+    seen: set[int] = set()
+    try:
+        fed.prepare(sites=SITES, port=port, size="tiny", gpus="auto", privacy_sites=[PRIVATE_SITE])
+        fed.start(timeout=240)
+        seen.update(fed.processes())
+        yield SimpleNamespace(fed=fed, job=job, port=port, seen=seen)
+    finally:
+        seen.update(fed.processes())
+        left = fed.stop()
+        assert not left, f"teardown left processes: {left}"
+        assert_nothing_left(fed, port, seen)
+
+
+@pytest.fixture(scope="module")
+def api_job(poc):
+    """FedAvg (1 round + cross-site evaluation) submitted by the hospital lead through the FLARE API."""
+    result = poc.fed.submit(poc.job, via="api", user=LEAD, timeout=JOB_TIMEOUT)
+    poc.seen.update(poc.fed.processes())
+    return result
+
+
+def site_job_log(fed: PocFederation, site: str, job_id: str) -> str:
+    path = fed.kit(site) / job_id / "log.txt"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def assert_per_site_results(result_dir: str) -> dict:
+    """FLARE's cross-site evaluation: every site scored the global model and every site's model on its own
+    test cases; the per-site Dice table (fedseg.report) shows all sites."""
+    from fedseg.report import find_results, format_table, load_results
+
+    cse_file = find_results(result_dir)
+    assert cse_file.name == "cross_val_results.json", cse_file
+    cse = json.loads(cse_file.read_text())
+    assert sorted(cse) == SITES, cse
+    for validator, scores in cse.items():
+        assert sorted(scores) == sorted(SITES + ["SRV_FL_global_model.pt"]), scores
+        for metrics in scores.values():
+            assert 0.0 <= metrics["dice"] <= 1.0 and metrics["n_cases"] == 3, metrics
+    table = format_table(load_results(result_dir))
+    assert all(site in table for site in SITES), table
+    return cse
+
+
+# --------------------------------------------------------------------------------------------------
+# POC tests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_poc_listens_on_localhost_only(poc):
+    fed = poc.fed
+    listeners = fed.check_localhost()  # raises on any non-loopback listener of a POC process
+    assert (fed.processes() and listeners)
+    assert any(port == poc.port and addr == "127.0.0.1" for _, addr, port in listeners), listeners
+    server_conf = json.loads((fed.kit("server") / "startup" / "fed_server.json").read_text())["servers"][0]
+    assert server_conf["service"]["target"] == f"localhost:{poc.port}" and server_conf["admin_server"] == "localhost"
+    ss = ss_listeners()
+    for pid, _, port in listeners:
+        lines = [ln for ln in ss.splitlines() if f"pid={pid}," in ln and f":{port} " in ln]
+        if ss:
+            assert lines and all(" 127.0.0.1:" in ln or " [::1]:" in ln for ln in lines), (pid, port, ss)
+    # HOME was redirected: the nvflare CLI state is inside the POC root
+    assert (fed.home / ".nvflare" / "config.conf").exists()
+
+
+def test_fedavg_through_flare_api(poc, api_job):
+    fed = poc.fed
+    assert api_job.status == "FINISHED:COMPLETED", api_job
+    assert_per_site_results(api_job.result_dir)
+    data = fed.state["data"]
+    for site in SITES:
+        log = site_job_log(fed, site, api_job.job_id)
+        # the site found its own folder through local/fedseg_site.json (not the job's $FEDSEG_DATA default)
+        assert data[site] == str(fed.root / "data" / site / "datalist.json")
+        assert f"site {site}: datalist {data[site]} OK" in log, log[-3000:]
+        if fed.state["gpu"]["gpu_ids"]:
+            assert "device cuda" in log
+        # code-less job: the package came from the site's local/custom, the job carries no code
+        assert (fed.kit(site) / "local" / "custom" / "fedseg" / "fl" / "executor.py").exists()
+        app = fed.kit(site) / api_job.job_id / f"app_{site}"
+        assert not (app / "custom").exists()
+        # signed by the submitter's kit and accepted by a site that requires signed jobs
+        assert (app / ".__nvfl_sig.json").exists() and (app / ".__nvfl_submitter.crt").exists()
+        assert json.loads((fed.kit(site) / "startup" / "fed_client.json").read_text())["require_signed_jobs"] is True
+        err = fed.kit(site) / api_job.job_id / "error_log.txt"
+        assert not err.exists() or not err.read_text().strip(), err.read_text()
+    stored = Path(api_job.result_dir) / "job" / "fedavg"
+    assert (stored / ".__nvfl_sig.json").exists()
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((stored / ".__nvfl_submitter.crt").read_bytes())
+    assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == LEAD
+
+
+def test_member_submission_refused_lead_accepted(poc, api_job):
+    from nvflare.fuel.flare_api.api_spec import AuthorizationError
+
+    fed = poc.fed
+    staged = fed.root / "jobs" / "fedavg"
+    with pytest.raises(AuthorizationError, match=r"member@hospital-a\.org' is not authorized for 'submit_job'"):
+        flare_submit.submit_job(fed.kit(MEMBER), staged, MEMBER, wait=False)
+    job_id, out = fed.console_submit(MEMBER, staged)  # the admin console says the same
+    assert job_id is None and "not authorized" in out, out
+    # the lead's submission (api_job) was accepted and ran under the lead's name and role
+    session = flare_submit.open_session(fed.kit(MEMBER), MEMBER)
+    try:  # a member may still view
+        meta = session.get_job_meta(api_job.job_id)
+        assert any(j.get("job_id") == api_job.job_id for j in session.list_jobs())
+    finally:
+        session.close()
+    assert meta["submitter_name"] == LEAD and meta["submitter_role"] == "lead"
+    assert meta["status"] == "FINISHED:COMPLETED"
+
+
+def test_privacy_scope_filters_what_the_server_receives(poc, api_job):
+    import torch
+    from nvflare.apis.dxo import from_file
+
+    fed = poc.fed
+    assert api_job.status == "FINISHED:COMPLETED"  # the job completes with the filter on
+    assert (fed.kit(PRIVATE_SITE) / "local" / "privacy.json").exists()
+    logs = {s: site_job_log(fed, s, api_job.job_id) for s in SITES}
+    for task in ("train", "submit_model"):
+        assert re.search(rf"privacy filter at {PRIVATE_SITE}, task {task}: zeroed 2 tensor\(s\)", logs[PRIVATE_SITE])
+    for site in SITES:
+        if site != PRIVATE_SITE:
+            assert "privacy filter" not in logs[site]
+
+    workspace = Path(api_job.result_dir) / "workspace"
+    shared = {s: from_file(str(workspace / "cross_site_val" / "model_shareables" / s)) for s in SITES}
+    # what hospital-a sent (its submitted model, as stored by the server) went through the filter
+    assert shared[PRIVATE_SITE].get_filter_history() == ["LayerPrivacyFilter"]
+    for suffix in ("weight", "bias"):
+        assert not np.any(shared[PRIVATE_SITE].data[f"{FINAL_LAYER}.{suffix}"]), "hospital-a's output layer left the site"
+    for site in SITES:
+        if site != PRIVATE_SITE:
+            assert not shared[site].get_filter_history()
+            assert np.any(shared[site].data[f"{FINAL_LAYER}.bias"])
+
+    # ... and so did its training update: the new global output layer is the step-weighted average of the
+    # other sites' layers with zeros from hospital-a (1 round; unfiltered sites send the same weights twice).
+    steps = {}
+    for site, log in logs.items():
+        m = re.search(r"round 0: (\d+) steps", log)
+        assert m, log[-2000:]
+        steps[site] = int(m.group(1))
+    expected = sum(steps[s] * shared[s].data[f"{FINAL_LAYER}.bias"].astype(np.float64) for s in SITES if s != PRIVATE_SITE)
+    expected /= sum(steps.values())
+    global_bias = torch.load(workspace / "app_server" / "FL_global_model.pt", weights_only=False)["model"][f"{FINAL_LAYER}.bias"]
+    np.testing.assert_allclose(np.asarray(global_bias, dtype=np.float64), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_submit_through_nvflare_job_cli_and_admin_console(poc):
+    """Both other submission ways, run concurrently (two jobs at once on the same federation)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        cli = pool.submit(poc.fed.submit, poc.job, via="cli", user=LEAD, timeout=JOB_TIMEOUT, stage_name="fedavg_cli")
+        time.sleep(1)
+        console = pool.submit(poc.fed.submit, poc.job, via="console", user=ADMIN, timeout=JOB_TIMEOUT,
+                              stage_name="fedavg_console")
+        while not (cli.done() and console.done()):
+            poc.seen.update(poc.fed.processes())
+            time.sleep(2)
+        results = {"cli": cli.result(), "console": console.result()}
+    for via, result in results.items():
+        assert result.status == "FINISHED:COMPLETED", (via, result)
+        assert_per_site_results(result.result_dir)
+    assert "nvflare.cli --format json job submit" in (poc.fed.logs / "cli.log").read_text()
+    assert "Submitted job: " + results["console"].job_id in (poc.fed.logs / "console.log").read_text()
+    assert results["cli"].job_id != results["console"].job_id
+
+
+# --------------------------------------------------------------------------------------------------
+# Without a running POC
+# --------------------------------------------------------------------------------------------------
+
+
+def test_real_deployment_project_provisions_every_site_and_admin(tmp_path):
+    import yaml
+    from cryptography import x509
+
+    project = yaml.safe_load((REPO / "poc" / "project.yml").read_text())
+    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    out = subprocess.run([sys.executable, "-m", "nvflare.cli", "provision", "-p", str(REPO / "poc" / "project.yml"),
+                          "-w", str(tmp_path / "prov")], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    prod = tmp_path / "prov" / project["name"] / "prod_00"
+    by_type = {t: [p for p in project["participants"] if p["type"] == t] for t in ("server", "client", "admin")}
+    assert len(by_type["client"]) >= 3 and {p.get("role") for p in by_type["admin"]} >= {"project_admin", "lead", "member"}
+    server = by_type["server"][0]
+    assert "." in server["name"]  # a host name
+    conf = json.loads((prod / server["name"] / "startup" / "fed_server.json").read_text())
+    assert conf["servers"][0]["service"]["target"] == f"{server['name']}:{server['fed_learn_port']}"
+    assert conf["require_signed_jobs"] is True
+    for site in by_type["client"]:
+        kit = prod / site["name"]
+        for f in ("startup/start.sh", "startup/fed_client.json", "startup/client.crt", "startup/rootCA.pem"):
+            assert (kit / f).exists(), kit / f
+        client_conf = json.loads((kit / "startup" / "fed_client.json").read_text())
+        assert client_conf["servers"][0]["service"]["target"] == f"{server['name']}:{server['fed_learn_port']}"
+        resources = json.loads((kit / "local" / "resources.json.default").read_text())
+        gpu = next(c for c in resources["components"] if c["id"] == "resource_manager")["args"]
+        assert gpu["num_of_gpus"] == site["capacity"]["num_of_gpus"] >= 1
+        assert gpu["mem_per_gpu_in_GiB"] == site["capacity"]["mem_per_gpu_in_GiB"]
+    for admin in by_type["admin"]:
+        kit = prod / admin["name"]
+        assert (kit / "startup" / "fl_admin.sh").exists()
+        admin_conf = json.loads((kit / "startup" / "fed_admin.json").read_text())["admin"]
+        assert admin_conf["host"] == server["name"] and admin_conf["port"] == server["fed_learn_port"]
+        cert = x509.load_pem_x509_certificate((kit / "startup" / "client.crt").read_bytes())
+        assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == admin["name"]
+        assert cert.subject.get_attributes_for_oid(x509.NameOID.UNSTRUCTURED_NAME)[0].value == admin["role"]
+    authz = json.loads((prod / server["name"] / "local" / "authorization.json.default").read_text())["permissions"]
+    assert authz["lead"]["submit_job"] == "any" and authz["member"] == {"view": "any"}
+
+
+def test_privacy_filter_unit():
+    from nvflare.apis.dxo import DXO, DataKind, from_shareable
+    from nvflare.apis.fl_context import FLContext
+
+    from fedseg.fl.privacy import LayerPrivacyFilter
+
+    scope = json.loads((REPO / "poc" / "privacy.json").read_text())
+    assert scope["default_scope"] == scope["scopes"][0]["name"] == "hospital_private"
+    args = scope["scopes"][0]["task_result_filters"][0]["args"]
+    params = {f"{FINAL_LAYER}.weight": np.ones((2, 16, 3, 3), np.float32), f"{FINAL_LAYER}.bias": np.ones(2, np.float32),
+              "net.model.0.conv.unit0.conv.weight": np.linspace(-1, 1, 64, dtype=np.float32).reshape(4, 16)}
+    filt = LayerPrivacyFilter(**args, seed=0)
+    out = from_shareable(filt.process(DXO(DataKind.WEIGHTS, data=dict(params)).to_shareable(), FLContext()))
+    assert not np.any(out.data[f"{FINAL_LAYER}.weight"]) and not np.any(out.data[f"{FINAL_LAYER}.bias"])
+    other = out.data["net.model.0.conv.unit0.conv.weight"]
+    assert other.dtype == np.float32 and not np.array_equal(other, params["net.model.0.conv.unit0.conv.weight"])
+    assert np.abs(other - params["net.model.0.conv.unit0.conv.weight"]).max() < 0.1  # small perturbation
+    assert out.get_filter_history() == ["LayerPrivacyFilter"]
+    metrics = from_shareable(filt.process(DXO(DataKind.METRICS, data={"dice": 0.5}).to_shareable(), FLContext()))
+    assert metrics.data == {"dice": 0.5}
+    with pytest.raises(TypeError):
+        LayerPrivacyFilter(zero_vars="fc.bias")  # list form only
+
+
+def test_gpu_plan_and_job_staging(tmp_path):
+    sites = hospital_names(3)
+    cpu = fedseg_poc.plan_gpus(sites, [], 0.0)
+    assert cpu["gpu_ids"] == [] and cpu["resource_spec"] == {} and cpu["site_capacity"] == {}
+    gpu = fedseg_poc.plan_gpus(sites, [0, 1], 80.0, job_mem_gib=4)
+    assert gpu["assignments"] == {"hospital-a": [0], "hospital-b": [1], "hospital-c": [0]}  # round-robin, as poc start -gpu
+    assert gpu["site_capacity"]["hospital-b"] == {"num_of_gpus": 1, "mem_per_gpu_in_GiB": 80}
+    assert gpu["resource_spec"] == {"@default": {"num_of_gpus": 1, "mem_per_gpu_in_GiB": 4.0}}
+    resources = tmp_path / "resources.json"
+    resources.write_text(json.dumps({"components": [{"id": "resource_manager", "path":
+        "nvflare.app_common.resource_managers.gpu_resource_manager.GPUResourceManager", "args": {"num_of_gpus": 0, "mem_per_gpu_in_GiB": 0}}]}))
+    fedseg_poc.set_gpu_capacity(resources, 1, 80)
+    assert json.loads(resources.read_text())["components"][0]["args"]["num_of_gpus"] == 1
+
+    fed = PocFederation(tmp_path / "root")
+    fed.state = {"gpu": gpu}
+    staged = fed.stage_job(REPO / "jobs" / "fedavg", scope="hospital_private", num_rounds=2)
+    meta = json.loads((staged / "meta.json").read_text())
+    assert meta["resource_spec"] == gpu["resource_spec"] and meta["scope"] == "hospital_private"
+    server = json.loads((staged / "app" / "config" / "config_fed_server.json").read_text())
+    assert server["workflows"][0]["args"]["num_rounds"] == 2
+    # CPU-only: the same job runs; a GPU request in a job is dropped from the staged copy
+    fed.state = {"gpu": cpu}
+    src = copy_job("fedavg", tmp_path / "src")
+    meta_file = src / "meta.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "resource_spec": {"@default": {"num_of_gpus": 1}}}))
+    assert json.loads((fed.stage_job(src) / "meta.json").read_text())["resource_spec"] == {}
+
+
+def test_stop_kills_every_marked_process_and_frees_ports(tmp_path):
+    """The teardown on its own: processes that ignore SIGTERM, grandchildren, listeners are all gone."""
+    fed = PocFederation(tmp_path / "root")
+    fed.state = {"port": fedseg_poc.free_port(), "sessions": []}
+    port = fed.state["port"]
+    listener = (f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); "
+                "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)")
+    tree = f"{sys.executable} -c \"{listener}\" & (trap '' TERM; sleep 600) & sleep 600"
+    proc = subprocess.Popen(["bash", "-c", tree], env=fed.env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not port_listeners(port):
+            time.sleep(0.2)
+        pids = set(fed.processes())
+        assert len(pids) >= 4 and proc.pid in pids, pids
+        assert process_listeners(pids) and all(addr == "127.0.0.1" for _, addr, _ in process_listeners(pids))
+        assert find_processes(tmp_path / "elsewhere") == {}  # another root's processes are not ours
+        assert fed.stop(timeout=12) == {}
+        proc.wait(timeout=10)
+        assert_nothing_left(fed, port, pids)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_run_command_stops_everything_on_ctrl_c(tmp_path):
+    """`fedseg_poc.py run` interrupted while its job runs: it aborts, stops every process and exits 130."""
+    job = copy_job("fedavg", tmp_path / "src_jobs", server_args={"num_rounds": 1}, engine=TINY)
+    root, port = tmp_path / "run", fedseg_poc.free_port()
+    cmd = [sys.executable, str(REPO / "poc" / "fedseg_poc.py"), "--root", str(root), "run", "--sites", "2",
+           "--size", "tiny", "--gpus", "none", "--port", str(port), "--job", str(job), "--timeout", "300"]
+    out_file = tmp_path / "run.out"
+    seen: set[int] = set()
+    with open(out_file, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    fed = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and "submitted fedavg" not in out_file.read_text():
+            time.sleep(0.5)
+        assert proc.poll() is None, out_file.read_text()
+        fed = PocFederation(root)
+        seen.update(fed.processes())
+        assert any("server_train" in c for c in fed.processes().values()), fed.processes()
+        os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
+        rc = proc.wait(timeout=180)
+        text = out_file.read_text()
+        assert rc == 130, text
+        assert "interrupted" in text and "processes left: 0" in text, text
+        assert_nothing_left(PocFederation(root), port, seen)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        PocFederation(root).stop(timeout=30)  # no-op when the command cleaned up
