@@ -307,6 +307,7 @@ def port_listeners(port: int) -> list[tuple[str, int]]:
 
 def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections of a previous run in TIME_WAIT are fine
         try:
             s.bind(("127.0.0.1", port))
             return not port_listeners(port)
