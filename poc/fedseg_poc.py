@@ -157,9 +157,21 @@ def detect_gpus() -> tuple[list[int], float]:
         if n == 0:
             return [], 0.0
         mem = min(torch.cuda.get_device_properties(i).total_memory for i in range(n)) / 2**30
-        return list(range(n)), mem
     except Exception:  # noqa: BLE001 - no CUDA build, no driver: CPU
         return [], 0.0
+    # NVFlare's -gpu check and GPUResourceManager see GPUs through nvidia-smi; without it they cannot allocate.
+    from nvflare.fuel.utils.gpu_utils import get_host_gpu_ids
+
+    try:
+        host_ids = get_host_gpu_ids() or []
+    except Exception:  # noqa: BLE001
+        host_ids = []
+    ids = [i for i in range(n) if i in host_ids]
+    if not ids:
+        log(f"torch sees {n} GPU(s) but nvidia-smi lists none: NVFlare cannot assign them, planning for CPU "
+            "(the engine still uses a GPU its process can see)")
+        return [], 0.0
+    return ids, mem
 
 
 def plan_gpus(sites: list[str], gpu_ids: list[int], gpu_mem_gib: float, job_mem_gib: float = 2.0) -> dict:
