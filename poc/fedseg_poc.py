@@ -28,7 +28,6 @@ Layout of the POC root:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import re
