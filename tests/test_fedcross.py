@@ -329,8 +329,12 @@ def test_ensemble_is_more_uncertain_where_it_is_wrong(fedcrossens_run):
     extra = results(fedcrossens_run)["extra"]
     wrong, right = extra["uncertainty_mean_std_wrong"], extra["uncertainty_mean_std_right"]
     assert right > 0 and wrong > right, (wrong, right)
-    per_site = extra["uncertainty_per_site"]
+    per_site = results(fedcrossens_run)["models"]["ensemble"]
     assert sum(s["n_wrong"] for s in per_site.values()) > 0 and sum(s["n_right"] for s in per_site.values()) > 0
+    with_wrong = [s for s in per_site.values() if s["n_wrong"]]
+    pooled_wrong = sum(s["mean_std_wrong"] * s["n_wrong"] for s in with_wrong) / sum(s["n_wrong"] for s in with_wrong)
+    assert pooled_wrong == pytest.approx(wrong)  # the overall number is the voxel-weighted pool of the sites'
+    assert all(len(s["mean_std_per_case"]) == s["n_cases"] for s in per_site.values())
 
 
 def run_infer(*args: str) -> str:
@@ -370,16 +374,17 @@ def test_inference_writes_segmentations_and_uncertainty_maps(fedcrossens_run, ti
     right = np.mean([r["mean_std_right"] for r in summary["cases"]])
     assert wrong > right
 
-    # a plain folder of images (labels from a second folder), thresholded
-    site = tiny2d / "site-2"
-    out = run_infer("--models", str(best), "--input", str(site / "imagesTs"), "--labels", str(site / "labelsTs"),
-                    "--threshold", "0.5", "--out", str(tmp_path / "folder"))
-    assert "wrote 3 case(s)" in out
-    rows = json.loads((tmp_path / "folder" / "summary.json").read_text())["cases"]
-    assert len(rows) == 3 and all("dice" in r for r in rows)
-    assert json.loads((tmp_path / "folder" / "summary.json").read_text())["segmentation"].endswith("> 0.5")
-    unlabelled = run_infer("--models", str(best), "--input", str(site / "imagesTs"), "--out", str(tmp_path / "nolabel"))
-    assert "dice" not in unlabelled and len(list((tmp_path / "nolabel").glob("*_std.nii.gz"))) == 3
+    # new images: a plain folder, no labels, thresholded (in-process: same main() as the command line)
+    from fedseg.infer import main as infer_main
+
+    folder = tiny2d / "site-2" / "imagesTs"
+    assert infer_main(["ensemble", "--models", str(best), "--input", str(folder), "--threshold", "0.5",
+                       "--out", str(tmp_path / "folder")]) == 0
+    summary = json.loads((tmp_path / "folder" / "summary.json").read_text())
+    assert summary["segmentation"].endswith("> 0.5") and len(summary["cases"]) == 3
+    assert all("dice" not in r and r["mean_std"] > 0 for r in summary["cases"])
+    assert sorted(p.name for p in (tmp_path / "folder").glob("*_std.nii.gz")) == [
+        p.name.replace(".nii.gz", "_std.nii.gz") for p in sorted(folder.glob("*.nii.gz"))]
 
 
 # ---- failures -------------------------------------------------------------------------------------------------

@@ -462,15 +462,16 @@ class FedCrossController(FedSegController):
         for site, metrics in sorted(scores.items()):
             if not metrics.get("n_cases"):
                 continue
-            models["ensemble"][site] = {key: metrics["ensemble"][key] for key in keep}
+            u = metrics["uncertainty"]
+            # per-case and voxel-level uncertainty sit next to the per-case Dice of the ensemble
+            models["ensemble"][site] = {key: metrics["ensemble"][key] for key in keep} | {
+                key: u[key] for key in ("mean_std_per_case", "mean_entropy_per_case", "mean_std_wrong", "mean_std_right",
+                                        "n_wrong", "n_right")} | {"section": metrics["section"]}
             for m, summary in enumerate(metrics["members"]):
                 models[f"member {m}"][site] = {key: summary[key] for key in keep}
-            u = metrics["uncertainty"]
             for key in sums:
                 sums[key] += u[key]
-            per_site_uncertainty[site] = {key: u[key] for key in ("mean_std_wrong", "mean_std_right", "mean_std_per_case",
-                                                                  "n_wrong", "n_right")}
-            per_site_uncertainty[site]["section"] = metrics["section"]
+            per_site_uncertainty[site] = {"wrong": u["mean_std_wrong"], "right": u["mean_std_right"]}
         results = {
             "method": "fedcross" if k == 1 else "fedcrossens",
             "section": self.final_section,
@@ -485,7 +486,7 @@ class FedCrossController(FedSegController):
                 "dropped_sites": ", ".join(self.dropped) or "none",
                 "uncertainty_mean_std_wrong": sums["std_sum_wrong"] / sums["n_wrong"] if sums["n_wrong"] else float("nan"),
                 "uncertainty_mean_std_right": sums["std_sum_right"] / sums["n_right"] if sums["n_right"] else float("nan"),
-                "uncertainty_per_site": per_site_uncertainty,
+                "uncertainty_per_site": per_site_uncertainty,  # mean std over wrong / right voxels
                 "model_set": str(self.out / "best.pt"),
                 "history": self.history,
             },
