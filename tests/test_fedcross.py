@@ -439,6 +439,6 @@ def test_resume_and_retry_a_stalled_visit_on_a_free_site(fault_runs, fedcross_ru
     assert {float(v) for k, v in optimizers[0].items() if k.endswith("::step")} == {30.0}  # optimizer resumed too
     log = run.log("server")
     assert "resuming from" in log and "at communication 3" in log
-    assert "no usable result from site-2 (timeout 10s)" in log and "model 0 at site-2: no result" in log
+    assert "no usable result from ['site-2'] (error, timeout after 10s" in log and "model 0 at site-2: no result" in log
     assert "retrying model 0 on free site site-1" in log and "injected stall of 16s at site-2" in run.log("site-2")
     assert results(run)["extra"]["num_communications"] == 5

@@ -19,16 +19,22 @@ from fedseg.modelset import json_default
 
 
 class FedSegController(ModelController):
-    def __init__(self, *args, task_timeout: int = 0, min_clients: int = 1, **kwargs):
+    def __init__(self, *args, task_timeout: int = 0, min_clients: int = 1, startup_grace: int = 300, **kwargs):
         """
         Args:
             task_timeout: seconds a site may take for one task before its result is given up (0: no limit).
             min_clients: fewest answering sites with which a round still updates the models.
+            startup_grace: extra seconds for a site that has not answered any task yet: FLARE's task clock
+                starts when the task is scheduled, before a late site's job process is even up.
         """
         kwargs.setdefault("ignore_result_error", True)
         super().__init__(*args, **kwargs)
+        if int(task_timeout) < 0 or int(startup_grace) < 0 or int(min_clients) < 1:
+            raise ValueError("task_timeout and startup_grace must be >= 0 and min_clients >= 1")
         self.task_timeout = int(task_timeout)
         self.min_clients = int(min_clients)
+        self.startup_grace = int(startup_grace)
+        self.answered: set[str] = set()  # sites that have answered a task: they are up, no start-up grace
 
     # ---- tasks ---------------------------------------------------------------------------------------
     def run_tasks(self, task_name: str, per_site: dict[str, FLModel], timeout: int | None = None) -> dict[str, FLModel]:
@@ -43,17 +49,21 @@ class FedSegController(ModelController):
             return True
 
         timeout = self.task_timeout if timeout is None else int(timeout)
+        limits = {}
         for site, model in per_site.items():
-            self.send_model(task_name=task_name, data=model, targets=[site], timeout=timeout, callback=collect)
+            limits[site] = timeout + self.startup_grace if timeout and site not in self.answered else timeout
+            self.send_model(task_name=task_name, data=model, targets=[site], timeout=limits[site], callback=collect)
         while self.get_num_standing_tasks():
             if self.abort_signal.triggered:
                 return results
             time.sleep(0.2)
+        self.answered.update(results)
         missing = sorted(set(per_site) - set(results))
         if missing:
             self.warning(
-                f"{task_name}: no usable result from {missing} (error, timeout after {timeout}s or disconnect); "
-                f"continuing with {sorted(results)}"
+                f"{task_name}: no usable result from {missing} (error, timeout after "
+                + ", ".join(f"{limits[s]}s" for s in missing)
+                + f" or disconnect); continuing with {sorted(results)}"
             )
         return results
 

@@ -98,7 +98,7 @@ class FedCrossController(FedSegController):
             final_section: datalist section of the final per-site scores.
             output_dir: folder under the server's app dir for last.pt, best.pt and the validation history.
         """
-        super().__init__(**kwargs)
+        super().__init__(startup_grace=startup_grace, **kwargs)
         if schedule not in KINDS:
             raise ValueError(f"schedule must be one of {KINDS}, got {schedule!r}")
         if lr_schedule not in LR_SCHEDULES:
@@ -125,7 +125,6 @@ class FedCrossController(FedSegController):
             power=float(lr_power),
         )
         self.validate_timeout = int(validate_timeout)
-        self.startup_grace = int(startup_grace)
         self.max_site_failures = int(max_site_failures)
         self.retry_on_free_site = bool(retry_on_free_site)
         self.resume_from = resume_from or ""
@@ -138,7 +137,6 @@ class FedCrossController(FedSegController):
         self.optimizers: list[dict] = []
         self.visits_done: list[int] = []
         self.failures: dict[str, int] = {}
-        self.answered: set[str] = set()  # sites that have answered a task: they are up, no start-up grace
         self.dropped: list[str] = []
         self.history: list[dict] = []
         self.best: dict | None = None  # {"communication", "val_dice", "members", "optimizers", "visits_done"}
@@ -271,7 +269,7 @@ class FedCrossController(FedSegController):
         tried: set[str] = set(pending)
         failed_now: list[str] = []
         while pending:
-            results = self._run_parallel("cross_train", {s: self._visit_task(m, c) for s, m in pending.items()}, self.task_timeout)
+            results = self.run_tasks("cross_train", {s: self._visit_task(m, c) for s, m in pending.items()})
             unplaced = []
             for site, m in pending.items():
                 reason = self._apply_visit(site, m, results.get(site))
@@ -302,30 +300,6 @@ class FedCrossController(FedSegController):
             "weights_sha1": [fingerprint(w) for w in self.members],
             "dropped_sites": list(self.dropped),
         }
-
-    def _run_parallel(self, task_name: str, per_site: dict[str, FLModel], timeout: int) -> dict[str, FLModel]:
-        """FedSegController.run_tasks with a per-site timeout: a site that has not answered yet gets
-        startup_grace more seconds (FLARE's clock starts before a late site's job process does)."""
-        results: dict[str, FLModel] = {}
-
-        def collect(result: FLModel) -> bool:
-            results[result.meta["client_name"]] = result
-            return True
-
-        limits = {}
-        for site, model in per_site.items():
-            limits[site] = timeout + self.startup_grace if timeout and site not in self.answered else timeout
-            self.send_model(task_name=task_name, data=model, targets=[site], timeout=limits[site], callback=collect)
-        while self.get_num_standing_tasks():
-            if self.abort_signal.triggered:
-                break
-            time.sleep(0.2)
-        self.answered.update(results)
-        missing = sorted(set(per_site) - set(results))
-        if missing:
-            self.warning(f"{task_name}: no usable result from " + ", ".join(f"{s} (timeout {limits[s]}s)" for s in missing)
-                         + f" (task error, timeout or disconnect); continuing with {sorted(results)}")
-        return results
 
     def _apply_visit(self, site: str, m: int, result: FLModel | None) -> str | None:
         """Replace model m with the site's result if it is usable; otherwise return why not."""
@@ -367,7 +341,7 @@ class FedCrossController(FedSegController):
         """cross_validate of the ensemble of `members` at `sites`: {site: metrics} of those that answered."""
         packed = pack({member_key(m): w for m, w in enumerate(members)})
         task = {s: FLModel(params=packed, params_type=ParamsType.FULL, meta={"section": section, "num_models": len(members)}) for s in sites}
-        results = self._run_parallel("cross_validate", task, self.validate_timeout)
+        results = self.run_tasks("cross_validate", task, self.validate_timeout)
         scores = {s: r.metrics or {} for s, r in results.items()}
         self._adopt_site_engine(scores)
         return scores

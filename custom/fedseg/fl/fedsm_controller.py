@@ -48,6 +48,7 @@ class FedSMController(FedSegController):
         min_clients: int = 1,
         task_timeout: int = 0,
         eval_timeout: int = 0,
+        startup_grace: int = 300,
         max_failed_rounds: int = 3,
         resume_from: str | None = None,
         start_round: int | None = None,
@@ -65,11 +66,13 @@ class FedSMController(FedSegController):
             local_epochs / local_steps: local budget per round for each segmentation model (None: the site's).
             min_clients: fewest valid answers with which a round updates the models.
             task_timeout / eval_timeout: seconds per training / evaluation task (0: no limit).
+            startup_grace: extra seconds for a site's first task (its job process may start late).
             max_failed_rounds: consecutive rounds below min_clients before the job stops.
             resume_from: absolute server path of a saved model set (last.pt or best.pt) to continue from.
             start_round: round to continue at (default: the saved round + 1).
         """
-        super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=min_clients)
+        super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=min_clients,
+                         startup_grace=startup_grace)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         if not 0.0 <= gamma <= 1.0:

@@ -216,24 +216,23 @@ class EnsembleScores:
 
 
 @torch.no_grad()
-def score_ensemble(engine: SegEngine, nets: Sequence[torch.nn.Module], section: str) -> EnsembleScores:
+def score_ensemble(engine: SegEngine, nets: Sequence[torch.nn.Module], section: str, with_hd95: bool = False) -> EnsembleScores:
     """Per-case Dice of the ensemble (argmax of the mean softmax) and of every member, in one inference pass.
 
-    The engine scores everything: the ensemble through engine.score with the mean softmax, each member
+    The engine scores everything: the ensemble through engine.score_items with the mean softmax, each member
     through engine.score replaying that member's stored argmax (so no member is run twice).
     """
     if not nets:
         raise ValueError("score_ensemble needs at least one network")
-    labels = (item["label"] for _, item in engine.eval_batches(section))  # same order as engine.score
     member_preds: list[list[torch.Tensor]] = [[] for _ in nets]
     scores = EnsembleScores(ensemble=None, members=[])  # type: ignore[arg-type]
 
-    def ensemble_probs(image: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([engine.predict_probs(net, image) for net in nets])
+    def ensemble_probs(item: dict) -> torch.Tensor:
+        probs = torch.stack([engine.predict_probs(net, item["image"].unsqueeze(0)) for net in nets])
         mean, std, entropy = ensemble_maps(probs)
         for m in range(len(nets)):
             member_preds[m].append(probs[m].argmax(dim=1).to(torch.uint8).cpu())
-        label = next(labels).to(mean.device).long()[0]  # (*spatial)
+        label = item["label"].to(mean.device).long()[0]  # (*spatial)
         wrong = mean.argmax(dim=1)[0] != label
         voxel_std = std[0]
         scores.std_sum_wrong += float(voxel_std[wrong].double().sum())
@@ -244,7 +243,7 @@ def score_ensemble(engine: SegEngine, nets: Sequence[torch.nn.Module], section: 
         scores.mean_entropy_per_case.append(float(entropy.mean()))
         return mean
 
-    scores.ensemble = engine.score(ensemble_probs, section)
+    scores.ensemble = engine.score_items(ensemble_probs, section, with_hd95)
     num_classes = engine.cfg.num_classes
     for preds in member_preds:
         replay = iter(preds)
@@ -253,7 +252,7 @@ def score_ensemble(engine: SegEngine, nets: Sequence[torch.nn.Module], section: 
             pred = next(replay).long().to(engine.device)  # (B, *spatial)
             return torch.movedim(torch.nn.functional.one_hot(pred, num_classes).float(), -1, 1)
 
-        scores.members.append(engine.score(member_probs, section))
+        scores.members.append(engine.score(member_probs, section, with_hd95))
     return scores
 
 
