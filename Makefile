@@ -29,3 +29,15 @@ jobs: venv
 
 clean:
 	rm -rf workspaces results bench_results .pytest_cache
+
+# Benchmark: every method on the same data, seeds and training budget -> $(BENCH_OUT)/BENCHMARKS.md, raw JSON/CSV, plots.
+# bench-quick: 2 CPU cores, minutes; bench: the full preset (a GPU machine). BENCH_ARGS=--publish also updates the
+# committed report (BENCHMARKS.md + docs/benchmarks/); see python -m fedseg.bench --help for datasets/seeds/methods.
+BENCH_OUT  ?= bench_results
+BENCH_ARGS ?=
+
+bench-quick: venv
+	$(PY) -m fedseg.bench --preset quick --out $(BENCH_OUT) $(BENCH_ARGS)
+
+bench: venv
+	$(PY) -m fedseg.bench --preset full --out $(BENCH_OUT) $(BENCH_ARGS)

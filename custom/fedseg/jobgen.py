@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", choices=["poly", "cosine", "constant"], default="poly", help="FedCross: lr over each model's visits")
     p.add_argument("--seed", type=int, default=0, help="FedCross: seeds the schedule and the models' initialisation")
     p.add_argument("--byoc", action="store_true", help="copy the fedseg package into the job (app/custom/)")
+    p.add_argument("--meter", action="store_true",
+                   help="add fedseg.fl.meter.TaskMeter to the sites: bytes, time and peak memory of every task")
     return p
 
 
@@ -274,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("--name needs exactly one --only job")
     for name in names:
         server, client = JOBS[name](o)
+        if o.meter:
+            from fedseg.fl.meter import add_meter
+
+            add_meter(client)
         path = write_job(o.out, o.name or name, server, client, o.min_clients, o.byoc)
         print(f"wrote {path}")
     return 0

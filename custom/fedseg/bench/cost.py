@@ -1,0 +1,322 @@
+"""Cost of federation, measured in one run: FL overhead ratio and site-executor throughput ratio.
+
+(a) FL overhead. The same FedAvg training (same sites, initial weights, R rounds x E epochs, the same
+    SegEngine) once as an NVFlare job in the simulator and once as a plain Python loop in one process
+    (for each round: every site trains its local steps in turn, then the step-weighted average). Both at a
+    small (E = 1) and a realistic amount of work per round. Reported:
+      training-phase ratio = wall time of the FedAvg workflow (first task sent .. last result aggregated)
+                             / wall time of the plain loop's rounds,
+      job ratio            = wall time of the whole simulator job (start-up, warm-up, shut-down included)
+                             / the plain loop's process wall time (imports, data loading included),
+      CPU ratio            = CPU seconds of all the job's processes / CPU seconds of the plain loop process.
+    The job runs its N sites as N processes that share the machine's cores, the plain loop runs them one after
+    the other in one process: on 2 cores a ratio near 1 means the federation costs about what the
+    parallelism gains; the CPU ratio is the overhead without that effect.
+    Settings compared: FLARE's defaults as the shipped jobs use them (a site asks for its next task every
+    task_request_interval = 2 s, workflows check task status every 0.5 s) against the bench's (0.1 s / 0.1 s).
+
+(b) Executor throughput. One site alone (the one with the most training cases) runs FedAvg with the
+    realistic work per round; its SegExecutor's training throughput (images per second of the whole "train"
+    task, as the TaskMeter times it) against a plain MONAI loop (CacheDataset + DataLoader + the same network,
+    DiceCELoss and Adam, written here without the engine) on the same site's data, the same transforms and
+    batch size, in a process with the same thread count. Also the engine alone (SegEngine.train) to split the
+    gap between the engine and the FLARE executor around it. Executor as shipped against the executor with
+    the two settings that cost time every round: validate_before_train (scores the received model on the
+    validation cases before training) and per-step TensorBoard tracking (an event to the server per step).
+
+    python -m fedseg.bench.cost plain --what fedavg|throughput --data DIR --engine JSON --rounds R --site SITE
+                                      --init INIT.pt --out OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+IMG_PER_S = re.compile(r"round (\d+): (\d+) steps, loss [-\d.naif]+, ([\d.]+) img/s")
+
+
+def _children_cpu() -> float:
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
+# ---- the plain loops (run in their own process) ----------------------------------------------------------
+def plain_fedavg(data: str, engine_settings: dict, rounds: int, init: str) -> dict:
+    """FedAvg as a plain loop on the same engine: wall and CPU time of the rounds."""
+    from fedseg.algorithms import weighted_average
+    from fedseg.baselines import load_sites
+    from fedseg.bench.jobs import load_initial_state
+    from fedseg.engine import EngineConfig, load_numpy_state, state_to_numpy
+    from fedseg.jobgen import resolve_engine
+
+    cfg = EngineConfig.from_dict(resolve_engine(engine_settings))
+    engines = load_sites(data, cfg)
+    for e in engines.values():
+        e.dataset("training")
+        e.train(e.new_network(), 1)  # warm-up, as the FL job's BenchWarmup
+    global_params = {k: v.numpy() for k, v in load_initial_state(init).items()}
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    steps, images = 0, 0
+    for _ in range(rounds):
+        updates, weights = {}, {}
+        for site, e in engines.items():
+            net = e.new_network()
+            load_numpy_state(net, global_params, site)
+            stats = e.train(net, e.local_steps())
+            updates[site], weights[site] = state_to_numpy(net), stats.steps
+            steps += stats.steps
+            images += stats.images
+        global_params = weighted_average(updates, weights)
+    return {"wall_seconds": time.perf_counter() - wall0, "cpu_seconds": time.process_time() - cpu0,
+            "steps": steps, "images": images, "rounds": rounds, "epochs": cfg.local_epochs}
+
+
+def plain_monai(datalist: str, site: str, engine_settings: dict, epochs: int, init: str) -> dict:
+    """A plain MONAI training loop (no SegEngine, no FLARE): images per second."""
+    import torch
+    from monai.data import CacheDataset, DataLoader, list_data_collate
+    from monai.losses import DiceCELoss
+
+    from fedseg.bench.jobs import load_initial_state
+    from fedseg.data import load_datalist
+    from fedseg.engine import EngineConfig
+    from fedseg.engine.engine import train_transforms
+    from fedseg.engine.networks import SegNetwork
+    from fedseg.jobgen import resolve_engine
+
+    cfg = EngineConfig.from_dict(resolve_engine(engine_settings))
+    torch.manual_seed(cfg.seed)
+    cases = load_datalist(datalist, site)["training"]
+    dataset = CacheDataset(cases, transform=train_transforms(cfg), cache_rate=1.0, progress=False)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=0, collate_fn=list_data_collate)
+    net = SegNetwork(**cfg.network_args())
+    net.load_state_dict(load_initial_state(init))
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    net.train()
+
+    def step(batch) -> int:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(net(batch["image"]), batch["label"])
+        loss.backward()
+        optimizer.step()
+        return int(batch["image"].shape[0])
+
+    step(next(iter(loader)))  # warm-up
+    images, began = 0, time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            images += step(batch)
+    seconds = time.perf_counter() - began
+    return {"images": images, "seconds": seconds, "images_per_second": images / seconds}
+
+
+def plain_engine(datalist: str, site: str, engine_settings: dict, rounds: int, init: str) -> dict:
+    """SegEngine.train alone, a new network per round as the executor builds one: images per second."""
+    from fedseg.bench.jobs import load_initial_state
+    from fedseg.data import load_datalist
+    from fedseg.engine import EngineConfig, SegEngine, load_numpy_state
+    from fedseg.jobgen import resolve_engine
+
+    cfg = EngineConfig.from_dict(resolve_engine(engine_settings))
+    engine = SegEngine(cfg, load_datalist(datalist, site), site=site)
+    engine.dataset("training")
+    engine.train(engine.new_network(), 1)
+    state = load_initial_state(init)
+    images, seconds, began = 0, 0.0, time.perf_counter()
+    for _ in range(rounds):
+        net = engine.new_network()
+        load_numpy_state(net, state, site)
+        stats = engine.train(net, engine.local_steps())
+        images += stats.images
+        seconds += stats.seconds
+    return {"images": images, "seconds_in_train": seconds, "seconds": time.perf_counter() - began,
+            "images_per_second": images / (time.perf_counter() - began)}
+
+
+def plain_main(o) -> dict:
+    engine = json.loads(o.engine)
+    if o.what == "fedavg":
+        return plain_fedavg(o.data, engine, o.rounds, o.init)
+    datalist = str(Path(o.data) / o.site / "datalist.json")
+    return {"monai": plain_monai(datalist, o.site, engine, engine["local_epochs"] * o.rounds, o.init),
+            "engine": plain_engine(datalist, o.site, engine, o.rounds, o.init)}
+
+
+def _plain_process(args: list[str], out: Path, timeout: float) -> dict:
+    """Run one plain reference in a fresh process; its whole wall and CPU time (imports, data) included."""
+    from fedseg.bench.run import _child_env
+
+    cmd = [sys.executable, "-m", "fedseg.bench.cost", "plain", *args, "--out", str(out)]
+    cpu0, wall0 = _children_cpu(), time.perf_counter()
+    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"plain loop failed: {(proc.stderr or proc.stdout)[-2000:]}")
+    record = json.loads(out.read_text())
+    record["process_wall_seconds"] = time.perf_counter() - wall0
+    record["process_cpu_seconds"] = _children_cpu() - cpu0
+    return record
+
+
+# ---- the FL side --------------------------------------------------------------------------------------------
+def _engine_img_per_s(log_text: str) -> list[float]:
+    return [float(m.group(3)) for m in IMG_PER_S.finditer(log_text)]
+
+
+def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: dict, rounds: int, init: Path,
+            settings: dict, timeout: float, log) -> dict:
+    from fedseg.bench.budget import Budget, plan_method
+    from fedseg.bench.collect import meter_records, timeline, windows
+    from fedseg.bench.jobs import build_job
+    from fedseg.bench.run import site_train_counts
+    from fedseg.jobgen import resolve_engine
+    from fedseg.sim import run_simulator
+
+    counts = {s: n for s, n in site_train_counts(data_dir).items() if s in sites}
+    batch = int(resolve_engine(engine)["batch_size"])
+    budget = Budget.from_counts(rounds, int(engine["local_epochs"]), counts, batch)
+    plan = plan_method("fedavg", budget)
+    job = build_job(out_dir / "jobs", name, ["fedavg"], {"fedavg": plan}, engine, int(engine["seed"]), init, hd95=False,
+                    evaluate=False, task_request_interval=settings.get("task_request_interval"),
+                    task_check_period=settings.get("task_check_period"), executor_args=settings.get("executor_args"))
+    ws = out_dir / "ws" / name
+    log(f"cost: {name} ({len(sites)} site(s), {rounds} rounds x {engine['local_epochs']} epochs) ...")
+    cpu0 = _children_cpu()
+    result = run_simulator(job, ws, len(sites), data_root=data_dir, clients=sites, timeout=timeout)
+    cpu = _children_cpu() - cpu0
+    window = windows(timeline(ws)).get("fedavg")
+    records = meter_records(ws, sites)
+    train = [r for recs in records.values() for r in recs if r.get("task_name") == "train" and window
+             and window["start"] <= r["t_in"] <= window["end"]]
+    images = sum(int(engine["local_epochs"]) * counts[r["site"]] for r in train)
+    task_seconds = sum(r.get("seconds") or 0.0 for r in train)
+    logs = "".join((ws / s / "log.txt").read_text(errors="replace") for s in sites if (ws / s / "log.txt").exists())
+    engine_rates = _engine_img_per_s(logs)
+    per_round: dict[int, float] = {}
+    for r in train:
+        per_round[int(r.get("round") or 0)] = max(per_round.get(int(r.get("round") or 0), 0.0), r.get("seconds") or 0.0)
+    critical = sum(per_round.values())  # the slowest site's task time, round by round
+    engine_seconds = images / float(np.mean(engine_rates)) if engine_rates else None
+    record = {
+        "name": name, "sites": sites, "rounds": rounds, "epochs": int(engine["local_epochs"]), "settings": settings,
+        "returncode": result.returncode, "errors": result.errors()[-2000:],
+        "job_wall_seconds": round(result.seconds, 3), "job_cpu_seconds": round(cpu, 3),
+        "training_wall_seconds": round(window["end"] - window["start"], 3) if window else None,
+        "train_tasks": len(train), "train_task_seconds": round(task_seconds, 3), "images": images,
+        "executor_images_per_second": images / task_seconds if task_seconds else None,
+        "engine_images_per_second_logged": float(np.mean(engine_rates)) if engine_rates else None,
+        "slowest_site_task_seconds": round(critical, 3),
+        "engine_train_seconds_estimate": round(engine_seconds, 3) if engine_seconds else None,
+        "bytes_per_round_per_site": (float(np.mean([r["bytes_in"] + r["bytes_out"] for r in train])) if train else None),
+    }
+    log(f"cost: {name}: job {record['job_wall_seconds']:.1f}s, training {record['training_wall_seconds']}s, "
+        f"CPU {record['job_cpu_seconds']:.1f}s" + (f", executor {record['executor_images_per_second']:.1f} img/s"
+                                                   if record["executor_images_per_second"] else ""))
+    return record
+
+
+SHIPPED = {"task_request_interval": None, "task_check_period": None}
+TUNED = {"task_request_interval": 0.1, "task_check_period": 0.1}
+LEAN_EXECUTOR = {"validate_before_train": False, "tb_writer_id": ""}
+
+
+def run_cost(preset, data_dir: Path, spec, out_dir: Path, log=print) -> dict:
+    from fedseg.bench.jobs import save_initial_checkpoint
+    from fedseg.bench.run import cell_engine, site_train_counts
+
+    c = preset.cost
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = site_train_counts(data_dir)
+    sites = sorted(counts)
+    solo = c.throughput_site or max(sites, key=lambda s: (counts[s], s))
+    small, real = cell_engine(spec, c.small_epochs, 0), cell_engine(spec, c.realistic_epochs, 0)
+    init = save_initial_checkpoint(out_dir / "init.pt", small, 0)
+    record: dict = {"dataset": data_dir.name, "sites": sites, "train_counts": counts, "throughput_site": solo,
+                    "rounds": c.rounds, "small_epochs": c.small_epochs, "realistic_epochs": c.realistic_epochs}
+
+    # plain references, each in a fresh process with the sites' thread settings
+    log("cost: plain FedAvg loops (small, realistic), plain MONAI and engine loops ...")
+    common = ["--data", str(data_dir), "--rounds", str(c.rounds), "--site", solo, "--init", str(init)]
+    record["plain"] = {
+        "fedavg_small": _plain_process(["--what", "fedavg", "--engine", json.dumps(small)] + common, out_dir / "plain_small.json", preset.timeout),
+        "fedavg_realistic": _plain_process(["--what", "fedavg", "--engine", json.dumps(real)] + common, out_dir / "plain_real.json", preset.timeout),
+    }
+    throughput = _plain_process(["--what", "throughput", "--engine", json.dumps(real), "--rounds", str(c.throughput_rounds)]
+                                + common[:2] + common[4:], out_dir / "plain_throughput.json", preset.timeout)
+    record["plain"].update(monai=throughput["monai"], engine=throughput["engine"])
+
+    jobs = {}
+    for label, engine in (("small", small), ("realistic", real)):
+        for setting_name, settings in (("shipped", SHIPPED), ("tuned", TUNED)):
+            jobs[f"fedavg_{label}_{setting_name}"] = _fl_job(f"fedavg_{label}_{setting_name}", out_dir, data_dir, sites,
+                                                             engine, c.rounds, init, settings, preset.timeout, log)
+    for setting_name, settings in (("shipped", TUNED), ("lean", {**TUNED, "executor_args": LEAN_EXECUTOR})):
+        jobs[f"solo_{setting_name}"] = _fl_job(f"solo_{setting_name}_executor", out_dir, data_dir, [solo], real,
+                                               c.throughput_rounds, init, settings, preset.timeout, log)
+    record["jobs"] = jobs
+    record["ratios"] = ratios(record)
+    return record
+
+
+def _ratio(a, b):
+    return float(a) / float(b) if a and b else None
+
+
+def ratios(record: dict) -> dict:
+    """The headline ratios from a cost record (> 1: slower than the plain reference)."""
+    plain, jobs = record["plain"], record["jobs"]
+    out: dict = {"fl_overhead": {}, "throughput": {}}
+    for label in ("small", "realistic"):
+        p = plain[f"fedavg_{label}"]
+        for setting in ("shipped", "tuned"):
+            j = jobs.get(f"fedavg_{label}_{setting}") or {}
+            out["fl_overhead"][f"{label}/{setting}"] = {
+                "training_wall_ratio": _ratio(j.get("training_wall_seconds"), p["wall_seconds"]),
+                "job_wall_ratio": _ratio(j.get("job_wall_seconds"), p["process_wall_seconds"]),
+                "cpu_ratio": _ratio(j.get("job_cpu_seconds"), p["process_cpu_seconds"]),
+                "fl_training_seconds": j.get("training_wall_seconds"), "plain_training_seconds": p["wall_seconds"],
+                "fl_job_seconds": j.get("job_wall_seconds"), "plain_process_seconds": p["process_wall_seconds"],
+            }
+    monai = plain["monai"]["images_per_second"]
+    for setting in ("shipped", "lean"):
+        j = jobs.get(f"solo_{setting}") or {}
+        out["throughput"][setting] = {
+            "executor_images_per_second": j.get("executor_images_per_second"),
+            "engine_images_per_second_logged": j.get("engine_images_per_second_logged"),
+            "plain_monai_images_per_second": monai,
+            "plain_engine_images_per_second": plain["engine"]["images_per_second"],
+            "executor_vs_monai": _ratio(j.get("executor_images_per_second"), monai),
+            "engine_vs_monai": _ratio(plain["engine"]["images_per_second"], monai),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fedseg.bench.cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("plain", help="the plain reference loops (used by the benchmark)")
+    q.add_argument("--what", choices=["fedavg", "throughput"], required=True)
+    q.add_argument("--data", required=True)
+    q.add_argument("--engine", required=True)
+    q.add_argument("--rounds", type=int, required=True)
+    q.add_argument("--site", required=True)
+    q.add_argument("--init", required=True)
+    q.add_argument("--out", required=True)
+    o = p.parse_args(argv)
+    record = plain_main(o)
+    Path(o.out).write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Server workflows the benchmark puts around each method's own workflow in a bench job.
+
+A bench job runs, in one NVFlare simulator run:
+    BenchWarmup                      build every site's data caches once (so no method pays for them)
+    BenchMark(start, m1)             time stamp, reset the server's peak-RSS counter
+    <m1's own workflow(s)>           e.g. NVFlare's FedAvg, FedSegController subclasses ...
+    BenchGlobalEval(m1)              FedAvg/FedProx only: score the final global model on every site's test cases
+    BenchMark(end, m1)               time stamp, server peak RSS, move m1's output files to bench/m1/
+    BenchMark(start, m2) ...
+
+Everything goes to <server app dir>/bench/: timeline.json and one folder per method with its
+fedseg_results.json and method outputs (fedsm/, fedcross/ ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.controller import Controller
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+from fedseg.fl.base_controller import FedSegController
+from fedseg.fl.meter import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+
+BENCH_DIR = "bench"
+TIMELINE = "timeline.json"
+RESULTS_FILE = "fedseg_results.json"
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class BenchMark(Controller):
+    """A time stamp in the bench timeline; at a method's end, moves its outputs to bench/<method>/."""
+
+    def __init__(self, method: str, phase: str, move: list | None = None):
+        super().__init__()
+        if phase not in ("start", "end"):
+            raise ValueError(f"phase must be 'start' or 'end', got {phase!r}")
+        self.method = method
+        self.phase = phase
+        self.move = list(move or [])
+
+    def start_controller(self, fl_ctx: FLContext):
+        pass
+
+    def stop_controller(self, fl_ctx: FLContext):
+        pass
+
+    def process_result_of_unknown_task(self, client, task_name, client_task_id, result: Shareable, fl_ctx: FLContext):
+        pass
+
+    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
+        app_dir = Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id()))
+        bench = app_dir / BENCH_DIR
+        bench.mkdir(parents=True, exist_ok=True)
+        entry = {"method": self.method, "phase": self.phase, "time": time.time(), "cpu": time.process_time(),
+                 "rss_bytes": current_rss_bytes()}
+        if self.phase == "start":
+            entry["peak_reset"] = reset_peak_rss()
+        else:
+            entry["peak_rss_bytes"] = peak_rss_bytes()
+            target = bench / self.method
+            target.mkdir(parents=True, exist_ok=True)
+            moved = []
+            for name in [RESULTS_FILE, *self.move]:
+                src = app_dir / name
+                if src.exists():
+                    dst = target / name
+                    if dst.exists():
+                        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+                    shutil.move(str(src), str(dst))
+                    moved.append(name)
+            entry["moved"] = moved
+        path = bench / TIMELINE
+        timeline = json.loads(path.read_text()) if path.exists() else []
+        timeline.append(entry)
+        _write_json(path, timeline)
+        self.log_info(fl_ctx, f"bench: {self.phase} of {self.method}")
+
+
+def _first_optimizer_use() -> None:
+    """The first torch optimizer of a process imports and initialises a lot (seconds); do it here, not in
+    whichever method's controller happens to build the first one (FedSM's selector moments)."""
+    import torch
+
+    p = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([p])
+    p.sum().backward()
+    optimizer.step()
+
+
+class BenchWarmup(FedSegController):
+    """Makes every site build its cached training set and take its first optimizer step before the first
+    method, so the first method's time does not include them (seconds per site; the evaluation sets are
+    small and are cached by whichever method scores first). The one training step is thrown away."""
+
+    def __init__(self, persistor_id: str = "persistor", task_timeout: int = 3600):
+        super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=1)
+
+    def run(self):
+        model = self.load_model()
+        if model is None:
+            return
+        sites = self.connected_sites()
+        began = time.time()
+        _first_optimizer_use()
+        from fedseg.algorithms.packing import pack
+        from fedseg.methods.fedcross import LrSchedule
+
+        packed = pack({"model": model.params, "optim": {}})
+        meta = {"model_index": 0, "communication": 0, "visits_done": 0, "visit_epochs": 0, "visit_steps": 1,
+                "lr_schedule": LrSchedule(kind="constant", base_lr=1e-12, total_visits=1).as_meta()}
+        done = self.run_tasks("cross_train", {s: FLModel(params=packed, params_type=ParamsType.FULL, current_round=0,
+                                                          meta=dict(meta)) for s in sites})
+        self.info(f"bench warm-up done in {time.time() - began:.1f}s at {sorted(done)}")
+
+
+class BenchGlobalEval(FedSegController):
+    """Scores one saved global model (from a persistor) on every site's test cases; writes the common
+    results record fedseg_results.json for `method` (the model is labelled `label`)."""
+
+    def __init__(self, method: str, persistor_id: str, model_file: str, label: str = "global (last)",
+                 section: str = "testing", task_timeout: int = 3600):
+        super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=1)
+        self.method = method
+        self.model_file = model_file
+        self.label = label
+        self.section = section
+
+    def run(self):
+        learnable = self.persistor.get_model(self.model_file, self.fl_ctx) if self.persistor else None
+        if learnable is None:
+            self.error(f"bench eval: no model {self.model_file!r} in persistor {self._persistor_id}")
+            return
+        weights = learnable["weights"]
+        sites = self.connected_sites()
+        meta = {"section": self.section, "model_name": self.label}
+        results = self.run_tasks("validate", {s: FLModel(params=weights, params_type=ParamsType.FULL, meta=dict(meta)) for s in sites})
+        keep = ("dice", "dice_std", "n_cases", "dice_per_case", "hd95")
+        per_site = {s: {k: r.metrics[k] for k in keep if k in (r.metrics or {})} for s, r in sorted(results.items())}
+        # the final model on the validation cases too: the last point of the learning curve (the sites score the
+        # model they RECEIVE in each round, so the training tasks never see the final one)
+        meta = {"section": "validation", "model_name": self.label}
+        val = self.run_tasks("validate", {s: FLModel(params=weights, params_type=ParamsType.FULL, meta=dict(meta)) for s in sites})
+        record = {"method": self.method, "section": self.section, "models": {self.label: per_site},
+                  "extra": {"model_file": self.model_file,
+                            "final_validation_dice": {s: (r.metrics or {}).get("dice") for s, r in sorted(val.items())}}}
+        _write_json(Path(self.get_app_dir()) / RESULTS_FILE, record)

@@ -1,0 +1,412 @@
+"""The benchmark runner: datasets -> (dataset, seed) cells -> every method -> raw results -> report.
+
+    python -m fedseg.bench --preset quick --out bench_results
+    python -m fedseg.bench --preset full --out bench_results --publish            # on a GPU machine
+    python -m fedseg.bench --preset quick --datasets synth2d --seeds 0 --methods fedavg fedsm local
+    python -m fedseg.bench --preset quick --data-dir /data/my_sites --datasets my_sites   # any datalist folder
+    python -m fedseg.bench --report-only --out bench_results [--publish]              # report from raw results
+
+Per (dataset, seed) cell: a seeded initial checkpoint shared by every method; the FL methods run in the
+NVFlare simulator (one job with all of them one after another, or one job per method with --isolate),
+local-only and centralized in a separate process. A method whose FLARE job is not available (not in
+fedseg.jobgen.JOBS) is reported as missing. In a shared job, a method that did not finish is re-run once in
+its own job.
+
+Output folder: data/ (generated and converted datasets), runs/<dataset>/seed<k>/ (jobs, simulator
+workspaces, cell.json), raw/ (results.json, results.csv, methods.csv, cost.json, run.json), BENCHMARKS.md
+and the PNG plots. --publish copies the raw files and plots to docs/benchmarks/ and writes BENCHMARKS.md at
+the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fedseg.bench import budget as budget_mod
+from fedseg.bench.collect import meter_records, method_record, timeline, windows
+from fedseg.bench.jobs import build_job, label, save_initial_checkpoint
+from fedseg.bench.presets import REPO, DatasetSpec, Preset, datalist_dataset, get_preset
+
+_print_lock = threading.Lock()
+
+
+def log(msg: str) -> None:
+    with _print_lock:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- machine ---------------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    import torch
+
+    info = {"hostname_hash": abs(hash(platform.node())) % 10**6, "platform": platform.platform(),
+            "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import monai
+        import nvflare
+
+        info.update(nvflare=nvflare.__version__, monai=monai.__version__)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()
+        info["memory_gib"] = round(int(mem[1]) / 2**20, 1)
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, IndexError, ValueError):
+        pass
+    return info
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of every child process that has finished (simulators, baselines)."""
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        u = resource.getrusage(who)
+        total += u.ru_utime + u.ru_stime
+    return total
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def prepare_dataset(spec: DatasetSpec, data_root: Path) -> tuple[Path | None, str]:
+    """(folder with <site>/datalist.json, note). None when an optional source is missing."""
+    if spec.kind == "datalist":
+        return Path(spec.source), f"datalist folder {spec.source}"
+    out = data_root / spec.name
+    marker = out / "bench_dataset.json"
+    wanted = {"kind": spec.kind, "source": spec.source, "options": spec.options}
+    if marker.exists() and json.loads(marker.read_text()) == wanted:
+        return out, f"reused {out}"
+    if spec.kind == "synthetic":
+        from fedseg.data.synthetic import generate_dataset
+
+        generate_dataset(str(out), overwrite=True, **spec.options)
+        note = "fedseg.data.synthetic " + ", ".join(f"{k}={v}" for k, v in spec.options.items())
+    elif spec.kind in ("polyp", "folder"):
+        if not Path(spec.source).is_dir():
+            if spec.required:
+                raise FileNotFoundError(f"dataset {spec.name}: source folder {spec.source} not found")
+            return None, f"skipped: {spec.source} not found"
+        from fedseg.data.convert import convert_folder_dataset
+
+        options = {k: v for k, v in spec.options.items() if v is not None}
+        convert_folder_dataset(spec.source, str(out), overwrite=True, **options)
+        note = f"fedseg.data.convert of {spec.source} " + ", ".join(f"{k}={v}" for k, v in options.items())
+    else:
+        raise ValueError(f"unknown dataset kind {spec.kind!r}")
+    marker.write_text(json.dumps(wanted))
+    return out, note
+
+
+def site_train_counts(data_dir: Path) -> dict[str, int]:
+    from fedseg.baselines import site_datalists
+
+    return {site: len(json.loads(p.read_text()).get("training") or []) for site, p in site_datalists(data_dir).items()}
+
+
+# ---- one cell ------------------------------------------------------------------------------------------------
+def cell_engine(spec: DatasetSpec, epochs: int, seed: int) -> dict:
+    return {**spec.engine, "local_epochs": int(epochs), "seed": int(seed)}
+
+
+def _run_fl_job(job: Path, workspace: Path, data_dir: Path, sites: list[str], timeout: float) -> dict:
+    from fedseg.sim import run_simulator
+
+    result = run_simulator(job, workspace, len(sites), data_root=data_dir, clients=sites, timeout=timeout)
+    errors = result.errors()
+    return {"returncode": result.returncode, "seconds": round(result.seconds, 2), "errors": errors[-4000:],
+            "log_tail": result.log_tail[-2000:] if result.returncode else ""}
+
+
+def _collect(workspace: Path, runs: list[tuple[str, int]], sites: list[str], plans: dict) -> dict[tuple[str, int], dict]:
+    wins = windows(timeline(workspace))
+    records = meter_records(workspace, sites)
+    out = {}
+    for method, seed in runs:
+        name = label(method, seed)
+        out[(method, seed)] = method_record(method, workspace, sites, plans[method].as_dict(), wins.get(name), records, name)
+    return out
+
+
+def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset, methods: list[str], ds_dir: Path) -> list[dict]:
+    """Every method and seed on one dataset; one cell record (cell.json) per seed.
+
+    Shared mode (default): ONE simulator job runs every (seed, method) one after another and ONE process runs
+    the baselines for every seed; each seed has its own initial network and controller seeds, the sites'
+    data-order/augmentation random stream is seeded once (first seed) and continues from run to run.
+    --isolate: one simulator job and one baseline process per (method, seed), each seeded by its seed alone."""
+    from fedseg import jobgen
+
+    ds_dir.mkdir(parents=True, exist_ok=True)
+    counts = site_train_counts(data_dir)
+    sites = sorted(counts)
+    seeds = [int(x) for x in preset.seeds]
+    engines = {seed: cell_engine(spec, preset.epochs, seed) for seed in seeds}
+    batch = int(jobgen.resolve_engine(engines[seeds[0]])["batch_size"])
+    budget = budget_mod.Budget.from_counts(preset.rounds, preset.epochs, counts, batch)
+    plans = budget_mod.plan_methods(methods, budget, fedsm_policy=preset.fedsm_policy)
+    inits = {seed: save_initial_checkpoint(ds_dir / f"init_s{seed}.pt", engines[seed], seed) for seed in seeds}
+    cells = {seed: {"dataset": ds_name, "seed": seed, "sites": sites, "train_counts": counts,
+                    "budget": {"rounds": budget.rounds, "epochs": budget.epochs, "total_steps": budget.total_steps,
+                               "site_steps_per_epoch": budget.site_steps_per_epoch, "batch_size": batch},
+                    "engine": engines[seed] if preset.isolate else engines[seeds[0]], "isolated": preset.isolate,
+                    "methods": {}, "jobs": []} for seed in seeds}
+    began = time.time()
+    fl = [m for m in methods if m in budget_mod.FL_METHODS]
+    available = [m for m in fl if m in jobgen.JOBS]
+    for m in sorted(set(fl) - set(available)):
+        for seed in seeds:
+            cells[seed]["methods"][m] = {"method": m, "status": "missing", "plan": plans[m].as_dict(),
+                                         "error": "no FLARE job for this method in fedseg.jobgen.JOBS"}
+    runs = [(m, seed) for seed in seeds for m in available]
+    groups = [[r] for r in runs] if preset.isolate else ([runs] if runs else [])
+    pending = [(0, g) for g in groups]
+    while pending:
+        attempt, group = pending.pop(0)
+        single = len(group) == 1
+        name = "bench_" + (label(*group[0]) if single else "all") + ("_retry" if attempt else "")
+        engine = engines[group[0][1]] if single and (preset.isolate or attempt) else engines[seeds[0]]
+        job = build_job(ds_dir / "jobs", name, group, plans, engine, inits, hd95=preset.hd95,
+                        task_request_interval=preset.task_request_interval)
+        ws = ds_dir / "ws" / name
+        log(f"{ds_name}: {len(group)} run(s) ({', '.join(sorted({m for m, _ in group}))}; seeds "
+            f"{sorted({s for _, s in group})}) in the NVFlare simulator, {len(sites)} sites ...")
+        job_record = _run_fl_job(job, ws, data_dir, sites, preset.timeout)
+        job_record.update(name=name, runs=[label(m, s) for m, s in group])
+        collected = _collect(ws, group, sites, plans)
+        done = [r for r in group if collected[r]["status"] in ("ok", "partial")]
+        failed = [r for r in group if r not in done]
+        for (m, seed), rec in collected.items():
+            if (m, seed) in done or m not in cells[seed]["methods"]:
+                if (m, seed) in failed:
+                    rec["error"] = (rec.get("error", "") + "\n" + job_record["errors"][-1500:]).strip()
+                cells[seed]["methods"][m] = rec
+        spent = sum(collected[r].get("wall_seconds", 0.0) for r in done)
+        job_record["outside_methods_seconds"] = round(job_record["seconds"] - spent, 2)
+        for seed in sorted({s for _, s in group}):
+            cells[seed]["jobs"].append(job_record)
+        log(f"{ds_name}: {name} finished in {job_record['seconds']:.0f}s (rc {job_record['returncode']}); "
+            f"{len(done)}/{len(group)} runs done" + (f"; NOT done {[label(*r) for r in failed]}" if failed else ""))
+        if failed and not single and not attempt:
+            pending.extend((1, [r]) for r in failed)  # a run that broke the shared job gets its own job
+    baselines = [m for m in methods if m in budget_mod.BASELINES]
+    if baselines:
+        batches = [[seed] for seed in seeds] if preset.isolate else [seeds]
+        for batch_seeds in batches:
+            got = run_baselines(data_dir, engines[batch_seeds[0]], preset, inits, batch_seeds, baselines, ds_dir, plans)
+            for seed in batch_seeds:
+                cells[seed]["methods"].update(got[seed])
+    for seed in seeds:
+        cells[seed]["seconds_dataset"] = round(time.time() - began, 1)
+        (ds_dir / f"cell_s{seed}.json").write_text(json.dumps(cells[seed], indent=2, default=str))
+    return [cells[seed] for seed in seeds]
+
+
+def run_baselines(data_dir: Path, engine: dict, preset: Preset, inits: dict, seeds: list[int], methods: list[str],
+                  ds_dir: Path, plans: dict) -> dict[int, dict[str, dict]]:
+    out_file = ds_dir / f"baselines_s{'_'.join(map(str, seeds))}.json"
+    cmd = [sys.executable, "-m", "fedseg.bench.baseline", "--data", str(data_dir), "--engine", json.dumps(engine),
+           "--rounds", str(preset.rounds), "--epochs", str(preset.epochs), "--seeds", *map(str, seeds),
+           "--inits", *[str(inits[s]) for s in seeds], "--out", str(out_file), "--methods", *methods]
+    cmd += ["--hd95"] if preset.hd95 else []
+    log(f"{data_dir.name}: {', '.join(methods)} for seeds {seeds} (separate process) ...")
+    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True, timeout=preset.timeout)
+    records: dict[int, dict[str, dict]] = {seed: {} for seed in seeds}
+    if proc.returncode != 0 or not out_file.exists():
+        for seed in seeds:
+            for m in methods:
+                records[seed][m] = {"method": m, "status": "failed", "plan": plans[m].as_dict(),
+                                    "error": (proc.stderr or proc.stdout)[-3000:]}
+        return records
+    data = json.loads(out_file.read_text())
+    for seed in seeds:
+        per_seed = data["seeds"].get(str(seed), {})
+        for m in methods:
+            got = per_seed.get(m)
+            if not got:
+                records[seed][m] = {"method": m, "status": "missing", "plan": plans[m].as_dict()}
+                continue
+            rec = {"method": m, "status": "ok", "plan": plans[m].as_dict(), "results": got["results"],
+                   "headline_model": "local (own site)" if m == "local" else "centralized", "traffic": {}}
+            rec.update({k: got[k] for k in ("wall_seconds", "cpu_seconds", "memory", "seg_steps", "curve",
+                                            "wall_seconds_parallel", "site_seconds") if k in got})
+            records[seed][m] = rec
+    return records
+
+
+def _child_env() -> dict:
+    from fedseg.sim import PACKAGE_ROOT
+
+    env = dict(os.environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(PACKAGE_ROOT) not in paths:
+        paths.insert(0, str(PACKAGE_ROOT))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("OMP_NUM_THREADS", "1")  # as the simulator's site processes
+    return env
+
+
+# ---- the whole run ------------------------------------------------------------------------------------------
+def resolve_datasets(preset: Preset, names: list[str] | None, data_dirs: list[str] | None) -> dict[str, DatasetSpec]:
+    """The preset's datasets plus --data-dir ones; --datasets picks among them by name."""
+    specs = dict(preset.datasets)
+    for d in data_dirs or []:
+        spec = datalist_dataset(d)
+        specs[spec.name] = spec
+    if not names:
+        return specs
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise SystemExit(f"unknown dataset(s) {unknown}; known: {sorted(specs)} (add one with --data-dir)")
+    return {n: specs[n] for n in names}
+
+
+def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], command: str, cost: bool = True) -> dict:
+    from fedseg.bench import cost as cost_mod
+    from fedseg.bench import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "raw").mkdir(exist_ok=True)
+    started, cpu_started = time.time(), _cpu_seconds()
+    run_info = {"command": command, "preset": preset.name, "preset_description": preset.description,
+                "seeds": list(preset.seeds), "rounds": preset.rounds, "epochs": preset.epochs,
+                "methods": list(preset.methods), "isolate": preset.isolate, "parallel": preset.parallel,
+                "fedsm_policy": preset.fedsm_policy, "task_request_interval": preset.task_request_interval,
+                "hd95": preset.hd95, "machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "datasets": {}}
+    ready: dict[str, tuple[Path, DatasetSpec]] = {}
+    for name, spec in datasets.items():
+        path, note = prepare_dataset(spec, out / "data")
+        run_info["datasets"][name] = {"note": note, "kind": spec.kind, "engine": spec.engine}
+        log(f"dataset {name}: {note}")
+        if path is not None:
+            run_info["datasets"][name]["sites"] = site_train_counts(path)
+            ready[name] = (path, spec)
+    results: list[dict] = []
+
+    def one(item):
+        name, (path, spec) = item
+        try:
+            return run_dataset(name, path, spec, preset, list(preset.methods), out / "runs" / name)
+        except Exception as e:  # noqa: BLE001 - one broken dataset must not lose the others
+            log(f"{name}: FAILED {type(e).__name__}: {e}")
+            return [{"dataset": name, "seed": seed, "error": f"{type(e).__name__}: {e}", "methods": {}} for seed in preset.seeds]
+
+    with ThreadPoolExecutor(max_workers=max(1, preset.parallel)) as pool:
+        for cells in pool.map(one, list(ready.items())):
+            results.extend(cells)
+    run_info["cells_seconds"] = round(time.time() - started, 1)
+    if cost and preset.cost is not None and preset.cost.dataset in ready:
+        path, spec = ready[preset.cost.dataset]
+        log(f"cost phase on {preset.cost.dataset}: FL overhead and executor throughput ...")
+        try:
+            cost_record = cost_mod.run_cost(preset, path, spec, out / "runs" / "cost", log=log)
+        except Exception as e:  # noqa: BLE001
+            log(f"cost phase FAILED: {type(e).__name__}: {e}")
+            cost_record = {"error": f"{type(e).__name__}: {e}"}
+        (out / "raw" / "cost.json").write_text(json.dumps(cost_record, indent=2, default=str))
+    run_info["seconds"] = round(time.time() - started, 1)
+    run_info["cpu_seconds"] = round(_cpu_seconds() - cpu_started, 1)
+    run_info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    report.write_raw(out / "raw", results, run_info)
+    log(f"raw results in {out / 'raw'}; total {run_info['seconds']:.0f}s")
+    return run_info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fedseg.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="quick", choices=["smoke", "quick", "full"])
+    p.add_argument("--out", default="bench_results", help="output folder (raw results, report, runs)")
+    p.add_argument("--datasets", nargs="*", help="dataset names (default: the preset's; polyp only if its folder exists)")
+    p.add_argument("--data-dir", nargs="*", default=[], help="extra datasets in the datalist layout (<dir>/<site>/datalist.json)")
+    p.add_argument("--seeds", nargs="*", type=int)
+    p.add_argument("--methods", nargs="*", choices=list(budget_mod.METHODS))
+    p.add_argument("--rounds", type=int, help="R of the budget (FedAvg rounds)")
+    p.add_argument("--epochs", type=int, help="E of the budget (local epochs per round)")
+    p.add_argument("--parallel", type=int, help="(dataset, seed) cells at the same time")
+    p.add_argument("--isolate", action="store_true", help="one simulator job per method")
+    p.add_argument("--fedsm-policy", choices=budget_mod.FEDSM_POLICIES)
+    p.add_argument("--no-cost", action="store_true", help="skip the FL-overhead / throughput measurements")
+    p.add_argument("--no-hd95", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="only regenerate the report from OUT/raw")
+    p.add_argument("--publish", action="store_true", help="also write BENCHMARKS.md at the repository root and the "
+                                                          "raw files + plots to docs/benchmarks/")
+    return p
+
+
+def _children() -> list[int]:
+    me, out = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == me:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _stop_children(signum, frame) -> None:
+    """On SIGTERM: stop the simulators this run started (each in its own process group) and its other children."""
+    import signal
+
+    for pid in _children():
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGTERM)
+            else:
+                os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    from fedseg.bench import report
+
+    signal.signal(signal.SIGTERM, _stop_children)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    o = build_parser().parse_args(argv)
+    out = Path(o.out).resolve()
+    command = "python -m fedseg.bench " + " ".join(shlex.quote(a) for a in argv)
+    if not o.report_only:
+        preset = get_preset(o.preset)
+        for key in ("seeds", "methods"):
+            if getattr(o, key):
+                setattr(preset, key, list(getattr(o, key)))
+        for key in ("rounds", "epochs", "parallel"):
+            if getattr(o, key):
+                setattr(preset, key, int(getattr(o, key)))
+        if o.isolate:
+            preset.isolate = True
+        if o.fedsm_policy:
+            preset.fedsm_policy = o.fedsm_policy
+        if o.no_hd95:
+            preset.hd95 = False
+        datasets = resolve_datasets(preset, o.datasets, o.data_dir)
+        run_benchmark(preset, out, datasets, command, cost=not o.no_cost)
+    md = report.write_report(out / "raw", out)
+    print(f"report: {md}")
+    if o.publish:
+        published = report.publish(out, REPO)
+        print(f"published: {published}")
+    return 0

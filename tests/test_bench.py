@@ -1,0 +1,215 @@
+"""Benchmark: the budget arithmetic (pure), the TaskMeter wiring, and the smoke preset end to end (every
+method in the real NVFlare simulator, raw results, report and plots)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CUSTOM, REPO
+
+from fedseg.algorithms.schedules import assign
+from fedseg.bench.budget import (
+    BASELINES,
+    FL_METHODS,
+    METHODS,
+    Budget,
+    check_equal_budget,
+    plan_method,
+    plan_methods,
+    steps_per_epoch,
+)
+
+
+# ---- budget (pure) -----------------------------------------------------------------------------------------
+def test_steps_per_epoch_matches_the_engine_rule():
+    assert steps_per_epoch(24, 4) == 6 and steps_per_epoch(25, 4) == 7 and steps_per_epoch(1, 8) == 1
+    with pytest.raises(ValueError):
+        steps_per_epoch(0, 4)
+
+
+SITE_STEPS = {"site-1": 6, "site-2": 4, "site-3": 8, "site-4": 3}
+
+
+@pytest.mark.parametrize("rounds,epochs", [(3, 2), (4, 2), (10, 2), (6, 4)])
+def test_every_method_gets_the_same_budget(rounds, epochs):
+    budget = Budget(rounds, epochs, SITE_STEPS)
+    assert budget.total_steps == rounds * epochs * sum(SITE_STEPS.values())
+    plans = plan_methods(METHODS, budget)
+    assert check_equal_budget(plans, budget) == []
+    for m, p in plans.items():
+        assert p.within_budget, m
+        if m != "centralized":
+            assert p.seg_steps_per_site == {s: budget.site_steps(s) for s in SITE_STEPS}, m
+
+
+def _steps_from_schedule(plan, budget: Budget, kind: str, k: int) -> dict[str, int]:
+    """Count each site's steps by replaying FedCross's real site-visit schedule."""
+    steps = dict.fromkeys(budget.sites, 0)
+    for c in range(plan.communications):
+        for site in assign(kind, budget.sites, k, c, seed=3):
+            if site is not None:
+                steps[site] += plan.visit_epochs * budget.site_steps_per_epoch[site]
+    return steps
+
+
+@pytest.mark.parametrize("rounds,epochs,visit", [(3, 2, None), (4, 2, 4), (2, 3, 6), (5, 1, None)])
+def test_fedcross_budget_holds_on_the_real_schedule(rounds, epochs, visit):
+    budget = Budget(rounds, epochs, SITE_STEPS)
+    n = budget.n_sites
+    cross = plan_method("fedcross", budget, fedcross_visit_epochs=visit)
+    assert cross.communications * cross.visit_epochs == n * rounds * epochs  # N x the communications of FedCrossEns
+    assert _steps_from_schedule(cross, budget, "cyclic", 1) == {s: budget.site_steps(s) for s in budget.sites}
+    ens = plan_method("fedcrossens", budget, fedcrossens_visit_epochs=visit)
+    assert ens.num_models == n and ens.communications * ens.visit_epochs == rounds * epochs
+    assert sum(_steps_from_schedule(ens, budget, "latin", n).values()) == budget.total_steps
+
+
+def test_fedsm_policies_and_extra_cost():
+    budget = Budget(4, 2, SITE_STEPS)
+    split = plan_method("fedsm", budget)  # default: half the epochs for each of its two networks
+    assert (split.rounds, split.local_epochs, split.networks_per_site_round) == (4, 1, 2)
+    assert split.seg_steps_total == budget.total_steps and "selector" in split.extra_cost
+    by_rounds = plan_method("fedsm", budget, fedsm_policy="rounds")
+    assert (by_rounds.rounds, by_rounds.local_epochs) == (2, 2) and by_rounds.seg_steps_total == budget.total_steps
+    extra = plan_method("softpull", budget, fedsm_policy="extra")
+    assert extra.seg_steps_total == 2 * budget.total_steps and not extra.within_budget
+    assert "selector" not in extra.extra_cost and "second network" in extra.extra_cost
+    assert check_equal_budget({"fedsm": split, "softpull": extra}, budget) == ["softpull"]
+
+
+def test_budgets_that_cannot_split_are_refused():
+    with pytest.raises(ValueError, match="does not divide"):
+        plan_method("fedsm", Budget(3, 1, SITE_STEPS))  # E odd
+    with pytest.raises(ValueError, match="does not divide"):
+        plan_method("fedsm", Budget(3, 2, SITE_STEPS), fedsm_policy="rounds")  # R odd
+    with pytest.raises(ValueError, match="does not divide"):
+        plan_method("fedcross", Budget(3, 2, SITE_STEPS), fedcross_visit_epochs=4)
+    with pytest.raises(ValueError):
+        plan_method("scaffold", Budget(3, 2, SITE_STEPS))
+    with pytest.raises(ValueError):
+        Budget(0, 2, SITE_STEPS)
+
+
+def test_extra_costs_are_stated():
+    plans = plan_methods(METHODS, Budget(2, 2, SITE_STEPS))
+    assert "ensemble" in plans["fedcrossens"].extra_cost and "validation" in plans["fedcross"].extra_cost
+    assert plans["fedavg"].model_downloads_per_site == 2 and plans["fedcross"].model_downloads_per_site == 2
+    assert plans["fedcrossens"].model_downloads_per_site == 2
+
+
+# ---- meter wiring ----------------------------------------------------------------------------------------------
+def test_add_meter_joins_existing_filter_chains():
+    from fedseg.fl.meter import DEFAULT_TASKS, METER_PATH, add_meter
+
+    other = {"path": "nvflare.app_common.filters.exclude_vars.ExcludeVars", "args": {"exclude_vars": ["x"]}}
+    client = {"task_data_filters": [], "task_result_filters": [{"tasks": ["train"], "filters": [dict(other)]}]}
+    add_meter(client)
+    result_chains = client["task_result_filters"]
+    assert result_chains[0]["filters"][-1]["path"] == METER_PATH  # measured after the privacy filter, as sent
+    covered = [t for chain in result_chains for t in chain["tasks"]]
+    assert sorted(covered) == sorted(DEFAULT_TASKS) and len(covered) == len(set(covered))  # one chain per task
+    assert client["task_data_filters"][0]["filters"][0]["args"]["direction"] == "in"
+
+
+def test_meter_measures_serialized_size():
+    from nvflare.app_common.abstract.fl_model import FLModel
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+    from fedseg.fl.meter import peak_rss_bytes, reset_peak_rss, serialized_size
+
+    params = {"w": np.zeros((100, 100), np.float32), "b": np.ones(7, np.float32)}
+    size, method, arrays = serialized_size(FLModelUtils.to_shareable(FLModel(params=params)))
+    assert arrays == 40028 and size >= arrays and method in ("fobs", "array_nbytes")
+    reset_peak_rss()
+    assert peak_rss_bytes() > 10 * 2**20
+
+
+def test_cost_ratios_from_a_record():
+    from fedseg.bench.cost import ratios
+
+    plain = {"fedavg_small": {"wall_seconds": 2.0, "process_wall_seconds": 10.0, "process_cpu_seconds": 8.0},
+             "fedavg_realistic": {"wall_seconds": 20.0, "process_wall_seconds": 30.0, "process_cpu_seconds": 28.0},
+             "monai": {"images_per_second": 50.0}, "engine": {"images_per_second": 45.0}}
+    jobs = {"fedavg_small_shipped": {"training_wall_seconds": 10.0, "job_wall_seconds": 60.0, "job_cpu_seconds": 40.0},
+            "fedavg_small_tuned": {"training_wall_seconds": 3.0, "job_wall_seconds": 40.0, "job_cpu_seconds": 30.0},
+            "solo_shipped": {"executor_images_per_second": 25.0}, "solo_lean": {"executor_images_per_second": 40.0}}
+    r = ratios({"plain": plain, "jobs": jobs})
+    assert r["fl_overhead"]["small/shipped"]["training_wall_ratio"] == 5.0
+    assert r["fl_overhead"]["small/tuned"]["cpu_ratio"] == 30.0 / 8.0
+    assert r["fl_overhead"]["realistic/tuned"]["training_wall_ratio"] is None  # not measured: no ratio invented
+    assert r["throughput"]["lean"]["executor_vs_monai"] == 0.8 and r["throughput"]["shipped"]["engine_vs_monai"] == 0.9
+
+
+def test_a_method_without_a_flare_job_is_reported_missing(tmp_path, monkeypatch):
+    from fedseg import jobgen
+    from fedseg.bench.presets import get_preset
+    from fedseg.bench.run import prepare_dataset, run_dataset
+
+    monkeypatch.delitem(jobgen.JOBS, "fedcross")
+    preset = get_preset("smoke")
+    spec = preset.datasets["synth2d"]
+    data, _ = prepare_dataset(spec, tmp_path / "data")
+    (cell,) = run_dataset("synth2d", data, spec, preset, ["fedcross"], tmp_path / "ds")
+    assert cell["methods"]["fedcross"]["status"] == "missing" and "JOBS" in cell["methods"]["fedcross"]["error"]
+    assert cell["jobs"] == []  # nothing ran
+
+
+# ---- the smoke preset end to end ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "out"
+    proc = subprocess.run([sys.executable, "-m", "fedseg.bench", "--preset", "smoke", "--out", str(out)],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return out
+
+
+def test_smoke_preset_runs_every_method_end_to_end(smoke_run):
+    data = json.loads((smoke_run / "raw" / "results.json").read_text())
+    (cell,) = data["cells"]
+    budget = cell["budget"]["total_steps"]
+    assert sorted(cell["methods"]) == sorted(METHODS)
+    for m, rec in cell["methods"].items():
+        assert rec["status"] == "ok", (m, rec.get("error"))
+        models = rec["results"]["models"]
+        assert rec["headline_model"] in models, (m, list(models))
+        assert sorted(models[rec["headline_model"]]) == cell["sites"], m
+        assert rec["seg_steps"] == budget, (m, rec["seg_steps"], budget)  # measured at the sites = the budget
+        assert rec["wall_seconds"] > 0 and rec["curve"], m
+        assert all(v and v > 50 * 2**20 for v in rec["memory"].values()), (m, rec["memory"])
+    for m in FL_METHODS:
+        traffic = cell["methods"][m]["traffic"]
+        assert sorted(traffic) == cell["sites"]
+        for site, t in traffic.items():
+            assert t["bytes_in"] > 100_000 and t["bytes_out"] > 0 and t["tasks"] > 0, (m, site, t)
+            assert t["bytes_method"] == ["fobs"], (m, t)
+    assert cell["methods"]["fedsm"]["selector_steps"] > 0
+    assert "selector_accuracy" in cell["methods"]["fedsm"]["results"]["extra"]
+    assert "uncertainty_per_site" in cell["methods"]["fedcrossens"]["results"]["extra"]
+    assert "hd95" in next(iter(cell["methods"]["fedavg"]["results"]["models"]["global (last)"].values()))
+    for m in BASELINES:
+        assert cell["methods"][m]["traffic"] == {}
+    rows = list(csv.DictReader(open(smoke_run / "raw" / "methods.csv")))
+    assert sorted(r["method"] for r in rows) == sorted(METHODS)
+
+
+def test_smoke_report_and_plots(smoke_run, tmp_path):
+    md = (smoke_run / "BENCHMARKS.md").read_text()
+    for name in ("Local only", "Centralized", "FedAvg", "FedProx", "FedSM", "SoftPull", "FedCross", "FedCrossEns"):
+        assert f"| {name} |" in md, name
+    assert "python -m fedseg.bench --preset smoke" in md and "no GPU was lent" in md
+    for png in ("dice_per_round.png", "site_dice_synth2d.png", "fedcrossens_uncertainty.png"):
+        assert (smoke_run / png).stat().st_size > 5000, png
+    # the report is generated from the raw files alone
+    from fedseg.bench.report import write_report
+
+    again = write_report(smoke_run / "raw", tmp_path)
+    assert again.read_text() == md
