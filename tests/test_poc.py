@@ -241,6 +241,33 @@ def test_submit_through_nvflare_job_cli_and_admin_console(poc):
     assert results["cli"].job_id != results["console"].job_id
 
 
+def test_fedsm_and_fedcrossens_deploy_the_same_way(poc):
+    """The custom controllers' jobs run on the POC exactly like FedAvg: code-less, allow-listed, signed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedseg.report import load_results
+
+    root = poc.fed.root / "src_jobs_custom"
+    fedsm_engine = json.loads((REPO / "jobs" / "fedsm" / "app" / "config" / "config_fed_server.json").read_text())
+    engine = {**fedsm_engine["workflows"][0]["args"]["engine"], **TINY}
+    jobs = {
+        "fedsm": copy_job("fedsm", root, server_args={"num_rounds": 1, "engine": engine}, engine=TINY),
+        "fedcrossens": copy_job("fedcrossens", root, server_args={"num_communications": 1, "engine": engine}, engine=TINY),
+    }
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(poc.fed.submit, job, via="api", user=LEAD, timeout=JOB_TIMEOUT, stage_name=name)
+                   for name, job in jobs.items()}
+        while not all(f.done() for f in futures.values()):
+            poc.seen.update(poc.fed.processes())
+            time.sleep(2)
+    expected_model = {"fedsm": "FedSM super model", "fedcrossens": "ensemble"}
+    for name, future in futures.items():
+        result = future.result()
+        assert result.status == "FINISHED:COMPLETED", (name, result)
+        record = load_results(result.result_dir)
+        assert sorted(record["models"][expected_model[name]]) == SITES, (name, record["models"].keys())
+
+
 # --------------------------------------------------------------------------------------------------
 # Without a running POC
 # --------------------------------------------------------------------------------------------------
@@ -307,6 +334,12 @@ def test_privacy_filter_unit():
     assert metrics.data == {"dice": 0.5}
     with pytest.raises(TypeError):
         LayerPrivacyFilter(zero_vars="fc.bias")  # list form only
+    # FedSM / FedCross updates: several models under "<group>/" prefixes, optimizer state under "::" keys
+    packed = {f"global/{FINAL_LAYER}.bias": np.ones(2, np.float32), f"model/{FINAL_LAYER}.bias": np.ones(2, np.float32),
+              "selector_optim/net.layer.weight::exp_avg_sq": np.full(8, 1e-8, np.float32)}
+    out = from_shareable(filt.process(DXO(DataKind.WEIGHTS, data=dict(packed)).to_shareable(), FLContext()))
+    assert not np.any(out.data[f"global/{FINAL_LAYER}.bias"]) and not np.any(out.data[f"model/{FINAL_LAYER}.bias"])
+    assert np.array_equal(out.data["selector_optim/net.layer.weight::exp_avg_sq"], packed["selector_optim/net.layer.weight::exp_avg_sq"])
 
 
 def test_gpu_plan_and_job_staging(tmp_path):

@@ -11,7 +11,10 @@ that leave the site:
   noise_vars  regular expressions: these tensors (except the zeroed ones) get Gaussian noise with a
               standard deviation of noise_std times the tensor's own standard deviation.
 
-Metrics (validation results) pass unchanged. Every application is logged at the site, e.g.
+Optimizer state that travels with FedSM's selector and FedCross's models (keys "<param>::<state>") is never
+touched: it is not model weights, and noise would make Adam's second moments negative. FedSM and FedCross
+pack several models into one update ("global/<param>", "model/<param>"): write patterns that allow the
+prefix, e.g. "(^|/)net\\.model\\.2\\.1\\.". Metrics (validation results) pass unchanged. Every application is logged at the site, e.g.
     privacy filter at hospital-a, task train: zeroed 2 tensor(s) [...]; perturbed 35 tensor(s) (noise 0.01 x std)
 and NVFlare records the filter in the DXO's filter history, which the server keeps with the update.
 
@@ -80,6 +83,8 @@ class LayerPrivacyFilter(DXOFilter):
         """Return (new params, zeroed names, perturbed names); params is not modified."""
         out, zeroed, perturbed = dict(params), [], []
         for name, value in params.items():
+            if "::" in name:  # optimizer state (see module docstring)
+                continue
             if self._matches(name, self.zero_vars):
                 out[name] = value * 0  # same type, dtype and shape (numpy array or torch tensor)
                 zeroed.append(name)
