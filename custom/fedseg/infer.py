@@ -194,14 +194,19 @@ def run_ensemble(o: argparse.Namespace) -> int:
     return 0
 
 
-def add_ensemble_parser(sub) -> None:
-    p = sub.add_parser("ensemble", help="FedCross / FedCrossEns model set: mean softmax, std and entropy maps",
-                       description="Segment with the K models of a FedCross/FedCrossEns model set (best.pt or last.pt).")
-    p.add_argument("--models", required=True, help="model set file written by the FedCross job (best.pt / last.pt)")
+def add_common_arguments(p: argparse.ArgumentParser, job: str) -> None:
+    """--models/--input/--out/--section/--labels: the same for every model-set kind."""
+    p.add_argument("--models", required=True, help=f"model set file written by the {job} job (best.pt / last.pt)")
     p.add_argument("--input", required=True, help="folder of NIfTI images, or a datalist .json")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--section", default="testing", help="datalist section to segment (datalist input only)")
     p.add_argument("--labels", help="folder input only: label files with the images' names (for Dice)")
+
+
+def add_ensemble_parser(sub) -> None:
+    p = sub.add_parser("ensemble", help="FedCross / FedCrossEns model set: mean softmax, std and entropy maps",
+                       description="Segment with the K models of a FedCross/FedCrossEns model set (best.pt or last.pt).")
+    add_common_arguments(p, "FedCross")
     p.add_argument("--threshold", type=float, help="foreground probability threshold (default: argmax)")
     p.set_defaults(run=run_ensemble)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from fedseg.infer import case_dice, first_path, list_cases, write_nifti_like, write_summary
+from fedseg.infer import add_common_arguments, case_dice, first_path, list_cases, write_nifti_like, write_summary
 
 
 def run_fedsm(o: argparse.Namespace) -> int:
@@ -92,11 +92,7 @@ def run_fedsm(o: argparse.Namespace) -> int:
 def add_fedsm_parser(sub) -> None:
     p = sub.add_parser("fedsm", help="FedSM model set: the selector routes each image to a personalized or the global model",
                        description="Segment with a FedSM (or SoftPull) model set (best.pt / last.pt).")
-    p.add_argument("--models", required=True, help="model set file written by the FedSM job (fedsm/best.pt or last.pt)")
-    p.add_argument("--input", required=True, help="folder of NIfTI images, or a datalist .json")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--section", default="testing", help="datalist section to segment (datalist input only)")
-    p.add_argument("--labels", help="folder input only: label files with the images' names (for Dice)")
+    add_common_arguments(p, "FedSM")
     p.add_argument("--gamma", type=float, help="routing threshold (default: the job's)")
     p.add_argument("--site", help="skip the selector and use this site's personalized model")
     p.set_defaults(run=run_fedsm)
