@@ -44,10 +44,23 @@ def kit_user(kit: str | os.PathLike) -> str:
     return Path(kit).resolve().name
 
 
-def open_session(kit: str | os.PathLike, user: str | None = None, timeout: float = 10.0):
+def open_session(kit: str | os.PathLike, user: str | None = None, timeout: float = 30.0, retry_for: float = 120.0):
+    """Log in with the kit. A busy or just-started server can fail the login handshake (e.g. an empty
+    certificate challenge): that is retried for `retry_for` seconds; a refused authorization is not."""
+    from nvflare.fuel.flare_api.api_spec import AuthorizationError
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
-    return new_secure_session(user or kit_user(kit), str(Path(kit).resolve()), timeout=timeout)
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            return new_secure_session(user or kit_user(kit), str(Path(kit).resolve()), timeout=timeout)
+        except AuthorizationError:
+            raise
+        except Exception as e:  # noqa: BLE001 - transient connection/handshake failures
+            if time.monotonic() > deadline:
+                raise
+            print(f"login as {user or kit_user(kit)} failed ({type(e).__name__}: {e}); retrying", flush=True)
+            time.sleep(3)
 
 
 def submit_job(
