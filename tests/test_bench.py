@@ -134,15 +134,18 @@ def test_meter_measures_serialized_size():
 def test_cost_ratios_from_a_record():
     from fedseg.bench.cost import ratios
 
-    plain = {"fedavg_small": {"wall_seconds": 2.0, "process_wall_seconds": 10.0, "process_cpu_seconds": 8.0},
+    plain = {"fedavg_small": {"wall_seconds": 2.0, "cpu_seconds": 2.0, "process_wall_seconds": 10.0, "process_cpu_seconds": 8.0},
              "fedavg_realistic": {"wall_seconds": 20.0, "process_wall_seconds": 30.0, "process_cpu_seconds": 28.0},
              "monai": {"images_per_second": 50.0}, "engine": {"images_per_second": 45.0}}
-    jobs = {"fedavg_small_shipped": {"training_wall_seconds": 10.0, "job_wall_seconds": 60.0, "job_cpu_seconds": 40.0},
+    jobs = {"fedavg_small_shipped": {"training_wall_seconds": 10.0, "job_wall_seconds": 60.0, "job_cpu_seconds": 40.0,
+                                     "training_cpu_seconds": 3.0, "overhead_per_round_seconds": 2.1},
             "fedavg_small_tuned": {"training_wall_seconds": 3.0, "job_wall_seconds": 40.0, "job_cpu_seconds": 30.0},
             "solo_shipped": {"executor_images_per_second": 25.0}, "solo_lean": {"executor_images_per_second": 40.0}}
     r = ratios({"plain": plain, "jobs": jobs})
     assert r["fl_overhead"]["small/shipped"]["training_wall_ratio"] == 5.0
     assert r["fl_overhead"]["small/tuned"]["cpu_ratio"] == 30.0 / 8.0
+    assert r["fl_overhead"]["small/shipped"]["training_cpu_ratio"] == 1.5
+    assert r["fl_overhead"]["small/shipped"]["overhead_per_round_seconds"] == 2.1
     assert r["fl_overhead"]["realistic/tuned"]["training_wall_ratio"] is None  # not measured: no ratio invented
     assert r["throughput"]["lean"]["executor_vs_monai"] == 0.8 and r["throughput"]["shipped"]["engine_vs_monai"] == 0.9
 
@@ -213,3 +216,15 @@ def test_smoke_report_and_plots(smoke_run, tmp_path):
 
     again = write_report(smoke_run / "raw", tmp_path)
     assert again.read_text() == md
+
+
+def test_any_datalist_folder_is_a_dataset(tiny3d):
+    from fedseg.bench.presets import get_preset
+    from fedseg.bench.run import resolve_datasets
+
+    specs = resolve_datasets(get_preset("quick"), ["tiny3d"], [str(tiny3d)])
+    spec = specs["tiny3d"]
+    assert spec.kind == "datalist" and spec.engine["spatial_dims"] == 3 and len(spec.engine["roi_size"]) == 3
+    assert spec.engine["in_channels"] == 1 and spec.engine["num_classes"] == 2
+    with pytest.raises(SystemExit, match="unknown dataset"):
+        resolve_datasets(get_preset("quick"), ["nope"], [])

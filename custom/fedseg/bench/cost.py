@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import subprocess
@@ -112,12 +113,13 @@ def plain_monai(datalist: str, site: str, engine_settings: dict, epochs: int, in
         return int(batch["image"].shape[0])
 
     step(next(iter(loader)))  # warm-up
-    images, began = 0, time.perf_counter()
+    images, began, cpu0 = 0, time.perf_counter(), time.process_time()
     for _ in range(epochs):
         for batch in loader:
             images += step(batch)
-    seconds = time.perf_counter() - began
-    return {"images": images, "seconds": seconds, "images_per_second": images / seconds}
+    seconds, cpu = time.perf_counter() - began, time.process_time() - cpu0
+    return {"images": images, "seconds": seconds, "cpu_seconds": cpu, "images_per_second": images / seconds,
+            "images_per_cpu_second": images / cpu}
 
 
 def plain_engine(datalist: str, site: str, engine_settings: dict, rounds: int, init: str) -> dict:
@@ -132,15 +134,16 @@ def plain_engine(datalist: str, site: str, engine_settings: dict, rounds: int, i
     engine.dataset("training")
     engine.train(engine.new_network(), 1)
     state = load_initial_state(init)
-    images, seconds, began = 0, 0.0, time.perf_counter()
+    images, seconds, began, cpu0 = 0, 0.0, time.perf_counter(), time.process_time()
     for _ in range(rounds):
         net = engine.new_network()
         load_numpy_state(net, state, site)
         stats = engine.train(net, engine.local_steps())
         images += stats.images
         seconds += stats.seconds
-    return {"images": images, "seconds_in_train": seconds, "seconds": time.perf_counter() - began,
-            "images_per_second": images / (time.perf_counter() - began)}
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu0
+    return {"images": images, "seconds_in_train": seconds, "seconds": wall, "cpu_seconds": cpu,
+            "images_per_second": images / wall, "images_per_cpu_second": images / cpu}
 
 
 def plain_main(o) -> dict:
@@ -176,7 +179,7 @@ def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: 
             settings: dict, timeout: float, log) -> dict:
     from fedseg.bench.budget import Budget, plan_method
     from fedseg.bench.collect import meter_records, timeline, windows
-    from fedseg.bench.jobs import build_job
+    from fedseg.bench.jobs import build_job, label
     from fedseg.bench.run import site_train_counts
     from fedseg.jobgen import resolve_engine
     from fedseg.sim import run_simulator
@@ -185,7 +188,8 @@ def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: 
     batch = int(resolve_engine(engine)["batch_size"])
     budget = Budget.from_counts(rounds, int(engine["local_epochs"]), counts, batch)
     plan = plan_method("fedavg", budget)
-    job = build_job(out_dir / "jobs", name, ["fedavg"], {"fedavg": plan}, engine, int(engine["seed"]), init, hd95=False,
+    seed = int(engine["seed"])
+    job = build_job(out_dir / "jobs", name, [("fedavg", seed)], {"fedavg": plan}, engine, {seed: init}, hd95=False,
                     evaluate=False, task_request_interval=settings.get("task_request_interval"),
                     task_check_period=settings.get("task_check_period"), executor_args=settings.get("executor_args"))
     ws = out_dir / "ws" / name
@@ -193,7 +197,7 @@ def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: 
     cpu0 = _children_cpu()
     result = run_simulator(job, ws, len(sites), data_root=data_dir, clients=sites, timeout=timeout)
     cpu = _children_cpu() - cpu0
-    window = windows(timeline(ws)).get("fedavg")
+    window = windows(timeline(ws)).get(label("fedavg", seed))
     records = meter_records(ws, sites)
     train = [r for recs in records.values() for r in recs if r.get("task_name") == "train" and window
              and window["start"] <= r["t_in"] <= window["end"]]
@@ -205,6 +209,9 @@ def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: 
     for r in train:
         per_round[int(r.get("round") or 0)] = max(per_round.get(int(r.get("round") or 0), 0.0), r.get("seconds") or 0.0)
     critical = sum(per_round.values())  # the slowest site's task time, round by round
+    task_cpu = sum(r.get("cpu_seconds") or 0.0 for r in train)
+    server_cpu = window.get("server_cpu_seconds") if window else None
+    training_wall = (window["end"] - window["start"]) if window else None
     engine_seconds = images / float(np.mean(engine_rates)) if engine_rates else None
     record = {
         "name": name, "sites": sites, "rounds": rounds, "epochs": int(engine["local_epochs"]), "settings": settings,
@@ -215,6 +222,13 @@ def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: 
         "executor_images_per_second": images / task_seconds if task_seconds else None,
         "engine_images_per_second_logged": float(np.mean(engine_rates)) if engine_rates else None,
         "slowest_site_task_seconds": round(critical, 3),
+        # what the federation adds per round beyond the slowest site's task: polling, transfer, aggregation, saving
+        "overhead_per_round_seconds": round((training_wall - critical) / rounds, 3) if training_wall else None,
+        "train_task_cpu_seconds": round(task_cpu, 3),
+        "server_cpu_seconds": round(server_cpu, 3) if server_cpu is not None else None,
+        "training_cpu_seconds": round(task_cpu + (server_cpu or 0.0), 3),
+        "executor_images_per_cpu_second": images / task_cpu if task_cpu else None,
+        "meter_seconds": round(sum(r.get("meter_seconds") or 0.0 for r in train), 3),
         "engine_train_seconds_estimate": round(engine_seconds, 3) if engine_seconds else None,
         "bytes_per_round_per_site": (float(np.mean([r["bytes_in"] + r["bytes_out"] for r in train])) if train else None),
     }
@@ -240,8 +254,10 @@ def run_cost(preset, data_dir: Path, spec, out_dir: Path, log=print) -> dict:
     solo = c.throughput_site or max(sites, key=lambda s: (counts[s], s))
     small, real = cell_engine(spec, c.small_epochs, 0), cell_engine(spec, c.realistic_epochs, 0)
     init = save_initial_checkpoint(out_dir / "init.pt", small, 0)
+    began = time.time()
     record: dict = {"dataset": data_dir.name, "sites": sites, "train_counts": counts, "throughput_site": solo,
-                    "rounds": c.rounds, "small_epochs": c.small_epochs, "realistic_epochs": c.realistic_epochs}
+                    "rounds": c.rounds, "small_epochs": c.small_epochs, "realistic_epochs": c.realistic_epochs,
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average_at_start": list(os.getloadavg())}
 
     # plain references, each in a fresh process with the sites' thread settings
     log("cost: plain FedAvg loops (small, realistic), plain MONAI and engine loops ...")
@@ -264,6 +280,8 @@ def run_cost(preset, data_dir: Path, spec, out_dir: Path, log=print) -> dict:
                                                c.throughput_rounds, init, settings, preset.timeout, log)
     record["jobs"] = jobs
     record["ratios"] = ratios(record)
+    record["seconds"] = round(time.time() - began, 1)
+    record["load_average_at_end"] = list(os.getloadavg())
     return record
 
 
@@ -281,21 +299,32 @@ def ratios(record: dict) -> dict:
             j = jobs.get(f"fedavg_{label}_{setting}") or {}
             out["fl_overhead"][f"{label}/{setting}"] = {
                 "training_wall_ratio": _ratio(j.get("training_wall_seconds"), p["wall_seconds"]),
+                "training_cpu_ratio": _ratio(j.get("training_cpu_seconds"), p.get("cpu_seconds")),
+                "overhead_per_round_seconds": j.get("overhead_per_round_seconds"),
                 "job_wall_ratio": _ratio(j.get("job_wall_seconds"), p["process_wall_seconds"]),
                 "cpu_ratio": _ratio(j.get("job_cpu_seconds"), p["process_cpu_seconds"]),
                 "fl_training_seconds": j.get("training_wall_seconds"), "plain_training_seconds": p["wall_seconds"],
                 "fl_job_seconds": j.get("job_wall_seconds"), "plain_process_seconds": p["process_wall_seconds"],
             }
     monai = plain["monai"]["images_per_second"]
+    monai_cpu = plain["monai"].get("images_per_cpu_second")
     for setting in ("shipped", "lean"):
         j = jobs.get(f"solo_{setting}") or {}
         out["throughput"][setting] = {
+            "train_task_seconds": j.get("train_task_seconds"),
+            "engine_train_seconds_estimate": j.get("engine_train_seconds_estimate"),
+            "meter_seconds": j.get("meter_seconds"),
             "executor_images_per_second": j.get("executor_images_per_second"),
             "engine_images_per_second_logged": j.get("engine_images_per_second_logged"),
             "plain_monai_images_per_second": monai,
             "plain_engine_images_per_second": plain["engine"]["images_per_second"],
             "executor_vs_monai": _ratio(j.get("executor_images_per_second"), monai),
             "engine_vs_monai": _ratio(plain["engine"]["images_per_second"], monai),
+            "executor_images_per_cpu_second": j.get("executor_images_per_cpu_second"),
+            "plain_monai_images_per_cpu_second": monai_cpu,
+            "plain_engine_images_per_cpu_second": plain["engine"].get("images_per_cpu_second"),
+            "executor_vs_monai_cpu": _ratio(j.get("executor_images_per_cpu_second"), monai_cpu),
+            "engine_vs_monai_cpu": _ratio(plain["engine"].get("images_per_cpu_second"), monai_cpu),
         }
     return out
 
