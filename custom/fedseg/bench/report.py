@@ -475,7 +475,7 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
           f"- Budget: R = {run.get('rounds')} FedAvg rounds × E = {run.get('epochs')} local epochs; every method trains the same total "
           "number of segmentation-network optimizer steps summed over sites, B = R·E·Σᵢ⌈nᵢ/batch⌉ "
           f"(FedSM/SoftPull policy `{run.get('fedsm_policy')}`; see below).",
-          f"- Methods ran {'each in its own simulator job' if run.get('isolate') else 'one after another in one NVFlare simulator job per (dataset, seed)'}; "
+          f"- Methods ran {'each (method, seed) in its own NVFlare simulator job' if run.get('isolate') else 'one after another in ONE NVFlare simulator job per dataset (every method and seed; the sites’ data-order/augmentation random stream is seeded once and continues from run to run) and one baseline process per dataset'}; "
           f"the jobs' server `task_request_interval` = {run.get('task_request_interval')} s. Test Dice on each site's held-out test cases; "
           f"HD95 {'in voxels' if run.get('hd95') else 'not computed'}"
           + (f" (no HD95 in the results of: {', '.join(NAMES[x] for x in _without_hd95(cells))})" if run.get("hd95") and _without_hd95(cells) else "")
