@@ -470,8 +470,9 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
           f"- Started {run.get('started')}, finished {run.get('finished')}; wall time {_fmt(run.get('seconds'), 0)} s "
           f"(cells {_fmt(run.get('cells_seconds'), 0)} s, {run.get('parallel')} at a time); CPU time of all its processes "
           f"{_fmt(run.get('cpu_seconds'), 0)} s.",
-          f"- Seeds: {run.get('seeds')} (each seed: its own initial network shared by all methods, engine seed, FedCross schedule and "
-          "FedSM selector initialisation; the datasets are fixed, generated/split with seed 0). Mean ± std are over seeds (sample std).",
+          f"- Seeds: {run.get('seeds')} (each seed: its own initial network shared by all methods, FedCross schedule and extra members, "
+          "FedSM selector initialisation, and with --isolate the sites' engine seed; the datasets are fixed, generated/split "
+          "with seed 0). Mean ± std are over seeds (sample std).",
           f"- Budget: R = {run.get('rounds')} FedAvg rounds × E = {run.get('epochs')} local epochs; every method trains the same total "
           "number of segmentation-network optimizer steps summed over sites, B = R·E·Σᵢ⌈nᵢ/batch⌉ "
           f"(FedSM/SoftPull policy `{run.get('fedsm_policy')}`; see below).",
