@@ -35,6 +35,10 @@ DEFAULT_ENGINE: dict[str, Any] = {
     "local_epochs": 2,
 }
 DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
+# How long a site waits before asking the server for its next task. FLARE's default (2 s) added ~2 s of idle
+# time per round per site in the benchmark's FL-overhead measurement; 0.5 s keeps most of the gain without
+# making every site poll the server four times a second.
+TASK_REQUEST_INTERVAL = 0.5
 APP = "app"  # one app for the server and every site (deploy_map @ALL), so any site names work
 
 
@@ -276,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("--name needs exactly one --only job")
     for name in names:
         server, client = JOBS[name](o)
+        server.setdefault("server", {"task_request_interval": TASK_REQUEST_INTERVAL})
         if o.meter:
             from fedseg.fl.meter import add_meter
 

@@ -146,14 +146,16 @@ class SegExecutor(Executor):
         if self.tb_writer is not None:
             self.tb_writer.add_scalar(tag, float(value), global_step=int(step))
 
-    def progress(self, fl_ctx: FLContext, label: str, round_num) -> Callable[[int, float], None]:
-        """Per-step callback: a log line every ~10% of a long local run, TB scalar every step."""
-        counter = {"n": 0}
+    def progress(self, fl_ctx: FLContext, label: str, round_num, every: int = 10) -> Callable[[int, float], None]:
+        """Per-step callback: the mean loss of every `every` steps to TensorBoard (one event per step cost
+        ~10% of training throughput), a log line every 50 steps of a long local run."""
+        window: list[float] = []
 
         def on_step(step: int, loss: float) -> None:
-            counter["n"] += 1
-            global_step = int(round_num or 0) * 100000 + step
-            self.track(f"{label}/loss", loss, global_step)
+            window.append(loss)
+            if len(window) == every:
+                self.track(f"{label}/loss", sum(window) / every, int(round_num or 0) * 100000 + step)
+                window.clear()
             if step and step % 50 == 0:
                 self.log_info(fl_ctx, f"{label} round {round_num}: step {step} loss {loss:.4f}")
 

@@ -432,7 +432,7 @@ class FedCrossController(FedSegController):
         models.update({f"member {m}": {} for m in range(k)})
         sums = {"std_sum_wrong": 0.0, "n_wrong": 0, "std_sum_right": 0.0, "n_right": 0}
         per_site_uncertainty = {}
-        keep = ("dice", "dice_std", "n_cases", "dice_per_case")
+        keep = ("dice", "dice_std", "n_cases", "dice_per_case", "hd95")
         for site, metrics in sorted(scores.items()):
             if not metrics.get("n_cases"):
                 continue

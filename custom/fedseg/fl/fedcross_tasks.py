@@ -73,7 +73,8 @@ def cross_validate(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
         executor.log_warning(fl_ctx, f"{executor.site} has no cases to score the ensemble on")
         return FLModel(metrics={**metrics, "n_cases": 0})
     nets = [executor.new_net(groups[member_key(m)]) for m in range(k)]
-    scored = score_ensemble(engine, nets, section, with_hd95=executor.hd95)
+    # HD95 is costly: only for the final test scoring, not every communication's validation
+    scored = score_ensemble(engine, nets, section, with_hd95=executor.hd95 and section == "testing")
     metrics.update(
         {
             "n_cases": len(scored.ensemble.case_names),
