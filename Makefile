@@ -27,6 +27,10 @@ test: venv
 jobs: venv
 	$(PY) -m fedseg.jobgen --out jobs
 
+# A local POC federation of hospitals: prepare, start, submit jobs/fedavg, print the table, stop everything.
+poc: venv
+	$(PY) poc/fedseg_poc.py run
+
 clean:
 	rm -rf workspaces results bench_results .pytest_cache
 
