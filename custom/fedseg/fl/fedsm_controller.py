@@ -54,6 +54,7 @@ class FedSMController(FedSegController):
         start_round: int | None = None,
         seed: int = 0,
         persistor_id: str = "persistor",
+        task_check_period: float = 0.5,
     ):
         """
         Args:
@@ -70,9 +71,10 @@ class FedSMController(FedSegController):
             max_failed_rounds: consecutive rounds below min_clients before the job stops.
             resume_from: absolute server path of a saved model set (last.pt or best.pt) to continue from.
             start_round: round to continue at (default: the saved round + 1).
+            task_check_period: seconds between FLARE's checks of the standing tasks.
         """
         super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=min_clients,
-                         startup_grace=startup_grace)
+                         startup_grace=startup_grace, task_check_period=task_check_period)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         if not 0.0 <= gamma <= 1.0:
