@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,15 @@ sys.path.insert(0, str(CUSTOM))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _terminate(signum, frame):
+    # a CI timeout or `kill` sends SIGTERM: turn it into KeyboardInterrupt so pytest still runs the fixture
+    # finalizers that stop the simulators and the POC federation
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _terminate)
 
 
 @pytest.fixture(scope="session")

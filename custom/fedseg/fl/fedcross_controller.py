@@ -432,17 +432,17 @@ class FedCrossController(FedSegController):
         models.update({f"member {m}": {} for m in range(k)})
         sums = {"std_sum_wrong": 0.0, "n_wrong": 0, "std_sum_right": 0.0, "n_right": 0}
         per_site_uncertainty = {}
-        keep = ("dice", "dice_std", "n_cases", "dice_per_case", "hd95")
+        keep = ("dice", "dice_std", "n_cases", "dice_per_case", "hd95")  # hd95 only when the sites compute it
         for site, metrics in sorted(scores.items()):
             if not metrics.get("n_cases"):
                 continue
             u = metrics["uncertainty"]
             # per-case and voxel-level uncertainty sit next to the per-case Dice of the ensemble
-            models["ensemble"][site] = {key: metrics["ensemble"][key] for key in keep} | {
+            models["ensemble"][site] = {key: metrics["ensemble"][key] for key in keep if key in metrics["ensemble"]} | {
                 key: u[key] for key in ("mean_std_per_case", "mean_entropy_per_case", "mean_std_wrong", "mean_std_right",
                                         "n_wrong", "n_right")} | {"section": metrics["section"]}
             for m, summary in enumerate(metrics["members"]):
-                models[f"member {m}"][site] = {key: summary[key] for key in keep}
+                models[f"member {m}"][site] = {key: summary[key] for key in keep if key in summary}
             for key in sums:
                 sums[key] += u[key]
             per_site_uncertainty[site] = {"wrong": u["mean_std_wrong"], "right": u["mean_std_right"]}
