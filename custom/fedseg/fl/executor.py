@@ -32,6 +32,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 
 from fedseg.data import DataValidationError, load_datalist, resolve_site_datalist, validate_site_data
 from fedseg.engine import EngineConfig, SegEngine, load_numpy_state, state_to_numpy
+from fedseg.fl import fedcross_tasks, fedsm_tasks
 
 DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
 
@@ -78,9 +79,8 @@ class SegExecutor(Executor):
             "validate": self._validate,
             "submit_model": self._submit_model,
         }
-        from fedseg.methods import register_site_tasks  # late import: methods import this module's helpers
-
-        register_site_tasks(self)
+        fedsm_tasks.register(self)
+        fedcross_tasks.register(self)
 
     # ---- set-up ------------------------------------------------------------------------------------
     def handle_event(self, event_type: str, fl_ctx: FLContext):
