@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fedseg.data import load_datalist, validate_site_data
 from fedseg.engine import EngineConfig, SegEngine
-from fedseg.report import format_table, site_mean
+from fedseg.report import format_table
 
 
 def site_datalists(data_dir: str | Path) -> dict[str, Path]:

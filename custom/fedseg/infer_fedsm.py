@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from monai.transforms import Compose
 
 from fedseg.infer import add_common_arguments, case_dice, first_path, list_cases, write_nifti_like, write_summary

@@ -15,13 +15,12 @@ before any training; a bad dataset stops the job with a message naming the site,
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
