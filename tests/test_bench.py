@@ -119,16 +119,23 @@ def test_add_meter_joins_existing_filter_chains():
 
 
 def test_meter_measures_serialized_size():
-    from nvflare.app_common.abstract.fl_model import FLModel
-    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-
-    from fedseg.fl.meter import peak_rss_bytes, reset_peak_rss, serialized_size
-
-    params = {"w": np.zeros((100, 100), np.float32), "b": np.ones(7, np.float32)}
-    size, method, arrays = serialized_size(FLModelUtils.to_shareable(FLModel(params=params)))
-    assert arrays == 40028 and size >= arrays and method in ("fobs", "array_nbytes")
-    reset_peak_rss()
-    assert peak_rss_bytes() > 10 * 2**20
+    """Runs in a child process: FOBS serialisation outside a FLARE cell leaves process-wide state behind that
+    broke a later in-process FLARE API login (seen in the full suite: the POC tests' login handshake)."""
+    code = """
+import json, numpy as np
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from fedseg.fl.meter import peak_rss_bytes, reset_peak_rss, serialized_size
+params = {"w": np.zeros((100, 100), np.float32), "b": np.ones(7, np.float32)}
+size, method, arrays = serialized_size(FLModelUtils.to_shareable(FLModel(params=params)))
+reset_peak_rss()
+print(json.dumps({"size": size, "method": method, "arrays": arrays, "rss": peak_rss_bytes()}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(CUSTOM)}).stdout
+    m = json.loads(out.strip().splitlines()[-1])
+    assert m["arrays"] == 40028 and m["size"] >= m["arrays"] and m["method"] in ("fobs", "array_nbytes")
+    assert m["rss"] > 10 * 2**20
 
 
 def test_cost_ratios_from_a_record():
