@@ -96,18 +96,19 @@ def cross_site_eval() -> dict:
     }
 
 
+def server_config(workflows: list[dict], components: list[dict]) -> dict:
+    """The config_fed_server.json shell every FedSeg job shares."""
+    return {"format_version": 2, "workflows": workflows, "components": components,
+            "task_data_filters": [], "task_result_filters": []}
+
+
 def fedavg_server(engine: dict, rounds: int, fedprox_mu: float | None = None) -> dict:
     args: dict[str, Any] = {"num_clients": None, "num_rounds": rounds, "persistor_id": "persistor"}
     if fedprox_mu:
         args["fedprox_mu"] = fedprox_mu
-    return {
-        "format_version": 2,
-        # num_clients null: every site that joined the job takes part in every round
-        "workflows": [{"id": "fedavg", "path": "nvflare.app_common.workflows.fedavg.FedAvg", "args": args}, cross_site_eval()],
-        "components": server_components(engine),
-        "task_data_filters": [],
-        "task_result_filters": [],
-    }
+    # num_clients null: every site that joined the job takes part in every round
+    workflows = [{"id": "fedavg", "path": "nvflare.app_common.workflows.fedavg.FedAvg", "args": args}, cross_site_eval()]
+    return server_config(workflows, server_components(engine))
 
 
 def meta(name: str, min_clients: int) -> dict:
@@ -142,13 +143,8 @@ def fedsm_server(o: argparse.Namespace, use_selector: bool) -> dict:
     }
     if use_selector:
         args["selector"] = dict(DEFAULT_SELECTOR)
-    return {
-        "format_version": 2,
-        "workflows": [{"id": "fedsm", "path": "fedseg.fl.fedsm_controller.FedSMController", "args": args}],
-        "components": server_components(o.engine, key_metric=None, cross_site_eval=False),
-        "task_data_filters": [],
-        "task_result_filters": [],
-    }
+    return server_config([{"id": "fedsm", "path": "fedseg.fl.fedsm_controller.FedSMController", "args": args}],
+                         server_components(o.engine, key_metric=None, cross_site_eval=False))
 
 
 def job_fedsm(o: argparse.Namespace) -> tuple[dict, dict]:
@@ -186,13 +182,8 @@ def fedcross_server(o: argparse.Namespace, job: str) -> dict:
         "min_clients": 1,
         "engine": o.engine,
     }
-    return {
-        "format_version": 2,
-        "workflows": [{"id": "fedcross", "path": "fedseg.fl.fedcross_controller.FedCrossController", "args": args}],
-        "components": server_components(o.engine, key_metric=None, cross_site_eval=False),
-        "task_data_filters": [],
-        "task_result_filters": [],
-    }
+    return server_config([{"id": "fedcross", "path": "fedseg.fl.fedcross_controller.FedCrossController", "args": args}],
+                         server_components(o.engine, key_metric=None, cross_site_eval=False))
 
 
 def job_fedcross(o: argparse.Namespace) -> tuple[dict, dict]:
