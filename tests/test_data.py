@@ -411,33 +411,117 @@ def test_load_datalist_resolves_relative_and_keeps_absolute_paths(site_copy, tmp
 # ---------------------------------------------------------------------------------------------
 
 
-def write_site_config(workspace: Path, value):
+def write_site_config(workspace: Path, value=None, **settings):
     (workspace / "local").mkdir(parents=True, exist_ok=True)
-    (workspace / "local" / "fedseg_site.json").write_text(json.dumps({"datalist": value, "other": 1}))
+    config = {"other": 1, **settings} if value is None else {"datalist": value, "other": 1, **settings}
+    (workspace / "local" / "fedseg_site.json").write_text(json.dumps(config))
+
+
+ALLOW = {"FEDSEG_ALLOW_JOB_DATALIST": "1"}
 
 
 def test_resolve_precedence_env_then_local_then_job(tmp_path):
     workspace = tmp_path / "ws"
-    write_site_config(workspace, "/data/local/{SITE_NAME}.json")
-    env = {"FEDSEG_DATALIST": "/data/env/{SITE_NAME}/datalist.json"}
+    write_site_config(workspace, "/data/local/{SITE_NAME}.json", allow_job_datalist=True, data_root="/job")
+    env = {"FEDSEG_DATALIST": "/data/env/{SITE_NAME}/datalist.json", **ALLOW, "FEDSEG_DATA": "/job"}
     assert resolve_site_datalist("site-2", "/job/x.json", str(workspace), env) == "/data/env/site-2/datalist.json"
-    assert resolve_site_datalist("site-2", "/job/x.json", str(workspace), {}) == "/data/local/site-2.json"
-    assert resolve_site_datalist("site-2", "/job/{SITE_NAME}.json", str(tmp_path / "no-ws"), {}) == "/job/site-2.json"
-    assert resolve_site_datalist("site-2", "/job/{SITE_NAME}.json", None, {"FEDSEG_DATALIST": ""}) == "/job/site-2.json"
+    env.pop("FEDSEG_DATALIST")
+    assert resolve_site_datalist("site-2", "/job/x.json", str(workspace), env) == "/data/local/site-2.json"
+    assert resolve_site_datalist("site-2", "/job/{SITE_NAME}.json", str(tmp_path / "no-ws"), env) == "/job/site-2.json"
+    assert resolve_site_datalist("site-2", "/job/{SITE_NAME}.json", None, {**env, "FEDSEG_DATALIST": ""}) \
+        == "/job/site-2.json"
+    # The site's settings still win when the job's path would be refused.
+    assert resolve_site_datalist("site-2", "$HOME/../etc", str(workspace), {}) == "/data/local/site-2.json"
 
 
-def test_resolve_expands_variables_and_relative_paths(tmp_path):
+def test_resolve_site_settings_expand_variables_and_relative_paths(tmp_path):
     workspace = tmp_path / "ws"
     env = {"DATA": "/mnt/data", "HOME": os.environ.get("HOME", "/root")}
-    assert resolve_site_datalist("a", "$DATA/{SITE_NAME}/dl.json", None, env) == "/mnt/data/a/dl.json"
-    assert resolve_site_datalist("a", "${DATA}/x.json", None, env) == "/mnt/data/x.json"
-    assert resolve_site_datalist("a", "~/x.json", None, env) == os.path.expanduser("~/x.json")
-    assert resolve_site_datalist("a", "data/{SITE_NAME}.json", str(workspace), env) == str(workspace / "data" / "a.json")
+    assert resolve_site_datalist("a", None, None, {**env, "FEDSEG_DATALIST": "$DATA/{SITE_NAME}/dl.json"}) \
+        == "/mnt/data/a/dl.json"
+    assert resolve_site_datalist("a", None, None, {**env, "FEDSEG_DATALIST": "${DATA}/x.json"}) == "/mnt/data/x.json"
+    assert resolve_site_datalist("a", None, None, {**env, "FEDSEG_DATALIST": "~/x.json"}) \
+        == os.path.expanduser("~/x.json")
     write_site_config(workspace, "../data/{SITE_NAME}/datalist.json")  # relative to the config file's folder
-    assert resolve_site_datalist("a", None, str(workspace), env) == str(workspace / "data" / "a" / "datalist.json")
-    # The site file may exist for other settings without naming a datalist.
-    (workspace / "local" / "fedseg_site.json").write_text(json.dumps({"other": 1}))
-    assert resolve_site_datalist("a", "/job.json", str(workspace), env) == "/job.json"
+    assert resolve_site_datalist("a", "/job.json", str(workspace), env) == str(workspace / "data" / "a" / "datalist.json")
+    write_site_config(workspace, "$DATA/{SITE_NAME}.json")
+    assert resolve_site_datalist("a", "/job.json", str(workspace), env) == "/mnt/data/a.json"
+
+
+def test_job_datalist_refused_unless_the_site_allows_it(tmp_path):
+    workspace = tmp_path / "ws"
+    (tmp_path / "data" / "site-3").mkdir(parents=True)
+    default = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"  # the executor's default argument
+    for ws, env in ((None, {"FEDSEG_DATA": str(tmp_path / "data")}), (str(workspace), {})):
+        if ws:
+            write_site_config(workspace, data_root=str(tmp_path / "data"))  # a data root alone is no permission
+        with pytest.raises(DataValidationError) as caught:
+            resolve_site_datalist("site-3", default, ws, env)
+        error = caught.value
+        assert error.site == "site-3" and default in error.problem
+        for way in ("FEDSEG_DATALIST", '"datalist"', "FEDSEG_ALLOW_JOB_DATALIST=1", '"allow_job_datalist": true',
+                    '"data_root"'):
+            assert way in error.problem
+    for value in ("0", "", "no"):
+        with pytest.raises(DataValidationError, match="takes its data location only from its own settings"):
+            resolve_site_datalist("site-3", default, None,
+                                  {"FEDSEG_ALLOW_JOB_DATALIST": value, "FEDSEG_DATA": str(tmp_path / "data")})
+    write_site_config(workspace, allow_job_datalist="yes", data_root=str(tmp_path / "data"))
+    with pytest.raises(DataValidationError, match='"allow_job_datalist" must be true or false'):
+        resolve_site_datalist("site-3", default, str(workspace), {})
+    # Permission without a data root: nothing confines the job's path.
+    write_site_config(workspace, allow_job_datalist=True)
+    with pytest.raises(DataValidationError, match="no data root confines them") as caught:
+        resolve_site_datalist("site-3", default, str(workspace), {})
+    assert caught.value.file == str(workspace / "local" / "fedseg_site.json")
+
+
+def test_job_datalist_allowed_inside_the_data_root(tmp_path):
+    root = tmp_path / "data"
+    (root / "site-1").mkdir(parents=True)
+    default = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
+    want = str(root / "site-1" / "datalist.json")
+    env = {**ALLOW, "FEDSEG_DATA": str(root)}
+    assert resolve_site_datalist("site-1", default, None, env) == want
+    assert resolve_site_datalist("site-1", "${FEDSEG_DATA}/{SITE_NAME}/datalist.json", None, env) == want
+    assert resolve_site_datalist("site-1", "{SITE_NAME}/datalist.json", None, env) == want  # relative to the root
+    assert resolve_site_datalist("site-1", f"{root}/site-1/../site-1/datalist.json", None, env) == want
+    # Permission and root from the site's file; the root relative to that file's folder.
+    workspace = tmp_path / "ws"
+    write_site_config(workspace, allow_job_datalist=True, data_root="../../data")  # from ws/local/
+    assert resolve_site_datalist("site-1", default, str(workspace), {}) == want
+    # A symlink that stays inside the root is fine; the real path is returned.
+    (root / "current").symlink_to(root / "site-1")
+    assert resolve_site_datalist("site-1", "$FEDSEG_DATA/current/datalist.json", None, env) == want
+
+
+def test_job_datalist_cannot_leave_the_data_root(tmp_path):
+    root = tmp_path / "data"
+    (root / "site-1").mkdir(parents=True)
+    (tmp_path / "private").mkdir()
+    (root / "site-1" / "escape").symlink_to(tmp_path / "private")
+    env = {**ALLOW, "FEDSEG_DATA": str(root)}
+    for value in ("$FEDSEG_DATA/../private/datalist.json", "../private/datalist.json", "/etc/passwd",
+                  "{SITE_NAME}/escape/datalist.json", f"{tmp_path}/private/datalist.json", "$FEDSEG_DATA/../data2/x"):
+        with pytest.raises(DataValidationError) as caught:
+            resolve_site_datalist("site-1", value, None, env)
+        error = caught.value
+        assert (error.site, error.file) == ("site-1", value)
+        assert "outside the data root" in error.problem and str(root) in error.problem
+        assert "FEDSEG_DATALIST" in error.problem  # says what to configure instead
+
+
+def test_job_datalist_expands_no_other_variables(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    env = {**ALLOW, "FEDSEG_DATA": str(root), "SECRET_TOKEN": "s3cr3t", "FEDSEG_DATA_X": str(root), "HOME": str(root)}
+    for value in ("$SECRET_TOKEN/datalist.json", "${SECRET_TOKEN}/x.json", "$FEDSEG_DATA_X/x.json", "$HOME/x.json",
+                  "$FEDSEG_DATA/$SECRET_TOKEN.json", "~/x.json", "~root/x.json"):
+        with pytest.raises(DataValidationError) as caught:
+            resolve_site_datalist("site-1", value, None, env)
+        error = caught.value
+        assert error.file == value and "s3cr3t" not in str(error)
+        assert "not expanded" in error.problem or "are not" in error.problem
 
 
 def test_resolve_errors(tmp_path):
@@ -445,13 +529,16 @@ def test_resolve_errors(tmp_path):
         resolve_site_datalist("site-3", None, str(tmp_path), {})
     error = caught.value
     assert error.site == "site-3" and error.file == "<no datalist>"
-    for way in ("FEDSEG_DATALIST", str(tmp_path / "local" / "fedseg_site.json"), "job"):
+    for way in ("FEDSEG_DATALIST", str(tmp_path / "local" / "fedseg_site.json"), "allow_job_datalist"):
         assert way in error.problem
     write_site_config(tmp_path, "x")
     (tmp_path / "local" / "fedseg_site.json").write_text("{not json")
     with pytest.raises(DataValidationError) as caught:
         resolve_site_datalist("site-3", "/job.json", str(tmp_path), {})
     assert caught.value.file == str(tmp_path / "local" / "fedseg_site.json") and "invalid JSON" in caught.value.problem
+    write_site_config(tmp_path, allow_job_datalist=True, data_root=7)
+    with pytest.raises(DataValidationError, match='"data_root" must be a folder path'):
+        resolve_site_datalist("site-3", "/job.json", str(tmp_path), {})
 
 
 # ---------------------------------------------------------------------------------------------

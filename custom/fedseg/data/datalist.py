@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import json
 import os
 import re
@@ -31,8 +32,15 @@ import numpy as np
 from .errors import DataValidationError
 
 SECTIONS = ("training", "validation", "testing")
+# Top-level keys a datalist may have: the sections, the settings the validator reads, and the descriptive
+# keys the generator and the converter write. Anything else is reported (see unknown_keys).
+SETTING_KEYS = ("num_classes", "spatial_dims", "in_channels", "labels")
+DESCRIPTIVE_KEYS = ("name", "site", "description")
+KNOWN_KEYS = SECTIONS + SETTING_KEYS + DESCRIPTIVE_KEYS
 
 ENV_DATALIST = "FEDSEG_DATALIST"
+ENV_DATA_ROOT = "FEDSEG_DATA"
+ENV_ALLOW_JOB_DATALIST = "FEDSEG_ALLOW_JOB_DATALIST"
 SITE_CONFIG_RELPATH = os.path.join("local", "fedseg_site.json")
 
 
@@ -75,6 +83,9 @@ def load_datalist(path: str, site: str = "?") -> dict:
     if not isinstance(datalist, dict):
         fail(f"datalist must be a JSON object, got a JSON {type(datalist).__name__}")
 
+    for key, refused, hint in unknown_keys(datalist):
+        if refused:
+            fail(hint)
     if "training" not in datalist:
         fail('no "training" list: the site has no training cases')
     for section in SECTIONS:
@@ -116,6 +127,34 @@ def _absolute(p: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
 
 
+def unknown_keys(datalist: dict) -> list[tuple[str, bool, str]]:
+    """[(key, refused, message)] for every top-level key that is not in KNOWN_KEYS.
+
+    A key that looks like a section is refused, because its cases would be silently ignored: it is a
+    close match of a section name ("trainig", "valdation", "test"), an abbreviation of one ("val"), or
+    it holds a list of cases (objects with an "image"). Other unknown keys are descriptive: only noted,
+    with a "did you mean" hint when they are close to a known key.
+    """
+    found = []
+    for key, value in datalist.items():
+        if key in KNOWN_KEYS:
+            continue
+        low = key.strip().lower()
+        close = difflib.get_close_matches(low, SECTIONS, n=1, cutoff=0.6)
+        if not close and len(low) >= 3:
+            close = [s for s in SECTIONS if s.startswith(low)][:1]
+        holds_cases = isinstance(value, list) and any(isinstance(e, dict) and "image" in e for e in value)
+        if close or holds_cases:
+            guess = f'did you mean "{close[0]}"? ' if close else ""
+            found.append((key, True, f'unknown section "{key}": {guess}Its cases would be ignored. '
+                                     f"The sections are {', '.join(SECTIONS)}; rename the key."))
+            continue
+        near = difflib.get_close_matches(low, KNOWN_KEYS, n=1, cutoff=0.75)
+        guess = f' (did you mean "{near[0]}"?)' if near else ""
+        found.append((key, False, f'unknown key "{key}" is ignored{guess}; known keys: {", ".join(KNOWN_KEYS)}'))
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # Where a site's datalist lives
 # ---------------------------------------------------------------------------------------------
@@ -125,45 +164,110 @@ def resolve_site_datalist(site_name: str, job_value: str | None, workspace_root:
                           environ=os.environ) -> str:
     """Return the absolute path of this site's datalist (existence is not checked).
 
-    Precedence, first one that gives a path wins:
+    The site decides where its data is; a job cannot point a site at other files. First source that
+    gives a path wins:
       1. environment variable FEDSEG_DATALIST: the whole path. Relative paths are relative
          to the current directory.
       2. the site-local file <workspace_root>/local/fedseg_site.json, key "datalist": the
-         hospital IT's own setting, which a job cannot override. Relative paths are relative
-         to that file's folder. Skipped when workspace_root is None or the file is absent.
-      3. job_value, the path the job configuration gives. Relative paths are relative to
-         workspace_root (or the current directory when workspace_root is None).
-    In every source "{SITE_NAME}" is replaced by site_name, then $VARS / ${VARS} (looked up in
-    `environ`) and a leading ~ are expanded. Raises DataValidationError when no source gives a
-    path, or when the site-local file exists but is broken.
+         hospital IT's own setting. Relative paths are relative to that file's folder. Skipped
+         when workspace_root is None or the file is absent.
+      In 1 and 2 (written by the site) "{SITE_NAME}" is replaced by site_name, then $VARS / ${VARS}
+      (looked up in `environ`) and a leading ~ are expanded.
+      3. job_value, the path the job configuration gives, ONLY when the site allows it
+         (FEDSEG_ALLOW_JOB_DATALIST=1, or "allow_job_datalist": true in fedseg_site.json) and names
+         a data root (FEDSEG_DATA, or "data_root" in fedseg_site.json). Only "{SITE_NAME}" and
+         $FEDSEG_DATA / ${FEDSEG_DATA} (the data root) are expanded; any other $VAR or a leading ~ is
+         refused. Relative paths are relative to the data root, and the path, with symlinks and ".."
+         resolved, must lie inside the data root; the resolved path is returned.
+    Raises DataValidationError naming the site, the value and what to configure when no source gives
+    a path, when the job's path is not allowed or leaves the data root, or when fedseg_site.json is broken.
     """
     env_value = (environ.get(ENV_DATALIST) or "").strip()
     if env_value:
         return os.path.abspath(_expand(env_value, site_name, environ))
 
-    config_path = None
+    config_path, config = None, {}
     if workspace_root:
         config_path = os.path.abspath(os.path.join(workspace_root, SITE_CONFIG_RELPATH))
-        local_value = _read_site_config(config_path, site_name).get("datalist")
+        config = _read_site_config(config_path, site_name)
+        local_value = config.get("datalist")
         if local_value is not None:
             if not isinstance(local_value, str) or not local_value.strip():
                 raise DataValidationError(site_name, config_path, f'"datalist" must be a path, got {local_value!r}')
             return _absolute(_expand(local_value.strip(), site_name, environ), os.path.dirname(config_path))
 
-    if job_value is not None and str(job_value).strip():
-        base = workspace_root or os.getcwd()
-        return _absolute(_expand(str(job_value).strip(), site_name, environ), os.path.abspath(base))
-
-    local_hint = config_path or "<site workspace>/local/fedseg_site.json (no workspace known here)"
-    raise DataValidationError(
-        site_name,
-        "<no datalist>",
-        "no datalist is configured for this site. Configure it in one of three ways (first found wins): "
+    config_name = config_path or "<site workspace>/local/fedseg_site.json"
+    configure = (
+        "Configure the site's datalist in one of these ways (first found wins): "
         f"1) set the environment variable {ENV_DATALIST}=/path/to/datalist.json before starting the site "
         "(\"{SITE_NAME}\" in it is replaced by the site name); "
-        f'2) write {local_hint} containing {{"datalist": "/path/to/datalist.json"}}; '
-        "3) give the datalist path in the job configuration.",
+        f'2) write {config_name} containing {{"datalist": "/path/to/datalist.json"}}; '
+        f"3) let jobs choose the file inside a data folder of the site: set {ENV_ALLOW_JOB_DATALIST}=1 and "
+        f"{ENV_DATA_ROOT}=/data/folder, or write {{\"allow_job_datalist\": true, \"data_root\": \"/data/folder\"}} "
+        f"in {config_name}."
     )
+    job_value = None if job_value is None else str(job_value).strip()
+    if not job_value:
+        raise DataValidationError(site_name, "<no datalist>", f"no datalist is configured for this site. {configure}")
+
+    if not _job_datalist_allowed(config, config_name, site_name, environ):
+        raise DataValidationError(
+            site_name, "<no datalist>",
+            f"the job names the datalist {job_value!r}, but this site takes its data location only from its own "
+            f"settings, and none is set. {configure}")
+    root = _data_root(config, config_path, site_name, environ)
+    if root is None:
+        raise DataValidationError(
+            site_name, config_name,
+            f"jobs may choose the datalist ({ENV_ALLOW_JOB_DATALIST} or \"allow_job_datalist\"), but no data root "
+            f"confines them: set {ENV_DATA_ROOT}=/data/folder or \"data_root\" in {config_name} "
+            f"(the job names {job_value!r}).")
+    return _confined_job_path(job_value, site_name, root)
+
+
+_ALLOWED_JOB_VAR = re.compile(r"\$\{" + ENV_DATA_ROOT + r"\}|\$" + ENV_DATA_ROOT + r"(?!\w)")
+
+
+def _confined_job_path(job_value: str, site_name: str, root: str) -> str:
+    """The job's datalist path with {SITE_NAME} and $FEDSEG_DATA expanded, checked to lie inside root."""
+    def refuse(problem: str):
+        raise DataValidationError(site_name, job_value, f"refused as the job's datalist: {problem}. Name the datalist "
+                                  f"in the site's own settings ({ENV_DATALIST} or \"datalist\" in "
+                                  f"local/fedseg_site.json), or give a path inside the data root {root}.")
+
+    pieces = _ALLOWED_JOB_VAR.split(job_value)
+    if any("$" in piece for piece in pieces):
+        refuse(f"only {{SITE_NAME}} and ${ENV_DATA_ROOT} are expanded in a job's path; other $variables are not")
+    if job_value.startswith("~"):
+        refuse("~ is not expanded in a job's path")
+    expanded = root.join(piece.replace("{SITE_NAME}", site_name) for piece in pieces)
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, expanded))
+    if os.path.commonpath([real, real_root]) != real_root:
+        refuse(f"it resolves to {real} (symlinks and '..' resolved), outside the data root {real_root}")
+    return real
+
+
+def _job_datalist_allowed(config: dict, config_name: str, site_name: str, environ) -> bool:
+    if (environ.get(ENV_ALLOW_JOB_DATALIST) or "").strip().lower() in ("1", "true", "yes"):
+        return True
+    allowed = config.get("allow_job_datalist", False)
+    if not isinstance(allowed, bool):
+        raise DataValidationError(site_name, config_name, f'"allow_job_datalist" must be true or false, got {allowed!r}')
+    return allowed
+
+
+def _data_root(config: dict, config_path: str | None, site_name: str, environ) -> str | None:
+    """The site's data root: FEDSEG_DATA, else "data_root" in fedseg_site.json (relative to its folder)."""
+    env_value = (environ.get(ENV_DATA_ROOT) or "").strip()
+    if env_value:
+        return os.path.abspath(_expand(env_value, site_name, environ))
+    value = config.get("data_root")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise DataValidationError(site_name, config_path, f'"data_root" must be a folder path, got {value!r}')
+    return _absolute(_expand(value.strip(), site_name, environ), os.path.dirname(config_path))
 
 
 def _read_site_config(config_path: str, site_name: str) -> dict:
