@@ -7,6 +7,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedseg.algorithms.packing import pack, unpack
+from fedseg.fl.privacy import check_scorable_section
 from fedseg.methods.fedcross import LrSchedule, cross_visit, member_key, score_ensemble
 
 
@@ -58,12 +59,13 @@ def _summary(result) -> dict:
 
 
 def cross_validate(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
-    """Scores the K models sent (groups m0, m1, ...) and their ensemble on a section of this site's data."""
+    """Scores the K models sent (groups m0, m1, ...) and their ensemble on a section of this site's data
+    (validation or testing only). Case names are not sent: the server has no use for them."""
     meta = model.meta or {}
     groups = unpack(model.params)
     k = int(meta["num_models"])
     engine = executor.engine
-    section = meta.get("section", "validation")
+    section = check_scorable_section(executor.site, meta.get("section", "validation"))
     if not engine.cases(section):
         fallback = "validation" if section != "validation" else "testing"
         executor.log_warning(fl_ctx, f"no '{section}' cases at {executor.site}; scoring '{fallback}' instead")
@@ -78,7 +80,6 @@ def cross_validate(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
     metrics.update(
         {
             "n_cases": len(scored.ensemble.case_names),
-            "case_names": scored.ensemble.case_names,
             "ensemble": _summary(scored.ensemble),
             "members": [_summary(r) for r in scored.members],
             "uncertainty": scored.uncertainty(),

@@ -7,6 +7,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedseg.algorithms.packing import pack, unpack
 from fedseg.engine import load_numpy_state
+from fedseg.fl.privacy import check_scorable_section
 from fedseg.methods.fedsm import SelectorSettings, fedsm_local_round, new_selector, score_super_model
 
 PERSONAL_PREFIX = "personal:"
@@ -54,10 +55,11 @@ def fedsm_train(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
 
 
 def fedsm_evaluate(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
-    """Scores the final model set on this site's test cases: global, own personalized, super model, selector."""
+    """Scores the final model set on this site's test cases: global, own personalized, super model, selector
+    (validation or testing only)."""
     meta = model.meta or {}
     site_names = list(meta["site_names"])
-    section = meta.get("section", "testing")
+    section = check_scorable_section(executor.site, meta.get("section", "testing"))
     groups = unpack(model.params)
     engine = executor.engine
     settings = SelectorSettings.from_meta(len(site_names), meta.get("selector") or {})

@@ -1,27 +1,51 @@
-"""A site-enforced privacy filter for FedSeg model updates (used from a hospital's local/privacy.json).
+"""What a FedSeg site lets leave it: a site-enforced privacy filter (used from a hospital's local/privacy.json)
+and the rule on which data sections a site scores for the server.
 
-NVFlare runs the task-result filters of a site's privacy scope on everything the site sends back, after
-the job's own filters, and a job cannot switch them off. LayerPrivacyFilter changes the model weights
-that leave the site:
+NVFlare runs the task-result filters of a site's privacy scope on everything the site sends back, before
+the job's own result filters, and a job cannot switch them off. LayerPrivacyFilter decides, per reply:
 
-  zero_vars   regular expressions (re.search on the parameter name): these tensors are sent as zeros,
-              so their trained values never leave the site. The keys stay, so FedAvg on FULL weights
-              keeps working; with FULL weights the zeros are averaged into the global model, with DIFF
-              updates (WEIGHT_DIFF) a zero means "no change" for that tensor.
-  noise_vars  regular expressions: these tensors (except the zeroed ones) get Gaussian noise with a
-              standard deviation of noise_std times the tensor's own standard deviation.
+Model weights (WEIGHTS / WEIGHT_DIFF DXOs; FedSM and FedCross pack several models into one update with
+"<group>/" prefixes, e.g. "global/net...", "model/net...", see fedseg.algorithms.packing):
+  zero_vars   regular expressions (re.search on the key): these tensors are sent as zeros, so their trained
+              values never leave the site. The keys stay, so FedAvg on FULL weights keeps working; with FULL
+              weights the zeros are averaged into the global model, with DIFF updates a zero means "no change".
+              Write patterns that allow the group prefix, e.g. "(^|/)net\\.model\\.2\\.1\\.".
+  noise_vars  regular expressions: these tensors (except the zeroed ones) get Gaussian noise with a standard
+              deviation of noise_std times the tensor's own standard deviation. This only obfuscates: it is
+              NOT differential privacy (no clipping, no privacy budget / epsilon).
 
-Optimizer state that travels with FedSM's selector and FedCross's models (keys "<param>::<state>") is never
-touched: it is not model weights, and noise would make Adam's second moments negative. FedSM and FedCross
-pack several models into one update ("global/<param>", "model/<param>"): write patterns that allow the
-prefix, e.g. "(^|/)net\\.model\\.2\\.1\\.". Metrics (validation results) pass unchanged. Every application is logged at the site, e.g.
+Optimizer state (FedSM's selector, "selector_optim/<param>::<state>", and FedCross's travelling models,
+"optim/<param>::<state>"; <state> is e.g. step, exp_avg, exp_avg_sq):
+  optimizer_state="send" (default): it is sent. Noise is never added to it (noise would make Adam's second
+              moments negative). The state of a zeroed parameter is zeroed with it (the state of a fresh
+              optimizer), so moments of a layer that must not leave do not leave either: a state key is zeroed
+              when a zero_vars pattern matches its "<group>/<param>" part or its bare "<param>".
+  optimizer_state="drop": every "::" key is removed, so the groups "optim" / "selector_optim" are absent from
+              the reply; the server then continues with a fresh optimizer state.
+  The moments are running averages of the site's gradients: a scope that perturbs the weights should drop
+  the optimizer state, which the noise does not cover.
+
+Metrics (METRICS DXOs, e.g. validate / cross_validate / fedsm_evaluate results, and the metrics in the meta
+of weight DXOs, e.g. "initial_metrics"), searched recursively through nested dicts and lists:
+  share_per_case=False (default): every key ending in "_per_case" (dice_per_case, mean_std_per_case, ...)
+              is removed; only summaries (mean, std, counts) leave the site.
+  share_case_names=False (default): every "case_names" key is removed.
+
+Every application is logged at the site, e.g.
     privacy filter at hospital-a, task train: zeroed 2 tensor(s) [...]; perturbed 35 tensor(s) (noise 0.01 x std)
+    privacy filter at hospital-a, task cross_validate: removed per-case results ['ensemble.dice_per_case', ...]
 and NVFlare records the filter in the DXO's filter history, which the server keeps with the update.
+Without a privacy scope (or this filter in a job) nothing is removed: the simulator benchmarks keep per-case
+results.
+
+Sections: a site scores only its "validation" and "testing" cases for the server (check_scorable_section);
+the server cannot ask for scores on the training cases.
 
 Example scope (see poc/privacy.json):
     {"name": "hospital_private",
      "task_result_filters": [{"path": "fedseg.fl.privacy.LayerPrivacyFilter",
-                              "args": {"zero_vars": ["^net\\\\.model\\\\.2\\\\.1\\\\."], "noise_vars": [".*"], "noise_std": 0.01}}]}
+                              "args": {"zero_vars": ["(^|/)net\\\\.model\\\\.2\\\\.1\\\\."], "noise_vars": [".*"],
+                                       "noise_std": 0.01, "optimizer_state": "drop"}}]}
 """
 
 from __future__ import annotations
@@ -34,6 +58,62 @@ from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+
+OPTIM_SEP = "::"  # "<param>::<state key>", see fedseg.engine.optimizer_state_to_numpy
+GROUP_SEP = "/"  # "<group>/<key>", see fedseg.algorithms.packing
+OPTIMIZER_STATE_MODES = ("send", "drop")
+PER_CASE_SUFFIX = "_per_case"
+CASE_NAMES_KEY = "case_names"
+SCORABLE_SECTIONS = ("validation", "testing")
+
+
+class SectionRefused(ValueError):
+    """The server asked a site to score a datalist section that a site never scores for the server."""
+
+
+def check_scorable_section(site: str, section) -> str:
+    """Return section if a site may score it for the server, else raise SectionRefused naming site and section."""
+    if section not in SCORABLE_SECTIONS:
+        raise SectionRefused(
+            f"site {site} refuses to score its {section!r} section for the server (task meta 'section'): "
+            f"only {' and '.join(repr(s) for s in SCORABLE_SECTIONS)} are scored"
+        )
+    return section
+
+
+def is_optimizer_state(key: str) -> bool:
+    return OPTIM_SEP in key
+
+
+def strip_metrics(metrics, share_per_case: bool, share_case_names: bool, path: str = "") -> tuple[object, list[str], list[str]]:
+    """Return (copy of metrics without the removed keys, removed per-case paths, removed case-name paths).
+
+    Walks nested dicts and lists; paths read like "members[0].dice_per_case"."""
+    per_case: list[str] = []
+    names: list[str] = []
+    if isinstance(metrics, dict):
+        out = {}
+        for key, value in metrics.items():
+            where = f"{path}.{key}" if path else str(key)
+            if not share_per_case and isinstance(key, str) and key.endswith(PER_CASE_SUFFIX):
+                per_case.append(where)
+                continue
+            if not share_case_names and key == CASE_NAMES_KEY:
+                names.append(where)
+                continue
+            out[key], p, n = strip_metrics(value, share_per_case, share_case_names, where)
+            per_case += p
+            names += n
+        return out, per_case, names
+    if isinstance(metrics, (list, tuple)):
+        out_list = []
+        for i, value in enumerate(metrics):
+            item, p, n = strip_metrics(value, share_per_case, share_case_names, f"{path}[{i}]")
+            out_list.append(item)
+            per_case += p
+            names += n
+        return type(metrics)(out_list), per_case, names
+    return metrics, per_case, names
 
 
 def _compile(patterns, arg: str) -> list[re.Pattern]:
@@ -56,38 +136,64 @@ class LayerPrivacyFilter(DXOFilter):
         noise_vars: list[str] | None = None,
         noise_std: float = 0.0,
         seed: int | None = None,
+        optimizer_state: str = "send",
+        share_per_case: bool = False,
+        share_case_names: bool = False,
         data_kinds: list[str] | None = None,
     ):
         """
         Args:
-            zero_vars: regular expressions of parameter names sent as zeros.
-            noise_vars: regular expressions of parameter names that get Gaussian noise.
+            zero_vars: regular expressions of parameter names sent as zeros (with their optimizer state).
+            noise_vars: regular expressions of parameter names that get Gaussian noise (never optimizer state).
             noise_std: noise standard deviation relative to each tensor's standard deviation (0: no noise).
             seed: seed of the noise generator (None: fresh randomness every time).
-            data_kinds: DXO kinds to filter; default WEIGHTS and WEIGHT_DIFF.
+            optimizer_state: "send" (default) or "drop" the optimizer state ("<param>::<state>" keys).
+            share_per_case: let per-case metric lists ("*_per_case") leave the site.
+            share_case_names: let case file names ("case_names") leave the site.
+            data_kinds: DXO kinds to filter; default WEIGHTS, WEIGHT_DIFF and METRICS.
         """
-        kinds = [DataKind.WEIGHTS, DataKind.WEIGHT_DIFF]
+        kinds = [DataKind.WEIGHTS, DataKind.WEIGHT_DIFF, DataKind.METRICS]
         super().__init__(supported_data_kinds=kinds, data_kinds_to_filter=data_kinds or kinds)
         self.zero_vars = _compile(zero_vars, "zero_vars")
         self.noise_vars = _compile(noise_vars, "noise_vars")
-        if not isinstance(noise_std, (int, float)) or noise_std < 0:
+        if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or noise_std < 0:
             raise ValueError(f"noise_std must be a number >= 0, got {noise_std!r}")
         self.noise_std = float(noise_std)
+        if optimizer_state not in OPTIMIZER_STATE_MODES:
+            raise ValueError(f"optimizer_state must be one of {list(OPTIMIZER_STATE_MODES)}, got {optimizer_state!r}")
+        self.optimizer_state = optimizer_state
+        for arg, value in (("share_per_case", share_per_case), ("share_case_names", share_case_names)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{arg} must be true or false, got {value!r}")
+        self.share_per_case = share_per_case
+        self.share_case_names = share_case_names
         self.rng = np.random.default_rng(seed)
 
     @staticmethod
     def _matches(name: str, patterns: list[re.Pattern]) -> bool:
         return any(p.search(name) for p in patterns)
 
-    def filter_params(self, params: dict) -> tuple[dict, list[str], list[str]]:
-        """Return (new params, zeroed names, perturbed names); params is not modified."""
-        out, zeroed, perturbed = dict(params), [], []
+    def _state_of_zeroed(self, key: str) -> bool:
+        param = key.partition(OPTIM_SEP)[0]
+        return self._matches(param, self.zero_vars) or self._matches(param.rpartition(GROUP_SEP)[2], self.zero_vars)
+
+    def filter_params(self, params: dict) -> tuple[dict, dict[str, list[str]]]:
+        """Return (new params, {"zeroed", "perturbed", "optim_dropped", "optim_zeroed": key lists});
+        params is not modified."""
+        out = dict(params)
+        done: dict[str, list[str]] = {"zeroed": [], "perturbed": [], "optim_dropped": [], "optim_zeroed": []}
         for name, value in params.items():
-            if "::" in name:  # optimizer state (see module docstring)
-                continue
+            if is_optimizer_state(name):
+                if self.optimizer_state == "drop":
+                    del out[name]
+                    done["optim_dropped"].append(name)
+                elif self._state_of_zeroed(name):
+                    out[name] = value * 0
+                    done["optim_zeroed"].append(name)
+                continue  # never noise: Adam's second moments must stay >= 0
             if self._matches(name, self.zero_vars):
                 out[name] = value * 0  # same type, dtype and shape (numpy array or torch tensor)
-                zeroed.append(name)
+                done["zeroed"].append(name)
             elif self.noise_std > 0 and self._matches(name, self.noise_vars):
                 array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
                 if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
@@ -99,21 +205,40 @@ class LayerPrivacyFilter(DXOFilter):
 
                     noisy = torch.as_tensor(noisy, dtype=value.dtype, device=value.device)
                 out[name] = noisy
-                perturbed.append(name)
-        return out, zeroed, perturbed
+                done["perturbed"].append(name)
+        return out, done
+
+    def filter_metrics(self, metrics) -> tuple[object, list[str], list[str]]:
+        return strip_metrics(metrics, self.share_per_case, self.share_case_names)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
-        if not isinstance(dxo.data, dict) or not dxo.data:
-            return None
-        params, zeroed, perturbed = self.filter_params(dxo.data)
-        site = fl_ctx.get_identity_name()
-        task = fl_ctx.get_prop(FLContextKey.TASK_NAME, "?")
-        self.log_info(
-            fl_ctx,
-            f"privacy filter at {site}, task {task}: zeroed {len(zeroed)} tensor(s) {zeroed}; "
-            f"perturbed {len(perturbed)} tensor(s) (noise {self.noise_std} x std)",
-        )
-        if not zeroed and not perturbed:
-            return None
-        dxo.data = params
-        return dxo
+        parts, changed = [], False
+        if dxo.data_kind in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF) and isinstance(dxo.data, dict):
+            params, done = self.filter_params(dxo.data)
+            parts.append(f"zeroed {len(done['zeroed'])} tensor(s) {done['zeroed']}")
+            parts.append(f"perturbed {len(done['perturbed'])} tensor(s) (noise {self.noise_std} x std)")
+            if done["optim_dropped"]:
+                parts.append(f"dropped optimizer state ({len(done['optim_dropped'])} key(s))")
+            if done["optim_zeroed"]:
+                parts.append(f"zeroed the optimizer state of zeroed tensors ({len(done['optim_zeroed'])} key(s))")
+            if any(done.values()):
+                dxo.data, changed = params, True
+        per_case, names = [], []
+        if dxo.data_kind == DataKind.METRICS and isinstance(dxo.data, dict):
+            data, per_case, names = self.filter_metrics(dxo.data)
+            if per_case or names:
+                dxo.data, changed = data, True
+        meta, meta_per_case, meta_names = self.filter_metrics(dxo.meta or {})
+        if meta_per_case or meta_names:  # e.g. "initial_metrics" that travel with weights
+            dxo.meta, changed = meta, True
+            per_case += [f"meta.{p}" for p in meta_per_case]
+            names += [f"meta.{p}" for p in meta_names]
+        if per_case:
+            parts.append(f"removed per-case results {per_case}")
+        if names:
+            parts.append(f"removed case names {names}")
+        if parts:
+            site = fl_ctx.get_identity_name()
+            task = fl_ctx.get_prop(FLContextKey.TASK_NAME, "?")
+            self.log_info(fl_ctx, f"privacy filter at {site}, task {task}: " + "; ".join(parts))
+        return dxo if changed else None

@@ -1,0 +1,231 @@
+"""Only what is agreed leaves a site: the privacy filter on weights, optimizer state and metrics, the sections
+a site scores for the server, and a FedSM run whose sites strip per-case results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, TINY_ENGINE, copy_job, simulate
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+from fedseg.algorithms.packing import pack, unpack
+from fedseg.fl.privacy import LayerPrivacyFilter, SectionRefused, check_scorable_section, strip_metrics
+
+LAYER = "net.model.2.1.conv.unit0.conv"
+ZERO_LAST = [r"(^|/)net\.model\.2\.1\."]
+
+
+def run_filter(filt: LayerPrivacyFilter, dxo: DXO) -> DXO:
+    return from_shareable(filt.process(dxo.to_shareable(), FLContext()))
+
+
+def packed_update(rng) -> dict:
+    """A FedCross cross_train reply: pack({"model": weights, "optim": Adam state})."""
+    weights = {f"{LAYER}.weight": rng.normal(size=(2, 4)).astype(np.float32), "net.model.0.conv.weight": rng.normal(size=(4, 4)).astype(np.float32)}
+    optim = {}
+    for name, w in weights.items():
+        optim[f"{name}::step"] = np.array(7.0, np.float32)
+        optim[f"{name}::exp_avg"] = rng.normal(size=w.shape).astype(np.float32)
+        optim[f"{name}::exp_avg_sq"] = np.full(w.shape, 1e-8, np.float32)  # tiny: noise would turn it negative
+    return pack({"model": weights, "optim": optim})
+
+
+# ---- weights and optimizer state -----------------------------------------------------------------------------
+def test_optimizer_state_is_sent_untouched_by_noise_and_zeroed_with_its_layer():
+    params = packed_update(np.random.default_rng(0))
+    filt = LayerPrivacyFilter(zero_vars=ZERO_LAST, noise_vars=[".*"], noise_std=0.5, seed=0)  # optimizer_state="send"
+    out = run_filter(filt, DXO(DataKind.WEIGHTS, data=dict(params))).data
+    assert set(out) == set(params)
+    # weights: the last layer zeroed, the others perturbed
+    assert not np.any(out[f"model/{LAYER}.weight"])
+    assert not np.array_equal(out["model/net.model.0.conv.weight"], params["model/net.model.0.conv.weight"])
+    # optimizer state: never noise; the zeroed layer's state is the state of a fresh optimizer
+    for state in ("step", "exp_avg", "exp_avg_sq"):
+        assert np.array_equal(out[f"optim/net.model.0.conv.weight::{state}"], params[f"optim/net.model.0.conv.weight::{state}"])
+        assert not np.any(out[f"optim/{LAYER}.weight::{state}"])
+    assert all(np.all(v >= 0) for k, v in out.items() if k.endswith("::exp_avg_sq"))
+
+
+def test_optimizer_state_dropped_leaves_only_weights():
+    params = packed_update(np.random.default_rng(1))
+    filt = LayerPrivacyFilter(optimizer_state="drop")
+    dxo = run_filter(filt, DXO(DataKind.WEIGHTS, data=dict(params), meta={"model_index": 1}))
+    assert sorted(dxo.data) == sorted(k for k in params if k.startswith("model/"))
+    assert list(unpack(dxo.data)) == ["model"]  # the "optim" group is absent
+    assert all(np.array_equal(dxo.data[k], params[k]) for k in dxo.data)  # weights unchanged (no noise asked for)
+    assert dxo.get_filter_history() == ["LayerPrivacyFilter"] and dxo.meta["model_index"] == 1
+    # FedSM: "selector_optim" goes, "selector" stays
+    fedsm = pack({"global": {"w": np.ones(2)}, "selector": {"w": np.ones(2)}, "selector_optim": {"w::exp_avg_sq": np.ones(2)}})
+    assert sorted(unpack(run_filter(filt, DXO(DataKind.WEIGHTS, data=fedsm)).data)) == ["global", "selector"]
+
+
+def test_filter_arguments_are_checked():
+    with pytest.raises(ValueError, match="optimizer_state must be one of"):
+        LayerPrivacyFilter(optimizer_state="noise")
+    with pytest.raises(TypeError, match="share_per_case must be true or false"):
+        LayerPrivacyFilter(share_per_case="no")
+    with pytest.raises(TypeError, match="zero_vars must be a list"):
+        LayerPrivacyFilter(zero_vars="fc.bias")
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------------
+def fedcross_metrics() -> dict:
+    """What cross_validate sends (plus case names, which older sites sent)."""
+    summary = {"dice": 0.8, "dice_std": 0.1, "n_cases": 2.0, "dice_per_case": [0.7, 0.9]}
+    return {
+        "section": "validation", "n_cases": 2, "case_names": ["p1.nii.gz", "p2.nii.gz"],
+        "ensemble": dict(summary), "members": [dict(summary), dict(summary)],
+        "uncertainty": {"mean_std_wrong": 0.2, "n_wrong": 5, "mean_std_per_case": [0.1, 0.2], "mean_entropy_per_case": [0.3, 0.4]},
+    }
+
+
+def test_metrics_per_case_lists_and_case_names_are_stripped_recursively(caplog):
+    filt = LayerPrivacyFilter()
+    with caplog.at_level(logging.INFO):
+        out = run_filter(filt, DXO(DataKind.METRICS, data=fedcross_metrics())).data
+    text = json.dumps(out)
+    assert "_per_case" not in text and "case_names" not in text and "p1.nii.gz" not in text
+    assert out["ensemble"] == {"dice": 0.8, "dice_std": 0.1, "n_cases": 2.0}
+    assert out["members"][1] == {"dice": 0.8, "dice_std": 0.1, "n_cases": 2.0}
+    assert out["uncertainty"] == {"mean_std_wrong": 0.2, "n_wrong": 5} and out["n_cases"] == 2
+    assert "removed per-case results ['ensemble.dice_per_case', 'members[0].dice_per_case'" in caplog.text
+    assert "removed case names ['case_names']" in caplog.text
+    # the flags let them through
+    both = LayerPrivacyFilter(share_per_case=True, share_case_names=True)
+    assert run_filter(both, DXO(DataKind.METRICS, data=fedcross_metrics())).data == fedcross_metrics()
+    per_case_only = run_filter(LayerPrivacyFilter(share_per_case=True), DXO(DataKind.METRICS, data=fedcross_metrics())).data
+    assert per_case_only["members"][0]["dice_per_case"] == [0.7, 0.9] and "case_names" not in per_case_only
+
+
+def test_metrics_that_travel_with_weights_are_stripped_too():
+    """validate_before_train: the metrics measured on the received model go in the weights DXO's meta."""
+    model = FLModel(params={"w": np.ones(3, np.float32)}, params_type=ParamsType.FULL,
+                    metrics={"val_dice": 0.5, "dice_per_case": [0.4, 0.6]}, meta={"NUM_STEPS_CURRENT_ROUND": 4})
+    out = from_shareable(LayerPrivacyFilter().process(FLModelUtils.to_shareable(model), FLContext()))
+    assert out.meta["initial_metrics"] == {"val_dice": 0.5} and out.meta["NUM_STEPS_CURRENT_ROUND"] == 4
+    assert np.array_equal(out.data["w"], np.ones(3))
+    # FedSM evaluation: per-case lists nested one level down
+    evaluation = {"section": "testing", "routing": {"global": 2}, "super": {"dice": 0.7, "dice_per_case": [0.6, 0.8]}}
+    stripped, per_case, names = strip_metrics(evaluation, share_per_case=False, share_case_names=False)
+    assert stripped == {"section": "testing", "routing": {"global": 2}, "super": {"dice": 0.7}}
+    assert per_case == ["super.dice_per_case"] and names == []
+    assert evaluation["super"]["dice_per_case"] == [0.6, 0.8]  # the input is not changed
+
+
+# ---- sections a site scores for the server ---------------------------------------------------------------------
+def test_scorable_sections():
+    assert check_scorable_section("site-1", "testing") == "testing"
+    assert check_scorable_section("site-1", "validation") == "validation"
+    for bad in ("training", None, "Testing"):
+        with pytest.raises(SectionRefused, match=f"site site-1 refuses to score its {re.escape(repr(bad))} section"):
+            check_scorable_section("site-1", bad)
+
+
+@pytest.fixture(scope="module")
+def site_executor(tiny2d):
+    """A real SegExecutor with its engine on site-1's tiny data (the FLARE START_RUN set-up is not needed)."""
+    from fedseg.data import load_datalist
+    from fedseg.engine import SegEngine
+    from fedseg.fl.executor import SegExecutor
+    from fedseg.jobgen import resolve_engine
+
+    executor = SegExecutor(engine=resolve_engine(TINY_ENGINE), tb_writer_id="")
+    executor.site = "site-1"
+    executor.engine = SegEngine(executor.cfg, load_datalist(str(tiny2d / "site-1" / "datalist.json")), site="site-1")
+    return executor
+
+
+def test_a_site_never_scores_its_training_cases_for_the_server(site_executor, caplog):
+    from fedseg.engine import state_to_numpy
+    from fedseg.methods.fedcross import member_key
+
+    weights = state_to_numpy(site_executor.engine.new_network())
+    site_names = ["site-1", "site-2"]
+    tasks = {
+        "validate": FLModel(params=weights, meta={"section": "{}"}),
+        "cross_validate": FLModel(params=pack({member_key(0): weights}), meta={"section": "{}", "num_models": 1}),
+        "fedsm_evaluate": FLModel(params=pack({"global": weights, "personal:site-1": weights}),
+                                  meta={"section": "{}", "site_names": site_names}),
+    }
+
+    def run(task: str, section: str):
+        model = tasks[task]
+        model = FLModel(params=model.params, params_type=ParamsType.FULL, meta={**model.meta, "section": section})
+        return site_executor.execute(task, FLModelUtils.to_shareable(model), FLContext(), Signal())
+
+    for task in tasks:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            reply = run(task, "training")
+        assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION, task
+        assert f"site site-1 refuses to score its 'training' section for the server" in caplog.text, task
+    # the same tasks on the test cases work, and without a privacy scope the per-case results are sent
+    for task in tasks:
+        reply = run(task, "testing")
+        assert reply.get_return_code() == ReturnCode.OK, task
+        assert "dice_per_case" in json.dumps(from_shareable(reply).data), task
+
+
+# ---- a real run -----------------------------------------------------------------------------------------------------
+PRIVATE_SCOPE_ARGS = {"noise_vars": [".*"], "noise_std": 0.05, "optimizer_state": "send"}
+SITE_TASKS = ["fedsm_train", "fedsm_evaluate", "validate", "submit_model"]
+
+
+def keys_anywhere(obj) -> set[str]:
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in keys_anywhere(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in keys_anywhere(v)}
+    return set()
+
+
+@pytest.fixture(scope="module")
+def private_fedsm_run(tiny2d, tmp_path_factory):
+    """FedSM, 2 rounds, every site filtering its replies as a private scope would.
+
+    The NVFlare 2.9 simulator reads local/privacy.json (create_privacy_manager in ClientAppRunner) but never
+    applies a scope: its SimulatorClientRunManager.create_job_processing_context_properties leaves out
+    FLContextKey.SCOPE_OBJECT, which nvflare.apis.utils.task_utils.get_filters needs. So the filter is put in the
+    job's own task_result_filters here; in a deployment it sits in local/privacy.json (tests/test_poc.py)."""
+    tmp = tmp_path_factory.mktemp("privacy")
+    engine = json.loads((REPO / "jobs" / "fedsm" / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0]["args"]["engine"]
+    job = copy_job("fedsm", tmp, server_args={"num_rounds": 2, "engine": {**engine, **TINY_ENGINE}},
+                   engine={**TINY_ENGINE, "local_epochs": 1})
+    client_file = job / "app" / "config" / "config_fed_client.json"
+    client = json.loads(client_file.read_text())
+    client["task_result_filters"] = [{"tasks": SITE_TASKS, "filters": [{"path": "fedseg.fl.privacy.LayerPrivacyFilter", "args": PRIVATE_SCOPE_ARGS}]}]
+    client_file.write_text(json.dumps(client, indent=2))
+    return simulate(job, tmp / "ws", tiny2d, n=3)
+
+
+def test_server_receives_no_per_case_results_from_private_sites(private_fedsm_run):
+    from fedseg.modelset import load_model_set
+
+    out = private_fedsm_run.job_dir / "app_server"
+    evaluation = json.loads((out / "fedsm" / "fedsm_evaluation.json").read_text())
+    results = json.loads((out / "fedseg_results.json").read_text())
+    history = json.loads((out / "fedsm" / "history.json").read_text())
+    assert sorted(evaluation) == ["site-1", "site-2", "site-3"] and len(history) == 2  # the run completed
+    for name, record in (("fedsm_evaluation.json", evaluation), ("fedseg_results.json", results), ("history.json", history)):
+        keys = keys_anywhere(record)
+        assert not {k for k in keys if k.endswith("_per_case")} and "case_names" not in keys, name
+    for site, metrics in evaluation.items():
+        assert np.isfinite(metrics["super"]["dice"]) and metrics["super"]["n_cases"] > 0, site  # summaries still arrive
+    for site in ("site-1", "site-2", "site-3"):
+        log = private_fedsm_run.log(site)
+        assert f"privacy filter at {site}, task fedsm_evaluate: removed per-case results" in log
+        assert re.search(rf"privacy filter at {site}, task fedsm_train: zeroed 0 tensor\(s\) \[\]; perturbed \d+ tensor\(s\)", log)
+    # the selector's Adam state was averaged from the sites' replies, which had noise on every weight but none on it
+    groups, _ = load_model_set(out / "fedsm" / "last.pt")
+    second_moments = [v for k, v in groups["selector_optim"].items() if k.endswith("::exp_avg_sq")]
+    assert second_moments and all(np.all(v >= 0) for v in second_moments)
