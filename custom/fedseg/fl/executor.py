@@ -32,6 +32,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from fedseg.data import DataValidationError, load_datalist, resolve_site_datalist, validate_site_data
 from fedseg.engine import EngineConfig, SegEngine, load_numpy_state, state_to_numpy
 from fedseg.fl import fedcross_tasks, fedsm_tasks
+from fedseg.fl.privacy import check_scorable_section
 
 DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
 
@@ -201,7 +202,8 @@ class SegExecutor(Executor):
         )
 
     def _validate(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
-        section = (model.meta or {}).get("section", self.eval_section)
+        # only validation / testing cases are ever scored for the server (fedseg.fl.privacy)
+        section = check_scorable_section(self.site, (model.meta or {}).get("section", self.eval_section))
         if not self.engine.cases(section):
             section = "validation"
         result = self.engine.evaluate(self.new_net(model.params), section, with_hd95=self.hd95)
