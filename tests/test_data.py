@@ -407,6 +407,174 @@ def test_load_datalist_resolves_relative_and_keeps_absolute_paths(site_copy, tmp
 
 
 # ---------------------------------------------------------------------------------------------
+# Validation: datalist-level checks and the gaps found in review
+# ---------------------------------------------------------------------------------------------
+
+
+def edit_datalist(path: Path, change) -> dict:
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+    return raw
+
+
+def refused(path, *parts, file=None, **kwargs):
+    """validate_site_data must refuse with a message naming site-1, `file` (default: the datalist) and parts."""
+    with pytest.raises(DataValidationError) as caught:
+        validate_site_data(str(path), "site-1", **kwargs)
+    error = caught.value
+    assert (error.site, error.file) == ("site-1", str(file or path)), str(error)
+    for part in parts:
+        assert part in error.problem, error.problem
+    return error
+
+
+def test_intact_site_has_no_warnings(site_copy):
+    path, _ = site_copy
+    assert validate_site_data(str(path), "site-1")["warnings"] == []  # name, site, description are known keys
+
+
+def test_duplicate_cases_are_refused(site_copy):
+    path, dl = site_copy
+    original = path.read_text()
+    raw = edit_datalist(path, lambda d: d["training"].append(dict(d["training"][1])))
+    image, label = dl["training"][1]["image"], dl["training"][1]["label"]
+    refused(path, "listed more than once", f"training[1] and training[6] use the same image {image} and label {label}",
+            check_files=False)
+    # The same case in training and testing, written differently (./ and an absolute path).
+    path.write_text(original)
+    edit_datalist(path, lambda d: d["testing"].__setitem__(0, {"image": "./" + raw["training"][2]["image"],
+                                                               "label": dl["training"][2]["label"]}))
+    refused(path, "training[2] and testing[0] use the same image", "and label")
+    # Only the label file is shared (a copy-paste slip).
+    path.write_text(original)
+    edit_datalist(path, lambda d: d["validation"][0].__setitem__("label", raw["training"][3]["label"]))
+    refused(path, f"training[3] and validation[0] use the same label {dl['training'][3]['label']}")
+    # A symlink to a listed file is the same file.
+    path.write_text(original)
+    os.symlink(dl["training"][0]["image"], path.parent / "imagesTr" / "link.nii.gz")
+    edit_datalist(path, lambda d: d["testing"][1].__setitem__("image", "imagesTr/link.nii.gz"))
+    refused(path, "training[0] and testing[1] use the same image")
+    # One case giving the same file as two channels.
+    path.write_text(original)
+    edit_datalist(path, lambda d: d["training"][0].__setitem__("image", [d["training"][0]["image"]] * 2))
+    refused(path, f"training[0] lists image {dl['training'][0]['image']} twice", check_files=False)
+
+
+def test_empty_labels_warn_and_all_empty_training_is_refused(site_copy):
+    path, dl = site_copy
+
+    def empty(entry):
+        label = Path(entry["label"])
+        resave(label, data=np.zeros_like(read(label)[0]))
+
+    empty(dl["training"][4])
+    empty(dl["validation"][1])
+    report = validate_site_data(str(path), "site-1")
+    assert report["warnings"] == [
+        f"training[4]: label {dl['training'][4]['label']} is all background (no foreground voxel)",
+        f"validation[1]: label {dl['validation'][1]['label']} is all background (no foreground voxel)",
+    ]
+    for entry in dl["training"]:
+        empty(entry)
+    refused(path, "every training label (6) is all background", "nothing to learn")
+
+
+@pytest.mark.parametrize("wrong, right", [("trainig", "training"), ("valdation", "validation"), ("test", "testing"),
+                                          ("Testing", "testing"), ("val", "validation")])
+def test_misspelled_section_is_refused_with_a_hint(site_copy, wrong, right):
+    path, _ = site_copy
+
+    def rename(d):
+        d[wrong] = d.pop(right)
+        if right == "training":  # keep a training list so that only the misspelling is wrong
+            d["training"] = d[wrong][:2]
+
+    edit_datalist(path, rename)
+    refused(path, f'unknown section "{wrong}"', f'did you mean "{right}"?', "would be ignored", check_files=False)
+
+
+def test_unknown_keys_holding_cases_are_refused_descriptive_ones_warn(site_copy):
+    path, _ = site_copy
+    original = path.read_text()
+    edit_datalist(path, lambda d: d.__setitem__("extra_cases", d["testing"][:1]))
+    error = refused(path, 'unknown section "extra_cases"', "training, validation, testing")
+    assert "did you mean" not in error.problem
+    path.write_text(original)
+    edit_datalist(path, lambda d: d.update(comment="scanner B, 2023", num_clases=3))
+    warnings = validate_site_data(str(path), "site-1")["warnings"]
+    assert len(warnings) == 2
+    assert warnings[0].startswith('unknown key "comment" is ignored; known keys: ')
+    assert warnings[1].startswith('unknown key "num_clases" is ignored (did you mean "num_classes"?)')
+
+
+@pytest.mark.parametrize("section", ["testing", "validation", "training"])
+def test_unlabelled_cases_are_refused_in_every_section(site_copy, section):
+    path, _ = site_copy
+    edit_datalist(path, lambda d: d[section][1].pop("label"))
+    refused(path, f'{section}[1] has no "label"', check_files=False)
+
+
+def test_paths_outside_the_datalist_folder_are_refused(site_copy, tmp_path):
+    path, dl = site_copy
+    original = path.read_text()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(dl["training"][0]["image"], outside / "a.nii.gz")
+    shutil.copy(dl["training"][0]["label"], outside / "a_label.nii.gz")
+    # ../, an absolute path elsewhere, a symlinked file and a symlinked folder: all real files, all outside.
+    os.symlink(outside / "a.nii.gz", path.parent / "imagesTr" / "linked.nii.gz")
+    os.symlink(outside, path.parent / "linked_dir")
+    cases = [
+        ("training", "image", "../outside/a.nii.gz", outside / "a.nii.gz"),
+        ("testing", "label", str(outside / "a_label.nii.gz"), outside / "a_label.nii.gz"),
+        ("validation", "image", "imagesTr/linked.nii.gz", path.parent / "imagesTr" / "linked.nii.gz"),
+        ("training", "label", "linked_dir/a_label.nii.gz", path.parent / "linked_dir" / "a_label.nii.gz"),
+        ("training", "image", "imagesTr/../../outside/a.nii.gz", outside / "a.nii.gz"),
+    ]
+    for section, key, value, shown in cases:
+        path.write_text(original)
+        edit_datalist(path, lambda d: d[section][0].__setitem__(key, value))
+        refused(path, f"{section}[0] {key} lies outside the datalist's folder {path.parent}",
+                f"resolves to {os.path.realpath(shown)}", file=shown, check_files=False)
+    # A symlink that stays inside the folder is fine.
+    path.write_text(original)
+    os.replace(dl["testing"][0]["image"], path.parent / "kept.nii.gz")
+    os.symlink(path.parent / "kept.nii.gz", dl["testing"][0]["image"])
+    validate_site_data(str(path), "site-1")
+
+
+def write_header_only(path: Path, shape, header=nib.Nifti2Header):
+    """A few hundred bytes of gzip: a NIfTI header declaring `shape` (uint8) followed by 64 data bytes."""
+    hdr = header()
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_data_shape(shape)
+    offset = len(hdr.binaryblock) + 4
+    hdr.set_data_offset(offset)
+    path.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + bytes(64)))
+
+
+@pytest.mark.parametrize("shape, header", [((100000, 100000, 100000), nib.Nifti2Header),
+                                           ((32767, 32767, 32767), nib.Nifti1Header)],
+                         ids=["nifti2-1e15", "nifti1-3.5e13"])
+def test_huge_declared_volume_is_refused_from_the_header(site_copy, shape, header):
+    path, dl = site_copy
+    victim = Path(dl["training"][3]["label"])
+    write_header_only(victim, shape, header)
+    assert victim.stat().st_size < 1000 and nib.load(str(victim)).shape == shape
+    voxels = int(np.prod(shape, dtype=object))
+    refused(path, f"label header declares shape {shape} = {voxels} voxels", "limit of 134217728 (max_voxels)",
+            "before reading", file=victim)
+
+
+def test_max_voxels_is_configurable(site_copy):
+    path, dl = site_copy  # 32 x 32 images: 1024 voxels
+    validate_site_data(str(path), "site-1", max_voxels=1024)
+    refused(path, "image header declares shape (32, 32) = 1024 voxels", "limit of 1000",
+            file=dl["training"][0]["image"], max_voxels=1000)
+
+
+# ---------------------------------------------------------------------------------------------
 # Where the datalist comes from
 # ---------------------------------------------------------------------------------------------
 

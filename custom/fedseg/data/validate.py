@@ -2,7 +2,9 @@
 
 Every case of the requested sections is opened and read: a broken file found after an hour of
 federated training costs the whole federation, so it is cheaper to read everything once up front.
-The first problem raises a DataValidationError naming the site, the file and the problem.
+The first problem raises a DataValidationError naming the site, the file and the problem; things
+worth knowing that do not stop training (an all-background label, an unknown descriptive key) are
+returned as warnings in the summary.
 """
 
 from __future__ import annotations
@@ -12,29 +14,35 @@ import os
 import nibabel as nib
 import numpy as np
 
-from .datalist import SECTIONS, image_paths, load_datalist
+from .datalist import SECTIONS, image_paths, load_datalist, unknown_keys
 from .errors import DataValidationError
 
 AFFINE_ATOL = 1e-3
-# Sections whose cases must carry a label (testing cases may be unlabelled).
-LABELLED_SECTIONS = ("training", "validation")
+# Largest image (voxels, all dimensions incl. channels) read by default: 512**3 = 134M voxels. Checked
+# on the header, before any voxel is read, so a tiny file declaring a huge volume cannot exhaust memory.
+MAX_VOXELS = 512**3
 
 
 def validate_site_data(datalist_path: str, site: str, sections=SECTIONS, num_classes: int | None = None,
-                       check_files: bool = True) -> dict:
+                       check_files: bool = True, max_voxels: int = MAX_VOXELS) -> dict:
     """Validate a site's datalist and every image/label file it lists; return a summary.
 
     sections: which datalist sections to check (absent ones are skipped; "training" must exist
       and be non-empty). num_classes: classes incl. background; defaults to the datalist's
-      "num_classes". check_files=False checks only the datalist itself (no file access).
+      "num_classes". check_files=False checks only the datalist itself (no file is read).
+      max_voxels: the largest image or label accepted, judged from its header.
 
-    Raises DataValidationError on the first problem: datalist missing/unreadable/invalid,
-    empty training list, image or label missing, unreadable or corrupt NIfTI, image/label shape
-    or affine mismatch, wrong number of dimensions or channels, label values outside
-    0..num_classes-1 or not integers, NaN/Inf in an image.
+    Raises DataValidationError on the first problem. The datalist: missing/unreadable/invalid,
+    empty training list, a misspelled or unknown section ("trainig", "test"), a case without a
+    label, an image or label path outside the datalist's folder (after resolving ".." and
+    symlinks), the same case (image or label file) listed twice in a section or in two sections.
+    The files: image or label missing, unreadable or corrupt NIfTI, a header declaring more than
+    max_voxels voxels, image/label shape or affine mismatch, wrong number of dimensions or channels,
+    label values outside 0..num_classes-1 or not integers, NaN/Inf in an image, every training
+    label all background.
 
     Returns {"site", "datalist", "num_classes", "spatial_dims", "in_channels",
-             "counts": {section: n}, "label_fractions": {"0": f0, "1": f1, ...},
+             "counts": {section: n}, "warnings": [str, ...], "label_fractions": {"0": f0, "1": f1, ...},
              "spacing": mean voxel spacing, "shape_min", "shape_max",
              "intensity": {"mean", "std"}}  (fractions/statistics over the checked files).
     """
@@ -50,14 +58,28 @@ def validate_site_data(datalist_path: str, site: str, sections=SECTIONS, num_cla
     if unknown:
         raise ValueError(f"unknown datalist sections {unknown}; known: {SECTIONS}")
     counts = {s: len(datalist.get(s, [])) for s in sections}
+    warnings = [message for _, refused, message in unknown_keys(datalist) if not refused]
 
-    checker = _SiteChecker(site, datalist_path, num_classes, datalist.get("spatial_dims"), datalist.get("in_channels"))
-    for section in sections:
-        for i, entry in enumerate(datalist.get(section, [])):
-            if section in LABELLED_SECTIONS and "label" not in entry:
-                raise DataValidationError(site, datalist_path, f'{section}[{i}] has no "label"')
-            if check_files:
-                checker.check_case(entry)
+    cases = [(f"{section}[{i}]", entry) for section in sections for i, entry in enumerate(datalist.get(section, []))]
+    for where, entry in cases:
+        # Training needs labels, validation selects models with them and testing scores the final models
+        # with them: an unlabelled case there would fail only after all the training.
+        if "label" not in entry:
+            raise DataValidationError(site, datalist_path, f'{where} has no "label"; every case needs one '
+                                      "(validation and testing cases are scored against it)")
+    _check_inside_folder(site, datalist_path, cases)
+    _check_no_duplicates(site, datalist_path, cases)
+
+    checker = _SiteChecker(site, datalist_path, num_classes, datalist.get("spatial_dims"), datalist.get("in_channels"),
+                           max_voxels)
+    if check_files:
+        for where, entry in cases:
+            checker.check_case(entry, where)
+        training = [where for where, _ in cases if where.startswith("training[")]
+        empty_training = [where for where in checker.empty_labels if where.startswith("training[")]
+        if training and len(empty_training) == len(training):
+            raise DataValidationError(site, datalist_path, f"every training label ({len(training)}) is all background "
+                                      "(no foreground voxel): there is nothing to learn")
 
     return {
         "site": site,
@@ -66,15 +88,60 @@ def validate_site_data(datalist_path: str, site: str, sections=SECTIONS, num_cla
         "spatial_dims": checker.spatial_dims,
         "in_channels": checker.in_channels,
         "counts": counts,
+        "warnings": warnings + checker.warnings,
         **checker.statistics(),
     }
+
+
+def _case_files(entry: dict) -> list[tuple[str, str]]:
+    """[("image" | "label", path)] of one case."""
+    files = [("image", p) for p in image_paths(entry)]
+    return files + ([("label", entry["label"])] if entry.get("label") else [])
+
+
+def _check_inside_folder(site: str, datalist_path: str, cases) -> None:
+    """Every file must lie inside the datalist's folder once ".." and symlinks are resolved: a datalist
+    (or a link in the data folder) must not make the site read, and train on, files from elsewhere."""
+    folder = os.path.realpath(os.path.dirname(datalist_path))
+    for where, entry in cases:
+        for what, path in _case_files(entry):
+            real = os.path.realpath(path)
+            if os.path.commonpath([real, folder]) != folder:
+                raise DataValidationError(
+                    site, path, f"{where} {what} lies outside the datalist's folder {folder} (it resolves to {real}, "
+                                "after '..' and symlinks); keep every image and label inside the datalist's folder")
+
+
+def _check_no_duplicates(site: str, datalist_path: str, cases) -> None:
+    """The same image file or the same label file in two cases (in one section, or in two sections such as
+    training and testing) is refused: it would be trained on twice, or scored on a case it was trained on."""
+    seen: dict[tuple[str, str], str] = {}
+    shared: dict[tuple[str, str], list[str]] = {}  # (first case, later case) -> the files they share
+    for where, entry in cases:
+        for what, path in _case_files(entry):
+            key = (what, os.path.realpath(path))
+            if key not in seen:
+                seen[key] = where
+                continue
+            files = shared.setdefault((seen[key], where), [])  # (where, where): one case repeats a channel file
+            if f"{what} {path}" not in files:
+                files.append(f"{what} {path}")
+    if shared:
+        messages = [f"{a} and {b} use the same {' and '.join(files)}" if a != b else f"{a} lists {files[0]} twice"
+                    for (a, b), files in shared.items()]
+        more = f" (and {len(messages) - 10} more)" if len(messages) > 10 else ""
+        raise DataValidationError(site, datalist_path, "the same case is listed more than once: "
+                                  + "; ".join(messages[:10]) + more + ". List each case once, in one section.")
 
 
 class _SiteChecker:
     """Checks cases one by one; remembers what must agree across cases and accumulates statistics."""
 
-    def __init__(self, site, datalist_path, num_classes, spatial_dims, in_channels):
+    def __init__(self, site, datalist_path, num_classes, spatial_dims, in_channels, max_voxels=MAX_VOXELS):
         self.site = site
+        self.max_voxels = max_voxels
+        self.warnings: list[str] = []
+        self.empty_labels: list[str] = []  # cases ("training[3]") whose label is all background
         self.datalist_path = datalist_path
         self.declared_classes = num_classes
         self.spatial_dims = spatial_dims
@@ -89,7 +156,7 @@ class _SiteChecker:
     def fail(self, file, problem):
         raise DataValidationError(self.site, file, problem)
 
-    def check_case(self, entry: dict) -> None:
+    def check_case(self, entry: dict, where: str = "case") -> None:
         images = image_paths(entry)
         label = entry.get("label")
         for path in images + ([label] if label else []):
@@ -129,9 +196,9 @@ class _SiteChecker:
         self.shapes.append(first_shape)
 
         if label:
-            self.check_label(label, images[0], first_shape, first_affine)
+            self.check_label(label, images[0], first_shape, first_affine, where)
 
-    def check_label(self, label, image, image_shape, image_affine):
+    def check_label(self, label, image, image_shape, image_affine, where="case"):
         data, affine = self.read(label, "label")
         shape = data.shape
         if len(shape) == self.spatial_dims + 1 and self.spatial_dims == 3 and shape[-1] == 1:
@@ -152,6 +219,9 @@ class _SiteChecker:
                                  "labels must be integer class indices")
             data = rounded
         values = np.unique(data)
+        if not values.any():
+            self.empty_labels.append(where)
+            self.warnings.append(f"{where}: label {label} is all background (no foreground voxel)")
         too_low = values[values < 0]
         if too_low.size:
             self.fail(label, f"label has negative values {_fmt_values(too_low)}")
@@ -171,14 +241,27 @@ class _SiteChecker:
             self.class_voxels[: counts.size] += counts
 
     def read(self, path, what):
-        """Load a NIfTI and really read its voxels (nib.load is lazy: corrupt data shows up only here)."""
-        try:
-            img = nib.load(path)
-            data = np.asanyarray(img.dataobj)
-            affine = np.asarray(img.affine, dtype=np.float64)
-        except Exception as e:  # nibabel, gzip, zlib and OS errors all mean the same thing here
+        """Load a NIfTI and really read its voxels (nib.load is lazy: corrupt data shows up only here).
+
+        The header's shape is checked against max_voxels first, so no huge array is ever allocated."""
+        def corrupt(e: Exception):  # nibabel, gzip, zlib and OS errors all mean the same thing here
             self.fail(path, f"cannot read {what} as NIfTI (corrupt, truncated or not a NIfTI file): "
                             f"{type(e).__name__}: {' '.join(str(e).split())}")
+
+        try:
+            img = nib.load(path)
+            shape = tuple(int(n) for n in img.shape)
+        except Exception as e:
+            corrupt(e)
+        voxels = int(np.prod(shape, dtype=object))
+        if voxels > self.max_voxels:
+            self.fail(path, f"{what} header declares shape {shape} = {voxels} voxels, more than the limit of "
+                            f"{self.max_voxels} (max_voxels); refused before reading it")
+        try:
+            data = np.asanyarray(img.dataobj)
+            affine = np.asarray(img.affine, dtype=np.float64)
+        except Exception as e:
+            corrupt(e)
         if data.dtype.kind not in "biuf":
             self.fail(path, f"{what} has unsupported voxel type {data.dtype}")
         return data, affine
