@@ -19,6 +19,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedseg.algorithms.packing import pack, unpack
+from fedseg.methods.fedcross import check_optimizer_state
 from fedseg.fl.privacy import LayerPrivacyFilter, SectionRefused, check_scorable_section, strip_metrics
 
 LAYER = "net.model.2.1.conv.unit0.conv"
@@ -49,10 +50,15 @@ def test_optimizer_state_is_sent_untouched_by_noise_and_zeroed_with_its_layer():
     # weights: the last layer zeroed, the others perturbed
     assert not np.any(out[f"model/{LAYER}.weight"])
     assert not np.array_equal(out["model/net.model.0.conv.weight"], params["model/net.model.0.conv.weight"])
-    # optimizer state: never noise; the zeroed layer's state is the state of a fresh optimizer
+    # optimizer state: never noise; the zeroed layer's moments are zeroed, its step count stays
     for state in ("step", "exp_avg", "exp_avg_sq"):
         assert np.array_equal(out[f"optim/net.model.0.conv.weight::{state}"], params[f"optim/net.model.0.conv.weight::{state}"])
+    for state in ("exp_avg", "exp_avg_sq"):
         assert not np.any(out[f"optim/{LAYER}.weight::{state}"])
+    assert out[f"optim/{LAYER}.weight::step"] == 7.0
+    # the server's screening accepts the result (finite, moments >= 0, step counts not going back)
+    groups = unpack(out)
+    check_optimizer_state("site-1", groups["optim"], groups["model"], unpack(params)["optim"])
     assert all(np.all(v >= 0) for k, v in out.items() if k.endswith("::exp_avg_sq"))
 
 
@@ -193,10 +199,11 @@ def keys_anywhere(obj) -> set[str]:
 def private_fedsm_run(tiny2d, tmp_path_factory):
     """FedSM, 2 rounds, every site filtering its replies as a private scope would.
 
-    The NVFlare 2.9 simulator reads local/privacy.json (create_privacy_manager in ClientAppRunner) but never
-    applies a scope: its SimulatorClientRunManager.create_job_processing_context_properties leaves out
-    FLContextKey.SCOPE_OBJECT, which nvflare.apis.utils.task_utils.get_filters needs. So the filter is put in the
-    job's own task_result_filters here; in a deployment it sits in local/privacy.json (tests/test_poc.py)."""
+    The NVFlare 2.9 simulator does not apply a privacy scope at a site: its SimulatorClientRunManager
+    .create_job_processing_context_properties leaves out FLContextKey.SCOPE_OBJECT, which
+    nvflare.apis.utils.task_utils.get_filters needs. (It copies <workspace>/local/privacy.json to the server too,
+    and the server then applies the scope to the results it receives: after they left the sites.) So the filter is
+    put in the job's own task_result_filters here; in a deployment it sits in local/privacy.json (tests/test_poc.py)."""
     tmp = tmp_path_factory.mktemp("privacy")
     engine = json.loads((REPO / "jobs" / "fedsm" / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0]["args"]["engine"]
     job = copy_job("fedsm", tmp, server_args={"num_rounds": 2, "engine": {**engine, **TINY_ENGINE}},

@@ -17,9 +17,10 @@ Model weights (WEIGHTS / WEIGHT_DIFF DXOs; FedSM and FedCross pack several model
 Optimizer state (FedSM's selector, "selector_optim/<param>::<state>", and FedCross's travelling models,
 "optim/<param>::<state>"; <state> is e.g. step, exp_avg, exp_avg_sq):
   optimizer_state="send" (default): it is sent. Noise is never added to it (noise would make Adam's second
-              moments negative). The state of a zeroed parameter is zeroed with it (the state of a fresh
-              optimizer), so moments of a layer that must not leave do not leave either: a state key is zeroed
-              when a zero_vars pattern matches its "<group>/<param>" part or its bare "<param>".
+              moments negative). The moments of a zeroed parameter are zeroed with it, so the moments of a layer
+              that must not leave do not leave either: a state key is zeroed when a zero_vars pattern matches
+              its "<group>/<param>" part or its bare "<param>". Step counts ("::step") are kept: they say how
+              many steps ran, not what the data is, and the server refuses a step count that goes back.
   optimizer_state="drop": every "::" key is removed, so the groups "optim" / "selector_optim" are absent from
               the reply; the server then continues with a fresh optimizer state.
   The moments are running averages of the site's gradients: a scope that perturbs the weights should drop
@@ -143,7 +144,7 @@ class LayerPrivacyFilter(DXOFilter):
     ):
         """
         Args:
-            zero_vars: regular expressions of parameter names sent as zeros (with their optimizer state).
+            zero_vars: regular expressions of parameter names sent as zeros (with their optimizer moments).
             noise_vars: regular expressions of parameter names that get Gaussian noise (never optimizer state).
             noise_std: noise standard deviation relative to each tensor's standard deviation (0: no noise).
             seed: seed of the noise generator (None: fresh randomness every time).
@@ -187,7 +188,7 @@ class LayerPrivacyFilter(DXOFilter):
                 if self.optimizer_state == "drop":
                     del out[name]
                     done["optim_dropped"].append(name)
-                elif self._state_of_zeroed(name):
+                elif name.partition(OPTIM_SEP)[2] != "step" and self._state_of_zeroed(name):
                     out[name] = value * 0
                     done["optim_zeroed"].append(name)
                 continue  # never noise: Adam's second moments must stay >= 0
@@ -220,7 +221,7 @@ class LayerPrivacyFilter(DXOFilter):
             if done["optim_dropped"]:
                 parts.append(f"dropped optimizer state ({len(done['optim_dropped'])} key(s))")
             if done["optim_zeroed"]:
-                parts.append(f"zeroed the optimizer state of zeroed tensors ({len(done['optim_zeroed'])} key(s))")
+                parts.append(f"zeroed the optimizer moments of zeroed tensors ({len(done['optim_zeroed'])} key(s))")
             if any(done.values()):
                 dxo.data, changed = params, True
         per_case, names = [], []
