@@ -68,9 +68,9 @@ def client_config(engine: dict, datalist: str, method_args: dict | None = None, 
     return config
 
 
-def server_components(engine: dict, key_metric: str | None = "val_dice", cross_site_eval: bool = True) -> list[dict]:
+def server_components(engine: dict, cross_site_eval: bool = True) -> list[dict]:
     """Persistor (builds the network from the engine settings), TensorBoard receiver, and for FedAvg-style jobs
-    the pieces of FLARE's cross-site evaluation and best-model selection."""
+    the pieces of FLARE's cross-site evaluation (the workflows choose their best model themselves)."""
     network = EngineConfig.from_dict(engine).network_args()
     components = [
         _component("persistor", "fedseg.fl.persistor.SegModelPersistor", {"network": network}),
@@ -81,10 +81,6 @@ def server_components(engine: dict, key_metric: str | None = "val_dice", cross_s
             _component("model_locator", "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator", {"pt_persistor_id": "persistor"}),
             _component("json_generator", "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator"),
         ]
-    if key_metric:
-        components.append(
-            _component("model_selector", "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector", {"key_metric": key_metric})
-        )
     return components
 
 
@@ -102,13 +98,18 @@ def server_config(workflows: list[dict], components: list[dict]) -> dict:
             "task_data_filters": [], "task_result_filters": []}
 
 
-def fedavg_server(engine: dict, rounds: int, fedprox_mu: float | None = None) -> dict:
-    args: dict[str, Any] = {"num_clients": None, "num_rounds": rounds, "persistor_id": "persistor"}
-    if fedprox_mu:
-        args["fedprox_mu"] = fedprox_mu
-    # num_clients null: every site that joined the job takes part in every round
-    workflows = [{"id": "fedavg", "path": "nvflare.app_common.workflows.fedavg.FedAvg", "args": args}, cross_site_eval()]
-    return server_config(workflows, server_components(engine))
+def fedavg_server(o: argparse.Namespace, fedprox_mu: float = 0.0) -> dict:
+    args: dict[str, Any] = {
+        "num_rounds": o.rounds,
+        "fedprox_mu": fedprox_mu,
+        "aggregation": o.aggregation,
+        "min_clients": o.min_clients,
+        "task_timeout": o.task_timeout,
+        "max_local_steps": o.max_local_steps,
+    }
+    # every site connected at the start of a round takes part in it; FLARE's cross-site evaluation follows
+    workflows = [{"id": "fedavg", "path": "fedseg.fl.fedavg_controller.FedAvgController", "args": args}, cross_site_eval()]
+    return server_config(workflows, server_components(o.engine))
 
 
 def meta(name: str, min_clients: int) -> dict:
@@ -121,11 +122,11 @@ def meta(name: str, min_clients: int) -> dict:
 
 
 def job_fedavg(o: argparse.Namespace) -> tuple[dict, dict]:
-    return fedavg_server(o.engine, o.rounds), client_config(o.engine, o.datalist)
+    return fedavg_server(o), client_config(o.engine, o.datalist)
 
 
 def job_fedprox(o: argparse.Namespace) -> tuple[dict, dict]:
-    return fedavg_server(o.engine, o.rounds, fedprox_mu=o.fedprox_mu), client_config(o.engine, o.datalist)
+    return fedavg_server(o, fedprox_mu=o.fedprox_mu), client_config(o.engine, o.datalist)
 
 
 def fedsm_server(o: argparse.Namespace, use_selector: bool) -> dict:
@@ -144,7 +145,7 @@ def fedsm_server(o: argparse.Namespace, use_selector: bool) -> dict:
     if use_selector:
         args["selector"] = dict(DEFAULT_SELECTOR)
     return server_config([{"id": "fedsm", "path": "fedseg.fl.fedsm_controller.FedSMController", "args": args}],
-                         server_components(o.engine, key_metric=None, cross_site_eval=False))
+                         server_components(o.engine, cross_site_eval=False))
 
 
 def job_fedsm(o: argparse.Namespace) -> tuple[dict, dict]:
@@ -183,7 +184,7 @@ def fedcross_server(o: argparse.Namespace, job: str) -> dict:
         "engine": o.engine,
     }
     return server_config([{"id": "fedcross", "path": "fedseg.fl.fedcross_controller.FedCrossController", "args": args}],
-                         server_components(o.engine, key_metric=None, cross_site_eval=False))
+                         server_components(o.engine, cross_site_eval=False))
 
 
 def job_fedcross(o: argparse.Namespace) -> tuple[dict, dict]:
@@ -236,9 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", type=json.loads, default={}, help="JSON engine settings merged over the defaults")
     p.add_argument("--datalist", default=DEFAULT_DATALIST)
     p.add_argument("--fedprox-mu", type=float, default=0.01)
+    p.add_argument("--aggregation", choices=["mean", "median", "trimmed_mean"], default="mean",
+                   help="FedAvg/FedProx: weighted mean (FedAvg) or a robust coordinate-wise median / trimmed mean")
+    p.add_argument("--max-local-steps", type=int, default=0,
+                   help="FedAvg/FedProx: most steps a site trains per round, and so the largest weight it can claim (0: no plan)")
     p.add_argument("--lam", type=float, default=0.7, help="FedSM/SoftPull: weight of a site's own personalized model")
     p.add_argument("--gamma", type=float, default=0.9, help="FedSM: selector confidence needed to use a personalized model")
-    p.add_argument("--task-timeout", type=int, default=3600, help="FedSM/FedCross: seconds per site task (0: no limit)")
+    p.add_argument("--task-timeout", type=int, default=3600, help="seconds per site task (0: no limit)")
     p.add_argument("--communications", type=int, help="FedCross: visits per model (default 20 fedcross, 10 fedcrossens)")
     p.add_argument("--schedule", choices=["cyclic", "latin", "random", "explicit"],
                    help="FedCross: site-visit schedule (default cyclic for fedcross, latin for fedcrossens)")

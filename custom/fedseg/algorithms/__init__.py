@@ -1,17 +1,21 @@
 """Pure math of the FedSeg server workflows (numpy only; no FLARE or torch imports).
 
-* :mod:`.aggregation` -- update validation, weighted averaging, applying diffs
+* :mod:`.aggregation` -- update validation, weighted and robust averaging, applying diffs
+* :mod:`.screening`   -- reading what a site sends back: fields, optimizer state, update magnitudes
 * :mod:`.softpull`    -- FedSM SoftPull mixing of personalized models
 * :mod:`.routing`     -- FedSM super-model routing (global vs personalized)
 * :mod:`.schedules`   -- FedCross / FedCrossEns site-visit schedules
 """
 
-from .aggregation import UpdateRejected, apply_diff, check_update, weighted_average
+from .aggregation import AGGREGATIONS, UpdateRejected, aggregate, apply_diff, check_update, robust_average, weighted_average
 from .routing import GLOBAL, Route, route, route_batch, softmax
 from .schedules import KINDS, assign, make_schedule, validate_explicit, visits_per_model
 from .softpull import softpull, softpull_weights
 
 __all__ = [
+    "AGGREGATIONS",
+    "aggregate",
+    "robust_average",
     "UpdateRejected",
     "check_update",
     "weighted_average",

@@ -15,7 +15,9 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["UpdateRejected", "check_update", "weighted_average", "apply_diff"]
+__all__ = ["UpdateRejected", "check_update", "weighted_average", "apply_diff", "AGGREGATIONS", "robust_average", "aggregate"]
+
+AGGREGATIONS = ("mean", "median", "trimmed_mean")
 
 _MAX_NAMED_KEYS = 5
 
@@ -172,3 +174,47 @@ def apply_diff(base: Mapping[str, np.ndarray], diff: Mapping[str, np.ndarray]) -
         acc_dtype = np.promote_types(_acc_dtype(b.dtype, key), _acc_dtype(d.dtype, key))
         out[key] = _cast_back(b.astype(acc_dtype) + d.astype(acc_dtype), b.dtype)
     return out
+
+
+def robust_average(updates: Mapping[str, Mapping[str, np.ndarray]], method: str = "median", trim_fraction: float = 0.2) -> dict:
+    """Unweighted coordinate-wise robust mean of the updates: "median", or "trimmed_mean" (drop the
+    ``floor(trim_fraction * n)`` largest and smallest values of each coordinate, average the rest).
+
+    Robust to a minority of arbitrary updates; unweighted, because a step count is itself a site's claim.
+    Same key set and shapes required as in :func:`weighted_average`; dtypes cast back the same way.
+    """
+    if method not in ("median", "trimmed_mean"):
+        raise ValueError(f"robust method must be 'median' or 'trimmed_mean', got {method!r}")
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    if not updates:
+        raise ValueError("robust_average needs at least one update")
+    sites = sorted(updates)
+    keys = list(updates[sites[0]])
+    out = {}
+    for key in keys:
+        try:
+            stack = np.stack([np.asarray(updates[s][key], dtype=np.float64) for s in sites])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"key {key!r}: updates differ in keys or shapes ({e})") from e
+        if method == "median":
+            acc = np.median(stack, axis=0)
+        else:
+            cut = int(np.floor(trim_fraction * len(sites)))
+            ordered = np.sort(stack, axis=0)
+            acc = ordered[cut: len(sites) - cut].mean(axis=0)
+        out[key] = _cast_back(acc, np.asarray(updates[sites[0]][key]).dtype)
+    return out
+
+
+def aggregate(updates: Mapping[str, Mapping[str, np.ndarray]], weights: Mapping[str, float], method: str = "mean",
+              trim_fraction: float = 0.2) -> dict:
+    """The global model from the accepted updates: "mean" (weighted by ``weights``, i.e. FedAvg), or the
+    unweighted robust "median" / "trimmed_mean" (:func:`robust_average`). Sites are taken in sorted order, so
+    the result does not depend on the order in which results arrived."""
+    if method not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {method!r}")
+    ordered = {s: updates[s] for s in sorted(updates)}
+    if method == "mean":
+        return weighted_average(ordered, weights)
+    return robust_average(ordered, method, trim_fraction)

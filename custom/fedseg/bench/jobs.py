@@ -30,7 +30,7 @@ FLOW = "fedseg.bench.flow"
 PERSISTOR = "fedseg.fl.persistor.SegModelPersistor"
 FAST_CHECK_PERIOD = 0.1
 # outputs a method's workflow writes into the server app dir (moved to bench/<method>/ at its end)
-METHOD_OUTPUTS = {"fedsm": ["fedsm"], "softpull": ["fedsm"], "fedcross": ["fedcross"], "fedcrossens": ["fedcrossens"]}
+METHOD_OUTPUTS = {"fedavg": ["fedavg"], "fedprox": ["fedavg"], "fedsm": ["fedsm"], "softpull": ["fedsm"], "fedcross": ["fedcross"], "fedcrossens": ["fedcrossens"]}
 
 
 def jobgen_options(engine: dict, seed: int, rounds: int = 1) -> object:
@@ -111,7 +111,7 @@ def build_job(out_dir: str | Path, name: str, runs: list[tuple[str, int]], plans
         workflows.append({"id": f"end_{name_}", "path": f"{FLOW}.BenchMark",
                           "args": {"method": name_, "phase": "end", "move": METHOD_OUTPUTS.get(method, [])}})
     # jobgen's TensorBoard receiver, as in every shipped job
-    components += [c for c in jobgen.server_components(o.engine, key_metric=None, cross_site_eval=False) if c["id"] != "persistor"]
+    components += [c for c in jobgen.server_components(o.engine, cross_site_eval=False) if c["id"] != "persistor"]
     server = {"format_version": 2, "workflows": workflows, "components": components,
               "task_data_filters": [], "task_result_filters": []}
     if task_request_interval:

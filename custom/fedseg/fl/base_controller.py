@@ -1,4 +1,4 @@
-"""What FedSeg's own workflows share: per-site tasks in parallel with timeouts, update checks, model-set files.
+"""What FedSeg's own workflows share: per-site tasks in parallel with timeouts, update screening, confined files.
 
 Built on NVFlare's ModelController. `ignore_result_error=True` because FedSeg enforces its own minimum of
 answering sites: the dynamic mode would panic the whole job as soon as one per-site task fails.
@@ -10,22 +10,50 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Iterable
 
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedseg.algorithms import UpdateRejected, check_update
+from fedseg.algorithms.screening import cap_step_weights, read_step_count, screen_magnitudes
 from fedseg.modelset import json_default
+
+# The server's own settings, written by the server's operator (never by a job): directories a job may resume from.
+SERVER_CONFIG_RELPATH = os.path.join("local", "fedseg_server.json")
+
+
+def check_output_name(name: str, what: str = "output_dir") -> str:
+    """A job names a folder under the server's app dir, never a path: no absolute path, no separator, no '..'."""
+    if not isinstance(name, str) or not name or name in (".", "..") or os.sep in name or "/" in name or os.path.isabs(name):
+        raise ValueError(f"{what} must be a plain folder name (it is created inside the job's app dir), got {name!r}")
+    return name
+
+
+def confine_path(value: str, base: str | os.PathLike, roots: Iterable[str | os.PathLike]) -> Path:
+    """``value`` (relative to ``base``) resolved with symlinks and '..'; it must lie inside one of ``roots``."""
+    path = Path(os.path.realpath(Path(base) / Path(value).expanduser()))
+    allowed = [Path(os.path.realpath(r)) for r in roots]
+    if not any(path == r or r in path.parents for r in allowed):
+        raise PermissionError(
+            f"{value!r} resolves to {path}, outside the job's workspace and the server's allowed directories "
+            f"{[str(r) for r in allowed]}; the server's operator can allow a directory in <server workspace>/"
+            f"{SERVER_CONFIG_RELPATH} as {{\"resume_dirs\": [\"/abs/dir\"]}}"
+        )
+    return path
 
 
 class FedSegController(ModelController):
-    def __init__(self, *args, task_timeout: int = 0, min_clients: int = 1, startup_grace: int = 300, **kwargs):
+    def __init__(self, *args, task_timeout: int = 0, min_clients: int = 1, startup_grace: int = 300,
+                 max_update_ratio: float = 10.0, **kwargs):
         """
         Args:
             task_timeout: seconds a site may take for one task before its result is given up (0: no limit).
             min_clients: fewest answering sites with which a round still updates the models.
             startup_grace: extra seconds for a site that has not answered any task yet: FLARE's task clock
                 starts when the task is scheduled, before a late site's job process is even up.
+            max_update_ratio: an update whose norm is above this many times the median of the other updates
+                (of the round, and recent accepted ones) is rejected (0: no magnitude check).
         """
         kwargs.setdefault("ignore_result_error", True)
         super().__init__(*args, **kwargs)
@@ -34,6 +62,9 @@ class FedSegController(ModelController):
         self.task_timeout = int(task_timeout)
         self.min_clients = int(min_clients)
         self.startup_grace = int(startup_grace)
+        if float(max_update_ratio) < 0:
+            raise ValueError(f"max_update_ratio must be >= 0, got {max_update_ratio}")
+        self.max_update_ratio = float(max_update_ratio)
         self.answered: set[str] = set()  # sites that have answered a task: they are up, no start-up grace
 
     # ---- tasks ---------------------------------------------------------------------------------------
@@ -76,12 +107,50 @@ class FedSegController(ModelController):
             self.warning(f"REJECTED {what} {e}")
             return False
 
+    def reject(self, site: str, what: str, reason: str) -> None:
+        """One log line per rejected result, naming the site and the field (the round goes on without it)."""
+        self.warning(f"REJECTED {what} from {site}: {reason}")
+
+    def read(self, site: str, what: str, read_fn, *args):
+        """``read_fn(site, *args)`` (a fedseg.algorithms.screening reader); None, with a log line, when it rejects."""
+        try:
+            return read_fn(site, *args)
+        except UpdateRejected as e:
+            self.reject(site, what, e.reason)
+            return None
+
+    def screen(self, what: str, norms: dict[str, float], recent: Iterable[float] = ()) -> set[str]:
+        """Sites whose update is too large against the others (fedseg.algorithms.screen_magnitudes); logged."""
+        rejected = screen_magnitudes(norms, recent, self.max_update_ratio)
+        for site, reason in sorted(rejected.items()):
+            self.reject(site, what, reason)
+        return set(rejected)
+
+    def step_weights(self, results: dict[str, FLModel], plan: int | None, max_weight_ratio: float = 4.0) -> dict[str, float]:
+        """Aggregation weights: each site's validated step count, capped by the server's plan (``plan`` steps),
+        or without a plan at ``max_weight_ratio`` x the median of the other sites' counts. A site whose count is
+        malformed is left out (logged)."""
+        steps = {}
+        for site, result in sorted(results.items()):
+            value = self.read(site, "step count", read_step_count, result.meta, plan)
+            if value is not None:
+                steps[site], over_plan = value
+                if over_plan:
+                    self.warning(f"{site} reported more steps than the {plan} planned; its weight is capped at {plan}")
+        if plan is not None:
+            return {s: float(v) for s, v in steps.items()}
+        weights, capped = cap_step_weights(steps, max_weight_ratio)
+        for site, cap in capped.items():
+            self.warning(f"{site} reported {steps[site]} steps, above {max_weight_ratio:g}x the other sites' median; "
+                         f"its weight is capped at {cap:g}")
+        return weights
+
     def connected_sites(self) -> list[str]:
         return sorted(self.sample_clients())
 
     # ---- files ---------------------------------------------------------------------------------------
     def output_dir(self, name: str) -> Path:
-        path = Path(self.get_app_dir()) / name
+        path = Path(self.get_app_dir()) / check_output_name(name)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -89,3 +158,22 @@ class FedSegController(ModelController):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(data, indent=2, default=json_default))
         os.replace(tmp, path)
+
+    def server_config(self) -> dict:
+        """<server workspace>/local/fedseg_server.json ({} when absent): the operator's settings, not the job's."""
+        root = self.engine.get_workspace().get_root_dir()
+        path = Path(root) / SERVER_CONFIG_RELPATH
+        if not path.exists():
+            return {}
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: must hold a JSON object")
+        return config
+
+    def resume_path(self, value: str) -> Path:
+        """Where a job may resume from: inside this job's run dir, or a directory the server's own
+        local/fedseg_server.json lists under "resume_dirs". Raises PermissionError otherwise."""
+        dirs = self.server_config().get("resume_dirs") or []
+        if not isinstance(dirs, list) or not all(isinstance(d, str) and os.path.isabs(d) for d in dirs):
+            raise ValueError(f"{SERVER_CONFIG_RELPATH}: \"resume_dirs\" must be a list of absolute paths, got {dirs!r}")
+        return confine_path(value, self.get_app_dir(), [self.get_run_dir(), *dirs])

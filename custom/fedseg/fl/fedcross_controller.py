@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,20 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedseg.algorithms.packing import pack, unpack
 from fedseg.algorithms.schedules import KINDS, assign, validate_explicit
-from fedseg.algorithms.aggregation import UpdateRejected
+from fedseg.algorithms.aggregation import UpdateRejected, check_update
+from fedseg.algorithms.screening import (
+    case_dice,
+    check_optimizer_state,
+    read_int,
+    read_step_count,
+    read_summary,
+    update_norm,
+)
 from fedseg.engine.config import EngineConfig
 from fedseg.fl.base_controller import FedSegController
 from fedseg.methods.fedcross import (
     LR_SCHEDULES,
     LrSchedule,
-    check_optimizer_state,
     fingerprint,
     initial_members,
     load_members,
@@ -139,6 +147,7 @@ class FedCrossController(FedSegController):
         self.failures: dict[str, int] = {}
         self.dropped: list[str] = []
         self.history: list[dict] = []
+        self.recent_norms: deque[float] = deque(maxlen=20)  # accepted visits' update norms (magnitude screening)
         self.best: dict | None = None  # {"communication", "val_dice", "members", "optimizers", "visits_done"}
         self.steps_total = 0
         self.network_args: dict = {}
@@ -270,9 +279,10 @@ class FedCrossController(FedSegController):
         failed_now: list[str] = []
         while pending:
             results = self.run_tasks("cross_train", {s: self._visit_task(m, c) for s, m in pending.items()})
+            too_large = self._screen_visits({s: m for s, m in pending.items() if s in results}, results)
             unplaced = []
             for site, m in pending.items():
-                reason = self._apply_visit(site, m, results.get(site))
+                reason = self._apply_visit(site, m, results.get(site), site in too_large)
                 if reason is None:
                     visits[m].update(site=site, status="trained")
                     continue
@@ -301,28 +311,46 @@ class FedCrossController(FedSegController):
             "dropped_sites": list(self.dropped),
         }
 
-    def _apply_visit(self, site: str, m: int, result: FLModel | None) -> str | None:
+    def _screen_visits(self, pending: dict[str, int], results: dict[str, FLModel]) -> set[str]:
+        """Sites whose returned model moved far more than the other visits of this communication and the
+        recent accepted visits (fedseg.algorithms.screen_magnitudes); malformed results are left to _apply_visit."""
+        norms = {}
+        for site, m in pending.items():
+            try:
+                weights = unpack(results[site].params)["model"]
+                check_update(site, weights, self.members[m])
+                norms[site] = update_norm(weights, self.members[m])
+            except Exception:  # noqa: BLE001 (any malformed result: rejected with its reason in _apply_visit)
+                continue
+        return self.screen("model update", norms, self.recent_norms)
+
+    def _apply_visit(self, site: str, m: int, result: FLModel | None, too_large: bool = False) -> str | None:
         """Replace model m with the site's result if it is usable; otherwise return why not."""
         if result is None:
             return "no result (error, timeout or disconnect)"
-        if int((result.meta or {}).get("model_index", -1)) != m:
-            return f"result is for model {(result.meta or {}).get('model_index')}, expected {m}"
+        meta = result.meta or {}
+        planned = self.visit_steps or None
         try:
+            index = read_int(site, meta, "model_index")
+            if index != m:
+                return f"REJECTED update from {site}: result is for model {index}, expected {m}"
             groups = unpack(result.params)
-        except KeyError as e:
-            return f"REJECTED update from {site}: {e}"
-        weights, optim = groups.get("model", {}), groups.get("optim", {})
-        if not self.accept(site, weights, self.members[m], f"model {m}:"):
-            return f"REJECTED update from {site} (see the line above)"
-        try:
-            check_optimizer_state(site, optim, weights, self.optimizers[m])
+            weights, optim = groups.get("model", {}), groups.get("optim", {})
+            check_update(site, weights, self.members[m])
+            check_optimizer_state(site, optim, weights, self.optimizers[m], max_new_steps=planned)
+            steps, _ = read_step_count(site, meta, planned)
         except UpdateRejected as e:
-            self.warning(f"REJECTED model {m}: {e}")
+            self.reject(site, f"model {m}", e.reason)
             return f"REJECTED update from {site}: {e.reason}"
+        except (KeyError, AttributeError, TypeError) as e:
+            return f"REJECTED update from {site}: cannot unpack: {e}"
+        if too_large:
+            return f"REJECTED update from {site}: update norm too large (see the line above)"
+        self.recent_norms.append(update_norm(weights, self.members[m]))
         self.members[m] = weights
-        self.optimizers[m] = optim
+        self.optimizers[m] = optim  # {} when the site's privacy scope withholds it: the next visit starts afresh
         self.visits_done[m] += 1
-        self.steps_total += int((result.meta or {}).get("NUM_STEPS_CURRENT_ROUND", 0) or 0)
+        self.steps_total += steps
         return None
 
     def _count_failures(self, sites: list[str]) -> None:
@@ -342,9 +370,39 @@ class FedCrossController(FedSegController):
         packed = pack({member_key(m): w for m, w in enumerate(members)})
         task = {s: FLModel(params=packed, params_type=ParamsType.FULL, meta={"section": section, "num_models": len(members)}) for s in sites}
         results = self.run_tasks("cross_validate", task, self.validate_timeout)
-        scores = {s: r.metrics or {} for s, r in results.items()}
-        self._adopt_site_engine(scores)
-        return scores
+        self._adopt_site_engine({s: r.metrics for s, r in results.items() if isinstance(r.metrics, dict)})
+        return {s: m for s, r in sorted(results.items()) if (m := self._valid_scores(s, r.metrics, len(members))) is not None}
+
+    def _valid_scores(self, site: str, metrics, k: int) -> dict | None:
+        """A site's cross_validate metrics reduced to validated fields (None, logged, when malformed)."""
+        try:
+            n_cases = read_int(site, metrics, "n_cases", 0, 100000)
+            out = {"n_cases": n_cases, "section": str(metrics.get("section", ""))[:20]}
+            if n_cases == 0:
+                return out
+            members = metrics.get("members")
+            if not isinstance(members, list) or len(members) != k:
+                raise UpdateRejected(site, f"metrics.members: not a list of {k} summaries")
+            out["ensemble"] = read_summary(site, metrics, "ensemble")
+            out["members"] = [read_summary(site, {"m": x}, "m") for x in members]
+            u = metrics.get("uncertainty")
+            if not isinstance(u, dict):
+                raise UpdateRejected(site, "metrics.uncertainty: missing or not a dict")
+            unc = {key: read_score(site, u, key, 0.0, math.inf) for key in ("std_sum_wrong", "std_sum_right")}
+            unc.update({key: read_int(site, u, key, 0) for key in ("n_wrong", "n_right")})
+            for key in ("mean_std_wrong", "mean_std_right"):  # NaN where no voxel of that kind
+                value = u.get(key)
+                unc[key] = float("nan") if isinstance(value, float) and math.isnan(value) else read_score(site, u, key, 0.0, math.inf)
+            for key in ("mean_std_per_case", "mean_entropy_per_case"):
+                values = u.get(key, [])
+                if not isinstance(values, list) or len(values) > n_cases:
+                    raise UpdateRejected(site, f"metrics.uncertainty.{key}: not a list of at most {n_cases} values")
+                unc[key] = [read_score(site, {key: v}, key, 0.0, math.inf) for v in values]
+            out["uncertainty"] = unc
+            return out
+        except UpdateRejected as e:
+            self.reject(site, "scores", e.reason)
+            return None
 
     def _adopt_site_engine(self, scores: dict[str, dict]) -> None:
         """The model sets must say how the sites ran the networks; warn once if the job's copy differs."""
@@ -353,6 +411,11 @@ class FedCrossController(FedSegController):
         for site, metrics in sorted(scores.items()):
             reported = metrics.get("engine")
             if not reported:
+                continue
+            try:  # a site's report is only adopted if it is a valid engine configuration
+                reported = EngineConfig.from_dict(reported).to_dict()
+            except Exception as e:  # noqa: BLE001
+                self.reject(site, "engine settings", f"{type(e).__name__}: {e}")
                 continue
             self._engine_checked = True
             stated = EngineConfig.from_dict(self.engine_settings).to_dict()
@@ -370,9 +433,9 @@ class FedCrossController(FedSegController):
         for site, metrics in sorted(scores.items()):
             if not metrics.get("n_cases"):
                 continue
-            ens_cases += metrics["ensemble"]["dice_per_case"]
+            ens_cases += case_dice(metrics["ensemble"])
             for m, summary in enumerate(metrics["members"]):
-                member_cases[m] += summary["dice_per_case"]
+                member_cases[m] += case_dice(summary)
             per_site[site] = {"ensemble": metrics["ensemble"]["dice"], "members": [s["dice"] for s in metrics["members"]],
                               "n_cases": metrics["n_cases"]}
         val_dice = float(np.mean(ens_cases)) if ens_cases else float("nan")

@@ -9,6 +9,13 @@ A site that fails, times out or returns a bad update (NaN/Inf, missing keys, wro
 the round and keeps its personalized model. The set is checkpointed every round (last.pt), the best set by
 validation score is kept (best.pt: the set that was SENT in the round whose received-model scores were
 best), and a job can resume from either. With use_selector=False this is SoftPull alone (jobs/softpull).
+
+Sites come and go: the selector's classes are fixed when the job starts (the `sites` argument, else the sites
+connected at the start; on resume, the saved set's list). Every round uses every class site connected at
+that moment, so a site that was down for some rounds, or came up late, takes part again from the next round.
+A connected site that is no selector class (e.g. a new site when resuming) trains the global model and gets
+its own personalized model, but the selector never learns or routes to it. A resumed job continues the
+history, the best score and best.pt of the run it resumes.
 """
 
 from __future__ import annotations
@@ -21,17 +28,35 @@ import torch
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedseg.algorithms import softpull, weighted_average
+from fedseg.algorithms import AGGREGATIONS, UpdateRejected, aggregate, softpull, weighted_average
+from fedseg.algorithms.screening import (
+    check_optimizer_state,
+    numeric_metrics,
+    read_score,
+    read_summary,
+    robust_score,
+    update_norm,
+)
 from fedseg.algorithms.packing import pack, unpack
 from fedseg.engine.config import EngineConfig
 from fedseg.engine.engine import optimizer_state_to_numpy, state_to_numpy
 from fedseg.fl.base_controller import FedSegController
 from fedseg.fl.fedsm_tasks import PERSONAL_PREFIX
+from fedseg.algorithms.routing import GLOBAL
 from fedseg.methods.fedsm import DEFAULT_SELECTOR, SelectorSettings, build_selector
 from fedseg.modelset import load_model_set, save_model_set
 from fedseg.report import format_table
 
 OUTPUT_DIR = "fedsm"
+
+
+def plan_round(classes: list[str], connected: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(class sites connected now, in class order; connected sites that are no selector class; class sites
+    not connected now)."""
+    members = [s for s in classes if s in connected]
+    outsiders = sorted(s for s in connected if s not in classes)
+    missing = [s for s in classes if s not in connected]
+    return members, outsiders, missing
 
 
 class FedSMController(FedSegController):
@@ -50,6 +75,10 @@ class FedSMController(FedSegController):
         eval_timeout: int = 0,
         startup_grace: int = 300,
         max_failed_rounds: int = 3,
+        aggregation: str = "mean",
+        max_update_ratio: float = 10.0,
+        max_weight_ratio: float = 4.0,
+        sites: list[str] | None = None,
         resume_from: str | None = None,
         start_round: int | None = None,
         seed: int = 0,
@@ -69,11 +98,20 @@ class FedSMController(FedSegController):
             task_timeout / eval_timeout: seconds per training / evaluation task (0: no limit).
             startup_grace: extra seconds for a site's first task (its job process may start late).
             max_failed_rounds: consecutive rounds below min_clients before the job stops.
-            resume_from: absolute server path of a saved model set (last.pt or best.pt) to continue from.
+            aggregation: the global model's aggregation: "mean" (weighted by steps), "median" or "trimmed_mean".
+            max_update_ratio: updates with a norm above this many times the median of the others are rejected.
+            max_weight_ratio: without local_steps, a site's weight is capped at this many times the median step
+                count of the other sites of the round.
+            sites: the expected site names, in selector-class order (None: the sites connected at the start).
+                A listed site that is not connected yet joins from the first round it is connected.
+            resume_from: absolute server path of a saved model set (last.pt or best.pt) to continue from; its
+                history, best score and best.pt (next to it) carry over, and its site list stays the
+                selector's classes.
             start_round: round to continue at (default: the saved round + 1).
             task_check_period: seconds between FLARE's checks of the standing tasks.
         """
         super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=min_clients,
+                         max_update_ratio=max_update_ratio,
                          startup_grace=startup_grace, task_check_period=task_check_period)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
@@ -89,27 +127,60 @@ class FedSMController(FedSegController):
         self.local_steps = local_steps
         self.eval_timeout = int(eval_timeout)
         self.max_failed_rounds = int(max_failed_rounds)
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        self.aggregation = aggregation
+        self.max_weight_ratio = float(max_weight_ratio)
+        if sites is not None and (not sites or len(set(sites)) != len(sites) or
+                                  not all(isinstance(s, str) and s for s in sites)):
+            raise ValueError(f"sites must be a non-empty list of distinct site names, got {sites!r}")
+        self.expected_sites = list(sites) if sites else None
         self.resume_from = resume_from
         self.start_round = start_round
         self.seed = int(seed)
+        # run state
+        self.classes: list[str] = []  # the selector's classes = model set "site_names"
+        self.history: list[dict] = []
+        self.best_score = -1.0  # the best round score so far (the set behind it is best.pt)
+        self._outsiders_told: set[str] = set()
+        self._missing: list[str] = []
 
     # ---- model set -------------------------------------------------------------------------------------
-    def _initial_set(self, sites: list[str]) -> tuple[dict, int]:
+    def _initial_set(self, connected: list[str]) -> tuple[dict, int]:
+        """The model set to start from and the first round; sets the selector classes (and, when resuming,
+        the history and best score of the saved run)."""
         if self.resume_from:
-            groups, info = load_model_set(self.resume_from)
-            saved_sites = info["site_names"]
-            if saved_sites != sites:
-                self.warning(f"resuming with sites {sites}; the saved set was trained with {saved_sites}")
-            start = self.start_round if self.start_round is not None else int(info["round"]) + 1
-            self.info(f"resuming from {self.resume_from} (saved round {info['round']}) at round {start}")
-            for site in sites:
-                groups["personal"].setdefault(site, copy.deepcopy(groups["global"]))
-            return groups, start
+            return self._resume(Path(self.resume_from).expanduser(), connected)
+        self.classes = self.expected_sites or list(connected)
         global_params = self.load_model().params
-        groups = {"global": global_params, "personal": {s: copy.deepcopy(global_params) for s in sites}}
+        groups = {"global": global_params, "personal": {s: copy.deepcopy(global_params) for s in self.classes}}
         if self.use_selector:
-            groups["selector"], groups["selector_optim"] = self._initial_selector(len(sites))
+            groups["selector"], groups["selector_optim"] = self._initial_selector(len(self.classes))
         return groups, int(self.start_round or 0)
+
+    def _resume(self, path: Path, connected: list[str]) -> tuple[dict, int]:
+        groups, info = load_model_set(path)
+        self.classes = list(info["site_names"])
+        if self.expected_sites and self.expected_sites != self.classes:
+            self.warning(f"sites {self.expected_sites} ignored: the saved set's selector classes are {self.classes}")
+        start = self.start_round if self.start_round is not None else int(info["round"]) + 1
+        # the rounds after the saved one are trained again: their records are dropped
+        self.history = [r for r in info.get("history", []) if int(r["round"]) < start]
+        self.best_score = float(info.get("best_score", info.get("val_score", -1.0)))
+        best_path = path.with_name("best.pt")
+        if best_path.exists():
+            best_groups, best_info = load_model_set(best_path)
+            self.best_score = max(self.best_score, float(best_info.get("val_score", -1.0)))
+            self._save("best.pt", best_groups, int(best_info["round"]), self.classes, {
+                k: v for k, v in best_info.items() if k in ("val_score", "score_key", "history", "best_score")})
+        elif "best_score" in info:
+            self.warning(f"no best.pt next to {path}: the best score {self.best_score:.4f} carries over, best.pt is "
+                         f"written when a later set beats it")
+        else:
+            self.warning(f"{path} records no best score: best-set tracking starts afresh")
+        self.info(f"resuming from {path} (saved round {info['round']}, best score {self.best_score:.4f}, "
+                  f"{len(self.history)} rounds of history) at round {start}; selector classes {self.classes}")
+        return groups, start
 
     def _initial_selector(self, num_sites: int) -> tuple[dict, dict]:
         torch.manual_seed(self.seed)
@@ -126,7 +197,8 @@ class FedSMController(FedSegController):
     def _save(self, name: str, groups: dict, rnd: int, sites: list[str], extra: dict | None = None) -> Path:
         path = self.output_dir(OUTPUT_DIR) / name
         info = {"method": "fedsm", "round": rnd, "site_names": sites, "lam": self.lam, "gamma": self.gamma,
-                "use_selector": self.use_selector, "selector": self.selector_cfg, "engine": self.engine_cfg, **(extra or {})}
+                "use_selector": self.use_selector, "selector": self.selector_cfg, "engine": self.engine_cfg,
+                "history": self.history, "best_score": self.best_score, **(extra or {})}
         save_model_set(path, groups, info)
         return path
 
@@ -134,70 +206,139 @@ class FedSMController(FedSegController):
         return {"site_names": sites, "gamma": self.gamma, "selector": self.selector_cfg if self.use_selector else None,
                 "local_epochs": self.local_epochs, "local_steps": self.local_steps}
 
+    def _names_for(self, site: str) -> list[str]:
+        """The site list a site's task carries: the selector classes, plus the site itself when it is none
+        (it then gets no selector, and trains and is scored without one)."""
+        return self.classes if site in self.classes else [*self.classes, site]
+
     def _groups_for(self, groups: dict, site: str) -> dict:
-        out = {"global": groups["global"], "personal": groups["personal"][site]}
-        if self.use_selector:
+        out = {"global": groups["global"], "personal": groups["personal"].setdefault(site, copy.deepcopy(groups["global"]))}
+        if self.use_selector and site in self.classes:
             out["selector"], out["selector_optim"] = groups["selector"], groups["selector_optim"]
         return out
 
+    def _round_sites(self, rnd: int) -> list[str]:
+        """The sites of this round: every connected class site, then connected sites that are no class."""
+        connected = [s for s in self.connected_sites() if self.get_client_disconnect_time(s) is None]
+        members, outsiders, missing = plan_round(self.classes, connected)
+        for site in outsiders:
+            if site not in self._outsiders_told:
+                self._outsiders_told.add(site)
+                self.info(f"site {site} is not one of the selector's classes {self.classes}: it trains the global model "
+                          f"and gets its own personalized model from round {rnd}, but the selector never routes to it")
+        if missing != self._missing:
+            back = [s for s in self._missing if s not in missing]
+            if back:
+                self.info(f"round {rnd}: {back} connected again, taking part from this round")
+            if missing:
+                self.warning(f"round {rnd}: {missing} not connected; no task for them this round")
+            self._missing = missing
+        return members + outsiders
+
+    def _aggregate_round(self, groups: dict, updates: dict[str, dict], weights: dict[str, float]) -> None:
+        """_aggregate, except that the selector learns only from its classes (sites that are no class train none)."""
+        outsiders = [s for s in updates if s not in self.classes]
+        if not self.use_selector or not outsiders:
+            self._aggregate(groups, updates, weights)
+            return
+        members = {s: u for s, u in updates.items() if s not in outsiders}
+        selector = {k: groups[k] for k in ("selector", "selector_optim")}
+        if members:
+            scratch = {"global": groups["global"], "personal": {}, **selector}
+            self._aggregate(scratch, members, {s: weights[s] for s in members})
+            selector = {k: scratch[k] for k in selector}
+        # global and personalized models from every site; an outsider's selector slot is only a placeholder
+        self._aggregate(groups, {s: u if s in members else {**u, **selector} for s, u in updates.items()}, weights)
+        groups.update(selector)
+
     # ---- one round -------------------------------------------------------------------------------------
     def _valid_update(self, site: str, result: FLModel, sent: dict) -> dict | None:
-        """The site's unpacked update if every part passes the checks, else None (logged with the site)."""
+        """The site's unpacked update if every part passes the checks, else None (logged with the site).
+
+        The selector's optimizer state may be absent (a site's privacy scope can withhold it); when present
+        it must be a sane Adam state (finite, second moments >= 0, step counts that only go forward)."""
         try:
             update = unpack(result.params)
         except (KeyError, AttributeError, TypeError) as e:
-            self.warning(f"REJECTED update from {site}: cannot unpack: {e}")
+            self.reject(site, "update", f"cannot unpack: {e}")
             return None
         for group, reference in sent.items():
+            if group == "selector_optim":
+                continue
             if group not in update:
-                self.warning(f"REJECTED update from {site}: the '{group}' model is missing")
+                self.reject(site, "update", f"the '{group}' model is missing")
                 return None
             if not self.accept(site, update[group], reference, f"{group} model"):
                 return None
+        if "selector_optim" in update:
+            try:
+                check_optimizer_state(site, update["selector_optim"], update["selector"], sent.get("selector_optim"))
+            except UpdateRejected as e:
+                self.reject(site, "selector optimizer state", e.reason)
+                return None
+        unexpected = sorted(set(update) - set(sent))
+        if unexpected:
+            self.reject(site, "update", f"unexpected model group(s) {unexpected}")
+            return None
         return update
 
+    def _screen_magnitudes(self, updates: dict[str, dict], sent: dict[str, dict]) -> dict[str, dict]:
+        """Updates whose norm, in any of the models, is far above the other sites' (logged, left out)."""
+        too_large: set[str] = set()
+        for group in ("global", "personal", "selector"):
+            norms = {s: update_norm(u[group], sent[s][group]) for s, u in updates.items() if group in u}
+            too_large |= self.screen(f"{group} model update", norms)
+        return {s: u for s, u in updates.items() if s not in too_large}
+
     def _aggregate(self, groups: dict, updates: dict[str, dict], weights: dict[str, float]) -> None:
-        groups["global"] = weighted_average({s: u["global"] for s, u in updates.items()}, weights)
+        groups["global"] = aggregate({s: u["global"] for s, u in updates.items()}, weights, self.aggregation)
         if self.use_selector:
-            groups["selector"] = weighted_average({s: u["selector"] for s, u in updates.items()}, weights)
-            groups["selector_optim"] = weighted_average({s: u["selector_optim"] for s, u in updates.items()}, weights)
+            groups["selector"] = weighted_average({s: updates[s]["selector"] for s in sorted(updates)}, weights)
+            with_optim = {s: updates[s]["selector_optim"] for s in sorted(updates) if updates[s].get("selector_optim")}
+            if with_optim:  # sites whose scope withholds the moments leave them to the others
+                groups["selector_optim"] = weighted_average(with_optim, weights)
         mixed = softpull({s: u["personal"] for s, u in updates.items()}, self.lam)
         groups["personal"].update(mixed)  # sites that did not answer keep their personalized model
 
-    @staticmethod
-    def _round_score(results: dict[str, FLModel], key: str) -> float | None:
-        values = [r.metrics[key] for r in results.values() if r.metrics and key in r.metrics]
-        return float(np.mean(values)) if values else None
+    def _round_score(self, results: dict[str, FLModel], key: str) -> float | None:
+        """Median over the sites of the score they report for the set they received (values checked)."""
+        values = [v for s, r in sorted(results.items()) if (v := self.read(s, "metrics", read_score, r.metrics, key)) is not None]
+        return robust_score(values)
 
     # ---- workflow --------------------------------------------------------------------------------------
     def run(self):
-        sites = self.connected_sites()
-        self.info(f"FedSM: sites {sites} (selector class = index in this list), lam={self.lam}, gamma={self.gamma}, "
-                  f"selector={'on' if self.use_selector else 'off (SoftPull only)'}")
-        groups, start = self._initial_set(sites)
+        connected = [s for s in self.connected_sites() if self.get_client_disconnect_time(s) is None]
+        groups, start = self._initial_set(connected)
+        if not self.classes:
+            self.panic("FedSM: no sites connected and no `sites` listed")
+            return
+        self.info(f"FedSM: selector classes {self.classes} (class = index in this list), connected {connected}, "
+                  f"lam={self.lam}, gamma={self.gamma}, selector={'on' if self.use_selector else 'off (SoftPull only)'}")
         score_key = "val_super_dice" if self.use_selector else "val_personalized_dice"
-        best_score, failed_rounds, history = -1.0, 0, []
+        failed_rounds = 0
         for rnd in range(start, self.num_rounds):
             if self.abort_signal.triggered:
                 return
             self.info(f"---- FedSM round {rnd + 1}/{self.num_rounds} ----")
-            active = self.connected_sites()
-            sent = {s: self._groups_for(groups, s) for s in sites if s in active}
+            sent = {s: self._groups_for(groups, s) for s in self._round_sites(rnd)}
             tasks = {
                 s: FLModel(params=pack(g), params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds,
-                           meta=self._task_meta(sites))
+                           meta=self._task_meta(self._names_for(s)))
                 for s, g in sent.items()
             }
             results = self.run_tasks("fedsm_train", tasks)
             updates = {s: u for s, r in results.items() if (u := self._valid_update(s, r, sent[s])) is not None}
-            weights = {s: float(results[s].meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND, 1) or 1) for s in updates}
+            updates = self._screen_magnitudes(updates, sent)
+            weights = self.step_weights({s: results[s] for s in updates}, self.local_steps, self.max_weight_ratio)
+            updates = {s: u for s, u in updates.items() if s in weights}
             record = {"round": rnd, "answered": sorted(results), "accepted": sorted(updates),
-                      "metrics": {s: results[s].metrics for s in sorted(results)}}
+                      "metrics": {s: numeric_metrics(results[s].metrics) for s in sorted(results)}}
             if len(updates) < self.min_clients:
                 failed_rounds += 1
                 self.error(f"round {rnd}: only {len(updates)} valid updates ({sorted(updates)}), fewer than "
                            f"min_clients={self.min_clients}: models unchanged ({failed_rounds}/{self.max_failed_rounds})")
-                history.append(record)
+                self.history.append(record)
+                self._checkpoint(groups, rnd)
                 if failed_rounds >= self.max_failed_rounds:
                     self.panic(f"FedSM stopped: {failed_rounds} consecutive rounds below min_clients")
                     return
@@ -206,29 +347,58 @@ class FedSMController(FedSegController):
             # the metrics sites report were measured on the set SENT this round: that set is the candidate best
             score = self._round_score({s: results[s] for s in updates}, score_key)
             sent_set = copy.deepcopy(groups)
-            self._aggregate(groups, updates, weights)
+            self._aggregate_round(groups, updates, weights)
             record.update({"score": score, "left_out": sorted(set(sent) - set(updates))})
-            history.append(record)
-            if score is not None and score > best_score:
-                best_score = score
-                self._save("best.pt", sent_set, rnd - 1, sites, {"val_score": score, "score_key": score_key})
+            self.history.append(record)
+            if score is not None and score > self.best_score:
+                self.best_score = score
+                self._save("best.pt", sent_set, rnd - 1, self.classes, {"val_score": score, "score_key": score_key})
                 self.info(f"round {rnd}: new best model set ({score_key}={score:.4f}, the set trained up to round {rnd - 1})")
-            self._save("last.pt", groups, rnd, sites)
+            self._checkpoint(groups, rnd)
             self.save_model(FLModel(params=groups["global"], params_type=ParamsType.FULL, current_round=rnd))
-            self.write_json(self.output_dir(OUTPUT_DIR) / "history.json", history)
             self.info(f"round {rnd}: aggregated {sorted(updates)}" + (f", {score_key} of the received set {score:.4f}" if score is not None else ""))
-        self._final_evaluation(groups, sites)
+        self._final_evaluation(groups)
 
-    def _final_evaluation(self, groups: dict, sites: list[str]) -> None:
-        """Scores the final set on every site's test cases and writes fedsm_evaluation.json + fedseg_results.json."""
+    def _checkpoint(self, groups: dict, rnd: int) -> None:
+        """last.pt (with the history and best score, so a resumed job continues them) and history.json."""
+        self._save("last.pt", groups, rnd, self.classes)
+        self.write_json(self.output_dir(OUTPUT_DIR) / "history.json", self.history)
+
+    def _valid_evaluation(self, site: str, metrics, sites: list[str]) -> dict | None:
+        """A site's final scores, validated field by field (None, logged, when malformed)."""
+        try:
+            out = {"section": str((metrics or {}).get("section", "testing"))[:20]}
+            for key in ("super", "global", "personalized"):
+                if isinstance(metrics, dict) and key in metrics:
+                    out[key] = read_summary(site, metrics, key)
+            if self.use_selector and isinstance(metrics, dict) and "selector_accuracy" in metrics:
+                out["selector_accuracy"] = read_score(site, metrics, "selector_accuracy")
+                routing = metrics.get("routing")
+                if isinstance(routing, dict):  # {model name: count}: names are the server's own site names
+                    out["routing"] = {k: int(v) for k, v in routing.items() if k in (GLOBAL, *sites) and
+                                      isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 10**7}
+            return out
+        except UpdateRejected as e:
+            self.reject(site, "final scores", e.reason)
+            return None
+
+    def _final_evaluation(self, groups: dict) -> None:
+        """Scores the final set on every connected site's test cases (a site that is no selector class scores
+        the global and its personalized model only) and writes fedsm_evaluation.json + fedseg_results.json."""
+        sites = self.classes
         evaluation_groups = {"global": groups["global"], **{f"{PERSONAL_PREFIX}{s}": p for s, p in groups["personal"].items()}}
+        without_selector = dict(evaluation_groups)
         if self.use_selector:
             evaluation_groups["selector"] = groups["selector"]
-        meta = {**self._task_meta(sites), "section": "testing", "use_selector": self.use_selector}
-        active = [s for s in sites if s in self.connected_sites()]
-        tasks = {s: FLModel(params=pack(evaluation_groups), params_type=ParamsType.FULL, meta=meta) for s in active}
+
+        def task(site: str) -> FLModel:
+            meta = {**self._task_meta(self._names_for(site)), "section": "testing", "use_selector": self.use_selector}
+            return FLModel(params=pack(evaluation_groups if site in sites else without_selector),
+                           params_type=ParamsType.FULL, meta=meta)
+
+        tasks = {s: task(s) for s in self._round_sites(self.num_rounds)}
         results = self.run_tasks("fedsm_evaluate", tasks, timeout=self.eval_timeout)
-        per_site = {s: r.metrics for s, r in sorted(results.items())}
+        per_site = {s: m for s, r in sorted(results.items()) if (m := self._valid_evaluation(s, r.metrics, sites)) is not None}
         out_dir = self.output_dir(OUTPUT_DIR)
         self.write_json(out_dir / "fedsm_evaluation.json", per_site)
         names = {"super": "FedSM super model", "global": "FedSM global", "personalized": "FedSM personalized (own site)"}
@@ -237,7 +407,7 @@ class FedSMController(FedSegController):
         models = {label: {s: m[key] for s, m in per_site.items() if key in m} for key, label in names.items()}
         extra = {"lam": self.lam, "gamma": self.gamma, "rounds": self.num_rounds}
         if self.use_selector:
-            acc = {s: m.get("selector_accuracy") for s, m in per_site.items()}
+            acc = {s: m["selector_accuracy"] for s, m in per_site.items() if "selector_accuracy" in m}
             extra.update({"selector_accuracy": acc, "selector_accuracy_mean": float(np.mean(list(acc.values()))) if acc else None,
                           "routing": {s: m.get("routing") for s, m in per_site.items()}})
         results_record = {"method": "fedsm" if self.use_selector else "softpull", "section": "testing", "models": models, "extra": extra}

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fedseg.algorithms.aggregation import UpdateRejected
+from fedseg.algorithms.screening import OPTIM_SEP, check_optimizer_state  # noqa: F401 (re-exported)
 from fedseg.engine import (
     EvalResult,
     SegEngine,
@@ -36,7 +36,6 @@ from fedseg.modelset import load_model_set, save_model_set
 
 METHOD = "fedcross"
 LR_SCHEDULES = ("constant", "poly", "cosine")
-OPTIM_SEP = "::"  # optimizer state keys are "<parameter name>::<state key>" (engine.optimizer_state_to_numpy)
 
 
 # ---- learning-rate schedule (travels with each model) -----------------------------------------------------
@@ -116,32 +115,6 @@ def cross_visit(
 
 
 # ---- checks of what comes back ------------------------------------------------------------------------------
-def check_optimizer_state(site: str, optim: dict, weights: dict, sent: dict | None = None) -> None:
-    """Raise UpdateRejected unless `optim` is a sane optimizer state for a model with these weights.
-
-    Every key must be "<parameter>::<state>" for a parameter of the model, every value a finite numpy
-    array that is a scalar (e.g. Adam's step) or has its parameter's shape; when a non-empty state was sent,
-    the returned one must have the same keys.
-    """
-    for key, value in optim.items():
-        name, sep, _ = key.partition(OPTIM_SEP)
-        if not sep or name not in weights:
-            raise UpdateRejected(site, f"optimizer state key {key!r} names no parameter of the model")
-        if not isinstance(value, (np.ndarray, np.generic)) or not np.issubdtype(value.dtype, np.number):
-            raise UpdateRejected(site, f"optimizer state {key!r} is not a numeric array")
-        if value.ndim and value.shape != np.shape(weights[name]):
-            raise UpdateRejected(
-                site, f"optimizer state {key!r}: shape {value.shape} does not match parameter {np.shape(weights[name])}"
-            )
-        if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value)):
-            raise UpdateRejected(site, f"optimizer state {key!r}: non-finite value(s)")
-    if sent:
-        missing = sorted(set(sent) - set(optim))
-        extra = sorted(set(optim) - set(sent))
-        if missing or extra:
-            raise UpdateRejected(site, f"optimizer state keys changed: missing {missing[:5]}, unexpected {extra[:5]}")
-
-
 def fingerprint(weights: dict) -> str:
     """Short content hash of a weight dict: the history shows which communications changed which model."""
     digest = hashlib.sha1()

@@ -1,0 +1,199 @@
+"""FedSeg's FedAvg / FedProx server workflow on NVFlare 2.9's ModelController.
+
+NVFlare's own FedAvg waits for every sampled site with no timeout and averages whatever comes back. FedSeg's
+keeps FedAvg's math (the global model is the step-weighted mean of the sites' weights; FedProx = the same
+plus the proximal term mu at the sites) and adds what a federation of hospitals needs:
+
+* per-site tasks with a timeout (one stalled site cannot hang the job) and ``min_clients``: a round with
+  fewer valid updates leaves the model unchanged; ``max_failed_rounds`` such rounds in a row stop the job;
+* every result screened before it touches the model (fedseg.algorithms: keys, shapes, NaN/Inf, step count
+  capped by the server's plan, reported scores in [0, 1], update norm against the round's other updates);
+* optional robust aggregation ("median" / "trimmed_mean") instead of the weighted mean;
+* the best global model chosen by the MEDIAN of the sites' validation Dice of the model they received, so
+  one site's claim cannot choose it; best and last written every round, with the history, so a killed
+  server resumes from ``last.pt`` losing at most one round (``resume_from``).
+
+The final models go through the job's persistor (FL_global_model.pt, best_FL_global_model.pt), so FLARE's
+cross-site evaluation workflow after this one scores them as usual.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.utils.fl_model_utils import make_model_learnable
+
+from fedseg.algorithms import AGGREGATIONS, aggregate
+from fedseg.algorithms.screening import read_score, robust_score, update_norm
+from fedseg.fl.base_controller import FedSegController, check_output_name
+from fedseg.modelset import load_model_set, save_model_set
+
+SCORE_KEY = "val_dice"  # what SegExecutor's train task reports for the model it received
+
+
+class FedAvgController(FedSegController):
+    def __init__(
+        self,
+        num_rounds: int = 10,
+        fedprox_mu: float = 0.0,
+        local_epochs: int | None = None,
+        local_steps: int | None = None,
+        max_local_steps: int = 0,
+        max_weight_ratio: float = 4.0,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.2,
+        max_update_ratio: float = 10.0,
+        min_clients: int = 1,
+        task_timeout: int = 0,
+        startup_grace: int = 300,
+        max_failed_rounds: int = 3,
+        resume_from: str = "",
+        output_dir: str = "fedavg",
+        persistor_id: str = "persistor",
+        task_check_period: float = 0.5,
+    ):
+        """
+        Args:
+            num_rounds: FL rounds.
+            fedprox_mu: FedProx's proximal weight, sent to the sites (0: plain FedAvg).
+            local_epochs / local_steps: local budget per round (None: the sites' engine setting; steps win).
+            max_local_steps: the most steps a site may train per round (sent to the sites) and so the largest
+                aggregation weight it can claim (0: no fixed plan; local_steps, when set, is the plan).
+            max_weight_ratio: without a plan, a site's weight is capped at this many times the median step
+                count of the other sites of the round (0: no cap).
+            aggregation: "mean" (FedAvg, weighted by steps), "median" or "trimmed_mean" (coordinate-wise,
+                unweighted; robust to a minority of bad updates).
+            trim_fraction: share of the largest and of the smallest values dropped per coordinate ("trimmed_mean").
+            max_update_ratio: updates with a norm above this many times the median of the others are rejected.
+            min_clients: fewest valid updates with which a round changes the global model.
+            task_timeout: seconds per training task (0: no limit). startup_grace: extra for a site's first task.
+            max_failed_rounds: consecutive rounds below min_clients before the job stops.
+            resume_from: a last.pt of an earlier run (inside this job's run dir or a directory the server's
+                local/fedseg_server.json lists under "resume_dirs") to continue from, at its round + 1.
+            output_dir: folder under the server's app dir for last.pt, best.pt and history.json.
+        """
+        super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=min_clients,
+                         startup_grace=startup_grace, max_update_ratio=max_update_ratio,
+                         task_check_period=task_check_period)
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        for name, value in (("num_rounds", num_rounds), ("max_local_steps", max_local_steps),
+                            ("max_failed_rounds", max_failed_rounds)):
+            if int(value) < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if float(fedprox_mu) < 0 or float(max_weight_ratio) < 0:
+            raise ValueError("fedprox_mu and max_weight_ratio must be >= 0")
+        self.num_rounds = int(num_rounds)
+        self.fedprox_mu = float(fedprox_mu)
+        self.local_epochs = local_epochs
+        self.local_steps = local_steps
+        self.max_local_steps = int(max_local_steps)
+        self.max_weight_ratio = float(max_weight_ratio)
+        self.aggregation = aggregation
+        self.trim_fraction = float(trim_fraction)
+        self.max_failed_rounds = max(int(max_failed_rounds), 1)
+        self.resume_from = resume_from or ""
+        self.output_dir_name = check_output_name(output_dir)
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def _save(self, name: str, params: dict, info: dict) -> None:
+        save_model_set(self.output_dir(self.output_dir_name) / name, {"global": params}, info)
+
+    def _publish_best(self, params: dict) -> None:
+        """best_FL_global_model.pt through the persistor (what FLARE's cross-site evaluation reads)."""
+        self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(params, {}), private=True, sticky=True)
+        self.event(AppEventType.GLOBAL_BEST_MODEL_AVAILABLE)
+
+    def _start(self) -> tuple[dict, int, dict] | None:
+        """(global params, first round, state {history, best_score, best_round}) fresh or from resume_from."""
+        state = {"history": [], "best_score": None, "best_round": None}
+        initial = self.load_model()
+        if initial is None:
+            return None
+        if not self.resume_from:
+            return dict(initial.params), 0, state
+        try:
+            path = self.resume_path(self.resume_from)
+            groups, info = load_model_set(path)
+            params = groups["global"]
+        except Exception as e:
+            self.panic(f"FedAvg: cannot resume from {self.resume_from!r}: {type(e).__name__}: {e}")
+            return None
+        if not self.accept(f"resume file {path}", params, initial.params, "saved global model"):
+            self.panic(f"FedAvg: {path} does not match the job's network; not resuming")
+            return None
+        state.update({k: info.get(k, state[k]) for k in state})
+        best = path.with_name("best.pt")
+        if best.exists() and state["best_score"] is not None:
+            best_groups, _ = load_model_set(best)
+            self._save("best.pt", best_groups["global"], {k: info.get(k) for k in ("best_score", "best_round")})
+            self._publish_best(best_groups["global"])
+        start = int(info["round"]) + 1
+        self.info(f"FedAvg: resuming from {path} (round {info['round']} done, best {state['best_score']} at round "
+                  f"{state['best_round']}) at round {start}")
+        return params, start, state
+
+    # ---- one round ----------------------------------------------------------------------------------------
+    def _task_meta(self) -> dict:
+        meta = {"local_epochs": self.local_epochs, "local_steps": self.local_steps}
+        if self.max_local_steps:
+            meta["max_steps"] = self.max_local_steps
+        if self.fedprox_mu:
+            meta[AlgorithmConstants.FEDPROX_MU] = self.fedprox_mu
+        return meta
+
+    def run(self):
+        started = self._start()
+        if started is None:
+            return
+        global_params, start, state = started
+        history = state["history"]
+        recent_norms: deque[float] = deque(maxlen=20)
+        failed_rounds = 0
+        for rnd in range(start, self.num_rounds):
+            if self.abort_signal.triggered:
+                return
+            sites = self.connected_sites()
+            self.info(f"---- FedAvg round {rnd + 1}/{self.num_rounds}: sites {sites} ----")
+            task = FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd,
+                           total_rounds=self.num_rounds, meta=self._task_meta())
+            results = self.run_tasks("train", {s: copy.copy(task) for s in sites})
+            checked = {s: r for s, r in sorted(results.items()) if self.accept(s, r.params, global_params, "update")}
+            weights = self.step_weights(checked, self.local_steps or self.max_local_steps or None, self.max_weight_ratio)
+            norms = {s: update_norm(checked[s].params, global_params) for s in weights}
+            too_large = self.screen("update", norms, recent_norms)
+            accepted = sorted(s for s in weights if s not in too_large)
+            scores = {s: v for s in sorted(results)
+                      if (v := self.read(s, "metrics", read_score, results[s].metrics, SCORE_KEY)) is not None}
+            score = robust_score(scores.values())
+            record = {"round": rnd, "sites": sites, "answered": sorted(results), "accepted": accepted,
+                      "weights": {s: weights[s] for s in accepted}, "val_dice": scores, "score": score,
+                      "update_norms": norms}
+            history.append(record)
+            # the sites scored the model they RECEIVED this round: it is the candidate best
+            if score is not None and (state["best_score"] is None or score > state["best_score"]):
+                state["best_score"], state["best_round"] = score, rnd
+                self._save("best.pt", global_params, {"round": rnd - 1, "best_score": score, "best_round": rnd})
+                self._publish_best(global_params)
+                self.info(f"round {rnd}: new best global model (median {SCORE_KEY} {score:.4f})")
+            if len(accepted) < self.min_clients:
+                failed_rounds += 1
+                self.error(f"round {rnd}: {len(accepted)} valid update(s) {accepted}, fewer than min_clients="
+                           f"{self.min_clients}: global model unchanged ({failed_rounds}/{self.max_failed_rounds})")
+                if failed_rounds >= self.max_failed_rounds:
+                    self.panic(f"FedAvg stopped: {failed_rounds} consecutive rounds below min_clients")
+                    return
+            else:
+                failed_rounds = 0
+                recent_norms.extend(norms[s] for s in accepted)
+                global_params = aggregate({s: checked[s].params for s in accepted}, weights, self.aggregation,
+                                          self.trim_fraction)
+            self.save_model(FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd))
+            self._save("last.pt", global_params, {"round": rnd, **state})
+            self.write_json(self.output_dir(self.output_dir_name) / "history.json", history)
+            self.info(f"round {rnd}: aggregated {accepted} ({self.aggregation})"
+                      + (f"; median {SCORE_KEY} of the received model {score:.4f}" if score is not None else ""))

@@ -1,0 +1,162 @@
+"""Direct tests of the server's screening math (fedseg.algorithms.screening, robust aggregation): what a
+broken or malicious site can send, and what the server makes of it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedseg.algorithms import UpdateRejected, aggregate, robust_average, weighted_average
+from fedseg.algorithms.screening import (
+    cap_step_weights,
+    case_dice,
+    check_optimizer_state,
+    numeric_metrics,
+    read_int,
+    read_score,
+    read_step_count,
+    read_summary,
+    robust_score,
+    screen_magnitudes,
+    update_norm,
+)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -3, 0, "12", None, True, [4], 2.5, {"n": 1}])
+def test_malformed_step_counts_are_rejected_naming_site_and_field(value):
+    with pytest.raises(UpdateRejected) as e:
+        read_step_count("site-9", {"NUM_STEPS_CURRENT_ROUND": value}, planned=None)
+    assert e.value.site == "site-9" and "NUM_STEPS_CURRENT_ROUND" in e.value.reason
+
+
+def test_step_counts_are_capped_by_the_plan():
+    assert read_step_count("s", {"NUM_STEPS_CURRENT_ROUND": 12}, planned=50) == (12, False)
+    assert read_step_count("s", {"NUM_STEPS_CURRENT_ROUND": 12.0}, planned=None) == (12, False)
+    assert read_step_count("s", {"NUM_STEPS_CURRENT_ROUND": 10**12}, planned=50) == (50, True)
+    with pytest.raises(UpdateRejected, match="missing"):
+        read_step_count("s", {}, planned=50)
+    with pytest.raises(UpdateRejected, match="missing"):
+        read_step_count("s", None, planned=50)
+
+
+def test_without_a_plan_a_huge_step_count_is_capped_by_the_others_median():
+    weights, capped = cap_step_weights({"a": 10, "b": 12, "evil": 10**9}, max_ratio=4)
+    assert capped == {"evil": 4 * 11.0} and weights["a"] == 10 and weights["b"] == 12
+    assert weights["evil"] / sum(weights.values()) < 0.7  # would be ~1.0 uncapped
+    # two sites: the leave-one-out median is the other site's count, so the liar is still capped
+    weights, capped = cap_step_weights({"a": 10, "evil": 10**9}, max_ratio=4)
+    assert capped == {"evil": 40.0}
+    # honest sites of different sizes within the ratio are untouched; ratio 0 switches the cap off
+    assert cap_step_weights({"a": 10, "b": 30}, max_ratio=4) == ({"a": 10.0, "b": 30.0}, {})
+    assert cap_step_weights({"a": 10, "evil": 10**9}, max_ratio=0)[1] == {}
+
+
+def test_read_int_and_read_score():
+    assert read_int("s", {"model_index": 2.0}, "model_index") == 2
+    for bad in (1.5, "0", None, float("nan"), True):
+        with pytest.raises(UpdateRejected, match="model_index"):
+            read_int("s", {"model_index": bad}, "model_index")
+    with pytest.raises(UpdateRejected, match="outside"):
+        read_int("s", {"k": 7}, "k", low=0, high=3)
+    assert read_score("s", {"val_dice": 0.5}, "val_dice") == 0.5
+    for bad in ({"val_dice": 1.5}, {"val_dice": "0.9"}, {"val_dice": float("nan")}, {}, None, "x"):
+        with pytest.raises(UpdateRejected):
+            read_score("s", bad, "val_dice")
+
+
+def test_read_summary_keeps_only_valid_known_fields():
+    good = {"dice": 0.8, "dice_std": 0.1, "n_cases": 2.0, "dice_per_case": [0.7, 0.9], "hd95": float("nan"),
+            "evil": object()}
+    assert read_summary("s", {"ensemble": good}, "ensemble") == {"dice": 0.8, "dice_std": 0.1, "n_cases": 2,
+                                                               "dice_per_case": [0.7, 0.9]}
+    assert read_summary("s", {"n_cases": 0, "dice": float("nan")}) == {"n_cases": 0}
+    assert case_dice({"dice": 0.5, "n_cases": 3}) == [0.5, 0.5, 0.5]  # per-case values withheld by the site
+    for bad in ({**good, "dice_per_case": [0.7]}, {**good, "dice_per_case": [0.7, 2.0]}, {**good, "dice": -1},
+                {**good, "n_cases": -1}, {**good, "hd95": -2.0}, "garbage"):
+        with pytest.raises(UpdateRejected):
+            read_summary("s", {"m": bad}, "m")
+
+
+def test_numeric_metrics_drops_everything_but_finite_numbers():
+    assert numeric_metrics({"a": 1, "b": "x", "c": float("nan"), "d": True, 5: 1.0, "e": np.float32(0.5)}) == {"a": 1.0, "e": 0.5}
+    assert numeric_metrics("garbage") == {}
+
+
+def _adam(weights, step=3.0):
+    state = {}
+    for k, w in weights.items():
+        state[f"{k}::step"] = np.array(step, dtype=np.float32)
+        state[f"{k}::exp_avg"] = np.zeros_like(w)
+        state[f"{k}::exp_avg_sq"] = np.full_like(w, 0.01)
+    return state
+
+
+def test_optimizer_state_checks():
+    weights = {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    sent = _adam(weights, step=3.0)
+    good = _adam(weights, step=8.0)
+    check_optimizer_state("s", good, weights, sent, max_new_steps=5)
+    check_optimizer_state("s", {}, weights, sent)  # withheld by the site's privacy scope
+    negative = dict(good, **{"w::exp_avg_sq": -np.ones((2, 3), np.float32)})
+    with pytest.raises(UpdateRejected, match="negative second moment"):
+        check_optimizer_state("s", negative, weights, sent)
+    with pytest.raises(UpdateRejected, match="went back"):
+        check_optimizer_state("s", _adam(weights, step=1.0), weights, sent)
+    with pytest.raises(UpdateRejected, match="more than the 5 planned"):
+        check_optimizer_state("s", _adam(weights, step=100.0), weights, sent, max_new_steps=5)
+    with pytest.raises(UpdateRejected, match="w::step"):
+        check_optimizer_state("s", dict(good, **{"w::step": np.array([1.0, 2.0])}), weights, sent)
+    with pytest.raises(UpdateRejected, match="not one number >= 0"):
+        check_optimizer_state("s", dict(good, **{"w::step": np.array(-1.0)}), weights, None)
+    with pytest.raises(UpdateRejected, match="non-finite"):
+        check_optimizer_state("s", dict(good, **{"b::exp_avg": np.full(3, np.inf, np.float32)}), weights, sent)
+    with pytest.raises(UpdateRejected, match="names no parameter"):
+        check_optimizer_state("s", dict(good, **{"evil::step": np.array(1.0)}), weights, sent)
+    with pytest.raises(UpdateRejected, match="keys changed"):
+        check_optimizer_state("s", {k: v for k, v in good.items() if not k.startswith("b")}, weights, sent)
+    with pytest.raises(UpdateRejected, match="not a dict"):
+        check_optimizer_state("s", "x", weights, sent)
+
+
+def test_a_1000x_update_is_rejected_and_honest_ones_are_not():
+    rng = np.random.default_rng(0)
+    ref = {"w": rng.normal(size=(50,)).astype(np.float32), "w::step": np.array(1.0)}
+    honest = {s: {"w": ref["w"] + rng.normal(scale=0.01 * (1 + i), size=50).astype(np.float32)} for i, s in enumerate("abc")}
+    evil = {"w": ref["w"] + 1000 * (honest["a"]["w"] - ref["w"])}
+    norms = {s: update_norm(u, ref) for s, u in {**honest, "evil": evil}.items()}
+    assert math.isclose(norms["evil"], 1000 * norms["a"], rel_tol=1e-3)
+    rejected = screen_magnitudes(norms, max_ratio=10)
+    assert set(rejected) == {"evil"} and "median" in rejected["evil"]
+    # two sites only: each is compared with the other, so the liar is still caught
+    assert set(screen_magnitudes({"a": norms["a"], "evil": norms["evil"]}, max_ratio=10)) == {"evil"}
+    # one update per round (FedCross K=1): compared with recent accepted ones; none yet: accepted
+    assert screen_magnitudes({"evil": norms["evil"]}, recent=[norms["a"], norms["b"]]) .keys() == {"evil"}
+    assert screen_magnitudes({"evil": norms["evil"]}) == {}
+    assert screen_magnitudes(norms, max_ratio=0) == {}
+
+
+def test_robust_aggregation_resists_one_bad_site_and_mean_is_fedavg():
+    honest = {s: {"w": np.full(4, v, np.float32), "n": np.array(v, np.int64)} for s, v in (("a", 1.0), ("b", 2.0), ("c", 3.0))}
+    evil = {"w": np.full(4, 1e6, np.float32), "n": np.array(10**6, np.int64)}
+    updates = {**honest, "evil": evil}
+    median = robust_average(updates, "median")
+    assert np.allclose(median["w"], 2.5) and median["w"].dtype == np.float32 and median["n"].dtype == np.int64
+    trimmed = robust_average({**honest, "d": {"w": np.full(4, 2.0, np.float32), "n": np.array(2)}, "evil": evil},
+                             "trimmed_mean", trim_fraction=0.2)
+    assert np.allclose(trimmed["w"], 7 / 3)  # 5 sites: the largest (1e6) and smallest (1) of each coordinate dropped
+    weights = {"a": 1.0, "b": 1.0, "c": 2.0}
+    assert np.allclose(aggregate(honest, weights, "mean")["w"], weighted_average(honest, weights)["w"])
+    # the result does not depend on the order in which results arrived
+    reordered = dict(reversed(list(honest.items())))
+    assert aggregate(reordered, weights, "mean")["w"].tobytes() == aggregate(honest, weights, "mean")["w"].tobytes()
+    with pytest.raises(ValueError):
+        aggregate(honest, weights, "mode")
+    with pytest.raises(ValueError):
+        robust_average(honest, "trimmed_mean", trim_fraction=0.5)
+
+
+def test_robust_score_is_the_median():
+    assert robust_score([0.1, 0.2, 1.0]) == 0.2
+    assert robust_score([]) is None
