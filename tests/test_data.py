@@ -709,6 +709,23 @@ def test_resolve_errors(tmp_path):
         resolve_site_datalist("site-3", "/job.json", str(tmp_path), {})
 
 
+def test_simulator_sites_take_their_data_from_the_environment(tiny2d, tmp_path):
+    """run_simulator(data_root=...) names each site's datalist in the sites' environment (FEDSEG_DATALIST): the
+    job's datalist argument, here one this site would refuse, is not used."""
+    from conftest import TINY_ENGINE, copy_job, simulate
+
+    job = copy_job("fedavg", tmp_path, server_args={"num_rounds": 1}, engine={**TINY_ENGINE, "local_epochs": 1},
+                   client_args={"datalist": "$HOME/{SITE_NAME}/datalist.json"})
+    result = simulate(job, tmp_path / "ws", tiny2d, n=2)
+    for site in ("site-1", "site-2"):
+        assert f"site {site}: datalist {tiny2d.resolve() / site / 'datalist.json'} OK" in result.log(site)
+    # Without that setting the site refuses the job's path, and says so in its log.
+    result = simulate(job, tmp_path / "ws2", tiny2d, n=2, expect_ok=False, extra_env={"FEDSEG_DATALIST": ""})
+    log = result.log("site-1")  # (FLARE itself fills in {SITE_NAME} in the job's configuration)
+    assert "DATA ERROR [site site-1] <no datalist>: the job names the datalist '$HOME/site-1/datalist.json'" in log
+    assert "FEDSEG_ALLOW_JOB_DATALIST=1" in log and "site site-1: datalist" not in log
+
+
 # ---------------------------------------------------------------------------------------------
 # Converter
 # ---------------------------------------------------------------------------------------------
