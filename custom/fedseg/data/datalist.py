@@ -7,7 +7,8 @@ A datalist is a MONAI/Decathlon-style JSON object:
      "training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}, ...],
      "validation": [...], "testing": [...]}
 
-Paths are relative to the datalist's folder (absolute paths are allowed too).
+Paths are relative to the datalist's folder (absolute paths are allowed too; validate_site_data
+refuses any file that lies outside the datalist's folder).
 "image" is one NIfTI path for a single-channel image, or a list of K paths, one
 single-channel file per input channel (nnU-Net style "_0000", "_0001" files). MONAI's
 LoadImaged + EnsureChannelFirstd read both forms as (K, *spatial) without extra options.
@@ -60,7 +61,8 @@ def load_datalist(path: str, site: str = "?") -> dict:
 
     Relative paths are taken relative to the datalist's folder. Raises DataValidationError
     naming the site and the datalist when the file is missing or unreadable, is not valid JSON
-    or not a JSON object, has no (or an empty) "training" list, or has an entry without "image".
+    or not a JSON object, has a misspelled or unknown section (see unknown_keys), has no (or an
+    empty) "training" list, or has an entry without "image".
     """
     path = os.path.abspath(os.path.expanduser(str(path)))
 
