@@ -534,7 +534,7 @@ def test_paths_outside_the_datalist_folder_are_refused(site_copy, tmp_path):
     ]
     for section, key, value, shown in cases:
         path.write_text(original)
-        edit_datalist(path, lambda d: d[section][0].__setitem__(key, value))
+        edit_datalist(path, lambda d, s=section, k=key, v=value: d[s][0].__setitem__(k, v))
         refused(path, f"{section}[0] {key} lies outside the datalist's folder {path.parent}",
                 f"resolves to {os.path.realpath(shown)}", file=shown, check_files=False)
     # A symlink that stays inside the folder is fine.

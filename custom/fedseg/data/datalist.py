@@ -148,8 +148,9 @@ def unknown_keys(datalist: dict) -> list[tuple[str, bool, str]]:
         holds_cases = isinstance(value, list) and any(isinstance(e, dict) and "image" in e for e in value)
         if close or holds_cases:
             guess = f'did you mean "{close[0]}"? ' if close else ""
-            found.append((key, True, f'unknown section "{key}": {guess}Its cases would be ignored. '
-                                     f"The sections are {', '.join(SECTIONS)}; rename the key."))
+            message = (f'unknown section "{key}": {guess}Its cases would be ignored. '
+                       f"The sections are {', '.join(SECTIONS)}; rename the key.")
+            found.append((key, True, message))
             continue
         near = difflib.get_close_matches(low, KNOWN_KEYS, n=1, cutoff=0.75)
         guess = f' (did you mean "{near[0]}"?)' if near else ""
