@@ -7,15 +7,13 @@ import json
 import math
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CUSTOM, JOBS, TINY_ENGINE, copy_job, set_executor_path, simulate
+from conftest import CUSTOM, JOBS, TINY_ENGINE, copy_job, in_parallel, set_executor_path, simulate
 
 from fedseg.algorithms import UpdateRejected
 from fedseg.data import load_datalist
@@ -209,15 +207,6 @@ def test_job_configs_state_the_fedcross_settings():
 
 
 # ---- simulator runs -------------------------------------------------------------------------------------------
-def in_parallel(**runs: Callable[[], object]) -> dict:
-    """Two simulator runs side by side: a run mostly waits (process start-up, task polling), so pairs
-    halve the wall time on a 2-core machine. Every run is waited for; the first failure is raised."""
-    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-        futures = {name: pool.submit(fn) for name, fn in runs.items()}
-        wait(futures.values())
-    return {name: future.result() for name, future in futures.items()}
-
-
 def with_faults(job: Path, faults: list[dict]) -> Path:
     set_executor_path(job, FAULTY)
     client_file = job / "app" / "config" / "config_fed_client.json"
@@ -253,8 +242,9 @@ def fault_runs(clean_runs, tiny2d, tmp_path_factory) -> dict:
         [{"site": "site-2", "communication": 4, "mode": "stall", "seconds": 16}],
     )
     # expect_ok=False: the injected failures are (rightly) in the sites' error logs; the tests check the rest
-    run = lambda job, ws: simulate(job, ws, tiny2d, n=3, expect_ok=False, allow_prefixes=(FAULTY_MODULE,))  # noqa: E731
-    return in_parallel(faults=lambda: run(faulty, tmp / "ws_faults"), resume=lambda: run(resumed, tmp / "ws_resume"))
+    run = lambda job, ws, **kw: simulate(job, ws, tiny2d, n=3, expect_ok=False, allow_classes=(FAULTY,), **kw)  # noqa: E731
+    return in_parallel(faults=lambda: run(faulty, tmp / "ws_faults"),
+                       resume=lambda: run(resumed, tmp / "ws_resume", resume_dirs=[clean_runs["fedcross"].workspace]))
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def test_fedsm_best_set_is_tracked(fedsm_run):
 def test_fedsm_resumes_from_a_saved_set(fedsm_run, tiny2d, tmp_path):
     saved = fedsm_run.job_dir / FEDSM_DIR / "last.pt"
     job = fedsm_job(tmp_path, num_rounds=5, resume_from=str(saved))
-    result = simulate(job, tmp_path / "ws", tiny2d, n=3)
+    result = simulate(job, tmp_path / "ws", tiny2d, n=3, resume_dirs=[fedsm_run.workspace])
     history = json.loads((result.job_dir / FEDSM_DIR / "history.json").read_text())
     assert [r["round"] for r in history] == [4]
     assert f"resuming from {saved}" in result.log("server")

@@ -15,7 +15,7 @@ site and the field, so the workflow can log one line and go on without that site
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 from typing import Iterable, Mapping
 
 import numpy as np

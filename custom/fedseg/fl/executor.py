@@ -15,6 +15,7 @@ before any training; a bad dataset stops the job with a message naming the site,
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -35,6 +36,17 @@ from fedseg.fl import fedcross_tasks, fedsm_tasks
 from fedseg.fl.privacy import check_scorable_section
 
 DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
+
+
+def planned_number(meta: dict, key: str, kind: type, low: float):
+    """A budget value the server sent (None when absent); anything but a finite number >= low is an error."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low \
+            or (kind is int and float(value) != int(value)):
+        raise ValueError(f"task meta {key!r} must be a {kind.__name__} >= {low}, got {value!r}")
+    return kind(value)
 
 
 class SegExecutor(Executor):
@@ -175,10 +187,16 @@ class SegExecutor(Executor):
         if self.validate_before_train and self.engine.cases("validation"):
             metrics.update(self.engine.evaluate(net, "validation").summary("val_"))
             self.track("val_dice", metrics["val_dice"], rnd or 0)
-        mu = float((model.meta or {}).get(AlgorithmConstants.FEDPROX_MU) or 0.0)
+        meta = model.meta or {}
+        mu = planned_number(meta, AlgorithmConstants.FEDPROX_MU, float, 0.0) or 0.0
         steps = self.engine.local_steps(
-            epochs=self.method_args.get("local_epochs"), steps=self.method_args.get("local_steps")
+            epochs=planned_number(meta, "local_epochs", int, 1) or self.method_args.get("local_epochs"),
+            steps=planned_number(meta, "local_steps", int, 1) or self.method_args.get("local_steps"),
         )
+        max_steps = planned_number(meta, "max_steps", int, 1)
+        if max_steps and steps > max_steps:
+            self.log_info(fl_ctx, f"round {rnd}: training {max_steps} steps, the server's plan, instead of {steps}")
+            steps = max_steps
         stats = self.engine.train(
             net,
             steps,

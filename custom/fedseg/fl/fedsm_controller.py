@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedseg.algorithms import AGGREGATIONS, UpdateRejected, aggregate, softpull, weighted_average
@@ -104,7 +103,8 @@ class FedSMController(FedSegController):
                 count of the other sites of the round.
             sites: the expected site names, in selector-class order (None: the sites connected at the start).
                 A listed site that is not connected yet joins from the first round it is connected.
-            resume_from: absolute server path of a saved model set (last.pt or best.pt) to continue from; its
+            resume_from: server path of a saved model set (last.pt or best.pt) to continue from, inside this job's
+                run dir or a directory the server's local/fedseg_server.json lists under "resume_dirs"; its
                 history, best score and best.pt (next to it) carry over, and its site list stays the
                 selector's classes.
             start_round: round to continue at (default: the saved round + 1).
@@ -150,7 +150,8 @@ class FedSMController(FedSegController):
         """The model set to start from and the first round; sets the selector classes (and, when resuming,
         the history and best score of the saved run)."""
         if self.resume_from:
-            return self._resume(Path(self.resume_from).expanduser(), connected)
+            # confined: inside this job or a directory the server operator allows (fedseg_server.json)
+            return self._resume(self.resume_path(self.resume_from), connected)
         self.classes = self.expected_sites or list(connected)
         global_params = self.load_model().params
         groups = {"global": global_params, "personal": {s: copy.deepcopy(global_params) for s in self.classes}}

@@ -1,0 +1,94 @@
+"""A malicious site for the security tests: a SegExecutor that trains honestly, then tampers with its result.
+
+Test-only (never in the product): a copied job swaps its executor path to this class.
+attacks: [{"site": "site-3", "round": 1, "task": "train", "attack": "<name>"}] where round is the task's
+current_round or, for FedCross, its communication (cross_validate tasks count their own calls from 0).
+
+Every attack runs the honest task first, so the site's data iterator and RNG advance exactly as an honest
+site's would: a run with the attack and a run with "drop" (train, then fail) must give the honest sites the
+same models when the server rejects the attack.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from nvflare.apis.fl_constant import FLMetaKey
+
+from fedseg.fl.executor import SegExecutor
+
+STEPS = FLMetaKey.NUM_STEPS_CURRENT_ROUND
+
+
+def _scale_update(sent: dict, returned: dict, factor: float) -> dict:
+    """sent + factor * (returned - sent) for every floating weight (optimizer state untouched)."""
+    out = dict(returned)
+    for key, value in returned.items():
+        if "::" in key or key not in sent or np.asarray(value).dtype.kind != "f":
+            continue
+        base = np.asarray(sent[key], dtype=np.float64)
+        out[key] = (base + factor * (np.asarray(value, dtype=np.float64) - base)).astype(np.asarray(value).dtype)
+    return out
+
+
+def tamper(attack: str, model, result):
+    """The tampered result (a new or modified FLModel)."""
+    if attack == "drop":
+        raise RuntimeError("injected failure after training (the reference run of an attack the server rejects)")
+    if attack == "honest":
+        return result
+    if attack == "steps_nan":
+        result.meta[STEPS] = float("nan")
+    elif attack == "steps_negative":
+        result.meta[STEPS] = -50
+    elif attack == "steps_string":
+        result.meta[STEPS] = "12; DROP TABLE rounds"
+    elif attack == "steps_huge":
+        result.meta[STEPS] = 10**12
+    elif attack == "model_index":
+        result.meta["model_index"] = 1.5
+    elif attack == "metrics_missing":
+        result.metrics = None
+    elif attack == "metrics_garbage":
+        result.metrics = {"val_dice": "excellent", "val_super_dice": float("nan"), "val_personalized_dice": 7.0,
+                          "ensemble": "x", "members": 3, "n_cases": -1}
+    elif attack == "scale_1000":
+        result.params = _scale_update(model.params or {}, result.params, 1000.0)
+    elif attack == "adam_negative":
+        keys = [k for k in result.params if k.endswith("::exp_avg_sq")]
+        assert keys, "no Adam second moments in this result"
+        for key in keys:
+            result.params[key] = -np.abs(np.asarray(result.params[key])) - 1.0
+    else:
+        raise ValueError(f"unknown attack {attack!r}")
+    return result
+
+
+class MaliciousSegExecutor(SegExecutor):
+    def __init__(self, attacks: list[dict] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.attacks = list(attacks or [])
+        self.calls: dict[str, int] = {}
+        for name, handler in list(self.handlers.items()):
+            self.handlers[name] = self._wrap(name, handler)
+
+    def _attack_for(self, task: str, model) -> str | None:
+        meta = model.meta or {}
+        rnd = meta.get("communication", model.current_round)
+        if task == "cross_validate":
+            rnd = self.calls.get(task, 0)
+        self.calls[task] = self.calls.get(task, 0) + 1
+        for a in self.attacks:
+            if a["site"] == self.site and a.get("task", "train") == task and rnd is not None and int(a["round"]) == int(rnd):
+                return a["attack"]
+        return None
+
+    def _wrap(self, name, handler):
+        def run(model, fl_ctx, abort_signal):
+            attack = self._attack_for(name, model)
+            result = handler(model, fl_ctx, abort_signal)
+            if attack:
+                self.log_info(fl_ctx, f"ATTACK {attack} by {self.site} on task {name}")
+                result = tamper(attack, model, result)
+            return result
+
+        return run
