@@ -26,6 +26,7 @@ from fedseg.algorithms import (
     visits_per_model,
     weighted_average,
 )
+from fedseg.algorithms.schedules import check_latin_communications, plan_latin
 
 
 def make_model(rng, scale=1.0):
@@ -388,6 +389,52 @@ def test_schedule_block_visits_every_site_once(kind, n, k):
     for b in range(3):
         for counts in visits_per_model(sched[b * n : (b + 1) * n]):
             assert counts == {s: 1 for s in sites}
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_latin_square_property(n):
+    """K = N models over N sites: in every communication every site hosts exactly one model, and in every
+    block of N communications every model visits every site exactly once (several seeds, several blocks)."""
+    sites = sites_n(n)
+    for seed in (0, 1, 7, 123, 2024):
+        sched = make_schedule("latin", sites, n, 4 * n, seed=seed)
+        for c, row in enumerate(sched):
+            assert sorted(row) == sites, (n, seed, c)  # one model per site, every site used
+        for b in range(4):
+            block = sched[b * n : (b + 1) * n]
+            for m in range(n):
+                assert sorted(row[m] for row in block) == sites, (n, seed, b, m)  # each site exactly once
+        if n >= 3:  # blocks are drawn afresh: not the same square repeated
+            assert len({tuple(map(tuple, sched[b * n : (b + 1) * n])) for b in range(4)}) > 1
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_latin_refuses_partial_blocks(n):
+    for c in (0, n, 2 * n, 5 * n):
+        check_latin_communications(c, n)
+    for c in (1, n - 1, n + 1, 2 * n + 1):
+        if c % n == 0:
+            continue
+        with pytest.raises(ValueError, match=rf"num_communications {c} is not a multiple of the number of sites {n}"):
+            check_latin_communications(c, n)
+    with pytest.raises(ValueError):
+        check_latin_communications(4, 0)
+
+
+def test_plan_latin_whole_blocks():
+    assert plan_latin(20, 4, 2) == (20, 1)  # 2-epoch visits would need 10 communications: not a multiple of 4
+    assert plan_latin(40, 4, 2) == (20, 2)
+    assert plan_latin(24, 4, 4) == (8, 3)
+    assert plan_latin(2, 2, 2) == (2, 1)
+    assert plan_latin(12, 3, 100) == (3, 4)  # one block of long visits
+    for epochs in range(1, 40):
+        for n in range(1, 7):
+            if epochs % n:
+                with pytest.raises(ValueError, match=f"multiple of the number of sites {n}"):
+                    plan_latin(epochs, n, 2)
+                continue
+            c, v = plan_latin(epochs, n, 2)
+            assert c * v == epochs and c % n == 0 and 1 <= v <= 2
 
 
 def test_cyclic_formula():

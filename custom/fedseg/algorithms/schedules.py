@@ -32,6 +32,10 @@ Kinds (N = number of active sites, slot m = model m when A >= K):
 
 The block guarantees of "cyclic"/"latin" hold for a fixed site list; a site removal mid-block
 restarts the structure over the remaining sites (blocks are counted from c = 0 with the new N).
+
+A "latin" job plans whole blocks: :func:`check_latin_communications` refuses a number of communications
+that is not a multiple of the number of sites (some models would miss some sites), and
+:func:`plan_latin` splits a per-site budget of epochs into whole blocks of equal visits.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["KINDS", "assign", "make_schedule", "validate_explicit", "visits_per_model"]
+__all__ = ["KINDS", "assign", "check_latin_communications", "make_schedule", "plan_latin", "validate_explicit",
+           "visits_per_model"]
 
 KINDS = ("cyclic", "latin", "random", "explicit")
 _LATIN_TAG, _RANDOM_TAG = 1, 2
@@ -88,6 +93,39 @@ def validate_explicit(explicit, sites: Sequence[str], num_models: int) -> list[l
         if unknown:
             raise ValueError(f"explicit row {c} names unknown site(s) {unknown}; known: {list(sites)}")
     return rows
+
+
+def check_latin_communications(num_communications: int, num_sites: int) -> None:
+    """Refuse a Latin schedule of `num_communications` over `num_sites` sites that is not made of whole blocks.
+
+    A block is N communications in which every model visits every site once; a partial last block leaves
+    some models without a visit to some sites, so their visit counts differ (ValueError naming both numbers).
+    """
+    c = _check_int("num_communications", num_communications, 0)
+    n = _check_int("number of sites", num_sites, 1)
+    if c % n:
+        below, above = c - c % n, c - c % n + n
+        raise ValueError(
+            f'schedule "latin": num_communications {c} is not a multiple of the number of sites {n}, so some '
+            f"models would not visit every site equally; use a multiple of {n} (e.g. {below or above} or {above})"
+        )
+
+
+def plan_latin(site_epochs: int, num_sites: int, max_visit_epochs: int) -> tuple[int, int]:
+    """Split a budget of `site_epochs` training epochs per site into whole Latin blocks: (communications,
+    visit_epochs) with communications * visit_epochs == site_epochs, communications a multiple of num_sites,
+    and the longest visit that is at most max_visit_epochs. ValueError when no such split exists
+    (site_epochs not a multiple of num_sites)."""
+    e = _check_int("site_epochs", site_epochs, 1)
+    n = _check_int("number of sites", num_sites, 1)
+    cap = _check_int("max_visit_epochs", max_visit_epochs, 1)
+    for v in range(min(cap, e), 0, -1):
+        if e % v == 0 and (e // v) % n == 0:
+            return e // v, v
+    raise ValueError(
+        f"{e} epochs per site cannot be split into whole Latin blocks of {n} communications (every model "
+        f"visiting every site equally): the epochs per site must be a multiple of the number of sites {n}"
+    )
 
 
 def _rng(seed: int, tag: int, index: int) -> np.random.Generator:
