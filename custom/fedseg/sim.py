@@ -1,7 +1,10 @@
-"""Run a FedSeg job in the NVFlare simulator as a child process group, and always clean it up.
+"""Run a FedSeg job in the NVFlare simulator as a child process tree, and always clean it up.
 
-Used by the demo, the tests and the benchmark. The simulator runs in its own session so that on timeout,
-error or Ctrl-C the whole process group (server, client workers) is stopped.
+Used by the demo, the tests and the benchmark. On timeout, error or Ctrl-C every process the run started is
+stopped: the simulator runs in its own session, and NVFlare starts each client worker in a session of its
+own (setsid), so killing the simulator's process group is not enough. The run's process tree is collected
+with psutil while it runs (setsid workers are still children of the simulator by parent pid), and at the end
+every process that carries the run's marker variable is found as well (workers that outlived their parent).
 
     python -m fedseg.sim jobs/fedavg --data data/synth2d -n 4 -w workspaces/fedavg
 """
@@ -14,10 +17,16 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds fedseg/ (custom/)
+# Every process of a run inherits this variable (a fresh id per run): the final sweep finds them all by it.
+RUN_MARK_ENV = "FEDSEG_SIM_RUN"
+POLL_SECONDS = 0.5  # how often the run's process tree is collected
 
 
 @dataclass
@@ -26,6 +35,8 @@ class SimResult:
     workspace: Path
     seconds: float
     log_tail: str
+    pids: tuple[int, ...] = ()  # every process of the run that was seen (the simulator, its workers, ...)
+    left: tuple[int, ...] = ()  # those still alive after SIGKILL (empty unless something is badly wrong)
 
     @property
     def job_dir(self) -> Path:
@@ -45,18 +56,68 @@ class SimResult:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+class ProcessTree:
+    """Every process started under one root process (psutil handles: a pid reused later is not ours)."""
+
+    def __init__(self, root_pid: int, mark: tuple[str, str] | None = None):
+        self.mark = mark  # (variable, value) in the environment of every process of the run
+        self.seen: dict[int, psutil.Process] = {}
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            self.seen[root_pid] = psutil.Process(root_pid)
+        except psutil.NoSuchProcess:
             pass
-        proc.wait(timeout=15)
+
+    def collect(self) -> None:
+        """Add the descendants (children by ppid, whatever their session) of every process seen so far."""
+        for p in list(self.seen.values()):
+            try:
+                for child in p.children(recursive=True):
+                    self.seen.setdefault(child.pid, child)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+
+    def marked(self) -> list[psutil.Process]:
+        if not self.mark:
+            return []
+        key, value = self.mark
+        me = os.getpid()
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.pid != me and p.environ().get(key) == value:
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    def alive(self) -> list[psutil.Process]:
+        out = []
+        for p in self.seen.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return out
+
+    def kill_all(self, grace: float = 10) -> list[psutil.Process]:
+        """SIGTERM to everything of the run, SIGKILL to what is left after `grace` s; returns what survived."""
+        self.collect()
+        for p in self.marked():
+            self.seen.setdefault(p.pid, p)
+        self.collect()
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+            procs = self.alive()
+            if not procs:
+                return []
+            for p in procs:
+                try:
+                    p.send_signal(sig)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            psutil.wait_procs(procs, timeout=wait)
+            self.collect()  # a process may have started a child meanwhile
+        return self.alive()
 
 
 def run_simulator(
@@ -70,10 +131,14 @@ def run_simulator(
     extra_env: dict | None = None,
     timeout: float = 1800,
     clients: list[str] | None = None,
-    allow_prefixes: tuple[str, ...] = (),
+    allow_classes: tuple[str, ...] = (),
 ) -> SimResult:
     """nvflare simulator JOB -w WS -n N -t T [-gpu ...] with the fedseg package on PYTHONPATH (as an installed
-    site has it) unless on_pythonpath=False (then the job must carry its code: BYOC)."""
+    site has it) unless on_pythonpath=False (then the job must carry its code: BYOC).
+
+    The sites' class allow-list is the product's (fedseg.fl.allowlist) plus allow_classes (exact class paths,
+    e.g. tests' fault-injecting executors). Every process of the run is stopped when it ends, times out
+    (returncode -9) or is interrupted; SimResult.pids lists them all, SimResult.left what could not be stopped."""
     workspace = Path(workspace).resolve()
     env = dict(os.environ)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != PACKAGE_ROOT]
@@ -82,8 +147,6 @@ def run_simulator(
     env["PYTHONPATH"] = os.pathsep.join(paths)
     if data_root is not None:
         env["FEDSEG_DATA"] = str(Path(data_root).resolve())
-        # the site-controlled source (the process environment), so no job setting is needed or used
-        env["FEDSEG_DATALIST"] = os.path.join(env["FEDSEG_DATA"], "{SITE_NAME}", "datalist.json")
     env.setdefault("OMP_NUM_THREADS", "1")  # N clients share the cores; one BLAS thread each avoids thrashing
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(Path(job).resolve()), "-w", str(workspace)]
@@ -96,19 +159,35 @@ def run_simulator(
         # as at an installed site: the simulator copies <workspace>/local into the server's and every site's local/
         from fedseg.fl.allowlist import allow_fedseg
 
-        allow_fedseg(workspace / "local" / "resources.json", tuple(allow_prefixes))
+        allow_fedseg(workspace / "local" / "resources.json", tuple(allow_classes))
+    mark = uuid.uuid4().hex
+    env[RUN_MARK_ENV] = mark
     start = time.perf_counter()
+    deadline = time.monotonic() + timeout
     out_path = workspace.parent / f"{workspace.name}.simulator.out"
     with open(out_path, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        tree = ProcessTree(proc.pid, (RUN_MARK_ENV, mark))
+        rc = None
         try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = -9
+            while rc is None:
+                tree.collect()  # while the simulator lives, its setsid'ed workers are its children
+                try:
+                    rc = proc.wait(timeout=min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        rc = -9
         finally:
-            _kill_group(proc)
+            left = tree.kill_all()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
     tail = out_path.read_text(errors="replace")[-4000:]
-    return SimResult(returncode=rc, workspace=workspace, seconds=time.perf_counter() - start, log_tail=tail)
+    if left:
+        tail += f"\n[fedseg.sim] processes of this run still alive after SIGKILL: {[p.pid for p in left]}"
+    return SimResult(returncode=rc, workspace=workspace, seconds=time.perf_counter() - start, log_tail=tail,
+                     pids=tuple(sorted(tree.seen)), left=tuple(p.pid for p in left))
 
 
 def main(argv: list[str] | None = None) -> int:
