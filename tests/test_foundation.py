@@ -140,12 +140,16 @@ def test_corrupt_site_data_stops_the_job_with_a_clear_message(tiny2d, tmp_path):
     shutil.copytree(tiny2d, data)
     bad = sorted((data / "site-2").rglob("*.nii.gz"))[0]
     bad.write_bytes(b"this is not a NIfTI file")
-    job = copy_job("fedavg", tmp_path, server_args={"num_rounds": 1}, engine=TINY_ENGINE)
+    # 2 sites, min_clients 2: a round without site-2 changes nothing, and the job stops after max_failed_rounds
+    job = copy_job("fedavg", tmp_path, server_args={"num_rounds": 3, "max_failed_rounds": 1}, engine=TINY_ENGINE)
     result = simulate(job, tmp_path / "ws", data, n=2, expect_ok=False, timeout=300)
     log = result.log("site-2")
     assert "DATA ERROR [site site-2]" in log and bad.name in log, log[-3000:]
-    assert result.returncode != 0  # the job stopped instead of training without the site
-    assert "site-2" in result.log("server") and "EXECUTION_EXCEPTION" in result.log("server")
+    server = result.log("server")
+    assert "site-2" in server and "EXECUTION_EXCEPTION" in server
+    assert "fewer than min_clients=2" in server and "FedAvg stopped" in server  # instead of training without the site
+    history = json.loads((result.job_dir / "app_server" / "fedavg" / "history.json").read_text())
+    assert [(r["round"], r["answered"], r["accepted"]) for r in history] == [(0, ["site-1"], ["site-1"])]
 
 
 # ---- baselines and report ----------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# FedAvg/FedProx local optimizer across rounds: a fresh Adam every round, or each site keeps its own moments
+LOCAL_OPTIMIZER = ("fresh", "keep")
+
 @dataclass
 class EngineConfig:
     """Everything the MONAI engine needs to train and evaluate one segmentation network at one site.

@@ -31,7 +31,15 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.apis.fl_constant import FLMetaKey
 
 from fedseg.data import DataValidationError, load_datalist, resolve_site_datalist, validate_site_data
-from fedseg.engine import EngineConfig, SegEngine, load_numpy_state, state_to_numpy
+from fedseg.engine.config import LOCAL_OPTIMIZER
+from fedseg.engine import (
+    EngineConfig,
+    SegEngine,
+    load_numpy_state,
+    load_optimizer_state,
+    optimizer_state_to_numpy,
+    state_to_numpy,
+)
 from fedseg.fl import fedcross_tasks, fedsm_tasks
 from fedseg.fl.privacy import check_scorable_section
 
@@ -62,8 +70,10 @@ class SegExecutor(Executor):
     ):
         """
         Args:
-            datalist: where this site's datalist JSON is, as the job states it; "{SITE_NAME}" and $VARS are
-                expanded. FEDSEG_DATALIST and the site's local/fedseg_site.json take precedence.
+            datalist: where this site's datalist JSON is, as the job states it. Used only where the site allows it
+                (FEDSEG_ALLOW_JOB_DATALIST=1 or "allow_job_datalist" in local/fedseg_site.json) and only inside the
+                site's data root; "{SITE_NAME}" and $FEDSEG_DATA are expanded. The site's own FEDSEG_DATALIST and
+                local/fedseg_site.json come first (fedseg.data.resolve_site_datalist).
             engine: EngineConfig settings (network, roi_size, batch_size, lr, local_epochs, ...).
             validate_before_train: score the received global model on the validation cases before training;
                 FLARE's IntimeModelSelector uses that score ("val_dice") to keep the best global model.
@@ -113,8 +123,8 @@ class SegExecutor(Executor):
         except Exception as e:  # an unexpected failure must still name the site
             self.setup_error = f"[site {self.site}] cannot set up the engine: {type(e).__name__}: {e}"
         if self.setup_error:
-            # Every task of this site now fails with this message: FedAvg stops the job at once, FedSM and
-            # FedCross carry on without the site. (A client-side panic would leave the server waiting.)
+            # Every task of this site now fails with this message: the workflows carry on without the site while
+            # min_clients valid sites remain. (A client-side panic would leave the server waiting.)
             self.log_error(fl_ctx, f"DATA ERROR {self.setup_error}")
             return
         self.log_info(
@@ -122,6 +132,8 @@ class SegExecutor(Executor):
             f"site {self.site}: datalist {path} OK: {summary.get('counts')}; device {self.engine.device}; "
             f"{self.engine.steps_per_epoch()} steps/epoch",
         )
+        for warning in summary.get("warnings", []):
+            self.log_warning(fl_ctx, f"DATA WARNING [site {self.site}] {warning}")
 
     def _check_summary(self, summary: dict, path: str) -> None:
         """The site's data must match what the job's network expects."""
@@ -197,13 +209,23 @@ class SegExecutor(Executor):
         if max_steps and steps > max_steps:
             self.log_info(fl_ctx, f"round {rnd}: training {max_steps} steps, the server's plan, instead of {steps}")
             steps = max_steps
+        local_optimizer = meta.get("local_optimizer", "fresh")
+        if local_optimizer not in LOCAL_OPTIMIZER:
+            raise ValueError(f"task meta 'local_optimizer' must be one of {LOCAL_OPTIMIZER}, got {local_optimizer!r}")
+        optimizer = self.engine.new_optimizer(net)
+        if local_optimizer == "keep" and self.state.get("train_optimizer"):
+            # this site's own Adam moments from its previous round (they never leave the site)
+            load_optimizer_state(optimizer, net, self.state["train_optimizer"])
         stats = self.engine.train(
             net,
             steps,
+            optimizer=optimizer,
             prox_mu=mu,
             should_stop=lambda: abort_signal.triggered,
             on_step=self.progress(fl_ctx, "train", rnd),
         )
+        if local_optimizer == "keep":
+            self.state["train_optimizer"] = optimizer_state_to_numpy(optimizer, net)
         self.log_info(
             fl_ctx,
             f"round {rnd}: {stats.steps} steps, loss {stats.mean_loss:.4f}, {stats.images / max(stats.seconds, 1e-9):.1f} img/s"

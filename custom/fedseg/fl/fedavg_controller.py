@@ -28,6 +28,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fl_model_utils import make_model_learnable
 
 from fedseg.algorithms import AGGREGATIONS, aggregate
+from fedseg.engine.config import LOCAL_OPTIMIZER
 from fedseg.algorithms.screening import read_score, robust_score, update_norm
 from fedseg.fl.base_controller import FedSegController, check_output_name
 from fedseg.modelset import load_model_set, save_model_set
@@ -47,6 +48,7 @@ class FedAvgController(FedSegController):
         aggregation: str = "mean",
         trim_fraction: float = 0.2,
         max_update_ratio: float = 10.0,
+        local_optimizer: str = "fresh",
         min_clients: int = 1,
         task_timeout: int = 0,
         startup_grace: int = 300,
@@ -69,6 +71,8 @@ class FedAvgController(FedSegController):
                 unweighted; robust to a minority of bad updates).
             trim_fraction: share of the largest and of the smallest values dropped per coordinate ("trimmed_mean").
             max_update_ratio: updates with a norm above this many times the median of the others are rejected.
+            local_optimizer: "fresh" (a new Adam at every site every round) or "keep" (each site keeps its own Adam
+                moments from round to round; they never leave the site).
             min_clients: fewest valid updates with which a round changes the global model.
             task_timeout: seconds per training task (0: no limit). startup_grace: extra for a site's first task.
             max_failed_rounds: consecutive rounds below min_clients before the job stops.
@@ -94,6 +98,9 @@ class FedAvgController(FedSegController):
         self.max_local_steps = int(max_local_steps)
         self.max_weight_ratio = float(max_weight_ratio)
         self.aggregation = aggregation
+        if local_optimizer not in LOCAL_OPTIMIZER:
+            raise ValueError(f"local_optimizer must be one of {LOCAL_OPTIMIZER}, got {local_optimizer!r}")
+        self.local_optimizer = local_optimizer
         self.trim_fraction = float(trim_fraction)
         self.max_failed_rounds = max(int(max_failed_rounds), 1)
         self.resume_from = resume_from or ""
@@ -139,7 +146,7 @@ class FedAvgController(FedSegController):
 
     # ---- one round ----------------------------------------------------------------------------------------
     def _task_meta(self) -> dict:
-        meta = {"local_epochs": self.local_epochs, "local_steps": self.local_steps}
+        meta = {"local_epochs": self.local_epochs, "local_steps": self.local_steps, "local_optimizer": self.local_optimizer}
         if self.max_local_steps:
             meta["max_steps"] = self.max_local_steps
         if self.fedprox_mu:
@@ -180,20 +187,22 @@ class FedAvgController(FedSegController):
                 self._save("best.pt", global_params, {"round": rnd - 1, "best_score": score, "best_round": rnd})
                 self._publish_best(global_params)
                 self.info(f"round {rnd}: new best global model (median {SCORE_KEY} {score:.4f})")
+            stop = False
             if len(accepted) < self.min_clients:
                 failed_rounds += 1
                 self.error(f"round {rnd}: {len(accepted)} valid update(s) {accepted}, fewer than min_clients="
                            f"{self.min_clients}: global model unchanged ({failed_rounds}/{self.max_failed_rounds})")
-                if failed_rounds >= self.max_failed_rounds:
-                    self.panic(f"FedAvg stopped: {failed_rounds} consecutive rounds below min_clients")
-                    return
+                stop = failed_rounds >= self.max_failed_rounds
             else:
                 failed_rounds = 0
                 recent_norms.extend(norms[s] for s in accepted)
                 global_params = aggregate({s: checked[s].params for s in accepted}, weights, self.aggregation,
                                           self.trim_fraction)
+                self.info(f"round {rnd}: aggregated {accepted} ({self.aggregation})"
+                          + (f"; median {SCORE_KEY} of the received model {score:.4f}" if score is not None else ""))
             self.save_model(FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd))
             self._save("last.pt", global_params, {"round": rnd, **state})
             self.write_json(self.output_dir(self.output_dir_name) / "history.json", history)
-            self.info(f"round {rnd}: aggregated {accepted} ({self.aggregation})"
-                      + (f"; median {SCORE_KEY} of the received model {score:.4f}" if score is not None else ""))
+            if stop:
+                self.panic(f"FedAvg stopped: {failed_rounds} consecutive rounds below min_clients")
+                return
