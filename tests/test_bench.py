@@ -235,3 +235,25 @@ def test_any_datalist_folder_is_a_dataset(tiny3d):
     assert spec.engine["in_channels"] == 1 and spec.engine["num_classes"] == 2
     with pytest.raises(SystemExit, match="unknown dataset"):
         resolve_datasets(get_preset("quick"), ["nope"], [])
+
+
+# ---- the data-scarce variant of the built-in data (pure data, no FLARE) -----------------------------------
+def test_data_scarce_variant_keeps_validation_and_test_cases(tmp_path):
+    from fedseg.data.synthetic import generate_dataset
+
+    full = generate_dataset(tmp_path / "full", n_sites=4, spatial_dims=2, seed=0, size="tiny")
+    scarce = generate_dataset(tmp_path / "scarce", n_sites=4, spatial_dims=2, seed=0, size="tiny", labelled_training=4)
+    assert scarce["labelled_training"] == 4 and "labelled_training" not in full
+    for a, b in zip(full["sites"], scarce["sites"]):
+        assert b["counts"]["training"] == min(4, a["counts"]["training"])
+        assert (b["counts"]["validation"], b["counts"]["testing"]) == (a["counts"]["validation"], a["counts"]["testing"])
+        assert a["params"] == b["params"] and a["shape"] == b["shape"]  # same site shifts
+        lists = [json.loads((tmp_path / v / a["datalist"]).read_text()) for v in ("full", "scarce")]
+        assert lists[1]["training"] == lists[0]["training"][: b["counts"]["training"]]
+        for section in ("training", "validation", "testing"):
+            for case in lists[1][section]:  # the scarce variant's files are the full variant's, byte for byte
+                for key in ("image", "label"):
+                    assert (tmp_path / "scarce" / a["site"] / case[key]).read_bytes() == \
+                        (tmp_path / "full" / a["site"] / case[key]).read_bytes(), (section, case[key])
+    with pytest.raises(ValueError, match="not both"):
+        generate_dataset(tmp_path / "x", n_sites=2, size="tiny", cases_per_site=3, labelled_training=2)

@@ -9,11 +9,16 @@ foreground fraction and number of cases. Sites 1-4 follow four deliberately diff
 archetypes (jittered by the seed); further sites mix parameters within the archetypes' ranges.
 
     python -m fedseg.data.synthetic --out DIR [--sites 4] [--dims 2|3] [--seed 0] [--classes 2]
-                                    [--size tiny|small|medium] [--cases N,N,N,N] [--channels 1]
+                                    [--size tiny|small|medium] [--cases N,N,N,N] [--labelled N] [--channels 1]
 
 writes DIR/site-k/{imagesTr,labelsTr,imagesTs,labelsTs}/*.nii.gz, DIR/site-k/datalist.json and
 DIR/dataset.json (every site's generating parameters and measured statistics). The same seed gives
 byte-identical files.
+
+Data-scarce variant (--labelled N, ``labelled_training=N``): each site keeps only the first N of its size
+preset's training cases (as most hospitals label only a handful), while its validation and testing cases
+and every site parameter stay exactly those of the full variant (same files, same names, same bytes). The
+two variants differ ONLY in the number of labelled training cases, so they can be compared directly.
 """
 
 from __future__ import annotations
@@ -86,13 +91,22 @@ JITTER = 0.1
 # ---------------------------------------------------------------------------------------------
 
 
-def site_parameters(n_sites: int, spatial_dims: int, seed: int, size: str, cases_per_site=None) -> list[dict]:
-    """Every site's generating parameters, deterministic in (seed, site)."""
+def site_parameters(n_sites: int, spatial_dims: int, seed: int, size: str, cases_per_site=None,
+                    labelled_training=None) -> list[dict]:
+    """Every site's generating parameters, deterministic in (seed, site).
+
+    labelled_training: the data-scarce variant: at most this many training cases per site (an int for all
+    sites or one per site), the first ones of the full variant; validation/testing unchanged. Each site's
+    "case_start" gives the case number each section starts at (so validation and testing cases are the
+    full variant's files)."""
+    if cases_per_site is not None and labelled_training is not None:
+        raise ValueError("give cases_per_site or labelled_training, not both")
     if size not in BASE_SIZE:
         raise ValueError(f"size must be one of {sorted(BASE_SIZE)}, got {size!r}")
     if n_sites < 1:
         raise ValueError(f"n_sites must be >= 1, got {n_sites}")
     training_counts = _training_counts(cases_per_site, n_sites)
+    labelled = _training_counts(labelled_training, n_sites)
     sites = []
     for k in range(n_sites):
         rng = np.random.default_rng([seed, k, 0, 0])
@@ -108,6 +122,9 @@ def site_parameters(n_sites: int, spatial_dims: int, seed: int, size: str, cases
         if training_counts is not None:
             n_train = training_counts[k]
             n_val, n_test = max(1, round(n_train / 4)), max(1, round(n_train / 3))
+        full_train = n_train
+        if labelled is not None:
+            n_train = min(n_train, labelled[k])
 
         base = BASE_SIZE[size][spatial_dims]
         shape = [_round_to(base * params["size_factor"], 4)] * spatial_dims
@@ -122,6 +139,7 @@ def site_parameters(n_sites: int, spatial_dims: int, seed: int, size: str, cases
             slice_mm=_round_sig(spacing[2]),
             origin_mm=[round(float(v), 1) for v in rng.uniform(-30.0, 30.0, size=3)],
             counts={"training": n_train, "validation": n_val, "testing": n_test},
+            case_start={"training": 0, "validation": full_train, "testing": full_train + n_val},
         )
         sites.append(params)
     return sites
@@ -265,12 +283,15 @@ def _smooth_field(rng, shape, sigma):
 
 
 def generate_dataset(out_dir, n_sites: int = 4, spatial_dims: int = 2, seed: int = 0, num_classes: int = 2,
-                     size: str = "small", cases_per_site=None, in_channels: int = 1, overwrite: bool = False) -> dict:
+                     size: str = "small", cases_per_site=None, in_channels: int = 1, overwrite: bool = False,
+                     labelled_training=None) -> dict:
     """Generate the synthetic multi-site dataset into out_dir; return the summary also written to dataset.json.
 
     cases_per_site: training cases per site (an int for all sites, or one per site); validation
       then gets max(1, round(n/4)) and testing max(1, round(n/3)). Default: the size preset's
-      per-site counts. in_channels: 1 (default) or more "sequences" with different contrast,
+      per-site counts. labelled_training: the data-scarce variant (see the module docstring): at most
+      this many training cases per site, validation/testing as in the full variant (an int or one per
+      site). in_channels: 1 (default) or more "sequences" with different contrast,
       written as one file per channel. Output is written to a temporary folder next to out_dir
       and renamed at the end; an existing out_dir is an error unless overwrite is true.
     """
@@ -280,7 +301,7 @@ def generate_dataset(out_dir, n_sites: int = 4, spatial_dims: int = 2, seed: int
         raise ValueError(f"num_classes must be in 2..6, got {num_classes}")
     if not 1 <= in_channels <= len(CHANNEL_CONTRAST):
         raise ValueError(f"in_channels must be in 1..{len(CHANNEL_CONTRAST)}, got {in_channels}")
-    sites = site_parameters(n_sites, spatial_dims, seed, size, cases_per_site)
+    sites = site_parameters(n_sites, spatial_dims, seed, size, cases_per_site, labelled_training)
     labels = {"0": "background", "1": "target"}
     for k in range(2, num_classes):
         labels[str(k)] = "core" if num_classes == 3 else f"core-{k - 1}"
@@ -296,6 +317,8 @@ def generate_dataset(out_dir, n_sites: int = 4, spatial_dims: int = 2, seed: int
         "labels": labels,
         "sites": [],
     }
+    if labelled_training is not None:
+        summary["labelled_training"] = labelled_training
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         for k, params in enumerate(sites):
             site_summary = _write_site(tmp, k, params, seed, spatial_dims, num_classes, in_channels, labels)
@@ -314,8 +337,8 @@ def _write_site(root: Path, k: int, params: dict, seed, spatial_dims, num_classe
                 "labels": labels, "training": [], "validation": [], "testing": []}
     class_voxels = np.zeros(num_classes, dtype=np.int64)
     moments = np.zeros(3)  # n, sum, sum of squares of the first channel
-    case = 0
     for section in ("training", "validation", "testing"):
+        case = params["case_start"][section]
         tag = "Ts" if section == "testing" else "Tr"
         (site_dir / f"images{tag}").mkdir(parents=True, exist_ok=True)
         (site_dir / f"labels{tag}").mkdir(parents=True, exist_ok=True)
@@ -343,7 +366,7 @@ def _write_site(root: Path, k: int, params: dict, seed, spatial_dims, num_classe
         "counts": dict(params["counts"]),
         "shape": params["shape"],
         "spacing_mm": params["spacing_mm"],
-        "params": {key: v for key, v in params.items() if key not in ("site", "counts", "shape", "spacing_mm")},
+        "params": {key: v for key, v in params.items() if key not in ("site", "counts", "shape", "spacing_mm", "case_start")},
         "measured": {
             "foreground_fraction": round(float(class_voxels[1:].sum() / class_voxels.sum()), 4),
             "intensity_mean": _round_sig(float(mean), 4),
@@ -361,6 +384,8 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=2, help="classes incl. background: 2, or 3 for target + core")
     parser.add_argument("--size", choices=sorted(BASE_SIZE), default="small")
     parser.add_argument("--cases", default=None, help="training cases per site: N, or N,N,... one per site")
+    parser.add_argument("--labelled", type=int, default=None,
+                        help="data-scarce variant: keep only the first N training cases per site (validation/testing unchanged)")
     parser.add_argument("--channels", type=int, default=1, help="input channels (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
@@ -370,7 +395,7 @@ def main(argv=None) -> int:
         cases = cases[0] if len(cases) == 1 else cases
     summary = generate_dataset(args.out, n_sites=args.sites, spatial_dims=args.dims, seed=args.seed,
                                num_classes=args.classes, size=args.size, cases_per_site=cases,
-                               in_channels=args.channels, overwrite=args.overwrite)
+                               in_channels=args.channels, overwrite=args.overwrite, labelled_training=args.labelled)
     print(f"wrote {summary['name']} to {Path(args.out).absolute()}")
     for s in summary["sites"]:
         c, m = s["counts"], s["measured"]
