@@ -18,7 +18,8 @@ from conftest import CUSTOM, JOBS, TINY_ENGINE, copy_job, in_parallel, set_execu
 from fedseg.algorithms import UpdateRejected
 from fedseg.data import load_datalist
 from fedseg.engine import EngineConfig, SegEngine, load_numpy_state, state_to_numpy
-from fedseg.jobgen import resolve_engine
+from fedseg.jobgen import FEDCROSS_DEFAULTS, resolve_engine
+from fedseg.jobgen import main as jobgen_main
 from fedseg.methods.fedcross import (
     LrSchedule,
     check_optimizer_state,
@@ -28,9 +29,12 @@ from fedseg.methods.fedcross import (
     initial_members,
     load_members,
     lr_at,
+    auroc_from_histograms,
+    member_seed,
     save_members,
     score_ensemble,
     segment,
+    std_histogram,
 )
 
 OUT = Path("app_server") / "fedcross"
@@ -140,6 +144,36 @@ def test_ensemble_maps_and_segment_by_hand():
     assert segment(three, threshold=0.4).tolist() == [[1, 0, 1]]
 
 
+def brute_auroc(pos, neg) -> float:
+    """P(pos > neg) + P(pos == neg) / 2 over every (positive, negative) pair."""
+    pos, neg = np.asarray(pos, np.float64)[:, None], np.asarray(neg, np.float64)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+
+
+def test_auroc_from_histograms_equals_brute_force():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n_pos, n_neg = rng.integers(1, 400, size=2)
+        # values at bin centres: exact (equal values share a bin, distinct values never do); many ties
+        top = int(rng.integers(5, 1000))
+        pos = (rng.integers(0, top, n_pos) + 0.5) / 2000
+        neg = (rng.integers(0, int(rng.integers(1, top + 1)), n_neg) + 0.5) / 2000
+        got = auroc_from_histograms(std_histogram(pos), std_histogram(neg))
+        assert got == pytest.approx(brute_auroc(pos, neg), abs=1e-12), trial
+        # continuous values: exact up to the binning (pairs inside one bin of width 0.0005 count as ties)
+        pos, neg = rng.beta(2, 5, n_pos) * 0.5, rng.beta(2, 3, n_neg) * 0.5
+        assert auroc_from_histograms(std_histogram(pos), std_histogram(neg)) == pytest.approx(brute_auroc(pos, neg), abs=5e-3)
+    assert auroc_from_histograms(std_histogram([0.4, 0.3]), std_histogram([0.1, 0.2])) == 1.0
+    assert auroc_from_histograms(std_histogram([0.1]), std_histogram([0.4])) == 0.0
+    assert auroc_from_histograms(std_histogram([0.0] * 5), std_histogram([0.0] * 3)) == 0.5  # one model: no spread
+    assert math.isnan(auroc_from_histograms(std_histogram([]), std_histogram([0.1])))
+    assert std_histogram([0.7, -1.0]).tolist() == [1] + [0] * 998 + [1]  # out of range: clipped into the end bins
+    with pytest.raises(ValueError):
+        auroc_from_histograms([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError):
+        auroc_from_histograms([1, -2], [1, 2])
+
+
 def test_initial_members_distinct_reproducible_and_rng_untouched():
     args = EngineConfig.from_dict(resolve_engine(TINY_ENGINE)).network_args()
     model0 = {"x": np.zeros(1)}
@@ -152,6 +186,24 @@ def test_initial_members_distinct_reproducible_and_rng_untouched():
     again = initial_members(args, model0, 3, seed=5)
     assert fingerprint(members[1]) == fingerprint(again[1]) and fingerprint(members[2]) == fingerprint(again[2])
     assert fingerprint(members[1]) != fingerprint(members[2])
+
+
+def test_member_seeds_never_collide_across_runs():
+    """Member m of seed s used to be seeded s + m (run 0's member 1 = run 1's member 0). Now every (seed, member)
+    pair gets its own seed: child m of SeedSequence(seed); model 0 stays the persistor's initial model."""
+    seeds = {(s, m): member_seed(s, m) for s in range(10) for m in range(8)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert member_seed(3, 5) == int(np.random.SeedSequence(3).spawn(6)[5].generate_state(1, np.uint64)[0])
+    with pytest.raises(ValueError):
+        member_seed(-1, 0)
+    args = EngineConfig.from_dict(resolve_engine(TINY_ENGINE)).network_args()
+    model0 = {"x": np.zeros(1)}
+    prints = {}
+    for s in range(10):
+        members = initial_members(args, model0, 8, seed=s)
+        assert members[0] == model0  # model 0 = the persistor's initial model, for every seed
+        prints.update({(s, m): fingerprint(w) for m, w in enumerate(members) if m > 0})
+    assert len(set(prints.values())) == len(prints) == 70  # no two (seed, member) pairs start from the same weights
 
 
 def test_visits_carry_optimizer_state_and_ensemble_scores_match_the_engine(tiny2d, tmp_path):
@@ -177,6 +229,16 @@ def test_visits_carry_optimizer_state_and_ensemble_scores_match_the_engine(tiny2
     u = scored.uncertainty()
     n_voxels = sum(int(np.prod(item["label"].shape)) for _, item in engine.eval_batches("testing"))
     assert u["n_wrong"] + u["n_right"] == n_voxels and len(u["mean_std_per_case"]) == len(engine.cases("testing"))
+    # the AUROC the site reports equals the brute-force AUROC over the same voxels (exact up to the binning)
+    stds, wrongs = [], []
+    for _, item in engine.eval_batches("testing"):
+        probs = torch.stack([engine.predict_probs(net, item["image"].unsqueeze(0)) for net in nets])
+        mean, std, _ = ensemble_maps(probs)
+        stds.append(std[0].flatten().numpy())
+        wrongs.append((mean.argmax(dim=1)[0] != item["label"][0].long()).flatten().numpy())
+    std_all, wrong_all = np.concatenate(stds), np.concatenate(wrongs)
+    assert scored.hist_wrong.sum() == u["n_wrong"] == wrong_all.sum() and scored.hist_right.sum() == u["n_right"]
+    assert u["auroc"] == pytest.approx(brute_auroc(std_all[wrong_all], std_all[~wrong_all]), abs=2e-3)
     same = score_ensemble(engine, [nets[0], nets[0]], "testing")  # identical members: ensemble = member, no spread
     assert np.allclose(same.ensemble.dice, same.members[0].dice) and same.std_sum_wrong == same.std_sum_right == 0
 
@@ -204,6 +266,20 @@ def test_job_configs_state_the_fedcross_settings():
     assert ens["num_communications"] * ens["visit_epochs"] * 4 == fedavg_site_epochs
     assert cross["num_communications"] * cross["visit_epochs"] == fedavg_site_epochs
     assert cross["num_communications"] % 4 == 0  # cyclic over 4 sites: every site gets the same number of visits
+    assert ens["num_communications"] % 4 == 0  # whole Latin blocks at the built-in data's 4 sites
+    assert ens["lr_schedule"] == cross["lr_schedule"] == "constant"  # the rate every other method trains with
+    assert (ens["num_communications"], ens["visit_epochs"]) == (20, 1)
+
+
+def test_jobgen_refuses_a_latin_job_in_partial_blocks(tmp_path):
+    with pytest.raises(SystemExit, match="num_communications 10 is not a multiple of the number of sites 4"):
+        jobgen_main(["--out", str(tmp_path), "--only", "fedcrossens", "--communications", "10", "--sites", "4"])
+    assert not (tmp_path / "fedcrossens").exists()
+    jobgen_main(["--out", str(tmp_path), "--only", "fedcrossens", "--communications", "9", "--sites", "3",
+                 "--lr-schedule", "poly"])
+    args = json.loads((tmp_path / "fedcrossens" / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0]["args"]
+    assert (args["num_communications"], args["lr_schedule"]) == (9, "poly")
+    assert FEDCROSS_DEFAULTS["fedcrossens"]["communications"] % 4 == 0
 
 
 # ---- simulator runs -------------------------------------------------------------------------------------------
@@ -255,6 +331,23 @@ def fedcross_run(clean_runs):
 @pytest.fixture(scope="module")
 def fedcrossens_run(clean_runs):
     return clean_runs["fedcrossens"]
+
+
+def test_fedcrossens_in_partial_latin_blocks_fails_at_once(tiny2d, tmp_path):
+    """4 communications at 3 sites: the server refuses the job when it starts (it learns the sites only then),
+    before any model is sent anywhere, with an error naming both numbers."""
+    import time
+
+    job = cross_job(tmp_path, "fedcrossens", num_communications=4, visit_steps=2)
+    began = time.monotonic()
+    run = simulate(job, tmp_path / "ws", tiny2d, n=3, expect_ok=False, timeout=300)
+    seconds = time.monotonic() - began
+    log = run.log("server")
+    assert "num_communications 4 is not a multiple of the number of sites 3" in log, log[-3000:]
+    assert "FedCross job refused at its start (sites ['site-1', 'site-2', 'site-3'])" in log
+    assert "cross_train" not in log and not (run.job_dir / OUT / "last.pt").exists()  # no model ever left the server
+    assert not any("cross_train" in run.log(s) for s in ("site-1", "site-2", "site-3"))
+    assert seconds < 120, seconds  # fails at start, not after training (about 20 s of simulator start-up)
 
 
 # ---- FedCross (K = 1) -------------------------------------------------------------------------------------------
@@ -325,6 +418,12 @@ def test_ensemble_is_more_uncertain_where_it_is_wrong(fedcrossens_run):
     pooled_wrong = sum(s["mean_std_wrong"] * s["n_wrong"] for s in with_wrong) / sum(s["n_wrong"] for s in with_wrong)
     assert pooled_wrong == pytest.approx(wrong)  # the overall number is the voxel-weighted pool of the sites'
     assert all(len(s["mean_std_per_case"]) == s["n_cases"] for s in per_site.values())
+    # voxel-level AUROC of the std for the ensemble's wrong voxels, computed at every site from histograms
+    auroc = extra["uncertainty_auroc_per_site"]
+    assert sorted(auroc) == sorted(per_site) and all(0 <= v <= 1 for v in auroc.values())
+    assert extra["uncertainty_auroc_mean"] == pytest.approx(np.mean(list(auroc.values())))
+    assert extra["uncertainty_auroc_mean"] > 0.5, auroc  # the std flags errors better than chance
+    assert all(per_site[s]["uncertainty_auroc"] == auroc[s] for s in auroc)
 
 
 def run_infer(*args: str) -> str:

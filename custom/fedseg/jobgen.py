@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from fedseg.algorithms.schedules import check_latin_communications, plan_latin
 from fedseg.engine.config import EngineConfig
 
 DEFAULT_ENGINE: dict[str, Any] = {
@@ -156,21 +157,37 @@ def job_softpull(o: argparse.Namespace) -> tuple[dict, dict]:
     return fedsm_server(o, use_selector=False), client_config(o.engine, o.datalist)
 
 
-# FedCross defaults match jobs/fedavg's budget (10 rounds x 2 local epochs at every site) at 4 sites:
-# FedCrossEns (K = N): 10 communications x 2-epoch visits, every site trains one model per communication;
+# FedCross defaults match jobs/fedavg's budget (10 rounds x 2 local epochs = 20 epochs at every site) at the
+# built-in data's 4 sites (DEFAULT_SITES).
+# FedCrossEns (K = N, "latin"): every site trains one model per communication, and a Latin schedule needs whole
+# blocks of N communications (every model visits every site equally), so the 20 epochs per site are split by
+# fedseg.algorithms.schedules.plan_latin: 20 communications x 1-epoch visits (5 blocks of 4; 2-epoch visits
+# would give 10 communications, not a multiple of 4).
 # FedCross (K = 1, one site trains per communication): 20 communications x 4-epoch visits (cyclic: 5 per site).
+DEFAULT_ROUNDS = 10
+DEFAULT_SITES = 4
+_ENS_COMMUNICATIONS, _ENS_VISIT_EPOCHS = plan_latin(DEFAULT_ROUNDS * DEFAULT_ENGINE["local_epochs"], DEFAULT_SITES,
+                                                    DEFAULT_ENGINE["local_epochs"])
 FEDCROSS_DEFAULTS = {
     "fedcross": {"num_models": 1, "schedule": "cyclic", "communications": 20, "visit_epochs": 4},
-    "fedcrossens": {"num_models": 0, "schedule": "latin", "communications": 10, "visit_epochs": 2},
+    "fedcrossens": {"num_models": 0, "schedule": "latin", "communications": _ENS_COMMUNICATIONS,
+                    "visit_epochs": _ENS_VISIT_EPOCHS},
 }
 
 
 def fedcross_server(o: argparse.Namespace, job: str) -> dict:
+    """The FedCross workflow. A "latin" schedule is checked here against --sites when given (the default
+    communications are whole blocks for DEFAULT_SITES); the server checks again against the sites connected
+    when the job starts."""
     defaults = FEDCROSS_DEFAULTS[job]
+    communications = o.communications or defaults["communications"]
+    schedule = o.schedule or defaults["schedule"]
+    if schedule == "latin" and getattr(o, "sites", None):
+        check_latin_communications(communications, o.sites)
     args: dict[str, Any] = {
         "num_models": defaults["num_models"],
-        "num_communications": o.communications or defaults["communications"],
-        "schedule": o.schedule or defaults["schedule"],
+        "num_communications": communications,
+        "schedule": schedule,
         "seed": o.seed,
         "visit_epochs": defaults["visit_epochs"] if o.visit_epochs is None else o.visit_epochs,
         "visit_steps": o.visit_steps,
@@ -232,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write job folders into")
     p.add_argument("--only", nargs="*", choices=sorted(JOBS), help="jobs to write (default: all)")
     p.add_argument("--name", help="job name (only with a single --only job)")
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     p.add_argument("--min-clients", type=int, default=2)
     p.add_argument("--engine", type=json.loads, default={}, help="JSON engine settings merged over the defaults")
     p.add_argument("--datalist", default=DEFAULT_DATALIST)
@@ -244,13 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, default=0.7, help="FedSM/SoftPull: weight of a site's own personalized model")
     p.add_argument("--gamma", type=float, default=0.9, help="FedSM: selector confidence needed to use a personalized model")
     p.add_argument("--task-timeout", type=int, default=3600, help="seconds per site task (0: no limit)")
-    p.add_argument("--communications", type=int, help="FedCross: visits per model (default 20 fedcross, 10 fedcrossens)")
+    p.add_argument("--communications", type=int,
+                   help=f"FedCross: visits per model (default {FEDCROSS_DEFAULTS['fedcross']['communications']} fedcross, "
+                        f"{FEDCROSS_DEFAULTS['fedcrossens']['communications']} fedcrossens); a latin schedule needs a multiple of --sites")
+    p.add_argument("--sites", type=int,
+                   help="FedCross: the number of sites the job is planned for: a latin schedule's communications are checked "
+                        f"against it here (the defaults are whole blocks for {DEFAULT_SITES} sites); the server always checks "
+                        "them against the sites connected when the job starts")
     p.add_argument("--schedule", choices=["cyclic", "latin", "random", "explicit"],
                    help="FedCross: site-visit schedule (default cyclic for fedcross, latin for fedcrossens)")
-    p.add_argument("--visit-epochs", type=int, help="FedCross: epochs per visit (default 4 fedcross, 2 fedcrossens)")
+    p.add_argument("--visit-epochs", type=int,
+                   help=f"FedCross: epochs per visit (default {FEDCROSS_DEFAULTS['fedcross']['visit_epochs']} fedcross, "
+                        f"{FEDCROSS_DEFAULTS['fedcrossens']['visit_epochs']} fedcrossens)")
     p.add_argument("--visit-steps", type=int, default=0, help="FedCross: steps per visit; wins over --visit-epochs when > 0")
-    p.add_argument("--lr-schedule", choices=["poly", "cosine", "constant"], default="poly", help="FedCross: lr over each model's visits")
-    p.add_argument("--seed", type=int, default=0, help="FedCross: seeds the schedule and the models' initialisation")
+    p.add_argument("--lr-schedule", choices=["constant", "poly", "cosine"], default="constant",
+                   help="FedCross: lr over each model's visits (default constant, as every other method trains)")
+    p.add_argument("--seed", type=int, default=0, help="FedCross: seeds the schedule and the models' initialisation "
+                                                      "(model 0 is the persistor's; models m > 0 from member_seed(seed, m))")
     p.add_argument("--byoc", action="store_true", help="copy the fedseg package into the job (app/custom/)")
     p.add_argument("--meter", action="store_true",
                    help="add fedseg.fl.meter.TaskMeter to the sites: bytes, time and peak memory of every task")
@@ -275,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     if o.name and len(names) != 1:
         sys.exit("--name needs exactly one --only job")
     for name in names:
-        server, client = JOBS[name](o)
+        try:
+            server, client = JOBS[name](o)
+        except ValueError as e:
+            sys.exit(f"jobgen: job {name}: {e}")
         server.setdefault("server", {"task_request_interval": TASK_REQUEST_INTERVAL})
         if o.meter:
             from fedseg.fl.meter import add_meter

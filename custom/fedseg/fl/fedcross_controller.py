@@ -30,12 +30,13 @@ import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedseg.algorithms.packing import pack, unpack
-from fedseg.algorithms.schedules import KINDS, assign, validate_explicit
+from fedseg.algorithms.schedules import KINDS, assign, check_latin_communications, validate_explicit
 from fedseg.algorithms.aggregation import UpdateRejected, check_update
 from fedseg.algorithms.screening import (
     case_dice,
     check_optimizer_state,
     read_int,
+    read_score,
     read_step_count,
     read_summary,
     update_norm,
@@ -58,6 +59,11 @@ HISTORY_FILE = "validation_history.json"
 INFERENCE_KEYS = ("spatial_dims", "in_channels", "num_classes", "roi_size", "network", "sw_batch_size", "overlap", "amp")
 
 
+def _finite_mean(values) -> float:
+    finite = [float(v) for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 class FedCrossController(FedSegController):
     def __init__(
         self,
@@ -68,7 +74,7 @@ class FedCrossController(FedSegController):
         seed: int = 0,
         visit_epochs: int = 0,
         visit_steps: int = 0,
-        lr_schedule: str = "poly",
+        lr_schedule: str = "constant",
         lr: float = 0.0,
         lr_power: float = 0.9,
         validate_timeout: int = 0,
@@ -90,10 +96,13 @@ class FedCrossController(FedSegController):
                 square per block of N communications: every model visits every site once per block),
                 "random" (a seeded permutation per communication) or "explicit" (explicit_schedule rows).
             explicit_schedule: for "explicit": rows of K site names, row c % len(rows) used at communication c.
-            seed: seeds the schedule and the initialisation of models 1..K-1 (seed + m).
+            seed: seeds the schedule and the initialisation of models 1..K-1 (fedseg.methods.fedcross.member_seed:
+                distinct for every (seed, model) pair; model 0 is the persistor's initial model).
             visit_epochs / visit_steps: local budget of one visit (steps win; 0/0: the sites' engine
                 local_steps / local_epochs).
-            lr_schedule: "poly", "cosine" or "constant" over each model's own visits (fedseg.methods.fedcross.lr_at).
+            lr_schedule: "constant" (default: the constant rate every other FedSeg method trains with), "poly" or
+                "cosine" over each model's own visits (fedseg.methods.fedcross.lr_at); recorded in the history and
+                the results record.
             lr: base learning rate (0: the engine's lr). lr_power: exponent of "poly".
             task_timeout: seconds one visit may take (0: no limit). validate_timeout: same for scoring.
             startup_grace: extra seconds for a site that has not answered any task yet: FLARE counts a
@@ -159,6 +168,11 @@ class FedCrossController(FedSegController):
         if not self.sites:
             self.panic("FedCross: no sites connected")
             return
+        if self.schedule == "latin":  # whole blocks, or some models miss some sites (FLARE logs it and stops the job)
+            try:
+                check_latin_communications(self.num_communications, len(self.sites))
+            except ValueError as e:
+                raise ValueError(f"FedCross job refused at its start (sites {self.sites}): {e}") from None
         self.out = self.output_dir(self.output_name)
         start = self._start_state()
         if start is None:
@@ -305,6 +319,7 @@ class FedCrossController(FedSegController):
             "active_sites": active,
             "assignment": assignment,
             "visits": visits,
+            "lr_schedule": self.lr_schedule.kind,
             "lr": lrs,
             "visits_done": list(self.visits_done),
             "weights_sha1": [fingerprint(w) for w in self.members],
@@ -390,9 +405,10 @@ class FedCrossController(FedSegController):
                 raise UpdateRejected(site, "metrics.uncertainty: missing or not a dict")
             unc = {key: read_score(site, u, key, 0.0, math.inf) for key in ("std_sum_wrong", "std_sum_right")}
             unc.update({key: read_int(site, u, key, 0) for key in ("n_wrong", "n_right")})
-            for key in ("mean_std_wrong", "mean_std_right"):  # NaN where no voxel of that kind
+            # NaN where no voxel of that kind; auroc: of the std for finding the ensemble's wrong voxels
+            for key, high in (("mean_std_wrong", math.inf), ("mean_std_right", math.inf), ("auroc", 1.0)):
                 value = u.get(key)
-                unc[key] = float("nan") if isinstance(value, float) and math.isnan(value) else read_score(site, u, key, 0.0, math.inf)
+                unc[key] = float("nan") if isinstance(value, float) and math.isnan(value) else read_score(site, u, key, 0.0, high)
             for key in ("mean_std_per_case", "mean_entropy_per_case"):
                 values = u.get(key, [])
                 if not isinstance(values, list) or len(values) > n_cases:
@@ -494,7 +510,7 @@ class FedCrossController(FedSegController):
         models: dict[str, dict] = {"ensemble": {}}
         models.update({f"member {m}": {} for m in range(k)})
         sums = {"std_sum_wrong": 0.0, "n_wrong": 0, "std_sum_right": 0.0, "n_right": 0}
-        per_site_uncertainty = {}
+        per_site_uncertainty, per_site_auroc = {}, {}
         keep = ("dice", "dice_std", "n_cases", "dice_per_case", "hd95")  # hd95 only when the sites compute it
         for site, metrics in sorted(scores.items()):
             if not metrics.get("n_cases"):
@@ -503,12 +519,13 @@ class FedCrossController(FedSegController):
             # per-case and voxel-level uncertainty sit next to the per-case Dice of the ensemble
             models["ensemble"][site] = {key: metrics["ensemble"][key] for key in keep if key in metrics["ensemble"]} | {
                 key: u[key] for key in ("mean_std_per_case", "mean_entropy_per_case", "mean_std_wrong", "mean_std_right",
-                                        "n_wrong", "n_right")} | {"section": metrics["section"]}
+                                        "n_wrong", "n_right")} | {"uncertainty_auroc": u["auroc"], "section": metrics["section"]}
             for m, summary in enumerate(metrics["members"]):
                 models[f"member {m}"][site] = {key: summary[key] for key in keep if key in summary}
             for key in sums:
                 sums[key] += u[key]
             per_site_uncertainty[site] = {"wrong": u["mean_std_wrong"], "right": u["mean_std_right"]}
+            per_site_auroc[site] = u["auroc"]
         results = {
             "method": "fedcross" if k == 1 else "fedcrossens",
             "section": self.final_section,
@@ -516,6 +533,10 @@ class FedCrossController(FedSegController):
             "extra": {
                 "num_models": k,
                 "schedule": self.schedule,
+                "seed": self.seed,
+                "lr_schedule": self.lr_schedule.kind,  # over each model's own visits; "constant" like every other method
+                "lr_base": self.lr_schedule.base_lr,
+                **({"lr_power": self.lr_schedule.power} if self.lr_schedule.kind == "poly" else {}),
                 "num_communications": self.num_communications,
                 "best_communication": best["communication"],
                 "best_val_dice": best["val_dice"],
@@ -524,6 +545,10 @@ class FedCrossController(FedSegController):
                 "uncertainty_mean_std_wrong": sums["std_sum_wrong"] / sums["n_wrong"] if sums["n_wrong"] else float("nan"),
                 "uncertainty_mean_std_right": sums["std_sum_right"] / sums["n_right"] if sums["n_right"] else float("nan"),
                 "uncertainty_per_site": per_site_uncertainty,  # mean std over wrong / right voxels
+                # voxel-level AUROC of the ensemble's std for finding its wrong voxels (0.5: no better than chance;
+                # a single model has no spread: 0.5); the mean is over the sites where both kinds of voxel exist
+                "uncertainty_auroc_per_site": per_site_auroc,
+                "uncertainty_auroc_mean": _finite_mean(per_site_auroc.values()),
                 "model_set": str(self.out / "best.pt"),
                 "history": self.history,
             },

@@ -90,6 +90,7 @@ def cross_validate(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
         fl_ctx,
         f"FedCross {section} at {executor.site}: ensemble dice {metrics['ensemble']['dice']:.4f}, members "
         + ", ".join(f"{s['dice']:.4f}" for s in metrics["members"])
-        + f"; mean std wrong {u['mean_std_wrong']:.4f} vs right {u['mean_std_right']:.4f}",
+        + f"; mean std wrong {u['mean_std_wrong']:.4f} vs right {u['mean_std_right']:.4f}, "
+        f"AUROC of the std for wrong voxels {u['auroc']:.4f}",
     )
     return FLModel(metrics=metrics)

@@ -6,7 +6,9 @@ trains the visit budget with the learning rate of the model's own schedule posit
 weights and optimizer state. The ensemble of K models predicts the mean of their softmax; its uncertainty
 is the per-voxel standard deviation of the class probabilities across the K models (mean over classes,
 which for two classes is the std of the foreground probability) and, as a second map, the predictive
-entropy of the mean softmax.
+entropy of the mean softmax. How well the std flags the ensemble's errors is scored at each site as the
+voxel-level AUROC of the std for "ensemble prediction != label", from fixed-bin histograms (no voxel data
+leaves the site).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from numbers import Real
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -64,7 +66,7 @@ def lr_at(kind: str, base_lr: float, position: float, total: float, power: float
 class LrSchedule:
     """What the server sends with each visit so the site computes the model's rate at every step."""
 
-    kind: str = "poly"
+    kind: str = "constant"
     base_lr: float = 1e-3
     total_visits: int = 1
     power: float = 0.9
@@ -125,13 +127,23 @@ def fingerprint(weights: dict) -> str:
 
 
 # ---- initial models ---------------------------------------------------------------------------------------
+def member_seed(seed: int, m: int) -> int:
+    """Torch seed of member m of a run seeded `seed`: child m of numpy's SeedSequence(seed) (its spawn_key),
+    64 bits. Unlike seed + m, (seed, m) pairs do not collide (run 0's member 1 is not run 1's member 0)."""
+    for name, value in (("seed", seed), ("member", m)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(int(m),))
+    return int(sequence.generate_state(1, np.uint64)[0])
+
+
 def initial_members(network_args: dict, model0: dict, num_models: int, seed: int) -> list[dict]:
-    """Model 0 is the given (persistor's) model; model m > 0 is a fresh network seeded with seed + m."""
+    """Model 0 is the given (persistor's) model; model m > 0 is a fresh network seeded with member_seed(seed, m)."""
     members = [dict(model0)]
     state = torch.random.get_rng_state()
     try:
         for m in range(1, num_models):
-            torch.manual_seed(int(seed) + m)
+            torch.manual_seed(member_seed(seed, m))
             members.append(state_to_numpy(SegNetwork(**network_args)))
     finally:
         torch.random.set_rng_state(state)
@@ -162,6 +174,35 @@ def segment(mean_probs: torch.Tensor, threshold: float | None = None) -> torch.T
     return torch.where(fg_prob > float(threshold), fg_class + 1, torch.zeros_like(fg_class))
 
 
+# ---- uncertainty quality: does the ensemble's std flag its errors? --------------------------------------------
+STD_BINS = 1000  # fixed-bin histograms of the per-voxel std on [0, STD_MAX]
+STD_MAX = 0.5  # the population std of values in [0, 1] is at most 0.5 (larger values fall in the last bin)
+
+
+def std_histogram(values, bins: int = STD_BINS, top: float = STD_MAX) -> np.ndarray:
+    """Counts of `values` in `bins` equal bins on [0, top]; values outside are clipped into the end bins."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    index = np.clip(np.floor(values / top * bins), 0, bins - 1).astype(np.int64)
+    return np.bincount(index, minlength=bins).astype(np.int64)
+
+
+def auroc_from_histograms(positive, negative) -> float:
+    """AUROC of a score for telling positives (here: wrongly segmented voxels) from negatives (right ones),
+    from the two histograms of the score over the same bins: P(score_pos > score_neg) + P(equal) / 2, where
+    two values in the same bin count as equal. Exact for scores that are constant within a bin, otherwise
+    exact up to the binning. NaN when either class is empty."""
+    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    if pos.shape != neg.shape or pos.ndim != 1:
+        raise ValueError(f"histograms must be 1-D and of the same length, got {pos.shape} and {neg.shape}")
+    if (pos < 0).any() or (neg < 0).any():
+        raise ValueError("histogram counts must be >= 0")
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    neg_below = np.cumsum(neg) - neg  # negatives in lower bins
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
 @dataclass
 class EnsembleScores:
     """Scores of an ensemble and its members on one section, and its uncertainty on right vs wrong voxels."""
@@ -174,9 +215,14 @@ class EnsembleScores:
     n_wrong: int = 0
     std_sum_right: float = 0.0
     n_right: int = 0
+    hist_wrong: np.ndarray = field(default_factory=lambda: np.zeros(STD_BINS, np.int64))
+    hist_right: np.ndarray = field(default_factory=lambda: np.zeros(STD_BINS, np.int64))
 
     def uncertainty(self) -> dict:
+        """Summaries only (no voxel data): mean std on wrong / right voxels, per-case means, and the voxel-level
+        AUROC of the std for finding the wrong voxels (from the fixed-bin histograms, which stay at the site)."""
         return {
+            "auroc": auroc_from_histograms(self.hist_wrong, self.hist_right),
             "std_sum_wrong": self.std_sum_wrong,
             "n_wrong": self.n_wrong,
             "std_sum_right": self.std_sum_right,
@@ -212,6 +258,8 @@ def score_ensemble(engine: SegEngine, nets: Sequence[torch.nn.Module], section: 
         scores.n_wrong += int(wrong.sum())
         scores.std_sum_right += float(voxel_std[~wrong].double().sum())
         scores.n_right += int((~wrong).sum())
+        scores.hist_wrong += std_histogram(voxel_std[wrong].cpu().numpy())
+        scores.hist_right += std_histogram(voxel_std[~wrong].cpu().numpy())
         scores.mean_std_per_case.append(float(voxel_std.mean()))
         scores.mean_entropy_per_case.append(float(entropy.mean()))
         return mean
