@@ -85,10 +85,11 @@ def eval_transforms(keys: Sequence[str] = ("image", "label")) -> Compose:
 
 @dataclass
 class TrainStats:
-    steps: int
-    mean_loss: float
+    steps: int  # optimizer steps applied (under AMP, steps skipped for inf/NaN gradients are not counted)
+    mean_loss: float  # over the applied steps
     seconds: float
     images: int
+    skipped: int = 0  # AMP steps skipped by the GradScaler (inf/NaN gradients), retried with the next batch
 
     def as_metrics(self, prefix: str = "train_") -> dict[str, float]:
         return {f"{prefix}loss": self.mean_loss, f"{prefix}steps": float(self.steps)}
@@ -164,6 +165,9 @@ class SegEngine:
         self._train_iter: Iterator[dict] | None = None
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.use_amp = bool(cfg.amp) and self.device.type == "cuda"
+        # one loss scaler per engine: its scale (and growth tracker) carries over from one train() call to the next,
+        # instead of starting again at 2**16 and paying the skipped steps that find the scale every round
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
 
     # ---- data ---------------------------------------------------------------------------------------
     def cases(self, section: str) -> list[dict]:
@@ -236,10 +240,13 @@ class SegEngine:
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, float], None] | None = None,
     ) -> TrainStats:
-        """Train `net` in place for `num_steps` optimizer steps.
+        """Train `net` in place for `num_steps` applied optimizer steps.
 
         prox_mu > 0 adds FedProx's proximal term towards the weights `net` had on entry (NVFlare's
         PTFedProxLoss). lr_at_step(i) sets the learning rate before step i (schedules that travel with a model).
+        Under AMP the engine's GradScaler skips a step whose gradients are inf/NaN (and lowers its scale): that
+        step is not counted and the next batch is tried, up to 2 * num_steps batches in all (then a warning and
+        fewer steps; TrainStats.steps says how many were applied, TrainStats.skipped how many were skipped).
         """
         optimizer = optimizer or self.new_optimizer(net)
         prox_loss, reference = None, None
@@ -250,16 +257,21 @@ class SegEngine:
             reference = copy.deepcopy(net).eval()
             for p in reference.parameters():
                 p.requires_grad_(False)
-        scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        scaler = self.scaler
         batches = self._train_batches()
         net.train()
-        start, total_loss, images, done = time.perf_counter(), 0.0, 0, 0
-        for step in range(num_steps):
+        start, total_loss, images, done, skipped = time.perf_counter(), 0.0, 0, 0, 0
+        max_batches = 2 * num_steps
+        while done < num_steps:
             if should_stop is not None and should_stop():
+                break
+            if done + skipped >= max_batches:
+                log.warning(f"[site {self.site}] AMP skipped {skipped} of {done + skipped} steps (inf/NaN gradients); "
+                            f"stopping at {done} of {num_steps} applied steps (at most {max_batches} batches)")
                 break
             if lr_at_step is not None:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at_step(step)
+                    group["lr"] = lr_at_step(done)
             batch = next(batches)
             image = batch["image"].to(self.device, non_blocking=True)
             label = batch["label"].to(self.device, non_blocking=True)
@@ -269,19 +281,22 @@ class SegEngine:
             if prox_loss is not None:
                 loss = loss + prox_loss(net, reference)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skips optimizer.step() when the unscaled gradients hold inf/NaN
+            scaler.update()  # ... and then lowers the scale: that is how a skipped step shows
             value = float(loss.detach())
+            if scaler.is_enabled() and scaler.get_scale() < scale:
+                skipped += 1
+                continue
             if not math.isfinite(value):
-                raise FloatingPointError(f"[site {self.site}] training loss became {value} at step {step}")
+                raise FloatingPointError(f"[site {self.site}] training loss became {value} at step {done}")
             total_loss += value
             images += image.shape[0]
             done += 1
             if on_step is not None:
-                on_step(step, value)
-        return TrainStats(
-            steps=done, mean_loss=total_loss / max(done, 1), seconds=time.perf_counter() - start, images=images
-        )
+                on_step(done - 1, value)
+        return TrainStats(steps=done, mean_loss=total_loss / max(done, 1), seconds=time.perf_counter() - start,
+                          images=images, skipped=skipped)
 
     # ---- inference / evaluation ---------------------------------------------------------------------
     @torch.no_grad()
