@@ -124,7 +124,7 @@ def test_stock_cyclic_visits_every_site_in_order_from_the_given_checkpoint(stock
     # the model moved on from site to site: the next site received a trained model, not the checkpoint
     assert extra["history"][1]["val_dice"] != pytest.approx(init_val["site-2"], abs=1e-5)
     assert extra["curve"][-1] == pytest.approx([1.0, sum(extra["final_validation_dice"].values()) / 3])
-    assert json.loads((stock_runs["root"] / "cyclic" / "fedseg_results.json").read_text())["models"] == res["models"]
+    assert json.loads((stock_runs["root"] / "cyclic" / "nvflare_cyclic" / "fedseg_results.json").read_text())["models"] == res["models"]
     assert _survivors(stock_runs["root"] / "cyclic") == []
 
 

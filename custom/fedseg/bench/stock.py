@@ -282,18 +282,19 @@ def run_stock(method: str, data_dir, sites: list[str], engine_settings: dict, in
               timeout: float = 7200, task_assignment_timeout: int = DEFAULT_TASK_ASSIGNMENT_TIMEOUT,
               task_request_interval: float | None = DEFAULT_TASK_REQUEST_INTERVAL, with_hd95: bool = False) -> dict:
     """Run NVFlare's stock `method` ("nvflare_cyclic" | "nvflare_fedavg") and return its fedseg_results.json record
-    (also written to out_dir/fedseg_results.json). Raises StockRunError when the job failed or a visit is missing.
+    (also written to out_dir/<method>/fedseg_results.json). Raises StockRunError when the job failed or a visit is missing.
 
     data_dir: folder with <site>/datalist.json. sites: the site names (Cyclic's order). engine_settings: the
     benchmark's engine (fedseg.jobgen defaults filled in; "seed" is set to `seed`). init_ckpt: the seeded initial
     network ({"model": state_dict}). rounds: Cyclic rounds (each visits every site once) or FedAvg rounds.
-    local_steps_per_site: optimizer steps per visit / round at each site. out_dir: this run's folder (the SimEnv
-    workspace is out_dir/sim/<method>, emptied first)."""
+    local_steps_per_site: optimizer steps per visit / round at each site. out_dir: where the run's folder
+    out_dir/<method>/ is made (emptied first): fedseg_results.json, the SimEnv workspace sim/<method>/, the spec,
+    the sites' config and the child's output <method>.simenv.out."""
     from fedseg.jobgen import resolve_engine
 
     plan = plan_visits(method, list(sites), rounds)
     steps = check_steps(list(sites), local_steps_per_site)
-    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
+    data_dir, run_dir = Path(data_dir).resolve(), Path(out_dir).resolve() / method
     init_ckpt = Path(init_ckpt).resolve()
     if not init_ckpt.is_file():
         raise FileNotFoundError(f"{method}: initial checkpoint {init_ckpt} not found")
@@ -301,24 +302,24 @@ def run_stock(method: str, data_dir, sites: list[str], engine_settings: dict, in
     from fedseg.engine import EngineConfig
 
     network_args = EngineConfig.from_dict(engine).network_args()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if re.search(r"\s", str(out_dir)):
-        raise ValueError(f"{method}: out_dir {out_dir} contains white space (it is passed in the script's arguments)")
-    workspace_root = out_dir / "sim"
+    if re.search(r"\s", str(run_dir)):
+        raise ValueError(f"{method}: out_dir {run_dir.parent} contains white space (it is passed in the script's arguments)")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    workspace_root = run_dir / "sim"
     workspace = workspace_root / method
-    shutil.rmtree(workspace, ignore_errors=True)
-    client_config = out_dir / "stock_client_config.json"
+    client_config = run_dir / "stock_client_config.json"
     client_config.write_text(json.dumps({"engine": engine, "local_steps": steps}, indent=2))
     spec = {"method": method, "sites": list(sites), "rounds": int(rounds), "network_args": network_args,
             "init_ckpt": str(init_ckpt), "client_config": str(client_config), "workspace_root": str(workspace_root),
             "task_assignment_timeout": int(task_assignment_timeout), "task_request_interval": task_request_interval}
-    spec_file = out_dir / "stock_spec.json"
+    spec_file = run_dir / "stock_spec.json"
     spec_file.write_text(json.dumps(spec, indent=2))
 
     log(f"{method}: NVFlare stock recipe in SimEnv, {len(sites)} sites x {rounds} rounds, "
         f"steps per visit {steps} ({len(plan)} visits) ...")
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rc, seconds, left, n_procs = _simulate(spec_file, data_dir, out_dir / f"{method}.simenv.out", timeout)
+    rc, seconds, left, n_procs = _simulate(spec_file, data_dir, run_dir / f"{method}.simenv.out", timeout)
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     server_log = workspace / "server" / "log.txt"
     logged = server_visits(server_log.read_text(errors="replace")) if server_log.exists() else []
@@ -331,7 +332,7 @@ def run_stock(method: str, data_dir, sites: list[str], engine_settings: dict, in
     if not last_file.exists():
         problems.append(f"no final model {last_file}")
     if problems:
-        out_tail = (out_dir / f"{method}.simenv.out").read_text(errors="replace")[-3000:]
+        out_tail = (run_dir / f"{method}.simenv.out").read_text(errors="replace")[-3000:]
         raise StockRunError(f"{method}: " + "; ".join(problems) + f"\nworkspace {workspace}\n"
                             f"error logs:\n{_errors(workspace) or '(none)'}\nchild output tail:\n{out_tail}")
     log(f"{method}: {len(logged)} visits done in {seconds:.0f}s; scoring the final model on every site's test cases")
@@ -363,18 +364,19 @@ def run_stock(method: str, data_dir, sites: list[str], engine_settings: dict, in
         "local_steps_per_site": steps,
         "local_optimizer": "fresh Adam every visit/round, constant LR",
         "visits": len(trained),
-        "seg_steps": int(sum(r.get("steps") or 0 for r in trained)),
+        "seg_steps": int(sum(r.get("steps") or 0 for r in trained)),  # applied (AMP may skip a few)
+        "planned_seg_steps": int(sum(steps[s] for _, s in plan)),
         "wall_seconds": round(seconds, 2),
         "cpu_seconds": round((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 2),
         "final_validation_dice": final_val,
         "curve": curve,
-        "history": [{k: r.get(k) for k in ("round", "site", "val_dice", "steps", "train_loss", "seconds")} for r in trained],
+        "history": [{k: r.get(k) for k in ("round", "site", "val_dice", "steps", "skipped", "train_loss", "seconds")} for r in trained],
         "init_ckpt": str(init_ckpt),
         "seed": int(seed),
         "workspace": str(workspace),
     }
     results = {"method": method, "section": "testing", "models": scored, "extra": extra}
-    (out_dir / "fedseg_results.json").write_text(json.dumps(results, indent=2))
+    (run_dir / "fedseg_results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
