@@ -47,8 +47,10 @@ def _score(engine: SegEngine, net, section: str, with_hd95: bool) -> dict:
     return scores
 
 
-def run_local(engines: dict[str, SegEngine], rounds: int, section: str = "testing", with_hd95: bool = False, log=print) -> dict:
-    """Each site trains alone for its federated share of the budget; scored on its own and every other site."""
+def run_local(engines: dict[str, SegEngine], rounds: int, section: str = "testing", with_hd95: bool = False, log=print,
+              cross_site: bool = True) -> dict:
+    """Each site trains alone for its federated share of the budget; scored on its own site and, with
+    cross_site, on every other site (the site-shift matrix)."""
     matrix: dict[str, dict] = {}
     own: dict[str, dict] = {}
     steps_total = 0
@@ -58,7 +60,8 @@ def run_local(engines: dict[str, SegEngine], rounds: int, section: str = "testin
         stats = engine.train(net, steps)
         steps_total += stats.steps
         log(f"[local] {site}: {stats.steps} steps, loss {stats.mean_loss:.4f}, {stats.seconds:.1f}s")
-        matrix[site] = {other: _score(e, net, section, with_hd95) for other, e in engines.items()}
+        others = engines if cross_site else {site: engine}
+        matrix[site] = {other: _score(e, net, section, with_hd95) for other, e in others.items()}
         own[site] = matrix[site][site]
     shift = {
         train_site: {test_site: round(v["dice"], 4) for test_site, v in row.items()} for train_site, row in matrix.items()
