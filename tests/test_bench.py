@@ -17,12 +17,18 @@ from conftest import CUSTOM, REPO
 from fedseg.algorithms.schedules import assign
 from fedseg.bench.budget import (
     BASELINES,
+    FEDSM_ABLATION_LAMBDAS,
     FL_METHODS,
     METHODS,
+    PAPER_DIFFERS,
+    STOCK,
     Budget,
     check_equal_budget,
     plan_method,
     plan_methods,
+    plan_paper,
+    plan_run,
+    run_specs,
     steps_per_epoch,
 )
 
@@ -37,7 +43,7 @@ def test_steps_per_epoch_matches_the_engine_rule():
 SITE_STEPS = {"site-1": 6, "site-2": 4, "site-3": 8, "site-4": 3}
 
 
-@pytest.mark.parametrize("rounds,epochs", [(3, 2), (4, 2), (10, 2), (6, 4)])
+@pytest.mark.parametrize("rounds,epochs", [(3, 4), (4, 2), (10, 2), (6, 4)])
 def test_every_method_gets_the_same_budget(rounds, epochs):
     budget = Budget(rounds, epochs, SITE_STEPS)
     assert budget.total_steps == rounds * epochs * sum(SITE_STEPS.values())
@@ -59,16 +65,28 @@ def _steps_from_schedule(plan, budget: Budget, kind: str, k: int) -> dict[str, i
     return steps
 
 
-@pytest.mark.parametrize("rounds,epochs,visit", [(3, 2, None), (4, 2, 4), (2, 3, 6), (5, 1, None)])
+@pytest.mark.parametrize("rounds,epochs,visit", [(3, 2, None), (4, 2, 4), (2, 3, 6), (5, 1, None), (4, 2, None),
+                                                 (6, 4, None), (2, 2, None), (4, 4, 2), (10, 2, None)])
 def test_fedcross_budget_holds_on_the_real_schedule(rounds, epochs, visit):
     budget = Budget(rounds, epochs, SITE_STEPS)
     n = budget.n_sites
     cross = plan_method("fedcross", budget, fedcross_visit_epochs=visit)
     assert cross.communications * cross.visit_epochs == n * rounds * epochs  # N x the communications of FedCrossEns
     assert _steps_from_schedule(cross, budget, "cyclic", 1) == {s: budget.site_steps(s) for s in budget.sites}
+    site_epochs = rounds * epochs
+    if site_epochs % n or (visit and (site_epochs // visit) % n):  # no split into whole Latin blocks: refused
+        with pytest.raises(ValueError, match="Latin blocks"):
+            plan_method("fedcrossens", budget, fedcrossens_visit_epochs=visit)
+        return
     ens = plan_method("fedcrossens", budget, fedcrossens_visit_epochs=visit)
-    assert ens.num_models == n and ens.communications * ens.visit_epochs == rounds * epochs
-    assert sum(_steps_from_schedule(ens, budget, "latin", n).values()) == budget.total_steps
+    assert ens.num_models == n and ens.communications * ens.visit_epochs == site_epochs
+    assert ens.communications % n == 0 and (visit is None or ens.visit_epochs == visit)
+    assert visit is not None or ens.visit_epochs <= epochs  # by default no visit longer than FedAvg's local round
+    # on the real Latin schedule every site trains exactly its budget and every member visits every site equally
+    assert _steps_from_schedule(ens, budget, "latin", n) == {s: budget.site_steps(s) for s in budget.sites}
+    sched = [assign("latin", budget.sites, n, c, seed=3) for c in range(ens.communications)]
+    for m in range(n):
+        assert sorted(row[m] for row in sched) == sorted(budget.sites * (ens.communications // n))
 
 
 def test_fedsm_policies_and_extra_cost():
@@ -91,6 +109,10 @@ def test_budgets_that_cannot_split_are_refused():
         plan_method("fedsm", Budget(3, 2, SITE_STEPS), fedsm_policy="rounds")  # R odd
     with pytest.raises(ValueError, match="does not divide"):
         plan_method("fedcross", Budget(3, 2, SITE_STEPS), fedcross_visit_epochs=4)
+    with pytest.raises(ValueError, match="R=3 rounds x E=2 epochs: 6 epochs per site cannot be split into whole Latin blocks of 4"):
+        plan_method("fedcrossens", Budget(3, 2, SITE_STEPS))  # 4 sites
+    with pytest.raises(ValueError, match="Latin blocks"):
+        plan_method("fedcrossens", Budget(4, 2, SITE_STEPS), fedcrossens_visit_epochs=4)  # 2 communications at 4 sites
     with pytest.raises(ValueError):
         plan_method("scaffold", Budget(3, 2, SITE_STEPS))
     with pytest.raises(ValueError):
@@ -101,7 +123,56 @@ def test_extra_costs_are_stated():
     plans = plan_methods(METHODS, Budget(2, 2, SITE_STEPS))
     assert "ensemble" in plans["fedcrossens"].extra_cost and "validation" in plans["fedcross"].extra_cost
     assert plans["fedavg"].model_downloads_per_site == 2 and plans["fedcross"].model_downloads_per_site == 2
-    assert plans["fedcrossens"].model_downloads_per_site == 2
+    assert plans["fedcrossens"].model_downloads_per_site == 4  # 2 x 2 epochs per site: 4 one-epoch visits (one Latin block)
+
+
+# ---- the papers' own protocols (pure) ------------------------------------------------------------------------
+@pytest.mark.parametrize("rounds,epochs", [(4, 2), (8, 2), (12, 4), (3, 2)])
+def test_paper_protocol_plans_are_what_the_papers_do(rounds, epochs):
+    budget = Budget(rounds, epochs, SITE_STEPS)
+    b, n = budget.total_steps, budget.n_sites
+    for m in ("fedsm", "softpull"):  # every network trains the full E epochs per round for R rounds: 2B
+        p = plan_paper(m, budget)
+        assert (p.rounds, p.local_epochs, p.networks_per_site_round) == (rounds, epochs, 2), m
+        assert p.seg_steps_total == 2 * b and p.budget_multiple == 2.0 and not p.within_budget and p.protocol == "paper"
+        assert p.seg_steps_per_site == {s: 2 * budget.site_steps(s) for s in budget.sites}
+        equal = plan_method(m, budget)  # equal steps: half the epochs per network
+        assert (equal.rounds, 2 * equal.local_epochs, equal.seg_steps_total) == (rounds, epochs, b)
+    # FedCrossEns: every member gets the full schedule of a single FedCross model: N*B in all, in whole Latin blocks
+    ens, cross = plan_paper("fedcrossens", budget), plan_method("fedcross", budget)
+    assert (ens.communications, ens.visit_epochs) == (cross.communications, cross.visit_epochs)
+    assert ens.communications % n == 0  # also where R*E cannot be split into Latin blocks of the equal-steps plan
+    assert ens.num_models == n and ens.seg_steps_total == n * b and ens.budget_multiple == n and ens.protocol == "paper"
+    # replayed on the real Latin schedule: every member visits every site as often as FedCross's single model does,
+    # so every member trains exactly B steps (FedCross's whole budget)
+    member_steps = [0] * n
+    for c in range(ens.communications):
+        for m, site in enumerate(assign("latin", budget.sites, n, c, seed=5)):
+            member_steps[m] += ens.visit_epochs * budget.site_steps_per_epoch[site]
+    assert member_steps == [b] * n
+    for m in ("local", "centralized", "fedavg", "fedprox", "fedcross"):  # their own protocol is the equal-steps plan
+        paper, equal = plan_paper(m, budget).as_dict(), plan_method(m, budget).as_dict()
+        assert {**paper, "protocol": "equal"} == equal, m
+
+
+def test_run_specs_cover_both_protocols_the_ablation_and_the_peers():
+    specs = {s.key: s for s in run_specs(METHODS, fedsm_ablation=True, optimizer_variants=("keep",), stock=STOCK)}
+    assert set(METHODS) <= set(specs) and all(specs[m].protocol == "equal" for m in METHODS)
+    assert {f"{m}-paper" for m in PAPER_DIFFERS} <= set(specs)
+    lams = sorted(s.options["lam"] for s in specs.values() if s.group == "ablation")
+    assert lams == sorted(FEDSM_ABLATION_LAMBDAS) == [0.5, 0.9, 1.0]  # with the default 0.7 (fedsm-paper): all four
+    assert all(s.method == "fedsm" and s.protocol == "paper" for s in specs.values() if s.group == "ablation")
+    assert specs["fedavg-opt-keep"].options == {"local_optimizer": "keep"} and "fedprox-opt-keep" in specs
+    assert all(specs[m].group == "stock" for m in STOCK)
+    budget = Budget(4, 2, SITE_STEPS)
+    assert plan_run(specs["nvflare_cyclic"], budget).communications == plan_method("fedcross", budget).communications
+    assert plan_run(specs["nvflare_fedavg"], budget).rounds == 4
+    assert plan_run(specs["fedcrossens-paper"], budget).seg_steps_total == budget.n_sites * budget.total_steps
+    only_paper = {s.key for s in run_specs(METHODS, protocols=("paper",))}
+    assert only_paper == {"local", "centralized", "fedavg", "fedprox", "fedcross", "fedsm-paper", "softpull-paper",
+                          "fedcrossens-paper"}
+    with pytest.raises(ValueError, match="unknown protocol"):
+        run_specs(METHODS, protocols=("fast",))
 
 
 # ---- meter wiring ----------------------------------------------------------------------------------------------

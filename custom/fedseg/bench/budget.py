@@ -21,12 +21,26 @@ Every method gets exactly B (the batch size, network, optimizer and data are the
                 N times the communications: C = N * R * E / v communications of v epochs (default v = E,
                 C = N * R); each site hosts the model C / N times.                          (sum: B)
   FedCrossEns   K = N models, every site trains one of them per communication:
-                C = R * E / v communications of v epochs (default v = E, C = R).            (sum: B)
+                C = R * E / v communications of v epochs (default: the longest v <= E that makes
+                C a multiple of N, e.g. v = E, C = R when N divides R).                    (sum: B)
                 Each member sees about B / N steps; the ensemble costs K forward passes per prediction and
                 K models of validation traffic per communication: reported as extra cost.
 
 Budget violations (an E or R that cannot be split) raise ValueError instead of silently giving a method
-more or less work.
+more or less work. FedCrossEns's Latin schedule needs whole blocks: C must be a multiple of N.
+
+Two protocols (every report shows both, side by side):
+  "equal"  equal steps: the plans above, every method gets B.
+  "paper"  each paper's own protocol, with its extra compute reported next to its Dice:
+             FedSM / SoftPull  every network trains the full E epochs per round for R rounds (2B in all)
+             FedCrossEns       every member gets the full schedule of a single FedCross model:
+                               C = N * R * E / v communications (N times the equal-steps plan; N*B in all)
+           Every other method's own protocol IS the equal-steps plan (one run serves both tables).
+
+A benchmark cell runs RunSpecs (run_specs): a method under a protocol with optional controller settings
+(e.g. the FedSM ablation's SoftPull lambda, FedAvg's local optimizer state), each with its own key.
+NVFlare's stock workflows ("nvflare_cyclic", "nvflare_fedavg": CyclicRecipe / FedAvgRecipe through a
+Client API script, fedseg.bench.stock) get FedCross's and FedAvg's plans.
 """
 
 from __future__ import annotations
@@ -34,10 +48,18 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from fedseg.algorithms.schedules import plan_latin
+
 METHODS = ("local", "centralized", "fedavg", "fedprox", "fedsm", "softpull", "fedcross", "fedcrossens")
 FL_METHODS = ("fedavg", "fedprox", "fedsm", "softpull", "fedcross", "fedcrossens")
 BASELINES = ("local", "centralized")
 FEDSM_POLICIES = ("epochs", "rounds", "extra")
+PROTOCOLS = ("equal", "paper")
+PROTOCOL_NAMES = {"equal": "equal steps (every method B)", "paper": "each paper's own protocol"}
+PAPER_DIFFERS = ("fedsm", "softpull", "fedcrossens")  # methods whose own protocol is not the equal-steps plan
+STOCK = ("nvflare_cyclic", "nvflare_fedavg")  # NVFlare's own workflows as peers (fedseg.bench.stock)
+STOCK_PLAN = {"nvflare_cyclic": "fedcross", "nvflare_fedavg": "fedavg"}  # the FedSeg method whose plan a peer gets
+FEDSM_ABLATION_LAMBDAS = (0.5, 0.9, 1.0)  # with the default 0.7 (the paper-protocol FedSM run): {0.5, 0.7, 0.9, 1.0}
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -99,9 +121,16 @@ class MethodPlan:
     model_downloads_per_site: float = 0.0  # training-task model transfers server -> site, per site (planned)
     extra_cost: dict = field(default_factory=dict)  # name -> description of work beyond the budget
     within_budget: bool = True
+    protocol: str = "equal"
+    budget_steps: int = 0  # B of the cell (0: unknown)
+
+    @property
+    def budget_multiple(self) -> float:
+        """Planned segmentation steps / B (1 = equal steps; 2 for FedSM's own protocol ...)."""
+        return self.seg_steps_total / self.budget_steps if self.budget_steps else float("nan")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "budget_multiple": self.budget_multiple}
 
 
 def _divides(name: str, total: int, part: int) -> int:
@@ -113,6 +142,13 @@ def _divides(name: str, total: int, part: int) -> int:
 def plan_method(method: str, budget: Budget, fedsm_policy: str = "epochs", fedcross_visit_epochs: int | None = None,
                 fedcrossens_visit_epochs: int | None = None) -> MethodPlan:
     """The configuration that gives `method` the budget B (see the module docstring)."""
+    plan = _plan_method(method, budget, fedsm_policy, fedcross_visit_epochs, fedcrossens_visit_epochs)
+    plan.budget_steps = budget.total_steps
+    return plan
+
+
+def _plan_method(method: str, budget: Budget, fedsm_policy: str, fedcross_visit_epochs: int | None,
+                 fedcrossens_visit_epochs: int | None) -> MethodPlan:
     r, e, n = budget.rounds, budget.epochs, budget.n_sites
     per_site = {s: budget.site_steps(s) for s in budget.sites}
     if method == "local":
@@ -154,8 +190,15 @@ def plan_method(method: str, budget: Budget, fedsm_policy: str = "epochs", fedcr
                           extra_cost={"sequential": f"one site trains per communication: {c} communications in sequence",
                                       "validation": "the model is scored on every site's validation cases after every communication"})
     if method == "fedcrossens":
-        v = fedcrossens_visit_epochs or e
-        c = _divides(f"fedcrossens: visit of {v} epochs", r * e, v)
+        if fedcrossens_visit_epochs:
+            v = fedcrossens_visit_epochs
+            c = _divides(f"fedcrossens: visit of {v} epochs", r * e, v)
+            _latin_blocks(c, n)
+        else:  # the longest visit of at most E epochs that splits the R*E epochs per site into whole Latin blocks
+            try:
+                c, v = plan_latin(r * e, n, e)
+            except ValueError as err:
+                raise ValueError(f"fedcrossens: R={r} rounds x E={e} epochs: {err}") from None
         steps = {s: c * v * budget.site_steps_per_epoch[s] for s in budget.sites}
         return MethodPlan(method, sum(steps.values()), steps, communications=c, visit_epochs=v, num_models=n,
                           model_downloads_per_site=float(c),
@@ -165,8 +208,99 @@ def plan_method(method: str, budget: Budget, fedsm_policy: str = "epochs", fedcr
     raise ValueError(f"unknown method {method!r}; known: {METHODS}")
 
 
+def _latin_blocks(communications: int, n_sites: int) -> None:
+    if n_sites > 1 and communications % n_sites:
+        raise ValueError(f"fedcrossens: {communications} communications is not a whole number of Latin blocks of "
+                         f"{n_sites} sites (every member visits every site once per block); choose R*E/v a multiple of {n_sites}")
+
+
+def plan_paper(method: str, budget: Budget, fedcross_visit_epochs: int | None = None,
+               fedcrossens_visit_epochs: int | None = None, **_ignored) -> MethodPlan:
+    """The method's own paper protocol (see the module docstring); its extra compute is in seg_steps_total."""
+    r, e, n = budget.rounds, budget.epochs, budget.n_sites
+    if method in ("fedsm", "softpull"):
+        plan = plan_method(method, budget, fedsm_policy="extra")
+        plan.extra_cost["protocol"] = f"FedSM paper: each of its 2 networks trains the full E={e} epochs per round (2B)"
+    elif method == "fedcrossens":
+        v = fedcrossens_visit_epochs or e
+        c = n * _divides(f"fedcrossens: visit of {v} epochs", r * e, v)
+        steps = {s: c * v * budget.site_steps_per_epoch[s] for s in budget.sites}
+        plan = MethodPlan(method, sum(steps.values()), steps, communications=c, visit_epochs=v, num_models=n,
+                          model_downloads_per_site=float(c), within_budget=False,
+                          extra_cost={"ensemble": f"{n} members: {n} forward passes per prediction",
+                                      "validation": f"all {n} models scored on every site after every communication",
+                                      "protocol": f"FedCrossEns paper: every member the full schedule of one FedCross model "
+                                                  f"({c} communications; {n}B in all)"})
+    else:
+        plan = plan_method(method, budget, fedcross_visit_epochs=fedcross_visit_epochs)
+    plan.protocol = "paper"
+    plan.budget_steps = budget.total_steps
+    plan.within_budget = plan.seg_steps_total == budget.total_steps
+    return plan
+
+
 def plan_methods(methods, budget: Budget, **options) -> dict[str, MethodPlan]:
     return {m: plan_method(m, budget, **options) for m in methods}
+
+
+@dataclass
+class RunSpec:
+    """One run of a benchmark cell: `method` under `protocol`, with controller `options` (overrides of the
+    method's workflow arguments). key: unique in the cell (its results' name); group: "main", "ablation"
+    (the FedSM ablation), "optimizer" (local optimizer state measurement) or "stock" (NVFlare's own
+    workflows)."""
+
+    key: str
+    method: str
+    protocol: str = "equal"
+    options: dict = field(default_factory=dict)
+    group: str = "main"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_specs(methods, protocols=PROTOCOLS, fedsm_ablation: bool = False, optimizer_variants: tuple = (),
+              stock=()) -> list[RunSpec]:
+    """The runs of one cell. Every method once under the equal-steps plan (its key is the method); with the
+    "paper" protocol also FedSM / SoftPull / FedCrossEns under their papers' protocols ("<method>-paper").
+    fedsm_ablation: FedSM at the paper budget with SoftPull lambda in FEDSM_ABLATION_LAMBDAS ("fedsm-paper-lam50"
+    ...; lambda 0.7 is "fedsm-paper", half the budget per network is "fedsm"). optimizer_variants: FedAvg and
+    FedProx again with local_optimizer set to each of these ("fedavg-opt-keep" ...). stock: NVFlare peers."""
+    for p in protocols:
+        if p not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {p!r}; known: {PROTOCOLS}")
+    unknown = [m for m in [*methods, *stock] if m not in METHODS + STOCK]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {METHODS + STOCK}")
+    specs = [RunSpec(m, m) for m in methods if m in METHODS]
+    if "paper" in protocols:
+        specs += [RunSpec(f"{m}-paper", m, "paper") for m in methods if m in PAPER_DIFFERS]
+    if fedsm_ablation and "fedsm" in methods:
+        specs += [RunSpec(f"fedsm-paper-lam{round(100 * lam)}", "fedsm", "paper", {"lam": lam}, "ablation")
+                  for lam in FEDSM_ABLATION_LAMBDAS]
+    for value in optimizer_variants:
+        specs += [RunSpec(f"{m}-opt-{value}", m, "equal", {"local_optimizer": value}, "optimizer")
+                  for m in ("fedavg", "fedprox") if m in methods]
+    specs += [RunSpec(m, m, "equal", group="stock") for m in stock]
+    if "equal" not in protocols:  # only the paper protocol: the shared runs stay, the equal-only ones go
+        specs = [s for s in specs if s.protocol == "paper" or s.method not in PAPER_DIFFERS]
+    keys = [s.key for s in specs]
+    assert len(keys) == len(set(keys)), keys
+    return specs
+
+
+def plan_run(spec: RunSpec, budget: Budget, **options) -> MethodPlan:
+    """The plan of one run: its protocol's plan of its method (a stock peer: the plan of its FedSeg twin)."""
+    method = STOCK_PLAN.get(spec.method, spec.method)
+    plan = plan_paper(method, budget, **options) if spec.protocol == "paper" else plan_method(method, budget, **options)
+    plan.method = spec.method
+    plan.budget_steps = budget.total_steps
+    return plan
+
+
+def plan_runs(specs: list[RunSpec], budget: Budget, **options) -> dict[str, MethodPlan]:
+    return {s.key: plan_run(s, budget, **options) for s in specs}
 
 
 def check_equal_budget(plans: dict[str, MethodPlan], budget: Budget) -> list[str]:
