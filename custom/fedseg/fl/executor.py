@@ -213,6 +213,8 @@ class SegExecutor(Executor):
         if local_optimizer not in LOCAL_OPTIMIZER:
             raise ValueError(f"task meta 'local_optimizer' must be one of {LOCAL_OPTIMIZER}, got {local_optimizer!r}")
         optimizer = self.engine.new_optimizer(net)
+        if not rnd:  # round 0 begins a new training run (e.g. the next run of a benchmark job): nothing carries over
+            self.state.pop("train_optimizer", None)
         if local_optimizer == "keep" and self.state.get("train_optimizer"):
             # this site's own Adam moments from its previous round (they never leave the site)
             load_optimizer_state(optimizer, net, self.state["train_optimizer"])
