@@ -9,8 +9,10 @@ The steps, also available one by one (they share the POC root folder, default wo
 
     prepare   provision server, sites hospital-a.. and admin users (nvflare poc prepare -i project.yml);
               bind the server to localhost; install the fedseg package in every site's and the server's
-              local/custom/ and allow its classes (class_allow_list); generate the built-in dataset and
-              give every site its own folder through local/fedseg_site.json; GPUs if there are any
+              local/custom/, allow its classes (class_allow_list, exact class paths) and install FedSeg's
+              authorization policy (poc/authorization.json: nobody may run code a job brings, leads manage
+              their own jobs, members only view); generate the built-in dataset and give every site its own
+              folder through local/fedseg_site.json; GPUs if there are any
     start     start server and sites (nvflare poc start), check every listening socket is on localhost
     submit    stage the job, submit it as --user through the FLARE API, the `nvflare job` CLI or the
               admin console (fl_admin.sh: submit_job), wait, download, print the per-site Dice table
@@ -18,7 +20,9 @@ The steps, also available one by one (they share the POC root folder, default wo
     status    processes and listening sockets of this POC
 
 Everything the nvflare CLI writes to ~/.nvflare goes to <root>/home (HOME is redirected). The server
-port is --port / FEDSEG_POC_PORT (default 18461); the admin console uses the same port.
+port is --port / FEDSEG_POC_PORT (default 18461; 0 picks a free one in 18500-18999); the admin console uses
+the same port. The port is reserved for this POC root (a lock file per port under <tmp>/fedseg-poc-ports)
+from prepare to stop, so parallel POCs never pick the same one.
 Layout of the POC root:
     project.yml  state.json  home/  logs/
     flare/<project>/prod_00/{server, hospital-a, ..., admin@fedseg.org, lead@hospital-a.org, ...}
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -37,9 +42,12 @@ import socket
 import string
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 POC_DIR = Path(__file__).resolve().parent
 REPO = POC_DIR.parent
@@ -47,6 +55,7 @@ CUSTOM = REPO / "custom"
 PACKAGE = CUSTOM / "fedseg"
 PROJECT_TEMPLATE = POC_DIR / "project_poc.yml"
 PRIVACY_FILE = POC_DIR / "privacy.json"
+AUTHZ_FILE = POC_DIR / "authorization.json"  # FedSeg's policy: every site's and the server's local/authorization.json
 DEFAULT_ROOT = REPO / "workspaces" / "poc"
 DEFAULT_PORT = 18461
 DEFAULT_JOB = REPO / "jobs" / "fedavg"
@@ -102,6 +111,26 @@ def render_project(template: Path, sites: list[str] | None, port: int) -> dict:
     if not [p for p in project["participants"] if p.get("type") == "client"]:
         raise PocError("the POC project has no client sites")
     return project
+
+
+def rights_of(policy: dict, role: str, right: str) -> str:
+    """The condition an NVFlare authorization policy gives `role` for `right` ("none" when not granted)."""
+    conf = policy.get("permissions", {}).get(role)
+    if isinstance(conf, (str, list)):
+        return str(conf)  # one condition for every right
+    return str((conf or {}).get(right, "none"))
+
+
+def load_authorization_policy(path: Path = AUTHZ_FILE) -> dict:
+    """FedSeg's authorization policy, checked: NVFlare parses it, and no role has the byoc right."""
+    from nvflare.security.security import FLAuthorizer
+
+    policy = json.loads(Path(path).read_text())
+    FLAuthorizer("fedseg", policy)  # raises SyntaxError on an invalid policy
+    byoc = [role for role in policy["permissions"] if rights_of(policy, role, "byoc") not in ("none", "no")]
+    if byoc:
+        raise PocError(f"{path}: role(s) {byoc} would have the byoc right (run code a job brings); FedSeg jobs need none")
+    return policy
 
 
 def participants_of(project: dict, kind: str) -> list[dict]:
@@ -202,118 +231,69 @@ def set_gpu_capacity(resources_file: Path, num_of_gpus: int, mem_gib: float) -> 
 
 
 # --------------------------------------------------------------------------------------------------
-# Processes and sockets (Linux /proc)
+# Processes and sockets (psutil)
 # --------------------------------------------------------------------------------------------------
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _session_id(pid: int) -> int | None:
-    stat = _read(f"/proc/{pid}/stat").decode(errors="replace")
-    try:
-        return int(stat.rsplit(")", 1)[1].split()[3])  # fields after "comm": state ppid pgrp session
-    except (IndexError, ValueError):
-        return None
-
-
-def _ancestors() -> set[int]:
-    pids, pid = set(), os.getpid()
-    while pid > 1:
-        pids.add(pid)
-        stat = _read(f"/proc/{pid}/stat").decode(errors="replace")
-        try:
-            pid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (IndexError, ValueError):
-            break
-    return pids
 
 
 def find_processes(root: Path, sessions: list[int] | tuple = ()) -> dict[int, str]:
     """pid -> command line of every live process of the POC at `root`: the ones that carry the marker
-    variable, NVFlare processes whose command line names the root, and members of the recorded sessions."""
+    variable, NVFlare processes whose command line names the root, members of the recorded sessions, and every
+    descendant of those (by parent pid, whatever its session or environment)."""
     root_s = str(root)
-    mark = f"{MARK_ENV}={root_s}".encode()
-    mine = _ancestors()
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter():
+        if p.pid in mine:
             continue
-        pid = int(entry)
-        if pid in mine:
+        try:
+            cmdline = " ".join(p.cmdline()).strip()
+            if not cmdline or p.status() == psutil.STATUS_ZOMBIE:
+                continue  # kernel thread, gone, or a zombie: nothing left to stop
+            by_cmd = root_s in cmdline and ("nvflare" in cmdline or "/startup/" in cmdline)
+            if by_cmd or (sessions and os.getsid(p.pid) in sessions) or p.environ().get(MARK_ENV) == root_s:
+                found[p.pid] = p
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ProcessLookupError):
             continue
-        cmdline = _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
-        if not cmdline:
-            continue  # kernel thread or already gone
-        state = _read(f"/proc/{pid}/stat").decode(errors="replace")
-        if ") Z" in state:
-            continue  # zombie: nothing left to stop
-        environ = _read(f"/proc/{pid}/environ").split(b"\0")
-        by_cmd = root_s in cmdline and ("nvflare" in cmdline or "/startup/" in cmdline)
-        if mark in environ or by_cmd or (sessions and _session_id(pid) in sessions):
-            found[pid] = cmdline
-    return found
-
-
-def _hex_addr(hex_addr: str) -> str:
-    raw = bytes.fromhex(hex_addr)
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-    return socket.inet_ntop(socket.AF_INET6, words)
-
-
-def listening_sockets() -> list[tuple[str, int, int]]:
-    """(address, port, inode) of every listening TCP socket on the machine."""
-    out = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in _read(table).decode().splitlines()[1:]:
-            parts = line.split()
-            if len(parts) > 9 and parts[3] == "0A":
-                addr, port = parts[1].split(":")
-                out.append((_hex_addr(addr), int(port, 16), int(parts[9])))
+    for p in list(found.values()):
+        try:
+            for child in p.children(recursive=True):
+                if child.pid not in mine:
+                    found.setdefault(child.pid, child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    out = {}
+    for pid, p in found.items():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out[pid] = " ".join(p.cmdline()).strip()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
     return out
 
 
-def socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        fds = os.listdir(fd_dir)
-    except OSError:
-        return inodes
-    for fd in fds:
-        try:
-            target = os.readlink(f"{fd_dir}/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
-
-
-def is_loopback(addr: str) -> bool:
-    return addr.startswith("127.") or addr in ("::1", "::ffff:127.0.0.1") or addr.startswith("::ffff:127.")
+def _listening() -> list:
+    return [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr]
 
 
 def process_listeners(pids) -> list[tuple[int, str, int]]:
-    """(pid, address, port) of every listening socket the given processes hold."""
-    by_inode = {inode: (addr, port) for addr, port, inode in listening_sockets()}
+    """(pid, address, port) of every listening TCP socket the given processes hold."""
     out = []
     for pid in pids:
-        for inode in socket_inodes(pid):
-            if inode in by_inode:
-                out.append((pid, *by_inode[inode]))
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        out += [(pid, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN and c.laddr]
     return sorted(set(out))
 
 
 def port_listeners(port: int) -> list[tuple[str, int]]:
-    return [(addr, p) for addr, p, _ in listening_sockets() if p == port]
+    """(address, port) of every listening TCP socket on the machine on that port."""
+    return sorted({(c.laddr.ip, c.laddr.port) for c in _listening() if c.laddr.port == port})
+
+
+def is_loopback(addr: str) -> bool:
+    return addr.startswith("127.") or addr in ("::1", "::ffff:127.0.0.1") or addr.startswith("::ffff:127.")
 
 
 def port_is_free(port: int) -> bool:
@@ -326,15 +306,91 @@ def port_is_free(port: int) -> bool:
             return False
 
 
-def free_port(lo: int = 18500, hi: int = 18999) -> int:
-    """A free port in a high range (tests; the default POC port is fixed and configurable)."""
-    import random
+# The server port of a POC is reserved with a lock file per port in one folder shared by every POC on this machine
+# (PORT_LOCK_DIR), created with O_CREAT|O_EXCL: of two runs that pick the same port at the same moment, exactly one
+# gets it. A socket held open cannot be used instead, because NVFlare's server binds the port itself, and in another
+# process, some time after `prepare` wrote the port into the startup kits. Ports come from a fixed range below the
+# kernel's ephemeral range (32768-60999 on Linux), so outgoing connections of other programs do not take them either.
+# The lock belongs to the POC root and lives from prepare (or reserve_port) to stop; a lock whose POC root is gone,
+# or whose root no longer uses that port and whose reserving process is dead, is stale and taken over.
+PORT_LOCK_DIR = Path(tempfile.gettempdir()) / "fedseg-poc-ports"
+PORT_RANGE = (18500, 18999)
 
+
+def _port_lock(port: int) -> Path:
+    return PORT_LOCK_DIR / f"{int(port)}.lock"
+
+
+def _lock_is_stale(info: dict, port: int) -> bool:
+    """Stale: the reserving process is gone and its POC root is gone or no longer uses the port."""
+    if psutil.pid_exists(int(info.get("pid", 0))):
+        return False
+    root = Path(info.get("root", ""))
+    state_file = root / "state.json"
+    if not info.get("root") or not state_file.is_file():
+        return True
+    try:
+        return json.loads(state_file.read_text()).get("port") != port
+    except (OSError, ValueError):
+        return True
+
+
+def acquire_port(port: int, root: str | os.PathLike) -> bool:
+    """Reserve `port` for the POC at `root`: True when it is now (or was already) this root's, False when another
+    POC holds it."""
+    root_s = str(Path(root).resolve())
+    PORT_LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        os.chmod(PORT_LOCK_DIR, 0o1777)  # shared by every user's POCs, like /tmp
+    except OSError:
+        pass
+    lock = _port_lock(port)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                info = json.loads(lock.read_text())
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except (OSError, ValueError):  # being written by its owner right now, or damaged
+                try:
+                    if time.time() - lock.stat().st_mtime < 10:
+                        return False
+                except FileNotFoundError:
+                    continue
+                info = {}
+            if info.get("root") == root_s:
+                return True
+            if info and not _lock_is_stale(info, int(port)):
+                return False
+            lock.unlink(missing_ok=True)  # stale: take it over (O_EXCL again, so a racing taker loses)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"root": root_s, "pid": os.getpid(), "time": time.time()}, f)
+        return True
+    return False
+
+
+def release_port(port: int, root: str | os.PathLike) -> None:
+    lock = _port_lock(port)
+    try:
+        if json.loads(lock.read_text()).get("root") == str(Path(root).resolve()):
+            lock.unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
+
+
+def reserve_port(root: str | os.PathLike, lo: int = PORT_RANGE[0], hi: int = PORT_RANGE[1]) -> int:
+    """A free port in [lo, hi] reserved for the POC at `root` (see PORT_LOCK_DIR); stop() releases it."""
     candidates = list(range(lo, hi + 1))
     random.shuffle(candidates)
     for port in candidates:
+        if not acquire_port(port, root):
+            continue
         if port_is_free(port):
             return port
+        release_port(port, root)  # some other program listens there
     raise PocError(f"no free port in {lo}..{hi}")
 
 
@@ -344,6 +400,21 @@ def kill_processes(pids, sig) -> None:
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (collected first: children in sessions of their own too)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    psutil.wait_procs(procs, timeout=10)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,10 +500,7 @@ class PocFederation:
         try:
             out, _ = proc.communicate(input=input_text, timeout=timeout)
         except BaseException:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_tree(proc.pid)
             proc.wait()
             raise
         if log_name:
@@ -453,6 +521,14 @@ class PocFederation:
         if self.processes():
             raise PocError(f"a POC is running from {self.root}: stop it first (python poc/fedseg_poc.py stop)")
         self.root.mkdir(parents=True, exist_ok=True)
+        old_port = self.state.get("port")
+        if not port:
+            port = reserve_port(self.root)
+        elif not acquire_port(port, self.root):
+            raise PocError(f"port {port} is reserved by another POC ({_port_lock(port)}); choose another with --port "
+                           "(0: any free port)")
+        if old_port and old_port != port:
+            release_port(old_port, self.root)
         project = render_project(Path(template), sites, port)
         site_names = [p["name"] for p in participants_of(project, "client")]
         server = participants_of(project, "server")[0]["name"]
@@ -484,12 +560,15 @@ class PocFederation:
             if target != f"localhost:{port}":
                 raise PocError(f"{site} would connect to {target}, expected localhost:{port}")
 
-        # 2. the fedseg package where the server and every site load it, and its classes allowed.
+        # 2. the fedseg package where the server and every site load it, its classes allowed (exact class paths),
+        #    and FedSeg's authorization policy (no BYOC for anyone; leads manage their own jobs; members only view).
         from fedseg.fl.allowlist import allow_fedseg
 
+        policy = load_authorization_policy()
         for name in [server] + site_names:
             local = prod / name / "local"
             allow_fedseg(local / "resources.json")
+            (local / "authorization.json").write_text(json.dumps(policy, indent=2) + "\n")
             dest = local / "custom" / "fedseg"
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(PACKAGE, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -538,6 +617,9 @@ class PocFederation:
         running = self.processes()
         if running:
             raise PocError(f"this POC is already running ({len(running)} processes); stop it first")
+        if not acquire_port(self.port, self.root):
+            raise PocError(f"port {self.port} is reserved by another POC ({_port_lock(self.port)}); prepare again with "
+                           "another --port")
         if not port_is_free(self.port):
             raise PocError(f"port {self.port} is in use ({port_listeners(self.port)}); choose another with --port")
         args = [sys.executable, "-m", "nvflare.cli", "poc", "start", "--timeout", str(int(timeout))]
@@ -746,6 +828,8 @@ class PocFederation:
             self.state["sessions"] = []
             self.save_state()
         busy = port_listeners(self.port) if self.state else []
+        if self.state.get("port") and not left:
+            release_port(self.port, self.root)
         log(f"stopped in {time.perf_counter() - start:.1f}s; processes left: {len(left)}; "
             f"listeners on port {self.port}: {busy or 'none'}")
         return left
@@ -831,7 +915,8 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--sites", type=int, help="number of hospital sites hospital-a.. (default: the 3 in poc/project_poc.yml)")
         sp.add_argument("--site-names", help="comma-separated site names instead of --sites")
         sp.add_argument("--port", type=int, default=int(os.environ.get("FEDSEG_POC_PORT", DEFAULT_PORT)),
-                        help=f"server FL and admin port on 127.0.0.1 (default {DEFAULT_PORT}; env FEDSEG_POC_PORT)")
+                        help=f"server FL and admin port on 127.0.0.1 (default {DEFAULT_PORT}; env FEDSEG_POC_PORT; "
+                             "0: a free port, reserved for this POC)")
         sp.add_argument("--data", help="folder with <site>/datalist.json per site (default: generate the built-in dataset)")
         sp.add_argument("--size", default="small", choices=["tiny", "small", "medium"], help="built-in dataset size")
         sp.add_argument("--dims", type=int, default=2, choices=[2, 3], help="built-in dataset dimensions (jobs/ are 2-D)")

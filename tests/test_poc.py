@@ -29,6 +29,7 @@ import submit as flare_submit  # noqa: E402
 from fedseg_poc import PocFederation, find_processes, hospital_names, port_listeners, process_listeners  # noqa: E402
 
 LEAD, MEMBER, ADMIN = "lead@hospital-a.org", "member@hospital-a.org", "admin@fedseg.org"
+OTHER_LEAD = "lead@hospital-b.org"
 SITES = hospital_names(3)
 PRIVATE_SITE = "hospital-a"
 FINAL_LAYER = "net.model.2.1.conv.unit0.conv"  # what poc/privacy.json zeroes in FedSeg's UNet
@@ -67,7 +68,7 @@ def poc(tmp_path_factory):
     root = tmp_path_factory.mktemp("poc")
     job = copy_job("fedavg", root / "src_jobs", server_args={"num_rounds": 1}, engine=TINY)
     fed = PocFederation(root / "fed")
-    port = fedseg_poc.free_port()
+    port = fedseg_poc.reserve_port(fed.root)
     seen: set[int] = set()
     try:
         fed.prepare(sites=SITES, port=port, size="tiny", gpus="auto", privacy_sites=[PRIVATE_SITE])
@@ -182,6 +183,65 @@ def test_member_submission_refused_lead_accepted(poc, api_job):
     assert meta["status"] == "FINISHED:COMPLETED"
 
 
+PROBE = """
+from pathlib import Path
+
+
+class Probe:
+    def __init__(self, marker):
+        Path(marker).write_text("code a job brought ran here")
+"""
+
+
+def test_byoc_job_of_a_lead_is_refused(poc):
+    """A lead's job that carries code (app/custom/) is refused at deployment: nobody has the byoc right, and
+    the code it brings never runs, on the server or at any site."""
+    fed = poc.fed
+    marker = fed.root / "byoc_ran"
+    job = copy_job("fedavg", fed.root / "src_jobs_byoc", server_args={"num_rounds": 1}, engine=TINY)
+    (job / "app" / "custom").mkdir()
+    (job / "app" / "custom" / "fedseg_probe.py").write_text(PROBE)
+    for side in ("server", "client"):
+        config_file = job / "app" / "config" / f"config_fed_{side}.json"
+        config = json.loads(config_file.read_text())
+        config["components"].append({"id": "probe", "path": "fedseg_probe.Probe", "args": {"marker": str(marker)}})
+        config_file.write_text(json.dumps(config, indent=2))
+    staged = fed.stage_job(job, name="byoc")
+    outcome = flare_submit.submit_job(fed.kit(LEAD), staged, LEAD, wait=True, timeout=JOB_TIMEOUT)
+    poc.seen.update(fed.processes())
+    assert outcome.status != "FINISHED:COMPLETED" and outcome.status.startswith("FINISHED"), outcome
+    assert not marker.exists(), "code brought by a job ran"
+    server_log = (fed.kit("server") / "log.txt").read_text(errors="replace")
+    assert "BYOC not permitted" in server_log, server_log[-3000:]
+    for site in SITES:
+        assert not (fed.kit(site) / outcome.job_id / f"app_{site}" / "custom").exists()
+
+
+def test_a_lead_cannot_manage_another_leads_job(poc, api_job):
+    """lead@hospital-b.org may not abort, delete, clone or download lead@hospital-a.org's job."""
+    from nvflare.fuel.flare_api.api_spec import AuthorizationError
+
+    session = flare_submit.open_session(poc.fed.kit(OTHER_LEAD), OTHER_LEAD)
+    try:
+        for action in (session.abort_job, session.delete_job, session.clone_job,
+                       lambda job_id: session.download_job_result(job_id, str(poc.fed.root / "stolen"))):
+            with pytest.raises(AuthorizationError, match="not authorized"):
+                action(api_job.job_id)
+        assert session.get_job_meta(api_job.job_id)["submitter_name"] == LEAD  # viewing is allowed
+    finally:
+        session.close()
+    assert not (poc.fed.root / "stolen").exists()
+
+
+def test_fedseg_authorization_policy_is_installed_everywhere(poc):
+    policy = json.loads((REPO / "poc" / "authorization.json").read_text())
+    for name in ["server"] + SITES:
+        installed = poc.fed.kit(name) / "local" / "authorization.json"
+        assert json.loads(installed.read_text()) == policy, installed
+        # provisioning's default stays beside it; NVFlare reads authorization.json first
+        assert (poc.fed.kit(name) / "local" / "authorization.json.default").exists()
+
+
 def test_privacy_scope_filters_what_the_server_receives(poc, api_job):
     import torch
     from nvflare.apis.dxo import from_file
@@ -252,7 +312,8 @@ def test_fedsm_and_fedcrossens_deploy_the_same_way(poc):
     engine = {**fedsm_engine["workflows"][0]["args"]["engine"], **TINY}
     jobs = {
         "fedsm": copy_job("fedsm", root, server_args={"num_rounds": 1, "engine": engine}, engine=TINY),
-        "fedcrossens": copy_job("fedcrossens", root, server_args={"num_communications": 1, "engine": engine}, engine=TINY),
+        "fedcrossens": copy_job("fedcrossens", root, server_args={"num_communications": len(SITES), "engine": engine},  # one Latin block
+                                engine=TINY),
     }
     with ThreadPoolExecutor(2) as pool:
         futures = {name: pool.submit(poc.fed.submit, job, via="api", user=LEAD, timeout=JOB_TIMEOUT, stage_name=name)
@@ -310,6 +371,82 @@ def test_real_deployment_project_provisions_every_site_and_admin(tmp_path):
         assert cert.subject.get_attributes_for_oid(x509.NameOID.UNSTRUCTURED_NAME)[0].value == admin["role"]
     authz = json.loads((prod / server["name"] / "local" / "authorization.json.default").read_text())["permissions"]
     assert authz["lead"]["submit_job"] == "any" and authz["member"] == {"view": "any"}
+
+
+def _policy_rights() -> list[str]:
+    """Every right NVFlare 2.9 checks against authorization.json: the command categories, the admin commands
+    authorized through the policy (not by a fixed role check), byoc, and the Flower right."""
+    from nvflare.fuel.hci.reg import CommandModule
+    from nvflare.private.fed.server import info_coll_cmd, job_cmds, shell_cmd, sys_cmd, training_cmds
+    from nvflare.security.security import COMMAND_CATEGORIES
+
+    rights = {"byoc", "server-predeployed-flwr", "submit_job"}  # submit_job: also checked by sites at deployment
+    role_checked = {"must_be_project_admin", "authorize_study_admin", "authorize_list_studies"}
+    for module in (info_coll_cmd, job_cmds, shell_cmd, sys_cmd, training_cmds):
+        for cls in vars(module).values():
+            if isinstance(cls, type) and issubclass(cls, CommandModule) and cls.__module__ == module.__name__:
+                for spec in cls.get_spec(cls.__new__(cls)).cmd_specs:
+                    if spec.authz_func and spec.authz_func.__name__ not in role_checked:
+                        rights.add(COMMAND_CATEGORIES.get(spec.name, spec.name))
+    return sorted(rights)
+
+
+def test_authorization_policy_is_nvflares_default_without_byoc():
+    """FedSeg's policy (poc/authorization.json) grants exactly what NVFlare's provisioned default grants, except
+    byoc (and Flower's server-predeployed apps): for every role, every right, own or other org, own or other's job."""
+    import yaml
+    from nvflare.fuel.sec.authz import AuthzContext, Person
+    from nvflare.lighter import templates
+    from nvflare.security.security import FLAuthorizer
+
+    default_text = yaml.safe_load((Path(templates.__file__).parent / "master_template.yml").read_text())["default_authz"]
+    policy = fedseg_poc.load_authorization_policy()  # also checks that no role has byoc
+    fedseg_authz, default_authz = FLAuthorizer("hospital_a", policy), FLAuthorizer("hospital_a", json.loads(default_text))
+    rights = _policy_rights()
+    assert {"manage_job", "download_job", "view", "operate", "shell_commands", "clone_job", "byoc"} <= set(rights)
+    differences = {}
+    for role in ("project_admin", "org_admin", "lead", "member"):
+        for right in rights:
+            for user_org in ("hospital_a", "hospital_b"):
+                for own_job in (True, False):
+                    user = Person(f"u@{user_org}.org", user_org, role)
+                    submitter = user if own_job else Person("s@hospital_c.org", "hospital_c", "lead")
+                    ctx = AuthzContext(right=right, user=user, submitter=submitter)
+                    got, default = fedseg_authz.authorize(ctx)[0], default_authz.authorize(ctx)[0]
+                    if got != default:
+                        differences.setdefault(role, set()).add((right, got))
+    assert differences == {"project_admin": {("byoc", False), ("server-predeployed-flwr", False)},
+                           "lead": {("byoc", False)}}, differences
+    lead = Person(LEAD, "hospital_a", "lead")
+    other = Person(OTHER_LEAD, "hospital_b", "lead")
+    assert not fedseg_authz.authorize(AuthzContext("manage_job", user=other, submitter=lead))[0]
+    assert fedseg_authz.authorize(AuthzContext("manage_job", user=lead, submitter=lead))[0]
+    assert not fedseg_authz.authorize(AuthzContext("submit_job", user=Person(MEMBER, "hospital_a", "member")))[0]
+
+
+def test_port_reservation_never_hands_out_a_port_twice(tmp_path):
+    """Eight processes reserve a port from the same 16 at once: eight different ports; a reserved port is
+    refused to another POC root; a stale lock (its process gone, its root gone) is taken over."""
+    go = tmp_path / "go"
+    code = ("import sys, time, pathlib; sys.path[:0] = sys.argv[1:3]; import fedseg_poc as f; "
+            "print(f.reserve_port(sys.argv[3], 18960, 18975), flush=True); "
+            "[time.sleep(0.1) for _ in range(600) if not pathlib.Path(sys.argv[4]).exists()]")
+    roots = [tmp_path / f"root{i}" for i in range(8)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(REPO / "poc"), str(REPO / "custom"), str(r), str(go)],
+                              stdout=subprocess.PIPE, text=True) for r in roots]
+    try:
+        ports = [int(p.stdout.readline()) for p in procs]
+        assert len(set(ports)) == 8, ports
+        assert not fedseg_poc.acquire_port(ports[0], tmp_path / "another_root")
+    finally:
+        go.touch()
+        for p in procs:
+            p.wait(timeout=60)
+    # their processes are gone and their roots never prepared: stale, so a new root may take one over
+    assert fedseg_poc.acquire_port(ports[0], tmp_path / "another_root")
+    for root, port in zip([tmp_path / "another_root", *roots[1:]], ports):
+        fedseg_poc.release_port(port, root)
+        assert not fedseg_poc._port_lock(port).exists()
 
 
 def test_privacy_filter_unit():
@@ -374,7 +511,7 @@ def test_gpu_plan_and_job_staging(tmp_path):
 def test_stop_kills_every_marked_process_and_frees_ports(tmp_path):
     """The teardown on its own: processes that ignore SIGTERM, grandchildren, listeners are all gone."""
     fed = PocFederation(tmp_path / "root")
-    fed.state = {"port": fedseg_poc.free_port(), "sessions": []}
+    fed.state = {"port": fedseg_poc.reserve_port(fed.root), "sessions": []}
     port = fed.state["port"]
     listener = (f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); "
                 "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)")
@@ -389,6 +526,7 @@ def test_stop_kills_every_marked_process_and_frees_ports(tmp_path):
         assert process_listeners(pids) and all(addr == "127.0.0.1" for _, addr, _ in process_listeners(pids))
         assert find_processes(tmp_path / "elsewhere") == {}  # another root's processes are not ours
         assert fed.stop(timeout=12) == {}
+        assert not fedseg_poc._port_lock(port).exists()  # the port's reservation ends with the POC
         proc.wait(timeout=10)
         assert_nothing_left(fed, port, pids)
     finally:
@@ -400,7 +538,8 @@ def test_stop_kills_every_marked_process_and_frees_ports(tmp_path):
 def test_run_command_stops_everything_on_ctrl_c(tmp_path):
     """`fedseg_poc.py run` interrupted while its job runs: it aborts, stops every process and exits 130."""
     job = copy_job("fedavg", tmp_path / "src_jobs", server_args={"num_rounds": 1}, engine=TINY)
-    root, port = tmp_path / "run", fedseg_poc.free_port()
+    root = tmp_path / "run"
+    port = fedseg_poc.reserve_port(root)
     cmd = [sys.executable, str(REPO / "poc" / "fedseg_poc.py"), "--root", str(root), "run", "--sites", "2",
            "--size", "tiny", "--gpus", "none", "--port", str(port), "--job", str(job), "--timeout", "300"]
     out_file = tmp_path / "run.out"
