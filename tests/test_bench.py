@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import CUSTOM, REPO
 
@@ -257,15 +256,33 @@ def test_smoke_preset_runs_every_method_end_to_end(smoke_run):
     data = json.loads((smoke_run / "raw" / "results.json").read_text())
     (cell,) = data["cells"]
     budget = cell["budget"]["total_steps"]
-    assert sorted(cell["methods"]) == sorted(METHODS)
+    paper = [f"{m}-paper" for m in PAPER_DIFFERS]
+    assert sorted(cell["methods"]) == sorted([*METHODS, *paper])  # both protocols, every method
+    # measured at the sites: every equal-steps run trained exactly B steps; the papers' own protocols: FedSM and
+    # SoftPull 2B (both networks the full E epochs per round), FedCrossEns N*B (every member a full FedCross schedule)
+    expected = {**dict.fromkeys(METHODS, budget), "fedsm-paper": 2 * budget, "softpull-paper": 2 * budget,
+                "fedcrossens-paper": len(cell["sites"]) * budget}
     for m, rec in cell["methods"].items():
         assert rec["status"] == "ok", (m, rec.get("error"))
         models = rec["results"]["models"]
         assert rec["headline_model"] in models, (m, list(models))
         assert sorted(models[rec["headline_model"]]) == cell["sites"], m
-        assert rec["seg_steps"] == budget, (m, rec["seg_steps"], budget)  # measured at the sites = the budget
+        assert rec["seg_steps"] == expected[m] == rec["plan"]["seg_steps_total"], (m, rec["seg_steps"], expected[m])
+        assert rec["protocol"] == ("paper" if m in paper else "equal"), m
         assert rec["wall_seconds"] > 0 and rec["curve"], m
         assert all(v and v > 50 * 2**20 for v in rec["memory"].values()), (m, rec["memory"])
+    # the paper runs really ran their papers' plans: R rounds x E epochs per network, N*R communications
+    assert cell["methods"]["fedsm-paper"]["workflow_args"]["local_epochs"] == cell["budget"]["epochs"]
+    assert cell["methods"]["fedsm"]["workflow_args"]["local_epochs"] == cell["budget"]["epochs"] // 2
+    assert cell["methods"]["fedcrossens-paper"]["workflow_args"]["num_communications"] == \
+        len(cell["sites"]) * cell["methods"]["fedcrossens"]["workflow_args"]["num_communications"] * \
+        cell["methods"]["fedcrossens"]["workflow_args"]["visit_epochs"] // cell["budget"]["epochs"]
+    # one LR policy for every method; the same model-selection rule: FedAvg/FedProx score their best-validated model
+    assert cell["methods"]["fedcross"]["workflow_args"]["lr_schedule"] == "constant"
+    for m in ("fedavg", "fedprox"):
+        assert cell["methods"][m]["headline_model"] == "global (best)"
+        assert sorted(cell["methods"][m]["results"]["models"]) == ["global (best)", "global (last)"]
+    assert cell["methods"]["local"]["results"]["extra"]["best_checkpoint"]
     for m in FL_METHODS:
         traffic = cell["methods"][m]["traffic"]
         assert sorted(traffic) == cell["sites"]
@@ -278,8 +295,9 @@ def test_smoke_preset_runs_every_method_end_to_end(smoke_run):
     assert "hd95" in next(iter(cell["methods"]["fedavg"]["results"]["models"]["global (last)"].values()))
     for m in BASELINES:
         assert cell["methods"][m]["traffic"] == {}
-    rows = list(csv.DictReader(open(smoke_run / "raw" / "methods.csv")))
-    assert sorted(r["method"] for r in rows) == sorted(METHODS)
+    with open(smoke_run / "raw" / "methods.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["run"] for r in rows) == sorted([*METHODS, *paper])
 
 
 def test_smoke_report_and_plots(smoke_run, tmp_path):
@@ -287,6 +305,16 @@ def test_smoke_report_and_plots(smoke_run, tmp_path):
     for name in ("Local only", "Centralized", "FedAvg", "FedProx", "FedSM", "SoftPull", "FedCross", "FedCrossEns"):
         assert f"| {name} |" in md, name
     assert "python -m fedseg.bench --preset smoke" in md and "no GPU was lent" in md
+    assert "too small to conclude" in md and "best-validated" in md
+    # both protocols side by side, with the extra compute next to the Dice and the flattened column
+    assert "**Equal steps: every method trains B segmentation steps.**" in md and "**Each paper's own protocol" in md
+    assert "steps used / B" in md and "flattened? (last-25% gain)" in md
+    for row in ("| FedSM (paper protocol) | FedSM super model |", "| SoftPull (paper protocol) |",
+                "| FedCrossEns (paper protocol) | ensemble |", "| FedAvg (same run) | global (best) |"):
+        assert row in md, row
+    assert "= 2B |" in md and "FedSM personalized (own site) — oracle routing: uses the site's identity" in md
+    assert "beats FedAvg by ≥ 2 Dice points under at least one protocol" in md and "centralized beats local-only" in md
+    assert "Routing confusion matrix" in md and "FedCrossEns uncertainty quality" in md
     for png in ("dice_per_round.png", "site_dice_synth2d.png", "fedcrossens_uncertainty.png"):
         assert (smoke_run / png).stat().st_size > 5000, png
     # the report is generated from the raw files alone
@@ -328,3 +356,122 @@ def test_data_scarce_variant_keeps_validation_and_test_cases(tmp_path):
                         (tmp_path / "full" / a["site"] / case[key]).read_bytes(), (section, case[key])
     with pytest.raises(ValueError, match="not both"):
         generate_dataset(tmp_path / "x", n_sites=2, size="tiny", cases_per_site=3, labelled_training=2)
+
+
+# ---- report logic (pure: hand-made records, no FLARE) -------------------------------------------------------
+def _cell(seed: int, dice: dict[str, float], sites=("a", "b"), curves: dict | None = None) -> dict:
+    """A results cell as the runner writes it: every run's headline model scoring `dice` at every site."""
+    methods = {}
+    for key, d in dice.items():
+        method = key.split("-")[0]
+        model = {"fedsm": "FedSM super model", "fedcrossens": "ensemble", "local": "local (own site)",
+                 "centralized": "centralized", "nvflare_cyclic": "global (last)"}.get(method, "global (best)")
+        methods[key] = {"method": method, "status": "ok", "protocol": "paper" if key.endswith("-paper") else "equal",
+                        "group": "stock" if method in STOCK else "main", "headline_model": model,
+                        "plan": {"seg_steps_total": 100, "budget_multiple": 2.0 if key.endswith("-paper") else 1.0},
+                        "seg_steps": 200 if key.endswith("-paper") else 100,
+                        "results": {"models": {model: {s: {"dice": d} for s in sites}}},
+                        "curve": (curves or {}).get(key, [])}
+    return {"dataset": "d", "seed": seed, "sites": list(sites), "budget": {"rounds": 4, "epochs": 2, "total_steps": 100},
+            "methods": methods}
+
+
+def test_flattened_uses_the_last_quarter_of_the_curve():
+    from fedseg.bench.report import flattened
+
+    rising = [(i / 8, 0.1 * i) for i in range(9)]
+    flat = [(i / 8, min(0.8, 0.2 * i)) for i in range(9)]
+    assert flattened(rising)[0] is False and flattened(rising)[1] == pytest.approx(0.2)  # 0.75 - 0.55
+    assert flattened(flat) == (True, 0.0)
+    assert flattened([(0, 0.1), (1, 0.9)])[0] is None  # too few points: no verdict
+
+
+def test_headline_answers_come_from_the_numbers():
+    from fedseg.bench.report import _headline_sentences, headline_facts
+
+    runs = {"local": 0.70, "centralized": 0.80, "fedavg": 0.60, "fedsm": 0.61, "fedsm-paper": 0.63, "fedcrossens": 0.59,
+            "fedcrossens-paper": 0.615, "fedcross": 0.65, "nvflare_cyclic": 0.67}
+    cells = [_cell(s, {k: v + 0.001 * s for k, v in runs.items()}) for s in range(3)]
+    facts = headline_facts(cells)
+    assert facts["fedsm"]["beats_fedavg"] is True  # +3 points under its own protocol, +1 under equal steps
+    assert facts["fedcrossens"]["beats_fedavg"] is False  # -1 and +1.5 points: below 2 under both
+    assert facts["centralized_vs_local"]["beats"] is True
+    assert facts["fedcross_vs_stock"]["matches"] is False and facts["fedcross_vs_stock"]["diff"] == pytest.approx(-0.02)
+    text = " ".join(_headline_sentences("d", cells))
+    assert "FedSM super model vs FedAvg" in text and "paper protocol (2B)" in text
+    assert "FedCrossEns ensemble vs FedAvg" in text and "under at least one protocol: **no**" in text
+    assert "matches the stock cyclic workflow (at most 1 point below): **no**" in text
+    facts = headline_facts([_cell(0, {**runs, "fedcross": 0.665})])
+    assert facts["fedcross_vs_stock"]["matches"] is True
+    curves = {"fedavg": [(i / 8, 0.1 * i) for i in range(9)]}
+    assert "NOT flattened" in " ".join(_headline_sentences("d", [_cell(0, runs, curves=curves)]))
+
+
+def test_fedsm_selector_and_gamma_sweep_readers():
+    from fedseg.bench.report import gamma_sweep, selector_stats
+
+    extra = {"selector_accuracy": {"a": 1.0, "b": 0.5}, "routing": {"a": {"a": 3, "global": 1}, "b": {"a": 2, "b": 2}}}
+    st = selector_stats(extra, ["a", "b"])
+    assert st["a"] == {"argmax_own": 1.0, "routed_own": 0.75, "routed_global": 0.25, "cases": 4}
+    assert st["b"]["routed_own"] == 0.5 and st["b"]["routed_global"] == 0.0
+    layouts = [{"0.5": {"a": 0.8, "b": 0.6}, "1.0": {"a": 0.7, "b": 0.5}},
+               {"a": {"0.5": 0.8, "1.0": 0.7}, "b": {"0.5": {"dice": 0.6}, "1.0": {"dice": 0.5}}},
+               [{"gamma": 0.5, "per_site": {"a": 0.8, "b": 0.6}}, {"gamma": 1.0, "per_site": {"a": 0.7, "b": 0.5}}]]
+    for raw in layouts:
+        sweep = gamma_sweep({"gamma_sweep": raw})
+        assert sorted(sweep) == [0.5, 1.0] and sweep[0.5]["mean"] == pytest.approx(0.7), raw
+        assert sweep[1.0]["a"] == 0.7
+    assert gamma_sweep({}) == {}
+
+
+def test_polyp_pictures_are_downscaled_with_binary_masks(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fedseg.bench.run import downscale_pictures
+
+    for site, size in (("A", (300, 200)), ("B", (120, 160))):
+        (tmp_path / "src" / site / "images").mkdir(parents=True)
+        (tmp_path / "src" / site / "masks").mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", size, (200, 30 * k, 10)).save(tmp_path / "src" / site / "images" / f"{k}.jpg")
+            mask = Image.new("L", size, 0)
+            mask.paste(255, (0, 0, size[0] // 2, size[1]))  # left half foreground
+            mask.save(tmp_path / "src" / site / "masks" / f"{k}.jpg")
+    counts = downscale_pictures(tmp_path / "src", tmp_path / "dst", 48)
+    assert counts == {"A": 2, "B": 2}
+    with Image.open(tmp_path / "dst" / "A" / "images" / "0.png") as im:
+        assert im.size == (48, 32) and im.mode == "RGB"
+    with Image.open(tmp_path / "dst" / "B" / "masks" / "1.png") as im:
+        assert im.size == (36, 48)
+        pixels = np.asarray(im)
+        assert sorted(np.unique(pixels)) == [0, 255] and (pixels == 255).sum() == 18 * 48  # the left half, binary
+
+
+def test_progress_line_reads_the_running_job(tmp_path):
+    """The progress line names the run in progress and its round from the job's own files (timeline, meters)."""
+    import time
+
+    from fedseg.bench.budget import Budget, plan_runs
+    from fedseg.bench.run import Progress
+
+    ws = tmp_path / "ws"
+    app = ws / "server" / "simulate_job" / "app_server" / "bench"
+    app.mkdir(parents=True)
+    now = time.time()
+    (app / "timeline.json").write_text(json.dumps([
+        {"method": "fedavg__s0", "phase": "start", "time": now - 50}, {"method": "fedavg__s0", "phase": "end", "time": now - 30},
+        {"method": "fedsm__s0", "phase": "start", "time": now - 20}]))
+    for site in ("site-1", "site-2"):
+        (ws / site / "simulate_job").mkdir(parents=True)
+        (ws / site / "simulate_job" / "fedseg_meter.jsonl").write_text("\n".join(json.dumps(
+            {"task_name": "fedsm_train", "round": r, "t_in": now - 15 + r}) for r in range(3)) + "\n")
+    budget = Budget(4, 2, {"site-1": 2, "site-2": 2})
+    specs = run_specs(["fedavg", "fedsm", "fedcross"], protocols=("equal",))
+    progress = Progress(every=60)
+    progress.plan("synth2d", [(s.key, 0) for s in specs], plan_runs(specs, budget))
+    progress.running("synth2d", "bench_all", ws, ["site-1", "site-2"])
+    line = progress.line()
+    assert "synth2d seed 0: fedsm round 3/4" in line and "0/3 runs done" in line and "min left" in line
+    progress.finished("synth2d", [("fedavg", 0), ("fedsm", 0)])
+    assert "2/3 runs done" in progress.line()

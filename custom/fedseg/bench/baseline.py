@@ -6,7 +6,10 @@
 Same engine, network, initial weights (the seed's checkpoint every FL method starts from), seeds and
 budget as the federated methods (fedseg.bench.budget): local-only trains site i for R*E*s_i steps, centralized
 trains one model on the pooled training cases for B = sum_i R*E*s_i steps. Training runs in R equal chunks with
-the mean validation Dice after each (the learning curve). Wall time and peak resident memory are measured per
+the mean validation Dice after each (the learning curve). Model selection is the federated methods' rule: the
+best-validated model is scored (local: the chunk with the best validation Dice at the site itself; centralized:
+the chunk with the best median over sites of the validation Dice, as FedAvg's best model); the last model is
+scored too, as an extra row. Wall time and peak resident memory are measured per
 site (local) and for the pooled run; local-only also reports its cross-site Dice matrix (trained at row site,
 tested at column site): how different the sites are.
 """
@@ -14,6 +17,7 @@ tested at column site): how different the sites are.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -31,6 +35,11 @@ def _score(engine, net, section: str, hd95: bool) -> dict:
 
 def _val(engine, net) -> float:
     return float(engine.evaluate(net, "validation").summary()["dice"]) if engine.cases("validation") else float("nan")
+
+
+def _better(value: float, best: float) -> bool:
+    """Strictly better validation score (a NaN never wins over a number; the first of equal scores is kept)."""
+    return bool(np.isfinite(value)) and (not np.isfinite(best) or value > best)
 
 
 def _chunks(total: int, parts: int) -> list[int]:
@@ -80,16 +89,22 @@ def _one_seed(engines: dict, central, budget, init_state: dict, rounds: int, met
     out: dict = {}
 
     if "local" in methods:
-        own, matrix, seconds, cpu, memory, steps, curves = {}, {}, {}, {}, {}, 0, {}
+        own, last, matrix, seconds, cpu, memory, steps, curves, best_chunk = {}, {}, {}, {}, {}, {}, 0, {}, {}
         for site, engine in engines.items():
             reset_peak_rss()
             net = engine.new_network()
             load_numpy_state(net, init_state, site)
             curve = [(0.0, _val(engine, net))]
+            best = None
             began, cpu_began = time.perf_counter(), time.process_time()
             for k, n in enumerate(_chunks(budget.site_steps(site), rounds), start=1):
                 steps += engine.train(net, n).steps
                 curve.append((k / rounds, _val(engine, net)))
+                if best is None or _better(curve[-1][1], best[1]):
+                    best = (k, curve[-1][1], copy.deepcopy(net.state_dict()))
+            last[site] = _score(engine, net, "testing", hd95)
+            best_chunk[site] = best[0]
+            net.load_state_dict(best[2])
             own[site] = _score(engine, net, "testing", hd95)
             # timed like a federated method: training, the per-round validation and the final scoring
             seconds[site] = time.perf_counter() - began
@@ -99,9 +114,12 @@ def _one_seed(engines: dict, central, budget, init_state: dict, rounds: int, met
             memory[site] = peak_rss_bytes()
             curves[site] = curve
         out["local"] = {
-            "results": {"method": "local-only", "section": "testing", "models": {"local (own site)": own},
+            "results": {"method": "local-only", "section": "testing",
+                        "models": {"local (own site)": own, "local (own site, last)": last},
                         "extra": {"cross_site_dice_matrix": {a: {b: round(v["dice"], 4) for b, v in row.items()}
-                                                             for a, row in matrix.items()}}},
+                                                             for a, row in matrix.items()},
+                                  "model_selection": "best validation Dice at the site itself, over R checkpoints",
+                                  "best_checkpoint": best_chunk}},
             "wall_seconds": float(sum(seconds.values())),
             "wall_seconds_parallel": float(max(seconds.values())),
             "cpu_seconds": float(sum(cpu.values())),
@@ -117,14 +135,24 @@ def _one_seed(engines: dict, central, budget, init_state: dict, rounds: int, met
         load_numpy_state(net, init_state, "pooled")
         curve = [(0.0, float(np.nanmean([_val(e, net) for e in engines.values()])))]
         steps, began, cpu_began = 0, time.perf_counter(), time.process_time()
+        best = None
         for k, n in enumerate(_chunks(budget.total_steps, rounds), start=1):
             steps += central.train(net, n).steps
-            curve.append((k / rounds, float(np.nanmean([_val(e, net) for e in engines.values()]))))
+            vals = [_val(e, net) for e in engines.values()]
+            curve.append((k / rounds, float(np.nanmean(vals))))
+            median = float(np.nanmedian(vals)) if any(np.isfinite(vals)) else float("nan")
+            if best is None or _better(median, best[1]):
+                best = (k, median, copy.deepcopy(net.state_dict()))
+        last = {site: _score(e, net, "testing", hd95) for site, e in engines.items()}
+        net.load_state_dict(best[2])
         per_site = {site: _score(e, net, "testing", hd95) for site, e in engines.items()}
         seconds = time.perf_counter() - began
         cpu_seconds = time.process_time() - cpu_began
         out["centralized"] = {
-            "results": {"method": "centralized", "section": "testing", "models": {"centralized": per_site}, "extra": {}},
+            "results": {"method": "centralized", "section": "testing",
+                        "models": {"centralized": per_site, "centralized (last)": last},
+                        "extra": {"model_selection": "best median over sites of the validation Dice, over R checkpoints",
+                                  "best_checkpoint": best[0]}},
             "wall_seconds": float(seconds),
             "cpu_seconds": float(cpu_seconds),
             "memory": {"pooled": peak_rss_bytes()},

@@ -24,13 +24,15 @@ CURVE_METRIC = {"fedavg": "val_dice", "fedprox": "val_dice", "fedsm": "val_super
 HEADLINE_MODEL = {
     "local": "local (own site)",
     "centralized": "centralized",
-    "fedavg": "global (last)",
-    "fedprox": "global (last)",
+    "fedavg": "global (best)",
+    "fedprox": "global (best)",
     "fedsm": "FedSM super model",
     "softpull": "SoftPull personalized (own site)",
     "fedcross": "ensemble",
     "fedcrossens": "ensemble",
 }
+# extra models reported next to the headline (same rule for every method: the headline is best-validated)
+LAST_MODEL = {"fedavg": "global (last)", "fedprox": "global (last)"}
 
 
 def server_app_dir(workspace: Path) -> Path:

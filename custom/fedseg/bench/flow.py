@@ -127,33 +127,58 @@ class BenchWarmup(FedSegController):
 
 
 class BenchGlobalEval(FedSegController):
-    """Scores one saved global model (from a persistor) on every site's test cases; writes the common
-    results record fedseg_results.json for `method` (the model is labelled `label`)."""
+    """Scores saved global models on every site's test cases and writes the common results record
+    fedseg_results.json for `method`.
 
-    def __init__(self, method: str, persistor_id: str, model_file: str, label: str = "global (last)",
-                 section: str = "testing", task_timeout: int = 3600):
+    models: {label: file} in the order to score; a file is a FedSeg model set under the server's app dir
+    (e.g. "fedavg/best.pt", FedAvgController's best-validated model) or, with no "/", a model the persistor
+    knows by that name. A missing file is recorded in extra["missing_models"] (and skipped).
+    validation_model: the label of the model also scored on the validation cases, the last point of the
+    learning curve (the final model; "" = the first found)."""
+
+    def __init__(self, method: str, persistor_id: str, model_file: str = "", label: str = "global (last)",
+                 models: dict | None = None, validation_model: str = "", section: str = "testing",
+                 task_timeout: int = 3600):
         super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=1)
         self.method = method
-        self.model_file = model_file
-        self.label = label
+        self.models = dict(models or {label: model_file})
         self.section = section
+        self.validation_model = validation_model
+
+    def _load(self, file: str):
+        if "/" in file:
+            from fedseg.modelset import load_model_set
+
+            path = Path(self.get_app_dir()) / file
+            if not path.exists():
+                return None
+            groups, _ = load_model_set(path)
+            return groups["global"]
+        learnable = self.persistor.get_model(file, self.fl_ctx) if self.persistor else None
+        return None if learnable is None else learnable["weights"]
+
+    def _score(self, weights, label: str, section: str) -> dict:
+        sites = self.connected_sites()
+        meta = {"section": section, "model_name": label}
+        return self.run_tasks("validate", {s: FLModel(params=weights, params_type=ParamsType.FULL, meta=dict(meta)) for s in sites})
 
     def run(self):
-        learnable = self.persistor.get_model(self.model_file, self.fl_ctx) if self.persistor else None
-        if learnable is None:
-            self.error(f"bench eval: no model {self.model_file!r} in persistor {self._persistor_id}")
-            return
-        weights = learnable["weights"]
-        sites = self.connected_sites()
-        meta = {"section": self.section, "model_name": self.label}
-        results = self.run_tasks("validate", {s: FLModel(params=weights, params_type=ParamsType.FULL, meta=dict(meta)) for s in sites})
         keep = ("dice", "dice_std", "n_cases", "dice_per_case", "hd95")
-        per_site = {s: {k: r.metrics[k] for k in keep if k in (r.metrics or {})} for s, r in sorted(results.items())}
-        # the final model on the validation cases too: the last point of the learning curve (the sites score the
-        # model they RECEIVE in each round, so the training tasks never see the final one)
-        meta = {"section": "validation", "model_name": self.label}
-        val = self.run_tasks("validate", {s: FLModel(params=weights, params_type=ParamsType.FULL, meta=dict(meta)) for s in sites})
-        record = {"method": self.method, "section": self.section, "models": {self.label: per_site},
-                  "extra": {"model_file": self.model_file,
-                            "final_validation_dice": {s: (r.metrics or {}).get("dice") for s, r in sorted(val.items())}}}
+        models, missing, final_val, first = {}, [], {}, None
+        for label, file in self.models.items():
+            weights = self._load(file)
+            if weights is None:
+                self.error(f"bench eval: no model {file!r} for {label!r}")
+                missing.append(label)
+                continue
+            results = self._score(weights, label, self.section)
+            models[label] = {s: {k: r.metrics[k] for k in keep if k in (r.metrics or {})} for s, r in sorted(results.items())}
+            if first is None and (not self.validation_model or label == self.validation_model):
+                # the sites score the model they RECEIVE in each round, so the training tasks never see the final one
+                first = label
+                val = self._score(weights, label, "validation")
+                final_val = {s: (r.metrics or {}).get("dice") for s, r in sorted(val.items())}
+        record = {"method": self.method, "section": self.section, "models": models,
+                  "extra": {"model_files": self.models, "missing_models": missing, "final_validation_model": first,
+                            "final_validation_dice": final_val}}
         _write_json(Path(self.get_app_dir()) / RESULTS_FILE, record)

@@ -9,9 +9,13 @@ Differences from the shipped job folders, all of them stated in the report:
   * the server's task_request_interval (how long a site waits before asking for its next task; FLARE's default
     is 2 s) is set to the preset's value (0.1 s), and the workflows' task_check_period to 0.1 s: measured in
     the report's FL-overhead section;
-  * FedAvg/FedProx are scored by BenchGlobalEval (the final global model on every site's test cases) instead
-    of FLARE's full cross-site evaluation (which also scores every site's local model everywhere), and without
-    IntimeModelSelector's best-model file (the benchmark compares the last model of every method);
+  * FedAvg/FedProx are scored by BenchGlobalEval instead of FLARE's full cross-site evaluation (which also
+    scores every site's local model everywhere): the best-validated global model (FedAvgController's
+    fedavg/best.pt, chosen by the median over sites of the validation Dice of the model they received) is
+    the headline, as every method's model is its best-validated one; the last model is an extra row;
+  * one learning-rate policy for every method: FedCross/FedCrossEns get the preset's lr_schedule
+    ("constant", as every other method trains); FedSM's final scores use its best set where its controller
+    has a `final_model` argument;
   * BenchWarmup and BenchMark workflows around the methods (fedseg.bench.flow).
 """
 
@@ -21,8 +25,10 @@ import copy
 import json
 from pathlib import Path
 
+import inspect
+
 from fedseg import jobgen
-from fedseg.bench.budget import MethodPlan
+from fedseg.bench.budget import MethodPlan, RunSpec
 from fedseg.engine.config import EngineConfig
 from fedseg.fl.meter import add_meter
 
@@ -31,15 +37,43 @@ PERSISTOR = "fedseg.fl.persistor.SegModelPersistor"
 FAST_CHECK_PERIOD = 0.1
 # outputs a method's workflow writes into the server app dir (moved to bench/<method>/ at its end)
 METHOD_OUTPUTS = {"fedavg": ["fedavg"], "fedprox": ["fedavg"], "fedsm": ["fedsm"], "softpull": ["fedsm"], "fedcross": ["fedcross"], "fedcrossens": ["fedcrossens"]}
+# FedAvg/FedProx: the models BenchGlobalEval scores (files FedAvgController writes under its output_dir)
+FEDAVG_MODELS = {"global (best)": "fedavg/best.pt", "global (last)": "fedavg/last.pt"}
+DEFAULT_LR_SCHEDULE = "constant"
 
 
-def jobgen_options(engine: dict, seed: int, rounds: int = 1) -> object:
+def jobgen_options(engine: dict, seed: int, rounds: int = 1, lr_schedule: str = DEFAULT_LR_SCHEDULE) -> object:
     """jobgen's argparse namespace with its defaults, for the given engine settings (merged over jobgen's)."""
     o = jobgen.build_parser().parse_args(["--out", "unused"])
     o.engine = jobgen.resolve_engine(engine)
     o.seed = int(seed)
     o.rounds = int(rounds)
+    o.lr_schedule = lr_schedule
     return o
+
+
+def controller_arguments(path: str) -> set[str]:
+    """The keyword arguments a workflow class accepts (empty when it cannot be imported)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return set()
+    return {k for k in inspect.signature(cls.__init__).parameters if k != "self"}
+
+
+def controller_default(path: str, arg: str):
+    """A workflow class's default for one argument (None when unknown)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        param = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters.get(arg)
+    except (ImportError, AttributeError):
+        return None
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def persistor(cid: str, network: dict, init_ckpt: str, prefix: str) -> dict:
@@ -54,12 +88,15 @@ def label(method: str, seed: int) -> str:
 
 
 def method_workflows(method: str, plan: MethodPlan, engine: dict, seed: int, task_check_period: float | None,
-                     evaluate: bool = True, name: str | None = None) -> tuple[list, str]:
-    """(workflows, persistor id) of one method: jobgen's training workflow under the plan, plus its scoring."""
+                     evaluate: bool = True, name: str | None = None, options: dict | None = None,
+                     lr_schedule: str = DEFAULT_LR_SCHEDULE) -> tuple[list, str]:
+    """(workflows, persistor id) of one method: jobgen's training workflow under the plan, plus its scoring.
+    options: overrides of the training workflow's arguments (e.g. {"lam": 0.5}); an argument the workflow
+    class does not take is an error."""
     if method not in jobgen.JOBS:
         raise KeyError(f"fedseg.jobgen has no job {method!r} (JOBS: {sorted(jobgen.JOBS)})")
     name = name or label(method, seed)
-    o = jobgen_options(engine, seed, plan.rounds or 1)
+    o = jobgen_options(engine, seed, plan.rounds or 1, lr_schedule)
     if plan.communications:
         o.communications = plan.communications
     if plan.visit_epochs:
@@ -71,30 +108,44 @@ def method_workflows(method: str, plan: MethodPlan, engine: dict, seed: int, tas
     args["persistor_id"] = pid
     workflow["id"] = f"{name}_{workflow['id']}"
     workflows = [workflow]
+    accepted = controller_arguments(workflow["path"])
     if method in ("fedavg", "fedprox"):
         if task_check_period:
             args["task_check_period"] = task_check_period
+        if "local_optimizer" in accepted and "local_optimizer" not in args:  # explicit, so the record states it
+            args["local_optimizer"] = controller_default(workflow["path"], "local_optimizer")
         if evaluate:
             workflows.append({"id": f"{name}_eval", "path": f"{FLOW}.BenchGlobalEval",
-                              "args": {"method": method, "persistor_id": pid, "model_file": f"{name}_global.pt"}})
+                              "args": {"method": method, "persistor_id": pid, "models": dict(FEDAVG_MODELS),
+                                       "validation_model": "global (last)"}})
     elif method in ("fedsm", "softpull"):
         args["local_epochs"] = plan.local_epochs
         args["seed"] = int(seed)
+        if "final_model" in accepted:
+            args["final_model"] = "best"
     elif method in ("fedcross", "fedcrossens"):
         args["output_dir"] = method
+        args["lr_schedule"] = lr_schedule
         if task_check_period:
             args["task_check_period"] = task_check_period
+    for key, value in (options or {}).items():
+        if accepted and key not in accepted:
+            raise ValueError(f"{name}: option {key!r} is not an argument of {workflow['path']} ({sorted(accepted)})")
+        args[key] = value
     return workflows, pid
 
 
 def build_job(out_dir: str | Path, name: str, runs: list[tuple[str, int]], plans: dict[str, MethodPlan], engine: dict,
               inits: dict[int, str | Path], hd95: bool = True, meter: bool = True, task_request_interval: float | None = 0.1,
               task_check_period: float | None = FAST_CHECK_PERIOD, warmup: bool = True, executor_args: dict | None = None,
-              min_clients: int = 1, evaluate: bool = True) -> Path:
-    """A job folder that runs the (method, seed) `runs` one after another; one run = an isolated job.
+              min_clients: int = 1, evaluate: bool = True, specs: dict[str, RunSpec] | None = None,
+              lr_schedule: str = DEFAULT_LR_SCHEDULE) -> Path:
+    """A job folder that runs the (key, seed) `runs` one after another; one run = an isolated job.
 
-    Each run starts from inits[seed] and uses the seed for its controller (FedCross schedule and models,
-    FedSM selector); the sites' engine seed is engine["seed"] for the whole job."""
+    key: a RunSpec key of `specs` (its method, protocol and controller options; plans[key] its plan) or, without
+    specs, a method name. Each run starts from inits[seed] and uses the seed for its controller (FedCross
+    schedule and models, FedSM selector); the sites' engine seed is engine["seed"] for the whole job."""
+    specs = specs or {}
     o = jobgen_options(engine, int(engine.get("seed", 0)))
     network = EngineConfig.from_dict(o.engine).network_args()
     first_seed = runs[0][1] if runs else 0
@@ -102,9 +153,12 @@ def build_job(out_dir: str | Path, name: str, runs: list[tuple[str, int]], plans
     workflows: list[dict] = []
     if warmup:
         workflows.append({"id": "bench_warmup", "path": f"{FLOW}.BenchWarmup", "args": {"persistor_id": "persistor"}})
-    for method, seed in runs:
-        name_ = label(method, seed)
-        flows, pid = method_workflows(method, plans[method], engine, seed, task_check_period, evaluate, name_)
+    for key, seed in runs:
+        spec = specs.get(key) or RunSpec(key, key)
+        method = spec.method
+        name_ = label(key, seed)
+        flows, pid = method_workflows(method, plans[key], engine, seed, task_check_period, evaluate, name_, spec.options,
+                                      lr_schedule)
         components.append(persistor(pid, network, inits[seed], name_))
         workflows.append({"id": f"start_{name_}", "path": f"{FLOW}.BenchMark", "args": {"method": name_, "phase": "start"}})
         workflows += flows
@@ -156,3 +210,16 @@ def describe(job: Path) -> dict:
     """Workflow ids of a written job (for the run record)."""
     server = json.loads((job / jobgen.APP / "config" / "config_fed_server.json").read_text())
     return {"workflows": [w["id"] for w in server["workflows"]]}
+
+
+def workflow_args(job: Path) -> dict[str, dict]:
+    """{run label: the arguments of its training workflow} of a written job (recorded with each run, so the
+    report states the settings every number was made with)."""
+    server = json.loads((job / jobgen.APP / "config" / "config_fed_server.json").read_text())
+    out: dict[str, dict] = {}
+    for w in server["workflows"]:
+        if w["path"].startswith(FLOW):
+            continue
+        name = w["id"].rsplit("_", 1)[0]  # "<label>_<jobgen's workflow id>"
+        out.setdefault(name, {k: v for k, v in w["args"].items() if k != "engine"})
+    return out

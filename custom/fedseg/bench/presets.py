@@ -1,16 +1,35 @@
-"""Benchmark presets: which datasets, seeds, budget and cost measurements a run uses.
+"""Benchmark presets: which datasets, seeds, budget, runs and cost measurements a run uses.
 
-  smoke  the test suite's end-to-end check: 2 tiny 2-D sites, 1 seed, R=1 round x E=2 epochs, no cost phase
-  quick  2 CPU cores, minutes: built-in 2-D and 3-D data (4 sites, "small"), the real polyp data
-         (Kvasir-SEG + CVC-ClinicDB, 60 cases per site) when ../shared/data/polyp exists; 3 seeds;
-         R=3 x E=2; every method and seed of a dataset runs in ONE simulator job, one after another (the
-         simulator's start-up costs ~20-30 s of CPU per job), all datasets at the same time; 3-D with
-         24^3 patches and a 3-level UNet; cost phase at small (1 epoch) and realistic (8 epochs) work per round.
-  full   a GPU machine: "medium" built-in data, all polyp cases, R=20 x E=2, 3 seeds, one simulator job
-         per method (nothing shared between methods), cost phase at 1 and 20 epochs per round.
+Every preset runs every method under both protocols (fedseg.bench.budget: "equal" steps B for all, and each
+paper's own protocol: FedSM/SoftPull 2B, FedCrossEns N*B) and reports them side by side.
+
+  smoke     the test suite's end-to-end check: 2 tiny 2-D sites, 1 seed, R=2 rounds x E=2 epochs, no cost
+            phase; numbers mean nothing
+  quick     2 CPU cores, minutes: built-in 2-D and 3-D data (4 sites, "small"), the real polyp data (2 centres,
+            60 cases each) when ../shared/data/polyp exists; 3 seeds; R=4 x E=2; every method and seed of a
+            dataset in ONE simulator job, all datasets at the same time; 3-D with 24^3 patches and a 3-level
+            UNet; cost phase. TOO SMALL TO CONCLUDE: the curves are still rising at its end.
+  standard  2 CPU cores, at most ~100 minutes, outside CI (`make bench-standard`): runs to convergence.
+            Chosen to fit: 2-D only, 64 px images, UNet 16-32-64-128 (1 residual unit), batch 4, Adam 1e-3,
+            constant LR for every method.
+              synth2d         built-in data, size "small" (4 sites, 24/16/32/12 training cases, 6/4/8/4
+                              validation, 8 test each; images 56-80 px, 64 px patches)
+              synth2d_scarce  the same sites, validation and test cases, but only the first 6 labelled
+                              training cases per site (fedseg.data.synthetic labelled_training=6)
+              polyp           Kvasir-SEG + CVC-ClinicDB (2 centres), at most 100 cases per centre
+                              (70/10/20 %), pictures downscaled to 64 px on their long side; skipped when
+                              ../shared/data/polyp is absent
+            3 seeds, R=24 rounds x E=2 epochs (E=4 on synth2d_scarce, whose sites have 2 steps per epoch),
+            every method in both protocols, the FedSM ablation on the built-in data (SoftPull lambda 0.5/0.9/1.0
+            at the paper budget; lambda 0.7 at half (equal steps) and full (paper) budget; learned routing vs
+            the oracle "personalized (own site)" row) and FedAvg/FedProx with the other local-optimizer setting
+            (item 3's measurement), NVFlare's stock CyclicRecipe/FedAvgRecipe peers when fedseg.bench.stock
+            provides them; a progress line every minute.
+  full      a GPU machine: "medium" built-in data, all polyp cases at 128 px, R=20 x E=2, 3 seeds, one simulator
+            job per method, cost phase at 1 and 20 epochs per round.
 
 Everything can be overridden on the command line (--datasets, --data-dir, --seeds, --methods, --rounds,
---epochs, --parallel, --isolate).
+--epochs, --parallel, --isolate, --protocols, --no-ablation).
 """
 
 from __future__ import annotations
@@ -19,7 +38,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedseg.bench.budget import METHODS
+from fedseg.bench.budget import METHODS, PROTOCOLS, STOCK
 
 REPO = Path(__file__).resolve().parents[3]
 SHARED_POLYP = REPO.parent / "shared" / "data" / "polyp"
@@ -43,8 +62,12 @@ class DatasetSpec:
     kind: str
     engine: dict
     source: str = ""  # folder for polyp/folder/datalist
-    options: dict = field(default_factory=dict)  # generator / converter arguments
+    options: dict = field(default_factory=dict)  # generator / converter arguments (polyp: image_size downscales)
     required: bool = True  # False: skipped with a note when the source folder is missing
+    rounds: int | None = None  # R / E of this dataset's budget (None: the preset's)
+    epochs: int | None = None
+    ablation: bool = True  # the preset's FedSM ablation and optimizer-state runs run on this dataset
+    description: str = ""
 
 
 @dataclass
@@ -73,21 +96,31 @@ class Preset:
     task_request_interval: float = 0.1  # server -> site polling period in the bench's jobs (FLARE default 2 s)
     timeout: float = 3600.0  # seconds per simulator job
     description: str = ""
+    protocols: list = field(default_factory=lambda: list(PROTOCOLS))
+    fedsm_ablation: bool = False  # FedSM with SoftPull lambda 0.5 / 0.9 / 1.0 at the paper budget
+    optimizer_measure: bool = False  # FedAvg/FedProx again with the other local_optimizer setting (item 3)
+    stock: list = field(default_factory=list)  # NVFlare's stock peers (fedseg.bench.stock), e.g. ["nvflare_cyclic"]
+    lr_schedule: str = "constant"  # FedCross/FedCrossEns LR policy: the constant rate every other method trains with
+    progress_every: float = 60.0  # seconds between progress lines
+    conclusive: bool = True  # False: the report says the numbers are too small to conclude anything
 
     def copy(self) -> "Preset":
         return copy.deepcopy(self)
 
 
-def _synth(name: str, dims: int, size: str, sites: int = 4, engine: dict | None = None) -> DatasetSpec:
+def _synth(name: str, dims: int, size: str, sites: int = 4, engine: dict | None = None, **kw) -> DatasetSpec:
     engine = engine or (ENGINE_2D if dims == 2 else ENGINE_3D)
-    return DatasetSpec(name, "synthetic", copy.deepcopy(engine), options={"n_sites": sites, "spatial_dims": dims, "size": size, "seed": 0})
+    return DatasetSpec(name, "synthetic", copy.deepcopy(engine), options={"n_sites": sites, "spatial_dims": dims, "size": size, "seed": 0},
+                       **kw)
 
 
-def _polyp(max_cases: int | None, roi: int = 96) -> DatasetSpec:
+def _polyp(max_cases: int | None, roi: int = 96, image_size: int | None = None, **kw) -> DatasetSpec:
     engine = copy.deepcopy(ENGINE_POLYP)
     engine["roi_size"] = [roi, roi]
-    return DatasetSpec("polyp", "polyp", engine, source=str(SHARED_POLYP), options={"max_cases": max_cases, "seed": 0},
-                       required=False)
+    options = {"max_cases": max_cases, "seed": 0}
+    if image_size:
+        options["image_size"] = image_size
+    return DatasetSpec("polyp", "polyp", engine, source=str(SHARED_POLYP), options=options, required=False, **kw)
 
 
 PRESETS = {
@@ -95,21 +128,37 @@ PRESETS = {
         name="smoke",
         datasets={"synth2d": DatasetSpec("synth2d", "synthetic", {**copy.deepcopy(ENGINE_2D), "roi_size": [32, 32]},
                                          options={"n_sites": 2, "spatial_dims": 2, "size": "tiny", "seed": 0})},
-        seeds=[0], rounds=1, epochs=2, cost=None, timeout=600.0,
+        seeds=[0], rounds=2, epochs=2, cost=None, timeout=600.0, conclusive=False,
         description="end-to-end check of the whole pipeline (tests/test_bench.py); numbers mean nothing",
     ),
     "quick": Preset(
         name="quick",
         datasets={"synth2d": _synth("synth2d", 2, "small"), "synth3d": _synth("synth3d", 3, "small", engine=ENGINE_3D_QUICK),
                   "polyp": _polyp(60, 64)},
-        seeds=[0, 1, 2], rounds=3, epochs=2, parallel=3, cost=CostSpec(), timeout=1800.0,
-        description="2 CPU cores in minutes: small data and budget, every method, 3 seeds",
+        seeds=[0, 1, 2], rounds=4, epochs=2, parallel=3, cost=CostSpec(), timeout=1800.0, conclusive=False,
+        description="2 CPU cores in minutes: small data and budget, every method, 3 seeds; too small to conclude",
+    ),
+    "standard": Preset(
+        name="standard",
+        datasets={
+            "synth2d": _synth("synth2d", 2, "small", description="built-in 2-D data, 4 sites, size small"),
+            "synth2d_scarce": DatasetSpec(
+                "synth2d_scarce", "synthetic", copy.deepcopy(ENGINE_2D), epochs=4,
+                options={"n_sites": 4, "spatial_dims": 2, "size": "small", "seed": 0, "labelled_training": 6},
+                description="data-scarce variant: 6 labelled training cases per site, same validation/test cases"),
+            "polyp": _polyp(100, 64, image_size=64, ablation=False,
+                            description="Kvasir-SEG + CVC-ClinicDB, <= 100 cases per centre, 64 px"),
+        },
+        seeds=[0, 1, 2], rounds=24, epochs=2, parallel=3, cost=None, timeout=3 * 3600.0,
+        fedsm_ablation=True, optimizer_measure=True, stock=list(STOCK),
+        description="2 CPU cores, <= ~100 minutes, to convergence: 64 px 2-D data (synth2d, its data-scarce variant, "
+                    "polyp), 3 seeds, R=24, both protocols, the FedSM ablation",
     ),
     "full": Preset(
         name="full",
         datasets={"synth2d": _synth("synth2d", 2, "medium"), "synth3d": _synth("synth3d", 3, "medium"), "polyp": _polyp(None, 128)},
-        seeds=[0, 1, 2], rounds=20, epochs=2, isolate=True, parallel=1,
-        cost=CostSpec(rounds=5, small_epochs=1, realistic_epochs=20), timeout=6 * 3600.0,
+        seeds=[0, 1, 2], rounds=20, epochs=2, isolate=True, parallel=1, fedsm_ablation=True, optimizer_measure=True,
+        stock=list(STOCK), cost=CostSpec(rounds=5, small_epochs=1, realistic_epochs=20), timeout=6 * 3600.0,
         description="a GPU machine: medium data, 20 rounds, one simulator job per method",
     ),
 }

@@ -2,10 +2,21 @@
 
     python -m fedseg.bench --report-only --out bench_results [--publish]
 
-Raw files (written by write_raw): results.json (run record + every cell, every method, every model, every
-site), results.csv (one row per dataset/seed/method/model/site), methods.csv (one row per dataset/seed/method:
-time, steps, traffic, memory), cost.json (FL overhead and throughput). Plots (matplotlib, Agg): Dice per
-round per method, per-site bars per dataset, FedCrossEns uncertainty against error.
+Raw files (written by write_raw): results.json (run record + every cell, every run, every model, every site),
+results.csv (one row per dataset/seed/run/model/site), methods.csv (one row per dataset/seed/run: time, steps,
+traffic, memory), cost.json (FL overhead and throughput). Plots (matplotlib, Agg): validation Dice per round
+per run (dice_per_round.png), per-site bars per dataset, FedCrossEns uncertainty against error.
+
+Every number and every sentence of the headline is computed here from the raw results; nothing is written by
+hand. What the report reads from the methods' results records (fedseg_results.json "extra"):
+  FedSM     selector_accuracy {site: share of test cases whose selector argmax is the own site} (or
+            selector_argmax_accuracy), routing {site: {model: count}} (the routing confusion matrix; "routed to
+            own model" = routing[site][site] / cases, or selector_routed_own {site: share}), selector_confusion
+            {site: {predicted site: count}} (argmax confusion, optional), gamma_sweep (per gamma the super
+            model's Dice: {gamma: dice | {site: dice} | {"dice": ..}} or {site: {gamma: ...}} or a list of
+            {"gamma": g, ...}), lam; the oracle-routed row is the model "FedSM personalized (own site)"
+  FedCrossEns  uncertainty_auroc_per_site {site: AUROC of the member std for erroneous voxels}
+  FedAvg/FedProx  models "global (best)" (headline) and "global (last)"
 """
 
 from __future__ import annotations
@@ -18,17 +29,25 @@ from pathlib import Path
 
 import numpy as np
 
-from fedseg.bench.budget import METHODS
+from fedseg.bench.budget import METHODS, PAPER_DIFFERS, STOCK
 
 NAMES = {"local": "Local only", "centralized": "Centralized", "fedavg": "FedAvg", "fedprox": "FedProx", "fedsm": "FedSM",
-         "softpull": "SoftPull", "fedcross": "FedCross", "fedcrossens": "FedCrossEns"}
-HEADLINE = {"local": "local (own site)", "centralized": "centralized", "fedavg": "global (last)", "fedprox": "global (last)",
+         "softpull": "SoftPull", "fedcross": "FedCross", "fedcrossens": "FedCrossEns",
+         "nvflare_cyclic": "NVFlare CyclicRecipe (stock)", "nvflare_fedavg": "NVFlare FedAvgRecipe (stock)"}
+HEADLINE = {"local": "local (own site)", "centralized": "centralized", "fedavg": "global (best)", "fedprox": "global (best)",
             "fedsm": "FedSM super model", "softpull": "SoftPull personalized (own site)", "fedcross": "ensemble",
-            "fedcrossens": "ensemble"}
+            "fedcrossens": "ensemble", "nvflare_cyclic": "global (last)", "nvflare_fedavg": "global (best)"}
 COLORS = {"local": "#8c8c8c", "centralized": "#000000", "fedavg": "#1f77b4", "fedprox": "#17becf", "fedsm": "#d62728",
-          "softpull": "#ff9896", "fedcross": "#9467bd", "fedcrossens": "#2ca02c"}
+          "softpull": "#ff9896", "fedcross": "#9467bd", "fedcrossens": "#2ca02c", "nvflare_cyclic": "#bcbd22",
+          "nvflare_fedavg": "#7f7f7f"}
+ORACLE_MODELS = ("FedSM personalized (own site)", "SoftPull personalized (own site)", "personalized (own site)")
+ORACLE_NOTE = "oracle routing: uses the site's identity"
+GROUPS = ("main", "stock", "ablation", "optimizer")
 PUBLISH_DIR = Path("docs") / "benchmarks"
 MB = 1e6
+BEAT_MARGIN = 0.02  # "beats FedAvg by at least 2 Dice points"
+MATCH_MARGIN = 0.01  # "FedCross matches the stock cyclic workflow": at most 1 Dice point below it
+FLAT_TAIL, FLAT_GAIN = 0.25, 0.01  # flattened: the last 25% of a curve improve the validation Dice by < 0.01
 
 
 # ---- small helpers -----------------------------------------------------------------------------------------
@@ -58,6 +77,11 @@ def _pm(values, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if len([v for v in values if _finite(v)]) > 1 else f"{m:.{digits}f}"
 
 
+def _pts(x) -> str:
+    """A Dice difference in Dice points (x 100), signed."""
+    return f"{100 * x:+.1f}" if _finite(x) else "-"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -66,6 +90,74 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def site_mean(per_site: dict, key: str = "dice") -> float:
     return _mean([v.get(key) for v in per_site.values() if isinstance(v, dict)])
+
+
+# ---- runs: key, method, protocol, group ------------------------------------------------------------------
+def run_info(key: str, rec: dict) -> dict:
+    """method / protocol / group / options of a run record (records older than the two protocols: the key is
+    the method, equal steps, main group)."""
+    method = rec.get("method") if rec.get("method") in NAMES else key
+    return {"key": key, "method": method, "protocol": rec.get("protocol", "equal"), "group": rec.get("group", "main"),
+            "options": rec.get("options") or {}}
+
+
+def local_optimizer_of(rec: dict) -> str | None:
+    return (rec.get("options") or {}).get("local_optimizer") or (rec.get("workflow_args") or {}).get("local_optimizer")
+
+
+def run_name(key: str, rec: dict) -> str:
+    i = run_info(key, rec)
+    base = NAMES.get(i["method"], i["method"])
+    if i["group"] == "ablation":
+        lam = i["options"].get("lam")
+        return f"{base} λ={lam} ({'full' if i['protocol'] == 'paper' else 'half'} budget per network)"
+    if i["group"] == "optimizer":
+        return f"{base} (local optimizer {i['options'].get('local_optimizer')})"
+    return base + (" (paper protocol)" if i["protocol"] == "paper" else "")
+
+
+def _first_rec(cells: list[dict], key: str) -> dict:
+    return next((c["methods"][key] for c in cells if key in c.get("methods", {})), {})
+
+
+def run_keys(cells: list[dict], groups=GROUPS) -> list[str]:
+    """Every run key present, ordered: group, method (METHODS order, stock last), protocol."""
+    found = {}
+    for c in cells:
+        for k, rec in c.get("methods", {}).items():
+            found.setdefault(k, run_info(k, rec))
+    order = list(METHODS) + list(STOCK)
+
+    def sort_key(k):
+        i = found[k]
+        return (GROUPS.index(i["group"]) if i["group"] in GROUPS else 9,
+                order.index(i["method"]) if i["method"] in order else 99, i["protocol"] != "equal", k)
+
+    return sorted((k for k in found if found[k]["group"] in groups), key=sort_key)
+
+
+def method_order(cells: list[dict]) -> list[str]:
+    """The main runs under equal steps (one per method) and the stock peers, in METHODS order."""
+    return [k for k in run_keys(cells, ("main", "stock")) if _first_rec(cells, k).get("protocol", "equal") == "equal"]
+
+
+def protocol_rows(cells: list[dict], protocol: str) -> list[tuple[str, bool]]:
+    """(run key, shared) of one protocol's table: equal steps = every method's equal-steps run; paper = the
+    "<method>-paper" run where the method has one, else its equal-steps run (shared=True: its own protocol is
+    the equal-steps plan, the same run serves both tables). NVFlare's stock peers in both."""
+    main = method_order(cells)
+    if protocol == "equal":
+        return [(k, False) for k in main]
+    keys = set(run_keys(cells))
+    out = []
+    for k in main:
+        method = run_info(k, _first_rec(cells, k))["method"]
+        paper = f"{k}-paper"
+        if method in PAPER_DIFFERS and paper in keys:
+            out.append((paper, False))
+        elif method not in PAPER_DIFFERS:
+            out.append((k, True))
+    return out
 
 
 # ---- raw files ---------------------------------------------------------------------------------------------
@@ -82,39 +174,46 @@ def _slim(cell: dict) -> dict:
     return cell
 
 
-def write_raw(raw: Path, cells: list[dict], run_info: dict) -> None:
+def write_raw(raw: Path, cells: list[dict], run_info_: dict) -> None:
     raw.mkdir(parents=True, exist_ok=True)
     cells = [_slim(c) for c in cells]
-    (raw / "results.json").write_text(json.dumps({"run": run_info, "cells": cells}, indent=1, default=str))
+    (raw / "results.json").write_text(json.dumps({"run": run_info_, "cells": cells}, indent=1, default=str))
     with open(raw / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["dataset", "seed", "method", "model", "headline", "site", "dice", "dice_std_over_cases", "n_cases", "hd95"])
+        w.writerow(["dataset", "seed", "run", "method", "protocol", "model", "headline", "site", "dice",
+                    "dice_std_over_cases", "n_cases", "hd95"])
         for cell in cells:
-            for m, rec in cell.get("methods", {}).items():
+            for k, rec in cell.get("methods", {}).items():
+                i = run_info(k, rec)
                 for model, per_site in ((rec.get("results") or {}).get("models") or {}).items():
                     for site, v in sorted(per_site.items()):
-                        w.writerow([cell["dataset"], cell["seed"], m, model, model == rec.get("headline_model"), site,
-                                    _fmt(v.get("dice"), 4), _fmt(v.get("dice_std"), 4), v.get("n_cases"), _fmt(v.get("hd95"), 3)])
+                        w.writerow([cell["dataset"], cell["seed"], k, i["method"], i["protocol"], model,
+                                    model == rec.get("headline_model"), site, _fmt(v.get("dice"), 4),
+                                    _fmt(v.get("dice_std"), 4), v.get("n_cases"), _fmt(v.get("hd95"), 3)])
     with open(raw / "methods.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["dataset", "seed", "method", "status", "mean_dice", "mean_hd95", "wall_seconds", "seg_steps",
-                    "planned_seg_steps", "selector_steps", "mb_in_per_site_round", "mb_out_per_site_round",
-                    "peak_rss_mb_max_site", "server_peak_rss_mb"])
+        w.writerow(["dataset", "seed", "run", "method", "protocol", "group", "status", "mean_dice", "mean_hd95",
+                    "wall_seconds", "cpu_seconds", "seg_steps", "planned_seg_steps", "budget_steps", "selector_steps",
+                    "mb_in_per_site_round", "mb_out_per_site_round", "peak_rss_mb_max_site", "server_peak_rss_mb"])
         for cell in cells:
             rounds = (cell.get("budget") or {}).get("rounds") or 1
-            for m, rec in cell.get("methods", {}).items():
+            for k, rec in cell.get("methods", {}).items():
+                i = run_info(k, rec)
                 row = method_summary(rec, rounds)
-                w.writerow([cell["dataset"], cell["seed"], m, rec.get("status"), _fmt(row["dice"], 4), _fmt(row["hd95"], 3),
-                            _fmt(rec.get("wall_seconds"), 2), rec.get("seg_steps"), (rec.get("plan") or {}).get("seg_steps_total"),
+                w.writerow([cell["dataset"], cell["seed"], k, i["method"], i["protocol"], i["group"], rec.get("status"),
+                            _fmt(row["dice"], 4), _fmt(row["hd95"], 3), _fmt(rec.get("wall_seconds"), 2),
+                            _fmt(rec.get("cpu_seconds"), 2), rec.get("seg_steps"),
+                            (rec.get("plan") or {}).get("seg_steps_total"), (cell.get("budget") or {}).get("total_steps"),
                             rec.get("selector_steps", ""), _fmt(row["mb_in"], 4), _fmt(row["mb_out"], 4),
                             _fmt(row["peak_rss_mb"], 1), _fmt(row["server_rss_mb"], 1)])
-    (raw / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
+    (raw / "run.json").write_text(json.dumps(run_info_, indent=1, default=str))
 
 
-def method_summary(rec: dict, rounds: int) -> dict:
-    """Headline numbers of one method in one cell."""
+def method_summary(rec: dict, rounds: int, model: str | None = None) -> dict:
+    """Headline numbers of one run in one cell (`model`: another of its models instead of the headline)."""
     models = (rec.get("results") or {}).get("models") or {}
-    per_site = models.get(rec.get("headline_model") or HEADLINE.get(rec.get("method"), ""), {})
+    name = model or rec.get("headline_model") or HEADLINE.get(rec.get("method"), "")
+    per_site = models.get(name, {})
     traffic = rec.get("traffic") or {}
     memory = [v for v in (rec.get("memory") or {}).values() if _finite(v)]
     return {
@@ -145,49 +244,97 @@ def by_dataset(cells: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def method_order(cells: list[dict]) -> list[str]:
-    present = {m for c in cells for m in c.get("methods", {})}
-    return [m for m in METHODS if m in present]
-
-
-def aggregate(cells: list[dict], method: str) -> dict:
-    """Over the seeds of one dataset: lists of per-seed values of one method."""
-    agg: dict = {"dice": [], "hd95": [], "wall": [], "cpu": [], "steps": [], "planned": [], "selector_steps": [], "mb_in": [],
-                 "mb_out": [], "rss": [], "server_rss": [], "per_site": {}, "per_site_hd95": {}, "per_site_case_std": {},
-                 "status": [], "seeds": [], "errors": []}
+def aggregate(cells: list[dict], key: str, model: str | None = None) -> dict:
+    """Over the seeds of one dataset: lists of per-seed values of one run (its headline model, or `model`)."""
+    agg: dict = {"dice": [], "hd95": [], "wall": [], "cpu": [], "steps": [], "planned": [], "budget": [], "ratio": [],
+                 "selector_steps": [], "mb_in": [], "mb_out": [], "rss": [], "server_rss": [], "per_site": {},
+                 "per_site_hd95": {}, "per_site_case_std": {}, "status": [], "seeds": [], "errors": []}
     for c in cells:
-        rec = c.get("methods", {}).get(method)
+        rec = c.get("methods", {}).get(key)
         if rec is None:
             continue
         agg["status"].append(rec.get("status"))
         if rec.get("status") not in ("ok", "partial"):
             agg["errors"].append(rec.get("error", ""))
             continue
-        s = method_summary(rec, (c.get("budget") or {}).get("rounds") or 1)
+        s = method_summary(rec, (c.get("budget") or {}).get("rounds") or 1, model)
+        if model and not s["per_site"]:
+            continue
         agg["seeds"].append(c["seed"])
-        for key, src in (("dice", "dice"), ("hd95", "hd95"), ("mb_in", "mb_in"), ("mb_out", "mb_out"),
-                         ("rss", "peak_rss_mb"), ("server_rss", "server_rss_mb")):
-            agg[key].append(s[src])
+        for k, src in (("dice", "dice"), ("hd95", "hd95"), ("mb_in", "mb_in"), ("mb_out", "mb_out"),
+                       ("rss", "peak_rss_mb"), ("server_rss", "server_rss_mb")):
+            agg[k].append(s[src])
+        b = (c.get("budget") or {}).get("total_steps")
         agg["wall"].append(rec.get("wall_seconds"))
         agg["cpu"].append(rec.get("cpu_seconds"))
         agg["steps"].append(rec.get("seg_steps"))
         agg["planned"].append((rec.get("plan") or {}).get("seg_steps_total"))
+        agg["budget"].append(b)
+        agg["ratio"].append(rec["seg_steps"] / b if _finite(rec.get("seg_steps")) and b else float("nan"))
         agg["selector_steps"].append(rec.get("selector_steps"))
-        for key in ("per_site", "per_site_hd95", "per_site_case_std"):
-            for site, v in s[key].items():
-                agg[key].setdefault(site, []).append(v)
+        for k in ("per_site", "per_site_hd95", "per_site_case_std"):
+            for site, v in s[k].items():
+                agg[k].setdefault(site, []).append(v)
     return agg
 
 
-def all_models(cells: list[dict], method: str) -> dict[str, dict[str, list]]:
-    """{model: {site: [dice per seed]}} for every model a method reports."""
+def all_models(cells: list[dict], key: str) -> dict[str, dict[str, list]]:
+    """{model: {site: [dice per seed]}} for every model a run reports."""
     out: dict[str, dict[str, list]] = {}
     for c in cells:
-        rec = c.get("methods", {}).get(method) or {}
+        rec = c.get("methods", {}).get(key) or {}
         for model, per_site in ((rec.get("results") or {}).get("models") or {}).items():
             for site, v in per_site.items():
                 out.setdefault(model, {}).setdefault(site, []).append(v.get("dice"))
     return out
+
+
+def _budget_multiple(rec: dict, cell: dict) -> float:
+    plan = rec.get("plan") or {}
+    if _finite(plan.get("budget_multiple")):
+        return float(plan["budget_multiple"])
+    b = (cell.get("budget") or {}).get("total_steps")
+    return plan["seg_steps_total"] / b if b and _finite(plan.get("seg_steps_total")) else 1.0
+
+
+def mean_curve(cells: list[dict], key: str, budget_axis: bool = False) -> list[tuple[float, float]]:
+    """A run's validation curve, mean over seeds per point (x: share of its own plan, or with budget_axis the
+    share of the budget B, so that a 2B run ends at 2)."""
+    points: dict[float, list[float]] = {}
+    for c in cells:
+        rec = c.get("methods", {}).get(key) or {}
+        scale = _budget_multiple(rec, c) if budget_axis else 1.0
+        for x, y in rec.get("curve") or []:
+            if _finite(y):
+                points.setdefault(round(float(x) * scale, 4), []).append(float(y))
+    return [(x, float(np.mean(points[x]))) for x in sorted(points)]
+
+
+def flattened(curve: list[tuple[float, float]], tail: float = FLAT_TAIL, tol: float = FLAT_GAIN) -> tuple[bool | None, float]:
+    """(flattened?, gain): gain = the validation Dice at the end (mean of the last two points) minus at the
+    start of the curve's last `tail` share (mean of the point there and the one before); flattened when the
+    gain is below tol. None when the curve has fewer than 4 points."""
+    if len(curve) < 4:
+        return None, float("nan")
+    xs = [x for x, _ in curve]
+    ys = [y for _, y in curve]
+    cut = xs[-1] - tail * (xs[-1] - xs[0])
+    ref = max(i for i, x in enumerate(xs) if x <= cut + 1e-9)
+    ref = min(ref, len(xs) - 3)
+    gain = float(np.mean(ys[-2:]) - np.mean(ys[max(ref - 1, 0): ref + 1]))
+    return gain < tol, gain
+
+
+def _flat_text(cells: list[dict], key: str) -> str:
+    flat, gain = flattened(mean_curve(cells, key))
+    if flat is None:
+        return "- (too few points)"
+    return f"{'yes' if flat else '**no**'} ({_pts(gain)})"
+
+
+def _steps_text(a: dict) -> str:
+    r = _mean(a["ratio"])
+    return f"{_fmt(_mean(a['steps']), 0)} / {_fmt(_mean(a['budget']), 0)} = {r:.2g}B" if _finite(r) else "-"
 
 
 # ---- plots -------------------------------------------------------------------------------------------------
@@ -200,31 +347,36 @@ def _plt():
     return plt
 
 
+def _plotted_runs(cells: list[dict]) -> list[str]:
+    """The runs drawn in the curves and bars: every method's equal-steps run, the paper-protocol runs, stock."""
+    keys = [k for k, _ in protocol_rows(cells, "equal")]
+    return keys + [k for k, shared in protocol_rows(cells, "paper") if not shared and k not in keys]
+
+
 def plot_curves(cells_by_ds: dict[str, list[dict]], path: Path) -> Path | None:
     plt = _plt()
     names = list(cells_by_ds)
     if not names:
         return None
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(6.0 * len(names), 4.4), squeeze=False)
     for ax, ds in zip(axes[0], names):
         cells = cells_by_ds[ds]
-        for m in method_order(cells):
-            points: dict[float, list[float]] = {}
-            for c in cells:
-                for x, y in (c.get("methods", {}).get(m) or {}).get("curve") or []:
-                    if _finite(y):
-                        points.setdefault(round(float(x), 4), []).append(float(y))
-            if not points:
+        for k in _plotted_runs(cells):
+            rec = _first_rec(cells, k)
+            i = run_info(k, rec)
+            curve = mean_curve(cells, k, budget_axis=True)
+            if not curve:
                 continue
-            xs = sorted(points)
-            ys = [np.mean(points[x]) for x in xs]
-            ax.plot(xs, ys, marker="o", ms=3, label=NAMES[m], color=COLORS[m], lw=1.6)
+            flat, _ = flattened(mean_curve(cells, k))
+            mark = "" if flat in (True, None) else " (not flat)"
+            ax.plot([x for x, _ in curve], [y for _, y in curve], marker="o", ms=2, lw=1.4, color=COLORS.get(i["method"]),
+                    ls="--" if i["protocol"] == "paper" else "-", label=run_name(k, rec) + mark)
         ax.set_title(f"{ds}: validation Dice during training")
-        ax.set_xlabel("fraction of the training budget used")
-        ax.set_ylabel("mean Dice over sites (mean over seeds)")
+        ax.set_xlabel("segmentation steps used / budget B (dashed: paper protocol)")
+        ax.set_ylabel("mean validation Dice over sites (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -233,26 +385,28 @@ def plot_curves(cells_by_ds: dict[str, list[dict]], path: Path) -> Path | None:
 
 def plot_site_bars(ds: str, cells: list[dict], path: Path) -> Path | None:
     plt = _plt()
-    methods = method_order(cells)
-    aggs = {m: aggregate(cells, m) for m in methods}
+    keys = _plotted_runs(cells)
+    aggs = {k: aggregate(cells, k) for k in keys}
     sites = sorted({s for a in aggs.values() for s in a["per_site"]})
     if not sites:
         return None
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * (len(sites) + 1) + 2), 4.0))
-    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.2 * (len(sites) + 1) + 2), 4.2))
+    width = 0.8 / max(len(keys), 1)
     groups = sites + ["mean"]
-    for i, m in enumerate(methods):
-        a = aggs[m]
+    for i, k in enumerate(keys):
+        a, info = aggs[k], run_info(k, _first_rec(cells, k))
         means = [_mean(a["per_site"].get(s, [])) for s in sites] + [_mean(a["dice"])]
         stds = [_std(a["per_site"].get(s, [])) for s in sites] + [_std(a["dice"])]
-        xs = np.arange(len(groups)) + (i - (len(methods) - 1) / 2) * width
-        ax.bar(xs, np.nan_to_num(means), width, yerr=np.nan_to_num(stds), label=NAMES[m], color=COLORS[m], capsize=2)
+        xs = np.arange(len(groups)) + (i - (len(keys) - 1) / 2) * width
+        ax.bar(xs, np.nan_to_num(means), width, yerr=np.nan_to_num(stds), label=run_name(k, _first_rec(cells, k)),
+               color=COLORS.get(info["method"]), capsize=2, hatch="//" if info["protocol"] == "paper" else None,
+               edgecolor="white" if info["protocol"] == "paper" else None)
     ax.set_xticks(np.arange(len(groups)))
     ax.set_xticklabels(groups)
     ax.set_ylabel("test Dice (mean ± std over seeds)")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{ds}: per-site test Dice of each method's headline model")
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    ax.set_title(f"{ds}: per-site test Dice of each run's headline model (hatched: paper protocol)")
+    ax.legend(fontsize=6, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -260,10 +414,10 @@ def plot_site_bars(ds: str, cells: list[dict], path: Path) -> Path | None:
     return path
 
 
-def uncertainty_points(cells: list[dict]) -> tuple[list[float], list[float], list[str], dict]:
+def uncertainty_points(cells: list[dict], key: str = "fedcrossens") -> tuple[list[float], list[float], list[str], dict]:
     xs, ys, sites, sums = [], [], [], {"wrong": [], "right": []}
     for c in cells:
-        rec = c.get("methods", {}).get("fedcrossens") or {}
+        rec = c.get("methods", {}).get(key) or {}
         res = rec.get("results") or {}
         extra = res.get("extra") or {}
         ens = (res.get("models") or {}).get("ensemble") or {}
@@ -306,37 +460,621 @@ def plot_uncertainty(cells_by_ds: dict[str, list[dict]], path: Path) -> Path | N
     return path
 
 
-# ---- the markdown ------------------------------------------------------------------------------------------
-def _headline_sentences(ds: str, cells: list[dict]) -> list[str]:
-    aggs = {m: aggregate(cells, m) for m in method_order(cells)}
-    mean = {m: _mean(a["dice"]) for m, a in aggs.items() if a["dice"]}
+
+
+# ---- FedSM selector, gamma sweep, ablation; FedCrossEns AUROC; optimizer state; stock peers ----------------
+def _first_key(d: dict, *names):
+    for n in names:
+        if isinstance(d.get(n), dict) and d.get(n):
+            return d[n]
+    return None
+
+
+def selector_stats(extra: dict, sites: list[str]) -> dict[str, dict]:
+    """{site: {"argmax_own", "routed_own", "routed_global", "cases"}} from a FedSM results record's extra."""
+    argmax = _first_key(extra, "selector_argmax_accuracy", "argmax_own_site", "selector_argmax_own_site", "selector_accuracy") or {}
+    routed = _first_key(extra, "selector_routed_own", "routed_to_own_model", "selector_routed_own_model") or {}
+    routing = extra.get("routing") or {}
+    out = {}
+    for s in sites:
+        counts = routing.get(s) or {}
+        n = sum(v for v in counts.values() if _finite(v))
+        out[s] = {"argmax_own": argmax.get(s),
+                  "routed_own": routed.get(s) if _finite(routed.get(s)) else (counts.get(s, 0) / n if n else float("nan")),
+                  "routed_global": counts.get("global", 0) / n if n else float("nan"), "cases": n}
+    return out
+
+
+def gamma_sweep(extra: dict) -> dict[float, dict[str, float]]:
+    """The super model's Dice per gamma: {gamma: {site or "mean": dice}} from the accepted layouts (see the
+    module docstring); {} when the record has no sweep."""
+    raw = extra.get("gamma_sweep")
+    if not raw:
+        return {}
+
+    def dice(v):
+        if _finite(v):
+            return float(v)
+        if isinstance(v, dict):
+            for k in ("dice", "super_dice", "mean_dice", "super"):
+                if _finite(v.get(k)):
+                    return float(v[k])
+                if isinstance(v.get(k), dict) and _finite(v[k].get("dice")):
+                    return float(v[k]["dice"])
+        return None
+
+    def as_float(k):
+        try:
+            return float(k)
+        except (TypeError, ValueError):
+            return None
+
+    out: dict[float, dict[str, float]] = {}
+    if isinstance(raw, list):
+        for row in raw:
+            g = as_float(row.get("gamma")) if isinstance(row, dict) else None
+            if g is None:
+                continue
+            per_site = row.get("per_site") if isinstance(row.get("per_site"), dict) else {}
+            out[g] = {s: d for s, v in per_site.items() if (d := dice(v)) is not None}
+            if dice(row) is not None:
+                out[g]["mean"] = dice(row)
+    elif isinstance(raw, dict) and all(as_float(k) is not None for k in raw):
+        for k, v in raw.items():
+            g = as_float(k)
+            if dice(v) is not None:
+                out[g] = {"mean": dice(v)}
+            elif isinstance(v, dict):
+                out[g] = {s: d for s, x in v.items() if (d := dice(x)) is not None}
+    elif isinstance(raw, dict):  # {site: {gamma: ...}}
+        for site, per_gamma in raw.items():
+            if isinstance(per_gamma, dict):
+                for k, v in per_gamma.items():
+                    if as_float(k) is not None and dice(v) is not None:
+                        out.setdefault(as_float(k), {})[site] = dice(v)
+    for g, row in out.items():
+        if "mean" not in row and row:
+            row["mean"] = _mean(list(row.values()))
+    return dict(sorted(out.items()))
+
+
+def _fedsm_keys(cells: list[dict]) -> list[str]:
+    return [k for k in run_keys(cells) if run_info(k, _first_rec(cells, k))["method"] == "fedsm"]
+
+
+def fedsm_section(ds: str, cells: list[dict], sites: list[str]) -> list[str]:
+    L: list[str] = []
+    keys = _fedsm_keys(cells)
+    if not keys:
+        return L
+    rows = []
+    for k in keys:
+        stats = [selector_stats(((c["methods"].get(k) or {}).get("results") or {}).get("extra") or {}, sites)
+                 for c in cells if k in c.get("methods", {})]
+        if not any(st[s]["cases"] for st in stats for s in sites):
+            continue
+        row = [run_name(k, _first_rec(cells, k))]
+        for s in sites:
+            row.append(f"{_fmt(_mean([st[s]['argmax_own'] for st in stats]))} / {_fmt(_mean([st[s]['routed_own'] for st in stats]))}"
+                       f" / {_fmt(_mean([st[s]['routed_global'] for st in stats]))}")
+        row.append(_fmt(min((_mean([st[s]["argmax_own"] for st in stats]) for s in sites), default=float("nan"))))
+        rows.append(row)
+    if rows:
+        L += [f"**FedSM selector on {ds}'s test cases** (mean over seeds): share whose selector argmax is the own site / "
+              "share routed to the own personalized model / share routed to the global model (confidence below gamma). "
+              "Only \"routed to own model\" is what the super model uses; the argmax alone is not enough when the "
+              "confidence stays below gamma.", "",
+              _table(["run"] + [f"{s}: argmax own / routed own / global" for s in sites] + ["lowest argmax-own"], rows), ""]
+    for k in keys[:2]:  # the routing confusion matrix of FedSM under equal steps and under its own protocol
+        total: dict[str, dict[str, float]] = {}
+        for c in cells:
+            extra = (((c["methods"].get(k) or {}).get("results") or {}).get("extra") or {})
+            for s, counts in (extra.get("routing") or {}).items():
+                for model, n in (counts or {}).items():
+                    if _finite(n):
+                        total.setdefault(s, {}).setdefault(model, 0.0)
+                        total[s][model] += n
+        if total:
+            cols = sites + ["global"]
+            L += [f"Routing confusion matrix, {run_name(k, _first_rec(cells, k))} (test cases summed over seeds; row: the "
+                  "site a case comes from, column: the model the super model used):", "",
+                  _table(["from \\ routed to"] + cols, [[s] + [_fmt(total.get(s, {}).get(m, 0), 0) for m in cols] for s in sites]), ""]
+        confusion: dict[str, dict[str, float]] = {}
+        for c in cells:
+            extra = (((c["methods"].get(k) or {}).get("results") or {}).get("extra") or {})
+            for s, counts in (_first_key(extra, "selector_confusion", "argmax_confusion") or {}).items():
+                for model, n in (counts or {}).items():
+                    if _finite(n):
+                        confusion.setdefault(s, {}).setdefault(model, 0.0)
+                        confusion[s][model] += n
+        if confusion:
+            L += [f"Selector argmax confusion matrix, {run_name(k, _first_rec(cells, k))} (summed over seeds; row: true site, "
+                  "column: the selector's most probable site, whatever its confidence):", "",
+                  _table(["true \\ argmax"] + sites, [[s] + [_fmt(confusion.get(s, {}).get(m, 0), 0) for m in sites] for s in sites]), ""]
+    for k in keys[:2]:
+        sweeps = [gamma_sweep((((c["methods"].get(k) or {}).get("results") or {}).get("extra") or {})) for c in cells
+                  if k in c.get("methods", {})]
+        gammas = sorted({g for sw in sweeps for g in sw})
+        if gammas:
+            rows = [[_fmt(g, 2)] + [_fmt(_mean([sw.get(g, {}).get(s) for sw in sweeps])) for s in sites] +
+                    [_pm([sw.get(g, {}).get("mean") for sw in sweeps])] for g in gammas]
+            L += [f"Gamma sweep, {run_name(k, _first_rec(cells, k))}: the super model's test Dice for every gamma, from one "
+                  "pass of the selector (gamma = 1: global model only; mean over seeds):", "",
+                  _table(["gamma"] + sites + ["mean over sites"], rows), ""]
+    return L
+
+
+def ablation_section(ds: str, cells: list[dict]) -> list[str]:
+    """FedSM ablation: SoftPull lambda, half vs full budget per network, learned vs oracle routing."""
+    keys = [k for k in run_keys(cells) if run_info(k, _first_rec(cells, k))["method"] in ("fedsm", "softpull")]
+    if not any(run_info(k, _first_rec(cells, k))["group"] == "ablation" for k in keys):
+        return []
+    rows = []
+    for k in keys:
+        rec = _first_rec(cells, k)
+        i = run_info(k, rec)
+        extra = (rec.get("results") or {}).get("extra") or {}
+        lam = i["options"].get("lam", extra.get("lam"))
+        budget = "full (E per network, 2B)" if i["protocol"] == "paper" else "half (E/2 per network, B)"
+        learned = aggregate(cells, k, "FedSM super model") if i["method"] == "fedsm" else None
+        oracle = aggregate(cells, k, "FedSM personalized (own site)" if i["method"] == "fedsm" else "SoftPull personalized (own site)")
+        glob = aggregate(cells, k, "FedSM global" if i["method"] == "fedsm" else "SoftPull global")
+        routed = [_mean([st["routed_own"] for st in selector_stats(((c["methods"].get(k) or {}).get("results") or {}).get("extra") or {},
+                                                                       c.get("sites", [])).values()])
+                  for c in cells if k in c.get("methods", {})] if i["method"] == "fedsm" else []
+        rows.append([NAMES[i["method"]], _fmt(lam, 2), budget, _pm(learned["dice"]) if learned else "- (no selector)",
+                     _pm(oracle["dice"]), _pm(glob["dice"]), _fmt(_mean(routed)) if routed else "-"])
+    return [f"**FedSM ablation on {ds}** (mean ± std over seeds of the mean test Dice over sites). Learned routing: the "
+            "super model (selector + gamma); oracle routing: every site's own personalized model, which uses the site's "
+            "identity (not available to a deployed super model for an image of unknown origin). λ: SoftPull weight of a "
+            "site's own model (1 = purely local personalized models).", "",
+            _table(["method", "λ", "budget per network", "super model (learned routing)",
+                    f"personalized (own site) ({ORACLE_NOTE})", "global model", "routed to own model"], rows), ""]
+
+
+def auroc_section(ds: str, cells: list[dict], sites: list[str]) -> list[str]:
+    keys = [k for k in run_keys(cells) if run_info(k, _first_rec(cells, k))["method"] == "fedcrossens"]
+    rows = []
+    for k in keys:
+        vals = [((((c["methods"].get(k) or {}).get("results") or {}).get("extra") or {}).get("uncertainty_auroc_per_site") or {})
+                for c in cells if k in c.get("methods", {})]
+        if not any(vals):
+            continue
+        rows.append([run_name(k, _first_rec(cells, k))] + [_pm([v.get(s) for v in vals]) for s in sites] +
+                    [_pm([_mean(list(v.values())) for v in vals if v])])
+    if not rows:
+        return []
+    return [f"**FedCrossEns uncertainty quality on {ds}**: voxel-level AUROC of the ensemble's per-voxel std (members' "
+            "foreground probability) for finding the wrongly segmented voxels of each site's test cases (0.5 = no better "
+            "than chance; mean ± std over seeds):", "", _table(["run"] + sites + ["mean over sites"], rows), ""]
+
+
+def optimizer_rows(cells: list[dict]) -> list[tuple[str, dict[str, list], list]]:
+    """(method, {setting: [mean test Dice per seed]}, [keep - fresh per seed]) for FedAvg/FedProx when both
+    local-optimizer settings ran."""
     out = []
-    if not mean:
-        return out
-    ranked = sorted(mean, key=lambda m: -mean[m])
-    spread = mean[ranked[0]] - mean[ranked[-1]]
-    seed_std = _mean([_std(a["dice"]) for a in aggs.values() if len(a["dice"]) > 1])
-    if mean[ranked[0]] < 0.35 or (_finite(seed_std) and spread < 2 * seed_std):
-        out.append(f"**{ds}: no conclusion at this budget** — every method is at {mean[ranked[-1]]:.2f}–{mean[ranked[0]]:.2f} "
-                   f"mean Dice (seed std ≈ {seed_std:.2f}): the networks have barely started to learn; this dataset needs the "
-                   "full preset's budget. Its time, traffic and memory numbers are still measured.")
-        return out
-    out.append(f"**{ds}**: best {NAMES[ranked[0]]} {mean[ranked[0]]:.3f}; worst {NAMES[ranked[-1]]} {mean[ranked[-1]]:.3f} "
-               f"(order: " + " > ".join(f"{NAMES[m]} {mean[m]:.3f}" for m in ranked) + ").")
-    if "centralized" in mean and "fedavg" in mean:
-        gap = mean["centralized"] - mean["fedavg"]
-        if gap > 0.005:
-            closed = [f"{NAMES[m]} {100 * (mean[m] - mean['fedavg']) / gap:+.0f}%" for m in ("fedsm", "softpull", "fedcrossens", "fedcross", "fedprox")
-                      if m in mean]
-            out.append(f"Centralized − FedAvg gap {gap:+.3f}; share of that gap closed: " + ", ".join(closed) +
-                       " (100% = as good as centralized; negative = worse than FedAvg).")
-        else:
-            out.append(f"FedAvg is within {abs(gap):.3f} of (or above) centralized here: there is no gap for FedSM/FedCrossEns to close.")
+    for method in ("fedavg", "fedprox"):
+        by: dict[str, dict[int, float]] = {}
+        for c in cells:
+            for k, rec in c.get("methods", {}).items():
+                i = run_info(k, rec)
+                if i["method"] != method or i["protocol"] != "equal" or i["group"] not in ("main", "optimizer"):
+                    continue
+                setting = local_optimizer_of(rec)
+                if setting and rec.get("status") in ("ok", "partial"):
+                    by.setdefault(setting, {})[c["seed"]] = method_summary(rec, 1)["dice"]
+        if {"fresh", "keep"} <= set(by):
+            diffs = [by["keep"][s] - by["fresh"][s] for s in by["keep"] if s in by["fresh"]]
+            out.append((method, {k: list(v.values()) for k, v in by.items()}, diffs))
+    return out
+
+
+def optimizer_section(ds: str, cells: list[dict]) -> list[str]:
+    rows = optimizer_rows(cells)
+    if not rows:
+        return []
+    table = [[NAMES[m], _pm(v["fresh"]), _pm(v["keep"]), f"{_pts(_mean(d))} ± {100 * _std(d):.1f}"] for m, v, d in rows]
+    return [f"**Local optimizer state on {ds}** (item 3): FedAvg/FedProx sites start every round with a fresh Adam "
+            "(\"fresh\") or keep their own Adam moments from round to round (\"keep\", as NVFlare's own learners do); "
+            "mean test Dice of the best-validated global model, mean ± std over seeds, and the paired difference in Dice "
+            "points:", "", _table(["method", "fresh", "keep", "keep − fresh (points)"], table), ""]
+
+
+def stock_section(ds: str, cells: list[dict], sites: list[str]) -> list[str]:
+    pairs = [("fedcross", "nvflare_cyclic"), ("fedavg", "nvflare_fedavg")]
+    rows = []
+    for ours, stock in pairs:
+        if not any(stock in c.get("methods", {}) for c in cells):
+            continue
+        for key in (ours, stock):
+            rec = _first_rec(cells, key)
+            for model in ((rec.get("results") or {}).get("models") or {}):
+                if model.startswith("member"):
+                    continue
+                a = aggregate(cells, key, model)
+                if not a["dice"] and (rec.get("status") not in ("ok", "partial")):
+                    rows.append([NAMES.get(key, key), model, *["-"] * len(sites), f"{rec.get('status')}: {(rec.get('error') or '')[:80]}", "-"])
+                    break
+                if a["dice"]:
+                    rows.append([NAMES.get(key, key), model + (" (headline)" if model == rec.get("headline_model") else ""),
+                                 *[_fmt(_mean(a["per_site"].get(s, []))) for s in sites], _pm(a["dice"]), _steps_text(a)])
+            if not rec:
+                rows.append([NAMES.get(key, key), "-", *["-"] * len(sites), "not run", "-"])
+    if not rows:
+        return []
+    return [f"**NVFlare's stock workflows on {ds}** (CyclicRecipe / FedAvgRecipe through a Client API script on FedSeg's "
+            "engine, same data, initial checkpoint, seeds and budget; fedseg.bench.stock). The stock Cyclic keeps no "
+            "best model: its last model is its headline.", "",
+            _table(["workflow", "model"] + sites + ["mean over sites", "steps used / B"], rows), ""]
+
+
+def compare(cells: list[dict], a: str, b: str) -> tuple[float, float, float, list[float]]:
+    """(mean Dice of run a, of run b, a - b, paired per-seed differences)."""
+    aa, bb = aggregate(cells, a), aggregate(cells, b)
+    da = dict(zip(aa["seeds"], aa["dice"]))
+    db = dict(zip(bb["seeds"], bb["dice"]))
+    paired = [da[s] - db[s] for s in da if s in db and _finite(da[s]) and _finite(db[s])]
+    return _mean(aa["dice"]), _mean(bb["dice"]), _mean(aa["dice"]) - _mean(bb["dice"]), paired
+
+
+# ---- the markdown ------------------------------------------------------------------------------------------
+MODEL_SELECTION = ("Model selection, the same rule for every method: the **best-validated** model on the sites' "
+                   "validation cases is scored on the test cases. FedAvg/FedProx: the global model whose median over "
+                   "sites of the validation Dice (each site scores the model it receives) was the best "
+                   "(FedAvgController's best.pt); FedSM/SoftPull: the best model set by the median validation score of the "
+                   "received set (its best.pt, where the controller scores its best set); FedCross/FedCrossEns: the "
+                   "(ensemble of the) best communication; local-only: the best of R checkpoints by the site's own "
+                   "validation Dice; centralized: the best of R checkpoints by the median over sites; NVFlare's stock "
+                   "FedAvgRecipe: its IntimeModelSelector's best, its CyclicRecipe keeps no best (last model). "
+                   "The last models are reported as extra rows.")
+
+
+def headline_facts(cells: list[dict]) -> dict:
+    """The headline's yes/no answers for one dataset, from the numbers (None: not measured)."""
+    keys = set(run_keys(cells))
+    facts: dict = {}
     for m in ("fedsm", "fedcrossens"):
-        if m in mean and "fedavg" in mean and mean[m] < mean["fedavg"]:
-            out.append(f"{NAMES[m]} loses to FedAvg on {ds} ({mean[m]:.3f} vs {mean['fedavg']:.3f}).")
-    if "local" in mean and "fedavg" in mean and mean["local"] > mean["fedavg"]:
-        out.append(f"Local-only beats FedAvg on {ds} ({mean['local']:.3f} vs {mean['fedavg']:.3f}): the sites differ more than averaging can bridge at this budget.")
+        per = {}
+        for protocol, key in (("equal", m), ("paper", f"{m}-paper")):
+            if key in keys and "fedavg" in keys:
+                per[protocol] = compare(cells, key, "fedavg")
+        facts[m] = {"per_protocol": per,
+                    "beats_fedavg": (any(d >= BEAT_MARGIN for _, _, d, _ in per.values()) if per else None)}
+    if {"centralized", "local"} <= keys:
+        c = compare(cells, "centralized", "local")
+        facts["centralized_vs_local"] = {"diff": c[2], "values": c[:2], "beats": c[2] > 0}
+    if {"fedcross", "nvflare_cyclic"} <= keys and aggregate(cells, "nvflare_cyclic")["dice"]:
+        c = compare(cells, "fedcross", "nvflare_cyclic")
+        facts["fedcross_vs_stock"] = {"diff": c[2], "values": c[:2], "matches": c[2] >= -MATCH_MARGIN}
+    not_flat = []
+    for k in _plotted_runs(cells):
+        flat, gain = flattened(mean_curve(cells, k))
+        if flat is False:
+            not_flat.append((k, gain))
+    facts["not_flattened"] = not_flat
+    return facts
+
+
+def _yes(x) -> str:
+    return "**yes**" if x else "**no**"
+
+
+def _headline_sentences(ds: str, cells: list[dict]) -> list[str]:
+    ranked_keys = [k for k, _ in protocol_rows(cells, "equal")]
+    mean = {k: _mean(aggregate(cells, k)["dice"]) for k in ranked_keys}
+    mean = {k: v for k, v in mean.items() if _finite(v)}
+    if not mean:
+        return [f"**{ds}**: no results."]
+    b = cells[0].get("budget", {})
+    order = sorted(mean, key=lambda k: -mean[k])
+    out = [f"**{ds}** (R={b.get('rounds')}, E={b.get('epochs')}, B={b.get('total_steps')} steps, {len(cells)} seed(s)); "
+           "equal steps, mean test Dice: " + " > ".join(f"{run_name(k, _first_rec(cells, k))} {mean[k]:.3f}" for k in order) + "."]
+    facts = headline_facts(cells)
+    for m, label in (("fedsm", "FedSM super model"), ("fedcrossens", "FedCrossEns ensemble")):
+        f = facts[m]
+        if not f["per_protocol"]:
+            continue
+        parts = []
+        for protocol, (va, vb, d, paired) in f["per_protocol"].items():
+            key = m if protocol == "equal" else f"{m}-paper"
+            ratio = _mean(aggregate(cells, key)["ratio"])
+            parts.append(f"{'equal steps' if protocol == 'equal' else f'paper protocol ({ratio:.2g}B)'} {va:.3f} vs {vb:.3f} "
+                         f"({_pts(d)} points, seed std of the difference {100 * _std(paired):.1f})")
+        out.append(f"{label} vs FedAvg: " + "; ".join(parts) + f" → beats FedAvg by ≥ {100 * BEAT_MARGIN:.0f} Dice points "
+                   f"under at least one protocol: {_yes(f['beats_fedavg'])}.")
+    if "centralized_vs_local" in facts:
+        f = facts["centralized_vs_local"]
+        out.append(f"Centralized vs local-only: {f['values'][0]:.3f} vs {f['values'][1]:.3f} ({_pts(f['diff'])} points) → "
+                   f"centralized beats local-only: {_yes(f['beats'])}.")
+    if "fedcross_vs_stock" in facts:
+        f = facts["fedcross_vs_stock"]
+        out.append(f"FedCross vs NVFlare's stock CyclicRecipe at the same budget: {f['values'][0]:.3f} vs {f['values'][1]:.3f} "
+                   f"({_pts(f['diff'])} points) → FedCross matches the stock cyclic workflow (at most "
+                   f"{100 * MATCH_MARGIN:.0f} point below): {_yes(f['matches'])}.")
+    elif "fedcross" in mean:
+        out.append("FedCross vs NVFlare's stock CyclicRecipe: not measured in this run.")
+    if facts["not_flattened"]:
+        out.append("Validation curves NOT flattened (the last 25% of the curve still gain ≥ 0.01): " +
+                   ", ".join(f"{run_name(k, _first_rec(cells, k))} ({_pts(g)})" for k, g in facts["not_flattened"]) +
+                   ": these runs had not converged; more rounds could change their numbers.")
+    else:
+        out.append("Every validation curve has flattened (the last 25% gain < 0.01).")
+    return out
+
+
+def _protocol_table(cells: list[dict], protocol: str, sites: list[str]) -> list[str]:
+    rows = []
+    for key, shared in protocol_rows(cells, protocol):
+        rec = _first_rec(cells, key)
+        a = aggregate(cells, key)
+        name = run_name(key, rec) + (" (same run)" if shared else "")
+        model = rec.get("headline_model") or HEADLINE.get(run_info(key, rec)["method"], "")
+        if not a["dice"]:
+            rows.append([name, model] + ["-"] * len(sites) + [f"{(a['status'] or ['not run'])[0]}: "
+                                                               f"{(a['errors'] or [''])[0][:80]}", "-", "-"])
+            continue
+        rows.append([name, model] + [_pm(a["per_site"].get(s, [])) for s in sites] + [f"**{_pm(a['dice'])}**",
+                                                                                     _steps_text(a), _flat_text(cells, key)])
+    title = {"equal": "Equal steps: every method trains B segmentation steps",
+             "paper": "Each paper's own protocol: FedSM/SoftPull train every network the full E epochs per round (2B); "
+                      "FedCrossEns gives every member the full schedule of a single FedCross model (N·B); the other "
+                      "methods' own protocol is the equal-steps plan (same run)"}[protocol]
+    return [f"**{title}.** Test Dice, mean ± std over seeds, per site and of the mean over sites; steps used: measured at "
+            "the sites; flattened?: the validation curve's gain over its last 25% (Dice points, < 1 point = flattened).", "",
+            _table(["method", "model"] + sites + ["mean over sites", "steps used / B", "flattened? (last-25% gain)"], rows), ""]
+
+
+def _other_models_table(cells: list[dict], sites: list[str]) -> list[str]:
+    rows = []
+    for key in _plotted_runs(cells):
+        rec = _first_rec(cells, key)
+        for model in all_models(cells, key):
+            if model == rec.get("headline_model") or model.startswith("member") or model.startswith("local:"):
+                continue
+            a = aggregate(cells, key, model)
+            if not a["dice"]:
+                continue
+            note = f" — {ORACLE_NOTE}" if model in ORACLE_MODELS else ""
+            rows.append([run_name(key, rec), model + note] + [_pm(a["per_site"].get(s, [])) for s in sites] + [_pm(a["dice"])])
+    if not rows:
+        return []
+    return ["Other models of the same runs (the last model where the headline is the best-validated one, FedSM's "
+            "global and personalized models ...); a \"personalized (own site)\" row routes every case to its own "
+            "site's model: it uses the site's identity (oracle routing).", "",
+            _table(["run", "model"] + sites + ["mean over sites"], rows), ""]
+
+
+def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict, plots: dict, prefix: str) -> str:
+    m = run.get("machine", {})
+    L: list[str] = ["# FedSeg benchmarks", "",
+                    "Generated by `fedseg.bench.report` from the raw results in "
+                    f"[`{prefix}raw/`]({prefix}raw/) — do not edit by hand; regenerate with "
+                    "`python -m fedseg.bench --report-only --out bench_results --publish`.", ""]
+    if not run.get("conclusive", run.get("preset") not in ("smoke", "quick")):
+        L += [f"> **Preset `{run.get('preset')}`: too small to conclude anything.** Its budget stops long before the methods "
+              "converge; it checks that everything runs and measures cost. The numbers below must not be read as a "
+              "comparison of the methods; the `standard` preset (`make bench-standard`) is the one that concludes.", ""]
+    protocols = run.get("protocols") or ["equal"]
+    L += ["## How these numbers were made", "",
+          f"- Command: `{run.get('command')}` (preset `{run.get('preset')}`: {run.get('preset_description', '')})",
+          f"- Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPU cores, {m.get('memory_gib', '?')} GiB; "
+          f"{m.get('platform', '')}; Python {m.get('python')}, torch {m.get('torch')}, MONAI {m.get('monai')}, NVFlare {m.get('nvflare')}. "
+          f"Load average at start {m.get('load_average_at_start')} (times are noisy when the machine is shared: compare "
+          "them only within this run).",
+          f"- Started {run.get('started')}, finished {run.get('finished')}; wall time {_fmt(run.get('seconds'), 0)} s "
+          f"(cells {_fmt(run.get('cells_seconds'), 0)} s, {run.get('parallel')} dataset(s) at a time); CPU time of all its "
+          f"processes {_fmt(run.get('cpu_seconds'), 0)} s.",
+          f"- Seeds: {run.get('seeds')} (each seed: its own initial network shared by all methods, FedCross schedule and "
+          "member initialisations, FedSM selector initialisation, and with --isolate the sites' engine seed; the datasets "
+          "are fixed, generated/split with seed 0). Mean ± std are over seeds (sample std).",
+          f"- Budget: R FedAvg rounds × E local epochs per dataset (table below); B = R·E·Σᵢ⌈nᵢ/batch⌉ segmentation-network "
+          f"optimizer steps summed over sites. Protocols reported side by side: {', '.join(protocols)} — equal steps (every "
+          f"method B; FedSM/SoftPull policy `{run.get('fedsm_policy')}`) and each paper's own protocol (FedSM/SoftPull 2B, "
+          "FedCrossEns N·B), with the steps each run used next to its Dice.",
+          f"- {MODEL_SELECTION}",
+          f"- Learning rate: one policy for every method, Adam at the engine's constant rate (FedCross/FedCrossEns "
+          f"`lr_schedule` = `{run.get('lr_schedule', 'poly (older runs)')}`).",
+          f"- Methods ran {'each (run, seed) in its own NVFlare simulator job' if run.get('isolate') else 'one after another in ONE NVFlare simulator job per dataset (every run and seed; the sites’ data-order/augmentation random stream is seeded once and continues from run to run) and one baseline process per dataset'}; "
+          f"the jobs' server `task_request_interval` = {run.get('task_request_interval')} s. NVFlare's stock peers: "
+          f"{', '.join(run.get('stock') or []) or 'not run'} (SimEnv, fedseg.bench.stock). Test Dice on each site's held-out "
+          f"test cases; HD95 {'in voxels' if run.get('hd95') else 'not computed'}"
+          + (f" (no HD95 in the results of: {', '.join(_without_hd95(cells))})" if run.get("hd95") and _without_hd95(cells) else "")
+          + ".",
+          "- GPU: **no GPU was lent to this task**; everything here ran on CPU. The GPU table below is left empty on purpose.", ""]
+    L += ["## Datasets", ""]
+    rows = []
+    for ds, info in (run.get("datasets") or {}).items():
+        sites = info.get("sites") or {}
+        ds_cells = cells_by_ds.get(ds) or []
+        b = ds_cells[0].get("budget", {}) if ds_cells else {}
+        eng = info.get("engine") or {}
+        rows.append([ds, (info.get("description") + "; " if info.get("description") else "") + info.get("note", ""),
+                     ", ".join(f"{s}: {n}" for s, n in sites.items()) or "-",
+                     f"{eng.get('roi_size')}, batch {eng.get('batch_size')}, UNet {(eng.get('network') or {}).get('channels')}",
+                     f"R={b.get('rounds', info.get('rounds'))}, E={b.get('epochs', info.get('epochs'))}, B={b.get('total_steps', '-')}"])
+    L += [_table(["dataset", "source", "training cases per site", "patch, batch, network", "budget"], rows), ""]
+
+    L += ["## Headline", ""]
+    for ds, ds_cells in cells_by_ds.items():
+        L += [f"- {s}" for s in _headline_sentences(ds, ds_cells)]
+    L += ["", "Mean test Dice over sites (each run's headline model), mean ± std over seeds, with the steps it used "
+          "(multiples of the budget B):", ""]
+    for protocol in protocols:
+        keys: list[str] = []
+        for ds_cells in cells_by_ds.values():
+            keys += [k for k, _ in protocol_rows(ds_cells, protocol) if k not in keys]
+        rows = []
+        for key in keys:
+            rec = next((_first_rec(c, key) for c in cells_by_ds.values() if _first_rec(c, key)), {})
+            row = [run_name(key, rec)]
+            for ds, ds_cells in cells_by_ds.items():
+                a = aggregate(ds_cells, key)
+                row.append(f"{_pm(a['dice'])} ({_mean(a['ratio']):.2g}B)" if a["dice"] else
+                           f"missing ({', '.join(sorted(set(map(str, a['status'])))) or 'not run'})")
+            rows.append(row)
+        L += [f"*{'Equal steps' if protocol == 'equal' else 'Each paper’s own protocol'}:*", "",
+              _table(["method"] + list(cells_by_ds), rows), ""]
+    if plots.get("curves"):
+        L += [f"![Dice per round]({prefix}{plots['curves'].name})", "",
+              "Learning curves on the validation cases (mean over sites and seeds) against the segmentation steps used, "
+              "in multiples of the budget B (dashed: a paper-protocol run; \"not flat\": its last 25% still gain ≥ 0.01). "
+              "FedAvg/FedProx/FedSM/SoftPull: each site scores the model it receives at the start of a round (FedAvg/FedProx "
+              "end with the final model); FedCross/FedCrossEns: the ensemble after each communication; local-only/"
+              "centralized: after each R-th of their steps; stock peers: the received model per round.", ""]
+
+    for ds, ds_cells in cells_by_ds.items():
+        sites = sorted({s for c in ds_cells for s in c.get("sites", [])})
+        b = ds_cells[0].get("budget", {})
+        L += [f"## {ds}", "",
+              f"Budget B = {b.get('total_steps')} segmentation steps per seed (R={b.get('rounds')}, E={b.get('epochs')}, batch "
+              f"{b.get('batch_size')}, steps per epoch {b.get('site_steps_per_epoch')}). Seeds: {sorted(c['seed'] for c in ds_cells)}.", ""]
+        for protocol in protocols:
+            L += _protocol_table(ds_cells, protocol, sites)
+        L += _other_models_table(ds_cells, sites)
+        rows = []
+        for key in _plotted_runs(ds_cells):
+            a = aggregate(ds_cells, key)
+            if a["dice"] and any(_finite(x) for x in a["hd95"]):
+                rows.append([run_name(key, _first_rec(ds_cells, key))] + [_fmt(_mean(a["per_site_hd95"].get(s, [])), 2) for s in sites]
+                            + [_pm(a["hd95"], 2)])
+        if rows:
+            L += ["HD95 (voxels; mean over seeds; cases with an empty prediction are left out by MONAI's metric):", "",
+                  _table(["run"] + sites + ["mean over sites"], rows), ""]
+        rows = []
+        for key in run_keys(ds_cells):
+            for model, per_site in all_models(ds_cells, key).items():
+                if model.startswith("local:"):
+                    continue
+                rows.append([run_name(key, _first_rec(ds_cells, key)), model] + [_fmt(_mean(per_site.get(s, []))) for s in sites] +
+                            [_pm([_mean([per_site[s][i] for s in per_site if i < len(per_site[s])])
+                                  for i in range(max(len(v) for v in per_site.values()))])])
+        L += ["<details><summary>Every model of every run (FedSM global / personalized / super, FedCrossEns members, "
+              "ablation and optimizer-state runs ...)</summary>", "",
+              _table(["run", "model"] + sites + ["mean over sites"], rows), "", "</details>", ""]
+        if plots.get(f"bars_{ds}"):
+            L += [f"![{ds} per-site Dice]({prefix}{plots[f'bars_{ds}'].name})", ""]
+        L += fedsm_section(ds, ds_cells, sites)
+        L += ablation_section(ds, ds_cells)
+        L += auroc_section(ds, ds_cells, sites)
+        xs, ys, _, sums = uncertainty_points(ds_cells)
+        if sums["wrong"] and any(_finite(x) for x in sums["wrong"]):
+            r = float(np.corrcoef(xs, ys)[0, 1]) if len(xs) > 2 and np.std(xs) > 0 and np.std(ys) > 0 else float("nan")
+            L += [f"FedCrossEns (equal steps) uncertainty: mean member std {_pm(sums['wrong'], 4)} on wrongly segmented voxels "
+                  f"vs {_pm(sums['right'], 4)} on correct ones; per-case correlation of mean uncertainty with 1 − Dice: "
+                  f"r = {_fmt(r, 2)} ({len(xs)} test cases over seeds).", ""]
+        L += optimizer_section(ds, ds_cells)
+        L += stock_section(ds, ds_cells, sites)
+        rows = []
+        fedavg = aggregate(ds_cells, "fedavg")
+        fedavg_wall, fedavg_cpu = _mean(fedavg["wall"]), _mean(fedavg["cpu"])
+        for key in run_keys(ds_cells):
+            a = aggregate(ds_cells, key)
+            if not a["dice"]:
+                continue
+            rows.append([run_name(key, _first_rec(ds_cells, key)), _pm(a["wall"], 1),
+                         _fmt(_mean(a["wall"]) / fedavg_wall, 2) if _finite(fedavg_wall) else "-",
+                         _pm(a["cpu"], 1), _fmt(_mean(a["cpu"]) / fedavg_cpu, 2) if _finite(fedavg_cpu) else "-",
+                         f"{_fmt(_mean(a['steps']), 0)} / {_fmt(_mean(a['planned']), 0)}",
+                         _fmt(_mean(a["selector_steps"]), 0) if run_info(key, _first_rec(ds_cells, key))["method"] == "fedsm" else "",
+                         _fmt(_mean(a["mb_in"]), 2), _fmt(_mean(a["mb_out"]), 2), _fmt(_mean(a["rss"]), 0),
+                         _fmt(_mean(a["server_rss"]), 0)])
+        L += ["Cost per run (mean over seeds). Wall: the run's own time, from its first task to its final scores "
+              "(training, its per-round validation, final scoring; the shared simulator start-up, warm-up and shut-down are not "
+              "included; local-only: summed over its sites, which ran one after the other). CPU: CPU seconds of all site "
+              "processes during the run's tasks plus the server process during the run (baselines: their process). Steps: "
+              "segmentation-network optimizer steps measured at the sites / planned. Traffic: bytes of every task the site "
+              "received / sent during the run (TaskMeter, FOBS-serialised size), per site per budget round R. Memory: peak "
+              "RSS of a site process during the run (max over sites) and of the server process.", "",
+              _table(["run", "wall s", "× FedAvg", "CPU s", "× FedAvg", "seg steps (measured / planned)", "selector steps (extra)",
+                      "MB received / site / round", "MB sent / site / round", "peak RSS / site MB", "server peak RSS MB"], rows), ""]
+        jobs = list({j.get("name"): j for c in ds_cells for j in c.get("jobs", [])}.values())  # a shared job serves every seed
+        if jobs:
+            L += [f"Simulator jobs: {len(jobs)}; time outside the runs (start-up, warm-up, shut-down) "
+                  f"{_pm([j.get('outside_methods_seconds') for j in jobs], 1)} s per job.", ""]
+
+    rows = []
+    for ds, ds_cells in cells_by_ds.items():
+        for m, v, d in optimizer_rows(ds_cells):
+            rows.append([ds, NAMES[m], _pm(v["fresh"]), _pm(v["keep"]), f"{_pts(_mean(d))} ± {100 * _std(d):.1f}"])
+    if rows:
+        all_d = [x for ds_cells in cells_by_ds.values() for _, _, d in optimizer_rows(ds_cells) for x in d]
+        defaults = sorted({local_optimizer_of(c["methods"][k]) for ds_cells in cells_by_ds.values() for c in ds_cells
+                           for k in ("fedavg", "fedprox") if k in c.get("methods", {}) and local_optimizer_of(c["methods"][k])})
+        better = "keep" if _mean(all_d) > 0 else "fresh"
+        L += ["## Local optimizer state (FedAvg / FedProx)", "",
+              "Does a site keep its Adam state across rounds (\"keep\", as NVFlare's own learners do) or start every round "
+              "with a fresh Adam (\"fresh\")? Both, same data, seeds, initial networks and budget:", "",
+              _table(["dataset", "method", "fresh", "keep", "keep − fresh (Dice points, mean ± std over seeds)"], rows), "",
+              f"Over every dataset, method and seed: keep − fresh = {_pts(_mean(all_d))} ± {100 * _std(all_d):.1f} points "
+              f"({len(all_d)} pairs): **{better}** scored higher"
+              + (" (the difference is within one seed std: no real difference)" if abs(_mean(all_d)) < _std(all_d) else "")
+              + f". The default the main runs used: `{', '.join(d for d in defaults if d)}`.", ""]
+
+    L += ["## Budget and extra cost, per run", "",
+          "The budget B is the total number of segmentation-network training steps summed over sites (and over a method's "
+          "networks), set by FedAvg with R rounds × E local epochs: B = R·E·Σᵢ sᵢ with sᵢ = ⌈nᵢ/batch⌉. Extra work a run "
+          "does is not hidden: the paper-protocol runs use a multiple of B (stated), and work outside the segmentation "
+          "steps is listed here and measured in the tables above.", ""]
+    plans, names = {}, {}
+    for c in cells:
+        for key, rec in c.get("methods", {}).items():
+            plans.setdefault(key, rec.get("plan") or {})
+            names.setdefault(key, run_name(key, rec))
+    rows = []
+    for key in run_keys(cells):
+        p = plans.get(key)
+        if not p:
+            continue
+        method = run_info(key, _first_rec(cells, key))["method"]
+        how = {"local": "each site alone, R·E·sᵢ steps", "centralized": "pooled cases, B steps",
+               "fedavg": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs",
+               "fedprox": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs, mu 0.01",
+               "fedsm": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs for each of 2 networks",
+               "softpull": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs for each of 2 networks",
+               "fedcross": f"{p.get('communications')} communications × {p.get('visit_epochs')}-epoch visits, 1 model (cyclic)",
+               "fedcrossens": f"{p.get('communications')} communications × {p.get('visit_epochs')}-epoch visits, K = N models (Latin)",
+               "nvflare_cyclic": f"FedCross's plan: {p.get('communications')} visits of {p.get('visit_epochs')} epochs, fixed order",
+               "nvflare_fedavg": f"FedAvg's plan: {p.get('rounds')} rounds × {p.get('local_epochs')} epochs"}.get(method, "-")
+        multiple = p.get("budget_multiple")
+        rows.append([names[key], p.get("protocol", "equal"), how,
+                     f"{multiple:.2g}B" if _finite(multiple) else ("B" if p.get("within_budget", True) else "**≠ B**"),
+                     "; ".join(f"{k}: {v}" for k, v in (p.get("extra_cost") or {}).items())])
+    L += [_table(["run", "protocol", "configuration", "steps", "extra cost (reported)"], rows), ""]
+    L += _cost_section(cost, run)
+    if plots.get("uncertainty"):
+        L += ["## FedCrossEns: uncertainty against error", "", f"![FedCrossEns uncertainty vs error]({prefix}{plots['uncertainty'].name})", ""]
+    L += ["## GPU", "", "No GPU was lent to this task, so no GPU variant was run. Nothing below is estimated.", "",
+          _table(["method", "dataset", "wall s (GPU)", "× FedAvg", "peak GPU memory / site", "images/s / site"], []), ""]
+    L += ["## Raw data", "", f"- [`{prefix}raw/results.json`]({prefix}raw/results.json): run record and every cell (all runs, models, sites, seeds)",
+          f"- [`{prefix}raw/results.csv`]({prefix}raw/results.csv): one row per dataset/seed/run/model/site",
+          f"- [`{prefix}raw/methods.csv`]({prefix}raw/methods.csv): one row per dataset/seed/run (time, steps, traffic, memory)",
+          f"- [`{prefix}raw/cost.json`]({prefix}raw/cost.json): FL overhead and throughput measurements", ""]
+    return "\n".join(L) + "\n"
+
+
+def write_report(raw: Path, out: Path, asset_prefix: str = "") -> Path:
+    """BENCHMARKS.md + PNGs in `out` from the raw results in `raw`. asset_prefix: how the markdown refers to
+    the PNG and raw files (relative to where the markdown is read from)."""
+    run, cells, cost = load_raw(raw)
+    out.mkdir(parents=True, exist_ok=True)
+    cells_by_ds = by_dataset([c for c in cells if c.get("methods")])
+    plots = {"curves": plot_curves(cells_by_ds, out / "dice_per_round.png")}
+    for ds, ds_cells in cells_by_ds.items():
+        plots[f"bars_{ds}"] = plot_site_bars(ds, ds_cells, out / f"site_dice_{ds}.png")
+    plots["uncertainty"] = plot_uncertainty(cells_by_ds, out / "fedcrossens_uncertainty.png")
+    md = _markdown(run, cells, cost, cells_by_ds, plots, asset_prefix)
+    path = out / "BENCHMARKS.md"
+    path.write_text(md)
+    return path
+
+
+def _without_hd95(cells: list[dict]) -> list[str]:
+    """Runs whose headline results carry no HD95 (e.g. a method whose scoring does not report it)."""
+    out = []
+    for key in method_order(cells):
+        recs = [c["methods"][key] for c in cells if c.get("methods", {}).get(key, {}).get("status") in ("ok", "partial")]
+        if recs and not any(_finite(method_summary(r, 1)["hd95"]) for r in recs):
+            out.append(run_name(key, recs[0]))
     return out
 
 
@@ -427,210 +1165,6 @@ def _cost_section(cost: dict | None, run: dict) -> list[str]:
               "torch, MONAI and NVFlare (the job ratio); the bench's warm-up builds each site's training cache and takes the first "
               "optimizer step before any method is timed.", ""]
     return lines
-
-
-def write_report(raw: Path, out: Path, asset_prefix: str = "") -> Path:
-    """BENCHMARKS.md + PNGs in `out` from the raw results in `raw`. asset_prefix: how the markdown refers to
-    the PNG and raw files (relative to where the markdown is read from)."""
-    run, cells, cost = load_raw(raw)
-    out.mkdir(parents=True, exist_ok=True)
-    cells_by_ds = by_dataset([c for c in cells if c.get("methods")])
-    plots = {"curves": plot_curves(cells_by_ds, out / "dice_per_round.png")}
-    for ds, ds_cells in cells_by_ds.items():
-        plots[f"bars_{ds}"] = plot_site_bars(ds, ds_cells, out / f"site_dice_{ds}.png")
-    plots["uncertainty"] = plot_uncertainty(cells_by_ds, out / "fedcrossens_uncertainty.png")
-    md = _markdown(run, cells, cost, cells_by_ds, plots, asset_prefix)
-    path = out / "BENCHMARKS.md"
-    path.write_text(md)
-    return path
-
-
-def _without_hd95(cells: list[dict]) -> list[str]:
-    """Methods whose headline results carry no HD95 (e.g. a method whose scoring does not report it)."""
-    out = []
-    for m in METHODS:
-        recs = [c["methods"][m] for c in cells if c.get("methods", {}).get(m, {}).get("status") in ("ok", "partial")]
-        if recs and not any(_finite(method_summary(r, 1)["hd95"]) for r in recs):
-            out.append(m)
-    return out
-
-
-def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict, plots: dict, prefix: str) -> str:
-    m = run.get("machine", {})
-    L: list[str] = ["# FedSeg benchmarks", "",
-                    "Generated by `fedseg.bench.report` from the raw results in "
-                    f"[`{prefix}raw/`]({prefix}raw/) — do not edit by hand; regenerate with "
-                    "`python -m fedseg.bench --report-only --out bench_results --publish`.", ""]
-    L += ["## How these numbers were made", "",
-          f"- Command: `{run.get('command')}` (preset `{run.get('preset')}`: {run.get('preset_description', '')})",
-          f"- Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPU cores, {m.get('memory_gib', '?')} GiB; "
-          f"{m.get('platform', '')}; Python {m.get('python')}, torch {m.get('torch')}, MONAI {m.get('monai')}, NVFlare {m.get('nvflare')}. "
-          f"Load average at start {m.get('load_average_at_start')} (the machine was shared with other jobs: times are noisy, "
-          "compare them only within this run).",
-          f"- Started {run.get('started')}, finished {run.get('finished')}; wall time {_fmt(run.get('seconds'), 0)} s "
-          f"(cells {_fmt(run.get('cells_seconds'), 0)} s, {run.get('parallel')} at a time); CPU time of all its processes "
-          f"{_fmt(run.get('cpu_seconds'), 0)} s.",
-          f"- Seeds: {run.get('seeds')} (each seed: its own initial network shared by all methods, FedCross schedule and extra members, "
-          "FedSM selector initialisation, and with --isolate the sites' engine seed; the datasets are fixed, generated/split "
-          "with seed 0). Mean ± std are over seeds (sample std).",
-          f"- Budget: R = {run.get('rounds')} FedAvg rounds × E = {run.get('epochs')} local epochs; every method trains the same total "
-          "number of segmentation-network optimizer steps summed over sites, B = R·E·Σᵢ⌈nᵢ/batch⌉ "
-          f"(FedSM/SoftPull policy `{run.get('fedsm_policy')}`; see below).",
-          f"- Methods ran {'each (method, seed) in its own NVFlare simulator job' if run.get('isolate') else 'one after another in ONE NVFlare simulator job per dataset (every method and seed; the sites’ data-order/augmentation random stream is seeded once and continues from run to run) and one baseline process per dataset'}; "
-          f"the jobs' server `task_request_interval` = {run.get('task_request_interval')} s. Test Dice on each site's held-out test cases; "
-          f"HD95 {'in voxels' if run.get('hd95') else 'not computed'}"
-          + (f" (no HD95 in the results of: {', '.join(NAMES[x] for x in _without_hd95(cells))})" if run.get("hd95") and _without_hd95(cells) else "")
-          + ".",
-          "- GPU: **no GPU was lent to this task**; everything here ran on CPU. The GPU table below is left empty on purpose.", ""]
-    L += ["## Datasets", ""]
-    rows = []
-    for ds, info in (run.get("datasets") or {}).items():
-        sites = info.get("sites") or {}
-        rows.append([ds, info.get("note", ""), ", ".join(f"{s}: {n}" for s, n in sites.items()) or "-"])
-    L += [_table(["dataset", "source", "training cases per site"], rows), ""]
-
-    # headline
-    L += ["## Headline", ""]
-    for ds, ds_cells in cells_by_ds.items():
-        L += [f"- {s}" for s in _headline_sentences(ds, ds_cells)]
-    L += ["", "Mean test Dice over sites (each method's headline model), mean ± std over seeds:", ""]
-    methods_all = [x for x in METHODS if any(x in c.get("methods", {}) for c in cells)]
-    rows = []
-    for meth in methods_all:
-        row = [f"{NAMES[meth]} ({HEADLINE[meth]})"]
-        for ds, ds_cells in cells_by_ds.items():
-            a = aggregate(ds_cells, meth)
-            row.append(_pm(a["dice"]) if a["dice"] else f"missing ({', '.join(sorted(set(a['status']))) or 'not run'})")
-        rows.append(row)
-    L += [_table(["method (model)"] + list(cells_by_ds), rows), ""]
-    if plots.get("curves"):
-        L += [f"![Dice per round]({prefix}{plots['curves'].name})", "",
-              "Learning curves on the validation cases (mean over sites and seeds) against the share of the budget B used. "
-              "FedAvg/FedProx/FedSM/SoftPull: each site scores the model it receives at the start of a round (the last FedSM/"
-              "SoftPull point is after R−1 rounds; FedAvg/FedProx end with the final model); FedCross/FedCrossEns: the "
-              "ensemble after each communication; local-only/centralized: after each R-th of their steps.", ""]
-
-    # per dataset
-    for ds, ds_cells in cells_by_ds.items():
-        methods = method_order(ds_cells)
-        sites = sorted({s for c in ds_cells for s in c.get("sites", [])})
-        L += [f"## {ds}", ""]
-        b = ds_cells[0].get("budget", {})
-        L += [f"Budget B = {b.get('total_steps')} segmentation steps per seed (R={b.get('rounds')}, E={b.get('epochs')}, batch "
-              f"{b.get('batch_size')}, steps per epoch {b.get('site_steps_per_epoch')}). Seeds: {sorted(c['seed'] for c in ds_cells)}.", ""]
-        L += ["Test Dice per site: mean over seeds ± std over test cases (averaged over seeds); last column: mean over sites ± std over seeds.", ""]
-        rows = []
-        for meth in methods:
-            a = aggregate(ds_cells, meth)
-            if not a["dice"]:
-                rows.append([NAMES[meth]] + ["-"] * len(sites) + [f"missing: {(a['errors'] or ['not run'])[0][:80]}"])
-                continue
-            rows.append([NAMES[meth]] + [f"{_fmt(_mean(a['per_site'].get(s, [])))} ±{_fmt(_mean(a['per_site_case_std'].get(s, [])), 2)}"
-                                         for s in sites] + [f"**{_pm(a['dice'])}**"])
-        L += [_table(["method"] + sites + ["mean over sites"], rows), ""]
-        rows = []
-        for meth in methods:
-            a = aggregate(ds_cells, meth)
-            if a["dice"] and any(_finite(x) for x in a["hd95"]):
-                rows.append([NAMES[meth]] + [_fmt(_mean(a["per_site_hd95"].get(s, [])), 2) for s in sites] + [_pm(a["hd95"], 2)])
-        if rows:
-            L += ["HD95 (voxels; mean over seeds; cases with an empty prediction are left out by MONAI's metric):", "",
-                  _table(["method"] + sites + ["mean over sites"], rows), ""]
-        rows = []
-        for meth in methods:
-            for model, per_site in all_models(ds_cells, meth).items():
-                if model.startswith("local:"):
-                    continue
-                rows.append([NAMES[meth], model] + [_fmt(_mean(per_site.get(s, []))) for s in sites] +
-                            [_pm([_mean([per_site[s][i] for s in per_site if i < len(per_site[s])])
-                                  for i in range(max(len(v) for v in per_site.values()))])])
-        L += ["<details><summary>Every model of every method (FedSM global / personalized / super, FedCrossEns members ...)</summary>", "",
-              _table(["method", "model"] + sites + ["mean over sites"], rows), "", "</details>", ""]
-        if plots.get(f"bars_{ds}"):
-            L += [f"![{ds} per-site Dice]({prefix}{plots[f'bars_{ds}'].name})", ""]
-        # FedSM selector
-        sel_rows = []
-        for c in ds_cells:
-            rec = c.get("methods", {}).get("fedsm") or {}
-            extra = (rec.get("results") or {}).get("extra") or {}
-            if extra.get("selector_accuracy"):
-                sel_rows.append([c["seed"]] + [_fmt(extra["selector_accuracy"].get(s)) for s in sites] +
-                                ["; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in sorted((extra.get('routing') or {}).get(s, {}).items()))
-                                           for s in sites)])
-        if sel_rows:
-            L += ["FedSM selector accuracy on each site's test cases (fraction routed to the site's own index) and where its test "
-                  "cases were routed (`global` = confidence below gamma):", "",
-                  _table(["seed"] + sites + ["routing (site: model count)"], sel_rows), ""]
-        # FedCrossEns uncertainty
-        xs, ys, _, sums = uncertainty_points(ds_cells)
-        if sums["wrong"]:
-            r = float(np.corrcoef(xs, ys)[0, 1]) if len(xs) > 2 and np.std(xs) > 0 and np.std(ys) > 0 else float("nan")
-            L += [f"FedCrossEns uncertainty (std of the members' foreground probability): mean {_pm(sums['wrong'], 4)} on wrongly "
-                  f"segmented voxels vs {_pm(sums['right'], 4)} on correct ones; per-case correlation of mean uncertainty with "
-                  f"1 − Dice: r = {_fmt(r, 2)} ({len(xs)} test cases over seeds).", ""]
-        # cost per method
-        rows = []
-        fedavg_wall = _mean(aggregate(ds_cells, "fedavg")["wall"]) if "fedavg" in methods else float("nan")
-        fedavg_cpu = _mean(aggregate(ds_cells, "fedavg")["cpu"]) if "fedavg" in methods else float("nan")
-        for meth in methods:
-            a = aggregate(ds_cells, meth)
-            if not a["dice"]:
-                continue
-            planned = _mean(a["planned"])
-            rows.append([NAMES[meth], _pm(a["wall"], 1), _fmt(_mean(a["wall"]) / fedavg_wall, 2) if _finite(fedavg_wall) else "-",
-                         _pm(a["cpu"], 1), _fmt(_mean(a["cpu"]) / fedavg_cpu, 2) if _finite(fedavg_cpu) else "-",
-                         f"{_fmt(_mean(a['steps']), 0)} / {_fmt(planned, 0)}",
-                         _fmt(_mean(a["selector_steps"]), 0) if meth == "fedsm" else "",
-                         _fmt(_mean(a["mb_in"]), 2), _fmt(_mean(a["mb_out"]), 2), _fmt(_mean(a["rss"]), 0),
-                         _fmt(_mean(a["server_rss"]), 0)])
-        L += ["Cost per method (mean over seeds). Wall: the method's own time, from its first task to its final scores "
-              "(training, its per-round validation, final scoring; the shared simulator start-up, warm-up and shut-down are not "
-              "included; local-only: summed over its sites, which ran one after the other). CPU: CPU seconds of all site "
-              "processes during the method's tasks plus the server process during the method (baselines: their process), "
-              "which other load on the machine hardly changes, unlike wall time. Steps: segmentation-network optimizer steps measured at the sites / budget. "
-              "Traffic: bytes of every task the site received / sent during the method (TaskMeter, FOBS-serialised size), per "
-              "site per budget round R (all tasks: training, validation, final scoring). Memory: peak RSS of a site process "
-              "during the method (max over sites) and of the server process.", "",
-              _table(["method", "wall s", "× FedAvg", "CPU s", "× FedAvg", "seg steps (measured / budget)", "selector steps (extra)",
-                      "MB received / site / round", "MB sent / site / round", "peak RSS / site MB", "server peak RSS MB"], rows), ""]
-        jobs = list({j.get("name"): j for c in ds_cells for j in c.get("jobs", [])}.values())  # a shared job serves every seed
-        if jobs:
-            L += [f"Simulator jobs: {len(jobs)}; time outside the methods (start-up, warm-up, shut-down) "
-                  f"{_pm([j.get('outside_methods_seconds') for j in jobs], 1)} s per job.", ""]
-
-    # budget and extra cost
-    L += ["## Budget and extra cost, per method", "",
-          "The budget B is the total number of segmentation-network training steps summed over sites (and over a method's "
-          "networks), set by FedAvg with R rounds × E local epochs: B = R·E·Σᵢ sᵢ with sᵢ = ⌈nᵢ/batch⌉. Extra work a method does "
-          "is not hidden in B: it is listed here and measured in the tables above.", ""]
-    plans = {}
-    for c in cells:
-        for meth, rec in c.get("methods", {}).items():
-            plans.setdefault(meth, rec.get("plan") or {})
-    rows = []
-    for meth in METHODS:
-        p = plans.get(meth)
-        if not p:
-            continue
-        how = {"local": "each site alone, R·E·sᵢ steps", "centralized": "pooled cases, B steps",
-               "fedavg": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs", "fedprox": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs, mu 0.01",
-               "fedsm": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs for each of 2 networks",
-               "softpull": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs for each of 2 networks",
-               "fedcross": f"{p.get('communications')} communications × {p.get('visit_epochs')}-epoch visits, 1 model (cyclic)",
-               "fedcrossens": f"{p.get('communications')} communications × {p.get('visit_epochs')}-epoch visits, K = N models (Latin)"}[meth]
-        rows.append([NAMES[meth], how, "yes" if p.get("within_budget", True) else "**no (2B)**",
-                     "; ".join(f"{k}: {v}" for k, v in (p.get("extra_cost") or {}).items())])
-    L += [_table(["method", "configuration under B", "= B", "extra cost (reported, not counted in B)"], rows), ""]
-    L += _cost_section(cost, run)
-    if plots.get("uncertainty"):
-        L += ["## FedCrossEns: uncertainty against error", "", f"![FedCrossEns uncertainty vs error]({prefix}{plots['uncertainty'].name})", ""]
-    L += ["## GPU", "", "No GPU was lent to this task, so the full preset's speed part was not run on a GPU. Nothing below is "
-          "estimated.", "", _table(["method", "dataset", "wall s (GPU)", "× FedAvg", "peak GPU memory / site"], []), ""]
-    L += ["## Raw data", "", f"- [`{prefix}raw/results.json`]({prefix}raw/results.json): run record and every cell (all methods, models, sites, seeds)",
-          f"- [`{prefix}raw/results.csv`]({prefix}raw/results.csv): one row per dataset/seed/method/model/site",
-          f"- [`{prefix}raw/methods.csv`]({prefix}raw/methods.csv): one row per dataset/seed/method (time, steps, traffic, memory)",
-          f"- [`{prefix}raw/cost.json`]({prefix}raw/cost.json): FL overhead and throughput measurements", ""]
-    return "\n".join(L) + "\n"
 
 
 # ---- publishing ------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from fedseg.bench import budget as budget_mod
 from fedseg.bench.collect import meter_records, method_record, timeline, windows
-from fedseg.bench.jobs import build_job, label, save_initial_checkpoint
+from fedseg.bench.jobs import build_job, label, save_initial_checkpoint, workflow_args
 from fedseg.bench.presets import REPO, DatasetSpec, Preset, datalist_dataset, get_preset
 
 _print_lock = threading.Lock()
@@ -84,6 +84,40 @@ def _cpu_seconds() -> float:
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
+def downscale_pictures(src: Path, dst: Path, image_size: int) -> dict:
+    """A copy of a folder dataset (<site>/images, <site>/masks pictures) with every picture scaled so that its
+    long side is image_size pixels (area averaging; masks averaged then thresholded at half, written 0/255 PNG).
+    Returns {site: pictures}. Used for the standard preset's polyp data (small images to fit 2 CPU cores)."""
+    from PIL import Image
+
+    counts = {}
+    for site_dir in sorted(p for p in Path(src).iterdir() if p.is_dir()):
+        pics = 0
+        for kind in ("images", "masks"):
+            folder = site_dir / kind
+            if not folder.is_dir():
+                continue
+            out = dst / site_dir.name / kind
+            out.mkdir(parents=True, exist_ok=True)
+            for f in sorted(folder.iterdir()):
+                if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+                    continue
+                with Image.open(f) as im:
+                    im.load()
+                    im = im.convert("L") if kind == "masks" else im.convert("RGB")
+                    w, h = im.size
+                    scale = image_size / max(w, h)
+                    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+                    small = im.resize(size, Image.BOX)
+                    if kind == "masks":
+                        small = small.point(lambda v: 255 if v > 127 else 0)
+                    small.save(out / f"{f.stem}.png")
+                pics += kind == "images"
+        if pics:
+            counts[site_dir.name] = pics
+    return counts
+
+
 def prepare_dataset(spec: DatasetSpec, data_root: Path) -> tuple[Path | None, str]:
     """(folder with <site>/datalist.json, note). None when an optional source is missing."""
     if spec.kind == "datalist":
@@ -103,11 +137,25 @@ def prepare_dataset(spec: DatasetSpec, data_root: Path) -> tuple[Path | None, st
             if spec.required:
                 raise FileNotFoundError(f"dataset {spec.name}: source folder {spec.source} not found")
             return None, f"skipped: {spec.source} not found"
+        import shutil
+
         from fedseg.data.convert import convert_folder_dataset
 
-        options = {k: v for k, v in spec.options.items() if v is not None}
-        convert_folder_dataset(spec.source, str(out), overwrite=True, **options)
+        options = {k: v for k, v in spec.options.items() if v is not None and k != "image_size"}
+        source = Path(spec.source)
+        if spec.options.get("image_size"):
+            staged = data_root / f".{spec.name}_pictures"
+            shutil.rmtree(staged, ignore_errors=True)
+            downscale_pictures(source, staged, int(spec.options["image_size"]))
+            source = staged
+        try:
+            convert_folder_dataset(str(source), str(out), overwrite=True, **options)
+        finally:
+            if source != Path(spec.source):
+                shutil.rmtree(source, ignore_errors=True)
         note = f"fedseg.data.convert of {spec.source} " + ", ".join(f"{k}={v}" for k, v in options.items())
+        if spec.options.get("image_size"):
+            note += f", pictures downscaled to {spec.options['image_size']} px on the long side"
     else:
         raise ValueError(f"unknown dataset kind {spec.kind!r}")
     marker.write_text(json.dumps(wanted))
@@ -118,6 +166,120 @@ def site_train_counts(data_dir: Path) -> dict[str, int]:
     from fedseg.baselines import site_datalists
 
     return {site: len(json.loads(p.read_text()).get("training") or []) for site, p in site_datalists(data_dir).items()}
+
+
+# ---- progress --------------------------------------------------------------------------------------------------
+# one round (FedAvg/FedSM) or communication (FedCross) costs about this many segmentation steps of other work
+# (validation of the received model, task hand-over, aggregation): the progress estimate's weight
+ROUND_OVERHEAD_STEPS = 25
+
+
+def run_units(plan: budget_mod.MethodPlan) -> float:
+    """Estimated work of one run, in segmentation steps (its planned steps plus its rounds' overhead)."""
+    rounds = plan.communications or plan.rounds or 1
+    return float(plan.seg_steps_total + ROUND_OVERHEAD_STEPS * rounds * (2 if plan.method == "fedcrossens" else 1))
+
+
+class Progress:
+    """A progress line every `every` seconds while the benchmark runs: per running dataset, the run in
+    progress with its round, plus elapsed and estimated remaining time over the whole benchmark (from the
+    planned work of every run: finished runs count fully, the running one by its rounds done)."""
+
+    def __init__(self, every: float = 60.0, out=None):
+        self.every = float(every)
+        self.began = time.time()
+        self.lock = threading.Lock()
+        self.total: dict[tuple, float] = {}  # (dataset, key, seed) -> units
+        self.rounds: dict[tuple, int] = {}
+        self.done: set[tuple] = set()
+        self.active: dict[str, dict] = {}  # dataset -> {"workspace", "sites", "what"}
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def plan(self, dataset: str, runs: list[tuple[str, int]], plans: dict) -> None:
+        with self.lock:
+            for key, seed in runs:
+                self.total[(dataset, key, seed)] = run_units(plans[key])
+                self.rounds[(dataset, key, seed)] = int(plans[key].communications or plans[key].rounds or 1)
+
+    def running(self, dataset: str, what: str, workspace: Path | None = None, sites: list[str] | None = None) -> None:
+        with self.lock:
+            self.active[dataset] = {"what": what, "workspace": workspace, "sites": sites or []}
+
+    def finished(self, dataset: str, runs: list[tuple[str, int]]) -> None:
+        with self.lock:
+            self.done.update((dataset, k, s) for k, s in runs)
+            self.active.pop(dataset, None)
+
+    def _current(self, dataset: str, info: dict) -> tuple[str, float]:
+        """(text, units done so far) for one dataset's running job: its runs that ended count fully, the run in
+        progress by its rounds (or communications) done."""
+        ws = info.get("workspace")
+        if ws is None:
+            return info["what"], 0.0
+        from fedseg.bench.collect import meter_records, timeline
+
+        def ident(name: str) -> tuple:
+            key, _, seed = name.rpartition("__s")
+            return dataset, key, int(seed) if seed.isdigit() else -1
+
+        open_runs, ended = {}, 0.0
+        for e in timeline(ws):
+            if e["phase"] == "start":
+                open_runs[e["method"]] = e["time"]
+            elif e["method"] in open_runs:
+                open_runs.pop(e["method"])
+                ended += self.total.get(ident(e["method"]), 0.0)
+        if not open_runs:
+            return info["what"] + " (starting / between runs)", ended
+        name, started = max(open_runs.items(), key=lambda kv: kv[1])
+        rounds_seen = set()
+        for recs in meter_records(ws, info["sites"]).values():
+            for r in recs:
+                if (r.get("t_in") or 0) >= started and r.get("round") is not None and r.get("task_name") in (
+                        "train", "cross_train", "fedsm_train"):
+                    rounds_seen.add(int(r["round"]))
+        total_rounds = self.rounds.get(ident(name), 0)
+        done = min(len(rounds_seen), total_rounds) if total_rounds else len(rounds_seen)
+        key, seed = ident(name)[1:]
+        unit = "communication" if key.startswith("fedcross") else "round"
+        text = f"seed {seed}: {key} {unit} {done}/{total_rounds or '?'}"
+        return text, ended + (self.total.get(ident(name), 0.0) * done / total_rounds if total_rounds else 0.0)
+
+    def line(self) -> str:
+        with self.lock:
+            active = dict(self.active)
+            done_units = sum(self.total.get(k, 0.0) for k in self.done)
+            total = sum(self.total.values())
+        parts, partial = [], 0.0
+        for ds, info in sorted(active.items()):
+            try:
+                text, units = self._current(ds, info)
+            except Exception as e:  # noqa: BLE001 - a progress line must never break the run
+                text, units = f"{info['what']} ({type(e).__name__})", 0.0
+            parts.append(f"{ds} {text}")
+            partial += units
+        elapsed = time.time() - self.began
+        frac = (done_units + partial) / total if total else 0.0
+        left = f"~{elapsed * (1 - frac) / frac / 60:.0f} min left" if frac > 0.02 else "time left: estimating"
+        runs = f"{len(self.done)}/{len(self.total)} runs done"
+        return f"{'; '.join(parts) or 'preparing'}; {runs}, {elapsed / 60:.0f} min elapsed, {left}"
+
+    def start(self) -> None:
+        def loop():
+            while not self.stop_event.wait(self.every):
+                log("progress: " + self.line())
+
+        self.thread = threading.Thread(target=loop, name="bench-progress", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+
+PROGRESS = Progress()
 
 
 # ---- one cell ------------------------------------------------------------------------------------------------
@@ -134,47 +296,78 @@ def _run_fl_job(job: Path, workspace: Path, data_dir: Path, sites: list[str], ti
             "log_tail": result.log_tail[-2000:] if result.returncode else ""}
 
 
-def _collect(workspace: Path, runs: list[tuple[str, int]], sites: list[str], plans: dict) -> dict[tuple[str, int], dict]:
+def _collect(workspace: Path, runs: list[tuple[str, int]], sites: list[str], plans: dict, specs: dict) -> dict[tuple[str, int], dict]:
     wins = windows(timeline(workspace))
     records = meter_records(workspace, sites)
     out = {}
-    for method, seed in runs:
-        name = label(method, seed)
-        out[(method, seed)] = method_record(method, workspace, sites, plans[method].as_dict(), wins.get(name), records, name)
+    for key, seed in runs:
+        name = label(key, seed)
+        rec = method_record(specs[key].method, workspace, sites, plans[key].as_dict(), wins.get(name), records, name)
+        out[(key, seed)] = _tag(rec, specs[key])
     return out
 
 
-def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset, methods: list[str], ds_dir: Path) -> list[dict]:
-    """Every method and seed on one dataset; one cell record (cell.json) per seed.
+def _tag(rec: dict, spec: budget_mod.RunSpec) -> dict:
+    """A record with its run's key, protocol, group and options."""
+    rec.update(key=spec.key, method=spec.method, protocol=spec.protocol, group=spec.group, options=dict(spec.options))
+    return rec
 
-    Shared mode (default): ONE simulator job runs every (seed, method) one after another and ONE process runs
+
+def optimizer_variants(preset: Preset) -> tuple:
+    """FedAvg/FedProx's local_optimizer setting that the default runs do NOT use (item 3's measurement)."""
+    if not preset.optimizer_measure:
+        return ()
+    from fedseg.bench.jobs import controller_default
+
+    default = controller_default("fedseg.fl.fedavg_controller.FedAvgController", "local_optimizer")
+    if default is None:
+        return ()  # a controller without the setting: nothing to measure
+    return ("keep",) if default == "fresh" else ("fresh",)
+
+
+def cell_specs(preset: Preset, spec: DatasetSpec, methods: list[str]) -> list[budget_mod.RunSpec]:
+    return budget_mod.run_specs(methods, preset.protocols, fedsm_ablation=preset.fedsm_ablation and spec.ablation,
+                                optimizer_variants=optimizer_variants(preset) if spec.ablation else (),
+                                stock=[m for m in preset.stock if m in budget_mod.STOCK])
+
+
+def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset, methods: list[str], ds_dir: Path) -> list[dict]:
+    """Every run (method x protocol x variant) and seed on one dataset; one cell record (cell.json) per seed.
+
+    Shared mode (default): ONE simulator job runs every (seed, run) one after another and ONE process runs
     the baselines for every seed; each seed has its own initial network and controller seeds, the sites'
     data-order/augmentation random stream is seeded once (first seed) and continues from run to run.
-    --isolate: one simulator job and one baseline process per (method, seed), each seeded by its seed alone."""
+    --isolate: one simulator job and one baseline process per (run, seed), each seeded by its seed alone.
+    NVFlare's stock peers run after the FedSeg methods, each in its own SimEnv run (fedseg.bench.stock)."""
     from fedseg import jobgen
 
     ds_dir.mkdir(parents=True, exist_ok=True)
     counts = site_train_counts(data_dir)
     sites = sorted(counts)
     seeds = [int(x) for x in preset.seeds]
-    engines = {seed: cell_engine(spec, preset.epochs, seed) for seed in seeds}
+    rounds, epochs = spec.rounds or preset.rounds, spec.epochs or preset.epochs
+    engines = {seed: cell_engine(spec, epochs, seed) for seed in seeds}
     batch = int(jobgen.resolve_engine(engines[seeds[0]])["batch_size"])
-    budget = budget_mod.Budget.from_counts(preset.rounds, preset.epochs, counts, batch)
-    plans = budget_mod.plan_methods(methods, budget, fedsm_policy=preset.fedsm_policy)
+    budget = budget_mod.Budget.from_counts(rounds, epochs, counts, batch)
+    specs = {s.key: s for s in cell_specs(preset, spec, methods)}
+    plans = budget_mod.plan_runs(list(specs.values()), budget, fedsm_policy=preset.fedsm_policy)
     inits = {seed: save_initial_checkpoint(ds_dir / f"init_s{seed}.pt", engines[seed], seed) for seed in seeds}
     cells = {seed: {"dataset": ds_name, "seed": seed, "sites": sites, "train_counts": counts,
                     "budget": {"rounds": budget.rounds, "epochs": budget.epochs, "total_steps": budget.total_steps,
                                "site_steps_per_epoch": budget.site_steps_per_epoch, "batch_size": batch},
                     "engine": engines[seed] if preset.isolate else engines[seeds[0]], "isolated": preset.isolate,
+                    "runs": {k: s.as_dict() for k, s in specs.items()},
                     "methods": {}, "jobs": []} for seed in seeds}
+    PROGRESS.plan(ds_name, [(k, seed) for seed in seeds for k in specs], plans)
     began = time.time()
-    fl = [m for m in methods if m in budget_mod.FL_METHODS]
-    available = [m for m in fl if m in jobgen.JOBS]
-    for m in sorted(set(fl) - set(available)):
+    fl = [k for k, s in specs.items() if s.method in budget_mod.FL_METHODS]
+    available = [k for k in fl if specs[k].method in jobgen.JOBS]
+    for k in sorted(set(fl) - set(available)):
         for seed in seeds:
-            cells[seed]["methods"][m] = {"method": m, "status": "missing", "plan": plans[m].as_dict(),
-                                         "error": "no FLARE job for this method in fedseg.jobgen.JOBS"}
-    runs = [(m, seed) for seed in seeds for m in available]
+            cells[seed]["methods"][k] = _tag({"method": specs[k].method, "status": "missing", "plan": plans[k].as_dict(),
+                                              "error": "no FLARE job for this method in fedseg.jobgen.JOBS"}, specs[k])
+        PROGRESS.finished(ds_name, [(k, seed) for seed in seeds])
+    runs = [(k, seed) for seed in seeds for k in available]
     groups = [[r] for r in runs] if preset.isolate else ([runs] if runs else [])
     pending = [(0, g) for g in groups]
     while pending:
@@ -183,46 +376,91 @@ def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset,
         name = "bench_" + (label(*group[0]) if single else "all") + ("_retry" if attempt else "")
         engine = engines[group[0][1]] if single and (preset.isolate or attempt) else engines[seeds[0]]
         job = build_job(ds_dir / "jobs", name, group, plans, engine, inits, hd95=preset.hd95,
-                        task_request_interval=preset.task_request_interval)
+                        task_request_interval=preset.task_request_interval, specs=specs, lr_schedule=preset.lr_schedule)
+        settings = workflow_args(job)
         ws = ds_dir / "ws" / name
-        log(f"{ds_name}: {len(group)} run(s) ({', '.join(sorted({m for m, _ in group}))}; seeds "
+        log(f"{ds_name}: {len(group)} run(s) ({', '.join(sorted({k for k, _ in group}))}; seeds "
             f"{sorted({s for _, s in group})}) in the NVFlare simulator, {len(sites)} sites ...")
+        PROGRESS.running(ds_name, name, ws, sites)
         job_record = _run_fl_job(job, ws, data_dir, sites, preset.timeout)
-        job_record.update(name=name, runs=[label(m, s) for m, s in group])
-        collected = _collect(ws, group, sites, plans)
+        job_record.update(name=name, runs=[label(k, s) for k, s in group])
+        collected = _collect(ws, group, sites, plans, specs)
         done = [r for r in group if collected[r]["status"] in ("ok", "partial")]
         failed = [r for r in group if r not in done]
-        for (m, seed), rec in collected.items():
-            if (m, seed) in done or m not in cells[seed]["methods"]:
-                if (m, seed) in failed:
+        for (k, seed), rec in collected.items():
+            rec["workflow_args"] = settings.get(label(k, seed), {})
+            if (k, seed) in done or k not in cells[seed]["methods"]:
+                if (k, seed) in failed:
                     rec["error"] = (rec.get("error", "") + "\n" + job_record["errors"][-1500:]).strip()
-                cells[seed]["methods"][m] = rec
+                cells[seed]["methods"][k] = rec
         spent = sum(collected[r].get("wall_seconds", 0.0) for r in done)
         job_record["outside_methods_seconds"] = round(job_record["seconds"] - spent, 2)
         for seed in sorted({s for _, s in group}):
             cells[seed]["jobs"].append(job_record)
+        PROGRESS.finished(ds_name, done if (failed and not single and not attempt) else group)
         log(f"{ds_name}: {name} finished in {job_record['seconds']:.0f}s (rc {job_record['returncode']}); "
             f"{len(done)}/{len(group)} runs done" + (f"; NOT done {[label(*r) for r in failed]}" if failed else ""))
         if failed and not single and not attempt:
             pending.extend((1, [r]) for r in failed)  # a run that broke the shared job gets its own job
-    baselines = [m for m in methods if m in budget_mod.BASELINES]
+    baselines = [k for k, s in specs.items() if s.method in budget_mod.BASELINES]
     if baselines:
         batches = [[seed] for seed in seeds] if preset.isolate else [seeds]
         for batch_seeds in batches:
-            got = run_baselines(data_dir, engines[batch_seeds[0]], preset, inits, batch_seeds, baselines, ds_dir, plans)
+            PROGRESS.running(ds_name, f"local-only / centralized, seeds {batch_seeds} (separate process)")
+            got = run_baselines(data_dir, engines[batch_seeds[0]], preset, inits, batch_seeds, baselines, ds_dir, plans,
+                                rounds, epochs)
             for seed in batch_seeds:
-                cells[seed]["methods"].update(got[seed])
+                for k, rec in got[seed].items():
+                    cells[seed]["methods"][k] = _tag(rec, specs[k])
+            PROGRESS.finished(ds_name, [(k, s) for s in batch_seeds for k in baselines])
+    stock = [k for k, s in specs.items() if s.method in budget_mod.STOCK]
+    for k in stock:
+        for seed in seeds:
+            PROGRESS.running(ds_name, f"seed {seed}: {k} (NVFlare stock recipe in SimEnv)")
+            cells[seed]["methods"][k] = _tag(run_stock_peer(specs[k].method, data_dir, sites, engines[seed], inits[seed], seed,
+                                                            plans[k], budget, ds_dir / "stock" / label(k, seed), preset), specs[k])
+            PROGRESS.finished(ds_name, [(k, seed)])
     for seed in seeds:
         cells[seed]["seconds_dataset"] = round(time.time() - began, 1)
         (ds_dir / f"cell_s{seed}.json").write_text(json.dumps(cells[seed], indent=2, default=str))
     return [cells[seed] for seed in seeds]
 
 
+def run_stock_peer(method: str, data_dir: Path, sites: list[str], engine: dict, init: Path, seed: int,
+                   plan: budget_mod.MethodPlan, budget: budget_mod.Budget, out_dir: Path, preset: Preset) -> dict:
+    """One NVFlare stock peer (fedseg.bench.stock, H8's module) under the plan of its FedSeg twin:
+    nvflare_cyclic = FedCross's plan (R*E/v rounds, each a visit of v epochs to every site in turn),
+    nvflare_fedavg = FedAvg's (R rounds of E epochs). Same engine, data, initial checkpoint and seed."""
+    base = {"method": method, "status": "missing", "plan": plan.as_dict()}
+    try:
+        from fedseg.bench import stock
+    except ImportError as e:
+        return {**base, "error": f"fedseg.bench.stock is not available: {e}"}
+    if method == "nvflare_cyclic":
+        v = plan.visit_epochs or budget.epochs
+        rounds = plan.communications // max(budget.n_sites, 1)
+        steps = {s: v * budget.site_steps_per_epoch[s] for s in sites}
+    else:
+        rounds = plan.rounds
+        steps = {s: (plan.local_epochs or budget.epochs) * budget.site_steps_per_epoch[s] for s in sites}
+    try:
+        results = stock.run_stock(method, data_dir, sites, engine, init, rounds, steps, seed, out_dir, log=log,
+                                  timeout=preset.timeout, with_hd95=preset.hd95)
+    except Exception as e:  # noqa: BLE001 - a failed peer is reported, the benchmark goes on
+        log(f"{method} seed {seed}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"[-3000:]}
+    rec = stock.as_method_record(results, plan.as_dict())
+    models = results.get("models") or {}
+    # the benchmark's rule for every method: the best-validated model where the workflow keeps one
+    rec["headline_model"] = "global (best)" if "global (best)" in models else rec.get("headline_model") or "global (last)"
+    return rec
+
+
 def run_baselines(data_dir: Path, engine: dict, preset: Preset, inits: dict, seeds: list[int], methods: list[str],
-                  ds_dir: Path, plans: dict) -> dict[int, dict[str, dict]]:
+                  ds_dir: Path, plans: dict, rounds: int | None = None, epochs: int | None = None) -> dict[int, dict[str, dict]]:
     out_file = ds_dir / f"baselines_s{'_'.join(map(str, seeds))}.json"
     cmd = [sys.executable, "-m", "fedseg.bench.baseline", "--data", str(data_dir), "--engine", json.dumps(engine),
-           "--rounds", str(preset.rounds), "--epochs", str(preset.epochs), "--seeds", *map(str, seeds),
+           "--rounds", str(rounds or preset.rounds), "--epochs", str(epochs or preset.epochs), "--seeds", *map(str, seeds),
            "--inits", *[str(inits[s]) for s in seeds], "--out", str(out_file), "--methods", *methods]
     cmd += ["--hd95"] if preset.hd95 else []
     log(f"{data_dir.name}: {', '.join(methods)} for seeds {seeds} (separate process) ...")
@@ -288,12 +526,19 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
                 "seeds": list(preset.seeds), "rounds": preset.rounds, "epochs": preset.epochs,
                 "methods": list(preset.methods), "isolate": preset.isolate, "parallel": preset.parallel,
                 "fedsm_policy": preset.fedsm_policy, "task_request_interval": preset.task_request_interval,
+                "protocols": list(preset.protocols), "fedsm_ablation": preset.fedsm_ablation,
+                "optimizer_variants": list(optimizer_variants(preset)), "stock": list(preset.stock),
+                "lr_schedule": preset.lr_schedule, "conclusive": preset.conclusive,
                 "hd95": preset.hd95, "machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "datasets": {}}
+    global PROGRESS
+    PROGRESS = Progress(preset.progress_every)
+    PROGRESS.start()
     ready: dict[str, tuple[Path, DatasetSpec]] = {}
     for name, spec in datasets.items():
         path, note = prepare_dataset(spec, out / "data")
-        run_info["datasets"][name] = {"note": note, "kind": spec.kind, "engine": spec.engine}
+        run_info["datasets"][name] = {"note": note, "kind": spec.kind, "engine": spec.engine, "description": spec.description,
+                                      "rounds": spec.rounds or preset.rounds, "epochs": spec.epochs or preset.epochs}
         log(f"dataset {name}: {note}")
         if path is not None:
             run_info["datasets"][name]["sites"] = site_train_counts(path)
@@ -308,9 +553,12 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
             log(f"{name}: FAILED {type(e).__name__}: {e}")
             return [{"dataset": name, "seed": seed, "error": f"{type(e).__name__}: {e}", "methods": {}} for seed in preset.seeds]
 
-    with ThreadPoolExecutor(max_workers=max(1, preset.parallel)) as pool:
-        for cells in pool.map(one, list(ready.items())):
-            results.extend(cells)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, preset.parallel)) as pool:
+            for cells in pool.map(one, list(ready.items())):
+                results.extend(cells)
+    finally:
+        PROGRESS.stop()
     run_info["cells_seconds"] = round(time.time() - started, 1)
     if cost and preset.cost is not None and preset.cost.dataset in ready:
         path, spec = ready[preset.cost.dataset]
@@ -331,7 +579,7 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fedseg.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="quick", choices=["smoke", "quick", "full"])
+    p.add_argument("--preset", default="quick", choices=["smoke", "quick", "standard", "full"])
     p.add_argument("--out", default="bench_results", help="output folder (raw results, report, runs)")
     p.add_argument("--datasets", nargs="*", help="dataset names (default: the preset's; polyp only if its folder exists)")
     p.add_argument("--data-dir", nargs="*", default=[], help="extra datasets in the datalist layout (<dir>/<site>/datalist.json)")
@@ -341,7 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="E of the budget (local epochs per round)")
     p.add_argument("--parallel", type=int, help="(dataset, seed) cells at the same time")
     p.add_argument("--isolate", action="store_true", help="one simulator job per method")
-    p.add_argument("--fedsm-policy", choices=budget_mod.FEDSM_POLICIES)
+    p.add_argument("--fedsm-policy", choices=budget_mod.FEDSM_POLICIES, help="FedSM/SoftPull under equal steps")
+    p.add_argument("--protocols", nargs="*", choices=budget_mod.PROTOCOLS, help="default: both")
+    p.add_argument("--no-ablation", action="store_true", help="skip the FedSM ablation and the optimizer-state runs")
+    p.add_argument("--stock", nargs="*", choices=budget_mod.STOCK, help="NVFlare stock peers (default: the preset's)")
     p.add_argument("--no-cost", action="store_true", help="skip the FL-overhead / throughput measurements")
     p.add_argument("--no-hd95", action="store_true")
     p.add_argument("--report-only", action="store_true", help="only regenerate the report from OUT/raw")
@@ -400,6 +651,12 @@ def main(argv: list[str] | None = None) -> int:
             preset.isolate = True
         if o.fedsm_policy:
             preset.fedsm_policy = o.fedsm_policy
+        if o.protocols:
+            preset.protocols = list(o.protocols)
+        if o.no_ablation:
+            preset.fedsm_ablation = preset.optimizer_measure = False
+        if o.stock is not None:
+            preset.stock = list(o.stock)
         if o.no_hd95:
             preset.hd95 = False
         datasets = resolve_datasets(preset, o.datasets, o.data_dir)
