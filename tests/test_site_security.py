@@ -215,6 +215,40 @@ def test_codeless_job_cannot_change_site_configuration(side, tiny2d, tmp_path):
             assert copy.read_bytes() == product.read_bytes(), copy
 
 
+NETWORK = {"arch": "unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [8, 16], "num_res_units": 1}
+
+
+def test_allowed_classes_refuse_arguments_that_reach_outside_the_job():
+    """Arguments a job sets on allowed classes cannot name the server's or a site's own files, nor switch on
+    code-running unpickling."""
+    from fedseg.fl.meter import TaskMeter
+    from fedseg.fl.persistor import SegModelPersistor
+
+    SegModelPersistor(network=NETWORK, global_model_file_name="m.pt", best_global_model_file_name="b.pt")
+    for bad in ("../../local/resources.json", "/etc/hosts", "..", ""):
+        for key in ("global_model_file_name", "best_global_model_file_name"):
+            with pytest.raises(ValueError, match="plain file name"):
+                SegModelPersistor(network=NETWORK, **{key: bad})
+        with pytest.raises(ValueError, match="plain file name"):
+            TaskMeter(file_name=bad)
+    with pytest.raises(ValueError, match="load_weights_only"):
+        SegModelPersistor(network=NETWORK, load_weights_only=False)
+
+
+def test_job_environment_cannot_move_server_model_files(tiny2d, tmp_path):
+    """A code-less job's config/environment.json (APP_CKPT_DIR) would make NVFlare's persistor write the server's
+    model files anywhere (e.g. over the server's local/ configuration): the job is stopped, nothing written there."""
+    elsewhere = tmp_path / "server_local"
+    elsewhere.mkdir()
+    job = copy_job("fedavg", tmp_path / "jobs", server_args={"num_rounds": 1}, engine={**TINY_ENGINE, "local_epochs": 1})
+    (job / "app" / "config" / "environment.json").write_text(json.dumps({"APP_CKPT_DIR": str(elsewhere)}))
+    result = simulate(job, tmp_path / "ws", tiny2d, n=2, expect_ok=False, timeout=600)
+    assert not result.left
+    assert list(elsewhere.iterdir()) == [], "the job made the server write outside its app dir"
+    text = result.log_tail + result.errors() + result.log("server")
+    assert "lie outside the job's app dir" in text, text[-5000:]
+
+
 # --------------------------------------------------------------------------------------------------
 # Process hygiene
 # --------------------------------------------------------------------------------------------------

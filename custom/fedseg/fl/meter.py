@@ -153,6 +153,8 @@ class TaskMeter(Filter):
         super().__init__()
         if direction not in ("auto", FilterKey.IN, FilterKey.OUT):
             raise ValueError(f"direction must be 'auto', 'in' or 'out', got {direction!r}")
+        if not isinstance(file_name, str) or file_name in ("", ".", "..") or "/" in file_name or os.sep in file_name:
+            raise ValueError(f"file_name must be a plain file name (written in the site's run dir), got {file_name!r}")
         self.direction = direction
         self.file_name = file_name
         self.serialize = bool(serialize)

@@ -1,12 +1,21 @@
 """The server's model persistor for FedSeg jobs.
 
 NVFlare's PTFileModelPersistor, building the network from the job's plain network arguments, so a job
-config states the network once as JSON and sites only need the "fedseg." prefix on their class allow-list.
+config states the network once as JSON and the server only needs this class on its class allow-list.
+
+A job chooses its arguments, so it may not use them to touch the server's own files: model files are plain
+names written inside the job's app dir (also when the job's config/environment.json sets APP_CKPT_DIR or
+APP_CKPT, which NVFlare would resolve anywhere), and checkpoints are always loaded with torch's weights-only
+unpickler (a job-shipped pickle never runs code on the server).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedseg.engine.networks import SegNetwork
@@ -19,9 +28,31 @@ class SegModelPersistor(PTFileModelPersistor):
             network: SegNetwork arguments (arch, spatial_dims, in_channels, out_channels, channels, ...).
             seed: seeds the initial weights, so a job starts from the same network every time it runs.
             source_ckpt_file_full_name: absolute path on the server of a checkpoint to start from (resume).
-            kwargs: any other PTFileModelPersistor argument.
+            kwargs: any other PTFileModelPersistor argument; the model file names must be plain names (they are
+                written into the job's app dir: a path could overwrite the server's own files).
         """
+        for key in ("global_model_file_name", "best_global_model_file_name"):
+            name = kwargs.get(key, "model.pt")
+            if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
+                raise ValueError(f"{key} must be a plain file name (written in the job's app dir), got {name!r}")
+        if kwargs.get("load_weights_only", True) is not True:
+            raise ValueError("load_weights_only must stay true: a checkpoint is never unpickled with code on the server")
         with torch.random.fork_rng():  # do not disturb the server process's global RNG
             torch.manual_seed(int(seed))
             model = SegNetwork(**network)
         super().__init__(model=model, source_ckpt_file_full_name=source_ckpt_file_full_name, **kwargs)
+
+    def _initialize(self, fl_ctx: FLContext):
+        super()._initialize(fl_ctx)
+        app_root = os.path.realpath(fl_ctx.get_prop(FLContextKey.APP_ROOT))
+        paths = {"model file": self._ckpt_save_path, "best model file": self._best_ckpt_save_path,
+                 "APP_CKPT": self.ckpt_preload_path}
+        outside = {k: v for k, v in paths.items() if v and os.path.commonpath([app_root, os.path.realpath(v)]) != app_root}
+        if outside:
+            # neutralise first (nothing may be written there even if the panic is not acted upon at once), then stop
+            self.log_dir = app_root
+            self._ckpt_save_path = os.path.join(app_root, self.global_model_file_name)
+            self._best_ckpt_save_path = os.path.join(app_root, self.best_global_model_file_name)
+            self.ckpt_preload_path = None
+            self.system_panic(f"SegModelPersistor: {outside} lie outside the job's app dir {app_root} (set by the "
+                              "job's config/environment.json APP_CKPT_DIR/APP_CKPT?): refused", fl_ctx)
