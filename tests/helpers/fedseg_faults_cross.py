@@ -1,8 +1,9 @@
 """Fault injection for the FedCross simulator tests: a SegExecutor whose site misbehaves in one communication.
 
 Test-only: a copied job swaps its executor path to this class (conftest.set_executor_path).
-faults: [{"site": "site-2", "communication": 1, "mode": "raise" | "stall" | "nan_weights" | "nan_optim",
-          "seconds": 20}]   applied to the site's cross_train task of that communication.
+faults: [{"site": "site-2", "communication": 1, "mode": "raise" | "stall" | "nan_weights", "seconds": 20}]
+applied to the site's cross_train task of that communication. (NaN optimizer state, site kills, late starts
+and multi-round outages: fedseg_faults.FaultySegExecutor, used by tests/test_faults.py.)
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ class CrossFaultExecutor(SegExecutor):
             while time.time() < end and not abort_signal.triggered:
                 time.sleep(0.2)
         result = train(model, fl_ctx, abort_signal)
-        if mode in ("nan_weights", "nan_optim"):
-            prefix = "model/" if mode == "nan_weights" else "optim/"
-            key = sorted(k for k in result.params if k.startswith(prefix) and np.asarray(result.params[k]).ndim)[0]
+        if mode == "nan_weights":
+            key = sorted(k for k in result.params if k.startswith("model/") and np.asarray(result.params[k]).ndim)[0]
             result.params[key] = np.full_like(result.params[key], np.nan)
             self.log_info(fl_ctx, f"injected NaN into {key} at {self.site}")
         return result

@@ -16,7 +16,16 @@ scored on every site's test cases and the common results record fedseg_results.j
 
 A site whose task fails, times out or returns an unusable update (NaN/Inf, missing keys, wrong shapes) does
 not cost a model: the model keeps its last weights (or is retried at once on a site that is free in that
-communication) and, after max_site_failures failures, the site is left out of later communications.
+communication). A communication in which a site failed a task counts once against it (a missed validation
+too); a communication in which all its tasks succeeded resets the count. After max_site_failures failed
+communications in a row the site is left out; a missed validation alone never drops a site the first time.
+A left-out site is tried again after rejoin_after communications, if it is connected (one more failure
+drops it again). Sites that connect after the start join the schedule from the next communication.
+
+The schedule (fedseg.algorithms.schedules.assign) gets the sites active in each communication. When that
+list changes (a site left out, back, or new), cyclic, Latin and random schedules restart their blocks over
+the new list at that communication (logged), so a Latin block again sends every model to every active site
+once in the next N communications; explicit schedules keep their rows (missing sites are replaced).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from fedseg.algorithms.screening import (
     update_norm,
 )
 from fedseg.engine.config import EngineConfig
-from fedseg.fl.base_controller import FedSegController
+from fedseg.fl.base_controller import FedSegController, check_output_name
 from fedseg.methods.fedcross import (
     LR_SCHEDULES,
     LrSchedule,
@@ -64,6 +73,73 @@ def _finite_mean(values) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+class SiteHealth:
+    """Which sites FedCross leaves out: consecutive failed communications, drops and rejoins (no FLARE).
+
+    Per communication: start() (returns the sites due back), then failed() / tasked() for each task, then
+    finish() (resets the count of every site whose tasks all succeeded; returns those that recovered)."""
+
+    def __init__(self, max_failures: int, rejoin_after: int):
+        self.max_failures = int(max_failures)
+        self.rejoin_after = int(rejoin_after)
+        self.failures: dict[str, int] = {}  # failed communications in a row
+        self.dropped_at: dict[str, int] = {}  # left-out site -> communication in which it was left out
+        self._failed: set[str] = set()
+        self._tasked: set[str] = set()
+
+    @property
+    def dropped(self) -> list[str]:
+        return list(self.dropped_at)
+
+    def start(self, c: int, connected: list[str]) -> list[str]:
+        """Begin communication c; left-out sites whose rejoin_after communications are over and that are
+        connected come back, one failure away from being left out again."""
+        self._failed, self._tasked = set(), set()
+        back = [s for s, at in self.dropped_at.items() if c - at > self.rejoin_after and s in connected]
+        for site in back:
+            del self.dropped_at[site]
+            self.failures[site] = self.max_failures - 1
+        return back
+
+    def tasked(self, sites) -> None:
+        self._tasked.update(sites)
+
+    def failed(self, site: str, c: int, validation: bool = False) -> bool:
+        """Count a failure of site in communication c (once per communication); True if it is left out now.
+        A failure that is only a missed validation needs at least 2 in a row."""
+        self._tasked.add(site)
+        if site in self._failed:
+            return False
+        self._failed.add(site)
+        self.failures[site] = self.failures.get(site, 0) + 1
+        limit = max(self.max_failures, 2) if validation else self.max_failures
+        if self.failures[site] >= limit and site not in self.dropped_at:
+            self.dropped_at[site] = c
+            return True
+        return False
+
+    def failed_now(self, site: str) -> bool:
+        return site in self._failed
+
+    def finish(self) -> list[str]:
+        ok = self._tasked - self._failed
+        recovered = sorted(s for s in ok if self.failures.get(s))
+        for site in ok:
+            self.failures[site] = 0
+        return recovered
+
+    def state(self) -> dict:
+        return {"site_failures": dict(self.failures), "dropped_at": dict(self.dropped_at)}
+
+    def restore(self, info: dict) -> None:
+        """From a checkpoint's info (older checkpoints list only dropped_sites: left out at their communication)."""
+        self.failures = {str(s): int(n) for s, n in (info.get("site_failures") or {}).items()}
+        dropped_at = info.get("dropped_at")
+        if dropped_at is None:
+            dropped_at = {s: int(info.get("communication", 0)) for s in info.get("dropped_sites", [])}
+        self.dropped_at = {str(s): int(c) for s, c in dropped_at.items()}
+
+
 class FedCrossController(FedSegController):
     def __init__(
         self,
@@ -79,7 +155,8 @@ class FedCrossController(FedSegController):
         lr_power: float = 0.9,
         validate_timeout: int = 0,
         startup_grace: int = 300,
-        max_site_failures: int = 1,
+        max_site_failures: int = 3,
+        rejoin_after: int | None = None,
         retry_on_free_site: bool = True,
         engine: dict | None = None,
         resume_from: str = "",
@@ -107,13 +184,19 @@ class FedCrossController(FedSegController):
             task_timeout: seconds one visit may take (0: no limit). validate_timeout: same for scoring.
             startup_grace: extra seconds for a site that has not answered any task yet: FLARE counts a
                 task's timeout from when it is scheduled, and a site's job process may start later than that.
-            max_site_failures: failures (error, timeout, rejected update) after which a site is left out.
+            max_site_failures: communications in a row in which a site failed a task (error, timeout, rejected
+                update, missed validation) after which it is left out; a success resets the count. A missed
+                validation alone counts, but needs at least 2 in a row to leave a site out.
+            rejoin_after: communications a left-out site sits out before it is tried again, if connected
+                (None: the number of sites at the start). A retried site is left out again at its next failure.
             retry_on_free_site: a model whose visit failed is sent at once to a site idle in that communication.
             min_clients: fewest remaining sites with which training continues.
             engine: the sites' engine settings, stored with the model sets so inference can rebuild the networks.
-            resume_from: absolute server path of a last.pt to continue from (at its communication + 1).
+            resume_from: server path of a last.pt to continue from (at its communication + 1): inside this job's run
+                dir or a directory the server's local/fedseg_server.json lists under "resume_dirs".
             final_section: datalist section of the final per-site scores.
-            output_dir: folder under the server's app dir for last.pt, best.pt and the validation history.
+            output_dir: folder name under the server's app dir for last.pt, best.pt and the validation history
+                (a plain name: a job cannot make the server write elsewhere).
         """
         super().__init__(startup_grace=startup_grace, **kwargs)
         if schedule not in KINDS:
@@ -127,6 +210,8 @@ class FedCrossController(FedSegController):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if int(max_site_failures) < 1:
             raise ValueError("max_site_failures must be >= 1")
+        if rejoin_after is not None and int(rejoin_after) < 0:
+            raise ValueError(f"rejoin_after must be >= 0 or None, got {rejoin_after}")
         self.num_models_arg = int(num_models)
         self.num_communications = int(num_communications)
         self.schedule = schedule
@@ -143,18 +228,21 @@ class FedCrossController(FedSegController):
         )
         self.validate_timeout = int(validate_timeout)
         self.max_site_failures = int(max_site_failures)
+        self.rejoin_after = rejoin_after
         self.retry_on_free_site = bool(retry_on_free_site)
         self.resume_from = resume_from or ""
         self.final_section = final_section
-        self.output_name = output_dir
+        self.output_name = check_output_name(output_dir)
 
         # run state
         self.sites: list[str] = []
         self.members: list[dict] = []
         self.optimizers: list[dict] = []
         self.visits_done: list[int] = []
-        self.failures: dict[str, int] = {}
-        self.dropped: list[str] = []
+        self.health = SiteHealth(self.max_site_failures, 0)  # rejoin_after is set when the sites are known
+        self.active: list[str] = []  # the sites of the current communication
+        self.schedule_sites: list[str] = []  # the site list the schedule runs over, since schedule_origin
+        self.schedule_origin = 0
         self.history: list[dict] = []
         self.recent_norms: deque[float] = deque(maxlen=20)  # accepted visits' update norms (magnitude screening)
         self.best: dict | None = None  # {"communication", "val_dice", "members", "optimizers", "visits_done"}
@@ -164,7 +252,7 @@ class FedCrossController(FedSegController):
 
     # ---- workflow -----------------------------------------------------------------------------------------
     def run(self) -> None:
-        self.sites = self.connected_sites()
+        self.sites = self._reachable()
         if not self.sites:
             self.panic("FedCross: no sites connected")
             return
@@ -174,6 +262,7 @@ class FedCrossController(FedSegController):
             except ValueError as e:
                 raise ValueError(f"FedCross job refused at its start (sites {self.sites}): {e}") from None
         self.out = self.output_dir(self.output_name)
+        self.health.rejoin_after = len(self.sites) if self.rejoin_after is None else int(self.rejoin_after)
         start = self._start_state()
         if start is None:
             return
@@ -187,6 +276,7 @@ class FedCrossController(FedSegController):
         for c in range(start, self.num_communications):
             if self.abort_signal.triggered:
                 return
+            changes = self._begin_communication(c)
             active = self.active_sites()
             if len(active) < max(self.min_clients, 1):
                 self.error(f"FedCross: only {active} left (min_clients {self.min_clients}); stopping training at communication {c}")
@@ -196,6 +286,10 @@ class FedCrossController(FedSegController):
             if self.abort_signal.triggered:
                 return
             entry.update(self._validate_communication(c))
+            recovered = self.health.finish()
+            if recovered:
+                self.info(f"FedCross communication {c}: {recovered} answered every task again; their failure count is reset")
+            entry.update(changes)
             entry["seconds"] = round(time.perf_counter() - began, 1)
             self.history.append(entry)
             self._checkpoint(c)
@@ -206,8 +300,44 @@ class FedCrossController(FedSegController):
             )
         self._final_test()
 
+    @property
+    def dropped(self) -> list[str]:
+        return self.health.dropped
+
     def active_sites(self) -> list[str]:
-        return [s for s in self.sites if s not in self.dropped]
+        """This communication's sites that are not left out (a site left out during it drops out at once)."""
+        return [s for s in self.active if s not in self.health.dropped_at]
+
+    def _reachable(self) -> list[str]:
+        return [s for s in self.connected_sites() if self.get_client_disconnect_time(s) is None]
+
+    def _begin_communication(self, c: int) -> dict:
+        """Sites of communication c: new sites join the schedule, left-out sites due back rejoin, and the
+        schedule restarts over the new list when it changed. Returns what changed (for the history)."""
+        connected = self._reachable()
+        joined = [s for s in connected if s not in self.sites]
+        if joined:
+            self.sites = [*self.sites, *joined]
+            self.info(f"FedCross communication {c}: {joined} connected after the start; in the schedule from now")
+        back = self.health.start(c, connected)
+        if back:
+            self.info(f"FedCross communication {c}: trying {back} again after {self.health.rejoin_after} communication(s) "
+                      f"left out; one more failure leaves them out again")
+        self.active = [s for s in self.sites if s in connected and s not in self.health.dropped_at]
+        gone = [s for s in self.sites if s not in connected]
+        if self.active != self.schedule_sites:
+            if self.schedule_sites:
+                self.info(f"FedCross communication {c}: active sites {self.schedule_sites} -> {self.active}"
+                          + (f" (not connected: {gone})" if gone else "")
+                          + (f"; the {self.schedule} schedule restarts over {len(self.active)} site(s) at this communication"
+                             if self.schedule != "explicit" else ""))
+            self.schedule_sites, self.schedule_origin = list(self.active), c
+        return {"joined": joined, "rejoined": back, "not_connected": gone}
+
+    def _schedule_index(self, c: int) -> int:
+        """The communication index the schedule sees: explicit rows follow c; the other kinds count from the
+        communication where the current site list began."""
+        return c if self.schedule == "explicit" else c - self.schedule_origin
 
     # ---- start: fresh or resumed -------------------------------------------------------------------------------
     def _start_state(self) -> int | None:
@@ -231,8 +361,9 @@ class FedCrossController(FedSegController):
         return 0
 
     def _resume(self, model0: dict) -> int | None:
-        path = Path(self.resume_from).expanduser()
+        path = Path(self.resume_from)
         try:
+            path = self.resume_path(self.resume_from)  # inside this job or a directory the server operator allows
             members, optimizers, info = load_members(path)
         except Exception as e:
             self.panic(f"FedCross: cannot resume from {path}: {type(e).__name__}: {e}")
@@ -243,6 +374,12 @@ class FedCrossController(FedSegController):
         if self.num_models_arg and self.num_models_arg != len(members):
             self.warning(f"FedCross: num_models {self.num_models_arg} but {path} holds {len(members)}; using the saved {len(members)}")
         self.members, self.optimizers = members, optimizers
+        # the sites, their failure counts and the schedule's site list carry over; new sites join after them
+        saved_sites = [str(s) for s in info.get("sites", [])]
+        self.sites = saved_sites + [s for s in self.sites if s not in saved_sites]
+        self.health.restore(info)
+        self.schedule_sites = [str(s) for s in info.get("schedule_sites", [s for s in saved_sites if s not in self.health.dropped_at])]
+        self.schedule_origin = int(info.get("schedule_origin", 0))
         self.visits_done = [int(v) for v in info.get("visits_done", [0] * len(members))]
         self.history = list(info.get("history", []))
         self.steps_total = int(info.get("train_steps_total", 0))
@@ -256,7 +393,8 @@ class FedCrossController(FedSegController):
         else:
             self.warning(f"FedCross: no best.pt next to {path}; best-set tracking starts afresh")
         self.info(f"FedCross: resuming from {path} (communication {start - 1} done) at communication {start} "
-                  f"with {len(members)} model(s); visits so far {self.visits_done}")
+                  f"with {len(members)} model(s); visits so far {self.visits_done}; sites {self.sites}, left out "
+                  f"{self.health.dropped_at or 'none'}, failures in a row {self.health.failures or 'none'}")
         if start >= self.num_communications:
             self.warning(f"FedCross: {path} already has {start} communications (num_communications {self.num_communications})")
         return start
@@ -280,7 +418,7 @@ class FedCrossController(FedSegController):
 
     def _train_communication(self, c: int, active: list[str]) -> dict:
         k = len(self.members)
-        assignment = assign(self.schedule, active, k, c, self.seed, self.explicit_schedule)
+        assignment = assign(self.schedule, active, k, self._schedule_index(c), self.seed, self.explicit_schedule)
         visits: list[dict] = [{"model": m, "site": s, "status": "sat out" if s is None else "pending"} for m, s in enumerate(assignment)]
         lrs = [self.lr_schedule.lr(v) for v in self.visits_done]
         self.info(
@@ -292,6 +430,7 @@ class FedCrossController(FedSegController):
         tried: set[str] = set(pending)
         failed_now: list[str] = []
         while pending:
+            self.health.tasked(pending)
             results = self.run_tasks("cross_train", {s: self._visit_task(m, c) for s, m in pending.items()})
             too_large = self._screen_visits({s: m for s, m in pending.items() if s in results}, results)
             unplaced = []
@@ -305,7 +444,7 @@ class FedCrossController(FedSegController):
                 visits[m]["status"] = "kept last weights"
                 self.warning(f"FedCross communication {c}: model {m} at {site}: {reason}; model {m} keeps its last weights")
                 unplaced.append(m)
-            self._count_failures(failed_now)
+            self._count_failures(failed_now, c)
             if self.abort_signal.triggered:
                 break
             free = [s for s in self.active_sites() if s not in tried] if self.retry_on_free_site else []
@@ -368,22 +507,22 @@ class FedCrossController(FedSegController):
         self.steps_total += steps
         return None
 
-    def _count_failures(self, sites: list[str]) -> None:
+    def _count_failures(self, sites: list[str], c: int, validation: bool = False) -> None:
         for site in sites:
-            self.failures[site] = self.failures.get(site, 0) + 1
-            if self.failures[site] >= self.max_site_failures and site not in self.dropped:
-                self.dropped.append(site)
+            if self.health.failed(site, c, validation):
                 self.warning(
-                    f"FedCross: site {site} failed {self.failures[site]} time(s) (max_site_failures "
-                    f"{self.max_site_failures}); leaving it out of later communications; remaining {self.active_sites()}"
+                    f"FedCross: site {site} failed {self.health.failures[site]} time(s) in a row (max_site_failures "
+                    f"{self.max_site_failures}); leaving it out for {self.health.rejoin_after} communication(s); "
+                    f"remaining {self.active_sites()}"
                 )
         sites.clear()
 
     # ---- scoring ------------------------------------------------------------------------------------------------
-    def _score(self, members: list[dict], sites: list[str], section: str) -> dict[str, dict]:
+    def _score(self, members: list[dict], sites: list[str], section: str, c: int | None = None) -> dict[str, dict]:
         """cross_validate of the ensemble of `members` at `sites`: {site: metrics} of those that answered."""
         packed = pack({member_key(m): w for m, w in enumerate(members)})
-        task = {s: FLModel(params=packed, params_type=ParamsType.FULL, meta={"section": section, "num_models": len(members)}) for s in sites}
+        meta = {"section": section, "num_models": len(members), **({"communication": c} if c is not None else {})}
+        task = {s: FLModel(params=packed, params_type=ParamsType.FULL, meta=meta) for s in sites}
         results = self.run_tasks("cross_validate", task, self.validate_timeout)
         self._adopt_site_engine({s: r.metrics for s, r in results.items() if isinstance(r.metrics, dict)})
         return {s: m for s, r in sorted(results.items()) if (m := self._valid_scores(s, r.metrics, len(members))) is not None}
@@ -443,7 +582,10 @@ class FedCrossController(FedSegController):
             return
 
     def _validate_communication(self, c: int) -> dict:
-        scores = self._score(self.members, self.active_sites(), "validation")
+        # a site whose visit failed in this communication is not asked to validate in it (it may be down)
+        targets = [s for s in self.active_sites() if not self.health.failed_now(s)]
+        self.health.tasked(targets)
+        scores = self._score(self.members, targets, "validation", c)
         ens_cases, member_cases = [], [[] for _ in self.members]
         per_site = {}
         for site, metrics in sorted(scores.items()):
@@ -455,9 +597,9 @@ class FedCrossController(FedSegController):
             per_site[site] = {"ensemble": metrics["ensemble"]["dice"], "members": [s["dice"] for s in metrics["members"]],
                               "n_cases": metrics["n_cases"]}
         val_dice = float(np.mean(ens_cases)) if ens_cases else float("nan")
-        missing = sorted(set(self.active_sites()) - set(scores))
+        missing = sorted(set(targets) - set(scores))
         if missing:
-            self._count_failures(list(missing))
+            self._count_failures(list(missing), c, validation=True)
         if math.isfinite(val_dice) and (self.best is None or val_dice > self.best["val_dice"]):
             self.best = {"communication": c, "val_dice": val_dice, "members": list(self.members),
                          "optimizers": list(self.optimizers), "visits_done": list(self.visits_done)}
@@ -481,6 +623,9 @@ class FedCrossController(FedSegController):
             "seed": self.seed,
             "sites": self.sites,
             "dropped_sites": list(self.dropped),
+            **self.health.state(),
+            "schedule_sites": self.schedule_sites,
+            "schedule_origin": self.schedule_origin,
             "lr_schedule": self.lr_schedule.as_meta(),
             "visit_epochs": self.visit_epochs,
             "visit_steps": self.visit_steps,
@@ -505,8 +650,9 @@ class FedCrossController(FedSegController):
         else:
             best = self.best
         k = len(best["members"])
-        self.info(f"FedCross: scoring the best set (communication {best['communication']}) on '{self.final_section}' at {self.sites}")
-        scores = self._score(best["members"], self.sites, self.final_section)
+        sites = [s for s in self.sites if s in self._reachable()]  # left-out sites too: they may score again
+        self.info(f"FedCross: scoring the best set (communication {best['communication']}) on '{self.final_section}' at {sites}")
+        scores = self._score(best["members"], sites, self.final_section)
         models: dict[str, dict] = {"ensemble": {}}
         models.update({f"member {m}": {} for m in range(k)})
         sums = {"std_sum_wrong": 0.0, "n_wrong": 0, "std_sum_right": 0.0, "n_right": 0}
