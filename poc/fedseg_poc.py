@@ -113,21 +113,15 @@ def render_project(template: Path, sites: list[str] | None, port: int) -> dict:
     return project
 
 
-def rights_of(policy: dict, role: str, right: str) -> str:
-    """The condition an NVFlare authorization policy gives `role` for `right` ("none" when not granted)."""
-    conf = policy.get("permissions", {}).get(role)
-    if isinstance(conf, (str, list)):
-        return str(conf)  # one condition for every right
-    return str((conf or {}).get(right, "none"))
-
-
 def load_authorization_policy(path: Path = AUTHZ_FILE) -> dict:
     """FedSeg's authorization policy, checked: NVFlare parses it, and no role has the byoc right."""
     from nvflare.security.security import FLAuthorizer
 
+    from fedseg.fl.allowlist import byoc_roles
+
     policy = json.loads(Path(path).read_text())
     FLAuthorizer("fedseg", policy)  # raises SyntaxError on an invalid policy
-    byoc = [role for role in policy["permissions"] if rights_of(policy, role, "byoc") not in ("none", "no")]
+    byoc = byoc_roles(policy)
     if byoc:
         raise PocError(f"{path}: role(s) {byoc} would have the byoc right (run code a job brings); FedSeg jobs need none")
     return policy

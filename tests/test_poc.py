@@ -372,6 +372,20 @@ def test_real_deployment_project_provisions_every_site_and_admin(tmp_path):
     authz = json.loads((prod / server["name"] / "local" / "authorization.json.default").read_text())["permissions"]
     assert authz["lead"]["submit_job"] == "any" and authz["member"] == {"view": "any"}
 
+    # What docs/deployment.md tells the server's and every hospital's IT to do with a fresh kit: the check finds
+    # provisioning's default (leads may bring code, FedSeg's classes not allowed), the two steps fix both.
+    tool = [sys.executable, "-m", "fedseg.fl.allowlist"]
+    tool_env = dict(env, PYTHONPATH=str(REPO / "custom"))
+    for name in [server["name"], *(c["name"] for c in by_type["client"])]:
+        kit = prod / name
+        out = subprocess.run([*tool, str(kit), "--check"], env=tool_env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and "['project_admin', 'lead'] have the byoc right" in out.stdout, out.stdout + out.stderr
+        assert "FedSeg classes not allowed" in out.stdout, out.stdout
+        shutil.copy(REPO / "poc" / "authorization.json", kit / "local" / "authorization.json")
+        assert subprocess.run([*tool, str(kit)], env=tool_env, capture_output=True, timeout=120).returncode == 0
+        out = subprocess.run([*tool, str(kit), "--check"], env=tool_env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+
 
 def _policy_rights() -> list[str]:
     """Every right NVFlare 2.9 checks against authorization.json: the command categories, the admin commands

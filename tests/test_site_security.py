@@ -143,6 +143,16 @@ def test_allowlist_tool_writes_exact_classes_and_drops_the_old_prefix(tmp_path):
                           timeout=120, env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"}).returncode == 2
 
 
+def test_byoc_roles_reads_every_form_of_a_grant():
+    from fedseg.fl.allowlist import byoc_roles
+
+    policy = {"permissions": {"a": "any", "b": {"byoc": "any"}, "c": {"view": "any"}, "d": {"byoc": ["o:site"]},
+                              "e": {"byoc": "not o:site"}, "f": {"byoc": "None"}, "g": {"byoc": ["none", "n:x@y.org"]},
+                              "h": ["none"]}}
+    assert byoc_roles(policy) == ["a", "b", "d", "e", "g"]
+    assert byoc_roles(json.loads((CUSTOM.parent / "poc" / "authorization.json").read_text())) == []
+
+
 def test_generated_jobs_use_only_allowed_classes(tmp_path):
     """Every component path of jobs/, of fedseg.jobgen's output (with the meter) and of a benchmark job that
     runs every method is on the allow-list: the list is complete."""

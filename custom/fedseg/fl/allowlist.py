@@ -15,7 +15,8 @@ but NVFlare loads a path by importing everything before the last dot as a module
 
 Run by the site's (or the server's) administrator, not by jobs:
 
-    python -m fedseg.fl.allowlist <site workspace>      # writes <site workspace>/local/resources.json
+    python -m fedseg.fl.allowlist <site workspace>           # writes <site workspace>/local/resources.json
+    python -m fedseg.fl.allowlist <site workspace> --check   # what would let a job run code here; exit 1 if any
 """
 
 from __future__ import annotations
@@ -119,15 +120,69 @@ def warnings_for(resources: dict) -> list[str]:
     return out
 
 
+def byoc_roles(policy: dict) -> list[str]:
+    """The roles an NVFlare authorization policy (authorization.json) gives the byoc right: they may submit jobs
+    that bring code, which then runs at the site."""
+    roles = []
+    for role, conf in (policy.get("permissions") or {}).items():
+        cond = conf if isinstance(conf, (str, list)) else (conf or {}).get("byoc", "none")
+        conds = [cond] if isinstance(cond, str) else list(cond)
+        if any(" ".join(str(c).lower().split()) not in ("none", "no") for c in conds):  # "not o:x" grants the rest
+            roles.append(role)
+    return roles
+
+
+def _site_file(local: Path, name: str) -> Path | None:
+    """What NVFlare reads: local/<name>, else local/<name>.default."""
+    for f in (local / name, local / (name + ".default")):
+        if f.is_file():
+            return f
+    return None
+
+
+def check_site(workspace: str | os.PathLike) -> list[str]:
+    """What lets a job run code at this site: a class allow-list with prefixes, '*' or warn mode, FedSeg's classes
+    missing, roles with the byoc right. Empty when the site is as FedSeg wants it."""
+    local = Path(workspace) / "local"
+    problems = []
+    resources_file = _site_file(local, "resources.json")
+    if resources_file is None:
+        problems.append(f"{local}: no resources.json(.default): NVFlare's default class list applies, without FedSeg's classes")
+    else:
+        resources = json.loads(resources_file.read_text())
+        problems += [f"{resources_file}: {w}" for w in warnings_for(resources)]
+        missing = [c for c in FEDSEG_CLASSES if c not in (resources.get("class_allow_list") or [])]
+        if missing:
+            problems.append(f"{resources_file}: FedSeg classes not allowed (jobs will fail here): {missing}")
+    authz_file = _site_file(local, "authorization.json")
+    if authz_file is None:
+        problems.append(f"{local}: no authorization.json(.default)")
+    else:
+        roles = byoc_roles(json.loads(authz_file.read_text()))
+        if roles:
+            problems.append(f"{authz_file}: role(s) {roles} have the byoc right: their jobs may bring code that runs "
+                            "here (FedSeg jobs need none; install poc/authorization.json as local/authorization.json)")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedseg.fl.allowlist", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workspace", help="the site's (or the server's) workspace: the folder with startup/ and local/")
+    p.add_argument("--check", action="store_true", help="change nothing: report what would let a job run code here "
+                   "(allow-list prefixes, '*', warn mode, roles with byoc); exit 1 when anything is found")
     o = p.parse_args(argv)
     local = Path(o.workspace) / "local"
     if not local.is_dir():
         print(f"{o.workspace}: no local/ folder: not a site or server workspace (startup kit)", file=sys.stderr)
         return 2
+    if o.check:
+        problems = check_site(o.workspace)
+        for problem in problems:
+            print(f"PROBLEM: {problem}")
+        if not problems:
+            print(f"{o.workspace}: OK: exact classes only ({len(FEDSEG_CLASSES)} of FedSeg's), nobody has byoc")
+        return 1 if problems else 0
     try:
         resources = allow_fedseg(local / "resources.json")
     except AllowListError as e:
