@@ -24,7 +24,7 @@ import pytest
 from conftest import CUSTOM, JOBS, TINY_ENGINE, copy_job, set_executor_path, simulate
 
 import fedseg
-from fedseg.fl.allowlist import FEDSEG_CLASSES, AllowListError, allow_fedseg, fedseg_allow_list, warnings_for
+from fedseg.fl.allowlist import BENCH_CLASSES, FEDSEG_CLASSES, AllowListError, allow_fedseg, fedseg_allow_list, warnings_for
 
 
 class _SiteWorkspace:
@@ -176,12 +176,15 @@ def test_generated_jobs_use_only_allowed_classes(tmp_path):
             for v in obj:
                 yield from paths(v)
 
-    used = set()
-    for root in (JOBS, tmp_path / "gen", bench):
-        for config in root.rglob("config_fed_*.json"):
-            used |= set(paths(json.loads(config.read_text())))
-    assert {"fedseg.fl.meter.TaskMeter", "fedseg.bench.flow.BenchMark", "fedseg.fl.executor.SegExecutor"} <= used
-    assert used <= allow, used - allow
+    def used_in(*roots) -> set:
+        return {p for root in roots for config in root.rglob("config_fed_*.json") for p in paths(json.loads(config.read_text()))}
+
+    product = used_in(JOBS, tmp_path / "gen")  # what runs at sites: only the product's list
+    assert {"fedseg.fl.meter.TaskMeter", "fedseg.fl.executor.SegExecutor"} <= product
+    assert product <= allow, product - allow
+    bench_paths = used_in(bench)  # the benchmark's simulator runs add its workflows
+    assert "fedseg.bench.flow.BenchMark" in bench_paths and "fedseg.bench.flow.BenchMark" not in allow
+    assert bench_paths <= set(fedseg_allow_list(BENCH_CLASSES)), bench_paths - set(fedseg_allow_list(BENCH_CLASSES))
 
 
 # --------------------------------------------------------------------------------------------------

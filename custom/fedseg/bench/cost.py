@@ -182,6 +182,7 @@ def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: 
     from fedseg.bench.jobs import build_job, label
     from fedseg.bench.run import site_train_counts
     from fedseg.jobgen import resolve_engine
+    from fedseg.fl.allowlist import BENCH_CLASSES
     from fedseg.sim import run_simulator
 
     counts = {s: n for s, n in site_train_counts(data_dir).items() if s in sites}
@@ -195,7 +196,8 @@ def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: 
     ws = out_dir / "ws" / name
     log(f"cost: {name} ({len(sites)} site(s), {rounds} rounds x {engine['local_epochs']} epochs) ...")
     cpu0 = _children_cpu()
-    result = run_simulator(job, ws, len(sites), data_root=data_dir, clients=sites, timeout=timeout)
+    result = run_simulator(job, ws, len(sites), data_root=data_dir, clients=sites, timeout=timeout,
+                           allow_classes=BENCH_CLASSES)
     cpu = _children_cpu() - cpu0
     window = windows(timeline(ws)).get(label("fedavg", seed))
     records = meter_records(ws, sites)

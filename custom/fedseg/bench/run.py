@@ -288,9 +288,11 @@ def cell_engine(spec: DatasetSpec, epochs: int, seed: int) -> dict:
 
 
 def _run_fl_job(job: Path, workspace: Path, data_dir: Path, sites: list[str], timeout: float) -> dict:
+    from fedseg.fl.allowlist import BENCH_CLASSES
     from fedseg.sim import run_simulator
 
-    result = run_simulator(job, workspace, len(sites), data_root=data_dir, clients=sites, timeout=timeout)
+    result = run_simulator(job, workspace, len(sites), data_root=data_dir, clients=sites, timeout=timeout,
+                           allow_classes=BENCH_CLASSES)
     errors = result.errors()
     return {"returncode": result.returncode, "seconds": round(result.seconds, 2), "errors": errors[-4000:],
             "log_tail": result.log_tail[-2000:] if result.returncode else ""}

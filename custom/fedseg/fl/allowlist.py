@@ -31,8 +31,8 @@ from pathlib import Path
 
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
-# Every FedSeg class a job may instantiate (the job folders of fedseg.jobgen, the benchmark's jobs of
-# fedseg.bench.jobs, and the site privacy filter of poc/privacy.json).
+# Every FedSeg class a job may instantiate at a site or the server (the job folders of fedseg.jobgen, with or
+# without --meter, and the site privacy filter of poc/privacy.json).
 FEDSEG_CLASSES = (
     "fedseg.fl.executor.SegExecutor",
     "fedseg.fl.persistor.SegModelPersistor",
@@ -41,6 +41,10 @@ FEDSEG_CLASSES = (
     "fedseg.fl.fedcross_controller.FedCrossController",
     "fedseg.fl.privacy.LayerPrivacyFilter",
     "fedseg.fl.meter.TaskMeter",
+)
+# The benchmark's workflows (fedseg.bench.jobs): allowed only in the benchmark's own simulator runs
+# (fedseg.bench passes them to fedseg.sim.run_simulator), never at a site.
+BENCH_CLASSES = (
     "fedseg.bench.flow.BenchWarmup",
     "fedseg.bench.flow.BenchMark",
     "fedseg.bench.flow.BenchGlobalEval",
