@@ -475,3 +475,51 @@ def test_progress_line_reads_the_running_job(tmp_path):
     assert "synth2d seed 0: fedsm round 3/4" in line and "0/3 runs done" in line and "min left" in line
     progress.finished("synth2d", [("fedavg", 0), ("fedsm", 0)])
     assert "2/3 runs done" in progress.line()
+
+
+def test_sigterm_stops_the_benchmark_and_everything_it_started(tmp_path):
+    """SIGTERM while a simulator job runs: the benchmark exits at once (no further job, retry or baseline is
+    started) and no process of the run is left."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fedseg.bench", "--preset", "smoke", "--out", str(out), "--protocols", "equal"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(str(out) in part for part in p.info["cmdline"] or []):
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
+
+    try:
+        lines = []
+        for line in proc.stdout:  # wait until the shared simulator job is running
+            lines.append(line)
+            if "in the NVFlare simulator" in line:
+                break
+        time.sleep(8)
+        assert proc.poll() is None, "".join(lines)
+        began = time.time()
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + rest
+        assert time.time() - began < 60
+        assert "(separate process)" not in rest and "retry" not in rest  # nothing started after the signal
+        deadline = time.time() + 20
+        while ours() and time.time() < deadline:
+            time.sleep(1)
+        assert ours() == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in ours():
+            p.kill()

@@ -38,6 +38,16 @@ from fedseg.bench.jobs import build_job, label, save_initial_checkpoint, workflo
 from fedseg.bench.presets import REPO, DatasetSpec, Preset, datalist_dataset, get_preset
 
 _print_lock = threading.Lock()
+STOP = threading.Event()  # set on SIGTERM: no further job, baseline or peer is started
+
+
+class Stopped(RuntimeError):
+    """The benchmark was asked to stop (SIGTERM)."""
+
+
+def check_stop() -> None:
+    if STOP.is_set():
+        raise Stopped("the benchmark was stopped (SIGTERM)")
 
 
 def log(msg: str) -> None:
@@ -373,6 +383,7 @@ def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset,
     groups = [[r] for r in runs] if preset.isolate else ([runs] if runs else [])
     pending = [(0, g) for g in groups]
     while pending:
+        check_stop()
         attempt, group = pending.pop(0)
         single = len(group) == 1
         name = "bench_" + (label(*group[0]) if single else "all") + ("_retry" if attempt else "")
@@ -408,6 +419,7 @@ def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset,
     if baselines:
         batches = [[seed] for seed in seeds] if preset.isolate else [seeds]
         for batch_seeds in batches:
+            check_stop()
             PROGRESS.running(ds_name, f"local-only / centralized, seeds {batch_seeds} (separate process)")
             got = run_baselines(data_dir, engines[batch_seeds[0]], preset, inits, batch_seeds, baselines, ds_dir, plans,
                                 rounds, epochs)
@@ -418,6 +430,7 @@ def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset,
     stock = [k for k, s in specs.items() if s.method in budget_mod.STOCK]
     for k in stock:
         for seed in seeds:
+            check_stop()
             PROGRESS.running(ds_name, f"seed {seed}: {k} (NVFlare stock recipe in SimEnv)")
             cells[seed]["methods"][k] = _tag(run_stock_peer(specs[k].method, data_dir, sites, engines[seed], inits[seed], seed,
                                                             plans[k], budget, ds_dir / "stock" / label(k, seed), preset), specs[k])
@@ -551,6 +564,8 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
         name, (path, spec) = item
         try:
             return run_dataset(name, path, spec, preset, list(preset.methods), out / "runs" / name)
+        except Stopped:
+            raise
         except Exception as e:  # noqa: BLE001 - one broken dataset must not lose the others
             log(f"{name}: FAILED {type(e).__name__}: {e}")
             return [{"dataset": name, "seed": seed, "error": f"{type(e).__name__}: {e}", "methods": {}} for seed in preset.seeds]
@@ -619,6 +634,7 @@ def _stop_children(signum, frame) -> None:
     """On SIGTERM: stop the simulators this run started (each in its own process group) and its other children."""
     import signal
 
+    STOP.set()  # the dataset threads start nothing more; what runs now is stopped below
     for pid in _children():
         try:
             if os.getpgid(pid) == pid:
