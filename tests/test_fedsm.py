@@ -72,7 +72,7 @@ def test_fedsm_resumes_from_a_saved_set(fedsm_run, tiny2d, tmp_path):
     job = fedsm_job(tmp_path, num_rounds=5, resume_from=str(saved))
     result = simulate(job, tmp_path / "ws", tiny2d, n=3, resume_dirs=[fedsm_run.workspace])
     history = json.loads((result.job_dir / FEDSM_DIR / "history.json").read_text())
-    assert [r["round"] for r in history] == [4]
+    assert [r["round"] for r in history] == [0, 1, 2, 3, 4]  # the saved history carries over
     assert f"resuming from {saved}" in result.log("server")
 
 
