@@ -523,3 +523,13 @@ def test_sigterm_stops_the_benchmark_and_everything_it_started(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         for p in ours():
             p.kill()
+
+
+def test_headline_says_when_a_difference_is_seed_noise():
+    from fedseg.bench.report import _headline_sentences
+
+    noisy = [_cell(s, {"fedavg": 0.60, "fedsm": 0.60 + d}) for s, d in enumerate((0.10, -0.05, 0.01))]  # +2 points, noisy
+    clear = [_cell(s, {"fedavg": 0.60, "fedsm": 0.63 + d}) for s, d in enumerate((0.001, -0.001, 0.0))]
+    assert "within seed noise" in " ".join(_headline_sentences("d", noisy))
+    text = " ".join(_headline_sentences("d", clear))
+    assert "within seed noise" not in text and "standard errors over 3 seeds" in text

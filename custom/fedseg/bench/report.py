@@ -742,10 +742,10 @@ def headline_facts(cells: list[dict]) -> dict:
                     "beats_fedavg": (any(d >= BEAT_MARGIN for _, _, d, _ in per.values()) if per else None)}
     if {"centralized", "local"} <= keys:
         c = compare(cells, "centralized", "local")
-        facts["centralized_vs_local"] = {"diff": c[2], "values": c[:2], "beats": c[2] > 0}
+        facts["centralized_vs_local"] = {"diff": c[2], "values": c[:2], "beats": c[2] > 0, "paired": c[3]}
     if {"fedcross", "nvflare_cyclic"} <= keys and aggregate(cells, "nvflare_cyclic")["dice"]:
         c = compare(cells, "fedcross", "nvflare_cyclic")
-        facts["fedcross_vs_stock"] = {"diff": c[2], "values": c[:2], "matches": c[2] >= -MATCH_MARGIN}
+        facts["fedcross_vs_stock"] = {"diff": c[2], "values": c[:2], "matches": c[2] >= -MATCH_MARGIN, "paired": c[3]}
     not_flat = []
     for k in _plotted_runs(cells):
         flat, gain = flattened(mean_curve(cells, k))
@@ -757,6 +757,20 @@ def headline_facts(cells: list[dict]) -> dict:
 
 def _yes(x) -> str:
     return "**yes**" if x else "**no**"
+
+
+def _noise(paired: list[float]) -> str:
+    """How far a difference stands above the seed-to-seed noise (paired per-seed differences)."""
+    n = len(paired)
+    if n < 2:
+        return "one seed: no error estimate"
+    se = _std(paired) / math.sqrt(n)
+    m = _mean(paired)
+    if se == 0:
+        return f"the same difference in all {n} seeds"
+    if abs(m) < 2 * se:
+        return f"within seed noise: |difference| < 2 standard errors ({100 * se:.1f} points) over {n} seeds"
+    return f"{abs(m) / se:.1f} standard errors over {n} seeds"
 
 
 def _headline_sentences(ds: str, cells: list[dict]) -> list[str]:
@@ -779,17 +793,17 @@ def _headline_sentences(ds: str, cells: list[dict]) -> list[str]:
             key = m if protocol == "equal" else f"{m}-paper"
             ratio = _mean(aggregate(cells, key)["ratio"])
             parts.append(f"{'equal steps' if protocol == 'equal' else f'paper protocol ({ratio:.2g}B)'} {va:.3f} vs {vb:.3f} "
-                         f"({_pts(d)} points, seed std of the difference {100 * _std(paired):.1f})")
+                         f"({_pts(d)} points; {_noise(paired)})")
         out.append(f"{label} vs FedAvg: " + "; ".join(parts) + f" → beats FedAvg by ≥ {100 * BEAT_MARGIN:.0f} Dice points "
                    f"under at least one protocol: {_yes(f['beats_fedavg'])}.")
     if "centralized_vs_local" in facts:
         f = facts["centralized_vs_local"]
-        out.append(f"Centralized vs local-only: {f['values'][0]:.3f} vs {f['values'][1]:.3f} ({_pts(f['diff'])} points) → "
-                   f"centralized beats local-only: {_yes(f['beats'])}.")
+        out.append(f"Centralized vs local-only: {f['values'][0]:.3f} vs {f['values'][1]:.3f} ({_pts(f['diff'])} points; "
+                   f"{_noise(f['paired'])}) → centralized beats local-only: {_yes(f['beats'])}.")
     if "fedcross_vs_stock" in facts:
         f = facts["fedcross_vs_stock"]
         out.append(f"FedCross vs NVFlare's stock CyclicRecipe at the same budget: {f['values'][0]:.3f} vs {f['values'][1]:.3f} "
-                   f"({_pts(f['diff'])} points) → FedCross matches the stock cyclic workflow (at most "
+                   f"({_pts(f['diff'])} points; {_noise(f['paired'])}) → FedCross matches the stock cyclic workflow (at most "
                    f"{100 * MATCH_MARGIN:.0f} point below): {_yes(f['matches'])}.")
     elif "fedcross" in mean:
         out.append("FedCross vs NVFlare's stock CyclicRecipe: not measured in this run.")
