@@ -414,9 +414,11 @@ def test_fedsm_selector_and_gamma_sweep_readers():
     st = selector_stats(extra, ["a", "b"])
     assert st["a"] == {"argmax_own": 1.0, "routed_own": 0.75, "routed_global": 0.25, "cases": 4}
     assert st["b"]["routed_own"] == 0.5 and st["b"]["routed_global"] == 0.0
+    assert selector_stats({**extra, "routed_own": {"a": 0.5}}, ["a"])["a"]["routed_own"] == 0.5  # the site's own count wins
     layouts = [{"0.5": {"a": 0.8, "b": 0.6}, "1.0": {"a": 0.7, "b": 0.5}},
                {"a": {"0.5": 0.8, "1.0": 0.7}, "b": {"0.5": {"dice": 0.6}, "1.0": {"dice": 0.5}}},
-               [{"gamma": 0.5, "per_site": {"a": 0.8, "b": 0.6}}, {"gamma": 1.0, "per_site": {"a": 0.7, "b": 0.5}}]]
+               [{"gamma": 0.5, "per_site": {"a": 0.8, "b": 0.6}}, {"gamma": 1.0, "per_site": {"a": 0.7, "b": 0.5}}],
+               {"gammas": [0.5, 1.0], "dice": {"a": [0.8, 0.7], "b": [0.6, 0.5]}, "mean": [0.7, 0.6]}]
     for raw in layouts:
         sweep = gamma_sweep({"gamma_sweep": raw})
         assert sorted(sweep) == [0.5, 1.0] and sweep[0.5]["mean"] == pytest.approx(0.7), raw

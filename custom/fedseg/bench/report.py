@@ -11,10 +11,12 @@ Every number and every sentence of the headline is computed here from the raw re
 hand. What the report reads from the methods' results records (fedseg_results.json "extra"):
   FedSM     selector_accuracy {site: share of test cases whose selector argmax is the own site} (or
             selector_argmax_accuracy), routing {site: {model: count}} (the routing confusion matrix; "routed to
-            own model" = routing[site][site] / cases, or selector_routed_own {site: share}), selector_confusion
+            own model" = routed_own {site: share}, else routing[site][site] / cases), selector_confusion
             {site: {predicted site: count}} (argmax confusion, optional), gamma_sweep (per gamma the super
-            model's Dice: {gamma: dice | {site: dice} | {"dice": ..}} or {site: {gamma: ...}} or a list of
-            {"gamma": g, ...}), lam; the oracle-routed row is the model "FedSM personalized (own site)"
+            model's Dice: {"gammas": [..], "dice": {site: [..]}, "mean": [..]}, or {gamma: dice | {site: dice}}
+            or {site: {gamma: ...}} or a list of {"gamma": g, ...}), selector_history (per round {"round",
+            "accuracy": {site: ..}, "routed_own": {site: ..}} on the validation cases), lam; the oracle-routed
+            row is the model "FedSM personalized (own site)"
   FedCrossEns  uncertainty_auroc_per_site {site: AUROC of the member std for erroneous voxels}
   FedAvg/FedProx  models "global (best)" (headline) and "global (last)"
 """
@@ -473,7 +475,7 @@ def _first_key(d: dict, *names):
 def selector_stats(extra: dict, sites: list[str]) -> dict[str, dict]:
     """{site: {"argmax_own", "routed_own", "routed_global", "cases"}} from a FedSM results record's extra."""
     argmax = _first_key(extra, "selector_argmax_accuracy", "argmax_own_site", "selector_argmax_own_site", "selector_accuracy") or {}
-    routed = _first_key(extra, "selector_routed_own", "routed_to_own_model", "selector_routed_own_model") or {}
+    routed = _first_key(extra, "routed_own", "selector_routed_own", "routed_to_own_model", "selector_routed_own_model") or {}
     routing = extra.get("routing") or {}
     out = {}
     for s in sites:
@@ -510,7 +512,16 @@ def gamma_sweep(extra: dict) -> dict[float, dict[str, float]]:
             return None
 
     out: dict[float, dict[str, float]] = {}
-    if isinstance(raw, list):
+    if isinstance(raw, dict) and isinstance(raw.get("gammas"), list):  # {"gammas": [..], "dice": {site: [..]}, "mean": [..]}
+        gammas = [as_float(g) for g in raw["gammas"]]
+        for site, values in (raw.get("dice") or {}).items():
+            for g, v in zip(gammas, values if isinstance(values, list) else []):
+                if g is not None and _finite(v):
+                    out.setdefault(g, {})[site] = float(v)
+        for g, v in zip(gammas, raw.get("mean") if isinstance(raw.get("mean"), list) else []):
+            if g is not None and _finite(v):
+                out.setdefault(g, {})["mean"] = float(v)
+    elif isinstance(raw, list):
         for row in raw:
             g = as_float(row.get("gamma")) if isinstance(row, dict) else None
             if g is None:
@@ -591,6 +602,20 @@ def fedsm_section(ds: str, cells: list[dict], sites: list[str]) -> list[str]:
             L += [f"Selector argmax confusion matrix, {run_name(k, _first_rec(cells, k))} (summed over seeds; row: true site, "
                   "column: the selector's most probable site, whatever its confidence):", "",
                   _table(["true \\ argmax"] + sites, [[s] + [_fmt(confusion.get(s, {}).get(m, 0), 0) for m in sites] for s in sites]), ""]
+    for k in keys[:2]:  # the selector round by round (validation cases): when does it tell the sites apart?
+        hist = [(((c["methods"].get(k) or {}).get("results") or {}).get("extra") or {}).get("selector_history") or []
+                for c in cells if k in c.get("methods", {})]
+        rounds = sorted({int(h["round"]) for hs in hist for h in hs if isinstance(h, dict) and _finite(h.get("round"))})
+        if rounds:
+            picks = sorted({rounds[min(len(rounds) - 1, round(q * (len(rounds) - 1)))] for q in (0, 0.25, 0.5, 0.75, 1)})
+
+            def at(r: int, field: str, site: str) -> float:
+                return _mean([(h.get(field) or {}).get(site) for hs in hist for h in hs if isinstance(h, dict) and h.get("round") == r])
+
+            rows = [[r + 1] + [f"{_fmt(at(r, 'accuracy', s), 2)} / {_fmt(at(r, 'routed_own', s), 2)}" for s in sites] for r in picks]
+            L += [f"Selector during training, {run_name(k, _first_rec(cells, k))}: argmax own site / routed to own model on "
+                  "each site's validation cases, at five rounds (mean over seeds):", "",
+                  _table(["round"] + sites, rows), ""]
     for k in keys[:2]:
         sweeps = [gamma_sweep((((c["methods"].get(k) or {}).get("results") or {}).get("extra") or {})) for c in cells
                   if k in c.get("methods", {})]
