@@ -743,15 +743,22 @@ def compare(cells: list[dict], a: str, b: str) -> tuple[float, float, float, lis
 
 
 # ---- the markdown ------------------------------------------------------------------------------------------
-MODEL_SELECTION = ("Model selection, the same rule for every method: the **best-validated** model on the sites' "
-                   "validation cases is scored on the test cases. FedAvg/FedProx: the global model whose median over "
-                   "sites of the validation Dice (each site scores the model it receives) was the best "
-                   "(FedAvgController's best.pt); FedSM/SoftPull: the best model set by the median validation score of the "
-                   "received set (its best.pt, where the controller scores its best set); FedCross/FedCrossEns: the "
-                   "(ensemble of the) best communication; local-only: the best of R checkpoints by the site's own "
-                   "validation Dice; centralized: the best of R checkpoints by the median over sites; NVFlare's stock "
-                   "FedAvgRecipe: its IntimeModelSelector's best, its CyclicRecipe keeps no best (last model). "
-                   "The last models are reported as extra rows.")
+def model_selection(cells: list[dict]) -> str:
+    """The model-selection sentence, with what the FedSM runs really used (their workflow's final_model)."""
+    fedsm = {((rec.get("workflow_args") or {}).get("final_model") or "last")
+             for c in cells for k, rec in c.get("methods", {}).items() if run_info(k, rec)["method"] in ("fedsm", "softpull")}
+    fedsm_text = ("FedSM/SoftPull: the model set sent in the round with the best median over sites of the validation score "
+                  "of the received set (its best.pt)" if fedsm == {"best"} else
+                  "FedSM/SoftPull: **the last model set** (its workflow had no final_model=\"best\" setting in this run; "
+                  "its best.pt was not scored)" if fedsm == {"last"} else
+                  f"FedSM/SoftPull: {', '.join(sorted(fedsm)) or '-'} model set")
+    return ("Model selection, the same rule for every method: the **best-validated** model on the sites' validation cases "
+            "is scored on the test cases. FedAvg/FedProx: the global model whose median over sites of the validation Dice "
+            f"(each site scores the model it receives) was the best (FedAvgController's best.pt); {fedsm_text}; "
+            "FedCross/FedCrossEns: the (ensemble of the) best communication; local-only: the best of R checkpoints by the "
+            "site's own validation Dice; centralized: the best of R checkpoints by the median over sites; NVFlare's stock "
+            "FedAvgRecipe: its IntimeModelSelector's best, its CyclicRecipe keeps no best (last model). The last models "
+            "are reported as extra rows.")
 
 
 def headline_facts(cells: list[dict]) -> dict:
@@ -910,7 +917,7 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
           f"optimizer steps summed over sites. Protocols reported side by side: {', '.join(protocols)} — equal steps (every "
           f"method B; FedSM/SoftPull policy `{run.get('fedsm_policy')}`) and each paper's own protocol (FedSM/SoftPull 2B, "
           "FedCrossEns N·B), with the steps each run used next to its Dice.",
-          f"- {MODEL_SELECTION}",
+          f"- {model_selection(cells)}",
           f"- Learning rate: one policy for every method, Adam at the engine's constant rate (FedCross/FedCrossEns "
           f"`lr_schedule` = `{run.get('lr_schedule', 'poly (older runs)')}`).",
           f"- Methods ran {'each (run, seed) in its own NVFlare simulator job' if run.get('isolate') else 'one after another in ONE NVFlare simulator job per dataset (every run and seed; the sites’ data-order/augmentation random stream is seeded once and continues from run to run) and one baseline process per dataset'}; "
