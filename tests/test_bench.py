@@ -474,7 +474,7 @@ def test_progress_line_reads_the_running_job(tmp_path):
     progress.plan("synth2d", [(s.key, 0) for s in specs], plan_runs(specs, budget))
     progress.running("synth2d", "bench_all", ws, ["site-1", "site-2"])
     line = progress.line()
-    assert "synth2d seed 0: fedsm round 3/4" in line and "0/3 runs done" in line and "min left" in line
+    assert "synth2d seed 0: fedsm round 3/4" in line and "1/3 runs done" in line and "min left" in line  # fedavg ended
     progress.finished("synth2d", [("fedavg", 0), ("fedsm", 0)])
     assert "2/3 runs done" in progress.line()
 

@@ -221,27 +221,28 @@ class Progress:
             self.done.update((dataset, k, s) for k, s in runs)
             self.active.pop(dataset, None)
 
-    def _current(self, dataset: str, info: dict) -> tuple[str, float]:
-        """(text, units done so far) for one dataset's running job: its runs that ended count fully, the run in
-        progress by its rounds (or communications) done."""
+    def _current(self, dataset: str, info: dict) -> tuple[str, float, int]:
+        """(text, units done so far, runs ended) for one dataset's running job: its runs that ended count fully,
+        the run in progress by its rounds (or communications) done."""
         ws = info.get("workspace")
         if ws is None:
-            return info["what"], 0.0
+            return info["what"], 0.0, 0
         from fedseg.bench.collect import meter_records, timeline
 
         def ident(name: str) -> tuple:
             key, _, seed = name.rpartition("__s")
             return dataset, key, int(seed) if seed.isdigit() else -1
 
-        open_runs, ended = {}, 0.0
+        open_runs, ended, n_ended = {}, 0.0, 0
         for e in timeline(ws):
             if e["phase"] == "start":
                 open_runs[e["method"]] = e["time"]
             elif e["method"] in open_runs:
                 open_runs.pop(e["method"])
                 ended += self.total.get(ident(e["method"]), 0.0)
+                n_ended += 1
         if not open_runs:
-            return info["what"] + " (starting / between runs)", ended
+            return info["what"] + " (starting / between runs)", ended, n_ended
         name, started = max(open_runs.items(), key=lambda kv: kv[1])
         rounds_seen = set()
         for recs in meter_records(ws, info["sites"]).values():
@@ -254,25 +255,26 @@ class Progress:
         key, seed = ident(name)[1:]
         unit = "communication" if key.startswith("fedcross") else "round"
         text = f"seed {seed}: {key} {unit} {done}/{total_rounds or '?'}"
-        return text, ended + (self.total.get(ident(name), 0.0) * done / total_rounds if total_rounds else 0.0)
+        return text, ended + (self.total.get(ident(name), 0.0) * done / total_rounds if total_rounds else 0.0), n_ended
 
     def line(self) -> str:
         with self.lock:
             active = dict(self.active)
             done_units = sum(self.total.get(k, 0.0) for k in self.done)
             total = sum(self.total.values())
-        parts, partial = [], 0.0
+        parts, partial, ended = [], 0.0, 0
         for ds, info in sorted(active.items()):
             try:
-                text, units = self._current(ds, info)
+                text, units, n = self._current(ds, info)
             except Exception as e:  # noqa: BLE001 - a progress line must never break the run
-                text, units = f"{info['what']} ({type(e).__name__})", 0.0
+                text, units, n = f"{info['what']} ({type(e).__name__})", 0.0, 0
             parts.append(f"{ds} {text}")
             partial += units
+            ended += n
         elapsed = time.time() - self.began
         frac = (done_units + partial) / total if total else 0.0
         left = f"~{elapsed * (1 - frac) / frac / 60:.0f} min left" if frac > 0.02 else "time left: estimating"
-        runs = f"{len(self.done)}/{len(self.total)} runs done"
+        runs = f"{len(self.done) + ended}/{len(self.total)} runs done"
         return f"{'; '.join(parts) or 'preparing'}; {runs}, {elapsed / 60:.0f} min elapsed, {left}"
 
     def start(self) -> None:
