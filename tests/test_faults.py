@@ -126,19 +126,27 @@ def sigkill(procs: list[psutil.Process]) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def processes_with(*parts: str) -> list[psutil.Process]:
-    """Processes whose command line contains every part (parts name this test's own workspaces)."""
+def processes_with(module: str, flag: str, value: Path) -> list[psutil.Process]:
+    """Processes running `module` with `flag value` on their command line, value exactly (the values are this
+    test's own workspaces, so no other run is ever touched)."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
-        line = " ".join(p.info["cmdline"] or [])
-        if all(part in line for part in parts):
+        argv = p.info["cmdline"] or []
+        if module in argv and any(a == flag and b == str(Path(value).resolve()) for a, b in zip(argv, argv[1:])):
             found.append(p)
     return found
 
 
+def kill_run(workspace: Path) -> None:
+    """SIGKILL a whole simulator run: the simulator (found by its workspace) and everything under it (its
+    workers run in sessions of their own but are its descendants), then any worker left of it."""
+    sigkill(tree_of(processes_with("nvflare.cli", "-w", workspace)))
+    sigkill(processes_with("nvflare.private.fed.app.simulator.simulator_worker", "--simulator_root", workspace))
+
+
 def site_worker(workspace: Path, site: str) -> list[psutil.Process]:
     """The simulator's worker process of one site (it runs that site's client and its job)."""
-    return processes_with("nvflare.private.fed.app.simulator.simulator_worker", f"-o {workspace / site} ")
+    return processes_with("nvflare.private.fed.app.simulator.simulator_worker", "-o", workspace / site)
 
 
 class Background:
@@ -158,8 +166,7 @@ class Background:
             self.error = e
 
     def kill(self) -> None:
-        sigkill(tree_of(processes_with("nvflare.cli", "simulator", f"-w {self.workspace}")))
-        sigkill(processes_with(f"--simulator_root {self.workspace}"))  # workers whose simulator is gone
+        kill_run(self.workspace)
 
     def get(self, timeout: float = 900):
         self.thread.join(timeout)
@@ -241,7 +248,7 @@ def trained_at(entry: dict) -> set[str]:
 
 
 # ---- (a) a site process killed with SIGKILL mid-round -----------------------------------------------------------
-TIMEOUT = 30  # task timeout of the runs with a dead site: far above a tiny task, even on a loaded machine
+TIMEOUT = 40  # task timeout of the runs with a dead site: far above a tiny task, even on a loaded machine
 
 
 def kill_site_when_marked(workspace: Path, marker: Path, site: str, killed: dict):
@@ -362,8 +369,7 @@ def kill_server_when_marked(workspace: Path, marker: Path, last: Path, key: str,
     def watch() -> bool:
         if not marker.exists():
             return False
-        sigkill(tree_of(processes_with("nvflare.cli", "simulator", f"-w {workspace}")))
-        sigkill(processes_with(f"--simulator_root {workspace}"))
+        kill_run(workspace)
         saved[workspace.name] = int(load_model_set(last)[1][key])
         return True
 
@@ -483,25 +489,31 @@ def release_after_first_round(history: Path, gate: Path):
 
 @pytest.fixture(scope="module")
 def outage_runs(tiny2d, tmp_path_factory) -> dict:
-    """site-3's job process is held until round 0 has ended without it (startup_grace 10 s, task timeout 30 s);
-    site-2 fails every task of rounds/communications 1 and 2. FedSM runs 4 rounds; FedCrossEns runs 6
+    """site-3's job process is held until round 0 has ended without it (its first task timed out after 130 s);
+    site-2 fails every task of rounds/communications 1 and 2. FedSM and FedAvg run 4 rounds; FedCrossEns runs 6
     communications (Latin: whole blocks of 3) with max_site_failures=2 and rejoin_after=1 (site-2 is left out after communication 2,
     sits out 3 and is tried again in 4)."""
     tmp = tmp_path_factory.mktemp("outage")
-    # held at most 120 s: a run that fails early must not wait long for the gate
-    gates = {name: {"site": "site-3", "file": str(tmp / f"{name}.go"), "seconds": 120} for name in ("fedsm", "ens")}
+    # held at most 300 s: a run that fails early must not wait long for the gate
+    gates = {name: {"site": "site-3", "file": str(tmp / f"{name}.go"), "seconds": 300} for name in ("fedsm", "ens", "fedavg")}
     down = lambda task: [{"site": "site-2", "rounds": [1, 2], "task": task, "mode": "raise"}]  # noqa: E731
-    common = {"task_timeout": TIMEOUT, "startup_grace": 10}
+    # round 0 waits TIMEOUT + startup_grace for the held site-3: long enough for the other sites' job processes
+    # to come up on a loaded machine (their first task has the same limit)
+    common = {"task_timeout": TIMEOUT, "startup_grace": 90}
     fedsm = job(tmp / "a", "fedsm", down("fedsm_train"), gates["fedsm"], num_rounds=4, eval_timeout=TIMEOUT, **common)
     ens = job(tmp / "b", "fedcrossens", down("*"), gates["ens"], num_communications=6, visit_steps=4,
               validate_timeout=TIMEOUT, max_site_failures=2, rejoin_after=1, **common)
+    fedavg = job(tmp / "c", "fedavg", down("train"), gates["fedavg"], num_rounds=4, **common)
     return run_all(
         {"fedsm": background("fedsm", fedsm, tmp / "ws_fedsm", tiny2d),
-         "ens": background("ens", ens, tmp / "ws_ens", tiny2d)},
+         "ens": background("ens", ens, tmp / "ws_ens", tiny2d),
+         "fedavg": background("fedavg", fedavg, tmp / "ws_fedavg", tiny2d)},
         until={"fedsm": release_after_first_round(tmp / "ws_fedsm/server/simulate_job" / FEDSM_OUT / "history.json",
                                                   Path(gates["fedsm"]["file"])),
                "ens": release_after_first_round(tmp / "ws_ens/server/simulate_job" / CROSS_OUT / "validation_history.json",
-                                                Path(gates["ens"]["file"]))},
+                                                Path(gates["ens"]["file"])),
+               "fedavg": release_after_first_round(tmp / "ws_fedavg/server/simulate_job/app_server/fedavg/history.json",
+                                                   Path(gates["fedavg"]["file"]))},
     )
 
 
@@ -542,3 +554,11 @@ def test_fedcross_leaves_out_a_failing_site_and_tries_it_again(outage_runs):
     assert "site site-2 failed 2 time(s) in a row" in log and "trying ['site-2'] again" in log
     assert "the latin schedule restarts over 2 site(s) at this communication" in log
     assert "['site-3'] answered every task again" in log  # the late site's first failure was forgiven
+
+
+def test_fedavg_uses_a_late_site_and_a_site_back_from_an_outage(outage_runs):
+    run = outage_runs["fedavg"]
+    assert run.returncode == 0, run.log_tail
+    history = json.loads((run.job_dir / "app_server" / "fedavg" / "history.json").read_text())
+    assert [r["accepted"] for r in history] == [["site-1", "site-2"], ["site-1", "site-3"], ["site-1", "site-3"], SITES]
+    assert all(r["sites"] == SITES for r in history)  # every round asks every participant
