@@ -202,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-gpu", "--gpu", help="GPU ids as for nvflare simulator -gpu, e.g. 0 or 0,1")
     o = p.parse_args(argv)
     print(f"running {o.job} in the NVFlare simulator with {o.clients} sites (workspace {o.workspace}) ...", flush=True)
-    result = run_simulator(o.job, o.workspace, o.clients, o.data, o.threads, o.gpu)
+    try:
+        result = run_simulator(o.job, o.workspace, o.clients, o.data, o.threads, o.gpu)
+    except KeyboardInterrupt:  # run_simulator has stopped every process of the run before this
+        print("interrupted: every process of the run was stopped", flush=True)
+        return 130
     errors = result.errors()
     if result.returncode != 0 or errors:
         print(result.log_tail)
