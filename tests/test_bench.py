@@ -379,11 +379,14 @@ def _cell(seed: int, dice: dict[str, float], sites=("a", "b"), curves: dict | No
 def test_flattened_uses_the_last_quarter_of_the_curve():
     from fedseg.bench.report import flattened
 
-    rising = [(i / 8, 0.1 * i) for i in range(9)]
-    flat = [(i / 8, min(0.8, 0.2 * i)) for i in range(9)]
-    assert flattened(rising)[0] is False and flattened(rising)[1] == pytest.approx(0.2)  # 0.75 - 0.55
-    assert flattened(flat) == (True, 0.0)
-    assert flattened([(0, 0.1), (1, 0.9)])[0] is None  # too few points: no verdict
+    rising = [(i / 12, 0.05 * i) for i in range(13)]
+    flat = [(i / 12, min(0.8, 0.2 * i)) for i in range(13)]
+    wobbly = [(i / 12, min(0.8, 0.2 * i) + (0.04 if i % 2 else -0.04)) for i in range(13)]  # federated round-to-round wobble
+    assert flattened(rising)[0] is False and flattened(rising)[1] == pytest.approx(0.15)  # 0.05 per point, 3 points
+    assert flattened(flat)[0] is True and flattened(flat)[1] == pytest.approx(0.0, abs=1e-9)
+    assert flattened(wobbly)[0] is True
+    assert flattened([(x, y + 0.05 * i) for i, (x, y) in enumerate(wobbly)])[0] is False  # wobbling but rising
+    assert flattened([(0, 0.1), (0.5, 0.5), (1, 0.9)])[0] is None  # fewer than 3 points in the last quarter: no verdict
 
 
 def test_headline_answers_come_from_the_numbers():

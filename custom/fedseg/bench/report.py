@@ -49,7 +49,7 @@ PUBLISH_DIR = Path("docs") / "benchmarks"
 MB = 1e6
 BEAT_MARGIN = 0.02  # "beats FedAvg by at least 2 Dice points"
 MATCH_MARGIN = 0.01  # "FedCross matches the stock cyclic workflow": at most 1 Dice point below it
-FLAT_TAIL, FLAT_GAIN = 0.25, 0.01  # flattened: the last 25% of a curve improve the validation Dice by < 0.01
+FLAT_TAIL, FLAT_GAIN = 0.25, 0.01  # flattened: over the last 25% of a curve the validation Dice rises by < 0.01 (fitted line)
 
 
 # ---- small helpers -----------------------------------------------------------------------------------------
@@ -313,17 +313,19 @@ def mean_curve(cells: list[dict], key: str, budget_axis: bool = False) -> list[t
 
 
 def flattened(curve: list[tuple[float, float]], tail: float = FLAT_TAIL, tol: float = FLAT_GAIN) -> tuple[bool | None, float]:
-    """(flattened?, gain): gain = the validation Dice at the end (mean of the last two points) minus at the
-    start of the curve's last `tail` share (mean of the point there and the one before); flattened when the
-    gain is below tol. None when the curve has fewer than 4 points."""
-    if len(curve) < 4:
+    """(flattened?, gain): gain = how much the validation Dice rises over the curve's last `tail` share, from a
+    least-squares line through the points of that share (robust to the round-to-round wobble of federated
+    curves); flattened when the gain is below tol. None when that share holds fewer than 3 points."""
+    if len(curve) < 3:
         return None, float("nan")
-    xs = [x for x, _ in curve]
-    ys = [y for _, y in curve]
+    xs = np.array([x for x, _ in curve], dtype=float)
+    ys = np.array([y for _, y in curve], dtype=float)
     cut = xs[-1] - tail * (xs[-1] - xs[0])
-    ref = max(i for i, x in enumerate(xs) if x <= cut + 1e-9)
-    ref = min(ref, len(xs) - 3)
-    gain = float(np.mean(ys[-2:]) - np.mean(ys[max(ref - 1, 0): ref + 1]))
+    sel = xs >= cut - 1e-9
+    if sel.sum() < 3:
+        return None, float("nan")
+    slope = float(np.polyfit(xs[sel], ys[sel], 1)[0])
+    gain = slope * float(xs[-1] - cut)
     return gain < tol, gain
 
 
@@ -866,7 +868,7 @@ def _protocol_table(cells: list[dict], protocol: str, sites: list[str]) -> list[
                       "FedCrossEns gives every member the full schedule of a single FedCross model (N·B); the other "
                       "methods' own protocol is the equal-steps plan (same run)"}[protocol]
     return [f"**{title}.** Test Dice, mean ± std over seeds, per site and of the mean over sites; steps used: measured at "
-            "the sites; flattened?: the validation curve's gain over its last 25% (Dice points, < 1 point = flattened).", "",
+            "the sites; flattened?: the rise of the validation curve over its last 25% (a least-squares line through those points; Dice points, < 1 point = flattened).", "",
             _table(["method", "model"] + sites + ["mean over sites", "steps used / B", "flattened? (last-25% gain)"], rows), ""]
 
 
