@@ -147,6 +147,8 @@ def run_simulator(
     env["PYTHONPATH"] = os.pathsep.join(paths)
     if data_root is not None:
         env["FEDSEG_DATA"] = str(Path(data_root).resolve())
+        # the site-controlled source (the process environment), so no job setting is needed or used
+        env["FEDSEG_DATALIST"] = os.path.join(env["FEDSEG_DATA"], "{SITE_NAME}", "datalist.json")
     env.setdefault("OMP_NUM_THREADS", "1")  # N clients share the cores; one BLAS thread each avoids thrashing
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(Path(job).resolve()), "-w", str(workspace)]
