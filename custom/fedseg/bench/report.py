@@ -636,8 +636,14 @@ def ablation_section(ds: str, cells: list[dict]) -> list[str]:
     keys = [k for k in run_keys(cells) if run_info(k, _first_rec(cells, k))["method"] in ("fedsm", "softpull")]
     if not any(run_info(k, _first_rec(cells, k))["group"] == "ablation" for k in keys):
         return []
+    def order(k):
+        rec = _first_rec(cells, k)
+        i = run_info(k, rec)
+        lam = i["options"].get("lam", ((rec.get("results") or {}).get("extra") or {}).get("lam"))
+        return (i["method"] != "fedsm", i["protocol"] != "equal", lam if _finite(lam) else 9.0)
+
     rows = []
-    for k in keys:
+    for k in sorted(keys, key=order):
         rec = _first_rec(cells, k)
         i = run_info(k, rec)
         extra = (rec.get("results") or {}).get("extra") or {}
