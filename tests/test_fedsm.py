@@ -10,11 +10,148 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import CUSTOM, TINY_ENGINE, copy_job, set_executor_path, simulate
 
+from fedseg.algorithms import weighted_average
+from fedseg.algorithms.routing import GLOBAL
+from fedseg.engine import load_numpy_state, load_optimizer_state, optimizer_state_to_numpy, state_to_numpy
+from fedseg.methods.fedsm import (
+    GAMMA_SWEEP,
+    SelectorSettings,
+    build_selector,
+    gamma_sweep,
+    routing_summary,
+    selector_input,
+    train_selector_on,
+)
 from fedseg.modelset import load_model_set
 
 FEDSM_DIR = Path("app_server") / "fedsm"
+
+
+# ---- the selector's "epoch" protocol against centralized full-batch Adam (torch double precision) ----------------
+def _two_sites():
+    torch.manual_seed(0)
+    s = SelectorSettings(num_sites=2, protocol="epoch", input_size=16, channels=(4, 8), lr=1e-2, epochs=1, batch_size=2)
+    init = state_to_numpy(build_selector(2, 1, s).double())
+    # 5 and 3 images (batch_size 2: the gradients are accumulated over chunks of 2, 2, 1 and 2, 1)
+    images = {0: torch.randn(5, 3, 16, 16, dtype=torch.float64), 1: torch.randn(3, 3, 16, 16, dtype=torch.float64) + 0.5}
+    return s, init, images
+
+
+def _fresh(s, init):
+    net = build_selector(2, 1, s).double()
+    load_numpy_state(net, init)
+    return net
+
+
+def _federated(s, init, images, optim):
+    """Each site: one epoch of the protocol from the shared weights and Adam state; the server averages
+    weights and Adam state with weighted_average, weights = image counts."""
+    results = {k: train_selector_on(_fresh(s, init), optim, x, k, s) for k, x in images.items()}
+    assert all(steps == 1 for _, _, steps in results.values())  # ONE step per local epoch
+    counts = {k: float(len(x)) for k, x in images.items()}
+    return (weighted_average({k: r[0] for k, r in results.items()}, counts),
+            weighted_average({k: r[1] for k, r in results.items()}, counts))
+
+
+def _centralized(s, init, images, optim):
+    """ONE full-batch Adam step on the union of both sites' images (mean cross-entropy over all of them)."""
+    net = _fresh(s, init)
+    optimizer = torch.optim.Adam(net.parameters(), lr=s.lr)
+    load_optimizer_state(optimizer, net, {k: np.array(v, copy=True) for k, v in (optim or {}).items()})
+    x = torch.cat([images[0], images[1]])
+    y = torch.tensor([0] * len(images[0]) + [1] * len(images[1]))
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    optimizer.step()
+    return state_to_numpy(net), optimizer_state_to_numpy(optimizer, net)
+
+
+def _max_abs(a: dict, b: dict, keys) -> float:
+    return max(float(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)).max()) for k in keys)
+
+
+def test_epoch_protocol_matches_a_centralized_full_batch_step():
+    s, init, images = _two_sites()
+    # first step, from zero moments: the averaged first moment and step count ARE the centralized ones, exactly
+    fed_w, fed_o = _federated(s, init, images, None)
+    cen_w, cen_o = _centralized(s, init, images, None)
+    assert sorted(fed_o) == sorted(cen_o)
+    m_keys = [k for k in cen_o if k.endswith("::exp_avg")]
+    assert _max_abs(fed_o, cen_o, m_keys) < 1e-14 and _max_abs(cen_o, {k: 0 * v for k, v in cen_o.items()}, m_keys) > 1e-3
+    assert all(float(fed_o[k]) == float(cen_o[k]) == 1.0 for k in cen_o if k.endswith("::step"))
+    # ... so the averaged gradient (m - beta1 * 0) / (1 - beta1) is the full-batch gradient over all 8 images.
+    # The weights are not: Adam's first step is ~lr * sign(g) per site, and the mean of the sites' signs is not
+    # the sign of the mean (the limit fedseg.methods.fedsm states)
+    step = _max_abs(cen_w, init, cen_w)
+    assert _max_abs(fed_w, cen_w, cen_w) > 0.1 * step
+
+    # after warm-up: shared moments whose second moment is the sites' mean g^2 (what the averaged v tracks)
+    site_v = {k: train_selector_on(_fresh(s, init), None, x, k, s)[1] for k, x in images.items()}
+    warm = {}
+    for key in init:
+        g2 = sum(len(images[k]) / 8 * site_v[k][f"{key}::exp_avg_sq"] / (1 - 0.999) for k in images)
+        warm.update({f"{key}::step": np.array(50.0, np.float32), f"{key}::exp_avg_sq": g2,
+                     f"{key}::exp_avg": np.random.default_rng(1).normal(0, 1e-3, init[key].shape)})
+    fed_w, fed_o = _federated(s, init, images, warm)
+    cen_w, cen_o = _centralized(s, init, images, warm)
+    assert _max_abs(fed_o, cen_o, m_keys) < 1e-14
+    assert all(float(fed_o[k]) == float(cen_o[k]) == 51.0 for k in cen_o if k.endswith("::step"))
+    # the averaged weights equal the centralized step up to the second moments' (1 - beta2) g_k^2 term
+    step = _max_abs(cen_w, init, cen_w)
+    assert step > 1e-4 and _max_abs(fed_w, cen_w, cen_w) < 2e-3 * step
+    # nothing was changed in place: the shared state the "server" sent is still the warm one
+    assert all(float(warm[k]) == 50.0 for k in warm if k.endswith("::step"))
+
+
+def test_batch_protocol_takes_a_step_per_batch():
+    s, init, images = _two_sites()
+    s.protocol, s.epochs = "batch", 2
+    _, optim, steps = train_selector_on(_fresh(s, init), None, images[0], 0, s)
+    assert steps == 2 * 3 and all(float(v) == 6.0 for k, v in optim.items() if k.endswith("::step"))
+
+
+def test_selector_input_is_on_a_fixed_scale():
+    rgb = torch.rand(2, 3, 100, 80) * 255
+    x = selector_input(rgb, 64)
+    assert x.shape == (2, 9, 64, 64) and float(x.min()) >= -1 and float(x.max()) <= 1
+    # the stored-intensity view sees the scale, the appearance view does not; the detail view sees noise
+    brighter = selector_input(rgb * 2, 64)
+    assert torch.allclose(x[:, :3], brighter[:, :3], atol=1e-5) and not torch.allclose(x[:, 3:6], brighter[:, 3:6])
+    smooth = torch.linspace(0, 1, 100).view(1, 1, 100, 1).expand(1, 1, 100, 80)
+    noisy = smooth + 0.2 * torch.randn_like(smooth)
+    assert float(selector_input(noisy, 32)[:, 2].mean()) > 5 * float(selector_input(smooth, 32)[:, 2].mean())
+    # a colour cast survives (z-scored over all channels together), a constant image gives no NaN
+    cast = rgb.clone()
+    cast[:, 0] += 40
+    assert not torch.allclose(x[:, :3], selector_input(cast, 64)[:, :3])
+    assert torch.isfinite(selector_input(torch.full((1, 1, 10, 10), 7.0), 16)).all()
+
+
+# ---- routing, confusion row and gamma sweep on synthetic selector outputs ----------------------------------
+def test_routing_summary_and_gamma_sweep():
+    sites = ["site-1", "site-2", "site-3"]
+    probs = np.array([[0.95, 0.03, 0.02],   # own site, confident
+                      [0.60, 0.30, 0.10],   # own site, below 0.9
+                      [0.20, 0.70, 0.10],   # site-2
+                      [0.10, 0.05, 0.85]])  # site-3
+    summary = routing_summary(probs, 0, sites, 0.9)
+    assert summary["selector_accuracy"] == 0.5  # argmax is the own site for 2 of 4 cases
+    assert summary["routed_own"] == 0.25  # and only 1 is confident enough to reach the own model
+    assert summary["routing"] == {"site-1": 1, "site-2": 0, "site-3": 0, GLOBAL: 3}
+    low = routing_summary(probs, 0, sites, 0.65)
+    assert low["routing"] == {"site-1": 1, "site-2": 1, "site-3": 1, GLOBAL: 1} and low["routed_own"] == 0.25
+    assert routing_summary(probs, 1, sites, 0.0)["selector_accuracy"] == 0.25
+    assert routing_summary(probs, 0, sites, 1.0)["routing"][GLOBAL] == 4  # gamma 1: the global model only
+
+    case_dice = {GLOBAL: np.array([0.5, 0.5, 0.5, 0.5]), "site-1": np.array([0.9, 0.8, 0.7, 0.6]),
+                 "site-2": np.array([0.1, 0.2, 0.3, 0.4])}  # no scores of site-3's model: its cases use global
+    sweep = gamma_sweep(probs, sites, case_dice, [0.0, 0.65, 0.9, 1.0])
+    assert sweep == pytest.approx([np.mean([0.9, 0.8, 0.3, 0.5]), np.mean([0.9, 0.5, 0.3, 0.5]),
+                                   np.mean([0.9, 0.5, 0.5, 0.5]), 0.5])
+    assert len(gamma_sweep(probs, sites, case_dice)) == len(GAMMA_SWEEP)
 
 
 def fedsm_job(tmp_path: Path, name: str = "fedsm", **server_args) -> Path:
@@ -59,6 +196,60 @@ def test_fedsm_writes_model_set_and_evaluation(fedsm_run):
     assert "FedSM super model" in fedsm_run.log("server")  # the table is printed in the server log
 
 
+def test_fedsm_final_evaluation_separates_argmax_from_routing_and_sweeps_gamma(fedsm_run):
+    evaluation = json.loads((fedsm_run.job_dir / FEDSM_DIR / "fedsm_evaluation.json").read_text())
+    extra = json.loads((fedsm_run.job_dir / "app_server" / "fedseg_results.json").read_text())["extra"]
+    sites = ["site-1", "site-2", "site-3"]
+    for site, m in evaluation.items():
+        n = m["super"]["n_cases"]
+        assert list(m["routing"]) == [*sites, "global"]  # this site's row of the routing confusion matrix
+        assert m["routing"][site] == round(m["routed_own"] * n) and m["routed_own"] <= m["selector_accuracy"]
+        sweep = m["gamma_sweep"]
+        assert len(sweep) == len(GAMMA_SWEEP)
+        # one scoring of each model: the sweep at the job's gamma IS the super model, at gamma 1 the global model
+        assert sweep[GAMMA_SWEEP.index(0.9)] == pytest.approx(m["super"]["dice"], abs=1e-9)
+        assert sweep[-1] == pytest.approx(m["global"]["dice"], abs=1e-9)
+        assert extra["gamma_sweep"]["dice"][site] == sweep
+    assert extra["gamma_sweep"]["gammas"] == list(GAMMA_SWEEP)
+    assert extra["gamma_sweep"]["mean"] == pytest.approx([np.mean([evaluation[s]["gamma_sweep"][i] for s in sites])
+                                                          for i in range(len(GAMMA_SWEEP))])
+    assert extra["selector_accuracy"] == {s: evaluation[s]["selector_accuracy"] for s in sites}
+    assert extra["routed_own"] == {s: evaluation[s]["routed_own"] for s in sites}
+    # oracle routing (the site's identity) next to the learned routing, labelled as such
+    assert extra["super_oracle"]["dice"] == {s: evaluation[s]["personalized"]["dice"] for s in sites}
+    assert "site identity" in extra["super_oracle"]["label"]
+    assert extra["super_learned"]["dice"] == {s: evaluation[s]["super"]["dice"] for s in sites}
+    assert extra["super_learned"]["mean"] == pytest.approx(np.mean([evaluation[s]["super"]["dice"] for s in sites]))
+    assert extra["selector"]["protocol"] == "epoch"
+
+
+def test_fedsm_records_the_selector_every_round(fedsm_run):
+    out = fedsm_run.job_dir / FEDSM_DIR
+    history = json.loads((out / "history.json").read_text())
+    sites = ["site-1", "site-2", "site-3"]
+    assert [r["round"] for r in history] == [0, 1, 2, 3]
+    for record in history:
+        selector = record["selector"]  # measured on each site's 2 validation cases with the selector sent that round
+        assert sorted(selector["accuracy"]) == sorted(selector["routed_own"]) == sorted(selector["confusion"]) == sites
+        for site in sites:
+            row = selector["confusion"][site]
+            assert list(row) == [*sites, "global"] and sum(row.values()) == 2
+            assert row[site] / 2 == pytest.approx(selector["routed_own"][site])
+            assert selector["routed_own"][site] <= selector["accuracy"][site]
+            assert record["metrics"][site]["val_selector_acc"] == selector["accuracy"][site]
+            assert record["metrics"][site]["selector_steps"] == 2  # 2 selector epochs, one Adam step each
+    results = json.loads((fedsm_run.job_dir / "app_server" / "fedseg_results.json").read_text())
+    assert results["extra"]["selector_history"] == [{"round": r["round"], **r["selector"]} for r in history]
+    groups, info = load_model_set(out / "last.pt")
+    # the shared Adam step count: every site took 2 steps per round from the count it received
+    assert {float(v) for k, v in groups["selector_optim"].items() if k.endswith("::step")} == {8.0}
+    assert info["selector"]["protocol"] == "epoch" and len(info["selector_input"]["views_per_channel"]) == 3
+    # the sites' selector curves reach the server's TensorBoard
+    events = b"".join(p.read_bytes() for p in (fedsm_run.job_dir / "tb_events").rglob("events.out.tfevents*"))
+    for tag in (b"fedsm/val_selector_acc", b"fedsm/val_routed_own", b"fedsm/val_route/global", b"fedsm/val_route/site-2"):
+        assert tag in events, tag
+
+
 def test_fedsm_best_set_is_tracked(fedsm_run):
     history = json.loads((fedsm_run.job_dir / FEDSM_DIR / "history.json").read_text())
     scores = [r["score"] for r in history if r.get("score") is not None]
@@ -74,6 +265,12 @@ def test_fedsm_resumes_from_a_saved_set(fedsm_run, tiny2d, tmp_path):
     history = json.loads((result.job_dir / FEDSM_DIR / "history.json").read_text())
     assert [r["round"] for r in history] == [0, 1, 2, 3, 4]  # the saved history carries over
     assert f"resuming from {saved}" in result.log("server")
+    # ... and so do the best score and the per-round selector records
+    _, before = load_model_set(saved)
+    _, after = load_model_set(result.job_dir / FEDSM_DIR / "last.pt")
+    assert after["best_score"] >= before["best_score"] > 0
+    extra = json.loads((result.job_dir / "app_server" / "fedseg_results.json").read_text())["extra"]
+    assert [r["round"] for r in extra["selector_history"]] == [0, 1, 2, 3, 4]
 
 
 def test_fedsm_inference_writes_segmentations(fedsm_run, tiny2d, tmp_path):
@@ -124,7 +321,9 @@ def test_fedsm_rejects_nan_update(faulty_run):
     by_round = {r["round"]: r for r in history}
     assert "site-3" in by_round[2]["answered"] and "site-3" not in by_round[2]["accepted"]
     log = faulty_run.log("server")
-    assert "REJECTED" in log and "update from site-3 rejected" in log and "NaN" in log
+    # the fault NaNs the update's last float array (the selector's Adam state): refused as non-finite
+    rejected = [line for line in log.splitlines() if "REJECTED" in line and "site-3" in line]
+    assert any("NaN" in line or "non-finite" in line for line in rejected), rejected
     for name in ("last.pt", "best.pt"):
         groups, _ = load_model_set(faulty_run.job_dir / FEDSM_DIR / name)
         assert all(np.isfinite(a).all() for a in all_arrays(groups) if a.dtype.kind == "f"), name

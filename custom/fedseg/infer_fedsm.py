@@ -43,6 +43,9 @@ def run_fedsm(o: argparse.Namespace) -> int:
     nets.update({s: net_from(p, f"personalized model of {s}") for s, p in groups["personal"].items()})
     selector = None
     if "selector" in groups and not o.site:
+        if "norm" not in (info.get("selector") or {}):
+            raise SystemExit(f"{o.models}: saved by an older FedSeg whose selector (32-pixel thumbnail classifier) this "
+                             f"version cannot load; retrain, or skip the selector with --site NAME")
         settings = SelectorSettings.from_meta(len(site_names), info.get("selector"))
         selector = new_selector(engine, settings)
         load_numpy_state(selector, groups["selector"], site="selector")
@@ -63,7 +66,7 @@ def run_fedsm(o: argparse.Namespace) -> int:
         image = item["image"].unsqueeze(0)
         row = {"case": case["name"], "image": first_path(case["image"])}
         if selector is not None:
-            probs = selector_probs(engine, selector, image, item["image_raw"].unsqueeze(0), settings.input_size)[0]
+            probs = selector_probs(engine, selector, item["image_raw"].unsqueeze(0), settings.input_size)[0]
             choice = route(probs, site_names, gamma)
             model = choice.model
             row.update({"model": model, "confidence": choice.confidence, "predicted_site": site_names[choice.site_index],

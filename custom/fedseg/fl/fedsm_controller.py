@@ -9,6 +9,8 @@ A site that fails, times out or returns a bad update (NaN/Inf, missing keys, wro
 the round and keeps its personalized model. The set is checkpointed every round (last.pt), the best set by
 validation score is kept (best.pt: the set that was SENT in the round whose received-model scores were
 best), and a job can resume from either. With use_selector=False this is SoftPull alone (jobs/softpull).
+history.json records per round who answered and was accepted, every site's metrics and, with the selector,
+"selector": its accuracy, routed-to-own fraction and routing confusion row per site (_selector_round).
 
 Sites come and go: the selector's classes are fixed when the job starts (the `sites` argument, else the sites
 connected at the start; on resume, the saved set's list). Every round uses every class site connected at
@@ -31,6 +33,7 @@ from fedseg.algorithms import AGGREGATIONS, UpdateRejected, aggregate, softpull,
 from fedseg.algorithms.screening import (
     check_optimizer_state,
     numeric_metrics,
+    read_int,
     read_score,
     read_summary,
     robust_score,
@@ -42,11 +45,13 @@ from fedseg.engine.engine import optimizer_state_to_numpy, state_to_numpy
 from fedseg.fl.base_controller import FedSegController
 from fedseg.fl.fedsm_tasks import PERSONAL_PREFIX
 from fedseg.algorithms.routing import GLOBAL
-from fedseg.methods.fedsm import DEFAULT_SELECTOR, SelectorSettings, build_selector
+from fedseg.methods.fedsm import DEFAULT_SELECTOR, GAMMA_SWEEP, SELECTOR_INPUT, SelectorSettings, build_selector
 from fedseg.modelset import load_model_set, save_model_set
 from fedseg.report import format_table
 
 OUTPUT_DIR = "fedsm"
+ORACLE_LABEL = ("oracle routing (uses each case's site identity): every case to its own site's personalized model, "
+                "= FedSM personalized (own site)")
 
 
 def plan_round(classes: list[str], connected: list[str]) -> tuple[list[str], list[str], list[str]]:
@@ -199,6 +204,7 @@ class FedSMController(FedSegController):
         path = self.output_dir(OUTPUT_DIR) / name
         info = {"method": "fedsm", "round": rnd, "site_names": sites, "lam": self.lam, "gamma": self.gamma,
                 "use_selector": self.use_selector, "selector": self.selector_cfg, "engine": self.engine_cfg,
+                "selector_input": SELECTOR_INPUT if self.use_selector else None,
                 "history": self.history, "best_score": self.best_score, **(extra or {})}
         save_model_set(path, groups, info)
         return path
@@ -333,7 +339,8 @@ class FedSMController(FedSegController):
             weights = self.step_weights({s: results[s] for s in updates}, self.local_steps, self.max_weight_ratio)
             updates = {s: u for s, u in updates.items() if s in weights}
             record = {"round": rnd, "answered": sorted(results), "accepted": sorted(updates),
-                      "metrics": {s: numeric_metrics(results[s].metrics) for s in sorted(results)}}
+                      "metrics": {s: numeric_metrics(results[s].metrics) for s in sorted(results)},
+                      **self._selector_round(rnd, {s: results[s] for s in updates})}
             if len(updates) < self.min_clients:
                 failed_rounds += 1
                 self.error(f"round {rnd}: only {len(updates)} valid updates ({sorted(updates)}), fewer than "
@@ -360,6 +367,30 @@ class FedSMController(FedSegController):
             self.info(f"round {rnd}: aggregated {sorted(updates)}" + (f", {score_key} of the received set {score:.4f}" if score is not None else ""))
         self._final_evaluation(groups)
 
+    def _selector_round(self, rnd: int, results: dict[str, FLModel]) -> dict:
+        """The selector SENT this round, as the class sites measured it on their validation cases before training:
+        {"selector": {"accuracy": {site: fraction whose argmax is the own site}, "routed_own": {site: fraction
+        routed to the own personalized model (argmax own and confidence > gamma)}, "confusion": {true site:
+        {routed-to model (a class site or "global"): count}}}}; {} without a selector. A site that reports no
+        selector fields (no validation cases) is absent; one whose fields are malformed is left out (logged)."""
+        if not self.use_selector:
+            return {}
+        models = [*self.classes, GLOBAL]
+        out: dict[str, dict] = {"accuracy": {}, "routed_own": {}, "confusion": {}}
+        for site, result in sorted(results.items()):
+            metrics = result.metrics
+            if site not in self.classes or not isinstance(metrics, dict) or "val_selector_acc" not in metrics:
+                continue
+            try:
+                accuracy = read_score(site, metrics, "val_selector_acc")
+                own = read_score(site, metrics, "val_routed_own", 0.0, accuracy)  # routed own implies argmax own
+                row = {m: read_int(site, metrics, f"val_route/{m}", 0, 10**7) for m in models}
+            except UpdateRejected as e:
+                self.reject(site, f"round {rnd} selector metrics", e.reason)
+                continue
+            out["accuracy"][site], out["routed_own"][site], out["confusion"][site] = accuracy, own, row
+        return {"selector": out}
+
     def _checkpoint(self, groups: dict, rnd: int) -> None:
         """last.pt (with the history and best score, so a resumed job continues them) and history.json."""
         self._save("last.pt", groups, rnd, self.classes)
@@ -374,18 +405,44 @@ class FedSMController(FedSegController):
                     out[key] = read_summary(site, metrics, key)
             if self.use_selector and isinstance(metrics, dict) and "selector_accuracy" in metrics:
                 out["selector_accuracy"] = read_score(site, metrics, "selector_accuracy")
+                if "routed_own" in metrics:  # routed to the own model implies argmax own site
+                    out["routed_own"] = read_score(site, metrics, "routed_own", 0.0, out["selector_accuracy"])
                 routing = metrics.get("routing")
                 if isinstance(routing, dict):  # {model name: count}: names are the server's own site names
                     out["routing"] = {k: int(v) for k, v in routing.items() if k in (GLOBAL, *sites) and
                                       isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 10**7}
+                if "gamma_sweep" in metrics:
+                    out["gamma_sweep"] = self._read_sweep(site, metrics["gamma_sweep"])
             return out
         except UpdateRejected as e:
             self.reject(site, "final scores", e.reason)
             return None
 
+    @staticmethod
+    def _read_sweep(site: str, sweep) -> list[float]:
+        """A site's gamma sweep ({"gammas": the server's GAMMA_SWEEP, "dice": one Dice in [0, 1] per gamma})."""
+        gammas = sweep.get("gammas") if isinstance(sweep, dict) else None
+        if not isinstance(gammas, list) or len(gammas) != len(GAMMA_SWEEP) or not all(
+                isinstance(g, (int, float)) and not isinstance(g, bool) and float(g) == w for g, w in zip(gammas, GAMMA_SWEEP)):
+            raise UpdateRejected(site, f"metrics.gamma_sweep: gammas are not the {list(GAMMA_SWEEP)} the server sent")
+        dice = sweep.get("dice")
+        if not isinstance(dice, list) or len(dice) != len(GAMMA_SWEEP):
+            raise UpdateRejected(site, f"metrics.gamma_sweep.dice: not a list of {len(GAMMA_SWEEP)} values")
+        return [read_score(site, {"gamma_sweep.dice": d}, "gamma_sweep.dice") for d in dice]
+
     def _final_evaluation(self, groups: dict) -> None:
         """Scores the final set on every connected site's test cases (a site that is no selector class scores
-        the global and its personalized model only) and writes fedsm_evaluation.json + fedseg_results.json."""
+        the global and its personalized model only) and writes fedsm_evaluation.json + fedseg_results.json.
+
+        With the selector, "extra" holds: selector (its settings); selector_accuracy / routed_own ({site:
+        fraction of test cases whose argmax is the own site / that are routed to the own personalized model,
+        i.e. argmax own AND confidence > gamma}) and their *_mean over sites; routing ({site: {routed-to model:
+        count}}: the test routing confusion matrix); gamma_sweep ({"gammas", "dice": {site: [super-model Dice
+        per gamma]}, "mean": [mean over sites per gamma]}, every gamma from the same selector outputs and one
+        scoring of each model); super_learned and super_oracle ({"label", "dice": {site: Dice}, "mean"}: the
+        super model with the selector's routing at the job's gamma, and with oracle routing, which uses each
+        case's site identity); selector_history (per round: {"round", "accuracy", "routed_own", "confusion"} on
+        the validation cases, as in history.json's "selector")."""
         sites = self.classes
         evaluation_groups = {"global": groups["global"], **{f"{PERSONAL_PREFIX}{s}": p for s, p in groups["personal"].items()}}
         without_selector = dict(evaluation_groups)
@@ -393,7 +450,8 @@ class FedSMController(FedSegController):
             evaluation_groups["selector"] = groups["selector"]
 
         def task(site: str) -> FLModel:
-            meta = {**self._task_meta(self._names_for(site)), "section": "testing", "use_selector": self.use_selector}
+            meta = {**self._task_meta(self._names_for(site)), "section": "testing", "use_selector": self.use_selector,
+                    "gammas": list(GAMMA_SWEEP)}
             return FLModel(params=pack(evaluation_groups if site in sites else without_selector),
                            params_type=ParamsType.FULL, meta=meta)
 
@@ -408,9 +466,33 @@ class FedSMController(FedSegController):
         models = {label: {s: m[key] for s, m in per_site.items() if key in m} for key, label in names.items()}
         extra = {"lam": self.lam, "gamma": self.gamma, "rounds": self.num_rounds}
         if self.use_selector:
-            acc = {s: m["selector_accuracy"] for s, m in per_site.items() if "selector_accuracy" in m}
-            extra.update({"selector_accuracy": acc, "selector_accuracy_mean": float(np.mean(list(acc.values()))) if acc else None,
-                          "routing": {s: m.get("routing") for s, m in per_site.items()}})
+            extra.update(self._selector_extra(per_site))
         results_record = {"method": "fedsm" if self.use_selector else "softpull", "section": "testing", "models": models, "extra": extra}
         self.write_json(Path(self.get_app_dir()) / "fedseg_results.json", results_record)
         self.info("\n" + format_table(results_record))
+
+    def _selector_extra(self, per_site: dict) -> dict:
+        """The selector's part of fedseg_results.json "extra" (see _final_evaluation)."""
+
+        def mean(values: dict):
+            return float(np.mean(list(values.values()))) if values else None
+
+        acc = {s: m["selector_accuracy"] for s, m in per_site.items() if "selector_accuracy" in m}
+        own = {s: m["routed_own"] for s, m in per_site.items() if "routed_own" in m}
+        sweeps = {s: m["gamma_sweep"] for s, m in per_site.items() if "gamma_sweep" in m}
+        learned = {s: m["super"]["dice"] for s, m in per_site.items() if "dice" in m.get("super", {})}
+        oracle = {s: m["personalized"]["dice"] for s, m in per_site.items()
+                  if s in self.classes and "dice" in m.get("personalized", {})}
+        return {
+            "selector": dict(self.selector_cfg),
+            "selector_accuracy": acc, "selector_accuracy_mean": mean(acc),
+            "routed_own": own, "routed_own_mean": mean(own),
+            "routing": {s: m.get("routing") for s, m in per_site.items()},
+            "gamma_sweep": {"gammas": list(GAMMA_SWEEP), "dice": sweeps,
+                            "mean": [float(np.mean([v[i] for v in sweeps.values()])) for i in range(len(GAMMA_SWEEP))]
+                            if sweeps else None},
+            "super_learned": {"label": f"learned routing (selector, gamma={self.gamma})", "gamma": self.gamma,
+                              "dice": learned, "mean": mean(learned)},
+            "super_oracle": {"label": ORACLE_LABEL, "dice": oracle, "mean": mean(oracle)},
+            "selector_history": [{"round": r["round"], **r["selector"]} for r in self.history if "selector" in r],
+        }

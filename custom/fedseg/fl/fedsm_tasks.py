@@ -55,8 +55,9 @@ def fedsm_train(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
 
 
 def fedsm_evaluate(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
-    """Scores the final model set on this site's test cases: global, own personalized, super model, selector
-    (validation or testing only)."""
+    """Scores the final model set on this site's test cases: global, own personalized, super model, the selector's
+    routing (accuracy, routed to own model, counts per model) and, when the server sends "gammas", the super
+    model's Dice at each of them (validation or testing only)."""
     meta = model.meta or {}
     site_names = list(meta["site_names"])
     section = check_scorable_section(executor.site, meta.get("section", "testing"))
@@ -70,10 +71,12 @@ def fedsm_evaluate(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
         selector = new_selector(engine, settings)
         load_numpy_state(selector, groups["selector"], executor.site)
     _site_index(executor, site_names)
+    gammas = meta.get("gammas")
     scored = score_super_model(engine, global_net, personal, selector, site_names, executor.site,
-                               float(meta.get("gamma", 0.9)), settings.input_size, section, with_hd95=executor.hd95)
+                               float(meta.get("gamma", 0.9)), settings.input_size, section, with_hd95=executor.hd95,
+                               gammas=[float(g) for g in gammas] if isinstance(gammas, (list, tuple)) else None)
     metrics = {"section": section}
-    for key in ("selector_accuracy", "routing", "mean_confidence"):
+    for key in ("selector_accuracy", "routed_own", "routing", "mean_confidence", "gamma_sweep"):
         if key in scored:
             metrics[key] = scored[key]
     for name, result in scored["scores"].items():
@@ -81,5 +84,6 @@ def fedsm_evaluate(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
         summary["dice_per_case"] = [float(x) for x in result.case_dice]
         metrics[name] = summary
     executor.log_info(fl_ctx, "FedSM evaluation: " + ", ".join(f"{n} {metrics[n]['dice']:.4f}" for n in scored["scores"])
-                      + (f", selector accuracy {scored['selector_accuracy']:.3f}, routing {scored['routing']}" if selector else ""))
+                      + (f", selector accuracy {scored['selector_accuracy']:.3f}, routed to own model "
+                         f"{scored['routed_own']:.3f}, routing {scored['routing']}" if selector else ""))
     return FLModel(metrics=metrics)
