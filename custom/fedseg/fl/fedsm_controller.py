@@ -333,7 +333,8 @@ class FedSMController(FedSegController):
                            meta=self._task_meta(self._names_for(s)))
                 for s, g in sent.items()
             }
-            results = self.run_tasks("fedsm_train", tasks)
+            # in site order, not arrival order: the aggregations then sum in the same order in every run
+            results = dict(sorted(self.run_tasks("fedsm_train", tasks).items()))
             updates = {s: u for s, r in results.items() if (u := self._valid_update(s, r, sent[s])) is not None}
             updates = self._screen_magnitudes(updates, sent)
             weights = self.step_weights({s: results[s] for s in updates}, self.local_steps, self.max_weight_ratio)
