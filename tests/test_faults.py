@@ -117,13 +117,24 @@ def tree_of(procs: list[psutil.Process]) -> list[psutil.Process]:
     return list(out.values())
 
 
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def sigkill(procs: list[psutil.Process]) -> None:
+    """SIGKILL, then wait until each is gone or a zombie. Never reap (psutil.wait_procs would): the simulator is
+    a child of this process, and if it were reaped here its Popen.wait() in fedseg.sim would report 0."""
     for p in procs:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=10)
+    end = time.monotonic() + 10
+    while any(alive(p) for p in procs) and time.monotonic() < end:
+        time.sleep(0.1)
 
 
 def processes_with(module: str, flag: str, value: Path) -> list[psutil.Process]:
@@ -137,11 +148,30 @@ def processes_with(module: str, flag: str, value: Path) -> list[psutil.Process]:
     return found
 
 
+RUN_ENV = "FEDSEG_FAULT_TEST_WS"  # every process of a test's run carries its workspace in this variable
+
+
+def processes_of(workspace: Path) -> list[psutil.Process]:
+    """Every process of the run in `workspace`: by the variable it inherited, and by command line."""
+    found = {p.pid: p for p in processes_with("nvflare.cli", "-w", workspace)}
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(RUN_ENV) == str(workspace.resolve()):
+                found[p.pid] = p
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return list(found.values())
+
+
 def kill_run(workspace: Path) -> None:
-    """SIGKILL a whole simulator run: the simulator (found by its workspace) and everything under it (its
-    workers run in sessions of their own but are its descendants), then any worker left of it."""
-    sigkill(tree_of(processes_with("nvflare.cli", "-w", workspace)))
-    sigkill(processes_with("nvflare.private.fed.app.simulator.simulator_worker", "--simulator_root", workspace))
+    """SIGKILL a whole simulator run: the simulator, its workers (sessions of their own) and everything under
+    them, until none is left."""
+    for _ in range(5):
+        procs = [p for p in tree_of(processes_of(workspace)) if alive(p)]
+        if not procs:
+            return
+        sigkill(procs)
+    raise RuntimeError(f"processes of the run in {workspace} survive SIGKILL: {[p.pid for p in procs]}")
 
 
 def site_worker(workspace: Path, site: str) -> list[psutil.Process]:
@@ -150,8 +180,7 @@ def site_worker(workspace: Path, site: str) -> list[psutil.Process]:
 
 
 class Background:
-    """A simulator run in a thread. kill() SIGKILLs every process of it: the simulator is found by its
-    workspace on the command line, its workers (setsid, own sessions) as its descendants."""
+    """A simulator run in a thread; kill() SIGKILLs every process of it (kill_run)."""
 
     def __init__(self, name: str, workspace: Path, run):
         self.name, self.workspace = name, workspace
@@ -202,6 +231,7 @@ def run_all(starters: dict, until: dict | None = None, limit: float = 900) -> di
 
 def background(name: str, job: Path, workspace: Path, data: Path, **kwargs):
     kwargs.setdefault("expect_ok", False)  # the checks look at what each run wrote; killed runs end non-zero
+    kwargs["extra_env"] = {RUN_ENV: str(workspace.resolve())}
     return lambda: Background(name, workspace, lambda: simulate(job, workspace, data, n=3, **kwargs))
 
 
