@@ -170,7 +170,8 @@ class FedCrossController(FedSegController):
                 (FedCrossEns). 1 is FedCross.
             num_communications: visits per model (one NVFlare "round" of a cyclic workflow = N communications).
             schedule: who visits whom: "cyclic" (model m at sites[(m + c) % N]), "latin" (a seeded Latin
-                square per block of N communications: every model visits every site once per block),
+                square per block of N communications: every model visits every site once per block; the job
+                is refused at its start unless num_communications is a multiple of the N sites connected then),
                 "random" (a seeded permutation per communication) or "explicit" (explicit_schedule rows).
             explicit_schedule: for "explicit": rows of K site names, row c % len(rows) used at communication c.
             seed: seeds the schedule and the initialisation of models 1..K-1 (fedseg.methods.fedcross.member_seed:
