@@ -380,6 +380,10 @@ def test_fedcross_relays_one_model_and_writes_set_history_and_results(fedcross_r
         assert ens["dice_per_case"] == member["dice_per_case"]  # an ensemble of one is its member
     assert res["extra"]["best_communication"] == best_c and res["extra"]["train_steps_total"] == 18
     assert res["extra"]["uncertainty_mean_std_wrong"] == 0.0  # one model has no spread
+    assert res["extra"]["uncertainty_auroc_mean"] == 0.5  # ... so its std tells wrong from right voxels by chance
+    # the learning-rate schedule is a setting, constant by default like every other method, and recorded
+    assert (res["extra"]["lr_schedule"], res["extra"]["lr_base"]) == ("constant", 1e-3) and "lr_power" not in res["extra"]
+    assert all(h["lr_schedule"] == "constant" and h["lr"] == [1e-3] for h in hist)
     log = fedcross_run.log("server")
     assert "FedCross communication 1/2: model 0 -> site-2" in log
     assert "fedcross: per-site test Dice" in log and "member 0" in log
