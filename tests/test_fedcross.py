@@ -16,13 +16,13 @@ import torch
 from conftest import CUSTOM, JOBS, TINY_ENGINE, copy_job, in_parallel, set_executor_path, simulate
 
 from fedseg.algorithms import UpdateRejected
+from fedseg.algorithms.screening import check_optimizer_state
 from fedseg.data import load_datalist
 from fedseg.engine import EngineConfig, SegEngine, load_numpy_state, state_to_numpy
 from fedseg.jobgen import FEDCROSS_DEFAULTS, resolve_engine
 from fedseg.jobgen import main as jobgen_main
 from fedseg.methods.fedcross import (
     LrSchedule,
-    check_optimizer_state,
     cross_visit,
     ensemble_maps,
     fingerprint,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedseg.algorithms.packing import pack, unpack
-from fedseg.methods.fedcross import check_optimizer_state
+from fedseg.algorithms.screening import check_optimizer_state
 from fedseg.fl.privacy import LayerPrivacyFilter, SectionRefused, check_scorable_section, strip_metrics
 
 LAYER = "net.model.2.1.conv.unit0.conv"
@@ -174,7 +173,7 @@ def test_a_site_never_scores_its_training_cases_for_the_server(site_executor, ca
         with caplog.at_level(logging.INFO):
             reply = run(task, "training")
         assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION, task
-        assert f"site site-1 refuses to score its 'training' section for the server" in caplog.text, task
+        assert "site site-1 refuses to score its 'training' section for the server" in caplog.text, task
     # the same tasks on the test cases work, and without a privacy scope the per-case results are sent
     for task in tasks:
         reply = run(task, "testing")

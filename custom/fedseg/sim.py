@@ -120,6 +120,35 @@ class ProcessTree:
         return self.alive()
 
 
+def run_process_tree(cmd: list[str], env: dict, out_path: Path, timeout: float, cwd: str | None = None) -> tuple[int, list, set]:
+    """Run ``cmd`` in a session of its own (output to ``out_path``) and stop EVERY process of it at the end, on
+    timeout (return code -9) or on Ctrl-C: its process tree is collected while it runs (NVFlare's setsid'ed
+    workers are children by ppid) and marked with a per-run environment variable. Returns (return code,
+    processes still alive after SIGKILL, pids seen)."""
+    mark = uuid.uuid4().hex
+    env = {**env, RUN_MARK_ENV: mark}
+    deadline = time.monotonic() + timeout
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        tree = ProcessTree(proc.pid, (RUN_MARK_ENV, mark))
+        rc = None
+        try:
+            while rc is None:
+                tree.collect()  # while the parent lives, its setsid'ed workers are its children
+                try:
+                    rc = proc.wait(timeout=min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        rc = -9
+        finally:
+            left = tree.kill_all()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+    return rc, left, set(tree.seen)
+
+
 def run_simulator(
     job: str | os.PathLike,
     workspace: str | os.PathLike,
@@ -162,34 +191,14 @@ def run_simulator(
         from fedseg.fl.allowlist import allow_fedseg
 
         allow_fedseg(workspace / "local" / "resources.json", tuple(allow_classes))
-    mark = uuid.uuid4().hex
-    env[RUN_MARK_ENV] = mark
     start = time.perf_counter()
-    deadline = time.monotonic() + timeout
     out_path = workspace.parent / f"{workspace.name}.simulator.out"
-    with open(out_path, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        tree = ProcessTree(proc.pid, (RUN_MARK_ENV, mark))
-        rc = None
-        try:
-            while rc is None:
-                tree.collect()  # while the simulator lives, its setsid'ed workers are its children
-                try:
-                    rc = proc.wait(timeout=min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() >= deadline:
-                        rc = -9
-        finally:
-            left = tree.kill_all()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+    rc, left, seen = run_process_tree(cmd, env, out_path, timeout)
     tail = out_path.read_text(errors="replace")[-4000:]
     if left:
         tail += f"\n[fedseg.sim] processes of this run still alive after SIGKILL: {[p.pid for p in left]}"
     return SimResult(returncode=rc, workspace=workspace, seconds=time.perf_counter() - start, log_tail=tail,
-                     pids=tuple(sorted(tree.seen)), left=tuple(p.pid for p in left))
+                     pids=tuple(sorted(seen)), left=tuple(p.pid for p in left))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,10 +41,8 @@ import os
 import re
 import resource
 import shutil
-import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -173,8 +171,8 @@ def _child_main(spec_path: str) -> int:
 
 
 # ---- running it ------------------------------------------------------------------------------------------------
-def _child_env(data_dir: Path, mark: str) -> dict:
-    from fedseg.sim import PACKAGE_ROOT, RUN_MARK_ENV
+def _child_env(data_dir: Path) -> dict:
+    from fedseg.sim import PACKAGE_ROOT
 
     env = dict(os.environ)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != PACKAGE_ROOT]
@@ -183,37 +181,17 @@ def _child_env(data_dir: Path, mark: str) -> dict:
     env["FEDSEG_DATALIST"] = os.path.join(str(data_dir), "{SITE_NAME}", "datalist.json")  # the site-controlled source
     env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("NVFLARE_SIMULATOR_WORKSPACE_ROOT", None)  # would move the workspace out of out_dir
-    env[RUN_MARK_ENV] = mark
     return env
 
 
 def _simulate(spec_file: Path, data_dir: Path, out_file: Path, timeout: float) -> tuple[int, float, list[int], int]:
     """Run the child; (return code or -9 on timeout, seconds, pids still alive after the final kill, processes seen)."""
-    from fedseg.sim import POLL_SECONDS, RUN_MARK_ENV, ProcessTree
+    from fedseg.sim import run_process_tree
 
-    mark = uuid.uuid4().hex
     cmd = [sys.executable, "-m", "fedseg.bench.stock", "--spec", str(spec_file)]
-    start, deadline = time.perf_counter(), time.monotonic() + timeout
-    with open(out_file, "w") as out:
-        proc = subprocess.Popen(cmd, env=_child_env(data_dir, mark), stdout=out, stderr=subprocess.STDOUT,
-                                cwd=str(spec_file.parent), start_new_session=True)
-        tree = ProcessTree(proc.pid, (RUN_MARK_ENV, mark))
-        rc = None
-        try:
-            while rc is None:
-                tree.collect()
-                try:
-                    rc = proc.wait(timeout=min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() >= deadline:
-                        rc = -9
-        finally:
-            left = tree.kill_all()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-    return rc, time.perf_counter() - start, [p.pid for p in left], len(tree.seen)
+    start = time.perf_counter()
+    rc, left, seen = run_process_tree(cmd, _child_env(data_dir), out_file, timeout, cwd=str(spec_file.parent))
+    return rc, time.perf_counter() - start, [p.pid for p in left], len(seen)
 
 
 def read_site_records(workspace: Path, sites: list[str]) -> list[dict]:

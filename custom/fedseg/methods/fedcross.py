@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fedseg.algorithms.screening import OPTIM_SEP, check_optimizer_state  # noqa: F401 (re-exported)
 from fedseg.engine import (
     EvalResult,
     SegEngine,
