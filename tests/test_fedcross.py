@@ -308,13 +308,14 @@ def fault_runs(clean_runs, tiny2d, tmp_path_factory) -> dict:
     resume: the FedCross run continued from its last.pt to 5 communications; in communication 4 the
     model's site (site-2) stalls past the 10 s task timeout."""
     tmp = tmp_path_factory.mktemp("faults")
-    faulty = with_faults(cross_job(tmp / "a", "fedcrossens", num_communications=3, visit_steps=4), [
+    faulty = with_faults(cross_job(tmp / "a", "fedcrossens", num_communications=3, visit_steps=4, max_site_failures=1), [
         {"site": "site-2", "communication": 1, "mode": "raise"},
         {"site": "site-3", "communication": 2, "mode": "nan_weights"},
     ])
     last = clean_runs["fedcross"].job_dir / OUT / "last.pt"
     resumed = with_faults(
-        cross_job(tmp / "b", "fedcross", num_communications=5, visit_steps=6, task_timeout=10, resume_from=str(last)),
+        cross_job(tmp / "b", "fedcross", num_communications=5, visit_steps=6, task_timeout=10, max_site_failures=1,
+                  resume_from=str(last)),
         [{"site": "site-2", "communication": 4, "mode": "stall", "seconds": 16}],
     )
     # expect_ok=False: the injected failures are (rightly) in the sites' error logs; the tests check the rest

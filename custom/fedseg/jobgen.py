@@ -195,7 +195,7 @@ def fedcross_server(o: argparse.Namespace, job: str) -> dict:
         "task_timeout": o.task_timeout,
         "validate_timeout": o.task_timeout,
         "startup_grace": 300,
-        "max_site_failures": 1,
+        "max_site_failures": 3,
         "retry_on_free_site": True,
         "min_clients": 1,
         "engine": o.engine,

@@ -146,7 +146,8 @@ class FedSegController(ModelController):
         return weights
 
     def connected_sites(self) -> list[str]:
-        return sorted(self.sample_clients())
+        """The sites FLARE knows that it has not marked as disconnected (a dead site is not sent tasks)."""
+        return sorted(s for s in self.sample_clients() if self.get_client_disconnect_time(s) is None)
 
     # ---- files ---------------------------------------------------------------------------------------
     def output_dir(self, name: str) -> Path:

@@ -310,7 +310,7 @@ class FedCrossController(FedSegController):
         return [s for s in self.active if s not in self.health.dropped_at]
 
     def _reachable(self) -> list[str]:
-        return [s for s in self.connected_sites() if self.get_client_disconnect_time(s) is None]
+        return self.connected_sites()
 
     def _begin_communication(self, c: int) -> dict:
         """Sites of communication c: new sites join the schedule, left-out sites due back rejoin, and the

@@ -226,7 +226,7 @@ class FedSMController(FedSegController):
 
     def _round_sites(self, rnd: int) -> list[str]:
         """The sites of this round: every connected class site, then connected sites that are no class."""
-        connected = [s for s in self.connected_sites() if self.get_client_disconnect_time(s) is None]
+        connected = self.connected_sites()
         members, outsiders, missing = plan_round(self.classes, connected)
         for site in outsiders:
             if site not in self._outsiders_told:
@@ -314,7 +314,7 @@ class FedSMController(FedSegController):
 
     # ---- workflow --------------------------------------------------------------------------------------
     def run(self):
-        connected = [s for s in self.connected_sites() if self.get_client_disconnect_time(s) is None]
+        connected = self.connected_sites()
         groups, start = self._initial_set(connected)
         if not self.classes:
             self.panic("FedSM: no sites connected and no `sites` listed")
