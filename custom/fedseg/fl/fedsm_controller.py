@@ -242,22 +242,6 @@ class FedSMController(FedSegController):
             self._missing = missing
         return members + outsiders
 
-    def _aggregate_round(self, groups: dict, updates: dict[str, dict], weights: dict[str, float]) -> None:
-        """_aggregate, except that the selector learns only from its classes (sites that are no class train none)."""
-        outsiders = [s for s in updates if s not in self.classes]
-        if not self.use_selector or not outsiders:
-            self._aggregate(groups, updates, weights)
-            return
-        members = {s: u for s, u in updates.items() if s not in outsiders}
-        selector = {k: groups[k] for k in ("selector", "selector_optim")}
-        if members:
-            scratch = {"global": groups["global"], "personal": {}, **selector}
-            self._aggregate(scratch, members, {s: weights[s] for s in members})
-            selector = {k: scratch[k] for k in selector}
-        # global and personalized models from every site; an outsider's selector slot is only a placeholder
-        self._aggregate(groups, {s: u if s in members else {**u, **selector} for s, u in updates.items()}, weights)
-        groups.update(selector)
-
     # ---- one round -------------------------------------------------------------------------------------
     def _valid_update(self, site: str, result: FLModel, sent: dict) -> dict | None:
         """The site's unpacked update if every part passes the checks, else None (logged with the site).
@@ -277,16 +261,16 @@ class FedSMController(FedSegController):
                 return None
             if not self.accept(site, update[group], reference, f"{group} model"):
                 return None
+        unexpected = sorted(set(update) - set(sent))
+        if unexpected:
+            self.reject(site, "update", f"unexpected model group(s) {unexpected}")
+            return None
         if "selector_optim" in update:
             try:
                 check_optimizer_state(site, update["selector_optim"], update["selector"], sent.get("selector_optim"))
             except UpdateRejected as e:
                 self.reject(site, "selector optimizer state", e.reason)
                 return None
-        unexpected = sorted(set(update) - set(sent))
-        if unexpected:
-            self.reject(site, "update", f"unexpected model group(s) {unexpected}")
-            return None
         return update
 
     def _screen_magnitudes(self, updates: dict[str, dict], sent: dict[str, dict]) -> dict[str, dict]:
@@ -298,11 +282,15 @@ class FedSMController(FedSegController):
         return {s: u for s, u in updates.items() if s not in too_large}
 
     def _aggregate(self, groups: dict, updates: dict[str, dict], weights: dict[str, float]) -> None:
+        """global: aggregated over every site; selector and its Adam state: over the sites that trained it (the
+        selector's classes; a privacy scope may withhold the moments); personalized models: SoftPull."""
         groups["global"] = aggregate({s: u["global"] for s, u in updates.items()}, weights, self.aggregation)
         if self.use_selector:
-            groups["selector"] = weighted_average({s: updates[s]["selector"] for s in sorted(updates)}, weights)
-            with_optim = {s: updates[s]["selector_optim"] for s in sorted(updates) if updates[s].get("selector_optim")}
-            if with_optim:  # sites whose scope withholds the moments leave them to the others
+            with_selector = {s: updates[s]["selector"] for s in sorted(updates) if "selector" in updates[s]}
+            if with_selector:
+                groups["selector"] = weighted_average(with_selector, weights)
+            with_optim = {s: updates[s]["selector_optim"] for s in with_selector if updates[s].get("selector_optim")}
+            if with_optim:
                 groups["selector_optim"] = weighted_average(with_optim, weights)
         mixed = softpull({s: u["personal"] for s, u in updates.items()}, self.lam)
         groups["personal"].update(mixed)  # sites that did not answer keep their personalized model
@@ -356,7 +344,7 @@ class FedSMController(FedSegController):
             # the metrics sites report were measured on the set SENT this round: that set is the candidate best
             score = self._round_score({s: results[s] for s in updates}, score_key)
             sent_set = copy.deepcopy(groups)
-            self._aggregate_round(groups, updates, weights)
+            self._aggregate(groups, updates, weights)
             record.update({"score": score, "left_out": sorted(set(sent) - set(updates))})
             self.history.append(record)
             if score is not None and score > self.best_score:
