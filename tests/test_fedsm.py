@@ -128,6 +128,10 @@ def test_selector_input_is_on_a_fixed_scale():
     cast[:, 0] += 40
     assert not torch.allclose(x[:, :3], selector_input(cast, 64)[:, :3])
     assert torch.isfinite(selector_input(torch.full((1, 1, 10, 10), 7.0), 16)).all()
+    # volumes: input_size_3d voxels per axis, the same network with 3-D convolutions
+    settings = SelectorSettings(num_sites=4)
+    volume = selector_input(torch.rand(2, 1, 20, 24, 18) * 1000, settings.size(3))
+    assert volume.shape == (2, 3, 32, 32, 32) and build_selector(3, 1, settings)(volume).shape == (2, 4)
 
 
 # ---- routing, confusion row and gamma sweep on synthetic selector outputs ----------------------------------
@@ -237,12 +241,12 @@ def test_fedsm_records_the_selector_every_round(fedsm_run):
             assert row[site] / 2 == pytest.approx(selector["routed_own"][site])
             assert selector["routed_own"][site] <= selector["accuracy"][site]
             assert record["metrics"][site]["val_selector_acc"] == selector["accuracy"][site]
-            assert record["metrics"][site]["selector_steps"] == 2  # 2 selector epochs, one Adam step each
+            assert record["metrics"][site]["selector_steps"] == 4  # 4 selector epochs, one Adam step each
     results = json.loads((fedsm_run.job_dir / "app_server" / "fedseg_results.json").read_text())
     assert results["extra"]["selector_history"] == [{"round": r["round"], **r["selector"]} for r in history]
     groups, info = load_model_set(out / "last.pt")
-    # the shared Adam step count: every site took 2 steps per round from the count it received
-    assert {float(v) for k, v in groups["selector_optim"].items() if k.endswith("::step")} == {8.0}
+    # the shared Adam step count: every site took 4 steps per round from the count it received
+    assert {float(v) for k, v in groups["selector_optim"].items() if k.endswith("::step")} == {16.0}
     assert info["selector"]["protocol"] == "epoch" and len(info["selector_input"]["views_per_channel"]) == 3
     # the sites' selector curves reach the server's TensorBoard
     events = b"".join(p.read_bytes() for p in (fedsm_run.job_dir / "tb_events").rglob("events.out.tfevents*"))

@@ -66,7 +66,7 @@ def run_fedsm(o: argparse.Namespace) -> int:
         image = item["image"].unsqueeze(0)
         row = {"case": case["name"], "image": first_path(case["image"])}
         if selector is not None:
-            probs = selector_probs(engine, selector, item["image_raw"].unsqueeze(0), settings.input_size)[0]
+            probs = selector_probs(engine, selector, item["image_raw"].unsqueeze(0), settings.size(cfg.spatial_dims))[0]
             choice = route(probs, site_names, gamma)
             model = choice.model
             row.update({"model": model, "confidence": choice.confidence, "predicted_site": site_names[choice.site_index],

@@ -73,7 +73,7 @@ def fedsm_evaluate(executor, model: FLModel, fl_ctx, abort_signal) -> FLModel:
     _site_index(executor, site_names)
     gammas = meta.get("gammas")
     scored = score_super_model(engine, global_net, personal, selector, site_names, executor.site,
-                               float(meta.get("gamma", 0.9)), settings.input_size, section, with_hd95=executor.hd95,
+                               float(meta.get("gamma", 0.9)), settings.size(engine.cfg.spatial_dims), section, with_hd95=executor.hd95,
                                gammas=[float(g) for g in gammas] if isinstance(gammas, (list, tuple)) else None)
     metrics = {"section": section}
     for key in ("selector_accuracy", "routed_own", "routing", "mean_confidence", "gamma_sweep"):
