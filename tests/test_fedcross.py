@@ -296,7 +296,7 @@ def with_faults(job: Path, faults: list[dict]) -> Path:
 def clean_runs(tiny2d, tmp_path_factory) -> dict:
     """jobs/fedcross (K = 1) and jobs/fedcrossens (K = 3 sites), 3 communications each."""
     tmp = tmp_path_factory.mktemp("clean")
-    cross = cross_job(tmp / "a", "fedcross", num_communications=3, visit_steps=6)
+    cross = cross_job(tmp / "a", "fedcross", num_communications=3, visit_steps=6, optimizer_state="travel")
     ens = cross_job(tmp / "b", "fedcrossens", num_communications=3, visit_steps=12)
     return in_parallel(fedcross=lambda: simulate(cross, tmp / "ws_cross", tiny2d, n=3),
                        fedcrossens=lambda: simulate(ens, tmp / "ws_ens", tiny2d, n=3))
@@ -315,7 +315,7 @@ def fault_runs(clean_runs, tiny2d, tmp_path_factory) -> dict:
     last = clean_runs["fedcross"].job_dir / OUT / "last.pt"
     resumed = with_faults(
         cross_job(tmp / "b", "fedcross", num_communications=5, visit_steps=6, task_timeout=10, max_site_failures=1,
-                  resume_from=str(last)),
+                  optimizer_state="travel", resume_from=str(last)),
         [{"site": "site-2", "communication": 4, "mode": "stall", "seconds": 16}],
     )
     # expect_ok=False: the injected failures are (rightly) in the sites' error logs; the tests check the rest

@@ -197,6 +197,7 @@ def fedcross_server(o: argparse.Namespace, job: str) -> dict:
         "startup_grace": 300,
         "max_site_failures": 3,
         "retry_on_free_site": True,
+        "optimizer_state": "fresh",
         "min_clients": 1,
         "engine": o.engine,
     }

@@ -158,6 +158,7 @@ class FedCrossController(FedSegController):
         max_site_failures: int = 3,
         rejoin_after: int | None = None,
         retry_on_free_site: bool = True,
+        optimizer_state: str = "fresh",
         engine: dict | None = None,
         resume_from: str = "",
         final_section: str = "testing",
@@ -191,6 +192,9 @@ class FedCrossController(FedSegController):
             rejoin_after: communications a left-out site sits out before it is tried again, if connected
                 (None: the number of sites at the start). A retried site is left out again at its next failure.
             retry_on_free_site: a model whose visit failed is sent at once to a site idle in that communication.
+            optimizer_state: "travel" (the model's Adam state goes with it from site to site, as in the authors'
+                code) or "fresh" (a new Adam at every visit, as NVFlare's cyclic workflow does). "fresh" is the
+                default because it measured better (README, FedCross: optimizer state).
             min_clients: fewest remaining sites with which training continues.
             engine: the sites' engine settings, stored with the model sets so inference can rebuild the networks.
             resume_from: server path of a last.pt to continue from (at its communication + 1): inside this job's run
@@ -231,6 +235,9 @@ class FedCrossController(FedSegController):
         self.max_site_failures = int(max_site_failures)
         self.rejoin_after = rejoin_after
         self.retry_on_free_site = bool(retry_on_free_site)
+        if optimizer_state not in ("travel", "fresh"):
+            raise ValueError(f"optimizer_state must be 'travel' or 'fresh', got {optimizer_state!r}")
+        self.optimizer_state = optimizer_state
         self.resume_from = resume_from or ""
         self.final_section = final_section
         self.output_name = check_output_name(output_dir)
@@ -503,7 +510,8 @@ class FedCrossController(FedSegController):
             return f"REJECTED update from {site}: update norm too large (see the line above)"
         self.recent_norms.append(update_norm(weights, self.members[m]))
         self.members[m] = weights
-        self.optimizers[m] = optim  # {} when the site's privacy scope withholds it: the next visit starts afresh
+        # {} when the site's privacy scope withholds it or the job wants a fresh Adam at every visit
+        self.optimizers[m] = optim if self.optimizer_state == "travel" else {}
         self.visits_done[m] += 1
         self.steps_total += steps
         return None
