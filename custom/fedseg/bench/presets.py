@@ -23,8 +23,13 @@ paper's own protocol: FedSM/SoftPull 2B, FedCrossEns N*B) and reports them side 
             every method in both protocols, the FedSM ablation on the built-in data (SoftPull lambda 0.5/0.9/1.0
             at the paper budget; lambda 0.7 at half (equal steps) and full (paper) budget; learned routing vs
             the oracle "personalized (own site)" row) and FedAvg/FedProx with the other local-optimizer setting
-            (item 3's measurement), NVFlare's stock CyclicRecipe/FedAvgRecipe peers when fedseg.bench.stock
-            provides them; a progress line every minute.
+            (item 3's measurement), NVFlare's stock CyclicRecipe/FedAvgRecipe peers (fedseg.bench.stock); a
+            progress line every minute. Estimated ~85-100 minutes on 2 otherwise idle CPU cores: ~10,600
+            CPU-seconds of work (measured per run at R=4 and R=8 on synth2d, R=4 on synth2d_scarce and polyp,
+            one seed each, extrapolated linearly to R=24, 3 seeds). Why R=24 x E=2 and not more: one round
+            (or FedCross communication) costs as much CPU again outside training (validation of the received
+            model, hand-over); R=20 x E=4 would cost ~30% more. On synth2d FedAvg/FedProx still gain ~2-3
+            Dice points over the last quarter at R=24 (the report's "flattened?" column says so).
   full      a GPU machine: "medium" built-in data, all polyp cases at 128 px, R=20 x E=2, 3 seeds, one simulator
             job per method, cost phase at 1 and 20 epochs per round.
 
@@ -149,7 +154,7 @@ PRESETS = {
             "polyp": _polyp(100, 64, image_size=64, ablation=False,
                             description="Kvasir-SEG + CVC-ClinicDB, <= 100 cases per centre, 64 px"),
         },
-        seeds=[0, 1, 2], rounds=24, epochs=2, parallel=3, cost=None, timeout=3 * 3600.0,
+        seeds=[0, 1, 2], rounds=24, epochs=2, parallel=3, cost=None, timeout=4 * 3600.0,
         fedsm_ablation=True, optimizer_measure=True, stock=list(STOCK),
         description="2 CPU cores, <= ~100 minutes, to convergence: 64 px 2-D data (synth2d, its data-scarce variant, "
                     "polyp), 3 seeds, R=24, both protocols, the FedSM ablation",
