@@ -11,14 +11,13 @@ from fedseg.engine.engine import (
     select_device,
     state_to_numpy,
 )
-from fedseg.engine.networks import SegNetwork, SiteClassifier, build_segmentation_network
+from fedseg.engine.networks import SegNetwork, build_segmentation_network
 
 __all__ = [
     "EngineConfig",
     "EvalResult",
     "SegEngine",
     "SegNetwork",
-    "SiteClassifier",
     "TrainStats",
     "build_segmentation_network",
     "load_numpy_state",

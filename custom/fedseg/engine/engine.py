@@ -399,7 +399,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, net: torch.nn.Module,
         if name not in params:
             raise KeyError(f"optimizer state for unknown parameter {name!r}")
         p = params[name]
-        tensor = torch.as_tensor(np.asarray(value))
+        tensor = torch.tensor(np.asarray(value))  # a copy: Adam updates its state in place, the caller keeps its arrays
         if state_key == "step":
             tensor = tensor.to(torch.float32)  # Adam keeps its step count on the CPU as a float tensor
         else:

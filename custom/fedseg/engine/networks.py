@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from monai.networks.nets import Classifier, DynUNet, SegResNet, UNet
+from monai.networks.nets import DynUNet, SegResNet, UNet
 from torch import nn
 
 ARCHITECTURES = ("unet", "segresnet", "dynunet")
@@ -84,40 +84,6 @@ class SegNetwork(nn.Module):
         super().__init__()
         self.network_args = dict(network_args)
         self.net = build_segmentation_network(**network_args)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class SiteClassifier(nn.Module):
-    """FedSM's model selector: predicts which site an image comes from.
-
-    A small strided CNN (MONAI Classifier) on a fixed-size, intensity-normalised thumbnail of the image,
-    instead of the reference's VGG-11 (a 25088x4096 classifier head for a handful of classes).
-    """
-
-    def __init__(
-        self,
-        num_sites: int,
-        spatial_dims: int = 2,
-        in_channels: int = 1,
-        input_size: int = 32,
-        channels: Sequence[int] = (8, 16, 32, 64),
-    ):
-        super().__init__()
-        self.num_sites = int(num_sites)
-        self.input_size = int(input_size)
-        channels = tuple(int(c) for c in channels)
-        self.net = Classifier(
-            in_shape=(in_channels,) + (self.input_size,) * spatial_dims,
-            classes=self.num_sites,
-            channels=channels,
-            strides=(2,) * len(channels),
-            num_res_units=0,
-            # No normalisation layers: per-batch/per-image normalisation would erase the intensity and
-            # texture cues that tell sites apart, and BatchNorm statistics from single-site batches average badly.
-            norm=None,
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
