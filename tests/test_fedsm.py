@@ -260,6 +260,8 @@ def test_fedsm_best_set_is_tracked(fedsm_run):
     _, best_info = load_model_set(fedsm_run.job_dir / FEDSM_DIR / "best.pt")
     assert best_info["val_score"] == pytest.approx(max(scores))
     assert best_info["round"] == scores.index(max(scores)) - 1  # the set sent in that round was trained up to the round before
+    # the final test scores are for that best-validated set (the model-selection rule of every FedSeg method)
+    assert f"final evaluation of the best model set (best.pt: trained up to round {best_info['round']}" in fedsm_run.log("server")
 
 
 def test_fedsm_resumes_from_a_saved_set(fedsm_run, tiny2d, tmp_path):

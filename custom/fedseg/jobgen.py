@@ -142,6 +142,7 @@ def fedsm_server(o: argparse.Namespace, use_selector: bool) -> dict:
         "task_timeout": o.task_timeout,
         "eval_timeout": o.task_timeout,
         "engine": o.engine,
+        "final_model": "best",
     }
     if use_selector:
         args["selector"] = dict(DEFAULT_SELECTOR)

@@ -86,6 +86,7 @@ class FedSMController(FedSegController):
         resume_from: str | None = None,
         start_round: int | None = None,
         seed: int = 0,
+        final_model: str = "best",
         persistor_id: str = "persistor",
         task_check_period: float = 0.5,
     ):
@@ -113,6 +114,8 @@ class FedSMController(FedSegController):
                 history, best score and best.pt (next to it) carry over, and its site list stays the
                 selector's classes.
             start_round: round to continue at (default: the saved round + 1).
+            final_model: the set the final per-site test scores are for: "best" (best.pt, the best-validated set,
+                as for every FedSeg method) or "last".
             task_check_period: seconds between FLARE's checks of the standing tasks.
         """
         super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=min_clients,
@@ -120,6 +123,9 @@ class FedSMController(FedSegController):
                          startup_grace=startup_grace, task_check_period=task_check_period)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
+        if final_model not in ("best", "last"):
+            raise ValueError(f"final_model must be 'best' or 'last', got {final_model!r}")
+        self.final_model = final_model
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         self.num_rounds = int(num_rounds)
@@ -354,7 +360,20 @@ class FedSMController(FedSegController):
             self._checkpoint(groups, rnd)
             self.save_model(FLModel(params=groups["global"], params_type=ParamsType.FULL, current_round=rnd))
             self.info(f"round {rnd}: aggregated {sorted(updates)}" + (f", {score_key} of the received set {score:.4f}" if score is not None else ""))
-        self._final_evaluation(groups)
+        self._final_evaluation(self._final_set(groups))
+
+    def _final_set(self, last: dict) -> dict:
+        """The set the final scores are for: the best-validated one (best.pt, the rule every FedSeg method
+        follows) or the last one (final_model="last"; also when no round was scored)."""
+        best = self.output_dir(OUTPUT_DIR) / "best.pt"
+        if self.final_model == "last" or not best.exists():
+            self.info(f"final evaluation of the last model set ({'no best.pt' if self.final_model == 'best' else 'final_model=last'})")
+            return last
+        groups, info = load_model_set(best)
+        self.info(f"final evaluation of the best model set (best.pt: trained up to round {info['round']}, "
+                  f"{info.get('score_key')}={info.get('val_score')})")
+        groups["personal"] = {**last["personal"], **groups["personal"]}  # a site that joined later: its last model
+        return groups
 
     def _selector_round(self, rnd: int, results: dict[str, FLModel]) -> dict:
         """The selector SENT this round, as the class sites measured it on their validation cases before training:
