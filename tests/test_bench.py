@@ -318,7 +318,7 @@ def test_smoke_report_and_plots(smoke_run, tmp_path):
     for png in ("dice_per_round.png", "site_dice_synth2d.png", "fedcrossens_uncertainty.png"):
         assert (smoke_run / png).stat().st_size > 5000, png
     # the report is generated from the raw files alone
-    from fedseg.bench.report import write_report
+    from fedseg.bench.benchmark_report import write_report
 
     again = write_report(smoke_run / "raw", tmp_path)
     assert again.read_text() == md
@@ -377,7 +377,7 @@ def _cell(seed: int, dice: dict[str, float], sites=("a", "b"), curves: dict | No
 
 
 def test_flattened_uses_the_last_quarter_of_the_curve():
-    from fedseg.bench.report import flattened
+    from fedseg.bench.benchmark_report import flattened
 
     rising = [(i / 12, 0.05 * i) for i in range(13)]
     flat = [(i / 12, min(0.8, 0.2 * i)) for i in range(13)]
@@ -390,7 +390,7 @@ def test_flattened_uses_the_last_quarter_of_the_curve():
 
 
 def test_headline_answers_come_from_the_numbers():
-    from fedseg.bench.report import _headline_sentences, headline_facts
+    from fedseg.bench.benchmark_report import _headline_sentences, headline_facts
 
     runs = {"local": 0.70, "centralized": 0.80, "fedavg": 0.60, "fedsm": 0.61, "fedsm-paper": 0.63, "fedcrossens": 0.59,
             "fedcrossens-paper": 0.615, "fedcross": 0.65, "nvflare_cyclic": 0.67}
@@ -411,7 +411,7 @@ def test_headline_answers_come_from_the_numbers():
 
 
 def test_fedsm_selector_and_gamma_sweep_readers():
-    from fedseg.bench.report import gamma_sweep, selector_stats
+    from fedseg.bench.benchmark_report import gamma_sweep, selector_stats
 
     extra = {"selector_accuracy": {"a": 1.0, "b": 0.5}, "routing": {"a": {"a": 3, "global": 1}, "b": {"a": 2, "b": 2}}}
     st = selector_stats(extra, ["a", "b"])
@@ -531,10 +531,38 @@ def test_sigterm_stops_the_benchmark_and_everything_it_started(tmp_path):
 
 
 def test_headline_says_when_a_difference_is_seed_noise():
-    from fedseg.bench.report import _headline_sentences
+    from fedseg.bench.benchmark_report import _headline_sentences
 
     noisy = [_cell(s, {"fedavg": 0.60, "fedsm": 0.60 + d}) for s, d in enumerate((0.10, -0.05, 0.01))]  # +2 points, noisy
     clear = [_cell(s, {"fedavg": 0.60, "fedsm": 0.63 + d}) for s, d in enumerate((0.001, -0.001, 0.0))]
     assert "within seed noise" in " ".join(_headline_sentences("d", noisy))
     text = " ".join(_headline_sentences("d", clear))
     assert "within seed noise" not in text and "standard errors over 3 seeds" in text
+
+
+def test_benchmark_baselines_run_in_their_own_process(tiny2d, tmp_path):
+    """python -m fedseg.baselines benchmark: what the benchmark runs for local-only and centralized (one seed, the
+    seed's initial checkpoint, the budget of R rounds x E epochs, a learning curve of R+1 points, best-validated)."""
+    from fedseg.baselines import site_train_counts
+    from fedseg.bench.jobs import save_initial_checkpoint
+
+    engine = {"spatial_dims": 2, "roi_size": [32, 32], "batch_size": 4, "seed": 0,
+              "network": {"arch": "unet", "channels": [8, 16], "num_res_units": 1}}
+    init = save_initial_checkpoint(tmp_path / "init.pt", engine, 0)
+    out = tmp_path / "baselines.json"
+    proc = subprocess.run([sys.executable, "-m", "fedseg.baselines", "benchmark", "--data", str(tiny2d), "--engine",
+                           json.dumps(engine), "--rounds", "2", "--epochs", "1", "--seeds", "0", "--inits", str(init),
+                           "--out", str(out)], env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    record = json.loads(out.read_text())
+    sites = sorted(site_train_counts(tiny2d))
+    assert sorted(record["budget"]["site_steps_per_epoch"]) == sites
+    seed = record["seeds"]["0"]
+    assert sorted(seed["local"]["results"]["models"]["local (own site)"]) == sites
+    assert seed["local"]["seg_steps"] == record["budget"]["total_steps"] == seed["centralized"]["seg_steps"]
+    assert len(seed["centralized"]["curve"]) == 3 and seed["centralized"]["results"]["extra"]["best_checkpoint"] in (1, 2)
+    bad = subprocess.run([sys.executable, "-m", "fedseg.baselines", "benchmark", "--data", str(tiny2d), "--engine", "{}",
+                          "--rounds", "2", "--epochs", "1", "--seeds", "0", "1", "--inits", str(init), "--out", str(out)],
+                         env={**os.environ, "PYTHONPATH": str(CUSTOM)}, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "one --inits checkpoint per --seeds seed" in bad.stderr

@@ -120,6 +120,23 @@ class ProcessTree:
         return self.alive()
 
 
+def package_env(data_root: str | os.PathLike | None = None, on_pythonpath: bool = True) -> dict:
+    """The environment of a child process that runs FedSeg code: os.environ with the fedseg package first on
+    PYTHONPATH (as an installed site has it; dropped with on_pythonpath=False, for BYOC), one BLAS thread, and with
+    data_root the sites' datalist source <data_root>/<site>/datalist.json."""
+    env = dict(os.environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != PACKAGE_ROOT]
+    if on_pythonpath:
+        paths.insert(0, str(PACKAGE_ROOT))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if data_root is not None:
+        env["FEDSEG_DATA"] = str(Path(data_root).resolve())
+        # the site-controlled source (the process environment), so no job setting is needed or used
+        env["FEDSEG_DATALIST"] = os.path.join(env["FEDSEG_DATA"], "{SITE_NAME}", "datalist.json")
+    env.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores; one BLAS thread each avoids thrashing
+    return env
+
+
 def run_process_tree(cmd: list[str], env: dict, out_path: Path, timeout: float, cwd: str | None = None) -> tuple[int, list, set]:
     """Run ``cmd`` in a session of its own (output to ``out_path``) and stop EVERY process of it at the end, on
     timeout (return code -9) or on Ctrl-C: its process tree is collected while it runs (NVFlare's setsid'ed
@@ -169,17 +186,7 @@ def run_simulator(
     e.g. tests' fault-injecting executors). Every process of the run is stopped when it ends, times out
     (returncode -9) or is interrupted; SimResult.pids lists them all, SimResult.left what could not be stopped."""
     workspace = Path(workspace).resolve()
-    env = dict(os.environ)
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != PACKAGE_ROOT]
-    if on_pythonpath:
-        paths.insert(0, str(PACKAGE_ROOT))
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    if data_root is not None:
-        env["FEDSEG_DATA"] = str(Path(data_root).resolve())
-        # the site-controlled source (the process environment), so no job setting is needed or used
-        env["FEDSEG_DATALIST"] = os.path.join(env["FEDSEG_DATA"], "{SITE_NAME}", "datalist.json")
-    env.setdefault("OMP_NUM_THREADS", "1")  # N clients share the cores; one BLAS thread each avoids thrashing
-    env.update(extra_env or {})
+    env = {**package_env(data_root, on_pythonpath), **(extra_env or {})}
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(Path(job).resolve()), "-w", str(workspace)]
     cmd += ["-c", ",".join(clients)] if clients else ["-n", str(n_clients)]
     cmd += ["-t", str(threads or n_clients)]

@@ -157,11 +157,11 @@ def plain_main(o) -> dict:
 
 def _plain_process(args: list[str], out: Path, timeout: float) -> dict:
     """Run one plain reference in a fresh process; its whole wall and CPU time (imports, data) included."""
-    from fedseg.bench.run import _child_env
+    from fedseg.sim import package_env
 
     cmd = [sys.executable, "-m", "fedseg.bench.cost", "plain", *args, "--out", str(out)]
     cpu0, wall0 = _children_cpu(), time.perf_counter()
-    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=package_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"plain loop failed: {(proc.stderr or proc.stdout)[-2000:]}")
     record = json.loads(out.read_text())
@@ -177,12 +177,12 @@ def _engine_img_per_s(log_text: str) -> list[float]:
 
 def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: dict, rounds: int, init: Path,
             settings: dict, timeout: float, log) -> dict:
+    from fedseg.baselines import site_train_counts
     from fedseg.bench.budget import Budget, plan_method
     from fedseg.bench.collect import meter_records, timeline, windows
     from fedseg.bench.jobs import build_job, label
-    from fedseg.bench.run import site_train_counts
-    from fedseg.jobgen import resolve_engine
     from fedseg.fl.allowlist import BENCH_CLASSES
+    from fedseg.jobgen import resolve_engine
     from fedseg.sim import run_simulator
 
     counts = {s: n for s, n in site_train_counts(data_dir).items() if s in sites}
@@ -246,8 +246,9 @@ LEAN_EXECUTOR = {"validate_before_train": False, "tb_writer_id": ""}
 
 
 def run_cost(preset, data_dir: Path, spec, out_dir: Path, log=print) -> dict:
+    from fedseg.baselines import site_train_counts
     from fedseg.bench.jobs import save_initial_checkpoint
-    from fedseg.bench.run import cell_engine, site_train_counts
+    from fedseg.bench.presets import cell_engine
 
     c = preset.cost
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,11 @@ class DatasetSpec:
     description: str = ""
 
 
+def cell_engine(spec: DatasetSpec, epochs: int, seed: int) -> dict:
+    """The engine settings of one (dataset, seed) cell: the dataset's engine with the budget's epochs and the seed."""
+    return {**spec.engine, "local_epochs": int(epochs), "seed": int(seed)}
+
+
 @dataclass
 class CostSpec:
     dataset: str = "synth2d"  # the dataset whose FedAvg job is timed against the plain loop

@@ -35,7 +35,15 @@ from pathlib import Path
 from fedseg.bench import budget as budget_mod
 from fedseg.bench.collect import meter_records, method_record, timeline, windows
 from fedseg.bench.jobs import build_job, label, save_initial_checkpoint, workflow_args
-from fedseg.bench.presets import REPO, DatasetSpec, Preset, datalist_dataset, get_preset
+from fedseg.bench.presets import (
+    REPO,
+    DatasetSpec,
+    Preset,
+    cell_engine,
+    datalist_dataset,
+    get_preset,
+)
+from fedseg.sim import package_env
 
 _print_lock = threading.Lock()
 STOP = threading.Event()  # set on SIGTERM: no further job, baseline or peer is started
@@ -172,12 +180,6 @@ def prepare_dataset(spec: DatasetSpec, data_root: Path) -> tuple[Path | None, st
     return out, note
 
 
-def site_train_counts(data_dir: Path) -> dict[str, int]:
-    from fedseg.baselines import site_datalists
-
-    return {site: len(json.loads(p.read_text()).get("training") or []) for site, p in site_datalists(data_dir).items()}
-
-
 # ---- progress --------------------------------------------------------------------------------------------------
 # one round (FedAvg/FedSM) or communication (FedCross) costs about this many segmentation steps of other work
 # (validation of the received model, task hand-over, aggregation): the progress estimate's weight
@@ -295,10 +297,6 @@ PROGRESS = Progress()
 
 
 # ---- one cell ------------------------------------------------------------------------------------------------
-def cell_engine(spec: DatasetSpec, epochs: int, seed: int) -> dict:
-    return {**spec.engine, "local_epochs": int(epochs), "seed": int(seed)}
-
-
 def _run_fl_job(job: Path, workspace: Path, data_dir: Path, sites: list[str], timeout: float) -> dict:
     from fedseg.fl.allowlist import BENCH_CLASSES
     from fedseg.sim import run_simulator
@@ -354,6 +352,7 @@ def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset,
     --isolate: one simulator job and one baseline process per (run, seed), each seeded by its seed alone.
     NVFlare's stock peers run after the FedSeg methods, each in its own SimEnv run (fedseg.bench.stock)."""
     from fedseg import jobgen
+    from fedseg.baselines import site_train_counts
 
     ds_dir.mkdir(parents=True, exist_ok=True)
     counts = site_train_counts(data_dir)
@@ -476,12 +475,12 @@ def run_stock_peer(method: str, data_dir: Path, sites: list[str], engine: dict, 
 def run_baselines(data_dir: Path, engine: dict, preset: Preset, inits: dict, seeds: list[int], methods: list[str],
                   ds_dir: Path, plans: dict, rounds: int | None = None, epochs: int | None = None) -> dict[int, dict[str, dict]]:
     out_file = ds_dir / f"baselines_s{'_'.join(map(str, seeds))}.json"
-    cmd = [sys.executable, "-m", "fedseg.bench.baseline", "--data", str(data_dir), "--engine", json.dumps(engine),
+    cmd = [sys.executable, "-m", "fedseg.baselines", "benchmark", "--data", str(data_dir), "--engine", json.dumps(engine),
            "--rounds", str(rounds or preset.rounds), "--epochs", str(epochs or preset.epochs), "--seeds", *map(str, seeds),
            "--inits", *[str(inits[s]) for s in seeds], "--out", str(out_file), "--methods", *methods]
     cmd += ["--hd95"] if preset.hd95 else []
     log(f"{data_dir.name}: {', '.join(methods)} for seeds {seeds} (separate process) ...")
-    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True, timeout=preset.timeout)
+    proc = subprocess.run(cmd, env=package_env(), capture_output=True, text=True, timeout=preset.timeout)
     records: dict[int, dict[str, dict]] = {seed: {} for seed in seeds}
     if proc.returncode != 0 or not out_file.exists():
         for seed in seeds:
@@ -505,18 +504,6 @@ def run_baselines(data_dir: Path, engine: dict, preset: Preset, inits: dict, see
     return records
 
 
-def _child_env() -> dict:
-    from fedseg.sim import PACKAGE_ROOT
-
-    env = dict(os.environ)
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(PACKAGE_ROOT) not in paths:
-        paths.insert(0, str(PACKAGE_ROOT))
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.setdefault("OMP_NUM_THREADS", "1")  # as the simulator's site processes
-    return env
-
-
 # ---- the whole run ------------------------------------------------------------------------------------------
 def resolve_datasets(preset: Preset, names: list[str] | None, data_dirs: list[str] | None) -> dict[str, DatasetSpec]:
     """The preset's datasets plus --data-dir ones; --datasets picks among them by name."""
@@ -533,8 +520,9 @@ def resolve_datasets(preset: Preset, names: list[str] | None, data_dirs: list[st
 
 
 def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], command: str, cost: bool = True) -> dict:
+    from fedseg.baselines import site_train_counts
+    from fedseg.bench import benchmark_report
     from fedseg.bench import cost as cost_mod
-    from fedseg.bench import report
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "raw").mkdir(exist_ok=True)
@@ -591,7 +579,7 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
     run_info["seconds"] = round(time.time() - started, 1)
     run_info["cpu_seconds"] = round(_cpu_seconds() - cpu_started, 1)
     run_info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    report.write_raw(out / "raw", results, run_info)
+    benchmark_report.write_raw(out / "raw", results, run_info)
     log(f"raw results in {out / 'raw'}; total {run_info['seconds']:.0f}s")
     return run_info
 
@@ -651,7 +639,7 @@ def _stop_children(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     import signal
 
-    from fedseg.bench import report
+    from fedseg.bench import benchmark_report
 
     signal.signal(signal.SIGTERM, _stop_children)
 
@@ -681,9 +669,9 @@ def main(argv: list[str] | None = None) -> int:
             preset.hd95 = False
         datasets = resolve_datasets(preset, o.datasets, o.data_dir)
         run_benchmark(preset, out, datasets, command, cost=not o.no_cost)
-    md = report.write_report(out / "raw", out)
+    md = benchmark_report.write_report(out / "raw", out)
     print(f"report: {md}")
     if o.publish:
-        published = report.publish(out, REPO)
+        published = benchmark_report.publish(out, REPO)
         print(f"published: {published}")
     return 0

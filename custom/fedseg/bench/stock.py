@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import resource
 import shutil
@@ -172,14 +171,9 @@ def _child_main(spec_path: str) -> int:
 
 # ---- running it ------------------------------------------------------------------------------------------------
 def _child_env(data_dir: Path) -> dict:
-    from fedseg.sim import PACKAGE_ROOT
+    from fedseg.sim import package_env
 
-    env = dict(os.environ)
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != PACKAGE_ROOT]
-    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), *paths])
-    env["FEDSEG_DATA"] = str(data_dir)
-    env["FEDSEG_DATALIST"] = os.path.join(str(data_dir), "{SITE_NAME}", "datalist.json")  # the site-controlled source
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = package_env(data_dir)
     env.pop("NVFLARE_SIMULATOR_WORKSPACE_ROOT", None)  # would move the workspace out of out_dir
     return env
 
