@@ -41,6 +41,7 @@ FEDSEG_CLASSES = (
     "fedseg.fl.fedcross_controller.FedCrossController",
     "fedseg.fl.privacy.LayerPrivacyFilter",
     "fedseg.fl.meter.TaskMeter",
+    "fedseg.fl.tracking.MLflowServerReceiver",
 )
 # The benchmark's workflows (fedseg.bench.jobs): allowed only in the benchmark's own simulator runs
 # (fedseg.bench passes them to fedseg.sim.run_simulator), never at a site.

@@ -7,11 +7,14 @@ answering sites: the dynamic mode would panic the whole job as soon as one per-s
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
 from typing import Iterable
 
+from nvflare.apis.analytix import AnalyticsDataType, LogWriterName
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
@@ -148,6 +151,26 @@ class FedSegController(ModelController):
     def connected_sites(self) -> list[str]:
         """The sites FLARE knows that it has not marked as disconnected (a dead site is not sent tasks)."""
         return sorted(s for s in self.sample_clients() if self.get_client_disconnect_time(s) is None)
+
+    # ---- experiment tracking ---------------------------------------------------------------------------
+    def track(self, tag: str, value: float, step: int) -> None:
+        """One server-side metric to the job's experiment tracking (TensorBoard, MLflow, ...): fires NVFlare's
+        analytics event on the server, so every receiver configured there records it under the server's name.
+        A receiver must listen to the local event "analytix_log_stats" (TBAnalyticsReceiver's default does;
+        fedseg.fl.tracking.MLflowServerReceiver does). A value that is not finite (a round nobody scored) is
+        not sent."""
+        value = float(value)
+        if not math.isfinite(value):
+            return
+        dxo = create_analytic_dxo(tag=tag, value=value, data_type=AnalyticsDataType.SCALAR,
+                                  writer=LogWriterName.TORCH_TB, global_step=int(step))
+        with self.engine.new_context() as fl_ctx:
+            send_analytic_dxo(self, dxo=dxo, fl_ctx=fl_ctx)
+
+    def track_sites(self, tag: str, per_site: dict[str, float], step: int) -> None:
+        """``tag/<site>`` for every site's value (e.g. each site's selector accuracy)."""
+        for site, value in sorted(per_site.items()):
+            self.track(f"{tag}/{site}", value, step)
 
     # ---- files ---------------------------------------------------------------------------------------
     def output_dir(self, name: str) -> Path:

@@ -181,6 +181,9 @@ class FedAvgController(FedSegController):
                       "weights": {s: weights[s] for s in accepted}, "val_dice": scores, "score": score,
                       "update_norms": norms}
             history.append(record)
+            if score is not None:  # the sites' Dice of the global model they received this round: median, each
+                self.track(f"fedavg/global_{SCORE_KEY}", score, rnd)
+                self.track_sites(f"fedavg/global_{SCORE_KEY}", scores, rnd)
             # the sites scored the model they RECEIVED this round: it is the candidate best
             if score is not None and (state["best_score"] is None or score > state["best_score"]):
                 state["best_score"], state["best_round"] = score, rnd

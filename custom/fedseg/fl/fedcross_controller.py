@@ -300,6 +300,7 @@ class FedCrossController(FedSegController):
             entry.update(changes)
             entry["seconds"] = round(time.perf_counter() - began, 1)
             self.history.append(entry)
+            self.track("fedcross/ensemble_val_dice", entry["val_dice"], c)  # over all validation cases
             self._checkpoint(c)
             self.info(
                 f"FedCross communication {c} done in {entry['seconds']}s: validation ensemble dice "

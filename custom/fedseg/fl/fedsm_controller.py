@@ -336,6 +336,7 @@ class FedSMController(FedSegController):
             record = {"round": rnd, "answered": sorted(results), "accepted": sorted(updates),
                       "metrics": {s: numeric_metrics(results[s].metrics) for s in sorted(results)},
                       **self._selector_round(rnd, {s: results[s] for s in updates})}
+            self._track_selector(rnd, record.get("selector"))
             if len(updates) < self.min_clients:
                 failed_rounds += 1
                 self.error(f"round {rnd}: only {len(updates)} valid updates ({sorted(updates)}), fewer than "
@@ -352,6 +353,8 @@ class FedSMController(FedSegController):
             sent_set = copy.deepcopy(groups)
             self._aggregate(groups, updates, weights)
             record.update({"score": score, "left_out": sorted(set(sent) - set(updates))})
+            if score is not None:
+                self.track(f"fedsm/{score_key}", score, rnd)  # median over the sites, of the set sent this round
             self.history.append(record)
             if score is not None and score > self.best_score:
                 self.best_score = score
@@ -398,6 +401,13 @@ class FedSMController(FedSegController):
                 continue
             out["accuracy"][site], out["routed_own"][site], out["confusion"][site] = accuracy, own, row
         return {"selector": out}
+
+    def _track_selector(self, rnd: int, selector: dict | None) -> None:
+        """The selector's accuracy per site and its mean over the sites, to the job's experiment tracking."""
+        accuracy = (selector or {}).get("accuracy") or {}
+        self.track_sites("fedsm/selector_accuracy", accuracy, rnd)
+        if accuracy:
+            self.track("fedsm/selector_accuracy_mean", sum(accuracy.values()) / len(accuracy), rnd)
 
     def _checkpoint(self, groups: dict, rnd: int) -> None:
         """last.pt (with the history and best score, so a resumed job continues them) and history.json."""
