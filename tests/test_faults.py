@@ -31,7 +31,7 @@ from conftest import JOBS, TINY_ENGINE, copy_job, set_executor_path, simulate
 from fedseg.algorithms.schedules import assign
 from fedseg.fl.fedcross_controller import SiteHealth
 from fedseg.fl.fedsm_controller import plan_round
-from fedseg.methods.fedcross import load_members
+from fedseg.modelset import load_members
 from fedseg.modelset import load_model_set
 
 FAULTY = "fedseg_faults.FaultySegExecutor"

@@ -13,29 +13,32 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CUSTOM, JOBS, TINY_ENGINE, copy_job, in_parallel, set_executor_path, simulate
-
+from conftest import (
+    CUSTOM,
+    JOBS,
+    TINY_ENGINE,
+    copy_job,
+    in_parallel,
+    set_executor_path,
+    simulate,
+)
 from fedseg.algorithms import UpdateRejected
-from fedseg.algorithms.screening import check_optimizer_state
+from fedseg.algorithms.lr_schedule import LrSchedule, lr_at
+from fedseg.algorithms.schedules import member_seed
+from fedseg.algorithms.screening import check_optimizer_state, fingerprint
 from fedseg.data import load_datalist
 from fedseg.engine import EngineConfig, SegEngine, load_numpy_state, state_to_numpy
 from fedseg.jobgen import FEDCROSS_DEFAULTS, resolve_engine
 from fedseg.jobgen import main as jobgen_main
 from fedseg.methods.fedcross import (
-    LrSchedule,
+    auroc_from_histograms,
     cross_visit,
     ensemble_maps,
-    fingerprint,
-    initial_members,
-    load_members,
-    lr_at,
-    auroc_from_histograms,
-    member_seed,
-    save_members,
     score_ensemble,
     segment,
     std_histogram,
 )
+from fedseg.modelset import initial_members, load_members, save_members
 
 OUT = Path("app_server") / "fedcross"
 FAULTY_MODULE = "fedseg_faults_cross."  # test-only executor module, allow-listed for these runs

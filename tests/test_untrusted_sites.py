@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import TINY_ENGINE, copy_job, in_parallel, set_executor_path, simulate
 
-from fedseg.methods.fedcross import load_members
+from fedseg.modelset import load_members
 from fedseg.modelset import load_model_set
 
 MALICIOUS = "fedseg_malicious.MaliciousSegExecutor"

@@ -130,7 +130,8 @@ def write_summary(out_dir: Path, rows: list[dict], header: dict) -> None:
 # ---- ensemble (FedCross / FedCrossEns) -------------------------------------------------------------------------
 def run_ensemble(o: argparse.Namespace) -> int:
     from fedseg.engine import EngineConfig, SegEngine, SegNetwork, load_numpy_state
-    from fedseg.methods.fedcross import ensemble_maps, load_members, segment
+    from fedseg.methods.fedcross import ensemble_maps, segment
+    from fedseg.modelset import load_members
 
     members, _, info = load_members(o.models)
     cfg = EngineConfig.from_dict(info["engine"])

@@ -7,29 +7,37 @@
 * :mod:`.schedules`   -- FedCross / FedCrossEns site-visit schedules
 """
 
-from .aggregation import AGGREGATIONS, UpdateRejected, aggregate, apply_diff, check_update, robust_average, weighted_average
+from .aggregation import (
+    AGGREGATIONS,
+    UpdateRejected,
+    aggregate,
+    apply_diff,
+    check_update,
+    robust_average,
+    weighted_average,
+)
 from .routing import GLOBAL, Route, route, route_batch, softmax
 from .schedules import KINDS, assign, make_schedule, validate_explicit, visits_per_model
 from .softpull import softpull, softpull_weights
 
 __all__ = [
     "AGGREGATIONS",
-    "aggregate",
-    "robust_average",
-    "UpdateRejected",
-    "check_update",
-    "weighted_average",
-    "apply_diff",
-    "softpull_weights",
-    "softpull",
     "GLOBAL",
+    "KINDS",
     "Route",
+    "UpdateRejected",
+    "aggregate",
+    "apply_diff",
+    "assign",
+    "check_update",
+    "make_schedule",
+    "robust_average",
     "route",
     "route_batch",
     "softmax",
-    "KINDS",
-    "assign",
-    "make_schedule",
+    "softpull",
+    "softpull_weights",
     "validate_explicit",
     "visits_per_model",
+    "weighted_average",
 ]

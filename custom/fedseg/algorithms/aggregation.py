@@ -10,12 +10,12 @@ get the rounded weighted mean.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from numbers import Real
-from typing import Mapping
 
 import numpy as np
 
-__all__ = ["UpdateRejected", "check_update", "weighted_average", "apply_diff", "AGGREGATIONS", "robust_average", "aggregate"]
+__all__ = ["AGGREGATIONS", "UpdateRejected", "aggregate", "apply_diff", "check_update", "robust_average", "weighted_average"]
 
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
 

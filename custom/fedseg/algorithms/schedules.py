@@ -41,8 +41,8 @@ that is not a multiple of the number of sites (some models would miss some sites
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from numbers import Integral
-from typing import Sequence
 
 import numpy as np
 
@@ -230,3 +230,13 @@ def visits_per_model(schedule: Sequence[Sequence[str | None]]) -> list[Counter]:
             if site is not None:
                 counts[m][site] += 1
     return counts
+
+
+def member_seed(seed: int, m: int) -> int:
+    """Torch seed of member m of a run seeded `seed`: child m of numpy's SeedSequence(seed) (its spawn_key),
+    64 bits. Unlike seed + m, (seed, m) pairs do not collide (run 0's member 1 is not run 1's member 0)."""
+    for name, value in (("seed", seed), ("member", m)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(int(m),))
+    return int(sequence.generate_state(1, np.uint64)[0])

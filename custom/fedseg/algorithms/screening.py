@@ -10,13 +10,15 @@ site and the field, so the workflow can log one line and go on without that site
               other updates of the round, and of recent accepted ones, is rejected)
 * scores:     :func:`read_summary` (a per-site score summary), :func:`case_dice`, :func:`robust_score`
               (median over sites: one lying site cannot pick the best model alone)
+* identity:   :func:`fingerprint` (a short content hash of a weight dict, for the history)
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterable, Mapping
 from numbers import Real
-from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -28,17 +30,18 @@ STEP_KEY = "NUM_STEPS_CURRENT_ROUND"  # FLMetaKey.NUM_STEPS_CURRENT_ROUND (this 
 __all__ = [
     "OPTIM_SEP",
     "STEP_KEY",
-    "read_step_count",
     "cap_step_weights",
+    "case_dice",
+    "check_optimizer_state",
+    "fingerprint",
+    "numeric_metrics",
     "read_int",
     "read_score",
-    "check_optimizer_state",
-    "update_norm",
-    "screen_magnitudes",
-    "robust_score",
+    "read_step_count",
     "read_summary",
-    "numeric_metrics",
-    "case_dice",
+    "robust_score",
+    "screen_magnitudes",
+    "update_norm",
 ]
 
 
@@ -232,3 +235,12 @@ def numeric_metrics(metrics) -> dict[str, float]:
             if math.isfinite(float(value)):
                 out[key] = float(value)
     return out
+
+
+def fingerprint(weights: dict) -> str:
+    """Short content hash of a weight dict: the history shows which communications changed which model."""
+    digest = hashlib.sha1()
+    for key in sorted(weights):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(weights[key]).tobytes())
+    return digest.hexdigest()[:12]

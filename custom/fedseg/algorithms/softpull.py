@@ -11,14 +11,14 @@ lam = 0 gives the mean of the *other* sites. With N = 1 the site keeps its own m
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from numbers import Real
-from typing import Mapping
 
 import numpy as np
 
 from .aggregation import weighted_average
 
-__all__ = ["softpull_weights", "softpull"]
+__all__ = ["softpull", "softpull_weights"]
 
 
 def _check_lam(lam: float) -> float:

@@ -116,7 +116,7 @@ class BenchWarmup(FedSegController):
         began = time.time()
         _first_optimizer_use()
         from fedseg.algorithms.packing import pack
-        from fedseg.methods.fedcross import LrSchedule
+        from fedseg.algorithms.lr_schedule import LrSchedule
 
         packed = pack({"model": model.params, "optim": {}})
         meta = {"model_index": 0, "communication": 0, "visits_done": 0, "visit_epochs": 0, "visit_steps": 1,

@@ -1,5 +1,6 @@
 """FedCross / FedCrossEns without FLARE: one site visit of a travelling model, ensemble scoring with
-uncertainty, the learning-rate schedule that travels with each model, and the model-set files.
+uncertainty. The learning-rate schedule that travels with each model is fedseg.algorithms.lr_schedule; the
+server's side (initial members, model-set files, fingerprints) is in fedseg.modelset and fedseg.algorithms.
 
 A model's state is (weights, optimizer state, number of visits done). One visit at a site loads all three,
 trains the visit budget with the learning rate of the model's own schedule position, and returns the new
@@ -13,75 +14,22 @@ leaves the site).
 
 from __future__ import annotations
 
-import hashlib
-import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from numbers import Integral, Real
-from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from fedseg.algorithms.lr_schedule import LrSchedule
 from fedseg.engine import (
     EvalResult,
     SegEngine,
-    SegNetwork,
     TrainStats,
     load_numpy_state,
     load_optimizer_state,
     optimizer_state_to_numpy,
     state_to_numpy,
 )
-from fedseg.modelset import load_model_set, save_model_set
-
-METHOD = "fedcross"
-LR_SCHEDULES = ("constant", "poly", "cosine")
-
-
-# ---- learning-rate schedule (travels with each model) -----------------------------------------------------
-def lr_at(kind: str, base_lr: float, position: float, total: float, power: float = 0.9) -> float:
-    """Learning rate of a model that has done `position` of its `total` planned visits (fractions allowed).
-
-    constant: base_lr.  poly: base_lr * (1 - p) ** power.  cosine: base_lr * (1 + cos(pi p)) / 2.
-    p = position / total, clipped to [0, 1], so a model that trains past its plan keeps the final rate.
-    """
-    if kind not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr schedule {kind!r}; expected one of {LR_SCHEDULES}")
-    for name, value in (("base_lr", base_lr), ("position", position), ("total", total), ("power", power)):
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if total <= 0:
-        raise ValueError(f"total must be > 0, got {total!r}")
-    p = min(max(float(position) / float(total), 0.0), 1.0)
-    if kind == "constant":
-        return float(base_lr)
-    if kind == "poly":
-        return float(base_lr) * (1.0 - p) ** float(power)
-    return float(base_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-@dataclass
-class LrSchedule:
-    """What the server sends with each visit so the site computes the model's rate at every step."""
-
-    kind: str = "constant"
-    base_lr: float = 1e-3
-    total_visits: int = 1
-    power: float = 0.9
-
-    def __post_init__(self):
-        lr_at(self.kind, self.base_lr, 0, self.total_visits, self.power)  # validates
-
-    def lr(self, position: float) -> float:
-        return lr_at(self.kind, self.base_lr, position, self.total_visits, self.power)
-
-    def as_meta(self) -> dict:
-        return {"kind": self.kind, "base_lr": self.base_lr, "total_visits": self.total_visits, "power": self.power}
-
-    @classmethod
-    def from_meta(cls, values: dict) -> "LrSchedule":
-        return cls(**{k: values[k] for k in ("kind", "base_lr", "total_visits", "power")})
 
 
 # ---- one visit ----------------------------------------------------------------------------------------------
@@ -113,40 +61,6 @@ def cross_visit(
         on_step=on_step,
     )
     return state_to_numpy(net), optimizer_state_to_numpy(optimizer, net), stats
-
-
-# ---- checks of what comes back ------------------------------------------------------------------------------
-def fingerprint(weights: dict) -> str:
-    """Short content hash of a weight dict: the history shows which communications changed which model."""
-    digest = hashlib.sha1()
-    for key in sorted(weights):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(weights[key]).tobytes())
-    return digest.hexdigest()[:12]
-
-
-# ---- initial models ---------------------------------------------------------------------------------------
-def member_seed(seed: int, m: int) -> int:
-    """Torch seed of member m of a run seeded `seed`: child m of numpy's SeedSequence(seed) (its spawn_key),
-    64 bits. Unlike seed + m, (seed, m) pairs do not collide (run 0's member 1 is not run 1's member 0)."""
-    for name, value in (("seed", seed), ("member", m)):
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    sequence = np.random.SeedSequence(int(seed), spawn_key=(int(m),))
-    return int(sequence.generate_state(1, np.uint64)[0])
-
-
-def initial_members(network_args: dict, model0: dict, num_models: int, seed: int) -> list[dict]:
-    """Model 0 is the given (persistor's) model; model m > 0 is a fresh network seeded with member_seed(seed, m)."""
-    members = [dict(model0)]
-    state = torch.random.get_rng_state()
-    try:
-        for m in range(1, num_models):
-            torch.manual_seed(member_seed(seed, m))
-            members.append(state_to_numpy(SegNetwork(**network_args)))
-    finally:
-        torch.random.set_rng_state(state)
-    return members
 
 
 # ---- the ensemble -------------------------------------------------------------------------------------------
@@ -274,28 +188,3 @@ def score_ensemble(engine: SegEngine, nets: Sequence[torch.nn.Module], section: 
 
         scores.members.append(engine.score(member_probs, section, with_hd95))
     return scores
-
-
-# ---- model-set files ------------------------------------------------------------------------------------------
-def member_key(m: int) -> str:
-    return f"m{m}"
-
-
-def save_members(path: str | Path, members: Sequence[dict], optimizers: Sequence[dict], info: dict) -> None:
-    """K models with their optimizer states, plus info (communication, engine, network, schedule...)."""
-    groups = {
-        "members": {member_key(m): w for m, w in enumerate(members)},
-        "optimizers": {member_key(m): o or {} for m, o in enumerate(optimizers)},
-    }
-    save_model_set(path, groups, {**info, "method": METHOD, "num_models": len(members)})
-
-
-def load_members(path: str | Path) -> tuple[list[dict], list[dict], dict]:
-    """Inverse of save_members: (weights per model, optimizer state per model, info)."""
-    groups, info = load_model_set(path)
-    if info.get("method") != METHOD:
-        raise ValueError(f"{path} is not a FedCross model set (method {info.get('method')!r})")
-    k = int(info["num_models"])
-    members = [groups["members"][member_key(m)] for m in range(k)]
-    optimizers = [groups.get("optimizers", {}).get(member_key(m), {}) for m in range(k)]
-    return members, optimizers, info

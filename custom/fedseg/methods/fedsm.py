@@ -62,8 +62,8 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,7 +71,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedseg.algorithms.routing import GLOBAL, route_batch
-from fedseg.engine import SegEngine, load_numpy_state, load_optimizer_state, optimizer_state_to_numpy, state_to_numpy
+from fedseg.engine import (
+    SegEngine,
+    load_numpy_state,
+    load_optimizer_state,
+    optimizer_state_to_numpy,
+    state_to_numpy,
+)
 from fedseg.engine.engine import EvalResult
 
 PROTOCOLS = ("epoch", "batch")
@@ -122,7 +128,7 @@ class SelectorSettings:
         return int(self.input_size if int(spatial_dims) == 2 else self.input_size_3d)
 
     @classmethod
-    def from_meta(cls, num_sites: int, values: dict | None) -> "SelectorSettings":
+    def from_meta(cls, num_sites: int, values: dict | None) -> SelectorSettings:
         merged = {**DEFAULT_SELECTOR, **(values or {})}
         return cls(num_sites=int(num_sites), **{k: merged[k] for k in DEFAULT_SELECTOR})
 
@@ -176,7 +182,7 @@ def selector_input(image_raw: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([_resize(appearance, size), _resize(intensity, size), _resize(detail / DETAIL_CLIP, size)], dim=1)
 
 
-_INPUT_CACHE: "weakref.WeakKeyDictionary[SegEngine, dict]" = weakref.WeakKeyDictionary()
+_INPUT_CACHE: weakref.WeakKeyDictionary[SegEngine, dict] = weakref.WeakKeyDictionary()
 
 
 def section_inputs(engine: SegEngine, section: str, size: int) -> torch.Tensor:
