@@ -137,24 +137,28 @@ def test_scorable_sections():
 
 
 @pytest.fixture(scope="module")
-def site_executor(tiny2d):
-    """A real SegExecutor with its engine on site-1's tiny data (the FLARE START_RUN set-up is not needed)."""
+def site_executors(tiny2d):
+    """The real site executors (one per method) with their engine on site-1's tiny data (the FLARE START_RUN set-up
+    is not needed), by task."""
     from fedseg.data import load_datalist
     from fedseg.engine import SegEngine
-    from fedseg.fl.executor import SegExecutor
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
+    from fedseg.fl.executor import FedCrossExecutor, FedSMExecutor, SegExecutor
 
-    executor = SegExecutor(engine=resolve_engine(TINY_ENGINE), tb_writer_id="")
-    executor.site = "site-1"
-    executor.engine = SegEngine(executor.cfg, load_datalist(str(tiny2d / "site-1" / "datalist.json")), site="site-1")
-    return executor
+    by_task = {}
+    for cls, task in ((SegExecutor, "validate"), (FedCrossExecutor, "cross_validate"), (FedSMExecutor, "fedsm_evaluate")):
+        executor = cls(engine=resolve_engine(TINY_ENGINE), tb_writer_id="")
+        executor.site = "site-1"
+        executor.seg_engine = SegEngine(executor.cfg, load_datalist(str(tiny2d / "site-1" / "datalist.json")), site="site-1")
+        by_task[task] = executor
+    return by_task
 
 
-def test_a_site_never_scores_its_training_cases_for_the_server(site_executor, caplog):
+def test_a_site_never_scores_its_training_cases_for_the_server(site_executors, caplog):
     from fedseg.engine import state_to_numpy
     from fedseg.modelset import member_key
 
-    weights = state_to_numpy(site_executor.engine.new_network())
+    weights = state_to_numpy(site_executors["validate"].seg_engine.new_network())
     site_names = ["site-1", "site-2"]
     tasks = {
         "validate": FLModel(params=weights, meta={"section": "{}"}),
@@ -166,7 +170,7 @@ def test_a_site_never_scores_its_training_cases_for_the_server(site_executor, ca
     def run(task: str, section: str):
         model = tasks[task]
         model = FLModel(params=model.params, params_type=ParamsType.FULL, meta={**model.meta, "section": section})
-        return site_executor.execute(task, FLModelUtils.to_shareable(model), FLContext(), Signal())
+        return site_executors[task].execute(task, FLModelUtils.to_shareable(model), FLContext(), Signal())
 
     for task in tasks:
         caplog.clear()

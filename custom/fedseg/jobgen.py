@@ -1,244 +1,139 @@
-"""Writes FedSeg's FLARE job folders (meta.json + server and client app configs) from one description.
+"""Writes FedSeg's FLARE job folders: the recipes of fedseg.recipes, exported (meta.json + one app for all).
 
 The job folders in jobs/ are this module's output, kept under version control so hospital IT can read and
 submit them as they are (a test checks they match). A researcher edits jobs/<name>/app/config/*.json
-directly, or regenerates with other settings:
+directly, writes a job.py with a recipe (docs/recipes.md), or regenerates with other settings:
 
     python -m fedseg.jobgen --out jobs                     # every default job
     python -m fedseg.jobgen --out /tmp/jobs --only fedavg --rounds 20 --engine '{"local_epochs": 2}'
     python -m fedseg.jobgen --out /tmp/jobs --only fedavg --byoc   # code travels inside the job (BYOC)
 
-The network is stated once and written into both the server persistor and the site executor.
+The network is stated once (the engine settings) and written into both the server persistor and the site executor.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from fedseg.algorithms.schedules import check_latin_communications, plan_latin
-from fedseg.engine.config import EngineConfig
+from fedseg.engine.config import DEFAULT_ENGINE, resolve_engine  # noqa: F401 - re-exported for older importers
+from fedseg.fl.executor import DEFAULT_DATALIST
+from fedseg.recipes import (  # noqa: F401 - FEDCROSS_DEFAULTS, DEFAULT_SITES re-exported
+    DEFAULT_ROUNDS,
+    DEFAULT_SITES,
+    FEDCROSS_DEFAULTS,
+    TASK_REQUEST_INTERVAL,
+    FedAvgRecipe,
+    FedCrossRecipe,
+    FedProxRecipe,
+    FedSegRecipe,
+    FedSMRecipe,
+    RecipeError,
+)
 
-DEFAULT_ENGINE: dict[str, Any] = {
-    "spatial_dims": 2,
-    "in_channels": 1,
-    "num_classes": 2,
-    "roi_size": [64, 64],
-    "network": {"arch": "unet", "channels": [16, 32, 64, 128], "num_res_units": 1},
-    "batch_size": 4,
-    "lr": 0.001,
-    "local_epochs": 2,
-}
-DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
-# How long a site waits before asking the server for its next task. FLARE's default (2 s) added ~2 s of idle
-# time per round per site in the benchmark's FL-overhead measurement; 0.5 s keeps most of the gain without
-# making every site poll the server four times a second.
-TASK_REQUEST_INTERVAL = 0.5
 APP = "app"  # one app for the server and every site (deploy_map @ALL), so any site names work
+MULTI_METHOD_EXECUTOR = "fedseg.fl.executor.MultiMethodExecutor"
 
 
-def _component(cid: str, path: str, args: dict | None = None) -> dict:
-    return {"id": cid, "path": path, "args": args or {}}
+def recipe_for(name: str, o: argparse.Namespace) -> FedSegRecipe:
+    """The recipe of job `name` with jobgen's options (the parser's namespace)."""
+    common = {"engine": o.engine, "datalist": o.datalist, "min_clients": o.min_clients, "task_timeout": o.task_timeout,
+              "meter": bool(getattr(o, "meter", False))}
+    if name in ("fedavg", "fedprox"):
+        cls = FedProxRecipe if name == "fedprox" else FedAvgRecipe
+        extra = {"fedprox_mu": o.fedprox_mu} if name == "fedprox" else {}
+        return cls(name=o.name or name, num_rounds=o.rounds, aggregation=o.aggregation,
+                   max_local_steps=o.max_local_steps, **extra, **common)
+    if name in ("fedsm", "softpull"):
+        return FedSMRecipe(name=o.name or name, num_rounds=o.rounds, lam=o.lam, gamma=o.gamma,
+                           softpull_only=name == "softpull", **common)
+    if name in ("fedcross", "fedcrossens"):
+        return FedCrossRecipe(name=o.name or name, num_models=FEDCROSS_DEFAULTS[name]["num_models"],
+                              sites=getattr(o, "sites", None), num_communications=o.communications, schedule=o.schedule,
+                              visit_epochs=o.visit_epochs, visit_steps=o.visit_steps, lr_schedule=o.lr_schedule,
+                              seed=o.seed, **common)
+    raise KeyError(f"fedseg.jobgen has no job {name!r} (JOBS: {sorted(JOBS)})")
 
 
-def client_config(engine: dict, datalist: str, method_args: dict | None = None, extra: dict | None = None) -> dict:
-    args = {"datalist": datalist, "engine": engine}
-    if method_args:
-        args["method_args"] = method_args
-    config = {
-        "format_version": 2,
-        "executors": [{"tasks": ["*"], "executor": {"path": "fedseg.fl.executor.SegExecutor", "args": args}}],
-        "components": [
-            _component("tb_writer", "nvflare.app_opt.tracking.tb.tb_writer.TBWriter"),
-            _component(
-                "event_to_fed",
-                "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
-                {"events_to_convert": ["analytix_log_stats"], "fed_event_prefix": "fed."},
-            ),
-        ],
-        "task_data_filters": [],
-        "task_result_filters": [],
-    }
-    config.update(extra or {})
-    return config
+def export_configs(recipe: FedSegRecipe) -> tuple[dict, dict]:
+    """(config_fed_server, config_fed_client) of a recipe, as its export writes them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe.export(tmp)
+        config = Path(tmp) / recipe.name / APP / "config"
+        return (json.loads((config / "config_fed_server.json").read_text()),
+                json.loads((config / "config_fed_client.json").read_text()))
 
 
-def server_components(engine: dict, cross_site_eval: bool = True) -> list[dict]:
-    """Persistor (builds the network from the engine settings), TensorBoard receiver, and for FedAvg-style jobs
-    the pieces of FLARE's cross-site evaluation (the workflows choose their best model themselves)."""
-    network = EngineConfig.from_dict(engine).network_args()
-    components = [
-        _component("persistor", "fedseg.fl.persistor.SegModelPersistor", {"network": network}),
-        _component("tb_receiver", "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver", {"events": ["fed.analytix_log_stats"]}),
-    ]
-    if cross_site_eval:
-        components += [
-            _component("model_locator", "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator", {"pt_persistor_id": "persistor"}),
-            _component("json_generator", "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator"),
-        ]
-    return components
-
-
-def cross_site_eval() -> dict:
-    return {
-        "id": "cross_site_eval",
-        "path": "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval",
-        "args": {"model_locator_id": "model_locator", "submit_model_timeout": 600, "validation_timeout": 3600},
-    }
-
-
-def server_config(workflows: list[dict], components: list[dict]) -> dict:
-    """The config_fed_server.json shell every FedSeg job shares."""
-    return {"format_version": 2, "workflows": workflows, "components": components,
-            "task_data_filters": [], "task_result_filters": []}
-
-
-def fedavg_server(o: argparse.Namespace, fedprox_mu: float = 0.0) -> dict:
-    args: dict[str, Any] = {
-        "num_rounds": o.rounds,
-        "fedprox_mu": fedprox_mu,
-        "aggregation": o.aggregation,
-        "min_clients": o.min_clients,
-        "task_timeout": o.task_timeout,
-        "max_local_steps": o.max_local_steps,
-    }
-    # every site connected at the start of a round takes part in it; FLARE's cross-site evaluation follows
-    workflows = [{"id": "fedavg", "path": "fedseg.fl.fedavg_controller.FedAvgController", "args": args}, cross_site_eval()]
-    return server_config(workflows, server_components(o.engine))
-
-
-def meta(name: str, min_clients: int) -> dict:
-    return {
-        "name": name,
-        "resource_spec": {},
-        "min_clients": min_clients,
-        "deploy_map": {APP: ["@ALL"]},
-    }
-
-
-def job_fedavg(o: argparse.Namespace) -> tuple[dict, dict]:
-    return fedavg_server(o), client_config(o.engine, o.datalist)
-
-
-def job_fedprox(o: argparse.Namespace) -> tuple[dict, dict]:
-    return fedavg_server(o, fedprox_mu=o.fedprox_mu), client_config(o.engine, o.datalist)
-
-
-def fedsm_server(o: argparse.Namespace, use_selector: bool) -> dict:
-    from fedseg.methods.fedsm import DEFAULT_SELECTOR
-
-    args: dict[str, Any] = {
-        "num_rounds": o.rounds,
-        "lam": o.lam,
-        "gamma": o.gamma,
-        "use_selector": use_selector,
-        "min_clients": 1,
-        "task_timeout": o.task_timeout,
-        "eval_timeout": o.task_timeout,
-        "engine": o.engine,
-        "final_model": "best",
-    }
-    if use_selector:
-        args["selector"] = dict(DEFAULT_SELECTOR)
-    return server_config([{"id": "fedsm", "path": "fedseg.fl.fedsm_controller.FedSMController", "args": args}],
-                         server_components(o.engine, cross_site_eval=False))
-
-
-def job_fedsm(o: argparse.Namespace) -> tuple[dict, dict]:
-    return fedsm_server(o, use_selector=True), client_config(o.engine, o.datalist)
-
-
-def job_softpull(o: argparse.Namespace) -> tuple[dict, dict]:
-    return fedsm_server(o, use_selector=False), client_config(o.engine, o.datalist)
-
-
-# FedCross defaults match jobs/fedavg's budget (10 rounds x 2 local epochs = 20 epochs at every site) at the
-# built-in data's 4 sites (DEFAULT_SITES).
-# FedCrossEns (K = N, "latin"): every site trains one model per communication, and a Latin schedule needs whole
-# blocks of N communications (every model visits every site equally), so the 20 epochs per site are split by
-# fedseg.algorithms.schedules.plan_latin: 20 communications x 1-epoch visits (5 blocks of 4; 2-epoch visits
-# would give 10 communications, not a multiple of 4).
-# FedCross (K = 1, one site trains per communication): 20 communications x 4-epoch visits (cyclic: 5 per site).
-DEFAULT_ROUNDS = 10
-DEFAULT_SITES = 4
-_ENS_COMMUNICATIONS, _ENS_VISIT_EPOCHS = plan_latin(DEFAULT_ROUNDS * DEFAULT_ENGINE["local_epochs"], DEFAULT_SITES,
-                                                    DEFAULT_ENGINE["local_epochs"])
-FEDCROSS_DEFAULTS = {
-    "fedcross": {"num_models": 1, "schedule": "cyclic", "communications": 20, "visit_epochs": 4},
-    "fedcrossens": {"num_models": 0, "schedule": "latin", "communications": _ENS_COMMUNICATIONS,
-                    "visit_epochs": _ENS_VISIT_EPOCHS},
-}
-
-
-def fedcross_server(o: argparse.Namespace, job: str) -> dict:
-    """The FedCross workflow. A "latin" schedule is checked here against --sites when given (the default
-    communications are whole blocks for DEFAULT_SITES); the server checks again against the sites connected
-    when the job starts."""
-    defaults = FEDCROSS_DEFAULTS[job]
-    communications = o.communications or defaults["communications"]
-    schedule = o.schedule or defaults["schedule"]
-    if schedule == "latin" and getattr(o, "sites", None):
-        check_latin_communications(communications, o.sites)
-    args: dict[str, Any] = {
-        "num_models": defaults["num_models"],
-        "num_communications": communications,
-        "schedule": schedule,
-        "seed": o.seed,
-        "visit_epochs": defaults["visit_epochs"] if o.visit_epochs is None else o.visit_epochs,
-        "visit_steps": o.visit_steps,
-        "lr_schedule": o.lr_schedule,
-        "task_timeout": o.task_timeout,
-        "validate_timeout": o.task_timeout,
-        "startup_grace": 300,
-        "max_site_failures": 3,
-        "retry_on_free_site": True,
-        "optimizer_state": "fresh",
-        "min_clients": 1,
-        "engine": o.engine,
-    }
-    return server_config([{"id": "fedcross", "path": "fedseg.fl.fedcross_controller.FedCrossController", "args": args}],
-                         server_components(o.engine, cross_site_eval=False))
-
-
-def job_fedcross(o: argparse.Namespace) -> tuple[dict, dict]:
-    return fedcross_server(o, "fedcross"), client_config(o.engine, o.datalist)
-
-
-def job_fedcrossens(o: argparse.Namespace) -> tuple[dict, dict]:
-    return fedcross_server(o, "fedcrossens"), client_config(o.engine, o.datalist)
+def _job(name: str) -> Callable[[argparse.Namespace], tuple[dict, dict]]:
+    return lambda o: export_configs(recipe_for(name, argparse.Namespace(**{**vars(o), "name": None})))
 
 
 JOBS: dict[str, Callable[[argparse.Namespace], tuple[dict, dict]]] = {
-    "fedavg": job_fedavg,
-    "fedprox": job_fedprox,
-    "fedsm": job_fedsm,
-    "softpull": job_softpull,
-    "fedcross": job_fedcross,
-    "fedcrossens": job_fedcrossens,
+    name: _job(name) for name in ("fedavg", "fedprox", "fedsm", "softpull", "fedcross", "fedcrossens")
 }
 
 
+def client_config(engine: dict, datalist: str, method_args: dict | None = None, extra: dict | None = None,
+                  executor_path: str = MULTI_METHOD_EXECUTOR) -> dict:
+    """A recipe's client app (site executor, tracking writer) for a job that runs several methods one after
+    another (the benchmark's shared jobs): by default its executor serves every FedSeg task."""
+    _, client = export_configs(FedAvgRecipe(engine=engine, datalist=datalist, cross_site_eval=False))
+    executor = client["executors"][0]["executor"]
+    executor["path"] = executor_path
+    if method_args:
+        executor["args"]["method_args"] = method_args
+    client.update(extra or {})
+    return client
+
+
+def server_components(engine: dict, cross_site_eval: bool = True) -> list[dict]:
+    """A recipe's server components: the persistor (the network from the engine settings), the TensorBoard
+    receiver and, with cross_site_eval, the pieces of FLARE's cross-site evaluation."""
+    server, _ = export_configs(FedAvgRecipe(engine=engine, cross_site_eval=cross_site_eval))
+    return server["components"]
+
+
 def write_job(out_dir: str | os.PathLike, name: str, server: dict, client: dict, min_clients: int, byoc: bool = False) -> Path:
-    """Write one job folder atomically (a temp folder renamed into place)."""
+    """Write one job folder from config dicts, atomically (a temp folder renamed into place)."""
     out_dir = Path(out_dir)
     final = out_dir / name
     tmp = out_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / APP / "config").mkdir(parents=True)
-    _dump(tmp / "meta.json", meta(name, min_clients))
+    _dump(tmp / "meta.json", {"name": name, "resource_spec": {}, "min_clients": min_clients, "deploy_map": {APP: ["@ALL"]}})
     _dump(tmp / APP / "config" / "config_fed_server.json", server)
     _dump(tmp / APP / "config" / "config_fed_client.json", client)
     if byoc:
-        package = Path(__file__).resolve().parent
-        shutil.copytree(package, tmp / APP / "custom" / "fedseg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        _copy_package(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    return final
+
+
+def _copy_package(job: Path) -> None:
+    package = Path(__file__).resolve().parent
+    shutil.copytree(package, job / APP / "custom" / "fedseg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def export_job(recipe: FedSegRecipe, out_dir: str | os.PathLike, byoc: bool = False) -> Path:
+    """Export a recipe into out_dir/<recipe name> (replacing a folder of that name); with byoc the fedseg package
+    is copied into the job (app/custom/fedseg), so the job brings its code."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / recipe.name
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{recipe.name}.") as tmp:
+        recipe.export(tmp)
+        job = Path(tmp) / recipe.name
+        if byoc:
+            _copy_package(job)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(job, final)
     return final
 
 
@@ -286,35 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_engine(overrides: dict) -> dict:
-    engine = copy.deepcopy(DEFAULT_ENGINE)
-    for key, value in overrides.items():
-        if key == "network" and isinstance(value, dict):
-            engine["network"] = {**engine["network"], **value}
-        else:
-            engine[key] = value
-    EngineConfig.from_dict(engine)  # fail here, not at the sites
-    return engine
-
-
 def main(argv: list[str] | None = None) -> int:
     o = build_parser().parse_args(argv)
-    o.engine = resolve_engine(o.engine)
+    try:
+        o.engine = resolve_engine(o.engine)
+    except ValueError as e:
+        sys.exit(f"jobgen: --engine: {e}")
     names = o.only or sorted(JOBS)
     if o.name and len(names) != 1:
         sys.exit("--name needs exactly one --only job")
     for name in names:
         try:
-            server, client = JOBS[name](o)
-        except ValueError as e:
+            recipe = recipe_for(name, o)
+        except (RecipeError, ValueError) as e:
             sys.exit(f"jobgen: job {name}: {e}")
-        server.setdefault("server", {"task_request_interval": TASK_REQUEST_INTERVAL})
-        if o.meter:
-            from fedseg.fl.meter import add_meter
-
-            add_meter(client)
-        path = write_job(o.out, o.name or name, server, client, o.min_clients, o.byoc)
-        print(f"wrote {path}")
+        print(f"wrote {export_job(recipe, o.out, byoc=o.byoc)}")
     return 0
 
 

@@ -21,7 +21,7 @@ import time
 import numpy as np
 from nvflare.apis.event_type import EventType
 
-from fedseg.fl.executor import SegExecutor
+from fedseg.fl.executor import FedCrossExecutor, FedSMExecutor
 
 
 def _sleep(seconds: float, abort_signal=None) -> None:
@@ -30,7 +30,9 @@ def _sleep(seconds: float, abort_signal=None) -> None:
         time.sleep(0.2)
 
 
-class FaultySegExecutor(SegExecutor):
+class FaultySegExecutor(FedSMExecutor, FedCrossExecutor):
+    """Serves every FedSeg site task (any job's executor path can be swapped to it)."""
+
     def __init__(self, faults: list[dict] | None = None, start_gate: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         self.faults = list(faults or [])

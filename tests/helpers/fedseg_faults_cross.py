@@ -12,10 +12,10 @@ import time
 
 import numpy as np
 
-from fedseg.fl.executor import SegExecutor
+from fedseg.fl.executor import FedCrossExecutor
 
 
-class CrossFaultExecutor(SegExecutor):
+class CrossFaultExecutor(FedCrossExecutor):
     def __init__(self, faults: list[dict] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.faults = list(faults or [])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from nvflare.apis.fl_constant import FLMetaKey
 
-from fedseg.fl.executor import SegExecutor
+from fedseg.fl.executor import FedCrossExecutor, FedSMExecutor
 
 STEPS = FLMetaKey.NUM_STEPS_CURRENT_ROUND
 
@@ -63,7 +63,9 @@ def tamper(attack: str, model, result):
     return result
 
 
-class MaliciousSegExecutor(SegExecutor):
+class MaliciousSegExecutor(FedSMExecutor, FedCrossExecutor):
+    """Serves every FedSeg site task (any job's executor path can be swapped to it)."""
+
     def __init__(self, attacks: list[dict] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.attacks = list(attacks or [])

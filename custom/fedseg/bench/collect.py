@@ -103,6 +103,7 @@ def method_record(method: str, workspace: Path, sites: list[str], plan: dict, wi
     results = json.loads(results_file.read_text())
     records = {s: [r for r in recs if _in_window(r, window)] for s, recs in all_records.items()}
     traffic, memory, steps, selector_steps, tasks = {}, {}, 0, 0.0, 0
+    gpu_memory, site_steps, site_train_seconds = {}, {}, {}
     for site, recs in records.items():
         traffic[site] = {
             "bytes_in": int(sum(r.get("bytes_in") or 0 for r in recs)),
@@ -111,6 +112,12 @@ def method_record(method: str, workspace: Path, sites: list[str], plan: dict, wi
             "bytes_method": sorted({r.get("bytes_method") for r in recs if r.get("bytes_method")}),
         }
         memory[site] = max((r.get("peak_rss_bytes") or 0 for r in recs), default=None)
+        gpu_peaks = [r["peak_gpu_bytes"] for r in recs if isinstance(r.get("peak_gpu_bytes"), int)]
+        if gpu_peaks:
+            gpu_memory[site] = max(gpu_peaks)
+        train = [r for r in recs if r.get("task_name") in TRAIN_TASKS and r.get("steps") is not None]
+        site_steps[site] = int(sum(TRAIN_TASKS[r["task_name"]] * int(r["steps"]) for r in train))
+        site_train_seconds[site] = float(sum(r.get("seconds") or 0 for r in train))
         for r in recs:
             tasks += 1
             if r.get("task_name") in TRAIN_TASKS and r.get("steps") is not None:
@@ -135,6 +142,9 @@ def method_record(method: str, workspace: Path, sites: list[str], plan: dict, wi
         server_peak_rss_bytes=window.get("server_peak_rss_bytes"),
         traffic=traffic,
         memory=memory,
+        gpu_memory=gpu_memory,
+        site_seg_steps=site_steps,
+        site_train_task_seconds=site_train_seconds,
         site_task_seconds=task_seconds,
         site_cpu_seconds=site_cpu,
         server_cpu_seconds=window.get("server_cpu_seconds"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,3 +74,29 @@ class EngineConfig:
             "in_channels": self.in_channels,
             "out_channels": self.num_classes,
         }
+
+
+# The engine every shipped job (jobs/, the recipes' defaults) trains with; resolve_engine merges overrides over it.
+DEFAULT_ENGINE: dict[str, Any] = {
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "num_classes": 2,
+    "roi_size": [64, 64],
+    "network": {"arch": "unet", "channels": [16, 32, 64, 128], "num_res_units": 1},
+    "batch_size": 4,
+    "lr": 0.001,
+    "local_epochs": 2,
+}
+
+
+def resolve_engine(overrides: dict | None) -> dict:
+    """DEFAULT_ENGINE with `overrides` merged over it ("network" key by key), checked: a bad setting fails here,
+    where the job is written, not at the sites."""
+    engine = copy.deepcopy(DEFAULT_ENGINE)
+    for key, value in (overrides or {}).items():
+        if key == "network" and isinstance(value, dict):
+            engine["network"] = {**engine["network"], **value}
+        else:
+            engine[key] = value
+    EngineConfig.from_dict(engine)
+    return engine

@@ -31,10 +31,12 @@ from pathlib import Path
 
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
-# Every FedSeg class a job may instantiate at a site or the server (the job folders of fedseg.jobgen, with or
-# without --meter, and the site privacy filter of poc/privacy.json).
+# Every FedSeg class a job may instantiate at a site or the server (the job folders of fedseg.jobgen and the
+# recipes of fedseg.recipes, with or without the meter, and the site privacy filter of poc/privacy.json).
 FEDSEG_CLASSES = (
     "fedseg.fl.executor.SegExecutor",
+    "fedseg.fl.executor.FedSMExecutor",
+    "fedseg.fl.executor.FedCrossExecutor",
     "fedseg.fl.persistor.SegModelPersistor",
     "fedseg.fl.fedavg_controller.FedAvgController",
     "fedseg.fl.fedsm_controller.FedSMController",
@@ -46,6 +48,7 @@ FEDSEG_CLASSES = (
 # The benchmark's workflows (fedseg.bench.jobs): allowed only in the benchmark's own simulator runs
 # (fedseg.bench passes them to fedseg.sim.run_simulator), never at a site.
 BENCH_CLASSES = (
+    "fedseg.fl.executor.MultiMethodExecutor",
     "fedseg.bench.flow.BenchWarmup",
     "fedseg.bench.flow.BenchMark",
     "fedseg.bench.flow.BenchGlobalEval",

@@ -1,13 +1,20 @@
-"""The FedSeg site executor: thin FLARE glue around the MONAI engine.
+"""The FedSeg site executors: thin FLARE glue around the MONAI engine, one class per method.
 
-One classic FLARE Executor serves every task of every FedSeg job at a site:
+SegExecutor (FedAvg / FedProx jobs) sets up the site's engine and serves the tasks every method shares:
   train            FedAvg / FedProx local training (FedProx when the server sends fedprox_mu in meta)
   validate         score the received model on a datalist section (testing by default: cross-site evaluation)
   submit_model     return this site's last locally trained model (cross-site evaluation)
-  fedsm_train      FedSM: train global, personalized and selector models (fedseg.methods.fedsm)
-  fedsm_evaluate   FedSM: score global / personalized / super model and the selector
-  cross_train      FedCross: train one travelling model with its optimizer state (fedseg.methods.fedcross)
-  cross_validate   FedCross: score K models and their ensemble
+FedSMExecutor (FedSM / SoftPull jobs) adds
+  fedsm_train      train global, personalized and selector models (fedseg.methods.fedsm)
+  fedsm_evaluate   score global / personalized / super model and the selector
+FedCrossExecutor (FedCross / FedCrossEns jobs) adds
+  cross_train      train one travelling model with its optimizer state (fedseg.methods.fedcross)
+  cross_validate   score K models and their ensemble
+
+A class lists its tasks in TASKS (task name -> method name); `handlers` maps every task of the class and its
+bases to its bound method, so a subclass (e.g. a test's fault injector) can wrap them in one place.
+Every constructor argument is kept under its own name (NVFlare's FedJob export writes the attributes back as
+the job's arguments); the site's runtime engine is `seg_engine`.
 
 The site finds its data by its own name (see fedseg.data.resolve_site_datalist) and validates every file
 before any training; a bad dataset stops the job with a message naming the site, the file and the problem.
@@ -30,6 +37,7 @@ from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.apis.fl_constant import FLMetaKey
 
+from fedseg.algorithms.packing import pack, unpack
 from fedseg.data import DataValidationError, load_datalist, resolve_site_datalist, validate_site_data
 from fedseg.engine.config import LOCAL_OPTIMIZER
 from fedseg.engine import (
@@ -40,10 +48,14 @@ from fedseg.engine import (
     optimizer_state_to_numpy,
     state_to_numpy,
 )
-from fedseg.fl import fedcross_tasks, fedsm_tasks
 from fedseg.fl.privacy import check_scorable_section
+from fedseg.algorithms.lr_schedule import LrSchedule
+from fedseg.methods.fedcross import cross_visit, score_ensemble
+from fedseg.modelset import member_key
+from fedseg.methods.fedsm import SelectorSettings, fedsm_local_round, new_selector, score_super_model
 
 DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
+PERSONAL_PREFIX = "personal:"  # FedSM: "personal:<site>" groups of the model set sent to fedsm_evaluate
 
 
 def planned_number(meta: dict, key: str, kind: type, low: float):
@@ -58,6 +70,8 @@ def planned_number(meta: dict, key: str, kind: type, low: float):
 
 
 class SegExecutor(Executor):
+    TASKS = {"train": "train", "validate": "validate", "submit_model": "submit_model"}
+
     def __init__(
         self,
         datalist: str = DEFAULT_DATALIST,
@@ -83,26 +97,24 @@ class SegExecutor(Executor):
             hd95: also report the 95% Hausdorff distance (voxels) in evaluations (slower).
         """
         super().__init__()
-        self.datalist_setting = datalist
+        self.datalist = datalist
+        self.engine = engine  # the settings as given; self.cfg is the checked EngineConfig
         self.cfg = EngineConfig.from_dict(engine)
         self.validate_before_train = validate_before_train
         self.eval_section = eval_section
         self.tb_writer_id = tb_writer_id
-        self.method_args = dict(method_args or {})
+        self.method_args = method_args
         self.hd95 = bool(hd95)
         self.site = "?"
-        self.engine: SegEngine | None = None
+        self.seg_engine: SegEngine | None = None
         self.setup_error: str | None = None
         self.tb_writer = None
         self.local_params: dict | None = None  # last locally trained weights, for submit_model
         self.state: dict = {}  # per-method site state kept across rounds (e.g. FedSM's selector optimizer)
-        self.handlers: dict[str, Callable] = {
-            "train": self._train,
-            "validate": self._validate,
-            "submit_model": self._submit_model,
-        }
-        fedsm_tasks.register(self)
-        fedcross_tasks.register(self)
+        self.handlers: dict[str, Callable] = {}
+        for cls in reversed(type(self).__mro__):
+            for task, method in vars(cls).get("TASKS", {}).items():
+                self.handlers[task] = getattr(self, method)
 
     # ---- set-up ------------------------------------------------------------------------------------
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -114,10 +126,10 @@ class SegExecutor(Executor):
         self.tb_writer = fl_ctx.get_engine().get_component(self.tb_writer_id) if self.tb_writer_id else None
         workspace = fl_ctx.get_engine().get_workspace()
         try:
-            path = resolve_site_datalist(self.site, self.datalist_setting, workspace.get_root_dir())
+            path = resolve_site_datalist(self.site, self.datalist, workspace.get_root_dir())
             summary = validate_site_data(path, self.site, num_classes=self.cfg.num_classes)
             self._check_summary(summary, path)
-            self.engine = SegEngine(self.cfg, load_datalist(path, self.site), site=self.site)
+            self.seg_engine = SegEngine(self.cfg, load_datalist(path, self.site), site=self.site)
         except DataValidationError as e:
             self.setup_error = str(e)
         except Exception as e:  # an unexpected failure must still name the site
@@ -129,8 +141,8 @@ class SegExecutor(Executor):
             return
         self.log_info(
             fl_ctx,
-            f"site {self.site}: datalist {path} OK: {summary.get('counts')}; device {self.engine.device}; "
-            f"{self.engine.steps_per_epoch()} steps/epoch",
+            f"site {self.site}: datalist {path} OK: {summary.get('counts')}; device {self.seg_engine.device}; "
+            f"{self.seg_engine.steps_per_epoch()} steps/epoch",
         )
         for warning in summary.get("warnings", []):
             self.log_warning(fl_ctx, f"DATA WARNING [site {self.site}] {warning}")
@@ -145,7 +157,7 @@ class SegExecutor(Executor):
 
     # ---- dispatch ------------------------------------------------------------------------------------
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if self.engine is None:
+        if self.seg_engine is None:
             self.log_error(fl_ctx, f"task {task_name} refused: DATA ERROR {self.setup_error or 'engine not set up'}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         handler = self.handlers.get(task_name)
@@ -186,24 +198,24 @@ class SegExecutor(Executor):
         return on_step
 
     def new_net(self, params: dict | None):
-        net = self.engine.new_network()
+        net = self.seg_engine.new_network()
         if params is not None:
             load_numpy_state(net, params, self.site)
         return net
 
     # ---- FedAvg / FedProx / cross-site evaluation ---------------------------------------------------
-    def _train(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+    def train(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
         net = self.new_net(model.params)
         metrics = {}
         rnd = model.current_round
-        if self.validate_before_train and self.engine.cases("validation"):
-            metrics.update(self.engine.evaluate(net, "validation").summary("val_"))
+        if self.validate_before_train and self.seg_engine.cases("validation"):
+            metrics.update(self.seg_engine.evaluate(net, "validation").summary("val_"))
             self.track("val_dice", metrics["val_dice"], rnd or 0)
         meta = model.meta or {}
         mu = planned_number(meta, AlgorithmConstants.FEDPROX_MU, float, 0.0) or 0.0
-        steps = self.engine.local_steps(
-            epochs=planned_number(meta, "local_epochs", int, 1) or self.method_args.get("local_epochs"),
-            steps=planned_number(meta, "local_steps", int, 1) or self.method_args.get("local_steps"),
+        steps = self.seg_engine.local_steps(
+            epochs=planned_number(meta, "local_epochs", int, 1) or (self.method_args or {}).get("local_epochs"),
+            steps=planned_number(meta, "local_steps", int, 1) or (self.method_args or {}).get("local_steps"),
         )
         max_steps = planned_number(meta, "max_steps", int, 1)
         if max_steps and steps > max_steps:
@@ -212,13 +224,13 @@ class SegExecutor(Executor):
         local_optimizer = meta.get("local_optimizer", "fresh")
         if local_optimizer not in LOCAL_OPTIMIZER:
             raise ValueError(f"task meta 'local_optimizer' must be one of {LOCAL_OPTIMIZER}, got {local_optimizer!r}")
-        optimizer = self.engine.new_optimizer(net)
+        optimizer = self.seg_engine.new_optimizer(net)
         if not rnd:  # round 0 begins a new training run (e.g. the next run of a benchmark job): nothing carries over
             self.state.pop("train_optimizer", None)
         if local_optimizer == "keep" and self.state.get("train_optimizer"):
             # this site's own Adam moments from its previous round (they never leave the site)
             load_optimizer_state(optimizer, net, self.state["train_optimizer"])
-        stats = self.engine.train(
+        stats = self.seg_engine.train(
             net,
             steps,
             optimizer=optimizer,
@@ -243,12 +255,12 @@ class SegExecutor(Executor):
             meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps},
         )
 
-    def _validate(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+    def validate(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
         # only validation / testing cases are ever scored for the server (fedseg.fl.privacy)
         section = check_scorable_section(self.site, (model.meta or {}).get("section", self.eval_section))
-        if not self.engine.cases(section):
+        if not self.seg_engine.cases(section):
             section = "validation"
-        result = self.engine.evaluate(self.new_net(model.params), section, with_hd95=self.hd95)
+        result = self.seg_engine.evaluate(self.new_net(model.params), section, with_hd95=self.hd95)
         metrics = result.summary()
         metrics["dice_per_case"] = [float(x) for x in result.case_dice]
         metrics["section"] = section
@@ -256,7 +268,173 @@ class SegExecutor(Executor):
         self.log_info(fl_ctx, f"validate {model_name} on {section}: dice {metrics['dice']:.4f} ± {metrics['dice_std']:.4f}")
         return FLModel(metrics=metrics)
 
-    def _submit_model(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+    def submit_model(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
         if self.local_params is None:
             raise RuntimeError(f"site {self.site} has no locally trained model to submit yet")
         return FLModel(params=self.local_params, params_type=ParamsType.FULL)
+
+
+def _site_index(site: str, site_names: list[str]) -> int:
+    if site not in site_names:
+        raise ValueError(f"site {site} is not in the server's site mapping {site_names}")
+    return site_names.index(site)
+
+
+def _summary(result) -> dict:
+    summary = result.summary()
+    summary["dice_per_case"] = [float(x) for x in result.case_dice]
+    return summary
+
+
+class FedSMExecutor(SegExecutor):
+    """FedSM and SoftPull sites (fedseg.fl.fedsm_controller): the shared tasks plus fedsm_train / fedsm_evaluate
+    (FLModel <-> fedseg.methods.fedsm)."""
+
+    TASKS = {"fedsm_train": "fedsm_train", "fedsm_evaluate": "fedsm_evaluate"}
+
+    def fedsm_train(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+        meta = model.meta or {}
+        site_names = list(meta["site_names"])
+        rnd = int(model.current_round or 0)
+        engine = self.seg_engine
+        steps = engine.local_steps(epochs=meta.get("local_epochs"), steps=meta.get("local_steps"))
+        updated, metrics, seg_steps = fedsm_local_round(
+            engine,
+            unpack(model.params),
+            _site_index(self.site, site_names),
+            site_names,
+            meta.get("selector"),
+            float(meta.get("gamma", 0.9)),
+            steps,
+            should_stop=lambda: abort_signal.triggered,
+            on_step=self.progress(fl_ctx, "fedsm_global", rnd),
+            seed=engine.cfg.seed + rnd,
+        )
+        for key, value in metrics.items():
+            self.track(f"fedsm/{key}", value, rnd)
+        self.local_params = updated["personal"]  # cross-site evaluation would see this site's personalized model
+        self.log_info(fl_ctx, f"FedSM round {rnd}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        return FLModel(
+            params=pack(updated),
+            params_type=ParamsType.FULL,
+            metrics=metrics,
+            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: seg_steps},
+        )
+
+    def fedsm_evaluate(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+        """Scores the final model set on this site's test cases: global, own personalized, super model, the
+        selector's routing (accuracy, routed to own model, counts per model) and, when the server sends "gammas",
+        the super model's Dice at each of them (validation or testing only)."""
+        meta = model.meta or {}
+        site_names = list(meta["site_names"])
+        section = check_scorable_section(self.site, meta.get("section", "testing"))
+        groups = unpack(model.params)
+        engine = self.seg_engine
+        settings = SelectorSettings.from_meta(len(site_names), meta.get("selector") or {})
+        global_net = self.new_net(groups["global"])
+        personal = {k[len(PERSONAL_PREFIX):]: self.new_net(v) for k, v in groups.items() if k.startswith(PERSONAL_PREFIX)}
+        selector = None
+        if "selector" in groups:
+            selector = new_selector(engine, settings)
+            load_numpy_state(selector, groups["selector"], self.site)
+        _site_index(self.site, site_names)
+        gammas = meta.get("gammas")
+        scored = score_super_model(engine, global_net, personal, selector, site_names, self.site,
+                                   float(meta.get("gamma", 0.9)), settings.size(engine.cfg.spatial_dims), section,
+                                   with_hd95=self.hd95,
+                                   gammas=[float(g) for g in gammas] if isinstance(gammas, (list, tuple)) else None)
+        metrics = {"section": section}
+        for key in ("selector_accuracy", "routed_own", "routing", "mean_confidence", "gamma_sweep"):
+            if key in scored:
+                metrics[key] = scored[key]
+        for name, result in scored["scores"].items():
+            metrics[name] = _summary(result)
+        self.log_info(fl_ctx, "FedSM evaluation: " + ", ".join(f"{n} {metrics[n]['dice']:.4f}" for n in scored["scores"])
+                      + (f", selector accuracy {scored['selector_accuracy']:.3f}, routed to own model "
+                         f"{scored['routed_own']:.3f}, routing {scored['routing']}" if selector else ""))
+        return FLModel(metrics=metrics)
+
+
+class FedCrossExecutor(SegExecutor):
+    """FedCross and FedCrossEns sites (fedseg.fl.fedcross_controller): the shared tasks plus cross_train /
+    cross_validate (FLModel <-> fedseg.methods.fedcross)."""
+
+    TASKS = {"cross_train": "cross_train", "cross_validate": "cross_validate"}
+
+    def cross_train(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+        """One visit: params = pack({"model": weights, "optim": optimizer state}); meta says which model, its
+        schedule position and the visit budget."""
+        meta = model.meta or {}
+        groups = unpack(model.params)
+        m, c = int(meta["model_index"]), int(meta["communication"])
+        visits_done = int(meta.get("visits_done", 0))
+        engine = self.seg_engine
+        steps = engine.local_steps(epochs=meta.get("visit_epochs") or None, steps=meta.get("visit_steps") or None)
+        schedule = LrSchedule.from_meta(meta["lr_schedule"])
+        weights, optim, stats = cross_visit(
+            engine,
+            groups["model"],
+            groups.get("optim"),
+            steps,
+            schedule,
+            visits_done,
+            should_stop=lambda: abort_signal.triggered,
+            on_step=self.progress(fl_ctx, f"cross_model{m}", c),
+        )
+        self.track(f"fedcross/model{m}_train_loss", stats.mean_loss, c)
+        self.local_params = weights
+        lr_first, lr_last = schedule.lr(visits_done), schedule.lr(visits_done + (stats.steps - 1) / max(steps, 1))
+        self.log_info(
+            fl_ctx,
+            f"FedCross communication {c}: model {m} (visit {visits_done + 1}) trained {stats.steps} steps, "
+            f"loss {stats.mean_loss:.4f}, lr {lr_first:.2e} -> {lr_last:.2e}",
+        )
+        return FLModel(
+            params=pack({"model": weights, "optim": optim}),
+            params_type=ParamsType.FULL,
+            metrics={"train_loss": stats.mean_loss, "lr_first": lr_first, "lr_last": lr_last},
+            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps, "model_index": m, "communication": c},
+        )
+
+    def cross_validate(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
+        """Scores the K models sent (groups m0, m1, ...) and their ensemble on a section of this site's data
+        (validation or testing only). Case names are not sent: the server has no use for them."""
+        meta = model.meta or {}
+        groups = unpack(model.params)
+        k = int(meta["num_models"])
+        engine = self.seg_engine
+        section = check_scorable_section(self.site, meta.get("section", "validation"))
+        if not engine.cases(section):
+            fallback = "validation" if section != "validation" else "testing"
+            self.log_warning(fl_ctx, f"no '{section}' cases at {self.site}; scoring '{fallback}' instead")
+            section = fallback
+        metrics = {"section": section, "engine": engine.cfg.to_dict()}
+        if not engine.cases(section):
+            self.log_warning(fl_ctx, f"{self.site} has no cases to score the ensemble on")
+            return FLModel(metrics={**metrics, "n_cases": 0})
+        nets = [self.new_net(groups[member_key(m)]) for m in range(k)]
+        # HD95 is costly: only for the final test scoring, not every communication's validation
+        scored = score_ensemble(engine, nets, section, with_hd95=self.hd95 and section == "testing")
+        metrics.update(
+            {
+                "n_cases": len(scored.ensemble.case_names),
+                "ensemble": _summary(scored.ensemble),
+                "members": [_summary(r) for r in scored.members],
+                "uncertainty": scored.uncertainty(),
+            }
+        )
+        u = metrics["uncertainty"]
+        self.log_info(
+            fl_ctx,
+            f"FedCross {section} at {self.site}: ensemble dice {metrics['ensemble']['dice']:.4f}, members "
+            + ", ".join(f"{s['dice']:.4f}" for s in metrics["members"])
+            + f"; mean std wrong {u['mean_std_wrong']:.4f} vs right {u['mean_std_right']:.4f}, "
+            f"AUROC of the std for wrong voxels {u['auroc']:.4f}",
+        )
+        return FLModel(metrics=metrics)
+
+
+class MultiMethodExecutor(FedSMExecutor, FedCrossExecutor):
+    """Every FedSeg site task, for a job that runs several methods one after another (the benchmark's shared
+    jobs, fedseg.bench.jobs). Allowed only in the benchmark's own simulator runs (fedseg.fl.allowlist
+    BENCH_CLASSES), never at a site: a shipped job uses its method's executor."""

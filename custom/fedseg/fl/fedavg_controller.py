@@ -104,11 +104,11 @@ class FedAvgController(FedSegController):
         self.trim_fraction = float(trim_fraction)
         self.max_failed_rounds = max(int(max_failed_rounds), 1)
         self.resume_from = resume_from or ""
-        self.output_dir_name = check_output_name(output_dir)
+        self._output_dir = check_output_name(output_dir)  # `output_dir` is the base class's method
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def _save(self, name: str, params: dict, info: dict) -> None:
-        save_model_set(self.output_dir(self.output_dir_name) / name, {"global": params}, info)
+        save_model_set(self.output_dir(self._output_dir) / name, {"global": params}, info)
 
     def _publish_best(self, params: dict) -> None:
         """best_FL_global_model.pt through the persistor (what FLARE's cross-site evaluation reads)."""
@@ -205,7 +205,7 @@ class FedAvgController(FedSegController):
                           + (f"; median {SCORE_KEY} of the received model {score:.4f}" if score is not None else ""))
             self.save_model(FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd))
             self._save("last.pt", global_params, {"round": rnd, **state})
-            self.write_json(self.output_dir(self.output_dir_name) / "history.json", history)
+            self.write_json(self.output_dir(self._output_dir) / "history.json", history)
             if stop:
                 self.panic(f"FedAvg stopped: {failed_rounds} consecutive rounds below min_clients")
                 return

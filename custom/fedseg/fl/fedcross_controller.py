@@ -157,6 +157,11 @@ class FedCrossController(FedSegController):
         resume_from: str = "",
         final_section: str = "testing",
         output_dir: str = "fedcross",
+        task_timeout: int = 0,
+        min_clients: int = 1,
+        max_update_ratio: float = 10.0,
+        persistor_id: str = "persistor",
+        task_check_period: float = 0.5,
         **kwargs,
     ):
         """
@@ -197,7 +202,9 @@ class FedCrossController(FedSegController):
             output_dir: folder name under the server's app dir for last.pt, best.pt and the validation history
                 (a plain name: a job cannot make the server write elsewhere).
         """
-        super().__init__(startup_grace=startup_grace, **kwargs)
+        super().__init__(startup_grace=startup_grace, task_timeout=task_timeout, min_clients=min_clients,
+                         max_update_ratio=max_update_ratio, persistor_id=persistor_id,
+                         task_check_period=task_check_period, **kwargs)
         if schedule not in KINDS:
             raise ValueError(f"schedule must be one of {KINDS}, got {schedule!r}")
         if lr_schedule not in LR_SCHEDULES:
@@ -211,15 +218,22 @@ class FedCrossController(FedSegController):
             raise ValueError("max_site_failures must be >= 1")
         if rejoin_after is not None and int(rejoin_after) < 0:
             raise ValueError(f"rejoin_after must be >= 0 or None, got {rejoin_after}")
-        self.num_models_arg = int(num_models)
+        self.num_models = int(num_models)
         self.num_communications = int(num_communications)
         self.schedule = schedule
         self.explicit_schedule = explicit_schedule
         self.seed = int(seed)
         self.visit_epochs = int(visit_epochs)
         self.visit_steps = int(visit_steps)
+        # the arguments as given (NVFlare's FedJob export reads the attributes back as the job's arguments).
+        # `engine` holds the settings until the workflow starts, when FLARE puts its own engine there
+        # (BaseModelController.start_controller): the run uses engine_settings.
+        self.engine = engine
+        self.lr_schedule = lr_schedule
+        self.lr = lr
+        self.lr_power = lr_power
         self.engine_settings = dict(engine or {})
-        self.lr_schedule = LrSchedule(
+        self.lr_plan = LrSchedule(
             kind=lr_schedule,
             base_lr=float(lr or EngineConfig.from_dict(self.engine_settings).lr),
             total_visits=max(self.num_communications, 1),
@@ -234,7 +248,7 @@ class FedCrossController(FedSegController):
         self.optimizer_state = optimizer_state
         self.resume_from = resume_from or ""
         self.final_section = final_section
-        self.output_name = check_output_name(output_dir)
+        self._output_dir = check_output_name(output_dir)  # `output_dir` is the base class's method
 
         # run state
         self.sites: list[str] = []
@@ -263,7 +277,7 @@ class FedCrossController(FedSegController):
                 check_latin_communications(self.num_communications, len(self.sites))
             except ValueError as e:
                 raise ValueError(f"FedCross job refused at its start (sites {self.sites}): {e}") from None
-        self.out = self.output_dir(self.output_name)
+        self.out = self.output_dir(self._output_dir)
         self.health.rejoin_after = len(self.sites) if self.rejoin_after is None else int(self.rejoin_after)
         start = self._start_state()
         if start is None:
@@ -273,7 +287,7 @@ class FedCrossController(FedSegController):
             f"FedCross: {k} model(s) over sites {self.sites}, schedule {self.schedule!r} (seed {self.seed}), "
             f"communications {start}..{self.num_communications - 1}, visit budget "
             + (f"{self.visit_steps} steps" if self.visit_steps else f"{self.visit_epochs} epochs" if self.visit_epochs else "the sites' engine default")
-            + f", lr {self.lr_schedule.kind} from {self.lr_schedule.base_lr:g}; output {self.out}"
+            + f", lr {self.lr_plan.kind} from {self.lr_plan.base_lr:g}; output {self.out}"
         )
         for c in range(start, self.num_communications):
             if self.abort_signal.triggered:
@@ -351,11 +365,11 @@ class FedCrossController(FedSegController):
         persisted = getattr(self.persistor, "model", None)
         self.network_args = dict(getattr(persisted, "network_args", None) or EngineConfig.from_dict(self.engine_settings).network_args())
         if self.schedule == "explicit":
-            k = self.num_models_arg or len(self.sites)
+            k = self.num_models or len(self.sites)
             self.explicit_schedule = validate_explicit(self.explicit_schedule, self.sites, k)
         if self.resume_from:
             return self._resume(model0)
-        k = self.num_models_arg or len(self.sites)
+        k = self.num_models or len(self.sites)
         if k > len(self.sites):
             self.warning(f"FedCross: {k} models but {len(self.sites)} sites: models take turns sitting out")
         self.members = initial_members(self.network_args, model0, k, self.seed)
@@ -374,8 +388,8 @@ class FedCrossController(FedSegController):
         if not all(self.accept(f"resume file {path}", w, model0, f"saved model {m}") for m, w in enumerate(members)):
             self.panic(f"FedCross: {path} does not match the job's network; not resuming")
             return None
-        if self.num_models_arg and self.num_models_arg != len(members):
-            self.warning(f"FedCross: num_models {self.num_models_arg} but {path} holds {len(members)}; using the saved {len(members)}")
+        if self.num_models and self.num_models != len(members):
+            self.warning(f"FedCross: num_models {self.num_models} but {path} holds {len(members)}; using the saved {len(members)}")
         self.members, self.optimizers = members, optimizers
         # the sites, their failure counts and the schedule's site list carry over; new sites join after them
         saved_sites = [str(s) for s in info.get("sites", [])]
@@ -413,7 +427,7 @@ class FedCrossController(FedSegController):
                 "model_index": m,
                 "communication": c,
                 "visits_done": self.visits_done[m],
-                "lr_schedule": self.lr_schedule.as_meta(),
+                "lr_schedule": self.lr_plan.as_meta(),
                 "visit_epochs": self.visit_epochs,
                 "visit_steps": self.visit_steps,
             },
@@ -423,7 +437,7 @@ class FedCrossController(FedSegController):
         k = len(self.members)
         assignment = assign(self.schedule, active, k, self._schedule_index(c), self.seed, self.explicit_schedule)
         visits: list[dict] = [{"model": m, "site": s, "status": "sat out" if s is None else "pending"} for m, s in enumerate(assignment)]
-        lrs = [self.lr_schedule.lr(v) for v in self.visits_done]
+        lrs = [self.lr_plan.lr(v) for v in self.visits_done]
         self.info(
             f"FedCross communication {c}/{self.num_communications - 1}: "
             + ", ".join(f"model {m} -> {s or 'sits out'}" for m, s in enumerate(assignment))
@@ -461,7 +475,7 @@ class FedCrossController(FedSegController):
             "active_sites": active,
             "assignment": assignment,
             "visits": visits,
-            "lr_schedule": self.lr_schedule.kind,
+            "lr_schedule": self.lr_plan.kind,
             "lr": lrs,
             "visits_done": list(self.visits_done),
             "weights_sha1": [fingerprint(w) for w in self.members],
@@ -630,7 +644,7 @@ class FedCrossController(FedSegController):
             **self.health.state(),
             "schedule_sites": self.schedule_sites,
             "schedule_origin": self.schedule_origin,
-            "lr_schedule": self.lr_schedule.as_meta(),
+            "lr_schedule": self.lr_plan.as_meta(),
             "visit_epochs": self.visit_epochs,
             "visit_steps": self.visit_steps,
             "train_steps_total": self.steps_total,
@@ -684,9 +698,9 @@ class FedCrossController(FedSegController):
                 "num_models": k,
                 "schedule": self.schedule,
                 "seed": self.seed,
-                "lr_schedule": self.lr_schedule.kind,  # over each model's own visits; "constant" like every other method
-                "lr_base": self.lr_schedule.base_lr,
-                **({"lr_power": self.lr_schedule.power} if self.lr_schedule.kind == "poly" else {}),
+                "lr_schedule": self.lr_plan.kind,  # over each model's own visits; "constant" like every other method
+                "lr_base": self.lr_plan.base_lr,
+                **({"lr_power": self.lr_plan.power} if self.lr_plan.kind == "poly" else {}),
                 "num_communications": self.num_communications,
                 "best_communication": best["communication"],
                 "best_val_dice": best["val_dice"],

@@ -43,7 +43,7 @@ from fedseg.algorithms.packing import pack, unpack
 from fedseg.engine.config import EngineConfig
 from fedseg.engine.engine import optimizer_state_to_numpy, state_to_numpy
 from fedseg.fl.base_controller import FedSegController
-from fedseg.fl.fedsm_tasks import PERSONAL_PREFIX
+from fedseg.fl.executor import PERSONAL_PREFIX
 from fedseg.algorithms.routing import GLOBAL
 from fedseg.methods.fedsm import DEFAULT_SELECTOR, GAMMA_SWEEP, SELECTOR_INPUT, SelectorSettings, build_selector
 from fedseg.modelset import load_model_set, save_model_set
@@ -132,6 +132,11 @@ class FedSMController(FedSegController):
         self.lam = float(lam)
         self.gamma = float(gamma)
         self.use_selector = bool(use_selector)
+        # the arguments as given (NVFlare's FedJob export reads the attributes back as the job's arguments).
+        # `engine` holds the settings until the workflow starts, when FLARE puts its own engine there
+        # (BaseModelController.start_controller): the run uses engine_cfg (and selector_cfg, with the defaults).
+        self.selector = selector
+        self.engine = engine
         self.selector_cfg = {**DEFAULT_SELECTOR, **(selector or {})}
         self.engine_cfg = EngineConfig.from_dict(engine).to_dict()
         self.local_epochs = local_epochs
@@ -145,6 +150,7 @@ class FedSMController(FedSegController):
         if sites is not None and (not sites or len(set(sites)) != len(sites) or
                                   not all(isinstance(s, str) and s for s in sites)):
             raise ValueError(f"sites must be a non-empty list of distinct site names, got {sites!r}")
+        self.sites = sites
         self.expected_sites = list(sites) if sites else None
         self.resume_from = resume_from
         self.start_round = start_round

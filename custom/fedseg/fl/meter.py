@@ -19,6 +19,9 @@ direction comes from the filter chain FLARE is running, or from the `direction` 
                       hardly changed by other processes competing for the cores,
       peak_rss_bytes  peak resident memory of the site process during the task (VmHWM, or ru_maxrss where
                       the counter cannot be reset: then it is the process's lifetime peak),
+      peak_gpu_bytes  on a CUDA site: peak GPU memory PyTorch allocated in the site process during the task
+                      (torch.cuda.max_memory_allocated after a reset at "in"), with peak_gpu_reserved_bytes (what
+                      its caching allocator held) and gpu_name; absent on a CPU site,
       steps/metrics   NUM_STEPS_CURRENT_ROUND and scalar metrics of the result (e.g. val_dice, selector_steps).
 
 One JSON object per task is appended to <site run dir>/fedseg_meter.jsonl (in the simulator:
@@ -85,6 +88,31 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _cuda():
+    """torch.cuda when this process already uses CUDA, else None (the meter never imports torch or starts CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda
+
+
+def reset_peak_gpu() -> bool:
+    cuda = _cuda()
+    if cuda is None:
+        return False
+    cuda.reset_peak_memory_stats()
+    return True
+
+
+def peak_gpu() -> dict:
+    """{peak_gpu_bytes, peak_gpu_reserved_bytes, gpu_name} of this process's current device, {} on CPU."""
+    cuda = _cuda()
+    if cuda is None:
+        return {}
+    return {"peak_gpu_bytes": int(cuda.max_memory_allocated()), "peak_gpu_reserved_bytes": int(cuda.max_memory_reserved()),
+            "gpu_name": cuda.get_device_name(cuda.current_device())}
 
 
 # ---- sizes -------------------------------------------------------------------------------------------------
@@ -195,6 +223,7 @@ class TaskMeter(Filter):
             "bytes_method": method,
             "rss_in_bytes": current_rss_bytes(),
             "peak_reset": reset_peak_rss(),
+            "gpu_peak_reset": reset_peak_gpu(),
         }
         record["meter_seconds"] = time.perf_counter() - began
         with _lock:
@@ -220,6 +249,7 @@ class TaskMeter(Filter):
                 "pid": os.getpid(),
             }
         )
+        record.update(peak_gpu())
         record.update(_result_info(shareable))
         record["meter_seconds"] = round(record.get("meter_seconds", 0.0) + time.perf_counter() - began, 4)
         self._write(record, fl_ctx)

@@ -16,31 +16,49 @@ import os
 import torch
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import DefaultCheckpointFileName
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedseg.engine.networks import SegNetwork
 
 
 class SegModelPersistor(PTFileModelPersistor):
-    def __init__(self, network: dict, source_ckpt_file_full_name: str | None = None, seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        network: dict,
+        source_ckpt_file_full_name: str | None = None,
+        seed: int = 0,
+        global_model_file_name: str = DefaultCheckpointFileName.GLOBAL_MODEL,
+        best_global_model_file_name: str = DefaultCheckpointFileName.BEST_GLOBAL_MODEL,
+        load_weights_only: bool = True,
+        **kwargs,
+    ):
         """
         Args:
             network: SegNetwork arguments (arch, spatial_dims, in_channels, out_channels, channels, ...).
             seed: seeds the initial weights, so a job starts from the same network every time it runs.
             source_ckpt_file_full_name: absolute path on the server of a checkpoint to start from (resume).
-            kwargs: any other PTFileModelPersistor argument; the model file names must be plain names (they are
-                written into the job's app dir: a path could overwrite the server's own files).
+            global_model_file_name / best_global_model_file_name: plain file names (they are written into the
+                job's app dir: a path could overwrite the server's own files).
+            load_weights_only: must stay true (checkpoints are loaded with torch's weights-only unpickler).
+            kwargs: any other PTFileModelPersistor argument.
         """
-        for key in ("global_model_file_name", "best_global_model_file_name"):
-            name = kwargs.get(key, "model.pt")
+        for key, name in (("global_model_file_name", global_model_file_name),
+                          ("best_global_model_file_name", best_global_model_file_name)):
             if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
                 raise ValueError(f"{key} must be a plain file name (written in the job's app dir), got {name!r}")
-        if kwargs.get("load_weights_only", True) is not True:
+        if load_weights_only is not True:
             raise ValueError("load_weights_only must stay true: a checkpoint is never unpickled with code on the server")
         with torch.random.fork_rng():  # do not disturb the server process's global RNG
             torch.manual_seed(int(seed))
             model = SegNetwork(**network)
-        super().__init__(model=model, source_ckpt_file_full_name=source_ckpt_file_full_name, **kwargs)
+        super().__init__(model=model, source_ckpt_file_full_name=source_ckpt_file_full_name,
+                         global_model_file_name=global_model_file_name,
+                         best_global_model_file_name=best_global_model_file_name,
+                         load_weights_only=load_weights_only, **kwargs)
+        # the arguments as given (NVFlare's FedJob export writes the attributes back as the job's arguments)
+        self.network = network
+        self.seed = seed
 
     def _initialize(self, fl_ctx: FLContext):
         super()._initialize(fl_ctx)

@@ -155,8 +155,12 @@ class LayerPrivacyFilter(DXOFilter):
         """
         kinds = [DataKind.WEIGHTS, DataKind.WEIGHT_DIFF, DataKind.METRICS]
         super().__init__(supported_data_kinds=kinds, data_kinds_to_filter=data_kinds or kinds)
-        self.zero_vars = _compile(zero_vars, "zero_vars")
-        self.noise_vars = _compile(noise_vars, "noise_vars")
+        # every argument is kept as given (NVFlare's FedJob export writes the attributes back as the arguments);
+        # the compiled patterns and the noise generator live under other names
+        self._zero_res = _compile(zero_vars, "zero_vars")
+        self._noise_res = _compile(noise_vars, "noise_vars")
+        self.zero_vars = list(zero_vars) if zero_vars is not None else None
+        self.noise_vars = list(noise_vars) if noise_vars is not None else None
         if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or noise_std < 0:
             raise ValueError(f"noise_std must be a number >= 0, got {noise_std!r}")
         self.noise_std = float(noise_std)
@@ -168,7 +172,8 @@ class LayerPrivacyFilter(DXOFilter):
                 raise TypeError(f"{arg} must be true or false, got {value!r}")
         self.share_per_case = share_per_case
         self.share_case_names = share_case_names
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
 
     @staticmethod
     def _matches(name: str, patterns: list[re.Pattern]) -> bool:
@@ -176,7 +181,7 @@ class LayerPrivacyFilter(DXOFilter):
 
     def _state_of_zeroed(self, key: str) -> bool:
         param = key.partition(OPTIM_SEP)[0]
-        return self._matches(param, self.zero_vars) or self._matches(param.rpartition(GROUP_SEP)[2], self.zero_vars)
+        return self._matches(param, self._zero_res) or self._matches(param.rpartition(GROUP_SEP)[2], self._zero_res)
 
     def filter_params(self, params: dict) -> tuple[dict, dict[str, list[str]]]:
         """Return (new params, {"zeroed", "perturbed", "optim_dropped", "optim_zeroed": key lists});
@@ -192,15 +197,15 @@ class LayerPrivacyFilter(DXOFilter):
                     out[name] = value * 0
                     done["optim_zeroed"].append(name)
                 continue  # never noise: Adam's second moments must stay >= 0
-            if self._matches(name, self.zero_vars):
+            if self._matches(name, self._zero_res):
                 out[name] = value * 0  # same type, dtype and shape (numpy array or torch tensor)
                 done["zeroed"].append(name)
-            elif self.noise_std > 0 and self._matches(name, self.noise_vars):
+            elif self.noise_std > 0 and self._matches(name, self._noise_res):
                 array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
                 if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
                     continue
                 scale = self.noise_std * float(array.std() or 1.0)
-                noisy = (array + self.rng.normal(0.0, scale, size=array.shape)).astype(array.dtype)
+                noisy = (array + self._rng.normal(0.0, scale, size=array.shape)).astype(array.dtype)
                 if hasattr(value, "detach"):
                     import torch
 
