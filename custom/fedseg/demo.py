@@ -16,6 +16,8 @@ methods. For that, see BENCHMARKS.md (`make bench-standard`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 import sys
@@ -28,10 +30,10 @@ import torch
 from fedseg.baselines import load_sites, run_centralized, run_local
 from fedseg.bench.budget import Budget, plan_method
 from fedseg.engine import EngineConfig
+from fedseg.jobgen import main as write_jobs
 from fedseg.report import format_table, load_results, site_mean
 from fedseg.sim import run_simulator
 
-REPO = Path(__file__).resolve().parents[2]
 # (row label in the table, job, the model of that job's results shown in the row)
 ROWS = [
     ("FedAvg", "fedavg", "global (best)"),
@@ -108,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(o.workspace).resolve()
     shutil.rmtree(root, ignore_errors=True)
-    engine_settings = json.loads((REPO / "jobs" / "fedavg" / "app" / "config" / "config_fed_client.json").read_text())[
+    # the job folders as fedseg.jobgen writes them (the repository's jobs/), so an installed package runs as well
+    with contextlib.redirect_stdout(io.StringIO()):
+        write_jobs(["--out", str(root / "jobs"), "--only", *[job_name for _, job_name, _ in ROWS]])
+    engine_settings = json.loads((root / "jobs" / "fedavg" / "app" / "config" / "config_fed_client.json").read_text())[
         "executors"][0]["executor"]["args"]["engine"]
     cfg = EngineConfig.from_dict(engine_settings)
     engines = load_sites(data, cfg)
@@ -116,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                                 cfg.batch_size)
     plans = {}
     for _, job_name, _ in ROWS:
-        job = root / "jobs" / job_name
-        shutil.copytree(REPO / "jobs" / job_name, job)
-        plans[job_name] = configure(job, job_name, budget)
+        plans[job_name] = configure(root / "jobs" / job_name, job_name, budget)
     print(f"[2/3] budget B = {budget.total_steps} segmentation steps per method (FedAvg: R={o.rounds} rounds x "
           f"E={cfg.local_epochs} epochs at {len(engines)} sites); jobs in the NVFlare simulator, two at a time "
           f"(logs: {root}) ...", flush=True)
@@ -149,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         table[label] = load_results(root / job_name, job_name)["models"][model]
     print(format_table({"models": table}, title=f"FedSeg demo, every method at B = {budget.total_steps} steps"))
     png = root / "demo_dice.png"
-    save_png(table, png)
+    try:
+        save_png(table, png)
+    except ImportError:  # matplotlib is an extra of the installed package
+        png = "none (matplotlib is not installed: pip install 'fedseg[bench]')"
     (root / "demo_results.json").write_text(json.dumps({"budget_steps": budget.total_steps, "plans": plans, "models": table}, indent=2))
     print(f"plot: {png}\nper-job tables: python -m fedseg.report {root}/<job>   TensorBoard: tensorboard --logdir {root}")
     print("a demo budget: it shows every method working, not which is best (see BENCHMARKS.md)")

@@ -1,0 +1,4 @@
+import sys
+from fedseg.cli import main
+
+sys.exit(main())
