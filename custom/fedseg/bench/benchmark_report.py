@@ -235,7 +235,56 @@ def load_raw(raw: Path) -> tuple[dict, list[dict], dict | None]:
     data = json.loads((raw / "results.json").read_text())
     cost_file = raw / "cost.json"
     cost = json.loads(cost_file.read_text()) if cost_file.exists() else None
+    gpu_file = raw / "gpu.json"  # the GPU variant's measurements (fedseg.bench.gpu), when a GPU was lent
+    if gpu_file.exists():
+        data["run"]["gpu"] = json.loads(gpu_file.read_text())
     return data["run"], data["cells"], cost
+
+
+def _mib_range(values: dict) -> str:
+    if not values:
+        return "–"
+    lo, hi = min(values.values()) / 2**20, max(values.values()) / 2**20
+    return f"{lo:.0f} MiB" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f} MiB"
+
+
+def _rate_range(values: dict) -> str:
+    if not values:
+        return "–"
+    lo, hi = min(values.values()), max(values.values())
+    return f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}"
+
+
+def gpu_table_lines(gpu: dict) -> list[str]:
+    """The GPU table from raw/gpu.json (rows written by fedseg.bench.gpu.gpu_rows)."""
+    rows = []
+    for r in gpu.get("rows", []):
+        rows.append([r["method"], r["dataset"], _fmt(r.get("wall_seconds"), 1), _fmt(r.get("x_fedavg"), 2),
+                     _mib_range(r.get("peak_gpu_bytes") or {}), _rate_range(r.get("train_images_per_second") or {})])
+    return [_table(["method", "dataset", "wall s (GPU)", "× FedAvg", "peak GPU memory / site (allocated)",
+                    "training images/s / site"], rows)]
+
+
+def gpu_section(gpu: dict | None) -> list[str]:
+    if not gpu:
+        return ["## GPU", "", "No GPU was lent to this task, so no GPU variant was run. Nothing below is estimated.", "",
+                _table(["method", "dataset", "wall s (GPU)", "× FedAvg", "peak GPU memory / site", "images/s / site"], []), ""]
+    m = gpu.get("machine") or {}
+    L = ["## GPU", "",
+         f"The standard preset's GPU variant (`python -m fedseg.bench.gpu`): {gpu.get('preset', '')}. Machine: "
+         f"{m.get('gpu', '?')} ({m.get('gpu_memory_mib', '?')} MiB, driver {m.get('driver', '?')}), {m.get('cpu_count', '?')} CPU "
+         f"cores, Python {m.get('python', '?')}, torch {m.get('torch', '?')}, MONAI {m.get('monai', '?')}, NVFlare "
+         f"{m.get('nvflare', '?')}; started {gpu.get('started', '?')}; the FL job took {_fmt(gpu.get('fl_job_seconds'), 0)} s.",
+         f"Command: `{gpu.get('command_on_device', gpu.get('command'))}`; table: `{gpu.get('command')}`.", "",
+         "Wall s is the method's whole run in the simulator (all rounds, hand-overs, validation and final evaluation); "
+         "× FedAvg is its ratio to FedAvg's in the same run. Training images/s per site = segmentation steps × batch / "
+         "seconds of that site's training tasks (which include scoring the received model on the site's validation "
+         "cases); the range is over sites. It measures speed and memory, not accuracy (one seed, one protocol).", ""]
+    L += gpu_table_lines(gpu) + [""]
+    for key in ("memory_note", "not_measured"):
+        if gpu.get(key):
+            L += [f"- {key.replace('_', ' ').capitalize()}: {gpu[key]}"]
+    return L + [""]
 
 
 # ---- aggregation over seeds ------------------------------------------------------------------------------
@@ -934,7 +983,16 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
           f"test cases; HD95 {'in voxels' if run.get('hd95') else 'not computed'}"
           + (f" (no HD95 in the results of: {', '.join(_without_hd95(cells))})" if run.get("hd95") and _without_hd95(cells) else "")
           + ".",
-          "- GPU: **no GPU was lent to this task**; everything here ran on CPU. The GPU table below is left empty on purpose.", ""]
+          ("- GPU: everything above ran on CPU; the GPU variant's speed and memory are in the GPU section below."
+           if run.get("gpu") else
+           "- GPU: **no GPU was lent to this task**; everything here ran on CPU. The GPU table below is left empty on purpose."),
+          ""]
+    for part in run.get("merged_from") or []:
+        pm = part.get("machine") or {}
+        L.insert(-1, f"- Merged part (`python -m fedseg.bench.merge`): seeds {part.get('seeds')}, `{part.get('command')}`, "
+                     f"started {part.get('started')}, finished {part.get('finished')}, {_fmt(part.get('seconds'), 0)} s wall, "
+                     f"{_fmt(part.get('cpu_seconds'), 0)} CPU s, {pm.get('cpu_count', '?')} cores, load average at start "
+                     f"{pm.get('load_average_at_start')}.")
     L += ["## Datasets", ""]
     rows = []
     for ds, info in (run.get("datasets") or {}).items():
@@ -1097,8 +1155,7 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
     L += _cost_section(cost, run)
     if plots.get("uncertainty"):
         L += ["## FedCrossEns: uncertainty against error", "", f"![FedCrossEns uncertainty vs error]({prefix}{plots['uncertainty'].name})", ""]
-    L += ["## GPU", "", "No GPU was lent to this task, so no GPU variant was run. Nothing below is estimated.", "",
-          _table(["method", "dataset", "wall s (GPU)", "× FedAvg", "peak GPU memory / site", "images/s / site"], []), ""]
+    L += gpu_section(run.get("gpu"))
     L += ["## Raw data", "", f"- [`{prefix}raw/results.json`]({prefix}raw/results.json): run record and every cell (all runs, models, sites, seeds)",
           f"- [`{prefix}raw/results.csv`]({prefix}raw/results.csv): one row per dataset/seed/run/model/site",
           f"- [`{prefix}raw/methods.csv`]({prefix}raw/methods.csv): one row per dataset/seed/run (time, steps, traffic, memory)",

@@ -88,32 +88,6 @@ def rows_from_workspace(workspace: Path, batch_size: int, dataset: str = "synth2
     return gpu_rows({"cells": [{"dataset": dataset, "budget": {"batch_size": batch_size}, "methods": methods}]})
 
 
-def _mib_range(values: dict) -> str:
-    if not values:
-        return "–"
-    lo, hi = min(values.values()) / 2**20, max(values.values()) / 2**20
-    return f"{lo:.0f} MiB" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f} MiB"
-
-
-def _rate_range(values: dict) -> str:
-    if not values:
-        return "–"
-    lo, hi = min(values.values()), max(values.values())
-    return f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}"
-
-
-def table_lines(gpu: dict) -> list[str]:
-    """Markdown table of raw/gpu.json (the report's GPU table)."""
-    lines = ["| method | dataset | wall s (GPU) | × FedAvg | peak GPU memory / site | training images/s / site |",
-             "|---|---|---|---|---|---|"]
-    for r in gpu.get("rows", []):
-        x = f"{r['x_fedavg']:.2f}" if r.get("x_fedavg") else "–"
-        wall = f"{r['wall_seconds']:.1f}" if r.get("wall_seconds") else "–"
-        lines.append(f"| {r['method']} | {r['dataset']} | {wall} | {x} | {_mib_range(r['peak_gpu_bytes'])} | "
-                     f"{_rate_range(r['train_images_per_second'])} |")
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedseg.bench.gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": run_info.get("seconds"), "preset": preset.description, "rounds": preset.rounds,
                "epochs": preset.epochs, "engine": preset.datasets["synth2d"].engine, "rows": gpu_rows(results)}
         (out / "raw" / GPU_FILE).write_text(json.dumps(gpu, indent=2, default=str))
+    from fedseg.bench.benchmark_report import gpu_table_lines
+
     gpu = json.loads((out / "raw" / GPU_FILE).read_text())
-    print("\n".join(table_lines(gpu)))
+    print("\n".join(gpu_table_lines(gpu)))
     return 0
 
 
