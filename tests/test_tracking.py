@@ -102,6 +102,6 @@ def test_importing_the_receiver_turns_mlflow_telemetry_off(tmp_path):
             "from mlflow.telemetry.client import get_telemetry_client\n"
             "print(get_telemetry_client())\n")
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(CUSTOM)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "None", out.stdout

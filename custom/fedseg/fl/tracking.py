@@ -20,8 +20,8 @@ import os
 # no such egress and must not try. An operator who wants telemetry sets MLFLOW_DISABLE_TELEMETRY=false.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, TrackConst  # noqa: E402
-from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver  # noqa: E402
+from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, TrackConst
+from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
 DEFAULT_EXPERIMENT = "FLARE FL Experiment"  # NVFlare's MLflowReceiver default
 SITE_TAG = "site"  # run tag: whose metrics the run holds (a site's name or the server's)
