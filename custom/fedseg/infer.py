@@ -1,5 +1,8 @@
-"""Segment new NIfTI images with a trained FedSeg model set and write uncertainty maps.
+"""Segment new NIfTI images with a trained FedSeg model set (and, for an ensemble, write uncertainty maps).
 
+    python -m fedseg.infer global   --models WS/server/simulate_job/app_server/fedavg/best.pt \\
+        --input DIR_OR_DATALIST.json --out OUT [--section testing] [--labels LABEL_DIR] [--job-config JOB]
+    python -m fedseg.infer fedsm    --models .../app_server/fedsm/best.pt ...     (see fedseg.infer_fedsm)
     python -m fedseg.infer ensemble --models WS/server/simulate_job/app_server/fedcross/best.pt \\
         --input DIR_OR_DATALIST.json --out OUT [--section testing] [--threshold 0.5] [--labels LABEL_DIR]
 
@@ -14,117 +17,93 @@ the entries have them). Output per case, all with the input image's affine:
 and summary.json / summary.csv: per case mean uncertainty, foreground size and, where a label exists, Dice
 and the mean std over wrongly vs correctly segmented voxels. The network and the sliding-window settings
 come from the model set's own info record, so no job config is needed.
+
+`global` segments with one global model: FedAvg/FedProx's (<run>/app_server/fedavg/{best,last}.pt) or FedSM's
+global model. It writes <case>_seg.nii.gz (argmax) and the same summary files. A FedAvg/FedProx model set does not
+record its engine settings: they come from the run's config/config_fed_client.json next to it, or --job-config
+(a config_fed_client.json or a job folder) for a model set moved away from its run.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import math
 import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+from fedseg.infer_fedsm import add_fedsm_parser
+from fedseg.inference_io import (
+    add_common_arguments,
+    case_dice,
+    first_path,
+    is_nifti,
+    list_cases,
+    read_case,
+    write_nifti_like,
+    write_summary,
+)
+
+__all__ = ["case_dice", "first_path", "is_nifti", "list_cases", "read_case", "write_nifti_like", "write_summary"]
 
 
-# ---- inputs -----------------------------------------------------------------------------------------------
-def is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(NIFTI_SUFFIXES)
+# ---- one global model (FedAvg / FedProx, or FedSM's global model) -----------------------------------------------
+def run_global(o: argparse.Namespace) -> int:
+    from fedseg.engine import SegEngine, load_numpy_state
+    from fedseg.export.modelsets import GLOBAL, ExportError, read_trained_models
+
+    try:
+        trained = read_trained_models(o.models, o.job_config)
+        weights = trained.network_weights(trained.check_model(GLOBAL))
+    except ExportError as e:
+        raise SystemExit(f"fedseg.infer global: {e}")
+    cfg = trained.engine
+    engine = SegEngine(cfg, {}, site="inference")
+    net = engine.new_network()
+    load_numpy_state(net, weights, site=f"global model of {o.models}")
+    net.eval()
+    cases = list_cases(o.input, o.section, o.labels)
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    counter = "communication" if trained.kind == "fedcross" else "round"
+    print(f"global model of {o.models} ({trained.provenance.get('method')}, {counter} {trained.info.get(counter)}); "
+          f"{len(cases)} case(s) -> {out}", flush=True)
+    rows = []
+    for i, case in enumerate(cases):
+        start = time.perf_counter()
+        item = read_case(case)
+        with torch.no_grad():
+            seg = engine.predict_probs(net, item["image"].unsqueeze(0)).argmax(dim=1)[0].cpu()
+        source, name = first_path(case["image"]), f"{case['name']}_seg.nii.gz"
+        write_nifti_like(source, seg.numpy().astype(np.uint8 if cfg.num_classes <= 255 else np.int16), out / name)
+        row = {"case": case["name"], "image": source, "segmentation": name, "foreground_voxels": int((seg > 0).sum())}
+        if "label" in item:
+            per_class = case_dice(seg, item["label"][0].long(), cfg.num_classes)
+            row["dice"] = float(np.mean(per_class))
+            if len(per_class) > 1:
+                row.update({f"dice_class{c + 1}": d for c, d in enumerate(per_class)})
+        rows.append(row)
+        print(f"[{i + 1}/{len(cases)}] {case['name']}" + (f": dice {row['dice']:.4f}" if "dice" in row else "")
+              + f" ({time.perf_counter() - start:.1f}s)", flush=True)
+    header = {"command": "global", "models": str(Path(o.models).resolve()), "method": trained.provenance.get("method"),
+              counter: trained.info.get(counter), "engine_settings_from": trained.provenance.get("engine_settings_from"),
+              "segmentation": "argmax of softmax", "input": str(Path(o.input).resolve()),
+              "section": o.section if Path(o.input).suffix == ".json" else None}
+    write_summary(out, rows, header)
+    print(f"wrote {len(rows)} case(s) and {out / 'summary.json'}, {out / 'summary.csv'}")
+    return 0
 
 
-def list_cases(input_path: str | Path, section: str = "testing", labels_dir: str | Path | None = None) -> list[dict]:
-    """Cases to segment: [{"name", "image" (path or list of channel paths), "label" (optional)}]."""
-    from fedseg.engine.engine import case_name
-
-    input_path = Path(input_path)
-    if input_path.is_dir():
-        images = sorted(p for p in input_path.iterdir() if is_nifti(p))
-        if not images:
-            raise FileNotFoundError(f"no NIfTI files (*.nii.gz, *.nii) in {input_path}")
-        cases = []
-        for image in images:
-            case = {"name": case_name(image), "image": str(image)}
-            if labels_dir is not None:
-                label = Path(labels_dir) / image.name
-                if label.exists():
-                    case["label"] = str(label)
-            cases.append(case)
-        return cases
-    if input_path.suffix == ".json":
-        from fedseg.data import load_datalist
-
-        datalist = load_datalist(str(input_path), "inference")
-        entries = datalist.get(section)
-        if not entries:
-            present = [s for s in ("training", "validation", "testing") if datalist.get(s)]
-            raise ValueError(f"{input_path} has no '{section}' cases (sections with cases: {present})")
-        return [{"name": case_name(e["image"]), **{k: e[k] for k in ("image", "label") if k in e}} for e in entries]
-    raise FileNotFoundError(f"{input_path} is neither a folder of NIfTI images nor a datalist .json")
-
-
-def first_path(image) -> str:
-    return image if isinstance(image, str) else image[0]
-
-
-def read_case(case: dict) -> dict:
-    """The image (and label) as the engine reads them for evaluation: channel-first, z-scored image."""
-    from monai.transforms import Compose
-
-    from fedseg.engine.engine import load_transforms
-
-    keys = ("image", "label") if "label" in case else ("image",)
-    item = Compose(load_transforms(keys))({k: case[k] for k in keys})
-    return {k: (v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(v)) for k, v in item.items() if k in keys}
-
-
-# ---- outputs ----------------------------------------------------------------------------------------------
-def write_nifti_like(input_path: str | Path, array: np.ndarray, out_path: str | Path) -> Path:
-    """Write `array` (the input's spatial shape) as NIfTI with the input image's affine and spatial units."""
-    source = nib.load(str(input_path))
-    if tuple(array.shape) != tuple(source.shape[: array.ndim]):
-        raise ValueError(f"array shape {array.shape} does not match {input_path} {source.shape}")
-    image = nib.Nifti1Image(np.asarray(array), source.affine)
-    image.header.set_xyzt_units(*source.header.get_xyzt_units())
-    image.set_sform(source.affine, code=int(source.header["sform_code"]) or 1)
-    image.set_qform(source.affine, code=int(source.header["qform_code"]) or 1)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(out_path))
-    return out_path
-
-
-def case_dice(seg: torch.Tensor, label: torch.Tensor, num_classes: int) -> list[float]:
-    """Dice per foreground class of a label map against the truth, as the engine scores (empty/empty = 1)."""
-    from monai.metrics import compute_dice
-    from monai.networks.utils import one_hot
-
-    pred = one_hot(seg.reshape(1, 1, *seg.shape).long(), num_classes=num_classes)
-    truth = one_hot(label.reshape(1, 1, *label.shape).long(), num_classes=num_classes)
-    dice = compute_dice(pred, truth, include_background=False, ignore_empty=False)[0]
-    return [float(x) for x in torch.nan_to_num(dice, nan=0.0)]
-
-
-def write_summary(out_dir: Path, rows: list[dict], header: dict) -> None:
-    """summary.json (settings, per-case rows, means) and summary.csv (one row per case)."""
-    means = {}
-    for key in ("mean_std", "mean_entropy", "dice"):
-        values = [r[key] for r in rows if isinstance(r.get(key), float) and math.isfinite(r[key])]
-        if values:
-            means[key] = float(np.mean(values))
-    (out_dir / "summary.json").write_text(json.dumps({**header, "means": means, "cases": rows}, indent=2) + "\n")
-    columns = ["case", "mean_std", "mean_entropy", "foreground_voxels", "dice", "mean_std_wrong", "mean_std_right"]
-    columns += sorted({k for r in rows for k in r if k.startswith("dice_class")})
-    with open(out_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in columns})
+def add_global_parser(sub) -> None:
+    p = sub.add_parser("global", help="one global model: FedAvg / FedProx (or FedSM's global model)",
+                       description="Segment with the global model of a FedAvg/FedProx model set (best.pt / last.pt) "
+                                   "or of a FedSM set.")
+    add_common_arguments(p, "FedAvg/FedProx")
+    p.add_argument("--job-config", help="a FedAvg/FedProx set moved away from its run: the job's config_fed_client.json "
+                                        "(or job folder) with the engine settings it was trained with")
+    p.set_defaults(run=run_global)
 
 
 # ---- ensemble (FedCross / FedCrossEns) -------------------------------------------------------------------------
@@ -195,15 +174,6 @@ def run_ensemble(o: argparse.Namespace) -> int:
     return 0
 
 
-def add_common_arguments(p: argparse.ArgumentParser, job: str) -> None:
-    """--models/--input/--out/--section/--labels: the same for every model-set kind."""
-    p.add_argument("--models", required=True, help=f"model set file written by the {job} job (best.pt / last.pt)")
-    p.add_argument("--input", required=True, help="folder of NIfTI images, or a datalist .json")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--section", default="testing", help="datalist section to segment (datalist input only)")
-    p.add_argument("--labels", help="folder input only: label files with the images' names (for Dice)")
-
-
 def add_ensemble_parser(sub) -> None:
     p = sub.add_parser("ensemble", help="FedCross / FedCrossEns model set: mean softmax, std and entropy maps",
                        description="Segment with the K models of a FedCross/FedCrossEns model set (best.pt or last.pt).")
@@ -215,9 +185,8 @@ def add_ensemble_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fedseg.infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_global_parser(sub)
     add_ensemble_parser(sub)
-    from fedseg.infer_fedsm import add_fedsm_parser  # late: that module reuses this one's helpers
-
     add_fedsm_parser(sub)
     return p
 

@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 from monai.transforms import Compose
 
-from fedseg.infer import add_common_arguments, case_dice, first_path, list_cases, write_nifti_like, write_summary
+from fedseg.inference_io import (
+    add_common_arguments,
+    case_dice,
+    first_path,
+    list_cases,
+    write_nifti_like,
+    write_summary,
+)
 
 
 def run_fedsm(o: argparse.Namespace) -> int:

@@ -1,0 +1,181 @@
+"""The package's shape, checked from its source: no import cycles inside ``fedseg``; ``methods/`` is site-side only;
+one module per name (report, baselines).
+
+The import graph is built from the AST of every module under custom/fedseg. It counts top-level AND function-level
+imports (also those under ``if TYPE_CHECKING``, ``try`` or a class body): an import moved into a function to dodge
+a load-order error is still a dependency in both directions, and two modules that need each other are one module
+split in the wrong place. An edge goes to the module named; ``from pkg import name`` goes to ``pkg.name`` when that
+is a submodule, else to ``pkg``. Parent packages that Python initialises on the way are not edges of their own: a
+package's ``__init__`` is listed as a module with its own imports.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "custom" / "fedseg"
+PACKAGE = "fedseg"
+
+
+def module_name(path: Path, package_dir: Path = PACKAGE_DIR, package: str = PACKAGE) -> str:
+    parts = list(path.relative_to(package_dir).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join([package, *parts])
+
+
+def package_modules(package_dir: Path = PACKAGE_DIR, package: str = PACKAGE) -> dict[str, Path]:
+    return {module_name(p, package_dir, package): p for p in sorted(package_dir.rglob("*.py"))}
+
+
+def _absolute(importer: str, is_package: bool, level: int, module: str | None) -> str:
+    """The absolute name of ``from <level dots><module> import ...`` written in ``importer``."""
+    if level == 0:
+        return module or ""
+    base = importer.split(".") if is_package else importer.split(".")[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+def import_graph(package_dir: Path = PACKAGE_DIR, package: str = PACKAGE) -> dict[str, set[str]]:
+    """module -> the modules of the package it imports anywhere in its source (top level or inside functions)."""
+    modules = package_modules(package_dir, package)
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(name, is_package, node.level, node.module)
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    targets.append(sub if sub in modules else base)
+            for target in targets:
+                if target == package or target.startswith(package + "."):
+                    if target not in modules:
+                        raise AssertionError(f"{path}: imports {target}, which is no module of {package}")
+                    if target != name:
+                        graph[name].add(target)
+    return graph
+
+
+def import_tangles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): modules that all reach each other."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return components
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One shortest cycle per tangle, as a closed path [a, b, a]."""
+    return [_closed_path(graph, set(c)) for c in import_tangles(graph)]
+
+
+def _closed_path(graph: dict[str, set[str]], component: set[str]) -> list[str]:
+    """A shortest cycle through the component's first module, e.g. [a, b, a]."""
+    start = min(component)
+    previous: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt_frontier = []
+        for node in frontier:
+            for nxt in sorted(graph[node] & component):
+                if nxt == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(previous[path[-1]])
+                    return [start, *reversed(path[:-1]), start] if node != start else [start, start]
+                if nxt not in previous:
+                    previous[nxt] = node
+                    nxt_frontier.append(nxt)
+        frontier = nxt_frontier
+    raise AssertionError(f"no cycle through {start}")
+
+
+def test_find_cycles_names_the_cycle(tmp_path):
+    """The checker itself: a three-module cycle through a function-level import and a relative import is found."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from . import c\n")
+    (pkg / "sub" / "c.py").write_text("import pkg.a\n")
+    (pkg / "d.py").write_text("from pkg import a\n")
+    graph = import_graph(pkg, "pkg")
+    assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.sub.c"} and graph["pkg.d"] == {"pkg.a"}
+    assert find_cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.sub.c", "pkg.a"]]
+    (pkg / "sub" / "c.py").write_text("import os\n")
+    assert find_cycles(import_graph(pkg, "pkg")) == []
+
+
+def test_no_import_cycles_in_fedseg():
+    graph = import_graph()
+    tangles = import_tangles(graph)
+    assert not tangles, "import cycles in fedseg (top-level and function-level imports):\n" + "\n".join(
+        f"{' -> '.join(_closed_path(graph, set(t)))}   (modules that import each other: {', '.join(t)})"
+        for t in tangles
+    )
+
+
+def _imported_names(path: Path, prefix: str) -> set[str]:
+    """Names a module imports (anywhere) from modules whose name starts with `prefix`."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(prefix):
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith(prefix))
+    return names
+
+
+# what the server takes from methods/: the definition of the network the sites train (FedSM's selector: its
+# settings and constructor, to create the first one), never a routine of the method
+SHARED_METHOD_DEFINITIONS = {f"fedseg.methods.fedsm.{n}" for n in
+                             ("DEFAULT_SELECTOR", "GAMMA_SWEEP", "SELECTOR_INPUT", "SelectorSettings", "build_selector")}
+
+
+def test_methods_are_site_side_and_algorithms_are_pure():
+    server_side = sorted(PACKAGE_DIR.glob("fl/*_controller.py"))
+    assert server_side, "no controllers found"
+    for path in server_side:
+        taken = _imported_names(path, "fedseg.methods")
+        assert taken <= SHARED_METHOD_DEFINITIONS, f"{path.name} takes site-side routines from methods/: {taken - SHARED_METHOD_DEFINITIONS}"
+    graph = import_graph()
+    for name, targets in graph.items():
+        if name.startswith("fedseg.methods"):
+            assert not {t for t in targets if t.startswith("fedseg.fl")}, f"{name} imports FLARE glue: {targets}"
+        if name.startswith("fedseg.algorithms"):
+            outside = {t for t in targets if not t.startswith("fedseg.algorithms")}
+            assert not outside, f"{name} (pure math) imports {outside}"
