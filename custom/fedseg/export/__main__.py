@@ -1,0 +1,5 @@
+import sys
+
+from fedseg.export.bundle import main
+
+sys.exit(main())

@@ -1,0 +1,399 @@
+"""`fedseg export`: trained model sets as MONAI bundles that `python -m monai.bundle run` executes.
+
+The fast tests build model sets in-process with the save functions the controllers use (fedseg.modelset,
+fedseg.methods.fedcross.save_members). The real run trains tiny FedAvg, FedCrossEns and FedSM jobs in the
+simulator, exports each, runs the bundle in a subprocess WITHOUT FedSeg on the Python path, and compares the
+segmentations and probabilities with `python -m fedseg.infer` and FedSeg's engine on the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import CUSTOM, TINY_ENGINE, copy_job, in_parallel, simulate
+from fedseg.engine import (
+    EngineConfig,
+    SegEngine,
+    SegNetwork,
+    load_numpy_state,
+    state_to_numpy,
+)
+from fedseg.engine.engine import eval_transforms
+from fedseg.export import ExportError, bundle_runtime, export_bundle, main
+from fedseg.export.bundle import instantiate, monai_network_config
+from fedseg.methods.fedsm import (
+    DEFAULT_SELECTOR,
+    SelectorSettings,
+    build_selector,
+    selector_input,
+)
+from fedseg.modelset import save_members, save_model_set
+from monai.transforms import Compose
+
+SMALL = {"roi_size": [32, 32], "network": {"arch": "unet", "channels": [8, 16, 32], "num_res_units": 1}}
+SITES = ["site-1", "site-2", "site-3"]
+
+
+def small_cfg(**changes) -> EngineConfig:
+    return EngineConfig.from_dict({**SMALL, **changes})
+
+
+def random_net(cfg: EngineConfig, seed: int) -> dict:
+    torch.manual_seed(seed)
+    return state_to_numpy(SegNetwork(**cfg.network_args()))
+
+
+def fedavg_set(root: Path, cfg: EngineConfig, with_config: bool = True) -> Path:
+    """<root>/app_server/fedavg/best.pt as FedAvgController writes it, the job config beside it."""
+    path = root / "app_server" / "fedavg" / "best.pt"
+    path.parent.mkdir(parents=True)
+    save_model_set(path, {"global": random_net(cfg, 0)}, {"round": 1, "best_score": 0.5, "best_round": 2})
+    if with_config:
+        config = root / "app_server" / "config"
+        config.mkdir()
+        engine = {k: v for k, v in cfg.to_dict().items() if k in SMALL}  # as a job states it: defaults left out
+        executor = {"path": "fedseg.fl.executor.SegExecutor", "args": {"engine": engine}}
+        (config / "config_fed_client.json").write_text(json.dumps({"executors": [{"tasks": ["*"], "executor": executor}]}))
+        (config / "config_fed_server.json").write_text(json.dumps({"workflows": [{"args": {"fedprox_mu": 0.01}}]}))
+    return path
+
+
+def fedcross_set(path: Path, cfg: EngineConfig, k: int = 3) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_members(path, [random_net(cfg, m) for m in range(k)], [{}] * k,
+                 {"communication": 2, "engine": cfg.to_dict(), "network_args": cfg.network_args()})
+    return path
+
+
+def fedsm_set(path: Path, cfg: EngineConfig, use_selector: bool = True) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups = {"global": random_net(cfg, 0), "personal": {s: random_net(cfg, i + 1) for i, s in enumerate(SITES)}}
+    if use_selector:
+        torch.manual_seed(9)
+        selector = build_selector(cfg.spatial_dims, cfg.in_channels, SelectorSettings.from_meta(len(SITES), None))
+        groups.update({"selector": state_to_numpy(selector), "selector_optim": {}})
+    save_model_set(path, groups, {"method": "fedsm", "round": 3, "site_names": SITES, "gamma": 0.9, "lam": 0.7,
+                                  "use_selector": use_selector, "selector": DEFAULT_SELECTOR if use_selector else None,
+                                  "engine": cfg.to_dict()})
+    return path
+
+
+# ---- the bundle's networks are FedSeg's ---------------------------------------------------------------------
+@pytest.mark.parametrize("network", [
+    {"arch": "unet", "channels": [8, 16, 32], "num_res_units": 2, "strides": [2, 1]},
+    {"arch": "segresnet", "channels": [8, 16, 32]},
+    {"arch": "dynunet", "channels": [8, 16, 32], "norm": "batch"},
+])
+def test_bundle_network_is_the_engines_network(network):
+    """The plain MONAI network the bundle config names takes FedSeg's weights (strict, "net." dropped) and
+    computes the same outputs."""
+    cfg = small_cfg(network=network)
+    fedseg_net = SegNetwork(**cfg.network_args()).eval()
+    plain = instantiate(monai_network_config(cfg.network_args())).eval()
+    plain.load_state_dict({k.removeprefix("net."): v for k, v in fedseg_net.state_dict().items()}, strict=True)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain(x), fedseg_net(x))
+
+
+def test_unknown_network_setting_is_refused():
+    with pytest.raises(ExportError, match="network settings \\['kernel'\\] are unknown"):
+        monai_network_config({**small_cfg().network_args(), "kernel": 5})
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_bundle_selector_is_fedsm_selector(spatial_dims):
+    """The bundle's copy of FedSM's selector (scripts/fedseg_bundle.py) has the same parameters and outputs."""
+    settings = SelectorSettings.from_meta(3, None)
+    torch.manual_seed(0)
+    fedsm_selector = build_selector(spatial_dims, 1, settings).eval()
+    copy = bundle_runtime.SelectorNet(3, spatial_dims, 3, settings.channels, settings.norm).eval()
+    copy.load_state_dict(fedsm_selector.state_dict(), strict=True)
+    raw = torch.rand(1, 1, *([40] * spatial_dims)) * 900 + 50
+    size = settings.size(spatial_dims)
+    assert torch.equal(bundle_runtime.selector_input(raw, size), selector_input(raw, size))
+    with torch.no_grad():
+        assert torch.equal(copy(bundle_runtime.selector_input(raw, size)), fedsm_selector(selector_input(raw, size)))
+
+
+# ---- model names, job config, output folder --------------------------------------------------------------
+def test_model_names_and_errors(tmp_path):
+    cfg = small_cfg()
+    avg = fedavg_set(tmp_path / "avg", cfg)
+    cross = fedcross_set(tmp_path / "cross" / "best.pt", cfg)
+    softpull = fedsm_set(tmp_path / "softpull" / "best.pt", cfg, use_selector=False)
+    with pytest.raises(ExportError, match=f"{avg}: model 'ensemble' is not in a FedAvg/FedProx model set; it has: global$"):
+        export_bundle(avg, tmp_path / "b1", "ensemble")
+    with pytest.raises(ExportError, match="model 'member:3' is not in a FedCross model set; it has: ensemble, member:0, "
+                                          "member:1, member:2$"):
+        export_bundle(cross, tmp_path / "b2", "member:3")
+    with pytest.raises(ExportError, match="'super' is not in a FedSM/SoftPull model set \\(a SoftPull set has no "
+                                          "selector, hence no super model\\); it has: global, personalized:site-1"):
+        export_bundle(softpull, tmp_path / "b3", "super")
+    with pytest.raises(ExportError, match="model 'best' is not a model name of"):
+        export_bundle(cross, tmp_path / "b4", "best")
+    not_a_set = tmp_path / "weights.pt"
+    torch.save({"net.w": torch.zeros(1)}, not_a_set)
+    with pytest.raises(ExportError, match=f"{not_a_set}: not a readable FedSeg model set"):
+        export_bundle(not_a_set, tmp_path / "b5")
+    with pytest.raises(ExportError, match="no such model-set file"):
+        export_bundle(tmp_path / "missing.pt", tmp_path / "b6")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("b", ".b"))]  # nothing written for a refused export
+    # defaults: what each job exists for
+    for models, expected in ((avg, "global"), (cross, "ensemble"), (softpull, "global")):
+        out = export_bundle(models, tmp_path / f"default_{expected}_{models.parent.name}")
+        assert json.loads((out / "configs" / "metadata.json").read_text())["fedseg"]["model"] == expected
+
+
+def test_fedavg_set_needs_the_jobs_engine_settings(tmp_path):
+    cfg = small_cfg()
+    moved = fedavg_set(tmp_path / "moved", cfg, with_config=False)
+    with pytest.raises(ExportError, match=f"{moved}: the model set records no engine settings .* pass --job-config"):
+        export_bundle(moved, tmp_path / "b")
+    app = fedavg_set(tmp_path / "job", cfg).parents[1]  # a run's app folder whose config/ has the client config
+    out = export_bundle(moved, tmp_path / "b", job_config=app)
+    meta = json.loads((out / "configs" / "metadata.json").read_text())["fedseg"]
+    assert meta["engine"] == cfg.to_dict() and meta["engine_settings_from"].endswith("config_fed_client.json")
+    # next to its run, the set finds the job config itself; the server config says it was FedProx
+    meta = json.loads((export_bundle(app / "fedavg" / "best.pt", tmp_path / "c") / "configs" /
+                       "metadata.json").read_text())
+    assert meta["fedseg"]["method"] == "fedprox" and meta["fedseg"]["fedprox_mu"] == 0.01
+    assert meta["fedseg"]["round"] == 1 and meta["fedseg"]["best_score"] == 0.5
+    with pytest.raises(ExportError, match="--job-config .*nothing: no config_fed_client.json there"):
+        export_bundle(moved, tmp_path / "d", job_config=tmp_path / "nothing")
+
+
+def test_output_folder_is_never_half_written(tmp_path, monkeypatch):
+    cfg = small_cfg()
+    models = fedcross_set(tmp_path / "set" / "best.pt", cfg)
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match=f"--out {out}: folder exists and is not empty \\(pass --overwrite"):
+        export_bundle(models, out)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    file_out = tmp_path / "file"
+    file_out.write_text("x")
+    with pytest.raises(ExportError, match="exists and is not a folder"):
+        export_bundle(models, file_out, overwrite=True)
+
+    from fedseg.export import bundle
+
+    def broken_readme(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bundle, "readme", broken_readme)  # a failure after the weights are written
+    with pytest.raises(OSError, match="disk full"):
+        export_bundle(models, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # the old folder untouched
+    monkeypatch.undo()
+    export_bundle(models, out, "member:1", overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "models" / "model.pt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "file", "set"]  # no temporary folders left
+
+
+def test_command_line(tmp_path, capsys):
+    models = fedsm_set(tmp_path / "set" / "best.pt", small_cfg())
+    assert main(["--models", str(models), "--out", str(tmp_path / "b"), "--model", "personalized:site-9"]) == 2
+    assert "model 'personalized:site-9' is not in a FedSM/SoftPull model set" in capsys.readouterr().err
+    assert main(["--models", str(models), "--out", str(tmp_path / "b")]) == 0
+    assert "(fedsm, model super)" in capsys.readouterr().out
+    files = sorted(str(p.relative_to(tmp_path / "b")) for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files == ["configs/inference.json", "configs/metadata.json", "docs/README.md", "models/global.pt",
+                     "models/model.pt", *[f"models/personalized_{s}.pt" for s in SITES], "models/selector.pt",
+                     "scripts/__init__.py", "scripts/fedseg_bundle.py"]
+
+
+def test_metadata_has_monai_fields_and_provenance(tmp_path):
+    import monai
+
+    models = fedcross_set(tmp_path / "set" / "best.pt", small_cfg(num_classes=3))
+    meta = json.loads((export_bundle(models, tmp_path / "b") / "configs" / "metadata.json").read_text())
+    for field in ("schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                  "required_packages_version", "task", "description", "authors", "copyright", "network_data_format"):
+        assert meta[field], field
+    assert meta["monai_version"] == monai.__version__
+    image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
+    assert image["num_channels"] == 1 and image["spatial_shape"] == [32, 32]
+    assert pred["num_channels"] == 3 and pred["format"] == "segmentation" and len(pred["channel_def"]) == 3
+    fedseg = meta["fedseg"]
+    assert fedseg["method"] == "fedcrossens" and fedseg["model"] == "ensemble" and fedseg["communication"] == 2
+    assert fedseg["num_models"] == 3 and len(fedseg["model_set_sha256"]) == 64
+    assert fedseg["model_set"] == str(models.resolve())
+
+
+# ---- real runs: simulator -> export -> monai.bundle run, against fedseg.infer ---------------------------
+def tiny_job(tmp: Path, name: str, **server_args) -> Path:
+    """jobs/<name> with the tiny engine at the sites (and on the server, for methods whose workflow has one)."""
+    config = json.loads((Path(__file__).parents[1] / "jobs" / name / "app" / "config" / "config_fed_server.json")
+                        .read_text())["workflows"][0]["args"]
+    if "engine" in config:
+        server_args["engine"] = {**config["engine"], **TINY_ENGINE}
+    return copy_job(name, tmp, server_args=server_args, engine=TINY_ENGINE)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny2d, tmp_path_factory) -> dict:
+    """Model sets of tiny FedAvg (2 rounds), FedCrossEns (3 communications) and FedSM (2 rounds) runs."""
+    tmp = tmp_path_factory.mktemp("export_runs")
+    jobs = {"fedavg": tiny_job(tmp / "a", "fedavg", num_rounds=2),
+            "fedcrossens": tiny_job(tmp / "b", "fedcrossens", num_communications=3, visit_steps=4),
+            "fedsm": tiny_job(tmp / "c", "fedsm", num_rounds=2)}
+    runs = in_parallel(**{name: (lambda job=job, name=name: simulate(job, tmp / f"ws_{name}", tiny2d, n=3))
+                          for name, job in jobs.items()})
+    out = {name: run.workspace / "server" / "simulate_job" / "app_server" for name, run in runs.items()}
+    return {"fedavg": out["fedavg"] / "fedavg" / "best.pt", "fedcrossens": out["fedcrossens"] / "fedcross" / "best.pt",
+            "fedsm": out["fedsm"] / "fedsm" / "best.pt"}
+
+
+def run_python(args: list[str], cwd: Path, pythonpath: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=900, check=False)
+    assert result.returncode == 0, f"{args}: {result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def bundle_runs(trained, tiny2d, tmp_path_factory) -> dict:
+    """Each model set exported and run with `python -m monai.bundle run` (cwd elsewhere, no FedSeg on the path),
+    and `python -m fedseg.infer` on the same images, all in parallel."""
+    tmp = tmp_path_factory.mktemp("bundles")
+    images = tmp / "images"
+    images.mkdir()
+    for site in ("site-1", "site-2", "site-3"):
+        for entry in json.loads((tiny2d / site / "datalist.json").read_text())["testing"][:2]:
+            shutil.copy(tiny2d / site / entry["image"] if not Path(entry["image"]).is_absolute() else entry["image"], images)
+    bundles = {name: export_bundle(models, tmp / f"bundle_{name}") for name, models in trained.items()}
+    cwd = tmp / "elsewhere"
+    cwd.mkdir()
+    commands = {
+        name: (["-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+                "--dataset_dir", str(images), "--output_dir", str(tmp / f"out_{name}"), "--save_probabilities", "True"],
+               None)
+        for name, bundle in bundles.items()
+    }
+    commands["infer_fedcrossens"] = (["-m", "fedseg.infer", "ensemble", "--models", str(trained["fedcrossens"]),
+                                      "--input", str(images), "--out", str(tmp / "infer_fedcrossens")], str(CUSTOM))
+    commands["infer_fedsm"] = (["-m", "fedseg.infer", "fedsm", "--models", str(trained["fedsm"]), "--input",
+                                str(images), "--out", str(tmp / "infer_fedsm")], str(CUSTOM))
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        futures = {name: pool.submit(run_python, args, cwd, path) for name, (args, path) in commands.items()}
+        logs = {name: f.result().stdout for name, f in futures.items()}
+    return {"images": images, "tmp": tmp, "bundles": bundles, "logs": logs,
+            "cases": sorted(p.name[: -len(".nii.gz")] for p in images.iterdir())}
+
+
+def engine_for(models: Path) -> tuple[SegEngine, dict, dict]:
+    from fedseg.export.modelsets import read_trained_models
+
+    t = read_trained_models(models)
+    return SegEngine(t.engine, {}, site="test"), t.groups, t.info
+
+
+def read_image(path: Path) -> torch.Tensor:
+    item = Compose(eval_transforms(("image",)))({"image": str(path)})
+    return item["image"].as_tensor().unsqueeze(0)
+
+
+def net_of(engine: SegEngine, weights: dict) -> torch.nn.Module:
+    net = engine.new_network()
+    load_numpy_state(net, weights)
+    return net
+
+
+def bundle_probs(path: Path, spatial_shape: tuple) -> np.ndarray:
+    """<case>_prob.nii.gz as (classes, *spatial)."""
+    array = np.asarray(nib.load(str(path)).dataobj)
+    return np.moveaxis(array.reshape(*spatial_shape, -1), -1, 0)
+
+
+def check_outputs(runs: dict, name: str, expected_probs: dict, infer_dir: Path | None = None) -> None:
+    """Bundle outputs against FedSeg's: probabilities within 1e-4, segmentations equal, the inputs' affines."""
+    out = runs["tmp"] / f"out_{name}"
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c}_{kind}.nii.gz" for c in runs["cases"]
+                                                           for kind in ("prob", "seg"))
+    for case in runs["cases"]:
+        source = nib.load(str(runs["images"] / f"{case}.nii.gz"))
+        seg = nib.load(str(out / f"{case}_seg.nii.gz"))
+        assert seg.shape == source.shape and np.allclose(seg.affine, source.affine)
+        probs = bundle_probs(out / f"{case}_prob.nii.gz", source.shape)
+        np.testing.assert_allclose(probs, expected_probs[case], atol=1e-4)
+        labels = np.asarray(seg.dataobj)
+        assert (labels == expected_probs[case].argmax(0)).mean() == 1.0
+        if infer_dir is not None:
+            assert (labels == np.asarray(nib.load(str(infer_dir / f"{case}_seg.nii.gz")).dataobj)).mean() == 1.0
+
+
+def test_fedavg_bundle_segments_like_fedseg(trained, bundle_runs):
+    """FedAvg's global model: the bundle (plain MONAI UNet + SlidingWindowInferer) equals FedSeg's engine
+    (fedseg.infer has no global-model command in this version, so the engine itself is the reference)."""
+    engine, groups, _ = engine_for(trained["fedavg"])
+    net = net_of(engine, groups["global"])
+    expected = {c: engine.predict_probs(net, read_image(bundle_runs["images"] / f"{c}.nii.gz"))[0].numpy()
+                for c in bundle_runs["cases"]}
+    check_outputs(bundle_runs, "fedavg", expected)
+    # the weights load into the plain MONAI network without renaming keys
+    from monai.networks.nets import UNet
+
+    bundle = bundle_runs["bundles"]["fedavg"]
+    network = json.loads((bundle / "configs" / "inference.json").read_text())["network_def"]
+    assert network.pop("_target_") == "monai.networks.nets.UNet"
+    plain = UNet(**network)
+    plain.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True), strict=True)
+    case = bundle_runs["cases"][0]
+    np.testing.assert_allclose(engine.predict_probs(plain, read_image(bundle_runs["images"] / f"{case}.nii.gz"))[0],
+                               expected[case], atol=1e-6)
+
+
+def test_fedcrossens_bundle_segments_like_fedseg_infer(trained, bundle_runs):
+    engine, groups, info = engine_for(trained["fedcrossens"])
+    nets = [net_of(engine, groups["members"][f"m{m}"]) for m in range(info["num_models"])]
+    assert len(nets) == 3
+    expected = {}
+    for c in bundle_runs["cases"]:
+        image = read_image(bundle_runs["images"] / f"{c}.nii.gz")
+        expected[c] = torch.stack([engine.predict_probs(net, image) for net in nets]).mean(0)[0].numpy()
+    check_outputs(bundle_runs, "fedcrossens", expected, bundle_runs["tmp"] / "infer_fedcrossens")
+    from monai.networks.nets import UNet
+
+    bundle = bundle_runs["bundles"]["fedcrossens"]
+    network = json.loads((bundle / "configs" / "inference.json").read_text())["member_def"]
+    assert network.pop("_target_") == "monai.networks.nets.UNet"
+    for m in range(3):
+        UNet(**network).load_state_dict(torch.load(bundle / "models" / f"member_{m}.pt", weights_only=True), strict=True)
+
+
+def test_fedsm_bundle_routes_and_segments_like_fedseg_infer(trained, bundle_runs):
+    engine, groups, _ = engine_for(trained["fedsm"])
+    summary = json.loads((bundle_runs["tmp"] / "infer_fedsm" / "summary.json").read_text())
+    chosen = {row["case"]: row["model"] for row in summary["cases"]}
+    log = bundle_runs["logs"]["fedsm"]
+    expected = {}
+    for c in bundle_runs["cases"]:
+        weights = groups["global"] if chosen[c] == "global" else groups["personal"][chosen[c]]
+        expected[c] = engine.predict_probs(net_of(engine, weights), read_image(bundle_runs["images"] / f"{c}.nii.gz"))[0].numpy()
+        assert f"{c}.nii.gz -> {chosen[c]} model" in log  # the bundle's selector chose what fedseg.infer chose
+    check_outputs(bundle_runs, "fedsm", expected, bundle_runs["tmp"] / "infer_fedsm")
+
+
+def test_bundles_need_no_fedseg(bundle_runs):
+    """The runs above had no FedSeg on the Python path; the bundles name only MONAI and their own scripts."""
+    for bundle in bundle_runs["bundles"].values():
+        assert "fedseg." not in (bundle / "configs" / "inference.json").read_text().replace("scripts.fedseg_bundle.", "")
+        assert (bundle / "scripts" / "fedseg_bundle.py").is_file() == (bundle.name != "bundle_fedavg")
+        for script in (bundle / "scripts").glob("*.py"):
+            imports = [line for line in script.read_text().splitlines() if line.startswith(("import ", "from "))]
+            assert not [line for line in imports if "fedseg" in line], (script, imports)
