@@ -3,7 +3,7 @@
 The fast tests build model sets in-process with the save functions the controllers use (fedseg.modelset,
 fedseg.methods.fedcross.save_members). The real run trains tiny FedAvg, FedCrossEns and FedSM jobs in the
 simulator, exports each, runs the bundle in a subprocess WITHOUT FedSeg on the Python path, and compares the
-segmentations and probabilities with `python -m fedseg.infer` and FedSeg's engine on the same images.
+segmentations with `python -m fedseg.infer` and the probabilities with FedSeg's engine on the same images.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from fedseg.methods.fedsm import (
     build_selector,
     selector_input,
 )
-from fedseg.modelset import save_members, save_model_set
+from fedseg.modelset import load_model_set, save_members, save_model_set
 from monai.transforms import Compose
 
 SMALL = {"roi_size": [32, 32], "network": {"arch": "unet", "channels": [8, 16, 32], "num_res_units": 1}}
@@ -232,6 +232,31 @@ def test_metadata_has_monai_fields_and_provenance(tmp_path):
     assert fedseg["model_set"] == str(models.resolve())
 
 
+def test_3d_bundle_runs_in_process_like_the_engine(tmp_path):
+    """A volume model (random weights, roi smaller than the image: several overlapping windows) run through the
+    bundle's workflow with monai.bundle.run gives the engine's probabilities and the input's affine."""
+    from monai.bundle import run
+
+    cfg = small_cfg(spatial_dims=3, roi_size=[16, 16, 16], sw_batch_size=2, overlap=0.5,
+                    network={"arch": "unet", "channels": [4, 8], "num_res_units": 1})
+    models = fedcross_set(tmp_path / "set" / "best.pt", cfg, k=2)
+    out = export_bundle(models, tmp_path / "bundle", "member:1")
+    images = tmp_path / "images"
+    images.mkdir()
+    affine = np.array([[0.8, 0, 0, -10], [0, 1.2, 0, 5], [0, 0, 2.5, 30], [0, 0, 0, 1]])
+    volume = np.random.default_rng(0).normal(300, 80, size=(30, 26, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, affine), str(images / "vol.nii.gz"))
+    run(config_file=str(out / "configs" / "inference.json"), dataset_dir=str(images),
+        output_dir=str(tmp_path / "seg"), save_probabilities=True)
+    engine = SegEngine(cfg, {}, site="test")
+    expected = engine.predict_probs(net_of(engine, load_model_set(models)[0]["members"]["m1"]),
+                                    read_image(images / "vol.nii.gz"))[0].numpy()
+    seg = nib.load(str(tmp_path / "seg" / "vol_seg.nii.gz"))
+    assert seg.shape == volume.shape and np.allclose(seg.affine, affine)
+    np.testing.assert_allclose(bundle_probs(tmp_path / "seg" / "vol_prob.nii.gz", volume.shape), expected, atol=1e-4)
+    assert np.array_equal(np.asarray(seg.dataobj), expected.argmax(0))
+
+
 # ---- real runs: simulator -> export -> monai.bundle run, against fedseg.infer ---------------------------
 def tiny_job(tmp: Path, name: str, **server_args) -> Path:
     """jobs/<name> with the tiny engine at the sites (and on the server, for methods whose workflow has one)."""
@@ -285,6 +310,8 @@ def bundle_runs(trained, tiny2d, tmp_path_factory) -> dict:
                None)
         for name, bundle in bundles.items()
     }
+    commands["infer_fedavg"] = (["-m", "fedseg.infer", "global", "--models", str(trained["fedavg"]), "--input",
+                                 str(images), "--out", str(tmp / "infer_fedavg")], str(CUSTOM))
     commands["infer_fedcrossens"] = (["-m", "fedseg.infer", "ensemble", "--models", str(trained["fedcrossens"]),
                                       "--input", str(images), "--out", str(tmp / "infer_fedcrossens")], str(CUSTOM))
     commands["infer_fedsm"] = (["-m", "fedseg.infer", "fedsm", "--models", str(trained["fedsm"]), "--input",
@@ -338,13 +365,13 @@ def check_outputs(runs: dict, name: str, expected_probs: dict, infer_dir: Path |
 
 
 def test_fedavg_bundle_segments_like_fedseg(trained, bundle_runs):
-    """FedAvg's global model: the bundle (plain MONAI UNet + SlidingWindowInferer) equals FedSeg's engine
-    (fedseg.infer has no global-model command in this version, so the engine itself is the reference)."""
+    """FedAvg's global model: the bundle (plain MONAI UNet + SlidingWindowInferer) segments as
+    `fedseg.infer global`, with the engine's probabilities."""
     engine, groups, _ = engine_for(trained["fedavg"])
     net = net_of(engine, groups["global"])
     expected = {c: engine.predict_probs(net, read_image(bundle_runs["images"] / f"{c}.nii.gz"))[0].numpy()
                 for c in bundle_runs["cases"]}
-    check_outputs(bundle_runs, "fedavg", expected)
+    check_outputs(bundle_runs, "fedavg", expected, bundle_runs["tmp"] / "infer_fedavg")
     # the weights load into the plain MONAI network without renaming keys
     from monai.networks.nets import UNet
 
