@@ -61,12 +61,14 @@ def _main() -> None:
     try:
         written = allow_fedseg_in_simulation(workspace)
     except Exception as e:  # noqa: BLE001 - never break the simulator: it then reports the refused class itself
-        print(f"fedseg: could not write the simulation allow-list in {workspace}/local: {type(e).__name__}: {e}",
-              file=sys.stderr)
+        print(
+            f"fedseg: could not write the simulation allow-list in {workspace}/local: {type(e).__name__}: {e}", file=sys.stderr
+        )
         return
     if written:
-        print(f"fedseg: wrote {written}: NVFlare's default class allow-list plus FedSeg's classes (exact paths)",
-              file=sys.stderr)
+        print(
+            f"fedseg: wrote {written}: NVFlare's default class allow-list plus FedSeg's classes (exact paths)", file=sys.stderr
+        )
 
 
 _main()

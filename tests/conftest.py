@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Callable
 import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
@@ -51,8 +51,14 @@ def tiny3d(tmp_path_factory) -> Path:
     return out
 
 
-def copy_job(name: str, dest: Path, server_args: dict | None = None, client_args: dict | None = None,
-             engine: dict | None = None, workflow: int = 0) -> Path:
+def copy_job(
+    name: str,
+    dest: Path,
+    server_args: dict | None = None,
+    client_args: dict | None = None,
+    engine: dict | None = None,
+    workflow: int = 0,
+) -> Path:
     """Copy jobs/<name> to dest and change a few settings the way a user edits the JSON configs."""
     job = dest / name
     shutil.rmtree(job, ignore_errors=True)
@@ -84,7 +90,9 @@ def simulate(job: Path, workspace: Path, data: Path, n: int = 3, expect_ok: bool
 
     extra_env = kwargs.pop("extra_env", {})
     helpers = str(Path(__file__).resolve().parent / "helpers")
-    extra_env.setdefault("PYTHONPATH", os.pathsep.join([str(CUSTOM), helpers]) if kwargs.get("on_pythonpath", True) else helpers)
+    extra_env.setdefault(
+        "PYTHONPATH", os.pathsep.join([str(CUSTOM), helpers]) if kwargs.get("on_pythonpath", True) else helpers
+    )
     kwargs.setdefault("timeout", 900)
     # the tests' fault-injecting executors, by exact class path (as the product allows its own classes)
     kwargs.setdefault("allow_classes", ("fedseg_faults.FaultySegExecutor", "fedseg_faults_cross.CrossFaultExecutor"))

@@ -93,10 +93,10 @@ def test_weighted_average_key_mismatch_raises(models):
     bad = dict(models)
     bad["site-2"] = {k: v for k, v in models["site-2"].items() if k != "conv.bias"}
     with pytest.raises(ValueError, match="conv.bias"):
-        weighted_average(bad, {s: 1.0 for s in bad})
+        weighted_average(bad, dict.fromkeys(bad, 1.0))
     bad["site-2"] = {**models["site-2"], "extra": np.zeros(1)}
     with pytest.raises(ValueError, match="extra"):
-        weighted_average(bad, {s: 1.0 for s in bad})
+        weighted_average(bad, dict.fromkeys(bad, 1.0))
 
 
 @pytest.mark.parametrize("weights", [{"a": 0.0, "b": 0.0}, {"a": -1.0, "b": 2.0}, {"a": float("nan"), "b": 1.0}, {"a": 1.0}])
@@ -232,7 +232,7 @@ def test_softpull_lambda_one_keeps_own_models_exactly(models):
 def test_softpull_lambda_one_over_n_is_plain_average(models):
     n = len(models)
     out = softpull(models, 1.0 / n)
-    plain = weighted_average(models, {s: 1.0 for s in models})
+    plain = weighted_average(models, dict.fromkeys(models, 1.0))
     for s in models:
         for k in plain:
             mean = np.mean([models[t][k].astype(np.float64) for t in models], axis=0)
@@ -388,7 +388,7 @@ def test_schedule_block_visits_every_site_once(kind, n, k):
     sched = make_schedule(kind, sites, k, 3 * n + 1, seed=3)
     for b in range(3):
         for counts in visits_per_model(sched[b * n : (b + 1) * n]):
-            assert counts == {s: 1 for s in sites}
+            assert counts == dict.fromkeys(sites, 1)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])

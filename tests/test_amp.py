@@ -50,8 +50,9 @@ def test_skipped_amp_steps_are_not_counted_and_the_scale_persists(tiny2d):
     optimizer = engine.new_optimizer(net)
     batches = poison(net, {1, 3})
     lrs, steps = [], []
-    stats = engine.train(net, 5, optimizer=optimizer, lr_at_step=lambda i: lrs.append(i) or 1e-3,
-                         on_step=lambda i, loss: steps.append(i))
+    stats = engine.train(
+        net, 5, optimizer=optimizer, lr_at_step=lambda i: lrs.append(i) or 1e-3, on_step=lambda i, loss: steps.append(i)
+    )
     assert batches[0] == 7 and (stats.steps, stats.skipped) == (5, 2)  # 7 batches for 5 applied steps
     assert adam_steps(optimizer) == {5.0}  # Adam itself stepped 5 times: the skipped batches changed nothing
     assert steps == [0, 1, 2, 3, 4] and lrs == [0, 1, 1, 2, 2, 3, 4]  # a retried step keeps its position

@@ -144,8 +144,7 @@ def test_no_import_cycles_in_fedseg():
     graph = import_graph()
     tangles = import_tangles(graph)
     assert not tangles, "import cycles in fedseg (top-level and function-level imports):\n" + "\n".join(
-        f"{' -> '.join(_closed_path(graph, set(t)))}   (modules that import each other: {', '.join(t)})"
-        for t in tangles
+        f"{' -> '.join(_closed_path(graph, set(t)))}   (modules that import each other: {', '.join(t)})" for t in tangles
     )
 
 
@@ -162,8 +161,10 @@ def _imported_names(path: Path, prefix: str) -> set[str]:
 
 # what the server takes from methods/: the definition of the network the sites train (FedSM's selector: its
 # settings and constructor, to create the first one), never a routine of the method
-SHARED_METHOD_DEFINITIONS = {f"fedseg.methods.fedsm.{n}" for n in
-                             ("DEFAULT_SELECTOR", "GAMMA_SWEEP", "SELECTOR_INPUT", "SelectorSettings", "build_selector")}
+SHARED_METHOD_DEFINITIONS = {
+    f"fedseg.methods.fedsm.{n}"
+    for n in ("DEFAULT_SELECTOR", "GAMMA_SWEEP", "SELECTOR_INPUT", "SelectorSettings", "build_selector")
+}
 
 
 def test_methods_are_site_side_and_algorithms_are_pure():
@@ -171,7 +172,9 @@ def test_methods_are_site_side_and_algorithms_are_pure():
     assert server_side, "no controllers found"
     for path in server_side:
         taken = _imported_names(path, "fedseg.methods")
-        assert taken <= SHARED_METHOD_DEFINITIONS, f"{path.name} takes site-side routines from methods/: {taken - SHARED_METHOD_DEFINITIONS}"
+        assert taken <= SHARED_METHOD_DEFINITIONS, (
+            f"{path.name} takes site-side routines from methods/: {taken - SHARED_METHOD_DEFINITIONS}"
+        )
     graph = import_graph()
     for name, targets in graph.items():
         if name.startswith("fedseg.methods"):

@@ -64,8 +64,10 @@ def _steps_from_schedule(plan, budget: Budget, kind: str, k: int) -> dict[str, i
     return steps
 
 
-@pytest.mark.parametrize("rounds,epochs,visit", [(3, 2, None), (4, 2, 4), (2, 3, 6), (5, 1, None), (4, 2, None),
-                                                 (6, 4, None), (2, 2, None), (4, 4, 2), (10, 2, None)])
+@pytest.mark.parametrize(
+    "rounds,epochs,visit",
+    [(3, 2, None), (4, 2, 4), (2, 3, 6), (5, 1, None), (4, 2, None), (6, 4, None), (2, 2, None), (4, 4, 2), (10, 2, None)],
+)
 def test_fedcross_budget_holds_on_the_real_schedule(rounds, epochs, visit):
     budget = Budget(rounds, epochs, SITE_STEPS)
     n = budget.n_sites
@@ -108,7 +110,9 @@ def test_budgets_that_cannot_split_are_refused():
         plan_method("fedsm", Budget(3, 2, SITE_STEPS), fedsm_policy="rounds")  # R odd
     with pytest.raises(ValueError, match="does not divide"):
         plan_method("fedcross", Budget(3, 2, SITE_STEPS), fedcross_visit_epochs=4)
-    with pytest.raises(ValueError, match="R=3 rounds x E=2 epochs: 6 epochs per site cannot be split into whole Latin blocks of 4"):
+    with pytest.raises(
+        ValueError, match="R=3 rounds x E=2 epochs: 6 epochs per site cannot be split into whole Latin blocks of 4"
+    ):
         plan_method("fedcrossens", Budget(3, 2, SITE_STEPS))  # 4 sites
     with pytest.raises(ValueError, match="Latin blocks"):
         plan_method("fedcrossens", Budget(4, 2, SITE_STEPS), fedcrossens_visit_epochs=4)  # 2 communications at 4 sites
@@ -168,8 +172,16 @@ def test_run_specs_cover_both_protocols_the_ablation_and_the_peers():
     assert plan_run(specs["nvflare_fedavg"], budget).rounds == 4
     assert plan_run(specs["fedcrossens-paper"], budget).seg_steps_total == budget.n_sites * budget.total_steps
     only_paper = {s.key for s in run_specs(METHODS, protocols=("paper",))}
-    assert only_paper == {"local", "centralized", "fedavg", "fedprox", "fedcross", "fedsm-paper", "softpull-paper",
-                          "fedcrossens-paper"}
+    assert only_paper == {
+        "local",
+        "centralized",
+        "fedavg",
+        "fedprox",
+        "fedcross",
+        "fedsm-paper",
+        "softpull-paper",
+        "fedcrossens-paper",
+    }
     with pytest.raises(ValueError, match="unknown protocol"):
         run_specs(METHODS, protocols=("fast",))
 
@@ -201,8 +213,9 @@ size, method, arrays = serialized_size(FLModelUtils.to_shareable(FLModel(params=
 reset_peak_rss()
 print(json.dumps({"size": size, "method": method, "arrays": arrays, "rss": peak_rss_bytes()}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(CUSTOM)}).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(CUSTOM)}
+    ).stdout
     m = json.loads(out.strip().splitlines()[-1])
     assert m["arrays"] == 40028 and m["size"] >= m["arrays"] and m["method"] in ("fobs", "array_nbytes")
     assert m["rss"] > 10 * 2**20
@@ -211,13 +224,24 @@ print(json.dumps({"size": size, "method": method, "arrays": arrays, "rss": peak_
 def test_cost_ratios_from_a_record():
     from fedseg.bench.cost import ratios
 
-    plain = {"fedavg_small": {"wall_seconds": 2.0, "cpu_seconds": 2.0, "process_wall_seconds": 10.0, "process_cpu_seconds": 8.0},
-             "fedavg_realistic": {"wall_seconds": 20.0, "process_wall_seconds": 30.0, "process_cpu_seconds": 28.0},
-             "monai": {"images_per_second": 50.0}, "engine": {"images_per_second": 45.0}}
-    jobs = {"fedavg_small_shipped": {"training_wall_seconds": 10.0, "job_wall_seconds": 60.0, "job_cpu_seconds": 40.0,
-                                     "training_cpu_seconds": 3.0, "overhead_per_round_seconds": 2.1},
-            "fedavg_small_tuned": {"training_wall_seconds": 3.0, "job_wall_seconds": 40.0, "job_cpu_seconds": 30.0},
-            "solo_shipped": {"executor_images_per_second": 25.0}, "solo_lean": {"executor_images_per_second": 40.0}}
+    plain = {
+        "fedavg_small": {"wall_seconds": 2.0, "cpu_seconds": 2.0, "process_wall_seconds": 10.0, "process_cpu_seconds": 8.0},
+        "fedavg_realistic": {"wall_seconds": 20.0, "process_wall_seconds": 30.0, "process_cpu_seconds": 28.0},
+        "monai": {"images_per_second": 50.0},
+        "engine": {"images_per_second": 45.0},
+    }
+    jobs = {
+        "fedavg_small_shipped": {
+            "training_wall_seconds": 10.0,
+            "job_wall_seconds": 60.0,
+            "job_cpu_seconds": 40.0,
+            "training_cpu_seconds": 3.0,
+            "overhead_per_round_seconds": 2.1,
+        },
+        "fedavg_small_tuned": {"training_wall_seconds": 3.0, "job_wall_seconds": 40.0, "job_cpu_seconds": 30.0},
+        "solo_shipped": {"executor_images_per_second": 25.0},
+        "solo_lean": {"executor_images_per_second": 40.0},
+    }
     r = ratios({"plain": plain, "jobs": jobs})
     assert r["fl_overhead"]["small/shipped"]["training_wall_ratio"] == 5.0
     assert r["fl_overhead"]["small/tuned"]["cpu_ratio"] == 30.0 / 8.0
@@ -245,9 +269,14 @@ def test_a_method_without_a_flare_job_is_reported_missing(tmp_path, monkeypatch)
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "out"
-    proc = subprocess.run([sys.executable, "-m", "fedseg.bench", "--preset", "smoke", "--out", str(out)],
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedseg.bench", "--preset", "smoke", "--out", str(out)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return out
 
@@ -260,8 +289,12 @@ def test_smoke_preset_runs_every_method_end_to_end(smoke_run):
     assert sorted(cell["methods"]) == sorted([*METHODS, *paper])  # both protocols, every method
     # measured at the sites: every equal-steps run trained exactly B steps; the papers' own protocols: FedSM and
     # SoftPull 2B (both networks the full E epochs per round), FedCrossEns N*B (every member a full FedCross schedule)
-    expected = {**dict.fromkeys(METHODS, budget), "fedsm-paper": 2 * budget, "softpull-paper": 2 * budget,
-                "fedcrossens-paper": len(cell["sites"]) * budget}
+    expected = {
+        **dict.fromkeys(METHODS, budget),
+        "fedsm-paper": 2 * budget,
+        "softpull-paper": 2 * budget,
+        "fedcrossens-paper": len(cell["sites"]) * budget,
+    }
     for m, rec in cell["methods"].items():
         assert rec["status"] == "ok", (m, rec.get("error"))
         models = rec["results"]["models"]
@@ -274,9 +307,13 @@ def test_smoke_preset_runs_every_method_end_to_end(smoke_run):
     # the paper runs really ran their papers' plans: R rounds x E epochs per network, N*R communications
     assert cell["methods"]["fedsm-paper"]["workflow_args"]["local_epochs"] == cell["budget"]["epochs"]
     assert cell["methods"]["fedsm"]["workflow_args"]["local_epochs"] == cell["budget"]["epochs"] // 2
-    assert cell["methods"]["fedcrossens-paper"]["workflow_args"]["num_communications"] == \
-        len(cell["sites"]) * cell["methods"]["fedcrossens"]["workflow_args"]["num_communications"] * \
-        cell["methods"]["fedcrossens"]["workflow_args"]["visit_epochs"] // cell["budget"]["epochs"]
+    assert (
+        cell["methods"]["fedcrossens-paper"]["workflow_args"]["num_communications"]
+        == len(cell["sites"])
+        * cell["methods"]["fedcrossens"]["workflow_args"]["num_communications"]
+        * cell["methods"]["fedcrossens"]["workflow_args"]["visit_epochs"]
+        // cell["budget"]["epochs"]
+    )
     # one LR policy for every method; the same model-selection rule: FedAvg/FedProx score their best-validated model
     assert cell["methods"]["fedcross"]["workflow_args"]["lr_schedule"] == "constant"
     for m in ("fedavg", "fedprox"):
@@ -309,8 +346,12 @@ def test_smoke_report_and_plots(smoke_run, tmp_path):
     # both protocols side by side, with the extra compute next to the Dice and the flattened column
     assert "**Equal steps: every method trains B segmentation steps.**" in md and "**Each paper's own protocol" in md
     assert "steps used / B" in md and "flattened? (last-25% gain)" in md
-    for row in ("| FedSM (paper protocol) | FedSM super model |", "| SoftPull (paper protocol) |",
-                "| FedCrossEns (paper protocol) | ensemble |", "| FedAvg (same run) | global (best) |"):
+    for row in (
+        "| FedSM (paper protocol) | FedSM super model |",
+        "| SoftPull (paper protocol) |",
+        "| FedCrossEns (paper protocol) | ensemble |",
+        "| FedAvg (same run) | global (best) |",
+    ):
         assert row in md, row
     assert "= 2B |" in md and "FedSM personalized (own site) — oracle routing: uses the site's identity" in md
     assert "beats FedAvg by ≥ 2 Dice points under at least one protocol" in md and "centralized beats local-only" in md
@@ -352,8 +393,9 @@ def test_data_scarce_variant_keeps_validation_and_test_cases(tmp_path):
         for section in ("training", "validation", "testing"):
             for case in lists[1][section]:  # the scarce variant's files are the full variant's, byte for byte
                 for key in ("image", "label"):
-                    assert (tmp_path / "scarce" / a["site"] / case[key]).read_bytes() == \
-                        (tmp_path / "full" / a["site"] / case[key]).read_bytes(), (section, case[key])
+                    assert (tmp_path / "scarce" / a["site"] / case[key]).read_bytes() == (
+                        tmp_path / "full" / a["site"] / case[key]
+                    ).read_bytes(), (section, case[key])
     with pytest.raises(ValueError, match="not both"):
         generate_dataset(tmp_path / "x", n_sites=2, size="tiny", cases_per_site=3, labelled_training=2)
 
@@ -364,16 +406,31 @@ def _cell(seed: int, dice: dict[str, float], sites=("a", "b"), curves: dict | No
     methods = {}
     for key, d in dice.items():
         method = key.split("-")[0]
-        model = {"fedsm": "FedSM super model", "fedcrossens": "ensemble", "local": "local (own site)",
-                 "centralized": "centralized", "nvflare_cyclic": "global (last)"}.get(method, "global (best)")
-        methods[key] = {"method": method, "status": "ok", "protocol": "paper" if key.endswith("-paper") else "equal",
-                        "group": "stock" if method in STOCK else "main", "headline_model": model,
-                        "plan": {"seg_steps_total": 100, "budget_multiple": 2.0 if key.endswith("-paper") else 1.0},
-                        "seg_steps": 200 if key.endswith("-paper") else 100,
-                        "results": {"models": {model: {s: {"dice": d} for s in sites}}},
-                        "curve": (curves or {}).get(key, [])}
-    return {"dataset": "d", "seed": seed, "sites": list(sites), "budget": {"rounds": 4, "epochs": 2, "total_steps": 100},
-            "methods": methods}
+        model = {
+            "fedsm": "FedSM super model",
+            "fedcrossens": "ensemble",
+            "local": "local (own site)",
+            "centralized": "centralized",
+            "nvflare_cyclic": "global (last)",
+        }.get(method, "global (best)")
+        methods[key] = {
+            "method": method,
+            "status": "ok",
+            "protocol": "paper" if key.endswith("-paper") else "equal",
+            "group": "stock" if method in STOCK else "main",
+            "headline_model": model,
+            "plan": {"seg_steps_total": 100, "budget_multiple": 2.0 if key.endswith("-paper") else 1.0},
+            "seg_steps": 200 if key.endswith("-paper") else 100,
+            "results": {"models": {model: {s: {"dice": d} for s in sites}}},
+            "curve": (curves or {}).get(key, []),
+        }
+    return {
+        "dataset": "d",
+        "seed": seed,
+        "sites": list(sites),
+        "budget": {"rounds": 4, "epochs": 2, "total_steps": 100},
+        "methods": methods,
+    }
 
 
 def test_flattened_uses_the_last_quarter_of_the_curve():
@@ -392,8 +449,17 @@ def test_flattened_uses_the_last_quarter_of_the_curve():
 def test_headline_answers_come_from_the_numbers():
     from fedseg.bench.benchmark_report import _headline_sentences, headline_facts
 
-    runs = {"local": 0.70, "centralized": 0.80, "fedavg": 0.60, "fedsm": 0.61, "fedsm-paper": 0.63, "fedcrossens": 0.59,
-            "fedcrossens-paper": 0.615, "fedcross": 0.65, "nvflare_cyclic": 0.67}
+    runs = {
+        "local": 0.70,
+        "centralized": 0.80,
+        "fedavg": 0.60,
+        "fedsm": 0.61,
+        "fedsm-paper": 0.63,
+        "fedcrossens": 0.59,
+        "fedcrossens-paper": 0.615,
+        "fedcross": 0.65,
+        "nvflare_cyclic": 0.67,
+    }
     cells = [_cell(s, {k: v + 0.001 * s for k, v in runs.items()}) for s in range(3)]
     facts = headline_facts(cells)
     assert facts["fedsm"]["beats_fedavg"] is True  # +3 points under its own protocol, +1 under equal steps
@@ -418,10 +484,12 @@ def test_fedsm_selector_and_gamma_sweep_readers():
     assert st["a"] == {"argmax_own": 1.0, "routed_own": 0.75, "routed_global": 0.25, "cases": 4}
     assert st["b"]["routed_own"] == 0.5 and st["b"]["routed_global"] == 0.0
     assert selector_stats({**extra, "routed_own": {"a": 0.5}}, ["a"])["a"]["routed_own"] == 0.5  # the site's own count wins
-    layouts = [{"0.5": {"a": 0.8, "b": 0.6}, "1.0": {"a": 0.7, "b": 0.5}},
-               {"a": {"0.5": 0.8, "1.0": 0.7}, "b": {"0.5": {"dice": 0.6}, "1.0": {"dice": 0.5}}},
-               [{"gamma": 0.5, "per_site": {"a": 0.8, "b": 0.6}}, {"gamma": 1.0, "per_site": {"a": 0.7, "b": 0.5}}],
-               {"gammas": [0.5, 1.0], "dice": {"a": [0.8, 0.7], "b": [0.6, 0.5]}, "mean": [0.7, 0.6]}]
+    layouts = [
+        {"0.5": {"a": 0.8, "b": 0.6}, "1.0": {"a": 0.7, "b": 0.5}},
+        {"a": {"0.5": 0.8, "1.0": 0.7}, "b": {"0.5": {"dice": 0.6}, "1.0": {"dice": 0.5}}},
+        [{"gamma": 0.5, "per_site": {"a": 0.8, "b": 0.6}}, {"gamma": 1.0, "per_site": {"a": 0.7, "b": 0.5}}],
+        {"gammas": [0.5, 1.0], "dice": {"a": [0.8, 0.7], "b": [0.6, 0.5]}, "mean": [0.7, 0.6]},
+    ]
     for raw in layouts:
         sweep = gamma_sweep({"gamma_sweep": raw})
         assert sorted(sweep) == [0.5, 1.0] and sweep[0.5]["mean"] == pytest.approx(0.7), raw
@@ -464,13 +532,20 @@ def test_progress_line_reads_the_running_job(tmp_path):
     app = ws / "server" / "simulate_job" / "app_server" / "bench"
     app.mkdir(parents=True)
     now = time.time()
-    (app / "timeline.json").write_text(json.dumps([
-        {"method": "fedavg__s0", "phase": "start", "time": now - 50}, {"method": "fedavg__s0", "phase": "end", "time": now - 30},
-        {"method": "fedsm__s0", "phase": "start", "time": now - 20}]))
+    (app / "timeline.json").write_text(
+        json.dumps(
+            [
+                {"method": "fedavg__s0", "phase": "start", "time": now - 50},
+                {"method": "fedavg__s0", "phase": "end", "time": now - 30},
+                {"method": "fedsm__s0", "phase": "start", "time": now - 20},
+            ]
+        )
+    )
     for site in ("site-1", "site-2"):
         (ws / site / "simulate_job").mkdir(parents=True)
-        (ws / site / "simulate_job" / "fedseg_meter.jsonl").write_text("\n".join(json.dumps(
-            {"task_name": "fedsm_train", "round": r, "t_in": now - 15 + r}) for r in range(3)) + "\n")
+        (ws / site / "simulate_job" / "fedseg_meter.jsonl").write_text(
+            "\n".join(json.dumps({"task_name": "fedsm_train", "round": r, "t_in": now - 15 + r}) for r in range(3)) + "\n"
+        )
     budget = Budget(4, 2, {"site-1": 2, "site-2": 2})
     specs = run_specs(["fedavg", "fedsm", "fedcross"], protocols=("equal",))
     progress = Progress(every=60)
@@ -491,9 +566,15 @@ def test_sigterm_stops_the_benchmark_and_everything_it_started(tmp_path):
     import psutil
 
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "fedseg.bench", "--preset", "smoke", "--out", str(out), "--protocols", "equal"],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedseg.bench", "--preset", "smoke", "--out", str(out), "--protocols", "equal"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
     def ours() -> list[psutil.Process]:
         found = []
@@ -546,14 +627,41 @@ def test_benchmark_baselines_run_in_their_own_process(tiny2d, tmp_path):
     from fedseg.baselines import site_train_counts
     from fedseg.bench.jobs import save_initial_checkpoint
 
-    engine = {"spatial_dims": 2, "roi_size": [32, 32], "batch_size": 4, "seed": 0,
-              "network": {"arch": "unet", "channels": [8, 16], "num_res_units": 1}}
+    engine = {
+        "spatial_dims": 2,
+        "roi_size": [32, 32],
+        "batch_size": 4,
+        "seed": 0,
+        "network": {"arch": "unet", "channels": [8, 16], "num_res_units": 1},
+    }
     init = save_initial_checkpoint(tmp_path / "init.pt", engine, 0)
     out = tmp_path / "baselines.json"
-    proc = subprocess.run([sys.executable, "-m", "fedseg.baselines", "benchmark", "--data", str(tiny2d), "--engine",
-                           json.dumps(engine), "--rounds", "2", "--epochs", "1", "--seeds", "0", "--inits", str(init),
-                           "--out", str(out)], env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedseg.baselines",
+            "benchmark",
+            "--data",
+            str(tiny2d),
+            "--engine",
+            json.dumps(engine),
+            "--rounds",
+            "2",
+            "--epochs",
+            "1",
+            "--seeds",
+            "0",
+            "--inits",
+            str(init),
+            "--out",
+            str(out),
+        ],
+        env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     record = json.loads(out.read_text())
     sites = sorted(site_train_counts(tiny2d))
@@ -562,7 +670,31 @@ def test_benchmark_baselines_run_in_their_own_process(tiny2d, tmp_path):
     assert sorted(seed["local"]["results"]["models"]["local (own site)"]) == sites
     assert seed["local"]["seg_steps"] == record["budget"]["total_steps"] == seed["centralized"]["seg_steps"]
     assert len(seed["centralized"]["curve"]) == 3 and seed["centralized"]["results"]["extra"]["best_checkpoint"] in (1, 2)
-    bad = subprocess.run([sys.executable, "-m", "fedseg.baselines", "benchmark", "--data", str(tiny2d), "--engine", "{}",
-                          "--rounds", "2", "--epochs", "1", "--seeds", "0", "1", "--inits", str(init), "--out", str(out)],
-                         env={**os.environ, "PYTHONPATH": str(CUSTOM)}, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedseg.baselines",
+            "benchmark",
+            "--data",
+            str(tiny2d),
+            "--engine",
+            "{}",
+            "--rounds",
+            "2",
+            "--epochs",
+            "1",
+            "--seeds",
+            "0",
+            "1",
+            "--inits",
+            str(init),
+            "--out",
+            str(out),
+        ],
+        env={**os.environ, "PYTHONPATH": str(CUSTOM)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "one --inits checkpoint per --seeds seed" in bad.stderr

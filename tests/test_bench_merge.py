@@ -17,11 +17,24 @@ PUBLISHED_RAW = REPO / "docs" / "benchmarks" / "raw"
 
 
 def _part(seeds, **run_changes):
-    run = {"preset": "standard", "rounds": 24, "epochs": 2, "methods": ["fedavg"], "protocols": ["equal"],
-           "lr_schedule": "constant", "seeds": seeds, "command": f"bench --seeds {seeds}", "seconds": 100.0,
-           "cpu_seconds": 150.0, "started": f"s{seeds[0]}", "finished": f"f{seeds[0]}",
-           "datasets": {"a": {"kind": "synthetic", "engine": {"batch_size": 4}, "rounds": 24, "epochs": 2},
-                        "b": {"kind": "polyp", "engine": {"batch_size": 4}, "rounds": 24, "epochs": 2}}}
+    run = {
+        "preset": "standard",
+        "rounds": 24,
+        "epochs": 2,
+        "methods": ["fedavg"],
+        "protocols": ["equal"],
+        "lr_schedule": "constant",
+        "seeds": seeds,
+        "command": f"bench --seeds {seeds}",
+        "seconds": 100.0,
+        "cpu_seconds": 150.0,
+        "started": f"s{seeds[0]}",
+        "finished": f"f{seeds[0]}",
+        "datasets": {
+            "a": {"kind": "synthetic", "engine": {"batch_size": 4}, "rounds": 24, "epochs": 2},
+            "b": {"kind": "polyp", "engine": {"batch_size": 4}, "rounds": 24, "epochs": 2},
+        },
+    }
     run.update(run_changes)
     cells = [{"dataset": ds, "seed": s, "methods": {}} for s in seeds for ds in ("b", "a")]
     return {"run": run, "cells": cells}
@@ -37,8 +50,9 @@ def test_merge_unions_seeds_and_keeps_every_part():
     assert "bench --seeds [0]" in run["command"] and "bench --seeds [1, 2]" in run["command"]
 
 
-@pytest.mark.parametrize("change", [{"rounds": 20}, {"protocols": ["equal", "paper"]}, {"lr_schedule": "poly"},
-                                    {"methods": ["fedavg", "fedsm"]}])
+@pytest.mark.parametrize(
+    "change", [{"rounds": 20}, {"protocols": ["equal", "paper"]}, {"lr_schedule": "poly"}, {"methods": ["fedavg", "fedsm"]}]
+)
 def test_merge_refuses_a_different_benchmark(change):
     key = next(iter(change))
     with pytest.raises(MergeError, match=f"'{key}'"):
@@ -59,12 +73,26 @@ def test_merge_refuses_different_datasets_and_duplicate_cells():
 def _gpu_cell():
     site = lambda a, b: {"site-1": a, "site-2": b}  # noqa: E731
     rec = lambda wall, steps, secs, gpu: {  # noqa: E731
-        "status": "ok", "wall_seconds": wall, "seg_steps": sum(steps.values()), "site_seg_steps": steps,
-        "site_train_task_seconds": secs, "gpu_memory": gpu}
-    return {"cells": [{"dataset": "synth2d", "budget": {"batch_size": 4}, "methods": {
-        "fedavg": rec(40.0, site(10, 20), site(2.0, 4.0), site(2**20, 3 * 2**20)),
-        "fedcross": rec(100.0, site(15, 15), site(1.0, 0.0), site(5 * 2**20, 5 * 2**20)),
-        "fedsm": {"status": "missing"}}}]}
+        "status": "ok",
+        "wall_seconds": wall,
+        "seg_steps": sum(steps.values()),
+        "site_seg_steps": steps,
+        "site_train_task_seconds": secs,
+        "gpu_memory": gpu,
+    }
+    return {
+        "cells": [
+            {
+                "dataset": "synth2d",
+                "budget": {"batch_size": 4},
+                "methods": {
+                    "fedavg": rec(40.0, site(10, 20), site(2.0, 4.0), site(2**20, 3 * 2**20)),
+                    "fedcross": rec(100.0, site(15, 15), site(1.0, 0.0), site(5 * 2**20, 5 * 2**20)),
+                    "fedsm": {"status": "missing"},
+                },
+            }
+        ]
+    }
 
 
 def test_gpu_rows_ratios_and_rates():
@@ -97,6 +125,6 @@ def test_report_shows_merged_parts_and_the_gpu_table(tmp_path):
     (raw / "gpu.json").write_text(json.dumps(gpu))
     md = write_report(raw, tmp_path / "out").read_text()
     assert "Merged part" in md and "the second part" in md
-    gpu_part = md[md.index("## GPU"):]
+    gpu_part = md[md.index("## GPU") :]
     assert "Test GPU" in gpu_part and "| fedcross | synth2d | 100.0 | 2.50 | 5 MiB | 60 |" in gpu_part
     assert "no GPU was lent" not in md

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CUSTOM, REPO
+
 from fedseg import cli
 
 
@@ -129,8 +130,12 @@ def test_installed_fedseg_command_runs_help_and_demo(installed, tmp_path):
     where = run([str(venv / "bin" / "python"), "-c", "import fedseg; print(fedseg.__file__)"], cwd=tmp_path, env=env)
     assert str(venv) in where.stdout, where.stdout
     run([fedseg, "data", "synthetic", "--out", "data", "--sites", "2", "--size", "tiny"], cwd=tmp_path, env=env)
-    out = run([fedseg, "demo", "--data", "data", "--sites", "2", "--rounds", "1", "--workspace", "ws"],
-              cwd=tmp_path, env=env, timeout=1200)
+    out = run(
+        [fedseg, "demo", "--data", "data", "--sites", "2", "--rounds", "1", "--workspace", "ws"],
+        cwd=tmp_path,
+        env=env,
+        timeout=1200,
+    )
     assert "demo finished" in out.stdout, out.stdout[-3000:]
     for row in ("FedAvg", "FedSM super model", "FedCross", "FedCrossEns ensemble"):
         assert row in out.stdout, row

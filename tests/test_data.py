@@ -33,8 +33,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def run_module(module, *args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "custom"), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
 
 
 def read(path):
@@ -155,8 +154,16 @@ def test_sites_differ_measurably(gen2d):
 
 
 def test_generator_multiclass_multichannel_and_extra_sites(tmp_path):
-    summary = generate_dataset(tmp_path / "mc", n_sites=6, spatial_dims=2, seed=3, num_classes=3, size="tiny",
-                               cases_per_site=[3, 2, 2, 2, 2, 4], in_channels=2)
+    summary = generate_dataset(
+        tmp_path / "mc",
+        n_sites=6,
+        spatial_dims=2,
+        seed=3,
+        num_classes=3,
+        size="tiny",
+        cases_per_site=[3, 2, 2, 2, 2, 4],
+        in_channels=2,
+    )
     assert [s["counts"]["training"] for s in summary["sites"]] == [3, 2, 2, 2, 2, 4]
     for s in summary["sites"][4:]:  # sites beyond the archetypes stay within their ranges
         for key in ("noise", "bias", "spacing_ref", "radius_mm"):
@@ -181,8 +188,21 @@ def test_generator_multiclass_multichannel_and_extra_sites(tmp_path):
 
 
 def test_generator_cli_and_existing_output(tmp_path):
-    result = run_module("fedseg.data.synthetic", "--out", tmp_path / "cli", "--sites", 2, "--dims", 3,
-                        "--size", "tiny", "--cases", "2,3", "--seed", 5)
+    result = run_module(
+        "fedseg.data.synthetic",
+        "--out",
+        tmp_path / "cli",
+        "--sites",
+        2,
+        "--dims",
+        3,
+        "--size",
+        "tiny",
+        "--cases",
+        "2,3",
+        "--seed",
+        5,
+    )
     assert result.returncode == 0, result.stderr
     assert "site-2: 3/1/1 cases" in result.stdout
     summary = json.loads((tmp_path / "cli" / "dataset.json").read_text())
@@ -195,10 +215,9 @@ def test_generator_cli_and_existing_output(tmp_path):
 
 
 def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
-    with pytest.raises(RuntimeError):
-        with atomic_output_dir(tmp_path / "out") as tmp:
-            (tmp / "half-written.nii.gz").write_bytes(b"x")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "half-written.nii.gz").write_bytes(b"x")
+        raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -345,12 +364,27 @@ def break_2d_image_stored_as_3d(path, dl):
     return victim, ["image has shape (32, 32, 1)", "not a 2-D image"]
 
 
-@pytest.mark.parametrize("breaker", [
-    break_missing_datalist, break_invalid_json, break_not_an_object, break_empty_training,
-    break_entry_without_image, break_missing_image, break_missing_label, break_garbage_nifti,
-    break_truncated_nifti, break_shape_mismatch, break_affine_mismatch, break_label_out_of_range,
-    break_non_integer_label, break_nan_in_image, break_2d_image_stored_as_3d,
-], ids=lambda f: f.__name__[len("break_"):])
+@pytest.mark.parametrize(
+    "breaker",
+    [
+        break_missing_datalist,
+        break_invalid_json,
+        break_not_an_object,
+        break_empty_training,
+        break_entry_without_image,
+        break_missing_image,
+        break_missing_label,
+        break_garbage_nifti,
+        break_truncated_nifti,
+        break_shape_mismatch,
+        break_affine_mismatch,
+        break_label_out_of_range,
+        break_non_integer_label,
+        break_nan_in_image,
+        break_2d_image_stored_as_3d,
+    ],
+    ids=lambda f: f.__name__[len("break_") :],
+)
 def test_validation_names_site_file_and_problem(site_copy, breaker):
     path, dl = site_copy
     validate_site_data(str(path), "site-1")  # intact before breaking
@@ -439,12 +473,20 @@ def test_duplicate_cases_are_refused(site_copy):
     original = path.read_text()
     raw = edit_datalist(path, lambda d: d["training"].append(dict(d["training"][1])))
     image, label = dl["training"][1]["image"], dl["training"][1]["label"]
-    refused(path, "listed more than once", f"training[1] and training[6] use the same image {image} and label {label}",
-            check_files=False)
+    refused(
+        path,
+        "listed more than once",
+        f"training[1] and training[6] use the same image {image} and label {label}",
+        check_files=False,
+    )
     # The same case in training and testing, written differently (./ and an absolute path).
     path.write_text(original)
-    edit_datalist(path, lambda d: d["testing"].__setitem__(0, {"image": "./" + raw["training"][2]["image"],
-                                                               "label": dl["training"][2]["label"]}))
+    edit_datalist(
+        path,
+        lambda d: d["testing"].__setitem__(
+            0, {"image": "./" + raw["training"][2]["image"], "label": dl["training"][2]["label"]}
+        ),
+    )
     refused(path, "training[2] and testing[0] use the same image", "and label")
     # Only the label file is shared (a copy-paste slip).
     path.write_text(original)
@@ -480,8 +522,10 @@ def test_empty_labels_warn_and_all_empty_training_is_refused(site_copy):
     refused(path, "every training label (6) is all background", "nothing to learn")
 
 
-@pytest.mark.parametrize("wrong, right", [("trainig", "training"), ("valdation", "validation"), ("test", "testing"),
-                                          ("Testing", "testing"), ("val", "validation")])
+@pytest.mark.parametrize(
+    "wrong, right",
+    [("trainig", "training"), ("valdation", "validation"), ("test", "testing"), ("Testing", "testing"), ("val", "validation")],
+)
 def test_misspelled_section_is_refused_with_a_hint(site_copy, wrong, right):
     path, _ = site_copy
 
@@ -535,8 +579,13 @@ def test_paths_outside_the_datalist_folder_are_refused(site_copy, tmp_path):
     for section, key, value, shown in cases:
         path.write_text(original)
         edit_datalist(path, lambda d, s=section, k=key, v=value: d[s][0].__setitem__(k, v))
-        refused(path, f"{section}[0] {key} lies outside the datalist's folder {path.parent}",
-                f"resolves to {os.path.realpath(shown)}", file=shown, check_files=False)
+        refused(
+            path,
+            f"{section}[0] {key} lies outside the datalist's folder {path.parent}",
+            f"resolves to {os.path.realpath(shown)}",
+            file=shown,
+            check_files=False,
+        )
     # A symlink that stays inside the folder is fine.
     path.write_text(original)
     os.replace(dl["testing"][0]["image"], path.parent / "kept.nii.gz")
@@ -554,24 +603,36 @@ def write_header_only(path: Path, shape, header=nib.Nifti2Header):
     path.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + bytes(64)))
 
 
-@pytest.mark.parametrize("shape, header", [((100000, 100000, 100000), nib.Nifti2Header),
-                                           ((32767, 32767, 32767), nib.Nifti1Header)],
-                         ids=["nifti2-1e15", "nifti1-3.5e13"])
+@pytest.mark.parametrize(
+    "shape, header",
+    [((100000, 100000, 100000), nib.Nifti2Header), ((32767, 32767, 32767), nib.Nifti1Header)],
+    ids=["nifti2-1e15", "nifti1-3.5e13"],
+)
 def test_huge_declared_volume_is_refused_from_the_header(site_copy, shape, header):
     path, dl = site_copy
     victim = Path(dl["training"][3]["label"])
     write_header_only(victim, shape, header)
     assert victim.stat().st_size < 1000 and nib.load(str(victim)).shape == shape
     voxels = int(np.prod(shape, dtype=object))
-    refused(path, f"label header declares shape {shape} = {voxels} voxels", "limit of 134217728 (max_voxels)",
-            "before reading", file=victim)
+    refused(
+        path,
+        f"label header declares shape {shape} = {voxels} voxels",
+        "limit of 134217728 (max_voxels)",
+        "before reading",
+        file=victim,
+    )
 
 
 def test_max_voxels_is_configurable(site_copy):
     path, dl = site_copy  # 32 x 32 images: 1024 voxels
     validate_site_data(str(path), "site-1", max_voxels=1024)
-    refused(path, "image header declares shape (32, 32) = 1024 voxels", "limit of 1000",
-            file=dl["training"][0]["image"], max_voxels=1000)
+    refused(
+        path,
+        "image header declares shape (32, 32) = 1024 voxels",
+        "limit of 1000",
+        file=dl["training"][0]["image"],
+        max_voxels=1000,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,8 +657,7 @@ def test_resolve_precedence_env_then_local_then_job(tmp_path):
     env.pop("FEDSEG_DATALIST")
     assert resolve_site_datalist("site-2", "/job/x.json", str(workspace), env) == "/data/local/site-2.json"
     assert resolve_site_datalist("site-2", "/job/{SITE_NAME}.json", str(tmp_path / "no-ws"), env) == "/job/site-2.json"
-    assert resolve_site_datalist("site-2", "/job/{SITE_NAME}.json", None, {**env, "FEDSEG_DATALIST": ""}) \
-        == "/job/site-2.json"
+    assert resolve_site_datalist("site-2", "/job/{SITE_NAME}.json", None, {**env, "FEDSEG_DATALIST": ""}) == "/job/site-2.json"
     # The site's settings still win when the job's path would be refused.
     assert resolve_site_datalist("site-2", "$HOME/../etc", str(workspace), {}) == "/data/local/site-2.json"
 
@@ -605,11 +665,11 @@ def test_resolve_precedence_env_then_local_then_job(tmp_path):
 def test_resolve_site_settings_expand_variables_and_relative_paths(tmp_path):
     workspace = tmp_path / "ws"
     env = {"DATA": "/mnt/data", "HOME": os.environ.get("HOME", "/root")}
-    assert resolve_site_datalist("a", None, None, {**env, "FEDSEG_DATALIST": "$DATA/{SITE_NAME}/dl.json"}) \
-        == "/mnt/data/a/dl.json"
+    assert (
+        resolve_site_datalist("a", None, None, {**env, "FEDSEG_DATALIST": "$DATA/{SITE_NAME}/dl.json"}) == "/mnt/data/a/dl.json"
+    )
     assert resolve_site_datalist("a", None, None, {**env, "FEDSEG_DATALIST": "${DATA}/x.json"}) == "/mnt/data/x.json"
-    assert resolve_site_datalist("a", None, None, {**env, "FEDSEG_DATALIST": "~/x.json"}) \
-        == os.path.expanduser("~/x.json")
+    assert resolve_site_datalist("a", None, None, {**env, "FEDSEG_DATALIST": "~/x.json"}) == os.path.expanduser("~/x.json")
     write_site_config(workspace, "../data/{SITE_NAME}/datalist.json")  # relative to the config file's folder
     assert resolve_site_datalist("a", "/job.json", str(workspace), env) == str(workspace / "data" / "a" / "datalist.json")
     write_site_config(workspace, "$DATA/{SITE_NAME}.json")
@@ -627,13 +687,19 @@ def test_job_datalist_refused_unless_the_site_allows_it(tmp_path):
             resolve_site_datalist("site-3", default, ws, env)
         error = caught.value
         assert error.site == "site-3" and default in error.problem
-        for way in ("FEDSEG_DATALIST", '"datalist"', "FEDSEG_ALLOW_JOB_DATALIST=1", '"allow_job_datalist": true',
-                    '"data_root"'):
+        for way in (
+            "FEDSEG_DATALIST",
+            '"datalist"',
+            "FEDSEG_ALLOW_JOB_DATALIST=1",
+            '"allow_job_datalist": true',
+            '"data_root"',
+        ):
             assert way in error.problem
     for value in ("0", "", "no"):
         with pytest.raises(DataValidationError, match="takes its data location only from its own settings"):
-            resolve_site_datalist("site-3", default, None,
-                                  {"FEDSEG_ALLOW_JOB_DATALIST": value, "FEDSEG_DATA": str(tmp_path / "data")})
+            resolve_site_datalist(
+                "site-3", default, None, {"FEDSEG_ALLOW_JOB_DATALIST": value, "FEDSEG_DATA": str(tmp_path / "data")}
+            )
     write_site_config(workspace, allow_job_datalist="yes", data_root=str(tmp_path / "data"))
     with pytest.raises(DataValidationError, match='"allow_job_datalist" must be true or false'):
         resolve_site_datalist("site-3", default, str(workspace), {})
@@ -669,8 +735,14 @@ def test_job_datalist_cannot_leave_the_data_root(tmp_path):
     (tmp_path / "private").mkdir()
     (root / "site-1" / "escape").symlink_to(tmp_path / "private")
     env = {**ALLOW, "FEDSEG_DATA": str(root)}
-    for value in ("$FEDSEG_DATA/../private/datalist.json", "../private/datalist.json", "/etc/passwd",
-                  "{SITE_NAME}/escape/datalist.json", f"{tmp_path}/private/datalist.json", "$FEDSEG_DATA/../data2/x"):
+    for value in (
+        "$FEDSEG_DATA/../private/datalist.json",
+        "../private/datalist.json",
+        "/etc/passwd",
+        "{SITE_NAME}/escape/datalist.json",
+        f"{tmp_path}/private/datalist.json",
+        "$FEDSEG_DATA/../data2/x",
+    ):
         with pytest.raises(DataValidationError) as caught:
             resolve_site_datalist("site-1", value, None, env)
         error = caught.value
@@ -683,8 +755,15 @@ def test_job_datalist_expands_no_other_variables(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
     env = {**ALLOW, "FEDSEG_DATA": str(root), "SECRET_TOKEN": "s3cr3t", "FEDSEG_DATA_X": str(root), "HOME": str(root)}
-    for value in ("$SECRET_TOKEN/datalist.json", "${SECRET_TOKEN}/x.json", "$FEDSEG_DATA_X/x.json", "$HOME/x.json",
-                  "$FEDSEG_DATA/$SECRET_TOKEN.json", "~/x.json", "~root/x.json"):
+    for value in (
+        "$SECRET_TOKEN/datalist.json",
+        "${SECRET_TOKEN}/x.json",
+        "$FEDSEG_DATA_X/x.json",
+        "$HOME/x.json",
+        "$FEDSEG_DATA/$SECRET_TOKEN.json",
+        "~/x.json",
+        "~root/x.json",
+    ):
         with pytest.raises(DataValidationError) as caught:
             resolve_site_datalist("site-1", value, None, env)
         error = caught.value
@@ -714,8 +793,13 @@ def test_simulator_sites_take_their_data_from_the_environment(tiny2d, tmp_path):
     job's datalist argument, here one this site would refuse, is not used."""
     from conftest import TINY_ENGINE, copy_job, simulate
 
-    job = copy_job("fedavg", tmp_path, server_args={"num_rounds": 1}, engine={**TINY_ENGINE, "local_epochs": 1},
-                   client_args={"datalist": "$HOME/{SITE_NAME}/datalist.json"})
+    job = copy_job(
+        "fedavg",
+        tmp_path,
+        server_args={"num_rounds": 1},
+        engine={**TINY_ENGINE, "local_epochs": 1},
+        client_args={"datalist": "$HOME/{SITE_NAME}/datalist.json"},
+    )
     result = simulate(job, tmp_path / "ws", tiny2d, n=2)
     for site in ("site-1", "site-2"):
         assert f"site {site}: datalist {tiny2d.resolve() / site / 'datalist.json'} OK" in result.log(site)
@@ -740,7 +824,7 @@ def make_picture_dataset(root: Path):
         h, w = size
         mask = np.zeros((h, w), np.uint8)
         top, left = rng.integers(2, h // 2), rng.integers(2, w // 2)
-        mask[top: top + h // 3, left: left + w // 4] = 255
+        mask[top : top + h // 3, left : left + w // 4] = 255
         image = rng.integers(0, 200, size=(h, w, 3) if colour else (h, w), dtype=np.uint8)
         image[mask > 0] = 250
         return image, mask
@@ -814,8 +898,9 @@ def test_convert_is_deterministic_and_seeded(pictures, tmp_path):
 
 
 def test_convert_grayscale_label_map_and_max_cases(pictures, tmp_path):
-    summary = convert_folder_dataset(pictures, tmp_path / "g", sites=["siteA"], grayscale=True,
-                                     label_map={"255": 2}, max_cases=5, split=(0.6, 0.2, 0.2))
+    summary = convert_folder_dataset(
+        pictures, tmp_path / "g", sites=["siteA"], grayscale=True, label_map={"255": 2}, max_cases=5, split=(0.6, 0.2, 0.2)
+    )
     assert summary["in_channels"] == 1 and summary["num_classes"] == 3
     assert summary["sites"][0]["counts"] == {"training": 3, "validation": 1, "testing": 1}
     datalist = load_datalist(str(tmp_path / "g" / "siteA" / "datalist.json"))
@@ -862,8 +947,7 @@ def test_convert_rejects_mismatched_mask_size_and_empty_threshold(pictures, tmp_
 
 @pytest.mark.skipif(not (SHARED_DATA / "polyp").is_dir(), reason="../shared/data/polyp not available")
 def test_convert_real_polyp_sites(tmp_path):
-    result = run_module("fedseg.data.convert", "--src", SHARED_DATA / "polyp", "--out", tmp_path / "polyp",
-                        "--max-cases", 8)
+    result = run_module("fedseg.data.convert", "--src", SHARED_DATA / "polyp", "--out", tmp_path / "polyp", "--max-cases", 8)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "polyp" / "dataset.json").read_text())
     assert [s["site"] for s in summary["sites"]] == ["CVC-ClinicDB", "Kvasir-SEG"]
@@ -877,8 +961,9 @@ def test_convert_real_polyp_sites(tmp_path):
     again = convert_folder_dataset(SHARED_DATA / "polyp", tmp_path / "again", max_cases=8)
     assert again["sites"] == summary["sites"]
     for site in ("CVC-ClinicDB", "Kvasir-SEG"):
-        assert ((tmp_path / "polyp" / site / "datalist.json").read_text()
-                == (tmp_path / "again" / site / "datalist.json").read_text())
+        assert (tmp_path / "polyp" / site / "datalist.json").read_text() == (
+            tmp_path / "again" / site / "datalist.json"
+        ).read_text()
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "prostate-slices").is_dir(), reason="../shared/data/prostate-slices not available")

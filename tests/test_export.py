@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import CUSTOM, TINY_ENGINE, copy_job, in_parallel, simulate
+from monai.transforms import Compose
+
 from fedseg.engine import (
     EngineConfig,
     SegEngine,
@@ -38,7 +40,6 @@ from fedseg.methods.fedsm import (
     selector_input,
 )
 from fedseg.modelset import load_model_set, save_members, save_model_set
-from monai.transforms import Compose
 
 SMALL = {"roi_size": [32, 32], "network": {"arch": "unet", "channels": [8, 16, 32], "num_res_units": 1}}
 SITES = ["site-1", "site-2", "site-3"]
@@ -70,8 +71,12 @@ def fedavg_set(root: Path, cfg: EngineConfig, with_config: bool = True) -> Path:
 
 def fedcross_set(path: Path, cfg: EngineConfig, k: int = 3) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_members(path, [random_net(cfg, m) for m in range(k)], [{}] * k,
-                 {"communication": 2, "engine": cfg.to_dict(), "network_args": cfg.network_args()})
+    save_members(
+        path,
+        [random_net(cfg, m) for m in range(k)],
+        [{}] * k,
+        {"communication": 2, "engine": cfg.to_dict(), "network_args": cfg.network_args()},
+    )
     return path
 
 
@@ -82,18 +87,32 @@ def fedsm_set(path: Path, cfg: EngineConfig, use_selector: bool = True) -> Path:
         torch.manual_seed(9)
         selector = build_selector(cfg.spatial_dims, cfg.in_channels, SelectorSettings.from_meta(len(SITES), None))
         groups.update({"selector": state_to_numpy(selector), "selector_optim": {}})
-    save_model_set(path, groups, {"method": "fedsm", "round": 3, "site_names": SITES, "gamma": 0.9, "lam": 0.7,
-                                  "use_selector": use_selector, "selector": DEFAULT_SELECTOR if use_selector else None,
-                                  "engine": cfg.to_dict()})
+    save_model_set(
+        path,
+        groups,
+        {
+            "method": "fedsm",
+            "round": 3,
+            "site_names": SITES,
+            "gamma": 0.9,
+            "lam": 0.7,
+            "use_selector": use_selector,
+            "selector": DEFAULT_SELECTOR if use_selector else None,
+            "engine": cfg.to_dict(),
+        },
+    )
     return path
 
 
 # ---- the bundle's networks are FedSeg's ---------------------------------------------------------------------
-@pytest.mark.parametrize("network", [
-    {"arch": "unet", "channels": [8, 16, 32], "num_res_units": 2, "strides": [2, 1]},
-    {"arch": "segresnet", "channels": [8, 16, 32]},
-    {"arch": "dynunet", "channels": [8, 16, 32], "norm": "batch"},
-])
+@pytest.mark.parametrize(
+    "network",
+    [
+        {"arch": "unet", "channels": [8, 16, 32], "num_res_units": 2, "strides": [2, 1]},
+        {"arch": "segresnet", "channels": [8, 16, 32]},
+        {"arch": "dynunet", "channels": [8, 16, 32], "norm": "batch"},
+    ],
+)
 def test_bundle_network_is_the_engines_network(network):
     """The plain MONAI network the bundle config names takes FedSeg's weights (strict, "net." dropped) and
     computes the same outputs."""
@@ -134,11 +153,15 @@ def test_model_names_and_errors(tmp_path):
     softpull = fedsm_set(tmp_path / "softpull" / "best.pt", cfg, use_selector=False)
     with pytest.raises(ExportError, match=f"{avg}: model 'ensemble' is not in a FedAvg/FedProx model set; it has: global$"):
         export_bundle(avg, tmp_path / "b1", "ensemble")
-    with pytest.raises(ExportError, match="model 'member:3' is not in a FedCross model set; it has: ensemble, member:0, "
-                                          "member:1, member:2$"):
+    with pytest.raises(
+        ExportError, match="model 'member:3' is not in a FedCross model set; it has: ensemble, member:0, member:1, member:2$"
+    ):
         export_bundle(cross, tmp_path / "b2", "member:3")
-    with pytest.raises(ExportError, match="'super' is not in a FedSM/SoftPull model set \\(a SoftPull set has no "
-                                          "selector, hence no super model\\); it has: global, personalized:site-1"):
+    with pytest.raises(
+        ExportError,
+        match="'super' is not in a FedSM/SoftPull model set \\(a SoftPull set has no "
+        "selector, hence no super model\\); it has: global, personalized:site-1",
+    ):
         export_bundle(softpull, tmp_path / "b3", "super")
     with pytest.raises(ExportError, match="model 'best' is not a model name of"):
         export_bundle(cross, tmp_path / "b4", "best")
@@ -165,8 +188,7 @@ def test_fedavg_set_needs_the_jobs_engine_settings(tmp_path):
     meta = json.loads((out / "configs" / "metadata.json").read_text())["fedseg"]
     assert meta["engine"] == cfg.to_dict() and meta["engine_settings_from"].endswith("config_fed_client.json")
     # next to its run, the set finds the job config itself; the server config says it was FedProx
-    meta = json.loads((export_bundle(app / "fedavg" / "best.pt", tmp_path / "c") / "configs" /
-                       "metadata.json").read_text())
+    meta = json.loads((export_bundle(app / "fedavg" / "best.pt", tmp_path / "c") / "configs" / "metadata.json").read_text())
     assert meta["fedseg"]["method"] == "fedprox" and meta["fedseg"]["fedprox_mu"] == 0.01
     assert meta["fedseg"]["round"] == 1 and meta["fedseg"]["best_score"] == 0.5
     with pytest.raises(ExportError, match="--job-config .*nothing: no config_fed_client.json there"):
@@ -209,9 +231,17 @@ def test_command_line(tmp_path, capsys):
     assert main(["--models", str(models), "--out", str(tmp_path / "b")]) == 0
     assert "(fedsm, model super)" in capsys.readouterr().out
     files = sorted(str(p.relative_to(tmp_path / "b")) for p in (tmp_path / "b").rglob("*") if p.is_file())
-    assert files == ["configs/inference.json", "configs/metadata.json", "docs/README.md", "models/global.pt",
-                     "models/model.pt", *[f"models/personalized_{s}.pt" for s in SITES], "models/selector.pt",
-                     "scripts/__init__.py", "scripts/fedseg_bundle.py"]
+    assert files == [
+        "configs/inference.json",
+        "configs/metadata.json",
+        "docs/README.md",
+        "models/global.pt",
+        "models/model.pt",
+        *[f"models/personalized_{s}.pt" for s in SITES],
+        "models/selector.pt",
+        "scripts/__init__.py",
+        "scripts/fedseg_bundle.py",
+    ]
 
 
 def test_metadata_has_monai_fields_and_provenance(tmp_path):
@@ -219,8 +249,20 @@ def test_metadata_has_monai_fields_and_provenance(tmp_path):
 
     models = fedcross_set(tmp_path / "set" / "best.pt", small_cfg(num_classes=3))
     meta = json.loads((export_bundle(models, tmp_path / "b") / "configs" / "metadata.json").read_text())
-    for field in ("schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
-                  "required_packages_version", "task", "description", "authors", "copyright", "network_data_format"):
+    for field in (
+        "schema",
+        "version",
+        "changelog",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "required_packages_version",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+        "network_data_format",
+    ):
         assert meta[field], field
     assert meta["monai_version"] == monai.__version__
     image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
@@ -237,8 +279,13 @@ def test_3d_bundle_runs_in_process_like_the_engine(tmp_path):
     bundle's workflow with monai.bundle.run gives the engine's probabilities and the input's affine."""
     from monai.bundle import run
 
-    cfg = small_cfg(spatial_dims=3, roi_size=[16, 16, 16], sw_batch_size=2, overlap=0.5,
-                    network={"arch": "unet", "channels": [4, 8], "num_res_units": 1})
+    cfg = small_cfg(
+        spatial_dims=3,
+        roi_size=[16, 16, 16],
+        sw_batch_size=2,
+        overlap=0.5,
+        network={"arch": "unet", "channels": [4, 8], "num_res_units": 1},
+    )
     models = fedcross_set(tmp_path / "set" / "best.pt", cfg, k=2)
     out = export_bundle(models, tmp_path / "bundle", "member:1")
     images = tmp_path / "images"
@@ -246,11 +293,16 @@ def test_3d_bundle_runs_in_process_like_the_engine(tmp_path):
     affine = np.array([[0.8, 0, 0, -10], [0, 1.2, 0, 5], [0, 0, 2.5, 30], [0, 0, 0, 1]])
     volume = np.random.default_rng(0).normal(300, 80, size=(30, 26, 20)).astype(np.float32)
     nib.save(nib.Nifti1Image(volume, affine), str(images / "vol.nii.gz"))
-    run(config_file=str(out / "configs" / "inference.json"), dataset_dir=str(images),
-        output_dir=str(tmp_path / "seg"), save_probabilities=True)
+    run(
+        config_file=str(out / "configs" / "inference.json"),
+        dataset_dir=str(images),
+        output_dir=str(tmp_path / "seg"),
+        save_probabilities=True,
+    )
     engine = SegEngine(cfg, {}, site="test")
-    expected = engine.predict_probs(net_of(engine, load_model_set(models)[0]["members"]["m1"]),
-                                    read_image(images / "vol.nii.gz"))[0].numpy()
+    expected = engine.predict_probs(
+        net_of(engine, load_model_set(models)[0]["members"]["m1"]), read_image(images / "vol.nii.gz")
+    )[0].numpy()
     seg = nib.load(str(tmp_path / "seg" / "vol_seg.nii.gz"))
     assert seg.shape == volume.shape and np.allclose(seg.affine, affine)
     np.testing.assert_allclose(bundle_probs(tmp_path / "seg" / "vol_prob.nii.gz", volume.shape), expected, atol=1e-4)
@@ -260,8 +312,9 @@ def test_3d_bundle_runs_in_process_like_the_engine(tmp_path):
 # ---- real runs: simulator -> export -> monai.bundle run, against fedseg.infer ---------------------------
 def tiny_job(tmp: Path, name: str, **server_args) -> Path:
     """jobs/<name> with the tiny engine at the sites (and on the server, for methods whose workflow has one)."""
-    config = json.loads((Path(__file__).parents[1] / "jobs" / name / "app" / "config" / "config_fed_server.json")
-                        .read_text())["workflows"][0]["args"]
+    config = json.loads((Path(__file__).parents[1] / "jobs" / name / "app" / "config" / "config_fed_server.json").read_text())[
+        "workflows"
+    ][0]["args"]
     if "engine" in config:
         server_args["engine"] = {**config["engine"], **TINY_ENGINE}
     return copy_job(name, tmp, server_args=server_args, engine=TINY_ENGINE)
@@ -271,22 +324,27 @@ def tiny_job(tmp: Path, name: str, **server_args) -> Path:
 def trained(tiny2d, tmp_path_factory) -> dict:
     """Model sets of tiny FedAvg (2 rounds), FedCrossEns (3 communications) and FedSM (2 rounds) runs."""
     tmp = tmp_path_factory.mktemp("export_runs")
-    jobs = {"fedavg": tiny_job(tmp / "a", "fedavg", num_rounds=2),
-            "fedcrossens": tiny_job(tmp / "b", "fedcrossens", num_communications=3, visit_steps=4),
-            "fedsm": tiny_job(tmp / "c", "fedsm", num_rounds=2)}
-    runs = in_parallel(**{name: (lambda job=job, name=name: simulate(job, tmp / f"ws_{name}", tiny2d, n=3))
-                          for name, job in jobs.items()})
+    jobs = {
+        "fedavg": tiny_job(tmp / "a", "fedavg", num_rounds=2),
+        "fedcrossens": tiny_job(tmp / "b", "fedcrossens", num_communications=3, visit_steps=4),
+        "fedsm": tiny_job(tmp / "c", "fedsm", num_rounds=2),
+    }
+    runs = in_parallel(
+        **{name: (lambda job=job, name=name: simulate(job, tmp / f"ws_{name}", tiny2d, n=3)) for name, job in jobs.items()}
+    )
     out = {name: run.workspace / "server" / "simulate_job" / "app_server" for name, run in runs.items()}
-    return {"fedavg": out["fedavg"] / "fedavg" / "best.pt", "fedcrossens": out["fedcrossens"] / "fedcross" / "best.pt",
-            "fedsm": out["fedsm"] / "fedsm" / "best.pt"}
+    return {
+        "fedavg": out["fedavg"] / "fedavg" / "best.pt",
+        "fedcrossens": out["fedcrossens"] / "fedcross" / "best.pt",
+        "fedsm": out["fedsm"] / "fedsm" / "best.pt",
+    }
 
 
 def run_python(args: list[str], cwd: Path, pythonpath: str | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=900, check=False)
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, f"{args}: {result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
@@ -305,22 +363,76 @@ def bundle_runs(trained, tiny2d, tmp_path_factory) -> dict:
     cwd = tmp / "elsewhere"
     cwd.mkdir()
     commands = {
-        name: (["-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
-                "--dataset_dir", str(images), "--output_dir", str(tmp / f"out_{name}"), "--save_probabilities", "True"],
-               None)
+        name: (
+            [
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                str(bundle / "configs" / "inference.json"),
+                "--dataset_dir",
+                str(images),
+                "--output_dir",
+                str(tmp / f"out_{name}"),
+                "--save_probabilities",
+                "True",
+            ],
+            None,
+        )
         for name, bundle in bundles.items()
     }
-    commands["infer_fedavg"] = (["-m", "fedseg.infer", "global", "--models", str(trained["fedavg"]), "--input",
-                                 str(images), "--out", str(tmp / "infer_fedavg")], str(CUSTOM))
-    commands["infer_fedcrossens"] = (["-m", "fedseg.infer", "ensemble", "--models", str(trained["fedcrossens"]),
-                                      "--input", str(images), "--out", str(tmp / "infer_fedcrossens")], str(CUSTOM))
-    commands["infer_fedsm"] = (["-m", "fedseg.infer", "fedsm", "--models", str(trained["fedsm"]), "--input",
-                                str(images), "--out", str(tmp / "infer_fedsm")], str(CUSTOM))
+    commands["infer_fedavg"] = (
+        [
+            "-m",
+            "fedseg.infer",
+            "global",
+            "--models",
+            str(trained["fedavg"]),
+            "--input",
+            str(images),
+            "--out",
+            str(tmp / "infer_fedavg"),
+        ],
+        str(CUSTOM),
+    )
+    commands["infer_fedcrossens"] = (
+        [
+            "-m",
+            "fedseg.infer",
+            "ensemble",
+            "--models",
+            str(trained["fedcrossens"]),
+            "--input",
+            str(images),
+            "--out",
+            str(tmp / "infer_fedcrossens"),
+        ],
+        str(CUSTOM),
+    )
+    commands["infer_fedsm"] = (
+        [
+            "-m",
+            "fedseg.infer",
+            "fedsm",
+            "--models",
+            str(trained["fedsm"]),
+            "--input",
+            str(images),
+            "--out",
+            str(tmp / "infer_fedsm"),
+        ],
+        str(CUSTOM),
+    )
     with ThreadPoolExecutor(max_workers=len(commands)) as pool:
         futures = {name: pool.submit(run_python, args, cwd, path) for name, (args, path) in commands.items()}
         logs = {name: f.result().stdout for name, f in futures.items()}
-    return {"images": images, "tmp": tmp, "bundles": bundles, "logs": logs,
-            "cases": sorted(p.name[: -len(".nii.gz")] for p in images.iterdir())}
+    return {
+        "images": images,
+        "tmp": tmp,
+        "bundles": bundles,
+        "logs": logs,
+        "cases": sorted(p.name[: -len(".nii.gz")] for p in images.iterdir()),
+    }
 
 
 def engine_for(models: Path) -> tuple[SegEngine, dict, dict]:
@@ -350,8 +462,9 @@ def bundle_probs(path: Path, spatial_shape: tuple) -> np.ndarray:
 def check_outputs(runs: dict, name: str, expected_probs: dict, infer_dir: Path | None = None) -> None:
     """Bundle outputs against FedSeg's: probabilities within 1e-4, segmentations equal, the inputs' affines."""
     out = runs["tmp"] / f"out_{name}"
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c}_{kind}.nii.gz" for c in runs["cases"]
-                                                           for kind in ("prob", "seg"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{c}_{kind}.nii.gz" for c in runs["cases"] for kind in ("prob", "seg")
+    )
     for case in runs["cases"]:
         source = nib.load(str(runs["images"] / f"{case}.nii.gz"))
         seg = nib.load(str(out / f"{case}_seg.nii.gz"))
@@ -369,8 +482,9 @@ def test_fedavg_bundle_segments_like_fedseg(trained, bundle_runs):
     `fedseg.infer global`, with the engine's probabilities."""
     engine, groups, _ = engine_for(trained["fedavg"])
     net = net_of(engine, groups["global"])
-    expected = {c: engine.predict_probs(net, read_image(bundle_runs["images"] / f"{c}.nii.gz"))[0].numpy()
-                for c in bundle_runs["cases"]}
+    expected = {
+        c: engine.predict_probs(net, read_image(bundle_runs["images"] / f"{c}.nii.gz"))[0].numpy() for c in bundle_runs["cases"]
+    }
     check_outputs(bundle_runs, "fedavg", expected, bundle_runs["tmp"] / "infer_fedavg")
     # the weights load into the plain MONAI network without renaming keys
     from monai.networks.nets import UNet
@@ -381,8 +495,9 @@ def test_fedavg_bundle_segments_like_fedseg(trained, bundle_runs):
     plain = UNet(**network)
     plain.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True), strict=True)
     case = bundle_runs["cases"][0]
-    np.testing.assert_allclose(engine.predict_probs(plain, read_image(bundle_runs["images"] / f"{case}.nii.gz"))[0],
-                               expected[case], atol=1e-6)
+    np.testing.assert_allclose(
+        engine.predict_probs(plain, read_image(bundle_runs["images"] / f"{case}.nii.gz"))[0], expected[case], atol=1e-6
+    )
 
 
 def test_fedcrossens_bundle_segments_like_fedseg_infer(trained, bundle_runs):
@@ -411,7 +526,9 @@ def test_fedsm_bundle_routes_and_segments_like_fedseg_infer(trained, bundle_runs
     expected = {}
     for c in bundle_runs["cases"]:
         weights = groups["global"] if chosen[c] == "global" else groups["personal"][chosen[c]]
-        expected[c] = engine.predict_probs(net_of(engine, weights), read_image(bundle_runs["images"] / f"{c}.nii.gz"))[0].numpy()
+        expected[c] = engine.predict_probs(net_of(engine, weights), read_image(bundle_runs["images"] / f"{c}.nii.gz"))[
+            0
+        ].numpy()
         assert f"{c}.nii.gz -> {chosen[c]} model" in log  # the bundle's selector chose what fedseg.infer chose
     check_outputs(bundle_runs, "fedsm", expected, bundle_runs["tmp"] / "infer_fedsm")
 

@@ -31,8 +31,7 @@ from conftest import JOBS, TINY_ENGINE, copy_job, set_executor_path, simulate
 from fedseg.algorithms.schedules import assign
 from fedseg.fl.fedcross_controller import SiteHealth
 from fedseg.fl.fedsm_controller import plan_round
-from fedseg.modelset import load_members
-from fedseg.modelset import load_model_set
+from fedseg.modelset import load_members, load_model_set
 
 FAULTY = "fedseg_faults.FaultySegExecutor"
 SITES = ["site-1", "site-2", "site-3"]
@@ -303,27 +302,52 @@ def site_killed(tiny2d, tmp_path_factory) -> dict:
     round/communication 1 (a slow task holds it there). FedSM also gets a bad update from site-3 (a missing key) in round 1 and from site-1 (a wrong shape) in
     round 2; FedCrossEns gets NaN optimizer state from site-1 in communication 2."""
     tmp = tmp_path_factory.mktemp("site_killed")
-    slow = lambda task, marker: {"site": "site-2", "round": 1, "task": task, "mode": "slow", "seconds": 300,  # noqa: E731
-                                 "marker": str(marker)}
-    fedsm = job(tmp / "fedsm", "fedsm", num_rounds=3, task_timeout=TIMEOUT, eval_timeout=TIMEOUT, faults=[
-        slow("fedsm_train", tmp / "fedsm.marker"),
-        {"site": "site-3", "round": 1, "task": "fedsm_train", "mode": "drop_key"},
-        {"site": "site-1", "round": 2, "task": "fedsm_train", "mode": "bad_shape"},
-    ])
-    ens = job(tmp / "ens", "fedcrossens", num_communications=3, visit_steps=4, task_timeout=TIMEOUT,
-              validate_timeout=TIMEOUT, max_site_failures=2, faults=[
-                  slow("cross_train", tmp / "ens.marker"),
-                  {"site": "site-1", "round": 2, "task": "cross_train", "mode": "nan_optim"},
-              ])
+    slow = lambda task, marker: {
+        "site": "site-2",
+        "round": 1,
+        "task": task,
+        "mode": "slow",
+        "seconds": 300,  # noqa: E731
+        "marker": str(marker),
+    }
+    fedsm = job(
+        tmp / "fedsm",
+        "fedsm",
+        num_rounds=3,
+        task_timeout=TIMEOUT,
+        eval_timeout=TIMEOUT,
+        faults=[
+            slow("fedsm_train", tmp / "fedsm.marker"),
+            {"site": "site-3", "round": 1, "task": "fedsm_train", "mode": "drop_key"},
+            {"site": "site-1", "round": 2, "task": "fedsm_train", "mode": "bad_shape"},
+        ],
+    )
+    ens = job(
+        tmp / "ens",
+        "fedcrossens",
+        num_communications=3,
+        visit_steps=4,
+        task_timeout=TIMEOUT,
+        validate_timeout=TIMEOUT,
+        max_site_failures=2,
+        faults=[
+            slow("cross_train", tmp / "ens.marker"),
+            {"site": "site-1", "round": 2, "task": "cross_train", "mode": "nan_optim"},
+        ],
+    )
     fedavg = job(tmp / "fedavg", "fedavg", num_rounds=3, task_timeout=TIMEOUT, faults=[slow("train", tmp / "fedavg.marker")])
     killed: dict = {}
     runs = run_all(
-        {"fedsm": background("fedsm", fedsm, tmp / "ws_fedsm", tiny2d),
-         "fedcrossens": background("fedcrossens", ens, tmp / "ws_ens", tiny2d),
-         "fedavg": background("fedavg", fedavg, tmp / "ws_fedavg", tiny2d)},
-        until={"fedsm": kill_site_when_marked(tmp / "ws_fedsm", tmp / "fedsm.marker", "site-2", killed),
-               "fedcrossens": kill_site_when_marked(tmp / "ws_ens", tmp / "ens.marker", "site-2", killed),
-               "fedavg": kill_site_when_marked(tmp / "ws_fedavg", tmp / "fedavg.marker", "site-2", killed)},
+        {
+            "fedsm": background("fedsm", fedsm, tmp / "ws_fedsm", tiny2d),
+            "fedcrossens": background("fedcrossens", ens, tmp / "ws_ens", tiny2d),
+            "fedavg": background("fedavg", fedavg, tmp / "ws_fedavg", tiny2d),
+        },
+        until={
+            "fedsm": kill_site_when_marked(tmp / "ws_fedsm", tmp / "fedsm.marker", "site-2", killed),
+            "fedcrossens": kill_site_when_marked(tmp / "ws_ens", tmp / "ens.marker", "site-2", killed),
+            "fedavg": kill_site_when_marked(tmp / "ws_fedavg", tmp / "fedavg.marker", "site-2", killed),
+        },
     )
     runs["killed"] = killed
     return runs
@@ -414,34 +438,72 @@ def server_killed(tiny2d, tmp_path_factory) -> dict:
     resume from those last.pt files; the server's own fedseg_server.json allows the killed runs' workspaces."""
     tmp = tmp_path_factory.mktemp("server_killed")
     ws = {name: tmp / f"ws_{name}" for name in ("fedsm", "ens", "fedavg")}
-    last = {"fedsm": ws["fedsm"] / "server/simulate_job" / FEDSM_OUT / "last.pt",
-            "ens": ws["ens"] / "server/simulate_job" / CROSS_OUT / "last.pt",
-            "fedavg": ws["fedavg"] / "server/simulate_job/app_server/fedavg/last.pt"}
-    slow = lambda name, task: [{"site": "site-1", "round": 2, "task": task, "mode": "slow", "seconds": 300,  # noqa: E731
-                                "marker": str(tmp / f"{name}.marker")}]
+    last = {
+        "fedsm": ws["fedsm"] / "server/simulate_job" / FEDSM_OUT / "last.pt",
+        "ens": ws["ens"] / "server/simulate_job" / CROSS_OUT / "last.pt",
+        "fedavg": ws["fedavg"] / "server/simulate_job/app_server/fedavg/last.pt",
+    }
+    slow = lambda name, task: [
+        {
+            "site": "site-1",
+            "round": 2,
+            "task": task,
+            "mode": "slow",
+            "seconds": 300,  # noqa: E731
+            "marker": str(tmp / f"{name}.marker"),
+        }
+    ]
     fedsm_args = {"num_rounds": 4, "sites": ["site-1", "site-2"]}
     ens_args = {"num_communications": 3, "visit_steps": 4}  # whole Latin blocks: a multiple of the 3 sites
     saved: dict = {}
     killed = run_all(
-        {"fedsm": background("fedsm", job(tmp / "a", "fedsm", slow("fedsm", "fedsm_train"), **fedsm_args), ws["fedsm"], tiny2d),
-         "ens": background("ens", job(tmp / "b", "fedcrossens", slow("ens", "cross_train"), **ens_args), ws["ens"], tiny2d),
-         "fedavg": background("fedavg", job(tmp / "c", "fedavg", slow("fedavg", "train"), num_rounds=4), ws["fedavg"], tiny2d)},
-        until={"fedsm": kill_server_when_marked(ws["fedsm"], tmp / "fedsm.marker", last["fedsm"], "round", saved),
-               "ens": kill_server_when_marked(ws["ens"], tmp / "ens.marker", last["ens"], "communication", saved),
-               "fedavg": kill_server_when_marked(ws["fedavg"], tmp / "fedavg.marker", last["fedavg"], "round", saved)},
+        {
+            "fedsm": background(
+                "fedsm", job(tmp / "a", "fedsm", slow("fedsm", "fedsm_train"), **fedsm_args), ws["fedsm"], tiny2d
+            ),
+            "ens": background("ens", job(tmp / "b", "fedcrossens", slow("ens", "cross_train"), **ens_args), ws["ens"], tiny2d),
+            "fedavg": background(
+                "fedavg", job(tmp / "c", "fedavg", slow("fedavg", "train"), num_rounds=4), ws["fedavg"], tiny2d
+            ),
+        },
+        until={
+            "fedsm": kill_server_when_marked(ws["fedsm"], tmp / "fedsm.marker", last["fedsm"], "round", saved),
+            "ens": kill_server_when_marked(ws["ens"], tmp / "ens.marker", last["ens"], "communication", saved),
+            "fedavg": kill_server_when_marked(ws["fedavg"], tmp / "fedavg.marker", last["fedavg"], "round", saved),
+        },
     )
-    before = {"fedsm": fedsm_history(killed["fedsm"]), "ens": cross_history(killed["ens"]),
-              "fedavg": json.loads((ws["fedavg"] / "server/simulate_job/app_server/fedavg/history.json").read_text()),
-              "fedsm_best": load_model_set(last["fedsm"].with_name("best.pt"))[1],
-              "ens_best": load_members(last["ens"].with_name("best.pt"))[2]}
-    resumed = run_all({
-        "fedsm": background("fedsm_resumed", job(tmp / "d", "fedsm", resume_from=str(last["fedsm"]), **fedsm_args),
-                            tmp / "ws_fedsm_resumed", tiny2d, resume_dirs=[ws["fedsm"]]),
-        "ens": background("ens_resumed", job(tmp / "e", "fedcrossens", resume_from=str(last["ens"]), **ens_args),
-                          tmp / "ws_ens_resumed", tiny2d, resume_dirs=[ws["ens"]]),
-        "fedavg": background("fedavg_resumed", job(tmp / "f", "fedavg", resume_from=str(last["fedavg"]), num_rounds=4),
-                             tmp / "ws_fedavg_resumed", tiny2d, resume_dirs=[ws["fedavg"]]),
-    })
+    before = {
+        "fedsm": fedsm_history(killed["fedsm"]),
+        "ens": cross_history(killed["ens"]),
+        "fedavg": json.loads((ws["fedavg"] / "server/simulate_job/app_server/fedavg/history.json").read_text()),
+        "fedsm_best": load_model_set(last["fedsm"].with_name("best.pt"))[1],
+        "ens_best": load_members(last["ens"].with_name("best.pt"))[2],
+    }
+    resumed = run_all(
+        {
+            "fedsm": background(
+                "fedsm_resumed",
+                job(tmp / "d", "fedsm", resume_from=str(last["fedsm"]), **fedsm_args),
+                tmp / "ws_fedsm_resumed",
+                tiny2d,
+                resume_dirs=[ws["fedsm"]],
+            ),
+            "ens": background(
+                "ens_resumed",
+                job(tmp / "e", "fedcrossens", resume_from=str(last["ens"]), **ens_args),
+                tmp / "ws_ens_resumed",
+                tiny2d,
+                resume_dirs=[ws["ens"]],
+            ),
+            "fedavg": background(
+                "fedavg_resumed",
+                job(tmp / "f", "fedavg", resume_from=str(last["fedavg"]), num_rounds=4),
+                tmp / "ws_fedavg_resumed",
+                tiny2d,
+                resume_dirs=[ws["fedavg"]],
+            ),
+        }
+    )
     return {"killed": killed, "saved": saved, "before": before, "resumed": resumed}
 
 
@@ -531,19 +593,36 @@ def outage_runs(tiny2d, tmp_path_factory) -> dict:
     # to come up on a loaded machine (their first task has the same limit)
     common = {"task_timeout": TIMEOUT, "startup_grace": 90}
     fedsm = job(tmp / "a", "fedsm", down("fedsm_train"), gates["fedsm"], num_rounds=4, eval_timeout=TIMEOUT, **common)
-    ens = job(tmp / "b", "fedcrossens", down("*"), gates["ens"], num_communications=6, visit_steps=4,
-              validate_timeout=TIMEOUT, max_site_failures=2, rejoin_after=1, **common)
+    ens = job(
+        tmp / "b",
+        "fedcrossens",
+        down("*"),
+        gates["ens"],
+        num_communications=6,
+        visit_steps=4,
+        validate_timeout=TIMEOUT,
+        max_site_failures=2,
+        rejoin_after=1,
+        **common,
+    )
     fedavg = job(tmp / "c", "fedavg", down("train"), gates["fedavg"], num_rounds=4, **common)
     return run_all(
-        {"fedsm": background("fedsm", fedsm, tmp / "ws_fedsm", tiny2d),
-         "ens": background("ens", ens, tmp / "ws_ens", tiny2d),
-         "fedavg": background("fedavg", fedavg, tmp / "ws_fedavg", tiny2d)},
-        until={"fedsm": release_after_first_round(tmp / "ws_fedsm/server/simulate_job" / FEDSM_OUT / "history.json",
-                                                  Path(gates["fedsm"]["file"])),
-               "ens": release_after_first_round(tmp / "ws_ens/server/simulate_job" / CROSS_OUT / "validation_history.json",
-                                                Path(gates["ens"]["file"])),
-               "fedavg": release_after_first_round(tmp / "ws_fedavg/server/simulate_job/app_server/fedavg/history.json",
-                                                   Path(gates["fedavg"]["file"]))},
+        {
+            "fedsm": background("fedsm", fedsm, tmp / "ws_fedsm", tiny2d),
+            "ens": background("ens", ens, tmp / "ws_ens", tiny2d),
+            "fedavg": background("fedavg", fedavg, tmp / "ws_fedavg", tiny2d),
+        },
+        until={
+            "fedsm": release_after_first_round(
+                tmp / "ws_fedsm/server/simulate_job" / FEDSM_OUT / "history.json", Path(gates["fedsm"]["file"])
+            ),
+            "ens": release_after_first_round(
+                tmp / "ws_ens/server/simulate_job" / CROSS_OUT / "validation_history.json", Path(gates["ens"]["file"])
+            ),
+            "fedavg": release_after_first_round(
+                tmp / "ws_fedavg/server/simulate_job/app_server/fedavg/history.json", Path(gates["fedavg"]["file"])
+            ),
+        },
     )
 
 

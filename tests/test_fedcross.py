@@ -22,6 +22,7 @@ from conftest import (
     set_executor_path,
     simulate,
 )
+
 from fedseg.algorithms import UpdateRejected
 from fedseg.algorithms.lr_schedule import LrSchedule, lr_at
 from fedseg.algorithms.schedules import member_seed
@@ -278,9 +279,12 @@ def test_jobgen_refuses_a_latin_job_in_partial_blocks(tmp_path):
     with pytest.raises(SystemExit, match="num_communications 10 is not a multiple of the number of sites 4"):
         jobgen_main(["--out", str(tmp_path), "--only", "fedcrossens", "--communications", "10", "--sites", "4"])
     assert not (tmp_path / "fedcrossens").exists()
-    jobgen_main(["--out", str(tmp_path), "--only", "fedcrossens", "--communications", "9", "--sites", "3",
-                 "--lr-schedule", "poly"])
-    args = json.loads((tmp_path / "fedcrossens" / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0]["args"]
+    jobgen_main(
+        ["--out", str(tmp_path), "--only", "fedcrossens", "--communications", "9", "--sites", "3", "--lr-schedule", "poly"]
+    )
+    args = json.loads((tmp_path / "fedcrossens" / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0][
+        "args"
+    ]
     assert (args["num_communications"], args["lr_schedule"]) == (9, "poly")
     assert FEDCROSS_DEFAULTS["fedcrossens"]["communications"] % 4 == 0
 
@@ -301,8 +305,10 @@ def clean_runs(tiny2d, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("clean")
     cross = cross_job(tmp / "a", "fedcross", num_communications=3, visit_steps=6, optimizer_state="travel")
     ens = cross_job(tmp / "b", "fedcrossens", num_communications=3, visit_steps=12)
-    return in_parallel(fedcross=lambda: simulate(cross, tmp / "ws_cross", tiny2d, n=3),
-                       fedcrossens=lambda: simulate(ens, tmp / "ws_ens", tiny2d, n=3))
+    return in_parallel(
+        fedcross=lambda: simulate(cross, tmp / "ws_cross", tiny2d, n=3),
+        fedcrossens=lambda: simulate(ens, tmp / "ws_ens", tiny2d, n=3),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -311,20 +317,33 @@ def fault_runs(clean_runs, tiny2d, tmp_path_factory) -> dict:
     resume: the FedCross run continued from its last.pt to 5 communications; in communication 4 the
     model's site (site-2) stalls past the 10 s task timeout."""
     tmp = tmp_path_factory.mktemp("faults")
-    faulty = with_faults(cross_job(tmp / "a", "fedcrossens", num_communications=3, visit_steps=4, max_site_failures=1), [
-        {"site": "site-2", "communication": 1, "mode": "raise"},
-        {"site": "site-3", "communication": 2, "mode": "nan_weights"},
-    ])
+    faulty = with_faults(
+        cross_job(tmp / "a", "fedcrossens", num_communications=3, visit_steps=4, max_site_failures=1),
+        [
+            {"site": "site-2", "communication": 1, "mode": "raise"},
+            {"site": "site-3", "communication": 2, "mode": "nan_weights"},
+        ],
+    )
     last = clean_runs["fedcross"].job_dir / OUT / "last.pt"
     resumed = with_faults(
-        cross_job(tmp / "b", "fedcross", num_communications=5, visit_steps=6, task_timeout=10, max_site_failures=1,
-                  optimizer_state="travel", resume_from=str(last)),
+        cross_job(
+            tmp / "b",
+            "fedcross",
+            num_communications=5,
+            visit_steps=6,
+            task_timeout=10,
+            max_site_failures=1,
+            optimizer_state="travel",
+            resume_from=str(last),
+        ),
         [{"site": "site-2", "communication": 4, "mode": "stall", "seconds": 16}],
     )
     # expect_ok=False: the injected failures are (rightly) in the sites' error logs; the tests check the rest
     run = lambda job, ws, **kw: simulate(job, ws, tiny2d, n=3, expect_ok=False, allow_classes=(FAULTY,), **kw)  # noqa: E731
-    return in_parallel(faults=lambda: run(faulty, tmp / "ws_faults"),
-                       resume=lambda: run(resumed, tmp / "ws_resume", resume_dirs=[clean_runs["fedcross"].workspace]))
+    return in_parallel(
+        faults=lambda: run(faulty, tmp / "ws_faults"),
+        resume=lambda: run(resumed, tmp / "ws_resume", resume_dirs=[clean_runs["fedcross"].workspace]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -435,8 +454,12 @@ def test_ensemble_is_more_uncertain_where_it_is_wrong(fedcrossens_run):
 
 
 def run_infer(*args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "fedseg.infer", "ensemble", *args], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "fedseg.infer", "ensemble", *args],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -475,13 +498,18 @@ def test_inference_writes_segmentations_and_uncertainty_maps(fedcrossens_run, ti
     from fedseg.infer import main as infer_main
 
     folder = tiny2d / "site-2" / "imagesTs"
-    assert infer_main(["ensemble", "--models", str(best), "--input", str(folder), "--threshold", "0.5",
-                       "--out", str(tmp_path / "folder")]) == 0
+    assert (
+        infer_main(
+            ["ensemble", "--models", str(best), "--input", str(folder), "--threshold", "0.5", "--out", str(tmp_path / "folder")]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "folder" / "summary.json").read_text())
     assert summary["segmentation"].endswith("> 0.5") and len(summary["cases"]) == 3
     assert all("dice" not in r and r["mean_std"] > 0 for r in summary["cases"])
     assert sorted(p.name for p in (tmp_path / "folder").glob("*_std.nii.gz")) == [
-        p.name.replace(".nii.gz", "_std.nii.gz") for p in sorted(folder.glob("*.nii.gz"))]
+        p.name.replace(".nii.gz", "_std.nii.gz") for p in sorted(folder.glob("*.nii.gz"))
+    ]
 
 
 # ---- failures -------------------------------------------------------------------------------------------------

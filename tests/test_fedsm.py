@@ -52,8 +52,10 @@ def _federated(s, init, images, optim):
     results = {k: train_selector_on(_fresh(s, init), optim, x, k, s) for k, x in images.items()}
     assert all(steps == 1 for _, _, steps in results.values())  # ONE step per local epoch
     counts = {k: float(len(x)) for k, x in images.items()}
-    return (weighted_average({k: r[0] for k, r in results.items()}, counts),
-            weighted_average({k: r[1] for k, r in results.items()}, counts))
+    return (
+        weighted_average({k: r[0] for k, r in results.items()}, counts),
+        weighted_average({k: r[1] for k, r in results.items()}, counts),
+    )
 
 
 def _centralized(s, init, images, optim):
@@ -93,8 +95,13 @@ def test_epoch_protocol_matches_a_centralized_full_batch_step():
     warm = {}
     for key in init:
         g2 = sum(len(images[k]) / 8 * site_v[k][f"{key}::exp_avg_sq"] / (1 - 0.999) for k in images)
-        warm.update({f"{key}::step": np.array(50.0, np.float32), f"{key}::exp_avg_sq": g2,
-                     f"{key}::exp_avg": np.random.default_rng(1).normal(0, 1e-3, init[key].shape)})
+        warm.update(
+            {
+                f"{key}::step": np.array(50.0, np.float32),
+                f"{key}::exp_avg_sq": g2,
+                f"{key}::exp_avg": np.random.default_rng(1).normal(0, 1e-3, init[key].shape),
+            }
+        )
     fed_w, fed_o = _federated(s, init, images, warm)
     cen_w, cen_o = _centralized(s, init, images, warm)
     assert _max_abs(fed_o, cen_o, m_keys) < 1e-14
@@ -137,10 +144,14 @@ def test_selector_input_is_on_a_fixed_scale():
 # ---- routing, confusion row and gamma sweep on synthetic selector outputs ----------------------------------
 def test_routing_summary_and_gamma_sweep():
     sites = ["site-1", "site-2", "site-3"]
-    probs = np.array([[0.95, 0.03, 0.02],   # own site, confident
-                      [0.60, 0.30, 0.10],   # own site, below 0.9
-                      [0.20, 0.70, 0.10],   # site-2
-                      [0.10, 0.05, 0.85]])  # site-3
+    probs = np.array(
+        [
+            [0.95, 0.03, 0.02],  # own site, confident
+            [0.60, 0.30, 0.10],  # own site, below 0.9
+            [0.20, 0.70, 0.10],  # site-2
+            [0.10, 0.05, 0.85],
+        ]
+    )  # site-3
     summary = routing_summary(probs, 0, sites, 0.9)
     assert summary["selector_accuracy"] == 0.5  # argmax is the own site for 2 of 4 cases
     assert summary["routed_own"] == 0.25  # and only 1 is confident enough to reach the own model
@@ -150,17 +161,22 @@ def test_routing_summary_and_gamma_sweep():
     assert routing_summary(probs, 1, sites, 0.0)["selector_accuracy"] == 0.25
     assert routing_summary(probs, 0, sites, 1.0)["routing"][GLOBAL] == 4  # gamma 1: the global model only
 
-    case_dice = {GLOBAL: np.array([0.5, 0.5, 0.5, 0.5]), "site-1": np.array([0.9, 0.8, 0.7, 0.6]),
-                 "site-2": np.array([0.1, 0.2, 0.3, 0.4])}  # no scores of site-3's model: its cases use global
+    case_dice = {
+        GLOBAL: np.array([0.5, 0.5, 0.5, 0.5]),
+        "site-1": np.array([0.9, 0.8, 0.7, 0.6]),
+        "site-2": np.array([0.1, 0.2, 0.3, 0.4]),
+    }  # no scores of site-3's model: its cases use global
     sweep = gamma_sweep(probs, sites, case_dice, [0.0, 0.65, 0.9, 1.0])
-    assert sweep == pytest.approx([np.mean([0.9, 0.8, 0.3, 0.5]), np.mean([0.9, 0.5, 0.3, 0.5]),
-                                   np.mean([0.9, 0.5, 0.5, 0.5]), 0.5])
+    assert sweep == pytest.approx(
+        [np.mean([0.9, 0.8, 0.3, 0.5]), np.mean([0.9, 0.5, 0.3, 0.5]), np.mean([0.9, 0.5, 0.5, 0.5]), 0.5]
+    )
     assert len(gamma_sweep(probs, sites, case_dice)) == len(GAMMA_SWEEP)
 
 
 def fedsm_job(tmp_path: Path, name: str = "fedsm", **server_args) -> Path:
-    engine = json.loads((Path(__file__).parents[1] / "jobs" / name / "app" / "config" / "config_fed_server.json")
-                        .read_text())["workflows"][0]["args"]["engine"]
+    engine = json.loads((Path(__file__).parents[1] / "jobs" / name / "app" / "config" / "config_fed_server.json").read_text())[
+        "workflows"
+    ][0]["args"]["engine"]
     return copy_job(name, tmp_path, server_args={"engine": {**engine, **TINY_ENGINE}, **server_args}, engine=TINY_ENGINE)
 
 
@@ -190,7 +206,7 @@ def test_fedsm_writes_model_set_and_evaluation(fedsm_run):
     assert (out / "best.pt").exists() and json.loads((out / "history.json").read_text())
     evaluation = json.loads((out / "fedsm_evaluation.json").read_text())
     assert sorted(evaluation) == ["site-1", "site-2", "site-3"]
-    for site, m in evaluation.items():
+    for _site, m in evaluation.items():
         assert {"global", "personalized", "super"} <= set(m) and m["section"] == "testing"
         assert sum(m["routing"].values()) == m["super"]["n_cases"]
     accuracy = np.mean([m["selector_accuracy"] for m in evaluation.values()])
@@ -215,8 +231,9 @@ def test_fedsm_final_evaluation_separates_argmax_from_routing_and_sweeps_gamma(f
         assert sweep[-1] == pytest.approx(m["global"]["dice"], abs=1e-9)
         assert extra["gamma_sweep"]["dice"][site] == sweep
     assert extra["gamma_sweep"]["gammas"] == list(GAMMA_SWEEP)
-    assert extra["gamma_sweep"]["mean"] == pytest.approx([np.mean([evaluation[s]["gamma_sweep"][i] for s in sites])
-                                                          for i in range(len(GAMMA_SWEEP))])
+    assert extra["gamma_sweep"]["mean"] == pytest.approx(
+        [np.mean([evaluation[s]["gamma_sweep"][i] for s in sites]) for i in range(len(GAMMA_SWEEP))]
+    )
     assert extra["selector_accuracy"] == {s: evaluation[s]["selector_accuracy"] for s in sites}
     assert extra["routed_own"] == {s: evaluation[s]["routed_own"] for s in sites}
     # oracle routing (the site's identity) next to the learned routing, labelled as such
@@ -261,7 +278,9 @@ def test_fedsm_best_set_is_tracked(fedsm_run):
     assert best_info["val_score"] == pytest.approx(max(scores))
     assert best_info["round"] == scores.index(max(scores)) - 1  # the set sent in that round was trained up to the round before
     # the final test scores are for that best-validated set (the model-selection rule of every FedSeg method)
-    assert f"final evaluation of the best model set (best.pt: trained up to round {best_info['round']}" in fedsm_run.log("server")
+    assert f"final evaluation of the best model set (best.pt: trained up to round {best_info['round']}" in fedsm_run.log(
+        "server"
+    )
 
 
 def test_fedsm_resumes_from_a_saved_set(fedsm_run, tiny2d, tmp_path):
@@ -282,8 +301,22 @@ def test_fedsm_resumes_from_a_saved_set(fedsm_run, tiny2d, tmp_path):
 def test_fedsm_inference_writes_segmentations(fedsm_run, tiny2d, tmp_path):
     out = tmp_path / "seg"
     datalist = tiny2d / "site-2" / "datalist.json"
-    subprocess.run([sys.executable, "-m", "fedseg.infer", "fedsm", "--models", str(fedsm_run.job_dir / FEDSM_DIR / "best.pt"),
-                    "--input", str(datalist), "--out", str(out)], check=True, env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedseg.infer",
+            "fedsm",
+            "--models",
+            str(fedsm_run.job_dir / FEDSM_DIR / "best.pt"),
+            "--input",
+            str(datalist),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"},
+    )
     summary = json.loads((out / "summary.json").read_text())
     records = summary["cases"]
     cases = json.loads(datalist.read_text())["testing"]

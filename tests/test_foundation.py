@@ -49,8 +49,17 @@ def test_engine_3d_multiclass(tmp_path):
     from fedseg.data.synthetic import generate_dataset
 
     generate_dataset(str(tmp_path / "d"), n_sites=2, spatial_dims=3, seed=1, num_classes=3, size="tiny")
-    cfg = EngineConfig.from_dict(resolve_engine({"spatial_dims": 3, "num_classes": 3, "roi_size": [16, 16, 16],
-                                                 "network": {"channels": [8, 16, 32]}, "batch_size": 2}))
+    cfg = EngineConfig.from_dict(
+        resolve_engine(
+            {
+                "spatial_dims": 3,
+                "num_classes": 3,
+                "roi_size": [16, 16, 16],
+                "network": {"channels": [8, 16, 32]},
+                "batch_size": 2,
+            }
+        )
+    )
     engine = SegEngine(cfg, load_datalist(str(tmp_path / "d" / "site-1" / "datalist.json")), site="site-1")
     net = engine.new_network()
     engine.train(net, 3)
@@ -76,8 +85,12 @@ def test_numpy_state_roundtrip_and_errors():
 # ---- jobs ------------------------------------------------------------------------------------------------
 def test_job_folders_match_the_generator(tmp_path):
     """jobs/ is the generator's output: a hand edit that breaks consistency (e.g. network on one side) fails here."""
-    subprocess.run([sys.executable, "-m", "fedseg.jobgen", "--out", str(tmp_path)], check=True, cwd=REPO,
-                   env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [sys.executable, "-m", "fedseg.jobgen", "--out", str(tmp_path)],
+        check=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"},
+    )
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     committed = sorted(p.relative_to(JOBS) for p in JOBS.rglob("*") if p.is_file())
     assert generated == committed
@@ -112,9 +125,23 @@ def test_fedavg_in_simulator_codeless_job(tiny2d, tmp_path):
 def test_byoc_job_carries_its_code(name, tiny2d, tmp_path):
     """The same job with the package bundled (BYOC) runs with fedseg NOT on PYTHONPATH."""
     subprocess.run(
-        [sys.executable, "-m", "fedseg.jobgen", "--out", str(tmp_path), "--only", name, "--byoc", "--rounds", "1",
-         "--engine", json.dumps(TINY_ENGINE)],
-        check=True, cwd=REPO, env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            "-m",
+            "fedseg.jobgen",
+            "--out",
+            str(tmp_path),
+            "--only",
+            name,
+            "--byoc",
+            "--rounds",
+            "1",
+            "--engine",
+            json.dumps(TINY_ENGINE),
+        ],
+        check=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"},
     )
     job = tmp_path / name
     assert (job / "app" / "custom" / "fedseg" / "fl" / "executor.py").exists()
@@ -162,8 +189,13 @@ def test_baselines_same_budget_and_tables(tiny2d, tmp_path):
     matrix = local["extra"]["cross_site_dice_matrix"]
     assert sorted(matrix) == sorted(engines) and all(sorted(row) == sorted(engines) for row in matrix.values())
     (tmp_path / "fedseg_results.json").write_text(json.dumps(central))
-    out = subprocess.run([sys.executable, "-m", "fedseg.report", str(tmp_path)], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"}, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fedseg.report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"},
+        check=True,
+    ).stdout
     assert "centralized" in out and "site-1" in out and "mean over sites" in out
 
 

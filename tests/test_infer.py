@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import CUSTOM, TINY_ENGINE, copy_job, simulate
+
 from fedseg.data import load_datalist
 from fedseg.inference_io import write_nifti_like
 from fedseg.report import load_results
@@ -52,8 +53,14 @@ def test_written_results_keep_the_input_grid(shape, dtype, tmp_path):
 
 
 def _infer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedseg.infer", "global", *args], check=False, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fedseg.infer", "global", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
 
 
 def test_global_model_of_a_fedavg_run_segments_new_images(tiny2d, tmp_path):
@@ -85,8 +92,9 @@ def test_global_model_of_a_fedavg_run_segments_new_images(tiny2d, tmp_path):
     refused = _infer("--models", str(moved), "--input", str(tiny2d / "site-2" / "imagesTs"), "--out", str(tmp_path / "x"))
     assert refused.returncode != 0 and str(moved) in refused.stderr and "--job-config" in refused.stderr
     folder = tmp_path / "folder"
-    proc = _infer("--models", str(moved), "--job-config", str(job), "--input", str(tiny2d / "site-2" / "imagesTs"),
-                  "--out", str(folder))
+    proc = _infer(
+        "--models", str(moved), "--job-config", str(job), "--input", str(tiny2d / "site-2" / "imagesTs"), "--out", str(folder)
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     images = sorted(p.name for p in (tiny2d / "site-2" / "imagesTs").glob("*.nii.gz"))
     assert sorted(p.name for p in folder.glob("*_seg.nii.gz")) == [n.replace(".nii.gz", "_seg.nii.gz") for n in images]

@@ -47,15 +47,23 @@ def plain_simulator(job: Path, workspace: Path, data: Path) -> tuple[int, str]:
     """The command as typed, in a process tree that is always stopped."""
     env = {**os.environ, "PYTHONPATH": str(CUSTOM), "FEDSEG_DATALIST": f"{data}/{{SITE_NAME}}/datalist.json"}
     out = workspace.parent / f"{workspace.name}.out"
-    rc, left, _ = run_process_tree([NVFLARE, "simulator", str(job), "-w", str(workspace), "-n", "3", "-t", "3"],
-                                   env, out, timeout=900, cwd=str(workspace.parent))
+    rc, left, _ = run_process_tree(
+        [NVFLARE, "simulator", str(job), "-w", str(workspace), "-n", "3", "-t", "3"],
+        env,
+        out,
+        timeout=900,
+        cwd=str(workspace.parent),
+    )
     assert not left, f"processes left running: {left}"
     return rc, out.read_text(errors="replace")
 
 
 def error_logs(workspace: Path) -> str:
-    return "\n".join(f"== {p}\n{p.read_text(errors='replace')}" for p in sorted(workspace.rglob("error_log.txt"))
-                     if p.read_text(errors="replace").strip())
+    return "\n".join(
+        f"== {p}\n{p.read_text(errors='replace')}"
+        for p in sorted(workspace.rglob("error_log.txt"))
+        if p.read_text(errors="replace").strip()
+    )
 
 
 def check_run(name: str, workspace: Path, rc: int, output: str) -> None:
@@ -81,7 +89,7 @@ def test_plain_nvflare_simulator_runs_every_job_folder(pair, tiny2d, tmp_path):
         job = tiny_job(name, tmp_path / "jobs")
         workspace = tmp_path / f"ws_{name}"
         assert not workspace.exists()
-        runs[name] = (lambda job=job, workspace=workspace: plain_simulator(job, workspace, tiny2d))
+        runs[name] = lambda job=job, workspace=workspace: plain_simulator(job, workspace, tiny2d)
     outcomes = in_parallel(**runs)
     for name, (rc, output) in outcomes.items():
         check_run(name, tmp_path / f"ws_{name}", rc, output)
@@ -95,9 +103,10 @@ def test_an_existing_simulation_policy_is_kept(tmp_path):
     local.mkdir(parents=True)
     own = {"class_allow_list": ["nvflare.app_common.workflows.fedavg.FedAvg"], "class_list_enforcement_mode": "enforce"}
     (local / "resources.json").write_text(json.dumps(own))
-    code = "import sitecustomize as s; print(s.allow_fedseg_in_simulation(%r))" % str(tmp_path / "ws")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(CUSTOM)}, capture_output=True,
-                         text=True, check=True).stdout
+    code = f"import sitecustomize as s; print(s.allow_fedseg_in_simulation({str(tmp_path / 'ws')!r}))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(CUSTOM)}, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "None" and json.loads((local / "resources.json").read_text()) == own
     import sitecustomize
 

@@ -25,9 +25,12 @@ import pytest
 from conftest import REPO, copy_job
 
 sys.path.insert(0, str(REPO / "poc"))
-import fedseg_poc  # noqa: E402
-import submit as flare_submit  # noqa: E402
-from fedseg_poc import PocFederation, find_processes, hospital_names, port_listeners, process_listeners  # noqa: E402
+from poc_federation import flare_api  # noqa: E402
+from poc_federation.federation import PocFederation  # noqa: E402
+from poc_federation.gpus import plan_gpus, set_gpu_capacity  # noqa: E402
+from poc_federation.ports import acquire_port, port_lock_file, release_port, reserve_port  # noqa: E402
+from poc_federation.processes import find_processes, is_alive, port_listeners, process_listeners  # noqa: E402
+from poc_federation.provision import hospital_names, load_authorization_policy  # noqa: E402
 
 LEAD, MEMBER, ADMIN = "lead@hospital-a.org", "member@hospital-a.org", "admin@fedseg.org"
 OTHER_LEAD = "lead@hospital-b.org"
@@ -38,7 +41,7 @@ TINY = {"roi_size": [32, 32], "batch_size": 4, "local_epochs": 1}
 JOB_TIMEOUT = 420
 SERVER_MODELS = ["SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt"]
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process checks read /proc")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POC start scripts and process sessions are Linux")
 
 
 def ss_listeners() -> str:
@@ -51,7 +54,7 @@ def ss_listeners() -> str:
 def assert_nothing_left(fed: PocFederation, port: int, pids: set[int]) -> None:
     left = fed.processes()
     assert not left, f"processes left behind: {left}"
-    alive = [p for p in pids if Path(f"/proc/{p}").exists() and ") Z" not in Path(f"/proc/{p}/stat").read_text()]
+    alive = [p for p in pids if is_alive(p)]
     assert not alive, f"POC processes still alive: {alive}"
     assert not port_listeners(port), f"port {port} still listening: {port_listeners(port)}"
     ss = ss_listeners()
@@ -70,7 +73,7 @@ def poc(tmp_path_factory):
     root = tmp_path_factory.mktemp("poc")
     job = copy_job("fedavg", root / "src_jobs", server_args={"num_rounds": 1}, engine=TINY)
     fed = PocFederation(root / "fed")
-    port = fedseg_poc.reserve_port(fed.root)
+    port = reserve_port(fed.root)
     seen: set[int] = set()
     try:
         fed.prepare(sites=SITES, port=port, size="tiny", gpus="auto", privacy_sites=[PRIVATE_SITE])
@@ -172,11 +175,11 @@ def test_member_submission_refused_lead_accepted(poc, api_job):
     fed = poc.fed
     staged = fed.root / "jobs" / "fedavg"
     with pytest.raises(AuthorizationError, match=r"member@hospital-a\.org' is not authorized for 'submit_job'"):
-        flare_submit.submit_job(fed.kit(MEMBER), staged, MEMBER, wait=False)
+        flare_api.submit_job(fed.kit(MEMBER), staged, MEMBER, wait=False)
     job_id, out = fed.console_submit(MEMBER, staged)  # the admin console says the same
     assert job_id is None and "not authorized" in out, out
     # the lead's submission (api_job) was accepted and ran under the lead's name and role
-    session = flare_submit.open_session(fed.kit(MEMBER), MEMBER)
+    session = flare_api.open_session(fed.kit(MEMBER), MEMBER)
     try:  # a member may still view
         meta = session.get_job_meta(api_job.job_id)
         assert any(j.get("job_id") == api_job.job_id for j in session.list_jobs())
@@ -210,7 +213,7 @@ def test_byoc_job_of_a_lead_is_refused(poc):
         config["components"].append({"id": "probe", "path": "fedseg_probe.Probe", "args": {"marker": str(marker)}})
         config_file.write_text(json.dumps(config, indent=2))
     staged = fed.stage_job(job, name="byoc")
-    outcome = flare_submit.submit_job(fed.kit(LEAD), staged, LEAD, wait=True, timeout=JOB_TIMEOUT)
+    outcome = flare_api.submit_job(fed.kit(LEAD), staged, LEAD, wait=True, timeout=JOB_TIMEOUT)
     poc.seen.update(fed.processes())
     assert outcome.status == "FINISHED:FAILED_TO_RUN", outcome
     assert not marker.exists(), "code brought by a job ran"
@@ -224,7 +227,7 @@ def test_a_lead_cannot_manage_another_leads_job(poc, api_job):
     """lead@hospital-b.org may not abort, delete, clone or download lead@hospital-a.org's job."""
     from nvflare.fuel.flare_api.api_spec import AuthorizationError
 
-    session = flare_submit.open_session(poc.fed.kit(OTHER_LEAD), OTHER_LEAD)
+    session = flare_api.open_session(poc.fed.kit(OTHER_LEAD), OTHER_LEAD)
     try:
         for action in (session.abort_job, session.delete_job, session.clone_job,
                        lambda job_id: session.download_job_result(job_id, str(poc.fed.root / "stolen"))):
@@ -417,7 +420,7 @@ def test_authorization_policy_is_nvflares_default_without_byoc():
     from nvflare.security.security import FLAuthorizer
 
     default_text = yaml.safe_load((Path(templates.__file__).parent / "master_template.yml").read_text())["default_authz"]
-    policy = fedseg_poc.load_authorization_policy()  # also checks that no role has byoc
+    policy = load_authorization_policy()  # also checks that no role has byoc
     fedseg_authz, default_authz = FLAuthorizer("hospital_a", policy), FLAuthorizer("hospital_a", json.loads(default_text))
     rights = _policy_rights()
     assert {"manage_job", "download_job", "view", "operate", "shell_commands", "clone_job", "byoc"} <= set(rights)
@@ -445,8 +448,8 @@ def test_port_reservation_never_hands_out_a_port_twice(tmp_path):
     """Eight processes reserve a port from the same 16 at once: eight different ports; a reserved port is
     refused to another POC root; a stale lock (its process gone, its root gone) is taken over."""
     go = tmp_path / "go"
-    code = ("import sys, time, pathlib; sys.path[:0] = sys.argv[1:3]; import fedseg_poc as f; "
-            "print(f.reserve_port(sys.argv[3], 18960, 18975), flush=True); "
+    code = ("import sys, time, pathlib; sys.path[:0] = sys.argv[1:3]; from poc_federation.ports import reserve_port; "
+            "print(reserve_port(sys.argv[3], 18960, 18975), flush=True); "
             "[time.sleep(0.1) for _ in range(600) if not pathlib.Path(sys.argv[4]).exists()]")
     roots = [tmp_path / f"root{i}" for i in range(8)]
     procs = [subprocess.Popen([sys.executable, "-c", code, str(REPO / "poc"), str(REPO / "custom"), str(r), str(go)],
@@ -454,16 +457,16 @@ def test_port_reservation_never_hands_out_a_port_twice(tmp_path):
     try:
         ports = [int(p.stdout.readline()) for p in procs]
         assert len(set(ports)) == 8, ports
-        assert not fedseg_poc.acquire_port(ports[0], tmp_path / "another_root")
+        assert not acquire_port(ports[0], tmp_path / "another_root")
     finally:
         go.touch()
         for p in procs:
             p.wait(timeout=60)
     # their processes are gone and their roots never prepared: stale, so a new root may take one over
-    assert fedseg_poc.acquire_port(ports[0], tmp_path / "another_root")
+    assert acquire_port(ports[0], tmp_path / "another_root")
     for root, port in zip([tmp_path / "another_root", *roots[1:]], ports):
-        fedseg_poc.release_port(port, root)
-        assert not fedseg_poc._port_lock(port).exists()
+        release_port(port, root)
+        assert not port_lock_file(port).exists()
 
 
 def test_privacy_filter_unit():
@@ -498,16 +501,16 @@ def test_privacy_filter_unit():
 
 def test_gpu_plan_and_job_staging(tmp_path):
     sites = hospital_names(3)
-    cpu = fedseg_poc.plan_gpus(sites, [], 0.0)
+    cpu = plan_gpus(sites, [], 0.0)
     assert cpu["gpu_ids"] == [] and cpu["resource_spec"] == {} and cpu["site_capacity"] == {}
-    gpu = fedseg_poc.plan_gpus(sites, [0, 1], 80.0, job_mem_gib=4)
+    gpu = plan_gpus(sites, [0, 1], 80.0, job_mem_gib=4)
     assert gpu["assignments"] == {"hospital-a": [0], "hospital-b": [1], "hospital-c": [0]}  # round-robin, as poc start -gpu
     assert gpu["site_capacity"]["hospital-b"] == {"num_of_gpus": 1, "mem_per_gpu_in_GiB": 80}
     assert gpu["resource_spec"] == {"@default": {"num_of_gpus": 1, "mem_per_gpu_in_GiB": 4.0}}
     resources = tmp_path / "resources.json"
     resources.write_text(json.dumps({"components": [{"id": "resource_manager", "path":
         "nvflare.app_common.resource_managers.gpu_resource_manager.GPUResourceManager", "args": {"num_of_gpus": 0, "mem_per_gpu_in_GiB": 0}}]}))
-    fedseg_poc.set_gpu_capacity(resources, 1, 80)
+    set_gpu_capacity(resources, 1, 80)
     assert json.loads(resources.read_text())["components"][0]["args"]["num_of_gpus"] == 1
 
     fed = PocFederation(tmp_path / "root")
@@ -528,7 +531,7 @@ def test_gpu_plan_and_job_staging(tmp_path):
 def test_stop_kills_every_marked_process_and_frees_ports(tmp_path):
     """The teardown on its own: processes that ignore SIGTERM, grandchildren, listeners are all gone."""
     fed = PocFederation(tmp_path / "root")
-    fed.state = {"port": fedseg_poc.reserve_port(fed.root), "sessions": []}
+    fed.state = {"port": reserve_port(fed.root), "sessions": []}
     port = fed.state["port"]
     listener = (f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); "
                 "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)")
@@ -543,7 +546,7 @@ def test_stop_kills_every_marked_process_and_frees_ports(tmp_path):
         assert process_listeners(pids) and all(addr == "127.0.0.1" for _, addr, _ in process_listeners(pids))
         assert find_processes(tmp_path / "elsewhere") == {}  # another root's processes are not ours
         assert fed.stop(timeout=12) == {}
-        assert not fedseg_poc._port_lock(port).exists()  # the port's reservation ends with the POC
+        assert not port_lock_file(port).exists()  # the port's reservation ends with the POC
         proc.wait(timeout=10)
         assert_nothing_left(fed, port, pids)
     finally:
@@ -556,7 +559,7 @@ def test_run_command_stops_everything_on_ctrl_c(tmp_path):
     """`fedseg_poc.py run` interrupted while its job runs: it aborts, stops every process and exits 130."""
     job = copy_job("fedavg", tmp_path / "src_jobs", server_args={"num_rounds": 1}, engine=TINY)
     root = tmp_path / "run"
-    port = fedseg_poc.reserve_port(root)
+    port = reserve_port(root)
     cmd = [sys.executable, str(REPO / "poc" / "fedseg_poc.py"), "--root", str(root), "run", "--sites", "2",
            "--size", "tiny", "--gpus", "none", "--port", str(port), "--job", str(job), "--timeout", "300"]
     out_file = tmp_path / "run.out"

@@ -31,7 +31,10 @@ def run_filter(filt: LayerPrivacyFilter, dxo: DXO) -> DXO:
 
 def packed_update(rng) -> dict:
     """A FedCross cross_train reply: pack({"model": weights, "optim": Adam state})."""
-    weights = {f"{LAYER}.weight": rng.normal(size=(2, 4)).astype(np.float32), "net.model.0.conv.weight": rng.normal(size=(4, 4)).astype(np.float32)}
+    weights = {
+        f"{LAYER}.weight": rng.normal(size=(2, 4)).astype(np.float32),
+        "net.model.0.conv.weight": rng.normal(size=(4, 4)).astype(np.float32),
+    }
     optim = {}
     for name, w in weights.items():
         optim[f"{name}::step"] = np.array(7.0, np.float32)
@@ -88,9 +91,17 @@ def fedcross_metrics() -> dict:
     """What cross_validate sends (plus case names, which older sites sent)."""
     summary = {"dice": 0.8, "dice_std": 0.1, "n_cases": 2.0, "dice_per_case": [0.7, 0.9]}
     return {
-        "section": "validation", "n_cases": 2, "case_names": ["p1.nii.gz", "p2.nii.gz"],
-        "ensemble": dict(summary), "members": [dict(summary), dict(summary)],
-        "uncertainty": {"mean_std_wrong": 0.2, "n_wrong": 5, "mean_std_per_case": [0.1, 0.2], "mean_entropy_per_case": [0.3, 0.4]},
+        "section": "validation",
+        "n_cases": 2,
+        "case_names": ["p1.nii.gz", "p2.nii.gz"],
+        "ensemble": dict(summary),
+        "members": [dict(summary), dict(summary)],
+        "uncertainty": {
+            "mean_std_wrong": 0.2,
+            "n_wrong": 5,
+            "mean_std_per_case": [0.1, 0.2],
+            "mean_entropy_per_case": [0.3, 0.4],
+        },
     }
 
 
@@ -114,8 +125,12 @@ def test_metrics_per_case_lists_and_case_names_are_stripped_recursively(caplog):
 
 def test_metrics_that_travel_with_weights_are_stripped_too():
     """validate_before_train: the metrics measured on the received model go in the weights DXO's meta."""
-    model = FLModel(params={"w": np.ones(3, np.float32)}, params_type=ParamsType.FULL,
-                    metrics={"val_dice": 0.5, "dice_per_case": [0.4, 0.6]}, meta={"NUM_STEPS_CURRENT_ROUND": 4})
+    model = FLModel(
+        params={"w": np.ones(3, np.float32)},
+        params_type=ParamsType.FULL,
+        metrics={"val_dice": 0.5, "dice_per_case": [0.4, 0.6]},
+        meta={"NUM_STEPS_CURRENT_ROUND": 4},
+    )
     out = from_shareable(LayerPrivacyFilter().process(FLModelUtils.to_shareable(model), FLContext()))
     assert out.meta["initial_metrics"] == {"val_dice": 0.5} and out.meta["NUM_STEPS_CURRENT_ROUND"] == 4
     assert np.array_equal(out.data["w"], np.ones(3))
@@ -163,8 +178,9 @@ def test_a_site_never_scores_its_training_cases_for_the_server(site_executors, c
     tasks = {
         "validate": FLModel(params=weights, meta={"section": "{}"}),
         "cross_validate": FLModel(params=pack({member_key(0): weights}), meta={"section": "{}", "num_models": 1}),
-        "fedsm_evaluate": FLModel(params=pack({"global": weights, "personal:site-1": weights}),
-                                  meta={"section": "{}", "site_names": site_names}),
+        "fedsm_evaluate": FLModel(
+            params=pack({"global": weights, "personal:site-1": weights}), meta={"section": "{}", "site_names": site_names}
+        ),
     }
 
     def run(task: str, section: str):
@@ -208,12 +224,20 @@ def private_fedsm_run(tiny2d, tmp_path_factory):
     and the server then applies the scope to the results it receives: after they left the sites.) So the filter is
     put in the job's own task_result_filters here; in a deployment it sits in local/privacy.json (tests/test_poc.py)."""
     tmp = tmp_path_factory.mktemp("privacy")
-    engine = json.loads((REPO / "jobs" / "fedsm" / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0]["args"]["engine"]
-    job = copy_job("fedsm", tmp, server_args={"num_rounds": 2, "engine": {**engine, **TINY_ENGINE}},
-                   engine={**TINY_ENGINE, "local_epochs": 1})
+    engine = json.loads((REPO / "jobs" / "fedsm" / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0][
+        "args"
+    ]["engine"]
+    job = copy_job(
+        "fedsm",
+        tmp,
+        server_args={"num_rounds": 2, "engine": {**engine, **TINY_ENGINE}},
+        engine={**TINY_ENGINE, "local_epochs": 1},
+    )
     client_file = job / "app" / "config" / "config_fed_client.json"
     client = json.loads(client_file.read_text())
-    client["task_result_filters"] = [{"tasks": SITE_TASKS, "filters": [{"path": "fedseg.fl.privacy.LayerPrivacyFilter", "args": PRIVATE_SCOPE_ARGS}]}]
+    client["task_result_filters"] = [
+        {"tasks": SITE_TASKS, "filters": [{"path": "fedseg.fl.privacy.LayerPrivacyFilter", "args": PRIVATE_SCOPE_ARGS}]}
+    ]
     client_file.write_text(json.dumps(client, indent=2))
     return simulate(job, tmp / "ws", tiny2d, n=3)
 
@@ -234,7 +258,9 @@ def test_server_receives_no_per_case_results_from_private_sites(private_fedsm_ru
     for site in ("site-1", "site-2", "site-3"):
         log = private_fedsm_run.log(site)
         assert f"privacy filter at {site}, task fedsm_evaluate: removed per-case results" in log
-        assert re.search(rf"privacy filter at {site}, task fedsm_train: zeroed 0 tensor\(s\) \[\]; perturbed \d+ tensor\(s\)", log)
+        assert re.search(
+            rf"privacy filter at {site}, task fedsm_train: zeroed 0 tensor\(s\) \[\]; perturbed \d+ tensor\(s\)", log
+        )
     # the selector's Adam state was averaged from the sites' replies, which had noise on every weight but none on it
     groups, _ = load_model_set(out / "fedsm" / "last.pt")
     second_moments = [v for k, v in groups["selector_optim"].items() if k.endswith("::exp_avg_sq")]

@@ -31,37 +31,116 @@ def nondefault_components() -> dict[str, tuple[object, dict]]:
     from fedseg.fl.persistor import SegModelPersistor
     from fedseg.fl.privacy import LayerPrivacyFilter
 
-    executor = {"datalist": "/data/{SITE_NAME}/list.json", "engine": {"lr": 0.01, "roi_size": [32, 32]},
-                "validate_before_train": False, "eval_section": "validation", "tb_writer_id": "writer",
-                "method_args": {"local_epochs": 2}, "hd95": True}
-    base = {"min_clients": 2, "task_timeout": 10, "startup_grace": 20, "max_update_ratio": 5.0, "persistor_id": "p2",
-            "task_check_period": 0.25}
+    executor = {
+        "datalist": "/data/{SITE_NAME}/list.json",
+        "engine": {"lr": 0.01, "roi_size": [32, 32]},
+        "validate_before_train": False,
+        "eval_section": "validation",
+        "tb_writer_id": "writer",
+        "method_args": {"local_epochs": 2},
+        "hd95": True,
+    }
+    base = {
+        "min_clients": 2,
+        "task_timeout": 10,
+        "startup_grace": 20,
+        "max_update_ratio": 5.0,
+        "persistor_id": "p2",
+        "task_check_period": 0.25,
+    }
     args = {
         "fedseg.fl.executor.SegExecutor": (SegExecutor, executor),
         "fedseg.fl.executor.FedSMExecutor": (FedSMExecutor, {**executor, "datalist": "/d2/{SITE_NAME}.json"}),
         "fedseg.fl.executor.FedCrossExecutor": (FedCrossExecutor, {**executor, "tb_writer_id": "w2"}),
-        "fedseg.fl.fedavg_controller.FedAvgController": (FedAvgController, {
-            **base, "num_rounds": 3, "fedprox_mu": 0.1, "local_epochs": 2, "local_steps": 5, "max_local_steps": 7,
-            "max_weight_ratio": 2.0, "aggregation": "median", "trim_fraction": 0.1, "local_optimizer": "keep",
-            "max_failed_rounds": 2, "resume_from": "r.pt", "output_dir": "out"}),
-        "fedseg.fl.fedsm_controller.FedSMController": (FedSMController, {
-            **base, "num_rounds": 3, "lam": 0.5, "gamma": 0.8, "use_selector": False, "selector": {"epochs": 1},
-            "engine": {"lr": 0.01}, "local_epochs": 2, "local_steps": 3, "eval_timeout": 11, "max_failed_rounds": 2,
-            "aggregation": "median", "max_weight_ratio": 2.0, "sites": ["a", "b"], "resume_from": "r.pt",
-            "start_round": 2, "seed": 3, "final_model": "last"}),
-        "fedseg.fl.fedcross_controller.FedCrossController": (FedCrossController, {
-            **base, "num_models": 2, "num_communications": 4, "schedule": "explicit", "explicit_schedule": [["a", "b"]],
-            "seed": 3, "visit_epochs": 2, "visit_steps": 5, "lr_schedule": "poly", "lr": 0.01, "lr_power": 0.5,
-            "validate_timeout": 9, "max_site_failures": 2, "rejoin_after": 1, "retry_on_free_site": False,
-            "optimizer_state": "travel", "engine": {"lr": 0.01}, "resume_from": "r.pt", "final_section": "validation",
-            "output_dir": "out"}),
-        "fedseg.fl.persistor.SegModelPersistor": (SegModelPersistor, {
-            "network": {"arch": "unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [4, 8]},
-            "source_ckpt_file_full_name": "/srv/ckpt.pt", "seed": 3, "global_model_file_name": "g.pt",
-            "best_global_model_file_name": "b.pt"}),
-        "fedseg.fl.privacy.LayerPrivacyFilter": (LayerPrivacyFilter, {
-            "zero_vars": ["a\\.b"], "noise_vars": [".*"], "noise_std": 0.1, "seed": 1, "optimizer_state": "drop",
-            "share_per_case": True, "share_case_names": True, "data_kinds": ["WEIGHTS"]}),
+        "fedseg.fl.fedavg_controller.FedAvgController": (
+            FedAvgController,
+            {
+                **base,
+                "num_rounds": 3,
+                "fedprox_mu": 0.1,
+                "local_epochs": 2,
+                "local_steps": 5,
+                "max_local_steps": 7,
+                "max_weight_ratio": 2.0,
+                "aggregation": "median",
+                "trim_fraction": 0.1,
+                "local_optimizer": "keep",
+                "max_failed_rounds": 2,
+                "resume_from": "r.pt",
+                "output_dir": "out",
+            },
+        ),
+        "fedseg.fl.fedsm_controller.FedSMController": (
+            FedSMController,
+            {
+                **base,
+                "num_rounds": 3,
+                "lam": 0.5,
+                "gamma": 0.8,
+                "use_selector": False,
+                "selector": {"epochs": 1},
+                "engine": {"lr": 0.01},
+                "local_epochs": 2,
+                "local_steps": 3,
+                "eval_timeout": 11,
+                "max_failed_rounds": 2,
+                "aggregation": "median",
+                "max_weight_ratio": 2.0,
+                "sites": ["a", "b"],
+                "resume_from": "r.pt",
+                "start_round": 2,
+                "seed": 3,
+                "final_model": "last",
+            },
+        ),
+        "fedseg.fl.fedcross_controller.FedCrossController": (
+            FedCrossController,
+            {
+                **base,
+                "num_models": 2,
+                "num_communications": 4,
+                "schedule": "explicit",
+                "explicit_schedule": [["a", "b"]],
+                "seed": 3,
+                "visit_epochs": 2,
+                "visit_steps": 5,
+                "lr_schedule": "poly",
+                "lr": 0.01,
+                "lr_power": 0.5,
+                "validate_timeout": 9,
+                "max_site_failures": 2,
+                "rejoin_after": 1,
+                "retry_on_free_site": False,
+                "optimizer_state": "travel",
+                "engine": {"lr": 0.01},
+                "resume_from": "r.pt",
+                "final_section": "validation",
+                "output_dir": "out",
+            },
+        ),
+        "fedseg.fl.persistor.SegModelPersistor": (
+            SegModelPersistor,
+            {
+                "network": {"arch": "unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [4, 8]},
+                "source_ckpt_file_full_name": "/srv/ckpt.pt",
+                "seed": 3,
+                "global_model_file_name": "g.pt",
+                "best_global_model_file_name": "b.pt",
+            },
+        ),
+        "fedseg.fl.privacy.LayerPrivacyFilter": (
+            LayerPrivacyFilter,
+            {
+                "zero_vars": ["a\\.b"],
+                "noise_vars": [".*"],
+                "noise_std": 0.1,
+                "seed": 1,
+                "optimizer_state": "drop",
+                "share_per_case": True,
+                "share_case_names": True,
+                "data_kinds": ["WEIGHTS"],
+            },
+        ),
         "fedseg.fl.meter.TaskMeter": (TaskMeter, {"direction": "in", "file_name": "m.jsonl", "serialize": False}),
     }
     return {path: (cls(**kwargs), kwargs) for path, (cls, kwargs) in args.items()}
@@ -100,19 +179,22 @@ def test_fedjob_export_reproduces_every_component_argument(tmp_path):
 
 
 # ---- arguments are checked when the recipe is built ------------------------------------------------------------------
-@pytest.mark.parametrize("make, message", [
-    (lambda: FedCrossRecipe(num_models=4, sites=4, num_communications=10), "not a multiple"),
-    (lambda: FedCrossRecipe(num_models=3), "num_models must be 1"),
-    (lambda: FedCrossRecipe(num_models=5, sites=4), "more than the 4 sites"),
-    (lambda: FedSMRecipe(lam=1.5), "lam must be a number in"),
-    (lambda: FedSMRecipe(softpull_only=True, selector={"epochs": 1}), "only without softpull_only"),
-    (lambda: FedSMRecipe(selector={"epoch": 1}), "unknown selector setting"),
-    (lambda: FedAvgRecipe(engine={"roi_size": [32, 32, 32]}), "FedAvgRecipe: engine: roi_size"),
-    (lambda: FedAvgRecipe(engine={"lrr": 0.1}), "unknown engine setting"),
-    (lambda: FedAvgRecipe(tracking="wandb"), "tracking must be one of"),
-    (lambda: FedAvgRecipe(num_rounds=0), "num_rounds must be an integer >= 1"),
-    (lambda: FedProxRecipe(fedprox_mu=0), "fedprox_mu must be > 0"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: FedCrossRecipe(num_models=4, sites=4, num_communications=10), "not a multiple"),
+        (lambda: FedCrossRecipe(num_models=3), "num_models must be 1"),
+        (lambda: FedCrossRecipe(num_models=5, sites=4), "more than the 4 sites"),
+        (lambda: FedSMRecipe(lam=1.5), "lam must be a number in"),
+        (lambda: FedSMRecipe(softpull_only=True, selector={"epochs": 1}), "only without softpull_only"),
+        (lambda: FedSMRecipe(selector={"epoch": 1}), "unknown selector setting"),
+        (lambda: FedAvgRecipe(engine={"roi_size": [32, 32, 32]}), "FedAvgRecipe: engine: roi_size"),
+        (lambda: FedAvgRecipe(engine={"lrr": 0.1}), "unknown engine setting"),
+        (lambda: FedAvgRecipe(tracking="wandb"), "tracking must be one of"),
+        (lambda: FedAvgRecipe(num_rounds=0), "num_rounds must be an integer >= 1"),
+        (lambda: FedProxRecipe(fedprox_mu=0), "fedprox_mu must be > 0"),
+    ],
+)
 def test_recipes_refuse_bad_arguments_with_the_argument_named(make, message):
     with pytest.raises(RecipeError, match=message):
         make()
@@ -138,8 +220,10 @@ def test_recipes_name_their_method_and_executor(tmp_path):
     mlflow = FedAvgRecipe(tracking="mlflow", cross_site_eval=False)
     mlflow.export(str(tmp_path / "ml"))
     server = json.loads((tmp_path / "ml" / "fedavg" / "app" / "config" / "config_fed_server.json").read_text())
-    assert [c["path"] for c in server["components"]] == ["fedseg.fl.persistor.SegModelPersistor",
-                                                          "fedseg.fl.tracking.MLflowServerReceiver"]
+    assert [c["path"] for c in server["components"]] == [
+        "fedseg.fl.persistor.SegModelPersistor",
+        "fedseg.fl.tracking.MLflowServerReceiver",
+    ]
 
 
 # ---- each recipe runs to completion in SimEnv (a job.py as a user writes it) ------------------------------------------
@@ -185,15 +269,19 @@ RUNS = {
     "fedavg": ("FedAvgRecipe", f"num_rounds=2, {ENGINE_ARG}", "fedavg"),
     "fedsm": ("FedSMRecipe", f"num_rounds=2, selector={{'epochs': 1}}, {ENGINE_ARG}", "fedsm"),
     "fedcross": ("FedCrossRecipe", f"num_communications=3, visit_epochs=1, {ENGINE_ARG}", "fedcross"),
-    "fedcrossens": ("FedCrossRecipe", f"num_models=3, sites=3, num_communications=3, visit_epochs=1, {ENGINE_ARG}",
-                    "fedcrossens"),
+    "fedcrossens": (
+        "FedCrossRecipe",
+        f"num_models=3, sites=3, num_communications=3, visit_epochs=1, {ENGINE_ARG}",
+        "fedcrossens",
+    ),
 }
 
 
 @pytest.mark.parametrize("pair", [("fedavg", "fedsm"), ("fedcross", "fedcrossens")])
 def test_each_recipe_runs_to_completion_in_simenv(pair, tiny2d, tmp_path):
-    outcomes = in_parallel(**{label: (lambda label=label: run_job_py(tmp_path, tiny2d, label, *RUNS[label][:2]))
-                              for label in pair})
+    outcomes = in_parallel(
+        **{label: (lambda label=label: run_job_py(tmp_path, tiny2d, label, *RUNS[label][:2])) for label in pair}
+    )
     for label, (rc, output, root) in outcomes.items():
         name = RUNS[label][2]
         results = check_sim(label, name, rc, output, root)

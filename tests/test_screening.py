@@ -67,20 +67,32 @@ def test_read_int_and_read_score():
 
 
 def test_read_summary_keeps_only_valid_known_fields():
-    good = {"dice": 0.8, "dice_std": 0.1, "n_cases": 2.0, "dice_per_case": [0.7, 0.9], "hd95": float("nan"),
-            "evil": object()}
-    assert read_summary("s", {"ensemble": good}, "ensemble") == {"dice": 0.8, "dice_std": 0.1, "n_cases": 2,
-                                                               "dice_per_case": [0.7, 0.9]}
+    good = {"dice": 0.8, "dice_std": 0.1, "n_cases": 2.0, "dice_per_case": [0.7, 0.9], "hd95": float("nan"), "evil": object()}
+    assert read_summary("s", {"ensemble": good}, "ensemble") == {
+        "dice": 0.8,
+        "dice_std": 0.1,
+        "n_cases": 2,
+        "dice_per_case": [0.7, 0.9],
+    }
     assert read_summary("s", {"n_cases": 0, "dice": float("nan")}) == {"n_cases": 0}
     assert case_dice({"dice": 0.5, "n_cases": 3}) == [0.5, 0.5, 0.5]  # per-case values withheld by the site
-    for bad in ({**good, "dice_per_case": [0.7]}, {**good, "dice_per_case": [0.7, 2.0]}, {**good, "dice": -1},
-                {**good, "n_cases": -1}, {**good, "hd95": -2.0}, "garbage"):
+    for bad in (
+        {**good, "dice_per_case": [0.7]},
+        {**good, "dice_per_case": [0.7, 2.0]},
+        {**good, "dice": -1},
+        {**good, "n_cases": -1},
+        {**good, "hd95": -2.0},
+        "garbage",
+    ):
         with pytest.raises(UpdateRejected):
             read_summary("s", {"m": bad}, "m")
 
 
 def test_numeric_metrics_drops_everything_but_finite_numbers():
-    assert numeric_metrics({"a": 1, "b": "x", "c": float("nan"), "d": True, 5: 1.0, "e": np.float32(0.5)}) == {"a": 1.0, "e": 0.5}
+    assert numeric_metrics({"a": 1, "b": "x", "c": float("nan"), "d": True, 5: 1.0, "e": np.float32(0.5)}) == {
+        "a": 1.0,
+        "e": 0.5,
+    }
     assert numeric_metrics("garbage") == {}
 
 
@@ -132,7 +144,7 @@ def test_a_1000x_update_is_rejected_and_honest_ones_are_not():
     # two sites only: each is compared with the other, so the liar is still caught
     assert set(screen_magnitudes({"a": norms["a"], "evil": norms["evil"]}, max_ratio=10)) == {"evil"}
     # one update per round (FedCross K=1): compared with recent accepted ones; none yet: accepted
-    assert screen_magnitudes({"evil": norms["evil"]}, recent=[norms["a"], norms["b"]]) .keys() == {"evil"}
+    assert screen_magnitudes({"evil": norms["evil"]}, recent=[norms["a"], norms["b"]]).keys() == {"evil"}
     assert screen_magnitudes({"evil": norms["evil"]}) == {}
     assert screen_magnitudes(norms, max_ratio=0) == {}
 
@@ -143,8 +155,9 @@ def test_robust_aggregation_resists_one_bad_site_and_mean_is_fedavg():
     updates = {**honest, "evil": evil}
     median = robust_average(updates, "median")
     assert np.allclose(median["w"], 2.5) and median["w"].dtype == np.float32 and median["n"].dtype == np.int64
-    trimmed = robust_average({**honest, "d": {"w": np.full(4, 2.0, np.float32), "n": np.array(2)}, "evil": evil},
-                             "trimmed_mean", trim_fraction=0.2)
+    trimmed = robust_average(
+        {**honest, "d": {"w": np.full(4, 2.0, np.float32), "n": np.array(2)}, "evil": evil}, "trimmed_mean", trim_fraction=0.2
+    )
     assert np.allclose(trimmed["w"], 7 / 3)  # 5 sites: the largest (1e6) and smallest (1) of each coordinate dropped
     weights = {"a": 1.0, "b": 1.0, "c": 2.0}
     assert np.allclose(aggregate(honest, weights, "mean")["w"], weighted_average(honest, weights)["w"])

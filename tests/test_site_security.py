@@ -20,7 +20,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import CUSTOM, JOBS, TINY_ENGINE, copy_job, set_executor_path, simulate
 
 import fedseg
@@ -81,7 +80,9 @@ def test_allow_list_names_exact_classes_only(site_resources):
     assert sorted(fedseg_entries) == sorted(FEDSEG_CLASSES)
     for entry in FEDSEG_CLASSES:
         assert isinstance(load_class(entry), type), entry
-    assert "fedseg.fl.allowlist.allow_fedseg" not in allow and not authorized("fedseg.fl.allowlist.allow_fedseg", site_resources)
+    assert "fedseg.fl.allowlist.allow_fedseg" not in allow and not authorized(
+        "fedseg.fl.allowlist.allow_fedseg", site_resources
+    )
 
 
 def test_every_other_fedseg_callable_is_refused(site_resources):
@@ -123,11 +124,19 @@ def test_exact_entries_are_not_prefixes(site_resources):
 def test_allowlist_tool_writes_exact_classes_and_drops_the_old_prefix(tmp_path):
     kit = tmp_path / "hospital-a"
     (kit / "local").mkdir(parents=True)
-    provisioned = {"format_version": 2, "components": [{"id": "resource_manager", "path": "x.y.Z", "args": {"num_of_gpus": 1}}],
-                   "class_allow_list": ["nvflare.app_common.workflows.fedavg.FedAvg", "fedseg.", "fedseg.old.Gone"]}
+    provisioned = {
+        "format_version": 2,
+        "components": [{"id": "resource_manager", "path": "x.y.Z", "args": {"num_of_gpus": 1}}],
+        "class_allow_list": ["nvflare.app_common.workflows.fedavg.FedAvg", "fedseg.", "fedseg.old.Gone"],
+    }
     (kit / "local" / "resources.json.default").write_text(json.dumps(provisioned))
-    out = subprocess.run([sys.executable, "-m", "fedseg.fl.allowlist", str(kit)], capture_output=True, text=True,
-                         timeout=120, env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-m", "fedseg.fl.allowlist", str(kit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr
     written = json.loads((kit / "local" / "resources.json").read_text())
     assert written["components"] == provisioned["components"]  # the rest of the site's settings is kept
@@ -139,16 +148,32 @@ def test_allowlist_tool_writes_exact_classes_and_drops_the_old_prefix(tmp_path):
             allow_fedseg(kit / "local" / "resources.json", extra_classes=(bad,))
     assert "*" not in fedseg_allow_list()
     assert warnings_for({"class_allow_list": ["*"]}) and warnings_for({"class_allow_list": ["a.b."]})
-    assert subprocess.run([sys.executable, "-m", "fedseg.fl.allowlist", str(tmp_path / "nowhere")], capture_output=True,
-                          timeout=120, env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"}).returncode == 2
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "fedseg.fl.allowlist", str(tmp_path / "nowhere")],
+            capture_output=True,
+            timeout=120,
+            env={"PYTHONPATH": str(CUSTOM), "PATH": "/usr/bin:/bin"},
+        ).returncode
+        == 2
+    )
 
 
 def test_byoc_roles_reads_every_form_of_a_grant():
     from fedseg.fl.allowlist import byoc_roles
 
-    policy = {"permissions": {"a": "any", "b": {"byoc": "any"}, "c": {"view": "any"}, "d": {"byoc": ["o:site"]},
-                              "e": {"byoc": "not o:site"}, "f": {"byoc": "None"}, "g": {"byoc": ["none", "n:x@y.org"]},
-                              "h": ["none"]}}
+    policy = {
+        "permissions": {
+            "a": "any",
+            "b": {"byoc": "any"},
+            "c": {"view": "any"},
+            "d": {"byoc": ["o:site"]},
+            "e": {"byoc": "not o:site"},
+            "f": {"byoc": "None"},
+            "g": {"byoc": ["none", "n:x@y.org"]},
+            "h": ["none"],
+        }
+    }
     assert byoc_roles(policy) == ["a", "b", "d", "e", "g"]
     assert byoc_roles(json.loads((CUSTOM.parent / "poc" / "authorization.json").read_text())) == []
 
@@ -177,7 +202,9 @@ def test_generated_jobs_use_only_allowed_classes(tmp_path):
                 yield from paths(v)
 
     def used_in(*roots) -> set:
-        return {p for root in roots for config in root.rglob("config_fed_*.json") for p in paths(json.loads(config.read_text()))}
+        return {
+            p for root in roots for config in root.rglob("config_fed_*.json") for p in paths(json.loads(config.read_text()))
+        }
 
     product = used_in(JOBS, tmp_path / "gen")  # what runs at sites: only the product's list
     assert {"fedseg.fl.meter.TaskMeter", "fedseg.fl.executor.SegExecutor"} <= product
@@ -202,11 +229,16 @@ def test_codeless_job_cannot_change_site_configuration(side, tiny2d, tmp_path):
     job = copy_job("fedavg", tmp_path / "jobs", server_args={"num_rounds": 1}, engine={**TINY_ENGINE, "local_epochs": 1})
     config_file = job / "app" / "config" / f"config_fed_{side}.json"
     config = json.loads(config_file.read_text())
-    config.setdefault("components", []).extend([
-        {"id": "widen", "path": "fedseg.fl.allowlist.allow_fedseg",
-         "args": {"resources_file": str(target), "extra_classes": ["subprocess.Popen"]}},
-        {"id": "cmd", "path": "subprocess.run", "args": {"args": ["touch", str(marker)]}},
-    ])
+    config.setdefault("components", []).extend(
+        [
+            {
+                "id": "widen",
+                "path": "fedseg.fl.allowlist.allow_fedseg",
+                "args": {"resources_file": str(target), "extra_classes": ["subprocess.Popen"]},
+            },
+            {"id": "cmd", "path": "subprocess.run", "args": {"args": ["touch", str(marker)]}},
+        ]
+    )
     config_file.write_text(json.dumps(config, indent=2))
     assert not (job / "app" / "custom").exists()  # code-less: the allow-list applies
 
@@ -289,7 +321,8 @@ def test_timeout_stops_every_process_of_the_run(tiny2d, tmp_path):
     client_file = job / "app" / "config" / "config_fed_client.json"
     client = json.loads(client_file.read_text())
     client["executors"][0]["executor"]["args"]["faults"] = [
-        {"site": s, "round": 0, "mode": "stall", "seconds": 3600} for s in ("site-1", "site-2")]
+        {"site": s, "round": 0, "mode": "stall", "seconds": 3600} for s in ("site-1", "site-2")
+    ]
     client_file.write_text(json.dumps(client, indent=2))
 
     seen: dict[int, tuple[str, int, float]] = {}

@@ -78,17 +78,29 @@ def stock_runs(tiny2d, tmp_path_factory):
 
     def failing():
         try:
-            run_stock("nvflare_cyclic", broken, ["site-1", "site-2"], TINY_ENGINE, init, 1, {"site-1": 1, "site-2": 1},
-                      3, root / "fail", timeout=300)
+            run_stock(
+                "nvflare_cyclic",
+                broken,
+                ["site-1", "site-2"],
+                TINY_ENGINE,
+                init,
+                1,
+                {"site-1": 1, "site-2": 1},
+                3,
+                root / "fail",
+                timeout=300,
+            )
         except StockRunError as e:
             return e
         return None
 
     runs = in_parallel(
-        cyclic=lambda: run_stock("nvflare_cyclic", tiny2d, SITES, TINY_ENGINE, init, 1, {s: 2 for s in SITES}, 3,
-                                 root / "cyclic", timeout=600),
-        fedavg=lambda: run_stock("nvflare_fedavg", tiny2d, SITES, TINY_ENGINE, init, 2, {s: 1 for s in SITES}, 3,
-                                 root / "fedavg", timeout=600),
+        cyclic=lambda: run_stock(
+            "nvflare_cyclic", tiny2d, SITES, TINY_ENGINE, init, 1, dict.fromkeys(SITES, 2), 3, root / "cyclic", timeout=600
+        ),
+        fedavg=lambda: run_stock(
+            "nvflare_fedavg", tiny2d, SITES, TINY_ENGINE, init, 2, dict.fromkeys(SITES, 1), 3, root / "fedavg", timeout=600
+        ),
         failing=failing,
     )
     return {"root": root, "init": init, **runs}
@@ -124,7 +136,10 @@ def test_stock_cyclic_visits_every_site_in_order_from_the_given_checkpoint(stock
     # the model moved on from site to site: the next site received a trained model, not the checkpoint
     assert extra["history"][1]["val_dice"] != pytest.approx(init_val["site-2"], abs=1e-5)
     assert extra["curve"][-1] == pytest.approx([1.0, sum(extra["final_validation_dice"].values()) / 3])
-    assert json.loads((stock_runs["root"] / "cyclic" / "nvflare_cyclic" / "fedseg_results.json").read_text())["models"] == res["models"]
+    assert (
+        json.loads((stock_runs["root"] / "cyclic" / "nvflare_cyclic" / "fedseg_results.json").read_text())["models"]
+        == res["models"]
+    )
     assert _survivors(stock_runs["root"] / "cyclic") == []
 
 

@@ -38,8 +38,9 @@ def with_tracking(job: Path) -> Path:
 @pytest.fixture(scope="module")
 def tracked_fedsm(tiny2d, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracking")
-    engine = json.loads((CUSTOM.parent / "jobs" / "fedsm" / "app" / "config" / "config_fed_server.json")
-                        .read_text())["workflows"][0]["args"]["engine"]
+    engine = json.loads((CUSTOM.parent / "jobs" / "fedsm" / "app" / "config" / "config_fed_server.json").read_text())[
+        "workflows"
+    ][0]["args"]["engine"]
     job = copy_job("fedsm", tmp, server_args={"engine": {**engine, **TINY_ENGINE}, "num_rounds": 2}, engine=TINY_ENGINE)
     return simulate(with_tracking(job), tmp / "ws", tiny2d, n=2)
 
@@ -98,9 +99,9 @@ def test_tensorboard_gets_the_same_server_tags(tracked_fedsm):
 def test_importing_the_receiver_turns_mlflow_telemetry_off(tmp_path):
     """mlflow's telemetry would send to the internet; a site has no such egress. In a clean environment (no CI or
     pytest variables, which mlflow itself treats as 'do not send'), importing the receiver leaves no client."""
-    code = ("import fedseg.fl.tracking\n"
-            "from mlflow.telemetry.client import get_telemetry_client\n"
-            "print(get_telemetry_client())\n")
+    code = (
+        "import fedseg.fl.tracking\nfrom mlflow.telemetry.client import get_telemetry_client\nprint(get_telemetry_client())\n"
+    )
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(CUSTOM)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]

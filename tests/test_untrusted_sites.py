@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from conftest import TINY_ENGINE, copy_job, in_parallel, set_executor_path, simulate
 
-from fedseg.modelset import load_members
-from fedseg.modelset import load_model_set
+from fedseg.modelset import load_members, load_model_set
 
 MALICIOUS = "fedseg_malicious.MaliciousSegExecutor"
 ENGINE = {**TINY_ENGINE, "local_epochs": 1}
@@ -46,12 +45,15 @@ def attacked_and_reference(tmp: Path, tiny2d: Path, make_job, attacks: list[dict
     """The job with the attacks and the same job with the reference behaviour, run side by side."""
     jobs = {"attacked": with_attacks(make_job(tmp / "a"), attacks), "reference": with_attacks(make_job(tmp / "r"), reference)}
     # expect_ok=False: the reference's injected failures are (rightly) in the attacker's error log
-    runs = in_parallel(**{name: (lambda j=job, n=name: simulate(j, tmp / f"ws_{n}", tiny2d, n=3, expect_ok=False,
-                                                                 allow_classes=(MALICIOUS,)))
-                          for name, job in jobs.items()})
+    runs = in_parallel(
+        **{
+            name: (lambda j=job, n=name: simulate(j, tmp / f"ws_{n}", tiny2d, n=3, expect_ok=False, allow_classes=(MALICIOUS,)))
+            for name, job in jobs.items()
+        }
+    )
     for name, run in runs.items():
         assert run.returncode == 0, f"{name}: {run.log_tail}"
-        server_errors = (run.workspace / "server" / "error_log.txt")
+        server_errors = run.workspace / "server" / "error_log.txt"
         assert "Traceback" not in (server_errors.read_text() if server_errors.exists() else ""), f"{name}: server error"
     return runs
 
@@ -59,8 +61,9 @@ def attacked_and_reference(tmp: Path, tiny2d: Path, make_job, attacks: list[dict
 def assert_same_arrays(a: dict, b: dict, what: str) -> None:
     assert sorted(a) == sorted(b), what
     for key in a:
-        np.testing.assert_allclose(np.asarray(a[key], np.float64), np.asarray(b[key], np.float64), rtol=0, atol=1e-6,
-                                   err_msg=f"{what}: {key}")
+        np.testing.assert_allclose(
+            np.asarray(a[key], np.float64), np.asarray(b[key], np.float64), rtol=0, atol=1e-6, err_msg=f"{what}: {key}"
+        )
 
 
 def rejected_lines(run, site: str = ATTACKER) -> list[str]:
@@ -69,10 +72,20 @@ def rejected_lines(run, site: str = ATTACKER) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fedavg_runs(tiny2d, tmp_path_factory):
-    make = lambda d: without_cross_site_eval(copy_job("fedavg", d, server_args={"num_rounds": 4, "min_clients": 1},  # noqa: E731
-                                                      engine=ENGINE))
-    attacks = [{"round": 0, "attack": "steps_nan"}, {"round": 1, "attack": "scale_1000"},
-               {"round": 2, "attack": "metrics_garbage"}, {"round": 3, "attack": "steps_string"}]
+    make = lambda d: without_cross_site_eval(
+        copy_job(
+            "fedavg",
+            d,
+            server_args={"num_rounds": 4, "min_clients": 1},  # noqa: E731
+            engine=ENGINE,
+        )
+    )
+    attacks = [
+        {"round": 0, "attack": "steps_nan"},
+        {"round": 1, "attack": "scale_1000"},
+        {"round": 2, "attack": "metrics_garbage"},
+        {"round": 3, "attack": "steps_string"},
+    ]
     reference = [{"round": 0, "attack": "drop"}, {"round": 1, "attack": "drop"}, {"round": 3, "attack": "drop"}]
     return attacked_and_reference(tmp_path_factory.mktemp("fedavg_attack"), tiny2d, make, attacks, reference)
 
@@ -103,10 +116,12 @@ def test_fedavg_malicious_site_cannot_crash_or_poison_the_global_model(fedavg_ru
 @pytest.fixture(scope="module")
 def fedsm_runs(tiny2d, tmp_path_factory):
     make = lambda d: copy_job("fedsm", d, server_args={"num_rounds": 4}, engine=ENGINE)  # noqa: E731
-    attacks = [{"round": 0, "task": "fedsm_train", "attack": "adam_negative"},
-               {"round": 1, "task": "fedsm_train", "attack": "steps_negative"},
-               {"round": 2, "task": "fedsm_train", "attack": "metrics_missing"},
-               {"round": 3, "task": "fedsm_train", "attack": "scale_1000"}]
+    attacks = [
+        {"round": 0, "task": "fedsm_train", "attack": "adam_negative"},
+        {"round": 1, "task": "fedsm_train", "attack": "steps_negative"},
+        {"round": 2, "task": "fedsm_train", "attack": "metrics_missing"},
+        {"round": 3, "task": "fedsm_train", "attack": "scale_1000"},
+    ]
     reference = [{"round": r, "task": "fedsm_train", "attack": "drop"} for r in (0, 1, 3)]
     return attacked_and_reference(tmp_path_factory.mktemp("fedsm_attack"), tiny2d, make, attacks, reference)
 
@@ -116,8 +131,12 @@ def test_fedsm_malicious_site_cannot_crash_or_poison_the_models(fedsm_runs):
     out = lambda run: run.job_dir / "app_server" / "fedsm"  # noqa: E731
     history = json.loads((out(attacked) / "history.json").read_text())
     accepted = {r["round"]: r["accepted"] for r in history}
-    assert accepted == {0: ["site-1", "site-2"], 1: ["site-1", "site-2"], 2: ["site-1", "site-2", "site-3"],
-                        3: ["site-1", "site-2"]}
+    assert accepted == {
+        0: ["site-1", "site-2"],
+        1: ["site-1", "site-2"],
+        2: ["site-1", "site-2", "site-3"],
+        3: ["site-1", "site-2"],
+    }
     lines = "\n".join(rejected_lines(attacked))
     assert "negative second moment" in lines and "NUM_STEPS_CURRENT_ROUND" in lines and "update norm" in lines
     final, _ = load_model_set(out(attacked) / "last.pt")
@@ -132,13 +151,24 @@ def test_fedsm_malicious_site_cannot_crash_or_poison_the_models(fedsm_runs):
 
 @pytest.fixture(scope="module")
 def fedcross_runs(tiny2d, tmp_path_factory):
-    make = lambda d: copy_job("fedcrossens", d, engine=ENGINE, server_args={  # noqa: E731
-        "num_communications": 6, "visit_steps": 4, "task_timeout": 120, "max_site_failures": 10})
+    make = lambda d: copy_job(
+        "fedcrossens",
+        d,
+        engine=ENGINE,
+        server_args={  # noqa: E731
+            "num_communications": 6,
+            "visit_steps": 4,
+            "task_timeout": 120,
+            "max_site_failures": 10,
+        },
+    )
     # a site whose visit failed is not asked to validate in that communication: the garbage scores come in 1
-    attacks = [{"round": 0, "task": "cross_train", "attack": "model_index"},
-               {"round": 0, "task": "cross_validate", "attack": "metrics_garbage"},
-               {"round": 2, "task": "cross_train", "attack": "adam_negative"},
-               {"round": 3, "task": "cross_train", "attack": "scale_1000"}]
+    attacks = [
+        {"round": 0, "task": "cross_train", "attack": "model_index"},
+        {"round": 0, "task": "cross_validate", "attack": "metrics_garbage"},
+        {"round": 2, "task": "cross_train", "attack": "adam_negative"},
+        {"round": 3, "task": "cross_train", "attack": "scale_1000"},
+    ]
     reference = [{"round": r, "task": "cross_train", "attack": "drop"} for r in (0, 2, 3)]
     reference.append({"round": 0, "task": "cross_validate", "attack": "drop"})
     return attacked_and_reference(tmp_path_factory.mktemp("fedcross_attack"), tiny2d, make, attacks, reference)
@@ -174,11 +204,18 @@ def test_a_job_cannot_make_the_server_read_or_write_outside_its_workspace(tiny2d
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "last.pt").write_bytes(b"not a checkpoint")
-    fedavg = without_cross_site_eval(copy_job("fedavg", tmp_path / "a", engine=ENGINE,
-                                              server_args={"num_rounds": 1, "resume_from": str(outside / "last.pt")}))
-    fedcross = copy_job("fedcross", tmp_path / "b", engine=ENGINE, server_args={"num_communications": 1, "output_dir": "../../x"})
-    runs = in_parallel(fedavg=lambda: simulate(fedavg, tmp_path / "ws_a", tiny2d, n=2, expect_ok=False),
-                       fedcross=lambda: simulate(fedcross, tmp_path / "ws_b", tiny2d, n=2, expect_ok=False))
+    fedavg = without_cross_site_eval(
+        copy_job(
+            "fedavg", tmp_path / "a", engine=ENGINE, server_args={"num_rounds": 1, "resume_from": str(outside / "last.pt")}
+        )
+    )
+    fedcross = copy_job(
+        "fedcross", tmp_path / "b", engine=ENGINE, server_args={"num_communications": 1, "output_dir": "../../x"}
+    )
+    runs = in_parallel(
+        fedavg=lambda: simulate(fedavg, tmp_path / "ws_a", tiny2d, n=2, expect_ok=False),
+        fedcross=lambda: simulate(fedcross, tmp_path / "ws_b", tiny2d, n=2, expect_ok=False),
+    )
     log = runs["fedavg"].log("server")
     assert "outside the job's workspace and the server's allowed directories" in log and "resume_dirs" in log
     assert "round 0" not in log.split("outside the job's workspace")[1]  # no training after the refusal

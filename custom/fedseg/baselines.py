@@ -70,8 +70,14 @@ def _score(engine: SegEngine, net, section: str, with_hd95: bool) -> dict:
     return scores
 
 
-def run_local(engines: dict[str, SegEngine], rounds: int, section: str = "testing", with_hd95: bool = False, log=print,
-              cross_site: bool = True) -> dict:
+def run_local(
+    engines: dict[str, SegEngine],
+    rounds: int,
+    section: str = "testing",
+    with_hd95: bool = False,
+    log=print,
+    cross_site: bool = True,
+) -> dict:
     """Each site trains alone for its federated share of the budget; scored on its own site and, with
     cross_site, on every other site (the site-shift matrix)."""
     matrix: dict[str, dict] = {}
@@ -86,9 +92,7 @@ def run_local(engines: dict[str, SegEngine], rounds: int, section: str = "testin
         others = engines if cross_site else {site: engine}
         matrix[site] = {other: _score(e, net, section, with_hd95) for other, e in others.items()}
         own[site] = matrix[site][site]
-    shift = {
-        train_site: {test_site: round(v["dice"], 4) for test_site, v in row.items()} for train_site, row in matrix.items()
-    }
+    shift = {train_site: {test_site: round(v["dice"], 4) for test_site, v in row.items()} for train_site, row in matrix.items()}
     return {
         "method": "local-only",
         "section": section,
@@ -97,16 +101,25 @@ def run_local(engines: dict[str, SegEngine], rounds: int, section: str = "testin
     }
 
 
-def run_centralized(engines: dict[str, SegEngine], cfg: EngineConfig, rounds: int, section: str = "testing", with_hd95: bool = False, log=print) -> dict:
+def run_centralized(
+    engines: dict[str, SegEngine], cfg: EngineConfig, rounds: int, section: str = "testing", with_hd95: bool = False, log=print
+) -> dict:
     """One model on all sites' pooled training cases, for the sum of the sites' federated budgets."""
     pooled = {"training": [case for e in engines.values() for case in e.cases("training")]}
     steps = sum(rounds * e.local_steps() for e in engines.values())
     central = SegEngine(cfg, pooled, site="pooled")
     net = central.new_network()
     stats = central.train(net, steps)
-    log(f"[centralized] {len(pooled['training'])} pooled cases: {stats.steps} steps, loss {stats.mean_loss:.4f}, {stats.seconds:.1f}s")
+    log(
+        f"[centralized] {len(pooled['training'])} pooled cases: {stats.steps} steps, loss {stats.mean_loss:.4f}, {stats.seconds:.1f}s"
+    )
     per_site = {site: _score(e, net, section, with_hd95) for site, e in engines.items()}
-    return {"method": "centralized", "section": section, "models": {"centralized": per_site}, "extra": {"train_steps_total": stats.steps}}
+    return {
+        "method": "centralized",
+        "section": section,
+        "models": {"centralized": per_site},
+        "extra": {"train_steps_total": stats.steps},
+    }
 
 
 # ---- the benchmark's variant: seeds, shared initial weights, learning curves, best-validated model ----------
@@ -129,8 +142,16 @@ def _warm_up(engine) -> None:
     engine.train(engine.new_network(), 1)
 
 
-def run_benchmark_baselines(data: str, engine_settings: dict, rounds: int, epochs: int, seeds: list[int], inits: list[str],
-                            methods: list[str], hd95: bool) -> dict:
+def run_benchmark_baselines(
+    data: str,
+    engine_settings: dict,
+    rounds: int,
+    epochs: int,
+    seeds: list[int],
+    inits: list[str],
+    methods: list[str],
+    hd95: bool,
+) -> dict:
     """Every seed in turn with the same site engines (their random streams continue from seed to seed, as the
     sites' do in the shared bench job); a seed sets the initial network."""
     from fedseg.bench.budget import Budget
@@ -150,8 +171,15 @@ def run_benchmark_baselines(data: str, engine_settings: dict, rounds: int, epoch
     if central is not None:
         central.dataset("training")
         _warm_up(central)
-    record: dict = {"budget": {"rounds": rounds, "epochs": epochs, "total_steps": budget.total_steps,
-                               "site_steps_per_epoch": budget.site_steps_per_epoch}, "seeds": {}}
+    record: dict = {
+        "budget": {
+            "rounds": rounds,
+            "epochs": epochs,
+            "total_steps": budget.total_steps,
+            "site_steps_per_epoch": budget.site_steps_per_epoch,
+        },
+        "seeds": {},
+    }
     for seed, init in zip(seeds, inits):
         record["seeds"][str(seed)] = _benchmark_seed(engines, central, budget, load_initial_state(init), rounds, methods, hd95)
     return record
@@ -183,24 +211,34 @@ def _benchmark_seed(engines: dict, central, budget, init_state: dict, rounds: in
             # timed like a federated method: training, the per-round validation and the final scoring
             seconds[site] = time.perf_counter() - began
             cpu[site] = time.process_time() - cpu_began
-            matrix[site] = {other: (own[site] if other == site else _score(e, net, "testing", False))
-                            for other, e in engines.items()}
+            matrix[site] = {
+                other: (own[site] if other == site else _score(e, net, "testing", False)) for other, e in engines.items()
+            }
             memory[site] = peak_rss_bytes()
             curves[site] = curve
         out["local"] = {
-            "results": {"method": "local-only", "section": "testing",
-                        "models": {"local (own site)": own, "local (own site, last)": last},
-                        "extra": {"cross_site_dice_matrix": {a: {b: round(v["dice"], 4) for b, v in row.items()}
-                                                             for a, row in matrix.items()},
-                                  "model_selection": "best validation Dice at the site itself, over R checkpoints",
-                                  "best_checkpoint": best_chunk}},
+            "results": {
+                "method": "local-only",
+                "section": "testing",
+                "models": {"local (own site)": own, "local (own site, last)": last},
+                "extra": {
+                    "cross_site_dice_matrix": {
+                        a: {b: round(v["dice"], 4) for b, v in row.items()} for a, row in matrix.items()
+                    },
+                    "model_selection": "best validation Dice at the site itself, over R checkpoints",
+                    "best_checkpoint": best_chunk,
+                },
+            },
             "wall_seconds": float(sum(seconds.values())),
             "wall_seconds_parallel": float(max(seconds.values())),
             "cpu_seconds": float(sum(cpu.values())),
             "site_seconds": seconds,
             "memory": memory,
             "seg_steps": steps,
-            "curve": [(x, float(np.nanmean([curves[s][i][1] for s in curves]))) for i, (x, _) in enumerate(next(iter(curves.values())))],
+            "curve": [
+                (x, float(np.nanmean([curves[s][i][1] for s in curves])))
+                for i, (x, _) in enumerate(next(iter(curves.values())))
+            ],
         }
 
     if "centralized" in methods:
@@ -223,10 +261,15 @@ def _benchmark_seed(engines: dict, central, budget, init_state: dict, rounds: in
         seconds = time.perf_counter() - began
         cpu_seconds = time.process_time() - cpu_began
         out["centralized"] = {
-            "results": {"method": "centralized", "section": "testing",
-                        "models": {"centralized": per_site, "centralized (last)": last},
-                        "extra": {"model_selection": "best median over sites of the validation Dice, over R checkpoints",
-                                  "best_checkpoint": best[0]}},
+            "results": {
+                "method": "centralized",
+                "section": "testing",
+                "models": {"centralized": per_site, "centralized (last)": last},
+                "extra": {
+                    "model_selection": "best median over sites of the validation Dice, over R checkpoints",
+                    "best_checkpoint": best[0],
+                },
+            },
             "wall_seconds": float(seconds),
             "cpu_seconds": float(cpu_seconds),
             "memory": {"pooled": peak_rss_bytes()},
@@ -237,7 +280,9 @@ def _benchmark_seed(engines: dict, central, budget, init_state: dict, rounds: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedseg.baselines", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.baselines", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     kinds = p.add_subparsers(dest="kind", required=True)
     for kind in ("local", "centralized"):
         k = kinds.add_parser(kind, help=f"{kind} training on the budget of a federated job of --rounds rounds")
@@ -287,6 +332,7 @@ def _run_plain(o: argparse.Namespace) -> int:
         for train_site, row in results["extra"]["cross_site_dice_matrix"].items():
             print(f"  {train_site}: " + "  ".join(f"{t}={d:.3f}" for t, d in row.items()))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         except PackageNotFoundError:
             print("fedseg (not installed: run from the source tree)")
         return 0
-    return dispatch("fedseg", COMMANDS, "FedSeg: federated segmentation (FedSM, FedCross, FedAvg/FedProx) on NVIDIA "
-                    "FLARE 2.9 and MONAI. Commands:", argv)
+    return dispatch(
+        "fedseg",
+        COMMANDS,
+        "FedSeg: federated segmentation (FedSM, FedCross, FedAvg/FedProx) on NVIDIA FLARE 2.9 and MONAI. Commands:",
+        argv,
+    )
 
 
 def data_main(argv: list[str]) -> int:
@@ -88,8 +92,11 @@ def validate_main(argv: list[str]) -> int:
     from fedseg.data.errors import DataValidationError
     from fedseg.data.validate import validate_site_data
 
-    p = argparse.ArgumentParser(prog="fedseg data validate", description="Open and check every case a site's "
-                                "datalist lists (the same check the site runs before training); exit 1 on a problem.")
+    p = argparse.ArgumentParser(
+        prog="fedseg data validate",
+        description="Open and check every case a site's "
+        "datalist lists (the same check the site runs before training); exit 1 on a problem.",
+    )
     p.add_argument("datalist", help="the site's datalist.json")
     p.add_argument("--site", help="site name used in messages (default: the datalist's folder name)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
@@ -119,9 +126,12 @@ def poc_main(argv: list[str]) -> int:
     authorization policy), which a pip-installed package does not carry."""
     repo = find_checkout()
     if repo is None:
-        print(f"fedseg poc: no FedSeg repository checkout found (looked for {POC_SCRIPT} in ${REPO_ENV}, the current "
-              f"folder and its parents). The POC uses the repository's poc/ and jobs/ folders: run it inside a "
-              f"checkout, or set {REPO_ENV}=/path/to/fedseg", file=sys.stderr)
+        print(
+            f"fedseg poc: no FedSeg repository checkout found (looked for {POC_SCRIPT} in ${REPO_ENV}, the current "
+            f"folder and its parents). The POC uses the repository's poc/ and jobs/ folders: run it inside a "
+            f"checkout, or set {REPO_ENV}=/path/to/fedseg",
+            file=sys.stderr,
+        )
         return 2
     script = repo / POC_SCRIPT
     sys.path.insert(0, str(script.parent))  # the POC script imports its sibling modules

@@ -57,8 +57,13 @@ def configure(job: Path, method: str, budget: Budget) -> dict:
     else:
         args.update(num_communications=plan.communications, visit_epochs=plan.visit_epochs)
     path.write_text(json.dumps(config, indent=2) + "\n")
-    return {"rounds": plan.rounds, "local_epochs": plan.local_epochs, "communications": plan.communications,
-            "visit_epochs": plan.visit_epochs, "steps": plan.seg_steps_total}
+    return {
+        "rounds": plan.rounds,
+        "local_epochs": plan.local_epochs,
+        "communications": plan.communications,
+        "visit_epochs": plan.visit_epochs,
+        "steps": plan.seg_steps_total,
+    }
 
 
 def untrained_scores(engines: dict) -> dict:
@@ -91,7 +96,9 @@ def save_png(table: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedseg.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", default="data/synth2d")
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--rounds", type=int, default=8, help="R: FedAvg rounds of E local epochs set the budget of every method")
@@ -114,17 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.redirect_stdout(io.StringIO()):
         write_jobs(["--out", str(root / "jobs"), "--only", *[job_name for _, job_name, _ in ROWS]])
     engine_settings = json.loads((root / "jobs" / "fedavg" / "app" / "config" / "config_fed_client.json").read_text())[
-        "executors"][0]["executor"]["args"]["engine"]
+        "executors"
+    ][0]["executor"]["args"]["engine"]
     cfg = EngineConfig.from_dict(engine_settings)
     engines = load_sites(data, cfg)
-    budget = Budget.from_counts(o.rounds, cfg.local_epochs, {s: len(e.cases("training")) for s, e in engines.items()},
-                                cfg.batch_size)
+    budget = Budget.from_counts(
+        o.rounds, cfg.local_epochs, {s: len(e.cases("training")) for s, e in engines.items()}, cfg.batch_size
+    )
     plans = {}
     for _, job_name, _ in ROWS:
         plans[job_name] = configure(root / "jobs" / job_name, job_name, budget)
-    print(f"[2/3] budget B = {budget.total_steps} segmentation steps per method (FedAvg: R={o.rounds} rounds x "
-          f"E={cfg.local_epochs} epochs at {len(engines)} sites); jobs in the NVFlare simulator, two at a time "
-          f"(logs: {root}) ...", flush=True)
+    print(
+        f"[2/3] budget B = {budget.total_steps} segmentation steps per method (FedAvg: R={o.rounds} rounds x "
+        f"E={cfg.local_epochs} epochs at {len(engines)} sites); jobs in the NVFlare simulator, two at a time "
+        f"(logs: {root}) ...",
+        flush=True,
+    )
 
     def simulate(job_name: str):
         start = time.perf_counter()
@@ -134,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {job_name: pool.submit(simulate, job_name) for _, job_name, _ in ROWS}
-        baselines = [run_local(engines, o.rounds, log=lambda *_: None, cross_site=False),
-                     run_centralized(engines, cfg, o.rounds, log=lambda *_: None)]
+        baselines = [
+            run_local(engines, o.rounds, log=lambda *_: None, cross_site=False),
+            run_centralized(engines, cfg, o.rounds, log=lambda *_: None),
+        ]
         print(f"      local-only and centralized trained ({time.perf_counter() - began:.0f}s)", flush=True)
         results = {name: f.result() for name, f in futures.items()}
     failed = {n: r for n, r in results.items() if r.returncode != 0 or r.errors()}
@@ -145,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     print("[3/3] results", flush=True)
-    table = {"untrained": untrained_scores(engines),
-             "local-only (own site)": baselines[0]["models"]["local (own site)"],
-             "centralized (pooled data)": baselines[1]["models"]["centralized"]}
+    table = {
+        "untrained": untrained_scores(engines),
+        "local-only (own site)": baselines[0]["models"]["local (own site)"],
+        "centralized (pooled data)": baselines[1]["models"]["centralized"],
+    }
     for label, job_name, model in ROWS:
         table[label] = load_results(root / job_name, job_name)["models"][model]
     print(format_table({"models": table}, title=f"FedSeg demo, every method at B = {budget.total_steps} steps"))
@@ -156,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         save_png(table, png)
     except ImportError:  # matplotlib is an extra of the installed package
         png = "none (matplotlib is not installed: pip install 'fedseg[bench]')"
-    (root / "demo_results.json").write_text(json.dumps({"budget_steps": budget.total_steps, "plans": plans, "models": table}, indent=2))
+    (root / "demo_results.json").write_text(
+        json.dumps({"budget_steps": budget.total_steps, "plans": plans, "models": table}, indent=2)
+    )
     print(f"plot: {png}\nper-job tables: python -m fedseg.report {root}/<job>   TensorBoard: tensorboard --logdir {root}")
     print("a demo budget: it shows every method working, not which is best (see BENCHMARKS.md)")
     print(f"demo finished in {time.perf_counter() - began:.0f}s")

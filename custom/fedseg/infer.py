@@ -58,7 +58,7 @@ def run_global(o: argparse.Namespace) -> int:
         trained = read_trained_models(o.models, o.job_config)
         weights = trained.network_weights(trained.check_model(GLOBAL))
     except ExportError as e:
-        raise SystemExit(f"fedseg.infer global: {e}")
+        raise SystemExit(f"fedseg.infer global: {e}") from e
     cfg = trained.engine
     engine = SegEngine(cfg, {}, site="inference")
     net = engine.new_network()
@@ -68,8 +68,11 @@ def run_global(o: argparse.Namespace) -> int:
     out = Path(o.out)
     out.mkdir(parents=True, exist_ok=True)
     counter = "communication" if trained.kind == "fedcross" else "round"
-    print(f"global model of {o.models} ({trained.provenance.get('method')}, {counter} {trained.info.get(counter)}); "
-          f"{len(cases)} case(s) -> {out}", flush=True)
+    print(
+        f"global model of {o.models} ({trained.provenance.get('method')}, {counter} {trained.info.get(counter)}); "
+        f"{len(cases)} case(s) -> {out}",
+        flush=True,
+    )
     rows = []
     for i, case in enumerate(cases):
         start = time.perf_counter()
@@ -85,24 +88,39 @@ def run_global(o: argparse.Namespace) -> int:
             if len(per_class) > 1:
                 row.update({f"dice_class{c + 1}": d for c, d in enumerate(per_class)})
         rows.append(row)
-        print(f"[{i + 1}/{len(cases)}] {case['name']}" + (f": dice {row['dice']:.4f}" if "dice" in row else "")
-              + f" ({time.perf_counter() - start:.1f}s)", flush=True)
-    header = {"command": "global", "models": str(Path(o.models).resolve()), "method": trained.provenance.get("method"),
-              counter: trained.info.get(counter), "engine_settings_from": trained.provenance.get("engine_settings_from"),
-              "segmentation": "argmax of softmax", "input": str(Path(o.input).resolve()),
-              "section": o.section if Path(o.input).suffix == ".json" else None}
+        print(
+            f"[{i + 1}/{len(cases)}] {case['name']}"
+            + (f": dice {row['dice']:.4f}" if "dice" in row else "")
+            + f" ({time.perf_counter() - start:.1f}s)",
+            flush=True,
+        )
+    header = {
+        "command": "global",
+        "models": str(Path(o.models).resolve()),
+        "method": trained.provenance.get("method"),
+        counter: trained.info.get(counter),
+        "engine_settings_from": trained.provenance.get("engine_settings_from"),
+        "segmentation": "argmax of softmax",
+        "input": str(Path(o.input).resolve()),
+        "section": o.section if Path(o.input).suffix == ".json" else None,
+    }
     write_summary(out, rows, header)
     print(f"wrote {len(rows)} case(s) and {out / 'summary.json'}, {out / 'summary.csv'}")
     return 0
 
 
 def add_global_parser(sub) -> None:
-    p = sub.add_parser("global", help="one global model: FedAvg / FedProx (or FedSM's global model)",
-                       description="Segment with the global model of a FedAvg/FedProx model set (best.pt / last.pt) "
-                                   "or of a FedSM set.")
+    p = sub.add_parser(
+        "global",
+        help="one global model: FedAvg / FedProx (or FedSM's global model)",
+        description="Segment with the global model of a FedAvg/FedProx model set (best.pt / last.pt) or of a FedSM set.",
+    )
     add_common_arguments(p, "FedAvg/FedProx")
-    p.add_argument("--job-config", help="a FedAvg/FedProx set moved away from its run: the job's config_fed_client.json "
-                                        "(or job folder) with the engine settings it was trained with")
+    p.add_argument(
+        "--job-config",
+        help="a FedAvg/FedProx set moved away from its run: the job's config_fed_client.json "
+        "(or job folder) with the engine settings it was trained with",
+    )
     p.set_defaults(run=run_global)
 
 
@@ -123,8 +141,11 @@ def run_ensemble(o: argparse.Namespace) -> int:
     cases = list_cases(o.input, o.section, o.labels)
     out = Path(o.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"ensemble of {len(nets)} model(s) from {o.models} (communication {info.get('communication')}); "
-          f"{len(cases)} case(s) -> {out}", flush=True)
+    print(
+        f"ensemble of {len(nets)} model(s) from {o.models} (communication {info.get('communication')}); "
+        f"{len(cases)} case(s) -> {out}",
+        flush=True,
+    )
     rows = []
     for i, case in enumerate(cases):
         start = time.perf_counter()
@@ -158,8 +179,12 @@ def run_ensemble(o: argparse.Namespace) -> int:
             row["mean_std_wrong"] = float(std[wrong].mean()) if wrong.any() else float("nan")
             row["mean_std_right"] = float(std[~wrong].mean()) if (~wrong).any() else float("nan")
         rows.append(row)
-        print(f"[{i + 1}/{len(cases)}] {name}: mean std {row['mean_std']:.4f}"
-              + (f", dice {row['dice']:.4f}" if "dice" in row else "") + f" ({time.perf_counter() - start:.1f}s)", flush=True)
+        print(
+            f"[{i + 1}/{len(cases)}] {name}: mean std {row['mean_std']:.4f}"
+            + (f", dice {row['dice']:.4f}" if "dice" in row else "")
+            + f" ({time.perf_counter() - start:.1f}s)",
+            flush=True,
+        )
     header = {
         "command": "ensemble",
         "models": str(Path(o.models).resolve()),
@@ -175,15 +200,20 @@ def run_ensemble(o: argparse.Namespace) -> int:
 
 
 def add_ensemble_parser(sub) -> None:
-    p = sub.add_parser("ensemble", help="FedCross / FedCrossEns model set: mean softmax, std and entropy maps",
-                       description="Segment with the K models of a FedCross/FedCrossEns model set (best.pt or last.pt).")
+    p = sub.add_parser(
+        "ensemble",
+        help="FedCross / FedCrossEns model set: mean softmax, std and entropy maps",
+        description="Segment with the K models of a FedCross/FedCrossEns model set (best.pt or last.pt).",
+    )
     add_common_arguments(p, "FedCross")
     p.add_argument("--threshold", type=float, help="foreground probability threshold (default: argmax)")
     p.set_defaults(run=run_ensemble)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedseg.infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_global_parser(sub)
     add_ensemble_parser(sub)

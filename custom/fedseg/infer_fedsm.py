@@ -51,8 +51,10 @@ def run_fedsm(o: argparse.Namespace) -> int:
     selector = None
     if "selector" in groups and not o.site:
         if "norm" not in (info.get("selector") or {}):
-            raise SystemExit(f"{o.models}: saved by an older FedSeg whose selector (32-pixel thumbnail classifier) this "
-                             f"version cannot load; retrain, or skip the selector with --site NAME")
+            raise SystemExit(
+                f"{o.models}: saved by an older FedSeg whose selector (32-pixel thumbnail classifier) this "
+                f"version cannot load; retrain, or skip the selector with --site NAME"
+            )
         settings = SelectorSettings.from_meta(len(site_names), info.get("selector"))
         selector = new_selector(engine, settings)
         load_numpy_state(selector, groups["selector"], site="selector")
@@ -76,8 +78,14 @@ def run_fedsm(o: argparse.Namespace) -> int:
             probs = selector_probs(engine, selector, item["image_raw"].unsqueeze(0), settings.size(cfg.spatial_dims))[0]
             choice = route(probs, site_names, gamma)
             model = choice.model
-            row.update({"model": model, "confidence": choice.confidence, "predicted_site": site_names[choice.site_index],
-                        "selector_probs": dict(zip(site_names, (float(p) for p in probs)))})
+            row.update(
+                {
+                    "model": model,
+                    "confidence": choice.confidence,
+                    "predicted_site": site_names[choice.site_index],
+                    "selector_probs": dict(zip(site_names, (float(p) for p in probs))),
+                }
+            )
         else:
             model = o.site or GLOBAL
             row.update({"model": model, "confidence": 1.0})
@@ -89,18 +97,30 @@ def run_fedsm(o: argparse.Namespace) -> int:
             per_class = case_dice(seg, item["label"][0].long(), cfg.num_classes)
             row["dice"] = float(np.mean(per_class))
         rows.append(row)
-        print(f"[{i + 1}/{len(cases)}] {case['name']}: {row['model']} (confidence {row['confidence']:.3f})"
-              + (f", dice {row['dice']:.4f}" if "dice" in row else "") + f" ({time.perf_counter() - start:.1f}s)", flush=True)
-    header = {"command": "fedsm", "models": str(Path(o.models).resolve()), "gamma": gamma, "site_names": site_names,
-              "routing": {m: sum(r["model"] == m for r in rows) for m in sorted({r["model"] for r in rows})}}
+        print(
+            f"[{i + 1}/{len(cases)}] {case['name']}: {row['model']} (confidence {row['confidence']:.3f})"
+            + (f", dice {row['dice']:.4f}" if "dice" in row else "")
+            + f" ({time.perf_counter() - start:.1f}s)",
+            flush=True,
+        )
+    header = {
+        "command": "fedsm",
+        "models": str(Path(o.models).resolve()),
+        "gamma": gamma,
+        "site_names": site_names,
+        "routing": {m: sum(r["model"] == m for r in rows) for m in sorted({r["model"] for r in rows})},
+    }
     write_summary(out, rows, header)
     print(f"routing: {header['routing']}; wrote {out / 'summary.json'}")
     return 0
 
 
 def add_fedsm_parser(sub) -> None:
-    p = sub.add_parser("fedsm", help="FedSM model set: the selector routes each image to a personalized or the global model",
-                       description="Segment with a FedSM (or SoftPull) model set (best.pt / last.pt).")
+    p = sub.add_parser(
+        "fedsm",
+        help="FedSM model set: the selector routes each image to a personalized or the global model",
+        description="Segment with a FedSM (or SoftPull) model set (best.pt / last.pt).",
+    )
     add_common_arguments(p, "FedSM")
     p.add_argument("--gamma", type=float, help="routing threshold (default: the job's)")
     p.add_argument("--site", help="skip the selector and use this site's personalized model")

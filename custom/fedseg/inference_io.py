@@ -94,12 +94,24 @@ def write_nifti_like(input_path: str | Path, array: np.ndarray, out_path: str | 
     header = nib.Nifti1Header()  # a given header's dtype wins over the data's in nibabel: set both
     header.set_data_dtype(array.dtype)
     header.set_xyzt_units(*source.header.get_xyzt_units())  # viewers read the unit (mm) from here
-    save = SaveImage(output_dir=out_path.parent, output_ext=".nii.gz", output_dtype=array.dtype, resample=False,
-                     separate_folder=False, print_log=False, writer=SourceAffineNibabelWriter, channel_dim=None)
+    save = SaveImage(
+        output_dir=out_path.parent,
+        output_ext=".nii.gz",
+        output_dtype=array.dtype,
+        resample=False,
+        separate_folder=False,
+        print_log=False,
+        writer=SourceAffineNibabelWriter,
+        channel_dim=None,
+    )
     save.set_options(write_kwargs={"header": header})
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"affine": source.affine, "original_affine": source.affine, "spatial_shape": array.shape,
-            "filename_or_obj": str(input_path)}
+    meta = {
+        "affine": source.affine,
+        "original_affine": source.affine,
+        "spatial_shape": array.shape,
+        "filename_or_obj": str(input_path),
+    }
     save(array, meta, filename=str(out_path)[: -len(".nii.gz")])
     return out_path
 

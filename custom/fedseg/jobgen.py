@@ -19,8 +19,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fedseg.engine.config import DEFAULT_ENGINE, resolve_engine  # noqa: F401 - re-exported for older importers
 from fedseg.fl.executor import DEFAULT_DATALIST
@@ -43,21 +43,41 @@ MULTI_METHOD_EXECUTOR = "fedseg.fl.executor.MultiMethodExecutor"
 
 def recipe_for(name: str, o: argparse.Namespace) -> FedSegRecipe:
     """The recipe of job `name` with jobgen's options (the parser's namespace)."""
-    common = {"engine": o.engine, "datalist": o.datalist, "min_clients": o.min_clients, "task_timeout": o.task_timeout,
-              "meter": bool(getattr(o, "meter", False))}
+    common = {
+        "engine": o.engine,
+        "datalist": o.datalist,
+        "min_clients": o.min_clients,
+        "task_timeout": o.task_timeout,
+        "meter": bool(getattr(o, "meter", False)),
+    }
     if name in ("fedavg", "fedprox"):
         cls = FedProxRecipe if name == "fedprox" else FedAvgRecipe
         extra = {"fedprox_mu": o.fedprox_mu} if name == "fedprox" else {}
-        return cls(name=o.name or name, num_rounds=o.rounds, aggregation=o.aggregation,
-                   max_local_steps=o.max_local_steps, **extra, **common)
+        return cls(
+            name=o.name or name,
+            num_rounds=o.rounds,
+            aggregation=o.aggregation,
+            max_local_steps=o.max_local_steps,
+            **extra,
+            **common,
+        )
     if name in ("fedsm", "softpull"):
-        return FedSMRecipe(name=o.name or name, num_rounds=o.rounds, lam=o.lam, gamma=o.gamma,
-                           softpull_only=name == "softpull", **common)
+        return FedSMRecipe(
+            name=o.name or name, num_rounds=o.rounds, lam=o.lam, gamma=o.gamma, softpull_only=name == "softpull", **common
+        )
     if name in ("fedcross", "fedcrossens"):
-        return FedCrossRecipe(name=o.name or name, num_models=FEDCROSS_DEFAULTS[name]["num_models"],
-                              sites=getattr(o, "sites", None), num_communications=o.communications, schedule=o.schedule,
-                              visit_epochs=o.visit_epochs, visit_steps=o.visit_steps, lr_schedule=o.lr_schedule,
-                              seed=o.seed, **common)
+        return FedCrossRecipe(
+            name=o.name or name,
+            num_models=FEDCROSS_DEFAULTS[name]["num_models"],
+            sites=getattr(o, "sites", None),
+            num_communications=o.communications,
+            schedule=o.schedule,
+            visit_epochs=o.visit_epochs,
+            visit_steps=o.visit_steps,
+            lr_schedule=o.lr_schedule,
+            seed=o.seed,
+            **common,
+        )
     raise KeyError(f"fedseg.jobgen has no job {name!r} (JOBS: {sorted(JOBS)})")
 
 
@@ -66,8 +86,10 @@ def export_configs(recipe: FedSegRecipe) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         recipe.export(tmp)
         config = Path(tmp) / recipe.name / APP / "config"
-        return (json.loads((config / "config_fed_server.json").read_text()),
-                json.loads((config / "config_fed_client.json").read_text()))
+        return (
+            json.loads((config / "config_fed_server.json").read_text()),
+            json.loads((config / "config_fed_client.json").read_text()),
+        )
 
 
 def _job(name: str) -> Callable[[argparse.Namespace], tuple[dict, dict]]:
@@ -79,8 +101,13 @@ JOBS: dict[str, Callable[[argparse.Namespace], tuple[dict, dict]]] = {
 }
 
 
-def client_config(engine: dict, datalist: str, method_args: dict | None = None, extra: dict | None = None,
-                  executor_path: str = MULTI_METHOD_EXECUTOR) -> dict:
+def client_config(
+    engine: dict,
+    datalist: str,
+    method_args: dict | None = None,
+    extra: dict | None = None,
+    executor_path: str = MULTI_METHOD_EXECUTOR,
+) -> dict:
     """A recipe's client app (site executor, tracking writer) for a job that runs several methods one after
     another (the benchmark's shared jobs): by default its executor serves every FedSeg task."""
     _, client = export_configs(FedAvgRecipe(engine=engine, datalist=datalist, cross_site_eval=False))
@@ -142,7 +169,9 @@ def _dump(path: Path, data: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedseg.jobgen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.jobgen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="folder to write job folders into")
     p.add_argument("--only", nargs="*", choices=sorted(JOBS), help="jobs to write (default: all)")
     p.add_argument("--name", help="job name (only with a single --only job)")
@@ -151,33 +180,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", type=json.loads, default={}, help="JSON engine settings merged over the defaults")
     p.add_argument("--datalist", default=DEFAULT_DATALIST)
     p.add_argument("--fedprox-mu", type=float, default=0.01)
-    p.add_argument("--aggregation", choices=["mean", "median", "trimmed_mean"], default="mean",
-                   help="FedAvg/FedProx: weighted mean (FedAvg) or a robust coordinate-wise median / trimmed mean")
-    p.add_argument("--max-local-steps", type=int, default=0,
-                   help="FedAvg/FedProx: most steps a site trains per round, and so the largest weight it can claim (0: no plan)")
+    p.add_argument(
+        "--aggregation",
+        choices=["mean", "median", "trimmed_mean"],
+        default="mean",
+        help="FedAvg/FedProx: weighted mean (FedAvg) or a robust coordinate-wise median / trimmed mean",
+    )
+    p.add_argument(
+        "--max-local-steps",
+        type=int,
+        default=0,
+        help="FedAvg/FedProx: most steps a site trains per round, and so the largest weight it can claim (0: no plan)",
+    )
     p.add_argument("--lam", type=float, default=0.7, help="FedSM/SoftPull: weight of a site's own personalized model")
     p.add_argument("--gamma", type=float, default=0.9, help="FedSM: selector confidence needed to use a personalized model")
     p.add_argument("--task-timeout", type=int, default=3600, help="seconds per site task (0: no limit)")
-    p.add_argument("--communications", type=int,
-                   help=f"FedCross: visits per model (default {FEDCROSS_DEFAULTS['fedcross']['communications']} fedcross, "
-                        f"{FEDCROSS_DEFAULTS['fedcrossens']['communications']} fedcrossens); a latin schedule needs a multiple of --sites")
-    p.add_argument("--sites", type=int,
-                   help="FedCross: the number of sites the job is planned for: a latin schedule's communications are checked "
-                        f"against it here (the defaults are whole blocks for {DEFAULT_SITES} sites); the server always checks "
-                        "them against the sites connected when the job starts")
-    p.add_argument("--schedule", choices=["cyclic", "latin", "random", "explicit"],
-                   help="FedCross: site-visit schedule (default cyclic for fedcross, latin for fedcrossens)")
-    p.add_argument("--visit-epochs", type=int,
-                   help=f"FedCross: epochs per visit (default {FEDCROSS_DEFAULTS['fedcross']['visit_epochs']} fedcross, "
-                        f"{FEDCROSS_DEFAULTS['fedcrossens']['visit_epochs']} fedcrossens)")
+    p.add_argument(
+        "--communications",
+        type=int,
+        help=f"FedCross: visits per model (default {FEDCROSS_DEFAULTS['fedcross']['communications']} fedcross, "
+        f"{FEDCROSS_DEFAULTS['fedcrossens']['communications']} fedcrossens); a latin schedule needs a multiple of --sites",
+    )
+    p.add_argument(
+        "--sites",
+        type=int,
+        help="FedCross: the number of sites the job is planned for: a latin schedule's communications are checked "
+        f"against it here (the defaults are whole blocks for {DEFAULT_SITES} sites); the server always checks "
+        "them against the sites connected when the job starts",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=["cyclic", "latin", "random", "explicit"],
+        help="FedCross: site-visit schedule (default cyclic for fedcross, latin for fedcrossens)",
+    )
+    p.add_argument(
+        "--visit-epochs",
+        type=int,
+        help=f"FedCross: epochs per visit (default {FEDCROSS_DEFAULTS['fedcross']['visit_epochs']} fedcross, "
+        f"{FEDCROSS_DEFAULTS['fedcrossens']['visit_epochs']} fedcrossens)",
+    )
     p.add_argument("--visit-steps", type=int, default=0, help="FedCross: steps per visit; wins over --visit-epochs when > 0")
-    p.add_argument("--lr-schedule", choices=["constant", "poly", "cosine"], default="constant",
-                   help="FedCross: lr over each model's visits (default constant, as every other method trains)")
-    p.add_argument("--seed", type=int, default=0, help="FedCross: seeds the schedule and the models' initialisation "
-                                                      "(model 0 is the persistor's; models m > 0 from member_seed(seed, m))")
+    p.add_argument(
+        "--lr-schedule",
+        choices=["constant", "poly", "cosine"],
+        default="constant",
+        help="FedCross: lr over each model's visits (default constant, as every other method trains)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="FedCross: seeds the schedule and the models' initialisation "
+        "(model 0 is the persistor's; models m > 0 from member_seed(seed, m))",
+    )
     p.add_argument("--byoc", action="store_true", help="copy the fedseg package into the job (app/custom/)")
-    p.add_argument("--meter", action="store_true",
-                   help="add fedseg.fl.meter.TaskMeter to the sites: bytes, time and peak memory of every task")
+    p.add_argument(
+        "--meter",
+        action="store_true",
+        help="add fedseg.fl.meter.TaskMeter to the sites: bytes, time and peak memory of every task",
+    )
     return p
 
 

@@ -105,7 +105,12 @@ def format_table(results: dict, title: str | None = None) -> str:
             out.append(f"{key}: {value:.4g}")
         elif isinstance(value, (int, str)):
             out.append(f"{key}: {value}")
-        elif isinstance(value, dict) and value and len(value) <= 16 and all(isinstance(v, (int, float, dict)) for v in value.values()):
+        elif (
+            isinstance(value, dict)
+            and value
+            and len(value) <= 16
+            and all(isinstance(v, (int, float, dict)) for v in value.values())
+        ):
             # per-site extras, e.g. selector accuracy or routing counts
             out.append(f"{key}: " + "; ".join(f"{k}={_short(v)}" for k, v in value.items()))
     return "\n".join(out)
@@ -120,7 +125,9 @@ def _short(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedseg.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("path", help="simulator workspace, downloaded job folder, or a results JSON file")
     p.add_argument("--method", help="method name to show (default: from the job's meta.json)")
     p.add_argument("--json", help="also write the common results record here")

@@ -137,7 +137,9 @@ def package_env(data_root: str | os.PathLike | None = None, on_pythonpath: bool 
     return env
 
 
-def run_process_tree(cmd: list[str], env: dict, out_path: Path, timeout: float, cwd: str | None = None) -> tuple[int, list, set]:
+def run_process_tree(
+    cmd: list[str], env: dict, out_path: Path, timeout: float, cwd: str | None = None
+) -> tuple[int, list, set]:
     """Run ``cmd`` in a session of its own (output to ``out_path``) and stop EVERY process of it at the end, on
     timeout (return code -9) or on Ctrl-C: its process tree is collected while it runs (NVFlare's setsid'ed
     workers are children by ppid) and marked with a per-run environment variable. Returns (return code,
@@ -204,14 +206,22 @@ def run_simulator(
     tail = out_path.read_text(errors="replace")[-4000:]
     if left:
         tail += f"\n[fedseg.sim] processes of this run still alive after SIGKILL: {[p.pid for p in left]}"
-    return SimResult(returncode=rc, workspace=workspace, seconds=time.perf_counter() - start, log_tail=tail,
-                     pids=tuple(sorted(seen)), left=tuple(p.pid for p in left))
+    return SimResult(
+        returncode=rc,
+        workspace=workspace,
+        seconds=time.perf_counter() - start,
+        log_tail=tail,
+        pids=tuple(sorted(seen)),
+        left=tuple(p.pid for p in left),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     from fedseg.report import format_table, load_results
 
-    p = argparse.ArgumentParser(prog="python -m fedseg.sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("job")
     p.add_argument("--data", required=True, help="folder with one <site>/datalist.json per site (site-1..site-N)")
     p.add_argument("-n", "--clients", type=int, default=4)

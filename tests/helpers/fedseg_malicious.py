@@ -49,8 +49,14 @@ def tamper(attack: str, model, result):
     elif attack == "metrics_missing":
         result.metrics = None
     elif attack == "metrics_garbage":
-        result.metrics = {"val_dice": "excellent", "val_super_dice": float("nan"), "val_personalized_dice": 7.0,
-                          "ensemble": "x", "members": 3, "n_cases": -1}
+        result.metrics = {
+            "val_dice": "excellent",
+            "val_super_dice": float("nan"),
+            "val_personalized_dice": 7.0,
+            "ensemble": "x",
+            "members": 3,
+            "n_cases": -1,
+        }
     elif attack == "scale_1000":
         result.params = _scale_update(model.params or {}, result.params, 1000.0)
     elif attack == "adam_negative":

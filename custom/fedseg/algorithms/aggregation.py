@@ -81,9 +81,7 @@ def check_update(site: str, params: dict, reference: Mapping[str, np.ndarray], a
             bad = int(value.size - np.count_nonzero(finite))
             if bad:
                 n_nan = int(np.count_nonzero(np.isnan(value)))
-                raise UpdateRejected(
-                    site, f"key {key!r}: {bad} non-finite value(s) ({n_nan} NaN, {bad - n_nan} Inf)"
-                )
+                raise UpdateRejected(site, f"key {key!r}: {bad} non-finite value(s) ({n_nan} NaN, {bad - n_nan} Inf)")
 
 
 def _cast_back(acc: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -134,8 +132,7 @@ def weighted_average(updates: Mapping[str, Mapping[str, np.ndarray]], weights: M
             missing = [k for k in keys if k not in upd]
             extra = [k for k in upd if k not in key_set]
             raise ValueError(
-                f"key set of {site!r} differs from {first_site!r}: "
-                f"missing [{_name_keys(missing)}], extra [{_name_keys(extra)}]"
+                f"key set of {site!r} differs from {first_site!r}: missing [{_name_keys(missing)}], extra [{_name_keys(extra)}]"
             )
 
     out = {}
@@ -202,13 +199,17 @@ def robust_average(updates: Mapping[str, Mapping[str, np.ndarray]], method: str 
         else:
             cut = int(np.floor(trim_fraction * len(sites)))
             ordered = np.sort(stack, axis=0)
-            acc = ordered[cut: len(sites) - cut].mean(axis=0)
+            acc = ordered[cut : len(sites) - cut].mean(axis=0)
         out[key] = _cast_back(acc, np.asarray(updates[sites[0]][key]).dtype)
     return out
 
 
-def aggregate(updates: Mapping[str, Mapping[str, np.ndarray]], weights: Mapping[str, float], method: str = "mean",
-              trim_fraction: float = 0.2) -> dict:
+def aggregate(
+    updates: Mapping[str, Mapping[str, np.ndarray]],
+    weights: Mapping[str, float],
+    method: str = "mean",
+    trim_fraction: float = 0.2,
+) -> dict:
     """The global model from the accepted updates: "mean" (weighted by ``weights``, i.e. FedAvg), or the
     unweighted robust "median" / "trimmed_mean" (:func:`robust_average`). Sites are taken in sorted order, so
     the result does not depend on the order in which results arrived."""

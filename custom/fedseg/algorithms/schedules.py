@@ -46,8 +46,15 @@ from numbers import Integral
 
 import numpy as np
 
-__all__ = ["KINDS", "assign", "check_latin_communications", "make_schedule", "plan_latin", "validate_explicit",
-           "visits_per_model"]
+__all__ = [
+    "KINDS",
+    "assign",
+    "check_latin_communications",
+    "make_schedule",
+    "plan_latin",
+    "validate_explicit",
+    "visits_per_model",
+]
 
 KINDS = ("cyclic", "latin", "random", "explicit")
 _LATIN_TAG, _RANDOM_TAG = 1, 2

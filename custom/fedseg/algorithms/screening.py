@@ -105,8 +105,9 @@ def read_score(site: str, metrics, key: str, low: float = 0.0, high: float = 1.0
     return value
 
 
-def check_optimizer_state(site: str, optim: dict, weights: Mapping, sent: Mapping | None = None,
-                          max_new_steps: int | None = None) -> None:
+def check_optimizer_state(
+    site: str, optim: dict, weights: Mapping, sent: Mapping | None = None, max_new_steps: int | None = None
+) -> None:
     """Raise UpdateRejected unless ``optim`` is a sane optimizer state for a model with these ``weights``.
 
     Every key is "<parameter>::<state>" for a parameter of the model; every value a finite numeric numpy
@@ -137,10 +138,15 @@ def check_optimizer_state(site: str, optim: dict, weights: Mapping, sent: Mappin
                 raise UpdateRejected(site, f"optimizer state {key!r}: step count {value.ravel()[:3]} is not one number >= 0")
             before = sent.get(key) if sent else None
             if before is not None and float(value) < float(np.asarray(before).ravel()[0]):
-                raise UpdateRejected(site, f"optimizer state {key!r}: step count went back from {float(before):g} to {float(value):g}")
+                raise UpdateRejected(
+                    site, f"optimizer state {key!r}: step count went back from {float(before):g} to {float(value):g}"
+                )
             if before is not None and max_new_steps and float(value) > float(np.asarray(before).ravel()[0]) + max_new_steps:
-                raise UpdateRejected(site, f"optimizer state {key!r}: {float(value) - float(before):g} new steps, "
-                                           f"more than the {max_new_steps} planned")
+                raise UpdateRejected(
+                    site,
+                    f"optimizer state {key!r}: {float(value) - float(before):g} new steps, "
+                    f"more than the {max_new_steps} planned",
+                )
     if sent and optim:
         missing = sorted(set(sent) - set(optim))
         extra = sorted(set(optim) - set(sent))
@@ -179,8 +185,10 @@ def screen_magnitudes(norms: Mapping[str, float], recent: Iterable[float] = (), 
             continue
         median = float(np.median(peers))
         if median > 0 and norm > max_ratio * median:
-            rejected[site] = (f"update norm {norm:.4g} is {norm / median:.1f}x the median {median:.4g} of the "
-                              f"other updates (limit {max_ratio:g}x)")
+            rejected[site] = (
+                f"update norm {norm:.4g} is {norm / median:.1f}x the median {median:.4g} of the "
+                f"other updates (limit {max_ratio:g}x)"
+            )
     return rejected
 
 
@@ -231,9 +239,9 @@ def numeric_metrics(metrics) -> dict[str, float]:
         return {}
     out = {}
     for key, value in metrics.items():
-        if isinstance(key, str) and not isinstance(value, bool) and isinstance(value, (Real, np.integer, np.floating)):
-            if math.isfinite(float(value)):
-                out[key] = float(value)
+        numeric = isinstance(key, str) and not isinstance(value, bool) and isinstance(value, (Real, np.integer, np.floating))
+        if numeric and math.isfinite(float(value)):
+            out[key] = float(value)
     return out
 
 

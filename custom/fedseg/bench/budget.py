@@ -86,7 +86,7 @@ class Budget:
             raise ValueError(f"steps per epoch must be >= 1, got {self.site_steps_per_epoch}")
 
     @classmethod
-    def from_counts(cls, rounds: int, epochs: int, train_counts: dict, batch_size: int) -> "Budget":
+    def from_counts(cls, rounds: int, epochs: int, train_counts: dict, batch_size: int) -> Budget:
         return cls(rounds, epochs, {s: steps_per_epoch(n, batch_size) for s, n in train_counts.items()})
 
     @property
@@ -139,28 +139,48 @@ def _divides(name: str, total: int, part: int) -> int:
     return total // part
 
 
-def plan_method(method: str, budget: Budget, fedsm_policy: str = "epochs", fedcross_visit_epochs: int | None = None,
-                fedcrossens_visit_epochs: int | None = None) -> MethodPlan:
+def plan_method(
+    method: str,
+    budget: Budget,
+    fedsm_policy: str = "epochs",
+    fedcross_visit_epochs: int | None = None,
+    fedcrossens_visit_epochs: int | None = None,
+) -> MethodPlan:
     """The configuration that gives `method` the budget B (see the module docstring)."""
     plan = _plan_method(method, budget, fedsm_policy, fedcross_visit_epochs, fedcrossens_visit_epochs)
     plan.budget_steps = budget.total_steps
     return plan
 
 
-def _plan_method(method: str, budget: Budget, fedsm_policy: str, fedcross_visit_epochs: int | None,
-                 fedcrossens_visit_epochs: int | None) -> MethodPlan:
+def _plan_method(
+    method: str, budget: Budget, fedsm_policy: str, fedcross_visit_epochs: int | None, fedcrossens_visit_epochs: int | None
+) -> MethodPlan:
     r, e, n = budget.rounds, budget.epochs, budget.n_sites
     per_site = {s: budget.site_steps(s) for s in budget.sites}
     if method == "local":
-        return MethodPlan(method, budget.total_steps, per_site, rounds=r, local_epochs=e, num_models=n,
-                          extra_cost={"models": f"{n} site models (one per site), no communication"})
+        return MethodPlan(
+            method,
+            budget.total_steps,
+            per_site,
+            rounds=r,
+            local_epochs=e,
+            num_models=n,
+            extra_cost={"models": f"{n} site models (one per site), no communication"},
+        )
     if method == "centralized":
-        return MethodPlan(method, budget.total_steps, {"pooled": budget.total_steps}, rounds=r, local_epochs=e,
-                          extra_cost={"data": "all sites' images pooled in one place (not federated)"})
+        return MethodPlan(
+            method,
+            budget.total_steps,
+            {"pooled": budget.total_steps},
+            rounds=r,
+            local_epochs=e,
+            extra_cost={"data": "all sites' images pooled in one place (not federated)"},
+        )
     if method in ("fedavg", "fedprox"):
         extra = {"proximal term": "one extra weight-distance term per step (mu = 0.01)"} if method == "fedprox" else {}
-        return MethodPlan(method, budget.total_steps, per_site, rounds=r, local_epochs=e,
-                          model_downloads_per_site=float(r), extra_cost=extra)
+        return MethodPlan(
+            method, budget.total_steps, per_site, rounds=r, local_epochs=e, model_downloads_per_site=float(r), extra_cost=extra
+        )
     if method in ("fedsm", "softpull"):
         if fedsm_policy not in FEDSM_POLICIES:
             raise ValueError(f"fedsm_policy must be one of {FEDSM_POLICIES}, got {fedsm_policy!r}")
@@ -177,18 +197,36 @@ def _plan_method(method: str, budget: Budget, fedsm_policy: str, fedcross_visit_
         if method == "fedsm":
             extra["selector"] = "site-classifier training every round (its steps are reported, not counted in B)"
             extra["inference"] = "selector + one segmentation network per prediction"
-        return MethodPlan(method, total, steps, rounds=rounds, local_epochs=epochs, num_models=1 + n,
-                          networks_per_site_round=2, model_downloads_per_site=float(rounds), extra_cost=extra,
-                          within_budget=total == budget.total_steps)
+        return MethodPlan(
+            method,
+            total,
+            steps,
+            rounds=rounds,
+            local_epochs=epochs,
+            num_models=1 + n,
+            networks_per_site_round=2,
+            model_downloads_per_site=float(rounds),
+            extra_cost=extra,
+            within_budget=total == budget.total_steps,
+        )
     if method == "fedcross":
         v = fedcross_visit_epochs or e
         per_visit_site = _divides(f"fedcross: visit of {v} epochs", r * e, v)  # visits per site
         c = n * per_visit_site
         steps = {s: per_visit_site * v * budget.site_steps_per_epoch[s] for s in budget.sites}
-        return MethodPlan(method, sum(steps.values()), steps, communications=c, visit_epochs=v, num_models=1,
-                          model_downloads_per_site=float(per_visit_site),
-                          extra_cost={"sequential": f"one site trains per communication: {c} communications in sequence",
-                                      "validation": "the model is scored on every site's validation cases after every communication"})
+        return MethodPlan(
+            method,
+            sum(steps.values()),
+            steps,
+            communications=c,
+            visit_epochs=v,
+            num_models=1,
+            model_downloads_per_site=float(per_visit_site),
+            extra_cost={
+                "sequential": f"one site trains per communication: {c} communications in sequence",
+                "validation": "the model is scored on every site's validation cases after every communication",
+            },
+        )
     if method == "fedcrossens":
         if fedcrossens_visit_epochs:
             v = fedcrossens_visit_epochs
@@ -200,22 +238,38 @@ def _plan_method(method: str, budget: Budget, fedsm_policy: str, fedcross_visit_
             except ValueError as err:
                 raise ValueError(f"fedcrossens: R={r} rounds x E={e} epochs: {err}") from None
         steps = {s: c * v * budget.site_steps_per_epoch[s] for s in budget.sites}
-        return MethodPlan(method, sum(steps.values()), steps, communications=c, visit_epochs=v, num_models=n,
-                          model_downloads_per_site=float(c),
-                          extra_cost={"ensemble": f"{n} members: {n} forward passes per prediction",
-                                      "validation": f"all {n} models scored on every site after every communication",
-                                      "members": f"each member trains about B/{n} steps"})
+        return MethodPlan(
+            method,
+            sum(steps.values()),
+            steps,
+            communications=c,
+            visit_epochs=v,
+            num_models=n,
+            model_downloads_per_site=float(c),
+            extra_cost={
+                "ensemble": f"{n} members: {n} forward passes per prediction",
+                "validation": f"all {n} models scored on every site after every communication",
+                "members": f"each member trains about B/{n} steps",
+            },
+        )
     raise ValueError(f"unknown method {method!r}; known: {METHODS}")
 
 
 def _latin_blocks(communications: int, n_sites: int) -> None:
     if n_sites > 1 and communications % n_sites:
-        raise ValueError(f"fedcrossens: {communications} communications is not a whole number of Latin blocks of "
-                         f"{n_sites} sites (every member visits every site once per block); choose R*E/v a multiple of {n_sites}")
+        raise ValueError(
+            f"fedcrossens: {communications} communications is not a whole number of Latin blocks of "
+            f"{n_sites} sites (every member visits every site once per block); choose R*E/v a multiple of {n_sites}"
+        )
 
 
-def plan_paper(method: str, budget: Budget, fedcross_visit_epochs: int | None = None,
-               fedcrossens_visit_epochs: int | None = None, **_ignored) -> MethodPlan:
+def plan_paper(
+    method: str,
+    budget: Budget,
+    fedcross_visit_epochs: int | None = None,
+    fedcrossens_visit_epochs: int | None = None,
+    **_ignored,
+) -> MethodPlan:
     """The method's own paper protocol (see the module docstring); its extra compute is in seg_steps_total."""
     r, e, n = budget.rounds, budget.epochs, budget.n_sites
     if method in ("fedsm", "softpull"):
@@ -225,12 +279,22 @@ def plan_paper(method: str, budget: Budget, fedcross_visit_epochs: int | None = 
         v = fedcrossens_visit_epochs or e
         c = n * _divides(f"fedcrossens: visit of {v} epochs", r * e, v)
         steps = {s: c * v * budget.site_steps_per_epoch[s] for s in budget.sites}
-        plan = MethodPlan(method, sum(steps.values()), steps, communications=c, visit_epochs=v, num_models=n,
-                          model_downloads_per_site=float(c), within_budget=False,
-                          extra_cost={"ensemble": f"{n} members: {n} forward passes per prediction",
-                                      "validation": f"all {n} models scored on every site after every communication",
-                                      "protocol": f"FedCrossEns paper: every member the full schedule of one FedCross model "
-                                                  f"({c} communications; {n}B in all)"})
+        plan = MethodPlan(
+            method,
+            sum(steps.values()),
+            steps,
+            communications=c,
+            visit_epochs=v,
+            num_models=n,
+            model_downloads_per_site=float(c),
+            within_budget=False,
+            extra_cost={
+                "ensemble": f"{n} members: {n} forward passes per prediction",
+                "validation": f"all {n} models scored on every site after every communication",
+                "protocol": f"FedCrossEns paper: every member the full schedule of one FedCross model "
+                f"({c} communications; {n}B in all)",
+            },
+        )
     else:
         plan = plan_method(method, budget, fedcross_visit_epochs=fedcross_visit_epochs)
     plan.protocol = "paper"
@@ -260,8 +324,9 @@ class RunSpec:
         return asdict(self)
 
 
-def run_specs(methods, protocols=PROTOCOLS, fedsm_ablation: bool = False, optimizer_variants: tuple = (),
-              stock=()) -> list[RunSpec]:
+def run_specs(
+    methods, protocols=PROTOCOLS, fedsm_ablation: bool = False, optimizer_variants: tuple = (), stock=()
+) -> list[RunSpec]:
     """The runs of one cell. Every method once under the equal-steps plan (its key is the method); with the
     "paper" protocol also FedSM / SoftPull / FedCrossEns under their papers' protocols ("<method>-paper").
     fedsm_ablation: FedSM at the paper budget with SoftPull lambda in FEDSM_ABLATION_LAMBDAS ("fedsm-paper-lam50"
@@ -277,11 +342,16 @@ def run_specs(methods, protocols=PROTOCOLS, fedsm_ablation: bool = False, optimi
     if "paper" in protocols:
         specs += [RunSpec(f"{m}-paper", m, "paper") for m in methods if m in PAPER_DIFFERS]
     if fedsm_ablation and "fedsm" in methods:
-        specs += [RunSpec(f"fedsm-paper-lam{round(100 * lam)}", "fedsm", "paper", {"lam": lam}, "ablation")
-                  for lam in FEDSM_ABLATION_LAMBDAS]
+        specs += [
+            RunSpec(f"fedsm-paper-lam{round(100 * lam)}", "fedsm", "paper", {"lam": lam}, "ablation")
+            for lam in FEDSM_ABLATION_LAMBDAS
+        ]
     for value in optimizer_variants:
-        specs += [RunSpec(f"{m}-opt-{value}", m, "equal", {"local_optimizer": value}, "optimizer")
-                  for m in ("fedavg", "fedprox") if m in methods]
+        specs += [
+            RunSpec(f"{m}-opt-{value}", m, "equal", {"local_optimizer": value}, "optimizer")
+            for m in ("fedavg", "fedprox")
+            if m in methods
+        ]
     specs += [RunSpec(m, m, "equal", group="stock") for m in stock]
     if "equal" not in protocols:  # only the paper protocol: the shared runs stay, the equal-only ones go
         specs = [s for s in specs if s.protocol == "paper" or s.method not in PAPER_DIFFERS]

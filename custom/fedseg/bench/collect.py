@@ -92,8 +92,15 @@ def _curve_from_history(results: dict, communications: int) -> list[tuple[float,
     return out
 
 
-def method_record(method: str, workspace: Path, sites: list[str], plan: dict, window: dict | None,
-                  all_records: dict[str, list[dict]], name: str | None = None) -> dict:
+def method_record(
+    method: str,
+    workspace: Path,
+    sites: list[str],
+    plan: dict,
+    window: dict | None,
+    all_records: dict[str, list[dict]],
+    name: str | None = None,
+) -> dict:
     """Everything measured about one FL method run (BenchMark label `name`, default the method) in a bench workspace."""
     record: dict = {"method": method, "status": "missing", "plan": plan}
     results_file = server_app_dir(workspace) / "bench" / (name or method) / "fedseg_results.json"
@@ -122,15 +129,20 @@ def method_record(method: str, workspace: Path, sites: list[str], plan: dict, wi
             tasks += 1
             if r.get("task_name") in TRAIN_TASKS and r.get("steps") is not None:
                 steps += TRAIN_TASKS[r["task_name"]] * int(r["steps"])
-            selector_steps += (r.get("metrics") or {}).get("selector_steps", 0.0) if r.get("task_name") == "fedsm_train" else 0.0
+            selector_steps += (
+                (r.get("metrics") or {}).get("selector_steps", 0.0) if r.get("task_name") == "fedsm_train" else 0.0
+            )
     task_seconds = {s: float(sum(r.get("seconds") or 0 for r in recs)) for s, recs in records.items()}
     site_cpu = {s: float(sum(r.get("cpu_seconds") or 0 for r in recs)) for s, recs in records.items()}
     if method in ("fedcross", "fedcrossens"):
         curve = _curve_from_history(results, plan.get("communications") or 1)
     else:
         curve = _curve_from_meter(method, records, plan.get("rounds") or 1)
-        final = [v for v in ((results.get("extra") or {}).get("final_validation_dice") or {}).values()
-                 if isinstance(v, (int, float)) and math.isfinite(v)]
+        final = [
+            v
+            for v in ((results.get("extra") or {}).get("final_validation_dice") or {}).values()
+            if isinstance(v, (int, float)) and math.isfinite(v)
+        ]
         if final:
             curve.append((1.0, float(np.mean(final))))
     missing_sites = sorted(set(sites) - {s for m in results.get("models", {}).values() for s in m})

@@ -77,8 +77,14 @@ def plain_fedavg(data: str, engine_settings: dict, rounds: int, init: str) -> di
             steps += stats.steps
             images += stats.images
         global_params = weighted_average(updates, weights)
-    return {"wall_seconds": time.perf_counter() - wall0, "cpu_seconds": time.process_time() - cpu0,
-            "steps": steps, "images": images, "rounds": rounds, "epochs": cfg.local_epochs}
+    return {
+        "wall_seconds": time.perf_counter() - wall0,
+        "cpu_seconds": time.process_time() - cpu0,
+        "steps": steps,
+        "images": images,
+        "rounds": rounds,
+        "epochs": cfg.local_epochs,
+    }
 
 
 def plain_monai(datalist: str, site: str, engine_settings: dict, epochs: int, init: str) -> dict:
@@ -118,8 +124,13 @@ def plain_monai(datalist: str, site: str, engine_settings: dict, epochs: int, in
         for batch in loader:
             images += step(batch)
     seconds, cpu = time.perf_counter() - began, time.process_time() - cpu0
-    return {"images": images, "seconds": seconds, "cpu_seconds": cpu, "images_per_second": images / seconds,
-            "images_per_cpu_second": images / cpu}
+    return {
+        "images": images,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "images_per_second": images / seconds,
+        "images_per_cpu_second": images / cpu,
+    }
 
 
 def plain_engine(datalist: str, site: str, engine_settings: dict, rounds: int, init: str) -> dict:
@@ -142,8 +153,14 @@ def plain_engine(datalist: str, site: str, engine_settings: dict, rounds: int, i
         images += stats.images
         seconds += stats.seconds
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu0
-    return {"images": images, "seconds_in_train": seconds, "seconds": wall, "cpu_seconds": cpu,
-            "images_per_second": images / wall, "images_per_cpu_second": images / cpu}
+    return {
+        "images": images,
+        "seconds_in_train": seconds,
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "images_per_second": images / wall,
+        "images_per_cpu_second": images / cpu,
+    }
 
 
 def plain_main(o) -> dict:
@@ -151,8 +168,10 @@ def plain_main(o) -> dict:
     if o.what == "fedavg":
         return plain_fedavg(o.data, engine, o.rounds, o.init)
     datalist = str(Path(o.data) / o.site / "datalist.json")
-    return {"monai": plain_monai(datalist, o.site, engine, engine["local_epochs"] * o.rounds, o.init),
-            "engine": plain_engine(datalist, o.site, engine, o.rounds, o.init)}
+    return {
+        "monai": plain_monai(datalist, o.site, engine, engine["local_epochs"] * o.rounds, o.init),
+        "engine": plain_engine(datalist, o.site, engine, o.rounds, o.init),
+    }
 
 
 def _plain_process(args: list[str], out: Path, timeout: float) -> dict:
@@ -175,8 +194,18 @@ def _engine_img_per_s(log_text: str) -> list[float]:
     return [float(m.group(3)) for m in IMG_PER_S.finditer(log_text)]
 
 
-def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: dict, rounds: int, init: Path,
-            settings: dict, timeout: float, log) -> dict:
+def _fl_job(
+    name: str,
+    out_dir: Path,
+    data_dir: Path,
+    sites: list[str],
+    engine: dict,
+    rounds: int,
+    init: Path,
+    settings: dict,
+    timeout: float,
+    log,
+) -> dict:
     from fedseg.baselines import site_train_counts
     from fedseg.bench.budget import Budget, plan_method
     from fedseg.bench.collect import meter_records, timeline, windows
@@ -190,19 +219,32 @@ def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: 
     budget = Budget.from_counts(rounds, int(engine["local_epochs"]), counts, batch)
     plan = plan_method("fedavg", budget)
     seed = int(engine["seed"])
-    job = build_job(out_dir / "jobs", name, [("fedavg", seed)], {"fedavg": plan}, engine, {seed: init}, hd95=False,
-                    evaluate=False, task_request_interval=settings.get("task_request_interval"),
-                    task_check_period=settings.get("task_check_period"), executor_args=settings.get("executor_args"))
+    job = build_job(
+        out_dir / "jobs",
+        name,
+        [("fedavg", seed)],
+        {"fedavg": plan},
+        engine,
+        {seed: init},
+        hd95=False,
+        evaluate=False,
+        task_request_interval=settings.get("task_request_interval"),
+        task_check_period=settings.get("task_check_period"),
+        executor_args=settings.get("executor_args"),
+    )
     ws = out_dir / "ws" / name
     log(f"cost: {name} ({len(sites)} site(s), {rounds} rounds x {engine['local_epochs']} epochs) ...")
     cpu0 = _children_cpu()
-    result = run_simulator(job, ws, len(sites), data_root=data_dir, clients=sites, timeout=timeout,
-                           allow_classes=BENCH_CLASSES)
+    result = run_simulator(job, ws, len(sites), data_root=data_dir, clients=sites, timeout=timeout, allow_classes=BENCH_CLASSES)
     cpu = _children_cpu() - cpu0
     window = windows(timeline(ws)).get(label("fedavg", seed))
     records = meter_records(ws, sites)
-    train = [r for recs in records.values() for r in recs if r.get("task_name") == "train" and window
-             and window["start"] <= r["t_in"] <= window["end"]]
+    train = [
+        r
+        for recs in records.values()
+        for r in recs
+        if r.get("task_name") == "train" and window and window["start"] <= r["t_in"] <= window["end"]
+    ]
     images = sum(int(engine["local_epochs"]) * counts[r["site"]] for r in train)
     task_seconds = sum(r.get("seconds") or 0.0 for r in train)
     logs = "".join((ws / s / "log.txt").read_text(errors="replace") for s in sites if (ws / s / "log.txt").exists())
@@ -216,11 +258,19 @@ def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: 
     training_wall = (window["end"] - window["start"]) if window else None
     engine_seconds = images / float(np.mean(engine_rates)) if engine_rates else None
     record = {
-        "name": name, "sites": sites, "rounds": rounds, "epochs": int(engine["local_epochs"]), "settings": settings,
-        "returncode": result.returncode, "errors": result.errors()[-2000:],
-        "job_wall_seconds": round(result.seconds, 3), "job_cpu_seconds": round(cpu, 3),
+        "name": name,
+        "sites": sites,
+        "rounds": rounds,
+        "epochs": int(engine["local_epochs"]),
+        "settings": settings,
+        "returncode": result.returncode,
+        "errors": result.errors()[-2000:],
+        "job_wall_seconds": round(result.seconds, 3),
+        "job_cpu_seconds": round(cpu, 3),
         "training_wall_seconds": round(window["end"] - window["start"], 3) if window else None,
-        "train_tasks": len(train), "train_task_seconds": round(task_seconds, 3), "images": images,
+        "train_tasks": len(train),
+        "train_task_seconds": round(task_seconds, 3),
+        "images": images,
         "executor_images_per_second": images / task_seconds if task_seconds else None,
         "engine_images_per_second_logged": float(np.mean(engine_rates)) if engine_rates else None,
         "slowest_site_task_seconds": round(critical, 3),
@@ -234,9 +284,11 @@ def _fl_job(name: str, out_dir: Path, data_dir: Path, sites: list[str], engine: 
         "engine_train_seconds_estimate": round(engine_seconds, 3) if engine_seconds else None,
         "bytes_per_round_per_site": (float(np.mean([r["bytes_in"] + r["bytes_out"] for r in train])) if train else None),
     }
-    log(f"cost: {name}: job {record['job_wall_seconds']:.1f}s, training {record['training_wall_seconds']}s, "
-        f"CPU {record['job_cpu_seconds']:.1f}s" + (f", executor {record['executor_images_per_second']:.1f} img/s"
-                                                   if record["executor_images_per_second"] else ""))
+    log(
+        f"cost: {name}: job {record['job_wall_seconds']:.1f}s, training {record['training_wall_seconds']}s, "
+        f"CPU {record['job_cpu_seconds']:.1f}s"
+        + (f", executor {record['executor_images_per_second']:.1f} img/s" if record["executor_images_per_second"] else "")
+    )
     return record
 
 
@@ -258,29 +310,64 @@ def run_cost(preset, data_dir: Path, spec, out_dir: Path, log=print) -> dict:
     small, real = cell_engine(spec, c.small_epochs, 0), cell_engine(spec, c.realistic_epochs, 0)
     init = save_initial_checkpoint(out_dir / "init.pt", small, 0)
     began = time.time()
-    record: dict = {"dataset": data_dir.name, "sites": sites, "train_counts": counts, "throughput_site": solo,
-                    "rounds": c.rounds, "small_epochs": c.small_epochs, "realistic_epochs": c.realistic_epochs,
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average_at_start": list(os.getloadavg())}
+    record: dict = {
+        "dataset": data_dir.name,
+        "sites": sites,
+        "train_counts": counts,
+        "throughput_site": solo,
+        "rounds": c.rounds,
+        "small_epochs": c.small_epochs,
+        "realistic_epochs": c.realistic_epochs,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_at_start": list(os.getloadavg()),
+    }
 
     # plain references, each in a fresh process with the sites' thread settings
     log("cost: plain FedAvg loops (small, realistic), plain MONAI and engine loops ...")
     common = ["--data", str(data_dir), "--rounds", str(c.rounds), "--site", solo, "--init", str(init)]
     record["plain"] = {
-        "fedavg_small": _plain_process(["--what", "fedavg", "--engine", json.dumps(small)] + common, out_dir / "plain_small.json", preset.timeout),
-        "fedavg_realistic": _plain_process(["--what", "fedavg", "--engine", json.dumps(real)] + common, out_dir / "plain_real.json", preset.timeout),
+        "fedavg_small": _plain_process(
+            ["--what", "fedavg", "--engine", json.dumps(small)] + common, out_dir / "plain_small.json", preset.timeout
+        ),
+        "fedavg_realistic": _plain_process(
+            ["--what", "fedavg", "--engine", json.dumps(real)] + common, out_dir / "plain_real.json", preset.timeout
+        ),
     }
-    throughput = _plain_process(["--what", "throughput", "--engine", json.dumps(real), "--rounds", str(c.throughput_rounds)]
-                                + common[:2] + common[4:], out_dir / "plain_throughput.json", preset.timeout)
+    throughput = _plain_process(
+        ["--what", "throughput", "--engine", json.dumps(real), "--rounds", str(c.throughput_rounds)] + common[:2] + common[4:],
+        out_dir / "plain_throughput.json",
+        preset.timeout,
+    )
     record["plain"].update(monai=throughput["monai"], engine=throughput["engine"])
 
     jobs = {}
     for label, engine in (("small", small), ("realistic", real)):
         for setting_name, settings in (("shipped", SHIPPED), ("tuned", TUNED)):
-            jobs[f"fedavg_{label}_{setting_name}"] = _fl_job(f"fedavg_{label}_{setting_name}", out_dir, data_dir, sites,
-                                                             engine, c.rounds, init, settings, preset.timeout, log)
+            jobs[f"fedavg_{label}_{setting_name}"] = _fl_job(
+                f"fedavg_{label}_{setting_name}",
+                out_dir,
+                data_dir,
+                sites,
+                engine,
+                c.rounds,
+                init,
+                settings,
+                preset.timeout,
+                log,
+            )
     for setting_name, settings in (("shipped", TUNED), ("lean", {**TUNED, "executor_args": LEAN_EXECUTOR})):
-        jobs[f"solo_{setting_name}"] = _fl_job(f"solo_{setting_name}_executor", out_dir, data_dir, [solo], real,
-                                               c.throughput_rounds, init, settings, preset.timeout, log)
+        jobs[f"solo_{setting_name}"] = _fl_job(
+            f"solo_{setting_name}_executor",
+            out_dir,
+            data_dir,
+            [solo],
+            real,
+            c.throughput_rounds,
+            init,
+            settings,
+            preset.timeout,
+            log,
+        )
     record["jobs"] = jobs
     record["ratios"] = ratios(record)
     record["seconds"] = round(time.time() - began, 1)
@@ -306,8 +393,10 @@ def ratios(record: dict) -> dict:
                 "overhead_per_round_seconds": j.get("overhead_per_round_seconds"),
                 "job_wall_ratio": _ratio(j.get("job_wall_seconds"), p["process_wall_seconds"]),
                 "cpu_ratio": _ratio(j.get("job_cpu_seconds"), p["process_cpu_seconds"]),
-                "fl_training_seconds": j.get("training_wall_seconds"), "plain_training_seconds": p["wall_seconds"],
-                "fl_job_seconds": j.get("job_wall_seconds"), "plain_process_seconds": p["process_wall_seconds"],
+                "fl_training_seconds": j.get("training_wall_seconds"),
+                "plain_training_seconds": p["wall_seconds"],
+                "fl_job_seconds": j.get("job_wall_seconds"),
+                "plain_process_seconds": p["process_wall_seconds"],
             }
     monai = plain["monai"]["images_per_second"]
     monai_cpu = plain["monai"].get("images_per_cpu_second")
@@ -333,8 +422,9 @@ def ratios(record: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedseg.bench.cost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.bench.cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("plain", help="the plain reference loops (used by the benchmark)")
     q.add_argument("--what", choices=["fedavg", "throughput"], required=True)

@@ -64,8 +64,13 @@ class BenchMark(Controller):
         app_dir = Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id()))
         bench = app_dir / BENCH_DIR
         bench.mkdir(parents=True, exist_ok=True)
-        entry = {"method": self.method, "phase": self.phase, "time": time.time(), "cpu": time.process_time(),
-                 "rss_bytes": current_rss_bytes()}
+        entry = {
+            "method": self.method,
+            "phase": self.phase,
+            "time": time.time(),
+            "cpu": time.process_time(),
+            "rss_bytes": current_rss_bytes(),
+        }
         if self.phase == "start":
             entry["peak_reset"] = reset_peak_rss()
         else:
@@ -115,14 +120,22 @@ class BenchWarmup(FedSegController):
         sites = self.connected_sites()
         began = time.time()
         _first_optimizer_use()
-        from fedseg.algorithms.packing import pack
         from fedseg.algorithms.lr_schedule import LrSchedule
+        from fedseg.algorithms.packing import pack
 
         packed = pack({"model": model.params, "optim": {}})
-        meta = {"model_index": 0, "communication": 0, "visits_done": 0, "visit_epochs": 0, "visit_steps": 1,
-                "lr_schedule": LrSchedule(kind="constant", base_lr=1e-12, total_visits=1).as_meta()}
-        done = self.run_tasks("cross_train", {s: FLModel(params=packed, params_type=ParamsType.FULL, current_round=0,
-                                                          meta=dict(meta)) for s in sites})
+        meta = {
+            "model_index": 0,
+            "communication": 0,
+            "visits_done": 0,
+            "visit_epochs": 0,
+            "visit_steps": 1,
+            "lr_schedule": LrSchedule(kind="constant", base_lr=1e-12, total_visits=1).as_meta(),
+        }
+        done = self.run_tasks(
+            "cross_train",
+            {s: FLModel(params=packed, params_type=ParamsType.FULL, current_round=0, meta=dict(meta)) for s in sites},
+        )
         self.info(f"bench warm-up done in {time.time() - began:.1f}s at {sorted(done)}")
 
 
@@ -136,9 +149,17 @@ class BenchGlobalEval(FedSegController):
     validation_model: the label of the model also scored on the validation cases, the last point of the
     learning curve (the final model; "" = the first found)."""
 
-    def __init__(self, method: str, persistor_id: str, model_file: str = "", label: str = "global (last)",
-                 models: dict | None = None, validation_model: str = "", section: str = "testing",
-                 task_timeout: int = 3600):
+    def __init__(
+        self,
+        method: str,
+        persistor_id: str,
+        model_file: str = "",
+        label: str = "global (last)",
+        models: dict | None = None,
+        validation_model: str = "",
+        section: str = "testing",
+        task_timeout: int = 3600,
+    ):
         super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=1)
         self.method = method
         self.models = dict(models or {label: model_file})
@@ -160,7 +181,9 @@ class BenchGlobalEval(FedSegController):
     def _score(self, weights, label: str, section: str) -> dict:
         sites = self.connected_sites()
         meta = {"section": section, "model_name": label}
-        return self.run_tasks("validate", {s: FLModel(params=weights, params_type=ParamsType.FULL, meta=dict(meta)) for s in sites})
+        return self.run_tasks(
+            "validate", {s: FLModel(params=weights, params_type=ParamsType.FULL, meta=dict(meta)) for s in sites}
+        )
 
     def run(self):
         keep = ("dice", "dice_std", "n_cases", "dice_per_case", "hd95")
@@ -178,7 +201,15 @@ class BenchGlobalEval(FedSegController):
                 first = label
                 val = self._score(weights, label, "validation")
                 final_val = {s: (r.metrics or {}).get("dice") for s, r in sorted(val.items())}
-        record = {"method": self.method, "section": self.section, "models": models,
-                  "extra": {"model_files": self.models, "missing_models": missing, "final_validation_model": first,
-                            "final_validation_dice": final_val}}
+        record = {
+            "method": self.method,
+            "section": self.section,
+            "models": models,
+            "extra": {
+                "model_files": self.models,
+                "missing_models": missing,
+                "final_validation_model": first,
+                "final_validation_dice": final_val,
+            },
+        }
         _write_json(Path(self.get_app_dir()) / RESULTS_FILE, record)

@@ -40,8 +40,9 @@ def gpu_preset():
     preset.fedsm_ablation = preset.optimizer_measure = False
     preset.stock = []
     preset.parallel = 1
-    preset.description = ("the standard preset's GPU variant: synth2d, seed 0, equal steps, every method, AMP on, "
-                          "4 sites sharing one GPU")
+    preset.description = (
+        "the standard preset's GPU variant: synth2d, seed 0, equal steps, every method, AMP on, 4 sites sharing one GPU"
+    )
     return preset
 
 
@@ -63,13 +64,17 @@ def gpu_rows(results: dict) -> list[dict]:
         steps = rec.get("site_seg_steps") or {}
         seconds = rec.get("site_train_task_seconds") or {}
         rate = {s: steps[s] * batch / seconds[s] for s in steps if seconds.get(s)}
-        rows.append({
-            "method": name, "dataset": cell["dataset"], "wall_seconds": wall,
-            "x_fedavg": (wall / fedavg_wall) if wall and fedavg_wall else None,
-            "peak_gpu_bytes": dict(rec.get("gpu_memory") or {}),
-            "train_images_per_second": rate,
-            "seg_steps": rec.get("seg_steps"),
-        })
+        rows.append(
+            {
+                "method": name,
+                "dataset": cell["dataset"],
+                "wall_seconds": wall,
+                "x_fedavg": (wall / fedavg_wall) if wall and fedavg_wall else None,
+                "peak_gpu_bytes": dict(rec.get("gpu_memory") or {}),
+                "train_images_per_second": rate,
+                "seg_steps": rec.get("seg_steps"),
+            }
+        )
     return rows
 
 
@@ -89,8 +94,9 @@ def rows_from_workspace(workspace: Path, batch_size: int, dataset: str = "synth2
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedseg.bench.gpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="output folder (raw/gpu.json, raw/results.json, runs/)")
     p.add_argument("--rounds", type=int, help="override R (default: the standard preset's)")
     p.add_argument("--report", action="store_true", help="only print the table of OUT/raw/gpu.json")
@@ -101,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(o.out).resolve()
     if o.from_workspace:
         (out / "raw").mkdir(parents=True, exist_ok=True)
-        gpu = {"command": "python -m fedseg.bench.gpu " + " ".join(shlex.quote(a) for a in argv),
-               "rows": rows_from_workspace(Path(o.from_workspace), o.batch_size)}
+        gpu = {
+            "command": "python -m fedseg.bench.gpu " + " ".join(shlex.quote(a) for a in argv),
+            "rows": rows_from_workspace(Path(o.from_workspace), o.batch_size),
+        }
         (out / "raw" / GPU_FILE).write_text(json.dumps(gpu, indent=2, default=str))
     elif not o.report:
         import torch
@@ -118,9 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         command = "python -m fedseg.bench.gpu " + " ".join(shlex.quote(a) for a in argv)
         run_info = run_benchmark(preset, out, resolve_datasets(preset, None, None), command, cost=False)
         results = json.loads((out / "raw" / "results.json").read_text())
-        gpu = {"command": command, "machine": run_info.get("machine"), "started": run_info.get("started"),
-               "seconds": run_info.get("seconds"), "preset": preset.description, "rounds": preset.rounds,
-               "epochs": preset.epochs, "engine": preset.datasets["synth2d"].engine, "rows": gpu_rows(results)}
+        gpu = {
+            "command": command,
+            "machine": run_info.get("machine"),
+            "started": run_info.get("started"),
+            "seconds": run_info.get("seconds"),
+            "preset": preset.description,
+            "rounds": preset.rounds,
+            "epochs": preset.epochs,
+            "engine": preset.datasets["synth2d"].engine,
+            "rows": gpu_rows(results),
+        }
         (out / "raw" / GPU_FILE).write_text(json.dumps(gpu, indent=2, default=str))
     from fedseg.bench.benchmark_report import gpu_table_lines
 

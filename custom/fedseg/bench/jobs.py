@@ -22,10 +22,9 @@ Differences from the shipped job folders, all of them stated in the report:
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from pathlib import Path
-
-import inspect
 
 from fedseg import jobgen
 from fedseg.bench.budget import MethodPlan, RunSpec
@@ -36,7 +35,14 @@ FLOW = "fedseg.bench.flow"
 PERSISTOR = "fedseg.fl.persistor.SegModelPersistor"
 FAST_CHECK_PERIOD = 0.1
 # outputs a method's workflow writes into the server app dir (moved to bench/<method>/ at its end)
-METHOD_OUTPUTS = {"fedavg": ["fedavg"], "fedprox": ["fedavg"], "fedsm": ["fedsm"], "softpull": ["fedsm"], "fedcross": ["fedcross"], "fedcrossens": ["fedcrossens"]}
+METHOD_OUTPUTS = {
+    "fedavg": ["fedavg"],
+    "fedprox": ["fedavg"],
+    "fedsm": ["fedsm"],
+    "softpull": ["fedsm"],
+    "fedcross": ["fedcross"],
+    "fedcrossens": ["fedcrossens"],
+}
 # FedAvg/FedProx: the models BenchGlobalEval scores (files FedAvgController writes under its output_dir)
 FEDAVG_MODELS = {"global (best)": "fedavg/best.pt", "global (last)": "fedavg/last.pt"}
 DEFAULT_LR_SCHEDULE = "constant"
@@ -77,9 +83,16 @@ def controller_default(path: str, arg: str):
 
 
 def persistor(cid: str, network: dict, init_ckpt: str, prefix: str) -> dict:
-    return {"id": cid, "path": PERSISTOR, "args": {"network": network, "source_ckpt_file_full_name": str(init_ckpt),
-                                                   "global_model_file_name": f"{prefix}_global.pt",
-                                                   "best_global_model_file_name": f"{prefix}_best.pt"}}
+    return {
+        "id": cid,
+        "path": PERSISTOR,
+        "args": {
+            "network": network,
+            "source_ckpt_file_full_name": str(init_ckpt),
+            "global_model_file_name": f"{prefix}_global.pt",
+            "best_global_model_file_name": f"{prefix}_best.pt",
+        },
+    }
 
 
 def label(method: str, seed: int) -> str:
@@ -87,9 +100,17 @@ def label(method: str, seed: int) -> str:
     return f"{method}__s{int(seed)}"
 
 
-def method_workflows(method: str, plan: MethodPlan, engine: dict, seed: int, task_check_period: float | None,
-                     evaluate: bool = True, name: str | None = None, options: dict | None = None,
-                     lr_schedule: str = DEFAULT_LR_SCHEDULE) -> tuple[list, str]:
+def method_workflows(
+    method: str,
+    plan: MethodPlan,
+    engine: dict,
+    seed: int,
+    task_check_period: float | None,
+    evaluate: bool = True,
+    name: str | None = None,
+    options: dict | None = None,
+    lr_schedule: str = DEFAULT_LR_SCHEDULE,
+) -> tuple[list, str]:
     """(workflows, persistor id) of one method: jobgen's training workflow under the plan, plus its scoring.
     options: overrides of the training workflow's arguments (e.g. {"lam": 0.5}); an argument the workflow
     class does not take is an error."""
@@ -115,9 +136,18 @@ def method_workflows(method: str, plan: MethodPlan, engine: dict, seed: int, tas
         if "local_optimizer" in accepted and "local_optimizer" not in args:  # explicit, so the record states it
             args["local_optimizer"] = controller_default(workflow["path"], "local_optimizer")
         if evaluate:
-            workflows.append({"id": f"{name}_eval", "path": f"{FLOW}.BenchGlobalEval",
-                              "args": {"method": method, "persistor_id": pid, "models": dict(FEDAVG_MODELS),
-                                       "validation_model": "global (last)"}})
+            workflows.append(
+                {
+                    "id": f"{name}_eval",
+                    "path": f"{FLOW}.BenchGlobalEval",
+                    "args": {
+                        "method": method,
+                        "persistor_id": pid,
+                        "models": dict(FEDAVG_MODELS),
+                        "validation_model": "global (last)",
+                    },
+                }
+            )
     elif method in ("fedsm", "softpull"):
         args["local_epochs"] = plan.local_epochs
         args["seed"] = int(seed)
@@ -135,11 +165,24 @@ def method_workflows(method: str, plan: MethodPlan, engine: dict, seed: int, tas
     return workflows, pid
 
 
-def build_job(out_dir: str | Path, name: str, runs: list[tuple[str, int]], plans: dict[str, MethodPlan], engine: dict,
-              inits: dict[int, str | Path], hd95: bool = True, meter: bool = True, task_request_interval: float | None = 0.1,
-              task_check_period: float | None = FAST_CHECK_PERIOD, warmup: bool = True, executor_args: dict | None = None,
-              min_clients: int = 1, evaluate: bool = True, specs: dict[str, RunSpec] | None = None,
-              lr_schedule: str = DEFAULT_LR_SCHEDULE) -> Path:
+def build_job(
+    out_dir: str | Path,
+    name: str,
+    runs: list[tuple[str, int]],
+    plans: dict[str, MethodPlan],
+    engine: dict,
+    inits: dict[int, str | Path],
+    hd95: bool = True,
+    meter: bool = True,
+    task_request_interval: float | None = 0.1,
+    task_check_period: float | None = FAST_CHECK_PERIOD,
+    warmup: bool = True,
+    executor_args: dict | None = None,
+    min_clients: int = 1,
+    evaluate: bool = True,
+    specs: dict[str, RunSpec] | None = None,
+    lr_schedule: str = DEFAULT_LR_SCHEDULE,
+) -> Path:
     """A job folder that runs the (key, seed) `runs` one after another; one run = an isolated job.
 
     key: a RunSpec key of `specs` (its method, protocol and controller options; plans[key] its plan) or, without
@@ -157,17 +200,28 @@ def build_job(out_dir: str | Path, name: str, runs: list[tuple[str, int]], plans
         spec = specs.get(key) or RunSpec(key, key)
         method = spec.method
         name_ = label(key, seed)
-        flows, pid = method_workflows(method, plans[key], engine, seed, task_check_period, evaluate, name_, spec.options,
-                                      lr_schedule)
+        flows, pid = method_workflows(
+            method, plans[key], engine, seed, task_check_period, evaluate, name_, spec.options, lr_schedule
+        )
         components.append(persistor(pid, network, inits[seed], name_))
         workflows.append({"id": f"start_{name_}", "path": f"{FLOW}.BenchMark", "args": {"method": name_, "phase": "start"}})
         workflows += flows
-        workflows.append({"id": f"end_{name_}", "path": f"{FLOW}.BenchMark",
-                          "args": {"method": name_, "phase": "end", "move": METHOD_OUTPUTS.get(method, [])}})
+        workflows.append(
+            {
+                "id": f"end_{name_}",
+                "path": f"{FLOW}.BenchMark",
+                "args": {"method": name_, "phase": "end", "move": METHOD_OUTPUTS.get(method, [])},
+            }
+        )
     # jobgen's TensorBoard receiver, as in every shipped job
     components += [c for c in jobgen.server_components(o.engine, cross_site_eval=False) if c["id"] != "persistor"]
-    server = {"format_version": 2, "workflows": workflows, "components": components,
-              "task_data_filters": [], "task_result_filters": []}
+    server = {
+        "format_version": 2,
+        "workflows": workflows,
+        "components": components,
+        "task_data_filters": [],
+        "task_result_filters": [],
+    }
     if task_request_interval:
         server["server"] = {"task_request_interval": float(task_request_interval)}
     client = jobgen.client_config(o.engine, o.datalist)

@@ -19,8 +19,22 @@ import sys
 from pathlib import Path
 
 # run.json keys that must agree between the parts (what a number in the report means)
-SAME = ("preset", "rounds", "epochs", "methods", "isolate", "fedsm_policy", "task_request_interval", "protocols",
-        "fedsm_ablation", "optimizer_variants", "stock", "lr_schedule", "conclusive", "hd95")
+SAME = (
+    "preset",
+    "rounds",
+    "epochs",
+    "methods",
+    "isolate",
+    "fedsm_policy",
+    "task_request_interval",
+    "protocols",
+    "fedsm_ablation",
+    "optimizer_variants",
+    "stock",
+    "lr_schedule",
+    "conclusive",
+    "hd95",
+)
 
 
 class MergeError(ValueError):
@@ -28,8 +42,10 @@ class MergeError(ValueError):
 
 
 def _datasets_key(run: dict) -> dict:
-    return {name: {k: d.get(k) for k in ("kind", "engine", "rounds", "epochs", "sites", "note")}
-            for name, d in (run.get("datasets") or {}).items()}
+    return {
+        name: {k: d.get(k) for k in ("kind", "engine", "rounds", "epochs", "sites", "note")}
+        for name, d in (run.get("datasets") or {}).items()
+    }
 
 
 def merge_results(parts: list[tuple[str, dict]]) -> dict:
@@ -44,8 +60,10 @@ def merge_results(parts: list[tuple[str, dict]]) -> dict:
         run = part.get("run") or {}
         for key in SAME:
             if run.get(key) != first["run"].get(key):
-                raise MergeError(f"{label}: run setting {key!r} is {run.get(key)!r}, but {first_label} has "
-                                 f"{first['run'].get(key)!r}: these are different benchmarks")
+                raise MergeError(
+                    f"{label}: run setting {key!r} is {run.get(key)!r}, but {first_label} has "
+                    f"{first['run'].get(key)!r}: these are different benchmarks"
+                )
         if _datasets_key(run) != _datasets_key(first["run"]):
             raise MergeError(f"{label}: its datasets (engines, budgets, sites) differ from {first_label}'s")
         for cell in part.get("cells") or []:
@@ -54,9 +72,18 @@ def merge_results(parts: list[tuple[str, dict]]) -> dict:
                 raise MergeError(f"{label}: cell {ident[0]} seed {ident[1]} is also in {seen[ident]}")
             seen[ident] = label
             cells.append(cell)
-        runs.append({"label": label, "command": run.get("command"), "seeds": run.get("seeds"),
-                     "started": run.get("started"), "finished": run.get("finished"), "seconds": run.get("seconds"),
-                     "cpu_seconds": run.get("cpu_seconds"), "machine": run.get("machine")})
+        runs.append(
+            {
+                "label": label,
+                "command": run.get("command"),
+                "seeds": run.get("seeds"),
+                "started": run.get("started"),
+                "finished": run.get("finished"),
+                "seconds": run.get("seconds"),
+                "cpu_seconds": run.get("cpu_seconds"),
+                "machine": run.get("machine"),
+            }
+        )
     merged = dict(first["run"])
     merged["seeds"] = sorted({c.get("seed") for c in cells})
     merged["command"] = " + ".join(str(r["command"]) for r in runs)
@@ -64,14 +91,21 @@ def merge_results(parts: list[tuple[str, dict]]) -> dict:
     merged["seconds"] = sum(r["seconds"] or 0 for r in runs)
     merged["cpu_seconds"] = sum(r["cpu_seconds"] or 0 for r in runs)
     merged["started"], merged["finished"] = runs[0]["started"], runs[-1]["finished"]
-    cells.sort(key=lambda c: (list(merged.get("datasets") or {}).index(c["dataset"])
-                              if c.get("dataset") in (merged.get("datasets") or {}) else 99, c.get("seed")))
+    cells.sort(
+        key=lambda c: (
+            list(merged.get("datasets") or {}).index(c["dataset"])
+            if c.get("dataset") in (merged.get("datasets") or {})
+            else 99,
+            c.get("seed"),
+        )
+    )
     return {"run": merged, "cells": cells}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedseg.bench.merge", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.bench.merge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("raw", nargs="+", help="raw folders (each with results.json) of the runs to merge")
     p.add_argument("--out", required=True, help="output folder; the merged raw files go to OUT/raw")
     o = p.parse_args(argv)

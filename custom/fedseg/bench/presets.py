@@ -48,14 +48,34 @@ from fedseg.bench.budget import METHODS, PROTOCOLS, STOCK
 REPO = Path(__file__).resolve().parents[3]
 SHARED_POLYP = REPO.parent / "shared" / "data" / "polyp"
 
-ENGINE_2D = {"spatial_dims": 2, "in_channels": 1, "roi_size": [64, 64], "batch_size": 4,
-             "network": {"arch": "unet", "channels": [16, 32, 64, 128], "num_res_units": 1}}
-ENGINE_3D = {"spatial_dims": 3, "in_channels": 1, "roi_size": [32, 32, 32], "batch_size": 2, "sw_batch_size": 2,
-             "network": {"arch": "unet", "channels": [8, 16, 32, 64], "num_res_units": 1}}
+ENGINE_2D = {
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "roi_size": [64, 64],
+    "batch_size": 4,
+    "network": {"arch": "unet", "channels": [16, 32, 64, 128], "num_res_units": 1},
+}
+ENGINE_3D = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "roi_size": [32, 32, 32],
+    "batch_size": 2,
+    "sw_batch_size": 2,
+    "network": {"arch": "unet", "channels": [8, 16, 32, 64], "num_res_units": 1},
+}
 # quick preset on 2 CPU cores: smaller 3-D patches and a 3-level network (3-D is most of the quick run's CPU time)
-ENGINE_3D_QUICK = {**ENGINE_3D, "roi_size": [24, 24, 24], "network": {"arch": "unet", "channels": [8, 16, 32], "num_res_units": 1}}
-ENGINE_POLYP = {"spatial_dims": 2, "in_channels": 3, "roi_size": [96, 96], "batch_size": 4,
-                "network": {"arch": "unet", "channels": [16, 32, 64, 128], "num_res_units": 1}}
+ENGINE_3D_QUICK = {
+    **ENGINE_3D,
+    "roi_size": [24, 24, 24],
+    "network": {"arch": "unet", "channels": [8, 16, 32], "num_res_units": 1},
+}
+ENGINE_POLYP = {
+    "spatial_dims": 2,
+    "in_channels": 3,
+    "roi_size": [96, 96],
+    "batch_size": 4,
+    "network": {"arch": "unet", "channels": [16, 32, 64, 128], "num_res_units": 1},
+}
 
 
 @dataclass
@@ -114,14 +134,19 @@ class Preset:
     progress_every: float = 60.0  # seconds between progress lines
     conclusive: bool = True  # False: the report says the numbers are too small to conclude anything
 
-    def copy(self) -> "Preset":
+    def copy(self) -> Preset:
         return copy.deepcopy(self)
 
 
 def _synth(name: str, dims: int, size: str, sites: int = 4, engine: dict | None = None, **kw) -> DatasetSpec:
     engine = engine or (ENGINE_2D if dims == 2 else ENGINE_3D)
-    return DatasetSpec(name, "synthetic", copy.deepcopy(engine), options={"n_sites": sites, "spatial_dims": dims, "size": size, "seed": 0},
-                       **kw)
+    return DatasetSpec(
+        name,
+        "synthetic",
+        copy.deepcopy(engine),
+        options={"n_sites": sites, "spatial_dims": dims, "size": size, "seed": 0},
+        **kw,
+    )
 
 
 def _polyp(max_cases: int | None, roi: int = 96, image_size: int | None = None, **kw) -> DatasetSpec:
@@ -136,16 +161,36 @@ def _polyp(max_cases: int | None, roi: int = 96, image_size: int | None = None, 
 PRESETS = {
     "smoke": Preset(
         name="smoke",
-        datasets={"synth2d": DatasetSpec("synth2d", "synthetic", {**copy.deepcopy(ENGINE_2D), "roi_size": [32, 32]},
-                                         options={"n_sites": 2, "spatial_dims": 2, "size": "tiny", "seed": 0})},
-        seeds=[0], rounds=2, epochs=2, cost=None, timeout=600.0, conclusive=False,
+        datasets={
+            "synth2d": DatasetSpec(
+                "synth2d",
+                "synthetic",
+                {**copy.deepcopy(ENGINE_2D), "roi_size": [32, 32]},
+                options={"n_sites": 2, "spatial_dims": 2, "size": "tiny", "seed": 0},
+            )
+        },
+        seeds=[0],
+        rounds=2,
+        epochs=2,
+        cost=None,
+        timeout=600.0,
+        conclusive=False,
         description="end-to-end check of the whole pipeline (tests/test_bench.py); numbers mean nothing",
     ),
     "quick": Preset(
         name="quick",
-        datasets={"synth2d": _synth("synth2d", 2, "small"), "synth3d": _synth("synth3d", 3, "small", engine=ENGINE_3D_QUICK),
-                  "polyp": _polyp(60, 64)},
-        seeds=[0, 1, 2], rounds=4, epochs=2, parallel=3, cost=CostSpec(), timeout=1800.0, conclusive=False,
+        datasets={
+            "synth2d": _synth("synth2d", 2, "small"),
+            "synth3d": _synth("synth3d", 3, "small", engine=ENGINE_3D_QUICK),
+            "polyp": _polyp(60, 64),
+        },
+        seeds=[0, 1, 2],
+        rounds=4,
+        epochs=2,
+        parallel=3,
+        cost=CostSpec(),
+        timeout=1800.0,
+        conclusive=False,
         description="2 CPU cores in minutes: small data and budget, every method, 3 seeds; too small to conclude",
     ),
     "standard": Preset(
@@ -153,22 +198,46 @@ PRESETS = {
         datasets={
             "synth2d": _synth("synth2d", 2, "small", description="built-in 2-D data, 4 sites, size small"),
             "synth2d_scarce": DatasetSpec(
-                "synth2d_scarce", "synthetic", copy.deepcopy(ENGINE_2D), epochs=4,
+                "synth2d_scarce",
+                "synthetic",
+                copy.deepcopy(ENGINE_2D),
+                epochs=4,
                 options={"n_sites": 4, "spatial_dims": 2, "size": "small", "seed": 0, "labelled_training": 6},
-                description="data-scarce variant: 6 labelled training cases per site, same validation/test cases"),
-            "polyp": _polyp(100, 64, image_size=64, ablation=False,
-                            description="Kvasir-SEG + CVC-ClinicDB, <= 100 cases per centre, 64 px"),
+                description="data-scarce variant: 6 labelled training cases per site, same validation/test cases",
+            ),
+            "polyp": _polyp(
+                100, 64, image_size=64, ablation=False, description="Kvasir-SEG + CVC-ClinicDB, <= 100 cases per centre, 64 px"
+            ),
         },
-        seeds=[0, 1, 2], rounds=24, epochs=2, parallel=3, cost=None, timeout=4 * 3600.0,
-        fedsm_ablation=True, optimizer_measure=True, stock=list(STOCK),
+        seeds=[0, 1, 2],
+        rounds=24,
+        epochs=2,
+        parallel=3,
+        cost=None,
+        timeout=4 * 3600.0,
+        fedsm_ablation=True,
+        optimizer_measure=True,
+        stock=list(STOCK),
         description="2 CPU cores, <= ~100 minutes, to convergence: 64 px 2-D data (synth2d, its data-scarce variant, "
-                    "polyp), 3 seeds, R=24, both protocols, the FedSM ablation",
+        "polyp), 3 seeds, R=24, both protocols, the FedSM ablation",
     ),
     "full": Preset(
         name="full",
-        datasets={"synth2d": _synth("synth2d", 2, "medium"), "synth3d": _synth("synth3d", 3, "medium"), "polyp": _polyp(None, 128)},
-        seeds=[0, 1, 2], rounds=20, epochs=2, isolate=True, parallel=1, fedsm_ablation=True, optimizer_measure=True,
-        stock=list(STOCK), cost=CostSpec(rounds=5, small_epochs=1, realistic_epochs=20), timeout=6 * 3600.0,
+        datasets={
+            "synth2d": _synth("synth2d", 2, "medium"),
+            "synth3d": _synth("synth3d", 3, "medium"),
+            "polyp": _polyp(None, 128),
+        },
+        seeds=[0, 1, 2],
+        rounds=20,
+        epochs=2,
+        isolate=True,
+        parallel=1,
+        fedsm_ablation=True,
+        optimizer_measure=True,
+        stock=list(STOCK),
+        cost=CostSpec(rounds=5, small_epochs=1, realistic_epochs=20),
+        timeout=6 * 3600.0,
         description="a GPU machine: medium data, 20 rounds, one simulator job per method",
     ),
 }

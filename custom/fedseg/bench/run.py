@@ -67,9 +67,15 @@ def log(msg: str) -> None:
 def machine_info() -> dict:
     import torch
 
-    info = {"hostname_hash": abs(hash(platform.node())) % 10**6, "platform": platform.platform(),
-            "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "cuda": torch.cuda.is_available(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info = {
+        "hostname_hash": abs(hash(platform.node())) % 10**6,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     try:
         import monai
         import nvflare
@@ -249,8 +255,11 @@ class Progress:
         rounds_seen = set()
         for recs in meter_records(ws, info["sites"]).values():
             for r in recs:
-                if (r.get("t_in") or 0) >= started and r.get("round") is not None and r.get("task_name") in (
-                        "train", "cross_train", "fedsm_train"):
+                if (
+                    (r.get("t_in") or 0) >= started
+                    and r.get("round") is not None
+                    and r.get("task_name") in ("train", "cross_train", "fedsm_train")
+                ):
                     rounds_seen.add(int(r["round"]))
         total_rounds = self.rounds.get(ident(name), 0)
         done = min(len(rounds_seen), total_rounds) if total_rounds else len(rounds_seen)
@@ -301,14 +310,21 @@ def _run_fl_job(job: Path, workspace: Path, data_dir: Path, sites: list[str], ti
     from fedseg.fl.allowlist import BENCH_CLASSES
     from fedseg.sim import run_simulator
 
-    result = run_simulator(job, workspace, len(sites), data_root=data_dir, clients=sites, timeout=timeout,
-                           allow_classes=BENCH_CLASSES)
+    result = run_simulator(
+        job, workspace, len(sites), data_root=data_dir, clients=sites, timeout=timeout, allow_classes=BENCH_CLASSES
+    )
     errors = result.errors()
-    return {"returncode": result.returncode, "seconds": round(result.seconds, 2), "errors": errors[-4000:],
-            "log_tail": result.log_tail[-2000:] if result.returncode else ""}
+    return {
+        "returncode": result.returncode,
+        "seconds": round(result.seconds, 2),
+        "errors": errors[-4000:],
+        "log_tail": result.log_tail[-2000:] if result.returncode else "",
+    }
 
 
-def _collect(workspace: Path, runs: list[tuple[str, int]], sites: list[str], plans: dict, specs: dict) -> dict[tuple[str, int], dict]:
+def _collect(
+    workspace: Path, runs: list[tuple[str, int]], sites: list[str], plans: dict, specs: dict
+) -> dict[tuple[str, int], dict]:
     wins = windows(timeline(workspace))
     records = meter_records(workspace, sites)
     out = {}
@@ -338,12 +354,18 @@ def optimizer_variants(preset: Preset) -> tuple:
 
 
 def cell_specs(preset: Preset, spec: DatasetSpec, methods: list[str]) -> list[budget_mod.RunSpec]:
-    return budget_mod.run_specs(methods, preset.protocols, fedsm_ablation=preset.fedsm_ablation and spec.ablation,
-                                optimizer_variants=optimizer_variants(preset) if spec.ablation else (),
-                                stock=[m for m in preset.stock if m in budget_mod.STOCK])
+    return budget_mod.run_specs(
+        methods,
+        preset.protocols,
+        fedsm_ablation=preset.fedsm_ablation and spec.ablation,
+        optimizer_variants=optimizer_variants(preset) if spec.ablation else (),
+        stock=[m for m in preset.stock if m in budget_mod.STOCK],
+    )
 
 
-def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset, methods: list[str], ds_dir: Path) -> list[dict]:
+def run_dataset(
+    ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset, methods: list[str], ds_dir: Path
+) -> list[dict]:
     """Every run (method x protocol x variant) and seed on one dataset; one cell record (cell.json) per seed.
 
     Shared mode (default): ONE simulator job runs every (seed, run) one after another and ONE process runs
@@ -365,20 +387,42 @@ def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset,
     specs = {s.key: s for s in cell_specs(preset, spec, methods)}
     plans = budget_mod.plan_runs(list(specs.values()), budget, fedsm_policy=preset.fedsm_policy)
     inits = {seed: save_initial_checkpoint(ds_dir / f"init_s{seed}.pt", engines[seed], seed) for seed in seeds}
-    cells = {seed: {"dataset": ds_name, "seed": seed, "sites": sites, "train_counts": counts,
-                    "budget": {"rounds": budget.rounds, "epochs": budget.epochs, "total_steps": budget.total_steps,
-                               "site_steps_per_epoch": budget.site_steps_per_epoch, "batch_size": batch},
-                    "engine": engines[seed] if preset.isolate else engines[seeds[0]], "isolated": preset.isolate,
-                    "runs": {k: s.as_dict() for k, s in specs.items()},
-                    "methods": {}, "jobs": []} for seed in seeds}
+    cells = {
+        seed: {
+            "dataset": ds_name,
+            "seed": seed,
+            "sites": sites,
+            "train_counts": counts,
+            "budget": {
+                "rounds": budget.rounds,
+                "epochs": budget.epochs,
+                "total_steps": budget.total_steps,
+                "site_steps_per_epoch": budget.site_steps_per_epoch,
+                "batch_size": batch,
+            },
+            "engine": engines[seed] if preset.isolate else engines[seeds[0]],
+            "isolated": preset.isolate,
+            "runs": {k: s.as_dict() for k, s in specs.items()},
+            "methods": {},
+            "jobs": [],
+        }
+        for seed in seeds
+    }
     PROGRESS.plan(ds_name, [(k, seed) for seed in seeds for k in specs], plans)
     began = time.time()
     fl = [k for k, s in specs.items() if s.method in budget_mod.FL_METHODS]
     available = [k for k in fl if specs[k].method in jobgen.JOBS]
     for k in sorted(set(fl) - set(available)):
         for seed in seeds:
-            cells[seed]["methods"][k] = _tag({"method": specs[k].method, "status": "missing", "plan": plans[k].as_dict(),
-                                              "error": "no FLARE job for this method in fedseg.jobgen.JOBS"}, specs[k])
+            cells[seed]["methods"][k] = _tag(
+                {
+                    "method": specs[k].method,
+                    "status": "missing",
+                    "plan": plans[k].as_dict(),
+                    "error": "no FLARE job for this method in fedseg.jobgen.JOBS",
+                },
+                specs[k],
+            )
         PROGRESS.finished(ds_name, [(k, seed) for seed in seeds])
     runs = [(k, seed) for seed in seeds for k in available]
     groups = [[r] for r in runs] if preset.isolate else ([runs] if runs else [])
@@ -389,12 +433,24 @@ def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset,
         single = len(group) == 1
         name = "bench_" + (label(*group[0]) if single else "all") + ("_retry" if attempt else "")
         engine = engines[group[0][1]] if single and (preset.isolate or attempt) else engines[seeds[0]]
-        job = build_job(ds_dir / "jobs", name, group, plans, engine, inits, hd95=preset.hd95,
-                        task_request_interval=preset.task_request_interval, specs=specs, lr_schedule=preset.lr_schedule)
+        job = build_job(
+            ds_dir / "jobs",
+            name,
+            group,
+            plans,
+            engine,
+            inits,
+            hd95=preset.hd95,
+            task_request_interval=preset.task_request_interval,
+            specs=specs,
+            lr_schedule=preset.lr_schedule,
+        )
         settings = workflow_args(job)
         ws = ds_dir / "ws" / name
-        log(f"{ds_name}: {len(group)} run(s) ({', '.join(sorted({k for k, _ in group}))}; seeds "
-            f"{sorted({s for _, s in group})}) in the NVFlare simulator, {len(sites)} sites ...")
+        log(
+            f"{ds_name}: {len(group)} run(s) ({', '.join(sorted({k for k, _ in group}))}; seeds "
+            f"{sorted({s for _, s in group})}) in the NVFlare simulator, {len(sites)} sites ..."
+        )
         PROGRESS.running(ds_name, name, ws, sites)
         job_record = _run_fl_job(job, ws, data_dir, sites, preset.timeout)
         job_record.update(name=name, runs=[label(k, s) for k, s in group])
@@ -412,8 +468,10 @@ def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset,
         for seed in sorted({s for _, s in group}):
             cells[seed]["jobs"].append(job_record)
         PROGRESS.finished(ds_name, done if (failed and not single and not attempt) else group)
-        log(f"{ds_name}: {name} finished in {job_record['seconds']:.0f}s (rc {job_record['returncode']}); "
-            f"{len(done)}/{len(group)} runs done" + (f"; NOT done {[label(*r) for r in failed]}" if failed else ""))
+        log(
+            f"{ds_name}: {name} finished in {job_record['seconds']:.0f}s (rc {job_record['returncode']}); "
+            f"{len(done)}/{len(group)} runs done" + (f"; NOT done {[label(*r) for r in failed]}" if failed else "")
+        )
         if failed and not single and not attempt:
             pending.extend((1, [r]) for r in failed)  # a run that broke the shared job gets its own job
     baselines = [k for k, s in specs.items() if s.method in budget_mod.BASELINES]
@@ -422,8 +480,9 @@ def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset,
         for batch_seeds in batches:
             check_stop()
             PROGRESS.running(ds_name, f"local-only / centralized, seeds {batch_seeds} (separate process)")
-            got = run_baselines(data_dir, engines[batch_seeds[0]], preset, inits, batch_seeds, baselines, ds_dir, plans,
-                                rounds, epochs)
+            got = run_baselines(
+                data_dir, engines[batch_seeds[0]], preset, inits, batch_seeds, baselines, ds_dir, plans, rounds, epochs
+            )
             for seed in batch_seeds:
                 for k, rec in got[seed].items():
                     cells[seed]["methods"][k] = _tag(rec, specs[k])
@@ -433,8 +492,21 @@ def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset,
         for seed in seeds:
             check_stop()
             PROGRESS.running(ds_name, f"seed {seed}: {k} (NVFlare stock recipe in SimEnv)")
-            cells[seed]["methods"][k] = _tag(run_stock_peer(specs[k].method, data_dir, sites, engines[seed], inits[seed], seed,
-                                                            plans[k], budget, ds_dir / "stock" / label(k, seed), preset), specs[k])
+            cells[seed]["methods"][k] = _tag(
+                run_stock_peer(
+                    specs[k].method,
+                    data_dir,
+                    sites,
+                    engines[seed],
+                    inits[seed],
+                    seed,
+                    plans[k],
+                    budget,
+                    ds_dir / "stock" / label(k, seed),
+                    preset,
+                ),
+                specs[k],
+            )
             PROGRESS.finished(ds_name, [(k, seed)])
     for seed in seeds:
         cells[seed]["seconds_dataset"] = round(time.time() - began, 1)
@@ -442,8 +514,18 @@ def run_dataset(ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset,
     return [cells[seed] for seed in seeds]
 
 
-def run_stock_peer(method: str, data_dir: Path, sites: list[str], engine: dict, init: Path, seed: int,
-                   plan: budget_mod.MethodPlan, budget: budget_mod.Budget, out_dir: Path, preset: Preset) -> dict:
+def run_stock_peer(
+    method: str,
+    data_dir: Path,
+    sites: list[str],
+    engine: dict,
+    init: Path,
+    seed: int,
+    plan: budget_mod.MethodPlan,
+    budget: budget_mod.Budget,
+    out_dir: Path,
+    preset: Preset,
+) -> dict:
     """One NVFlare stock peer (fedseg.bench.stock, H8's module) under the plan of its FedSeg twin:
     nvflare_cyclic = FedCross's plan (R*E/v rounds, each a visit of v epochs to every site in turn),
     nvflare_fedavg = FedAvg's (R rounds of E epochs). Same engine, data, initial checkpoint and seed."""
@@ -460,8 +542,20 @@ def run_stock_peer(method: str, data_dir: Path, sites: list[str], engine: dict, 
         rounds = plan.rounds
         steps = {s: (plan.local_epochs or budget.epochs) * budget.site_steps_per_epoch[s] for s in sites}
     try:
-        results = stock.run_stock(method, data_dir, sites, engine, init, rounds, steps, seed, out_dir, log=log,
-                                  timeout=preset.timeout, with_hd95=preset.hd95)
+        results = stock.run_stock(
+            method,
+            data_dir,
+            sites,
+            engine,
+            init,
+            rounds,
+            steps,
+            seed,
+            out_dir,
+            log=log,
+            timeout=preset.timeout,
+            with_hd95=preset.hd95,
+        )
     except Exception as e:  # noqa: BLE001 - a failed peer is reported, the benchmark goes on
         log(f"{method} seed {seed}: FAILED {type(e).__name__}: {str(e)[:300]}")
         return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"[-3000:]}
@@ -472,12 +566,41 @@ def run_stock_peer(method: str, data_dir: Path, sites: list[str], engine: dict, 
     return rec
 
 
-def run_baselines(data_dir: Path, engine: dict, preset: Preset, inits: dict, seeds: list[int], methods: list[str],
-                  ds_dir: Path, plans: dict, rounds: int | None = None, epochs: int | None = None) -> dict[int, dict[str, dict]]:
+def run_baselines(
+    data_dir: Path,
+    engine: dict,
+    preset: Preset,
+    inits: dict,
+    seeds: list[int],
+    methods: list[str],
+    ds_dir: Path,
+    plans: dict,
+    rounds: int | None = None,
+    epochs: int | None = None,
+) -> dict[int, dict[str, dict]]:
     out_file = ds_dir / f"baselines_s{'_'.join(map(str, seeds))}.json"
-    cmd = [sys.executable, "-m", "fedseg.baselines", "benchmark", "--data", str(data_dir), "--engine", json.dumps(engine),
-           "--rounds", str(rounds or preset.rounds), "--epochs", str(epochs or preset.epochs), "--seeds", *map(str, seeds),
-           "--inits", *[str(inits[s]) for s in seeds], "--out", str(out_file), "--methods", *methods]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedseg.baselines",
+        "benchmark",
+        "--data",
+        str(data_dir),
+        "--engine",
+        json.dumps(engine),
+        "--rounds",
+        str(rounds or preset.rounds),
+        "--epochs",
+        str(epochs or preset.epochs),
+        "--seeds",
+        *map(str, seeds),
+        "--inits",
+        *[str(inits[s]) for s in seeds],
+        "--out",
+        str(out_file),
+        "--methods",
+        *methods,
+    ]
     cmd += ["--hd95"] if preset.hd95 else []
     log(f"{data_dir.name}: {', '.join(methods)} for seeds {seeds} (separate process) ...")
     proc = subprocess.run(cmd, env=package_env(), capture_output=True, text=True, timeout=preset.timeout)
@@ -485,8 +608,12 @@ def run_baselines(data_dir: Path, engine: dict, preset: Preset, inits: dict, see
     if proc.returncode != 0 or not out_file.exists():
         for seed in seeds:
             for m in methods:
-                records[seed][m] = {"method": m, "status": "failed", "plan": plans[m].as_dict(),
-                                    "error": (proc.stderr or proc.stdout)[-3000:]}
+                records[seed][m] = {
+                    "method": m,
+                    "status": "failed",
+                    "plan": plans[m].as_dict(),
+                    "error": (proc.stderr or proc.stdout)[-3000:],
+                }
         return records
     data = json.loads(out_file.read_text())
     for seed in seeds:
@@ -496,10 +623,29 @@ def run_baselines(data_dir: Path, engine: dict, preset: Preset, inits: dict, see
             if not got:
                 records[seed][m] = {"method": m, "status": "missing", "plan": plans[m].as_dict()}
                 continue
-            rec = {"method": m, "status": "ok", "plan": plans[m].as_dict(), "results": got["results"],
-                   "headline_model": "local (own site)" if m == "local" else "centralized", "traffic": {}}
-            rec.update({k: got[k] for k in ("wall_seconds", "cpu_seconds", "memory", "seg_steps", "curve",
-                                            "wall_seconds_parallel", "site_seconds") if k in got})
+            rec = {
+                "method": m,
+                "status": "ok",
+                "plan": plans[m].as_dict(),
+                "results": got["results"],
+                "headline_model": "local (own site)" if m == "local" else "centralized",
+                "traffic": {},
+            }
+            rec.update(
+                {
+                    k: got[k]
+                    for k in (
+                        "wall_seconds",
+                        "cpu_seconds",
+                        "memory",
+                        "seg_steps",
+                        "curve",
+                        "wall_seconds_parallel",
+                        "site_seconds",
+                    )
+                    if k in got
+                }
+            )
             records[seed][m] = rec
     return records
 
@@ -527,23 +673,43 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
     out.mkdir(parents=True, exist_ok=True)
     (out / "raw").mkdir(exist_ok=True)
     started, cpu_started = time.time(), _cpu_seconds()
-    run_info = {"command": command, "preset": preset.name, "preset_description": preset.description,
-                "seeds": list(preset.seeds), "rounds": preset.rounds, "epochs": preset.epochs,
-                "methods": list(preset.methods), "isolate": preset.isolate, "parallel": preset.parallel,
-                "fedsm_policy": preset.fedsm_policy, "task_request_interval": preset.task_request_interval,
-                "protocols": list(preset.protocols), "fedsm_ablation": preset.fedsm_ablation,
-                "optimizer_variants": list(optimizer_variants(preset)), "stock": list(preset.stock),
-                "lr_schedule": preset.lr_schedule, "conclusive": preset.conclusive,
-                "hd95": preset.hd95, "machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                "datasets": {}}
+    run_info = {
+        "command": command,
+        "preset": preset.name,
+        "preset_description": preset.description,
+        "seeds": list(preset.seeds),
+        "rounds": preset.rounds,
+        "epochs": preset.epochs,
+        "methods": list(preset.methods),
+        "isolate": preset.isolate,
+        "parallel": preset.parallel,
+        "fedsm_policy": preset.fedsm_policy,
+        "task_request_interval": preset.task_request_interval,
+        "protocols": list(preset.protocols),
+        "fedsm_ablation": preset.fedsm_ablation,
+        "optimizer_variants": list(optimizer_variants(preset)),
+        "stock": list(preset.stock),
+        "lr_schedule": preset.lr_schedule,
+        "conclusive": preset.conclusive,
+        "hd95": preset.hd95,
+        "machine": machine_info(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "datasets": {},
+    }
     global PROGRESS
     PROGRESS = Progress(preset.progress_every)
     PROGRESS.start()
     ready: dict[str, tuple[Path, DatasetSpec]] = {}
     for name, spec in datasets.items():
         path, note = prepare_dataset(spec, out / "data")
-        run_info["datasets"][name] = {"note": note, "kind": spec.kind, "engine": spec.engine, "description": spec.description,
-                                      "rounds": spec.rounds or preset.rounds, "epochs": spec.epochs or preset.epochs}
+        run_info["datasets"][name] = {
+            "note": note,
+            "kind": spec.kind,
+            "engine": spec.engine,
+            "description": spec.description,
+            "rounds": spec.rounds or preset.rounds,
+            "epochs": spec.epochs or preset.epochs,
+        }
         log(f"dataset {name}: {note}")
         if path is not None:
             run_info["datasets"][name]["sites"] = site_train_counts(path)
@@ -558,7 +724,9 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
             raise
         except Exception as e:  # noqa: BLE001 - one broken dataset must not lose the others
             log(f"{name}: FAILED {type(e).__name__}: {e}")
-            return [{"dataset": name, "seed": seed, "error": f"{type(e).__name__}: {e}", "methods": {}} for seed in preset.seeds]
+            return [
+                {"dataset": name, "seed": seed, "error": f"{type(e).__name__}: {e}", "methods": {}} for seed in preset.seeds
+            ]
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, preset.parallel)) as pool:
@@ -585,11 +753,15 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedseg.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default="quick", choices=["smoke", "quick", "standard", "full"])
     p.add_argument("--out", default="bench_results", help="output folder (raw results, report, runs)")
     p.add_argument("--datasets", nargs="*", help="dataset names (default: the preset's; polyp only if its folder exists)")
-    p.add_argument("--data-dir", nargs="*", default=[], help="extra datasets in the datalist layout (<dir>/<site>/datalist.json)")
+    p.add_argument(
+        "--data-dir", nargs="*", default=[], help="extra datasets in the datalist layout (<dir>/<site>/datalist.json)"
+    )
     p.add_argument("--seeds", nargs="*", type=int)
     p.add_argument("--methods", nargs="*", choices=list(budget_mod.METHODS))
     p.add_argument("--rounds", type=int, help="R of the budget (FedAvg rounds)")
@@ -603,8 +775,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cost", action="store_true", help="skip the FL-overhead / throughput measurements")
     p.add_argument("--no-hd95", action="store_true")
     p.add_argument("--report-only", action="store_true", help="only regenerate the report from OUT/raw")
-    p.add_argument("--publish", action="store_true", help="also write BENCHMARKS.md at the repository root and the "
-                                                          "raw files + plots to docs/benchmarks/")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="also write BENCHMARKS.md at the repository root and the raw files + plots to docs/benchmarks/",
+    )
     return p
 
 

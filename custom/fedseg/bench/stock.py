@@ -107,8 +107,10 @@ def visit_problems(method: str, plan: list[tuple[int, str]], logged: list[str], 
     planned_sites = [s for _, s in plan]
     trained = [r for r in sorted(records, key=lambda r: r["t_in"]) if r.get("task") == "train"]
     if len(logged) != len(plan):
-        problems.append(f"server received {len(logged)} training results, planned {len(plan)} "
-                        "(a site that did not ask for its task within task_assignment_timeout is skipped)")
+        problems.append(
+            f"server received {len(logged)} training results, planned {len(plan)} "
+            "(a site that did not ask for its task within task_assignment_timeout is skipped)"
+        )
     if len(trained) != len(plan):
         problems.append(f"sites recorded {len(trained)} training visits, planned {len(plan)}")
     if method == "nvflare_cyclic":
@@ -141,13 +143,23 @@ def build_recipe(spec: dict):
     """The stock recipe of spec["method"], configured only through the recipe's own arguments."""
     method, sites, rounds = spec["method"], list(spec["sites"]), int(spec["rounds"])
     model = {"class_path": MODEL_CLASS, "args": spec["network_args"]}
-    common = {"name": method, "model": model, "initial_ckpt": spec["init_ckpt"], "num_rounds": rounds,
-              "train_script": str(CLIENT_SCRIPT), "train_args": f"--config {spec['client_config']}"}
+    common = {
+        "name": method,
+        "model": model,
+        "initial_ckpt": spec["init_ckpt"],
+        "num_rounds": rounds,
+        "train_script": str(CLIENT_SCRIPT),
+        "train_args": f"--config {spec['client_config']}",
+    }
     if method == "nvflare_cyclic":
         from nvflare.app_opt.pt.recipes.cyclic import CyclicRecipe
 
-        recipe = CyclicRecipe(min_clients=len(sites), task_assignment_timeout=int(spec["task_assignment_timeout"]),
-                              server_config_overrides={"order": sites}, **common)
+        recipe = CyclicRecipe(
+            min_clients=len(sites),
+            task_assignment_timeout=int(spec["task_assignment_timeout"]),
+            server_config_overrides={"order": sites},
+            **common,
+        )
     elif method == "nvflare_fedavg":
         from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
@@ -249,10 +261,22 @@ def score_state(state: dict, engines: dict, section: str = "testing", with_hd95:
     return out
 
 
-def run_stock(method: str, data_dir, sites: list[str], engine_settings: dict, init_ckpt, rounds: int,
-              local_steps_per_site: dict, seed: int, out_dir, log: Callable[[str], None] = print,
-              timeout: float = 7200, task_assignment_timeout: int = DEFAULT_TASK_ASSIGNMENT_TIMEOUT,
-              task_request_interval: float | None = DEFAULT_TASK_REQUEST_INTERVAL, with_hd95: bool = False) -> dict:
+def run_stock(
+    method: str,
+    data_dir,
+    sites: list[str],
+    engine_settings: dict,
+    init_ckpt,
+    rounds: int,
+    local_steps_per_site: dict,
+    seed: int,
+    out_dir,
+    log: Callable[[str], None] = print,
+    timeout: float = 7200,
+    task_assignment_timeout: int = DEFAULT_TASK_ASSIGNMENT_TIMEOUT,
+    task_request_interval: float | None = DEFAULT_TASK_REQUEST_INTERVAL,
+    with_hd95: bool = False,
+) -> dict:
     """Run NVFlare's stock `method` ("nvflare_cyclic" | "nvflare_fedavg") and return its fedseg_results.json record
     (also written to out_dir/<method>/fedseg_results.json). Raises StockRunError when the job failed or a visit is missing.
 
@@ -282,14 +306,24 @@ def run_stock(method: str, data_dir, sites: list[str], engine_settings: dict, in
     workspace = workspace_root / method
     client_config = run_dir / "stock_client_config.json"
     client_config.write_text(json.dumps({"engine": engine, "local_steps": steps}, indent=2))
-    spec = {"method": method, "sites": list(sites), "rounds": int(rounds), "network_args": network_args,
-            "init_ckpt": str(init_ckpt), "client_config": str(client_config), "workspace_root": str(workspace_root),
-            "task_assignment_timeout": int(task_assignment_timeout), "task_request_interval": task_request_interval}
+    spec = {
+        "method": method,
+        "sites": list(sites),
+        "rounds": int(rounds),
+        "network_args": network_args,
+        "init_ckpt": str(init_ckpt),
+        "client_config": str(client_config),
+        "workspace_root": str(workspace_root),
+        "task_assignment_timeout": int(task_assignment_timeout),
+        "task_request_interval": task_request_interval,
+    }
     spec_file = run_dir / "stock_spec.json"
     spec_file.write_text(json.dumps(spec, indent=2))
 
-    log(f"{method}: NVFlare stock recipe in SimEnv, {len(sites)} sites x {rounds} rounds, "
-        f"steps per visit {steps} ({len(plan)} visits) ...")
+    log(
+        f"{method}: NVFlare stock recipe in SimEnv, {len(sites)} sites x {rounds} rounds, "
+        f"steps per visit {steps} ({len(plan)} visits) ..."
+    )
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     rc, seconds, left, n_procs = _simulate(spec_file, data_dir, run_dir / f"{method}.simenv.out", timeout)
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -305,8 +339,10 @@ def run_stock(method: str, data_dir, sites: list[str], engine_settings: dict, in
         problems.append(f"no final model {last_file}")
     if problems:
         out_tail = (run_dir / f"{method}.simenv.out").read_text(errors="replace")[-3000:]
-        raise StockRunError(f"{method}: " + "; ".join(problems) + f"\nworkspace {workspace}\n"
-                            f"error logs:\n{_errors(workspace) or '(none)'}\nchild output tail:\n{out_tail}")
+        raise StockRunError(
+            f"{method}: " + "; ".join(problems) + f"\nworkspace {workspace}\n"
+            f"error logs:\n{_errors(workspace) or '(none)'}\nchild output tail:\n{out_tail}"
+        )
     log(f"{method}: {len(logged)} visits done in {seconds:.0f}s; scoring the final model on every site's test cases")
 
     engines = site_engines(data_dir, list(sites), engine)
@@ -320,13 +356,19 @@ def run_stock(method: str, data_dir, sites: list[str], engine_settings: dict, in
     trained = [r for r in records if r.get("task") == "train"]
     best = best_round(server_log.read_text(errors="replace")) if method == "nvflare_fedavg" else None
     extra = {
-        "workflow": ("NVFlare CyclicRecipe (CyclicController, order forced to the site list)" if method == "nvflare_cyclic"
-                     else "NVFlare FedAvgRecipe (FedAvg weighted by NUM_STEPS_CURRENT_ROUND, IntimeModelSelector on val_dice)"),
-        "model_selection": ("last: the stock CyclicController keeps no best model; the final model is the one after "
-                            f"the last visit (site {plan[-1][1]})" if method == "nvflare_cyclic"
-                            else "last (FL_global_model.pt) and best (best_FL_global_model.pt, kept by the stock "
-                                 "IntimeModelSelector: the global model sent in round r >= 1 whose mean validation Dice at "
-                                 "the sites was the best; round 0's initial model and the final model are never candidates)"),
+        "workflow": (
+            "NVFlare CyclicRecipe (CyclicController, order forced to the site list)"
+            if method == "nvflare_cyclic"
+            else "NVFlare FedAvgRecipe (FedAvg weighted by NUM_STEPS_CURRENT_ROUND, IntimeModelSelector on val_dice)"
+        ),
+        "model_selection": (
+            "last: the stock CyclicController keeps no best model; the final model is the one after "
+            f"the last visit (site {plan[-1][1]})"
+            if method == "nvflare_cyclic"
+            else "last (FL_global_model.pt) and best (best_FL_global_model.pt, kept by the stock "
+            "IntimeModelSelector: the global model sent in round r >= 1 whose mean validation Dice at "
+            "the sites was the best; round 0's initial model and the final model are never candidates)"
+        ),
         "best_round": best[0] if best else None,
         "best_val_dice_reported": best[1] if best else None,
         "processes_started": n_procs,
@@ -342,7 +384,9 @@ def run_stock(method: str, data_dir, sites: list[str], engine_settings: dict, in
         "cpu_seconds": round((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 2),
         "final_validation_dice": final_val,
         "curve": curve,
-        "history": [{k: r.get(k) for k in ("round", "site", "val_dice", "steps", "skipped", "train_loss", "seconds")} for r in trained],
+        "history": [
+            {k: r.get(k) for k in ("round", "site", "val_dice", "steps", "skipped", "train_loss", "seconds")} for r in trained
+        ],
         "init_ckpt": str(init_ckpt),
         "seed": int(seed),
         "workspace": str(workspace),
@@ -355,15 +399,27 @@ def run_stock(method: str, data_dir, sites: list[str], engine_settings: dict, in
 def as_method_record(results: dict, plan: dict | None = None) -> dict:
     """The benchmark's per-method record (the keys fedseg.bench.collect.method_record fills) for a stock run."""
     extra = results.get("extra") or {}
-    return {"method": results["method"], "status": "ok", "plan": plan or {}, "results": results,
-            "headline_model": HEADLINE_MODEL.get(results["method"]), "wall_seconds": extra.get("wall_seconds"),
-            "cpu_seconds": extra.get("cpu_seconds"), "seg_steps": extra.get("seg_steps"), "tasks": extra.get("visits"),
-            "curve": [tuple(p) for p in extra.get("curve") or []], "traffic": {}, "memory": {}, "missing_sites": []}
+    return {
+        "method": results["method"],
+        "status": "ok",
+        "plan": plan or {},
+        "results": results,
+        "headline_model": HEADLINE_MODEL.get(results["method"]),
+        "wall_seconds": extra.get("wall_seconds"),
+        "cpu_seconds": extra.get("cpu_seconds"),
+        "seg_steps": extra.get("seg_steps"),
+        "tasks": extra.get("visits"),
+        "curve": [tuple(p) for p in extra.get("curve") or []],
+        "traffic": {},
+        "memory": {},
+        "missing_sites": [],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedseg.bench.stock", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.bench.stock", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--spec", required=True, help="(internal) the run spec written by run_stock")
     return _child_main(p.parse_args(argv).spec)
 

@@ -65,15 +65,22 @@ def main(argv: list[str] | None = None) -> None:
         load_numpy_state(net, model.params, site)
         start = time.perf_counter()
         metrics = engine.evaluate(net, "validation").summary("val_")
-        record = {"site": site, "task": task, "round": model.current_round, "pid": os.getpid(),
-                  "val_dice": metrics["val_dice"], "t_in": time.time()}
+        record = {
+            "site": site,
+            "task": task,
+            "round": model.current_round,
+            "pid": os.getpid(),
+            "val_dice": metrics["val_dice"],
+            "t_in": time.time(),
+        }
         reply = flare.FLModel(metrics=metrics)
         if not flare.is_evaluate():
             stats = engine.train(net, steps)  # a fresh Adam every visit (engine.new_optimizer), constant LR
             metrics.update(stats.as_metrics())
             # applied steps (AMP may skip a few: then fewer than planned, and the run's record says so)
-            record.update(steps=stats.steps, planned_steps=steps, skipped=getattr(stats, "skipped", 0),
-                          train_loss=stats.mean_loss)
+            record.update(
+                steps=stats.steps, planned_steps=steps, skipped=getattr(stats, "skipped", 0), train_loss=stats.mean_loss
+            )
             params = {k: v.detach().cpu() for k, v in net.state_dict().items()}
             reply = flare.FLModel(params=params, metrics=metrics, meta={"NUM_STEPS_CURRENT_ROUND": stats.steps})
         record.update(seconds=time.perf_counter() - start, t_out=time.time())

@@ -7,9 +7,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-
 # FedAvg/FedProx local optimizer across rounds: a fresh Adam every round, or each site keeps its own moments
 LOCAL_OPTIMIZER = ("fresh", "keep")
+
 
 @dataclass
 class EngineConfig:
@@ -41,7 +41,7 @@ class EngineConfig:
     overlap: float = 0.25
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "EngineConfig":
+    def from_dict(cls, values: dict[str, Any] | None) -> EngineConfig:
         values = dict(values or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

@@ -11,8 +11,8 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -64,9 +64,7 @@ def train_transforms(cfg: EngineConfig) -> Compose:
             SpatialPadd(keys=["image", "label"], spatial_size=roi),
             EnsureTyped(keys=["image", "label"], track_meta=False),
             # everything above is cached once; the random part below runs every epoch
-            RandCropByPosNegLabeld(
-                keys=["image", "label"], label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=1
-            ),
+            RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=1),
         ]
         + [RandFlipd(keys=["image", "label"], spatial_axis=axis, prob=0.5) for axis in range(cfg.spatial_dims)]
         + [
@@ -183,7 +181,9 @@ class SegEngine:
             if not cases:
                 raise ValueError(f"[site {self.site}] datalist has no '{section}' cases")
             labelled = all("label" in case for case in cases)  # inference on new images has no labels
-            transform = train_transforms(self.cfg) if training else eval_transforms(("image", "label") if labelled else ("image",))
+            transform = (
+                train_transforms(self.cfg) if training else eval_transforms(("image", "label") if labelled else ("image",))
+            )
             if training:
                 transform.set_random_state(seed=self.cfg.seed)
             self._datasets[key] = CacheDataset(cases, transform=transform, cache_rate=self.cfg.cache_rate, progress=False)
@@ -266,8 +266,10 @@ class SegEngine:
             if should_stop is not None and should_stop():
                 break
             if done + skipped >= max_batches:
-                log.warning(f"[site {self.site}] AMP skipped {skipped} of {done + skipped} steps (inf/NaN gradients); "
-                            f"stopping at {done} of {num_steps} applied steps (at most {max_batches} batches)")
+                log.warning(
+                    f"[site {self.site}] AMP skipped {skipped} of {done + skipped} steps (inf/NaN gradients); "
+                    f"stopping at {done} of {num_steps} applied steps (at most {max_batches} batches)"
+                )
                 break
             if lr_at_step is not None:
                 for group in optimizer.param_groups:
@@ -295,8 +297,9 @@ class SegEngine:
             done += 1
             if on_step is not None:
                 on_step(done - 1, value)
-        return TrainStats(steps=done, mean_loss=total_loss / max(done, 1), seconds=time.perf_counter() - start,
-                          images=images, skipped=skipped)
+        return TrainStats(
+            steps=done, mean_loss=total_loss / max(done, 1), seconds=time.perf_counter() - start, images=images, skipped=skipped
+        )
 
     # ---- inference / evaluation ---------------------------------------------------------------------
     @torch.no_grad()

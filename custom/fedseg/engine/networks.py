@@ -6,7 +6,7 @@ arguments; its state_dict keys are "net.<monai keys>" everywhere, so server and 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from monai.networks.nets import DynUNet, SegResNet, UNet

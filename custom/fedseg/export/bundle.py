@@ -61,20 +61,44 @@ def monai_network_config(network_args: dict) -> dict:
     arch = str(args["arch"]).lower()
     channels = [int(c) for c in args["channels"]]
     strides = [int(s) for s in args["strides"]] if args["strides"] is not None else [2] * (len(channels) - 1)
-    common = {"spatial_dims": int(args["spatial_dims"]), "in_channels": int(args["in_channels"]),
-              "out_channels": int(args["out_channels"])}
+    common = {
+        "spatial_dims": int(args["spatial_dims"]),
+        "in_channels": int(args["in_channels"]),
+        "out_channels": int(args["out_channels"]),
+    }
     dropout = float(args["dropout"])
     if arch == "unet":
-        return {"_target_": "monai.networks.nets.UNet", **common, "channels": channels, "strides": strides,
-                "num_res_units": int(args["num_res_units"]), "norm": args["norm"], "dropout": dropout}
+        return {
+            "_target_": "monai.networks.nets.UNet",
+            **common,
+            "channels": channels,
+            "strides": strides,
+            "num_res_units": int(args["num_res_units"]),
+            "norm": args["norm"],
+            "dropout": dropout,
+        }
     if arch == "segresnet":
-        return {"_target_": "monai.networks.nets.SegResNet", **common, "init_filters": channels[0],
-                "blocks_down": [1] + [2] * (len(channels) - 1), "blocks_up": [1] * (len(channels) - 1),
-                "norm": args["norm"], "dropout_prob": dropout or None}
+        return {
+            "_target_": "monai.networks.nets.SegResNet",
+            **common,
+            "init_filters": channels[0],
+            "blocks_down": [1] + [2] * (len(channels) - 1),
+            "blocks_up": [1] * (len(channels) - 1),
+            "norm": args["norm"],
+            "dropout_prob": dropout or None,
+        }
     if arch == "dynunet":
-        return {"_target_": "monai.networks.nets.DynUNet", **common, "kernel_size": [3] * len(channels),
-                "strides": [1] + strides, "upsample_kernel_size": strides, "filters": channels,
-                "norm_name": args["norm"], "dropout": dropout or None, "res_block": int(args["num_res_units"]) > 0}
+        return {
+            "_target_": "monai.networks.nets.DynUNet",
+            **common,
+            "kernel_size": [3] * len(channels),
+            "strides": [1] + strides,
+            "upsample_kernel_size": strides,
+            "filters": channels,
+            "norm_name": args["norm"],
+            "dropout": dropout or None,
+            "res_block": int(args["num_res_units"]) > 0,
+        }
     raise ExportError(f"network arch {arch!r} has no MONAI bundle export (unet, segresnet, dynunet)")
 
 
@@ -88,8 +112,7 @@ def instantiate(component: dict) -> torch.nn.Module:
 
 # ---- configs ---------------------------------------------------------------------------------------------------
 def _sliding_window(cfg: EngineConfig) -> dict:
-    return {"roi_size": [int(r) for r in cfg.roi_size], "sw_batch_size": int(cfg.sw_batch_size),
-            "overlap": float(cfg.overlap)}
+    return {"roi_size": [int(r) for r in cfg.roi_size], "sw_batch_size": int(cfg.sw_batch_size), "overlap": float(cfg.overlap)}
 
 
 def inference_config(model: str, trained: TrainedModels, network: dict, bundle_root: Path) -> dict:
@@ -112,14 +135,18 @@ def inference_config(model: str, trained: TrainedModels, network: dict, bundle_r
         # FedSeg's engine uses mixed precision on a GPU when its "amp" setting is on, never on the CPU
         "amp": f"${bool(cfg.amp)} and torch.cuda.is_available()",
         "datalist": "$[{'image': f} for f in sorted(glob.glob(os.path.join(@dataset_dir, '*.nii.gz')) "
-                    "+ glob.glob(os.path.join(@dataset_dir, '*.nii')))]",
+        "+ glob.glob(os.path.join(@dataset_dir, '*.nii')))]",
         "ckpt_path": "$@bundle_root + '/models/model.pt'",
     }
     to_float = {"_target_": "EnsureTyped", "keys": "pred", "dtype": "$torch.float32"}
     if model == ENSEMBLE:
         config["member_def"] = network
-        config["network_def"] = {"_target_": f"scripts.{RUNTIME_MODULE}.MeanSoftmaxEnsemble", "member": "@member_def",
-                                 "num_members": trained.num_members(), **_sliding_window(cfg)}
+        config["network_def"] = {
+            "_target_": f"scripts.{RUNTIME_MODULE}.MeanSoftmaxEnsemble",
+            "member": "@member_def",
+            "num_members": trained.num_members(),
+            **_sliding_window(cfg),
+        }
         config["inferer"] = {"_target_": "SimpleInferer"}
         config["prepare_batch"] = "$monai.engines.default_prepare_batch"
         head = [to_float]
@@ -129,11 +156,17 @@ def inference_config(model: str, trained: TrainedModels, network: dict, bundle_r
         config["segmenter_def"] = network
         config["gamma"] = float(trained.info["gamma"])
         config["network_def"] = {
-            "_target_": f"scripts.{RUNTIME_MODULE}.FedSMSuperModel", "segmenter": "@segmenter_def",
-            "site_names": trained.site_names(), "gamma": "@gamma", "spatial_dims": cfg.spatial_dims,
-            "in_channels": cfg.in_channels, "selector_channels": [int(c) for c in selector.channels],
-            "selector_norm": selector.norm, "selector_input_size": selector.size(cfg.spatial_dims),
-            **_sliding_window(cfg)}
+            "_target_": f"scripts.{RUNTIME_MODULE}.FedSMSuperModel",
+            "segmenter": "@segmenter_def",
+            "site_names": trained.site_names(),
+            "gamma": "@gamma",
+            "spatial_dims": cfg.spatial_dims,
+            "in_channels": cfg.in_channels,
+            "selector_channels": [int(c) for c in selector.channels],
+            "selector_norm": selector.norm,
+            "selector_input_size": selector.size(cfg.spatial_dims),
+            **_sliding_window(cfg),
+        }
         config["inferer"] = {"_target_": "SimpleInferer"}
         config["prepare_batch"] = {"_target_": "monai.engines.PrepareBatchExtraInput", "extra_keys": ["image_raw"]}
         head = [to_float]
@@ -142,36 +175,63 @@ def inference_config(model: str, trained: TrainedModels, network: dict, bundle_r
         config["inferer"] = {"_target_": "SlidingWindowInferer", **_sliding_window(cfg), "mode": "gaussian"}
         config["prepare_batch"] = "$monai.engines.default_prepare_batch"
         head = [to_float, {"_target_": "Activationsd", "keys": "pred", "softmax": True}]
-    save = {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_ext": ".nii.gz",
-            "resample": False, "separate_folder": False, "print_log": True}
-    config.update({
-        "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
-        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
-                       "num_workers": 0},
-        "postprocessing_head": head,
-        "save_probabilities_transform": {**save, "output_postfix": "prob", "output_dtype": "$np.float32"},
-        "argmax": {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-        "save_segmentation": {**save, "output_postfix": "seg", "output_dtype": seg_dtype},
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": "$@postprocessing_head + ([@save_probabilities_transform] if @save_probabilities else [])"
-                          " + [@argmax, @save_segmentation]",
-        },
-        "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
-             "strict": True, "map_location": "@device"},
-            {"_target_": "StatsHandler", "iteration_log": False},
-        ],
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@network", "inferer": "@inferer", "prepare_batch": "@prepare_batch",
-                      "postprocessing": "@postprocessing", "val_handlers": "@handlers", "amp": "@amp"},
-        "check_inputs": "$None if @datalist else (_ for _ in ()).throw(FileNotFoundError("
-                        "'no NIfTI files (*.nii.gz, *.nii) in ' + os.path.abspath(@dataset_dir) "
-                        "+ ' (pass --dataset_dir FOLDER)'))",
-        "run": ["$@check_inputs", "$@evaluator.run()"],
-    })
+    save = {
+        "_target_": "SaveImaged",
+        "keys": "pred",
+        "output_dir": "@output_dir",
+        "output_ext": ".nii.gz",
+        "resample": False,
+        "separate_folder": False,
+        "print_log": True,
+    }
+    config.update(
+        {
+            "network": "$@network_def.to(@device)",
+            "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
+            "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+            "dataloader": {
+                "_target_": "DataLoader",
+                "dataset": "@dataset",
+                "batch_size": 1,
+                "shuffle": False,
+                "num_workers": 0,
+            },
+            "postprocessing_head": head,
+            "save_probabilities_transform": {**save, "output_postfix": "prob", "output_dtype": "$np.float32"},
+            "argmax": {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            "save_segmentation": {**save, "output_postfix": "seg", "output_dtype": seg_dtype},
+            "postprocessing": {
+                "_target_": "Compose",
+                "transforms": "$@postprocessing_head + ([@save_probabilities_transform] if @save_probabilities else [])"
+                " + [@argmax, @save_segmentation]",
+            },
+            "handlers": [
+                {
+                    "_target_": "CheckpointLoader",
+                    "load_path": "@ckpt_path",
+                    "load_dict": {"model": "@network"},
+                    "strict": True,
+                    "map_location": "@device",
+                },
+                {"_target_": "StatsHandler", "iteration_log": False},
+            ],
+            "evaluator": {
+                "_target_": "SupervisedEvaluator",
+                "device": "@device",
+                "val_data_loader": "@dataloader",
+                "network": "@network",
+                "inferer": "@inferer",
+                "prepare_batch": "@prepare_batch",
+                "postprocessing": "@postprocessing",
+                "val_handlers": "@handlers",
+                "amp": "@amp",
+            },
+            "check_inputs": "$None if @datalist else (_ for _ in ()).throw(FileNotFoundError("
+            "'no NIfTI files (*.nii.gz, *.nii) in ' + os.path.abspath(@dataset_dir) "
+            "+ ' (pass --dataset_dir FOLDER)'))",
+            "run": ["$@check_inputs", "$@evaluator.run()"],
+        }
+    )
     return config
 
 
@@ -187,9 +247,11 @@ def metadata(model: str, trained: TrainedModels, network: dict) -> dict:
 
     cfg = trained.engine
     method = trained.provenance.get("method", trained.kind)
-    what = {ENSEMBLE: f"the mean softmax of the {trained.num_members()} FedCross member networks",
-            SUPER: "FedSM's super model: a site selector routes each image to that site's personalized network when "
-                   f"its confidence exceeds gamma={trained.info.get('gamma')}, else to the global network"}
+    what = {
+        ENSEMBLE: f"the mean softmax of the {trained.num_members()} FedCross member networks",
+        SUPER: "FedSM's super model: a site selector routes each image to that site's personalized network when "
+        f"its confidence exceeds gamma={trained.info.get('gamma')}, else to the global network",
+    }
     described = what.get(model, f"the {model} network ({network['_target_'].rsplit('.', 1)[-1]})")
     return {
         "schema": METADATA_SCHEMA,
@@ -201,9 +263,11 @@ def metadata(model: str, trained: TrainedModels, network: dict) -> dict:
         "required_packages_version": {"nibabel": nibabel.__version__},
         "name": f"FedSeg {method} {model}",
         "task": f"{cfg.spatial_dims}-D segmentation into {cfg.num_classes} classes (background included)",
-        "description": (f"A segmentation model trained with FedSeg ({method}, NVIDIA FLARE + MONAI): {described}. "
-                        "Each image is z-scored per channel and segmented with sliding windows of roi_size; the "
-                        "output is the argmax of the class probabilities, saved as NIfTI with the input's affine."),
+        "description": (
+            f"A segmentation model trained with FedSeg ({method}, NVIDIA FLARE + MONAI): {described}. "
+            "Each image is z-scored per channel and segmented with sliding windows of roi_size; the "
+            "output is the argmax of the class probabilities, saved as NIfTI with the input's affine."
+        ),
         "authors": "FedSeg export",
         "copyright": "Copyright (c) the federation that trained the model",
         "data_type": "nifti",
@@ -212,22 +276,38 @@ def metadata(model: str, trained: TrainedModels, network: dict) -> dict:
         "pred_classes": json.dumps(class_names(cfg.num_classes)),
         "intended_use": "Research. Validate on your own data before any clinical use.",
         "network_data_format": {
-            "inputs": {"image": {
-                "type": "image", "format": "magnitude", "modality": "any", "num_channels": cfg.in_channels,
-                "spatial_shape": [int(r) for r in cfg.roi_size], "dtype": "float32", "value_range": [],
-                "is_patch_data": True, "channel_def": {str(c): f"channel {c}" for c in range(cfg.in_channels)}}},
-            "outputs": {"pred": {
-                "type": "image", "format": "segmentation", "num_channels": cfg.num_classes,
-                "spatial_shape": [int(r) for r in cfg.roi_size], "dtype": "float32", "value_range": [0, 1],
-                "is_patch_data": True, "channel_def": class_names(cfg.num_classes)}},
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": "any",
+                    "num_channels": cfg.in_channels,
+                    "spatial_shape": [int(r) for r in cfg.roi_size],
+                    "dtype": "float32",
+                    "value_range": [],
+                    "is_patch_data": True,
+                    "channel_def": {str(c): f"channel {c}" for c in range(cfg.in_channels)},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": cfg.num_classes,
+                    "spatial_shape": [int(r) for r in cfg.roi_size],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
+                    "channel_def": class_names(cfg.num_classes),
+                }
+            },
         },
         "fedseg": {
             **trained.provenance,
             "model": model,
             "engine": cfg.to_dict(),
             "network_args": cfg.network_args(),
-            "exported_with": {"python": platform.python_version(), "monai": monai.__version__,
-                              "torch": torch.__version__},
+            "exported_with": {"python": platform.python_version(), "monai": monai.__version__, "torch": torch.__version__},
         },
     }
 
@@ -239,7 +319,8 @@ def readme(model: str, trained: TrainedModels, bundle_root: Path, files: list[st
         f"# FedSeg {p.get('method', trained.kind)}: {model}",
         "",
         f"Exported by `fedseg export` from `{p['model_set']}` ({counter} {p.get(counter)}"
-        + (f", job `{p['job']}`" if p.get("job") else "") + "). Provenance: `configs/metadata.json` (`fedseg`).",
+        + (f", job `{p['job']}`" if p.get("job") else "")
+        + "). Provenance: `configs/metadata.json` (`fedseg`).",
         "",
         "## Segment a folder of NIfTI images",
         "",
@@ -249,13 +330,17 @@ def readme(model: str, trained: TrainedModels, bundle_root: Path, files: list[st
         + (" [--gamma 0.9]" if model == SUPER else ""),
         "```",
         "",
-        ("Every `*.nii.gz` / `*.nii` of IMAGES (one single-channel image per file) gives `OUT/<case>_seg.nii.gz`, the "
-         "segmentation with the input's affine (opens in 3D Slicer on top of the image); `--save_probabilities True` "
-         "adds `<case>_prob.nii.gz` (class probabilities). OUT defaults to `eval/` in the bundle. After moving the "
-         "bundle, add `--bundle_root NEW_PATH` (it locates `models/`)."),
+        (
+            "Every `*.nii.gz` / `*.nii` of IMAGES (one single-channel image per file) gives `OUT/<case>_seg.nii.gz`, the "
+            "segmentation with the input's affine (opens in 3D Slicer on top of the image); `--save_probabilities True` "
+            "adds `<case>_prob.nii.gz` (class probabilities). OUT defaults to `eval/` in the bundle. After moving the "
+            "bundle, add `--bundle_root NEW_PATH` (it locates `models/`)."
+        ),
         "",
-        ("Preprocessing and inference are FedSeg's: per-channel z-score, sliding windows of "
-         f"{list(trained.engine.roi_size)} (overlap {trained.engine.overlap}, gaussian blending), softmax, argmax."),
+        (
+            "Preprocessing and inference are FedSeg's: per-channel z-score, sliding windows of "
+            f"{list(trained.engine.roi_size)} (overlap {trained.engine.overlap}, gaussian blending), softmax, argmax."
+        ),
         "",
         "## Files",
         "",
@@ -263,15 +348,27 @@ def readme(model: str, trained: TrainedModels, bundle_root: Path, files: list[st
         "",
     ]
     if model in (ENSEMBLE, SUPER):
-        lines += [("`scripts/fedseg_bundle.py` (torch and MONAI only) combines the networks; `monai.bundle run` puts "
-                   "the bundle folder on the Python path, so FedSeg need not be installed."), ""]
+        lines += [
+            (
+                "`scripts/fedseg_bundle.py` (torch and MONAI only) combines the networks; `monai.bundle run` puts "
+                "the bundle folder on the Python path, so FedSeg need not be installed."
+            ),
+            "",
+        ]
     else:
         net = json.loads(json.dumps(monai_network_config(trained.engine.network_args())))
         target = net.pop("_target_")
-        lines += ["The weights are a plain MONAI state dict:", "", "```python", "import torch",
-                  f"from {target.rsplit('.', 1)[0]} import {target.rsplit('.', 1)[1]}",
-                  f"net = {target.rsplit('.', 1)[1]}(**{net!r})",
-                  "net.load_state_dict(torch.load('models/model.pt', weights_only=True))", "```", ""]
+        lines += [
+            "The weights are a plain MONAI state dict:",
+            "",
+            "```python",
+            "import torch",
+            f"from {target.rsplit('.', 1)[0]} import {target.rsplit('.', 1)[1]}",
+            f"net = {target.rsplit('.', 1)[1]}(**{net!r})",
+            "net.load_state_dict(torch.load('models/model.pt', weights_only=True))",
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -279,22 +376,31 @@ def readme(model: str, trained: TrainedModels, bundle_root: Path, files: list[st
 def bundle_weights(model: str, trained: TrainedModels) -> tuple[dict, dict[str, dict]]:
     """(model.pt state dict of the inference config's network, {extra file name: plain state dict})."""
     if model == ENSEMBLE:
-        members = [plain_monai_weights(trained.network_weights(f"member:{m}"), f"{trained.path} member {m}")
-                   for m in range(trained.num_members())]
+        members = [
+            plain_monai_weights(trained.network_weights(f"member:{m}"), f"{trained.path} member {m}")
+            for m in range(trained.num_members())
+        ]
         combined = {f"members.{m}.{k}": v for m, w in enumerate(members) for k, v in w.items()}
         return combined, {f"member_{m}.pt": w for m, w in enumerate(members)}
     if model == SUPER:
         import numpy as np
 
         global_weights = plain_monai_weights(trained.groups["global"], f"{trained.path} global model")
-        personal = {s: plain_monai_weights(trained.groups["personal"][s], f"{trained.path} personalized model of {s}")
-                    for s in trained.site_names()}
+        personal = {
+            s: plain_monai_weights(trained.groups["personal"][s], f"{trained.path} personalized model of {s}")
+            for s in trained.site_names()
+        }
         selector = {k: torch.as_tensor(np.array(v)) for k, v in trained.groups["selector"].items()}
-        combined = {**{f"global_model.{k}": v for k, v in global_weights.items()},
-                    **{f"personalized.{s}.{k}": v for s, w in personal.items() for k, v in w.items()},
-                    **{f"selector.{k}": v for k, v in selector.items()}}
-        extra = {"global.pt": global_weights, **{f"personalized_{s}.pt": w for s, w in personal.items()},
-                 "selector.pt": selector}
+        combined = {
+            **{f"global_model.{k}": v for k, v in global_weights.items()},
+            **{f"personalized.{s}.{k}": v for s, w in personal.items() for k, v in w.items()},
+            **{f"selector.{k}": v for k, v in selector.items()},
+        }
+        extra = {
+            "global.pt": global_weights,
+            **{f"personalized_{s}.pt": w for s, w in personal.items()},
+            "selector.pt": selector,
+        }
         return combined, extra
     return plain_monai_weights(trained.network_weights(model), f"{trained.path} {model} model"), {}
 
@@ -313,8 +419,9 @@ def check_loads(model: str, trained: TrainedModels, network: dict, config: dict,
     try:
         built.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise ExportError(f"{trained.path}: the {model} weights do not fit the bundle's network "
-                          f"{network['_target_']}: {e}")
+        raise ExportError(
+            f"{trained.path}: the {model} weights do not fit the bundle's network {network['_target_']}: {e}"
+        ) from e
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
@@ -329,8 +436,9 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def export_bundle(models: str | Path, out: str | Path, model: str | None = None, job_config: str | Path | None = None,
-                  overwrite: bool = False) -> Path:
+def export_bundle(
+    models: str | Path, out: str | Path, model: str | None = None, job_config: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Write `model` of the model set `models` as a MONAI bundle at `out` (built in a temporary folder next to
     it and renamed at the end, so `out` is never half-written). Returns the bundle folder."""
     out = Path(out).absolute()
@@ -376,10 +484,16 @@ def build_parser(prog: str = "python -m fedseg.export") -> argparse.ArgumentPars
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", required=True, help="model-set file a job wrote (<run>/app_server/<method>/best.pt or last.pt)")
     p.add_argument("--out", required=True, help="bundle folder to write (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--model", help="global | member:<i> | ensemble | personalized:<site> | super (default: ensemble for "
-                                   "FedCross, super for FedSM, global for FedAvg/FedProx and SoftPull)")
-    p.add_argument("--job-config", help="FedAvg/FedProx set moved away from its run: the job's config_fed_client.json "
-                                        "(or job folder) with the engine settings it was trained with")
+    p.add_argument(
+        "--model",
+        help="global | member:<i> | ensemble | personalized:<site> | super (default: ensemble for "
+        "FedCross, super for FedSM, global for FedAvg/FedProx and SoftPull)",
+    )
+    p.add_argument(
+        "--job-config",
+        help="FedAvg/FedProx set moved away from its run: the job's config_fed_client.json "
+        "(or job folder) with the engine settings it was trained with",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     return p
 
@@ -392,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedseg export: {e}", file=sys.stderr)
         return 2
     meta = json.loads((out / "configs" / "metadata.json").read_text())["fedseg"]
-    print(f"wrote MONAI bundle {out} ({meta['method']}, model {meta['model']}); segment a folder of NIfTI images with:\n"
-          f"  python -m monai.bundle run --config_file {out}/configs/inference.json --dataset_dir IMAGES "
-          f"--output_dir OUT")
+    print(
+        f"wrote MONAI bundle {out} ({meta['method']}, model {meta['model']}); segment a folder of NIfTI images with:\n"
+        f"  python -m monai.bundle run --config_file {out}/configs/inference.json --dataset_dir IMAGES "
+        f"--output_dir OUT"
+    )
     return 0

@@ -32,8 +32,14 @@ class SlidingWindowSoftmax(nn.Module):
         self.overlap = float(overlap)
 
     def probs(self, net: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        logits = sliding_window_inference(image, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size,
-                                          predictor=net, overlap=self.overlap, mode="gaussian")
+        logits = sliding_window_inference(
+            image,
+            roi_size=self.roi_size,
+            sw_batch_size=self.sw_batch_size,
+            predictor=net,
+            overlap=self.overlap,
+            mode="gaussian",
+        )
         return torch.softmax(logits.float(), dim=1)
 
 
@@ -44,8 +50,9 @@ class MeanSoftmaxEnsemble(SlidingWindowSoftmax):
     whose weights the bundle's models/model.pt sets.
     """
 
-    def __init__(self, member: nn.Module, num_members: int, roi_size: Sequence[int], sw_batch_size: int = 4,
-                 overlap: float = 0.25):
+    def __init__(
+        self, member: nn.Module, num_members: int, roi_size: Sequence[int], sw_batch_size: int = 4, overlap: float = 0.25
+    ):
         super().__init__(roi_size, sw_batch_size, overlap)
         if int(num_members) < 1:
             raise ValueError(f"num_members must be >= 1, got {num_members}")
@@ -112,9 +119,20 @@ class FedSMSuperModel(SlidingWindowSoftmax):
     The last batch's choices are in `last_routes` and printed, one line per image.
     """
 
-    def __init__(self, segmenter: nn.Module, site_names: Sequence[str], gamma: float, spatial_dims: int,
-                 in_channels: int, selector_channels: Sequence[int], selector_norm: str, selector_input_size: int,
-                 roi_size: Sequence[int], sw_batch_size: int = 4, overlap: float = 0.25):
+    def __init__(
+        self,
+        segmenter: nn.Module,
+        site_names: Sequence[str],
+        gamma: float,
+        spatial_dims: int,
+        in_channels: int,
+        selector_channels: Sequence[int],
+        selector_norm: str,
+        selector_input_size: int,
+        roi_size: Sequence[int],
+        sw_batch_size: int = 4,
+        overlap: float = 0.25,
+    ):
         super().__init__(roi_size, sw_batch_size, overlap)
         self.site_names = [str(s) for s in site_names]
         if not self.site_names:
@@ -125,8 +143,7 @@ class FedSMSuperModel(SlidingWindowSoftmax):
         self.selector_input_size = int(selector_input_size)
         self.global_model = copy.deepcopy(segmenter)
         self.personalized = nn.ModuleDict({s: copy.deepcopy(segmenter) for s in self.site_names})
-        self.selector = SelectorNet(len(self.site_names), spatial_dims, 3 * int(in_channels), selector_channels,
-                                    selector_norm)
+        self.selector = SelectorNet(len(self.site_names), spatial_dims, 3 * int(in_channels), selector_channels, selector_norm)
         self.last_routes: list[dict] = []
 
     def route(self, image_raw: torch.Tensor) -> dict:
@@ -136,8 +153,12 @@ class FedSMSuperModel(SlidingWindowSoftmax):
         k = int(torch.argmax(q))
         confidence = float(q[k])
         model = self.site_names[k] if confidence > self.gamma else "global"
-        return {"model": model, "site": self.site_names[k], "confidence": confidence,
-                "probs": dict(zip(self.site_names, (float(p) for p in q)))}
+        return {
+            "model": model,
+            "site": self.site_names[k],
+            "confidence": confidence,
+            "probs": dict(zip(self.site_names, (float(p) for p in q))),
+        }
 
     def forward(self, image: torch.Tensor, image_raw: torch.Tensor) -> torch.Tensor:
         out, self.last_routes = [], []
@@ -148,6 +169,9 @@ class FedSMSuperModel(SlidingWindowSoftmax):
             self.last_routes.append(choice)
             source = getattr(image, "meta", {}).get("filename_or_obj", [f"image {b}"])
             source = source[b] if isinstance(source, (list, tuple)) else source
-            print(f"FedSM super model: {source} -> {choice['model']} model (selector: {choice['site']}, confidence "
-                  f"{choice['confidence']:.3f}, gamma {self.gamma})", flush=True)  # the run's log: which model segmented what
+            print(
+                f"FedSM super model: {source} -> {choice['model']} model (selector: {choice['site']}, confidence "
+                f"{choice['confidence']:.3f}, gamma {self.gamma})",
+                flush=True,
+            )  # the run's log: which model segmented what
         return torch.cat(out)

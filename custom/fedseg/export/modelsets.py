@@ -93,8 +93,10 @@ class TrainedModels:
 
         settings = self.info.get("selector") or {}
         if "norm" not in settings:
-            raise ExportError(f"{self.path}: saved by an older FedSeg whose selector (32-pixel thumbnail classifier) "
-                              "this version cannot export; retrain, or export a personalized or the global model")
+            raise ExportError(
+                f"{self.path}: saved by an older FedSeg whose selector (32-pixel thumbnail classifier) "
+                "this version cannot export; retrain, or export a personalized or the global model"
+            )
         return SelectorSettings.from_meta(len(self.site_names()), settings)
 
 
@@ -107,7 +109,7 @@ def plain_monai_weights(weights: dict, where: str) -> dict:
     wrong = sorted(k for k in weights if not k.startswith(NETWORK_PREFIX))
     if wrong:
         raise ExportError(f"{where}: not a FedSeg segmentation network (keys without {NETWORK_PREFIX!r}: {wrong[:3]})")
-    return {k[len(NETWORK_PREFIX):]: torch.as_tensor(np.array(v)) for k, v in weights.items()}
+    return {k[len(NETWORK_PREFIX) :]: torch.as_tensor(np.array(v)) for k, v in weights.items()}
 
 
 def kind_of(path: Path, groups: dict, info: dict) -> str:
@@ -118,8 +120,10 @@ def kind_of(path: Path, groups: dict, info: dict) -> str:
         return "fedsm"
     if method is None and set(groups) == {"global"}:
         return "fedavg"
-    raise ExportError(f"{path}: not a FedSeg model set of a known kind (method {method!r}, groups {sorted(groups)}); "
-                      "expected the best.pt/last.pt of a FedAvg/FedProx, FedCross/FedCrossEns or FedSM/SoftPull job")
+    raise ExportError(
+        f"{path}: not a FedSeg model set of a known kind (method {method!r}, groups {sorted(groups)}); "
+        "expected the best.pt/last.pt of a FedAvg/FedProx, FedCross/FedCrossEns or FedSM/SoftPull job"
+    )
 
 
 def find_app_dir(path: Path) -> Path | None:
@@ -135,8 +139,11 @@ def client_config_file(job_config: str | Path) -> Path:
     job_config = Path(job_config)
     if job_config.is_file():
         return job_config
-    for candidate in (job_config / "config_fed_client.json", job_config / "config" / "config_fed_client.json",
-                      job_config / "app" / "config" / "config_fed_client.json"):
+    for candidate in (
+        job_config / "config_fed_client.json",
+        job_config / "config" / "config_fed_client.json",
+        job_config / "app" / "config" / "config_fed_client.json",
+    ):
         if candidate.is_file():
             return candidate
     raise ExportError(f"--job-config {job_config}: no config_fed_client.json there (nor in config/ or app/config/)")
@@ -147,11 +154,11 @@ def engine_from_client_config(config_file: Path) -> EngineConfig:
         config = json.loads(config_file.read_text())
         engine = config["executors"][0]["executor"]["args"].get("engine")
     except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        raise ExportError(f"{config_file}: cannot read the site executor's engine settings ({type(e).__name__}: {e})")
+        raise ExportError(f"{config_file}: cannot read the site executor's engine settings ({type(e).__name__}: {e})") from e
     try:
         return EngineConfig.from_dict(engine)  # what the site executor builds from the same settings
     except (TypeError, ValueError) as e:
-        raise ExportError(f"{config_file}: engine settings: {e}")
+        raise ExportError(f"{config_file}: engine settings: {e}") from e
 
 
 def job_provenance(app_dir: Path | None, kind: str, info: dict) -> dict:
@@ -198,7 +205,7 @@ def read_trained_models(path: str | Path, job_config: str | Path | None = None) 
         groups, info = load_model_set(path)
     except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
         # what torch.load (weights only) and the info's JSON raise for a file that is not a model set
-        raise ExportError(f"{path}: not a readable FedSeg model set ({type(e).__name__}: {e})")
+        raise ExportError(f"{path}: not a readable FedSeg model set ({type(e).__name__}: {e})") from e
     kind = kind_of(path, groups, info)
     app_dir = find_app_dir(path)
     if job_config is not None:
@@ -209,14 +216,16 @@ def read_trained_models(path: str | Path, job_config: str | Path | None = None) 
         try:
             engine = EngineConfig.from_dict(info["engine"])
         except (TypeError, ValueError) as e:
-            raise ExportError(f"{path}: engine settings recorded in the model set: {e}")
+            raise ExportError(f"{path}: engine settings recorded in the model set: {e}") from e
     elif app_dir is not None:
         engine_source = app_dir / "config" / "config_fed_client.json"
         engine = engine_from_client_config(engine_source)
     else:
-        raise ExportError(f"{path}: the model set records no engine settings (a FedAvg/FedProx set) and no "
-                          "config/config_fed_client.json lies in the folders above it; pass --job-config with the "
-                          "job's config_fed_client.json (or the job folder)")
+        raise ExportError(
+            f"{path}: the model set records no engine settings (a FedAvg/FedProx set) and no "
+            "config/config_fed_client.json lies in the folders above it; pass --job-config with the "
+            "job's config_fed_client.json (or the job folder)"
+        )
     trained = TrainedModels(path=path, kind=kind, groups=groups, info=info, engine=engine)
     if kind == "fedsm":
         missing = [s for s in trained.site_names() if s not in groups["personal"]]
@@ -229,7 +238,21 @@ def read_trained_models(path: str | Path, job_config: str | Path | None = None) 
         "model_set_sha256": sha256(path),
         "engine_settings_from": str(Path(engine_source).resolve()),
         counter: info.get(counter),
-        **{k: info[k] for k in ("best_round", "best_score", "val_dice", "val_score", "score_key", "num_models",
-                                 "sites", "site_names", "gamma", "lam") if info.get(k) is not None},
+        **{
+            k: info[k]
+            for k in (
+                "best_round",
+                "best_score",
+                "val_dice",
+                "val_score",
+                "score_key",
+                "num_models",
+                "sites",
+                "site_names",
+                "gamma",
+                "lam",
+            )
+            if info.get(k) is not None
+        },
     }
     return trained

@@ -64,8 +64,10 @@ def check_class_path(entry: str) -> str:
     """An exact dotted class path (module.Class): a package prefix ("pkg." or "*") is refused, and so is a path
     that can be imported here and is not a class (a function such as "subprocess.run")."""
     if not isinstance(entry, str) or not _CLASS_PATH.fullmatch(entry):
-        raise AllowListError(f"class_allow_list entry {entry!r}: must be an exact class path like 'package.module.Class' "
-                             "(no package prefix ending in '.', no '*')")
+        raise AllowListError(
+            f"class_allow_list entry {entry!r}: must be an exact class path like 'package.module.Class' "
+            "(no package prefix ending in '.', no '*')"
+        )
     module, name = entry.rsplit(".", 1)
     try:
         obj = getattr(importlib.import_module(module), name)
@@ -120,11 +122,16 @@ def warnings_for(resources: dict) -> list[str]:
     allow = resources.get("class_allow_list") or []
     if "*" in allow:
         out.append("class_allow_list contains '*': every class and function is allowed, the list is ignored")
-    out += [f"class_allow_list entry {e!r} is a package prefix: every callable under it is allowed"
-            for e in allow if isinstance(e, str) and e.endswith(".")]
+    out += [
+        f"class_allow_list entry {e!r} is a package prefix: every callable under it is allowed"
+        for e in allow
+        if isinstance(e, str) and e.endswith(".")
+    ]
     if resources.get("class_list_enforcement_mode", "enforce") != "enforce":
-        out.append(f"class_list_enforcement_mode is {resources['class_list_enforcement_mode']!r}: "
-                   "unlisted classes are only logged, not refused")
+        out.append(
+            f"class_list_enforcement_mode is {resources['class_list_enforcement_mode']!r}: "
+            "unlisted classes are only logged, not refused"
+        )
     return out
 
 
@@ -168,17 +175,24 @@ def check_site(workspace: str | os.PathLike) -> list[str]:
     else:
         roles = byoc_roles(json.loads(authz_file.read_text()))
         if roles:
-            problems.append(f"{authz_file}: role(s) {roles} have the byoc right: their jobs may bring code that runs "
-                            "here (FedSeg jobs need none; install poc/authorization.json as local/authorization.json)")
+            problems.append(
+                f"{authz_file}: role(s) {roles} have the byoc right: their jobs may bring code that runs "
+                "here (FedSeg jobs need none; install poc/authorization.json as local/authorization.json)"
+            )
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedseg.fl.allowlist", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedseg.fl.allowlist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("workspace", help="the site's (or the server's) workspace: the folder with startup/ and local/")
-    p.add_argument("--check", action="store_true", help="change nothing: report what would let a job run code here "
-                   "(allow-list prefixes, '*', warn mode, roles with byoc); exit 1 when anything is found")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing: report what would let a job run code here "
+        "(allow-list prefixes, '*', warn mode, roles with byoc); exit 1 when anything is found",
+    )
     o = p.parse_args(argv)
     local = Path(o.workspace) / "local"
     if not local.is_dir():
@@ -196,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     except AllowListError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {local / 'resources.json'}: {len(resources['class_allow_list'])} allowed classes, "
-          f"FedSeg's: {', '.join(FEDSEG_CLASSES)}")
+    print(
+        f"wrote {local / 'resources.json'}: {len(resources['class_allow_list'])} allowed classes, "
+        f"FedSeg's: {', '.join(FEDSEG_CLASSES)}"
+    )
     for w in warnings_for(resources):
         print(f"WARNING: {w}", file=sys.stderr)
     return 0

@@ -10,8 +10,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from nvflare.apis.analytix import AnalyticsDataType, LogWriterName
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
@@ -41,14 +41,21 @@ def confine_path(value: str, base: str | os.PathLike, roots: Iterable[str | os.P
         raise PermissionError(
             f"{value!r} resolves to {path}, outside the job's workspace and the server's allowed directories "
             f"{[str(r) for r in allowed]}; the server's operator can allow a directory in <server workspace>/"
-            f"{SERVER_CONFIG_RELPATH} as {{\"resume_dirs\": [\"/abs/dir\"]}}"
+            f'{SERVER_CONFIG_RELPATH} as {{"resume_dirs": ["/abs/dir"]}}'
         )
     return path
 
 
 class FedSegController(ModelController):
-    def __init__(self, *args, task_timeout: int = 0, min_clients: int = 1, startup_grace: int = 300,
-                 max_update_ratio: float = 10.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        task_timeout: int = 0,
+        min_clients: int = 1,
+        startup_grace: int = 300,
+        max_update_ratio: float = 10.0,
+        **kwargs,
+    ):
         """
         Args:
             task_timeout: seconds a site may take for one task before its result is given up (0: no limit).
@@ -144,8 +151,10 @@ class FedSegController(ModelController):
             return {s: float(v) for s, v in steps.items()}
         weights, capped = cap_step_weights(steps, max_weight_ratio)
         for site, cap in capped.items():
-            self.warning(f"{site} reported {steps[site]} steps, above {max_weight_ratio:g}x the other sites' median; "
-                         f"its weight is capped at {cap:g}")
+            self.warning(
+                f"{site} reported {steps[site]} steps, above {max_weight_ratio:g}x the other sites' median; "
+                f"its weight is capped at {cap:g}"
+            )
         return weights
 
     def connected_sites(self) -> list[str]:
@@ -162,8 +171,9 @@ class FedSegController(ModelController):
         value = float(value)
         if not math.isfinite(value):
             return
-        dxo = create_analytic_dxo(tag=tag, value=value, data_type=AnalyticsDataType.SCALAR,
-                                  writer=LogWriterName.TORCH_TB, global_step=int(step))
+        dxo = create_analytic_dxo(
+            tag=tag, value=value, data_type=AnalyticsDataType.SCALAR, writer=LogWriterName.TORCH_TB, global_step=int(step)
+        )
         with self.engine.new_context() as fl_ctx:
             send_analytic_dxo(self, dxo=dxo, fl_ctx=fl_ctx)
 
@@ -199,5 +209,5 @@ class FedSegController(ModelController):
         local/fedseg_server.json lists under "resume_dirs". Raises PermissionError otherwise."""
         dirs = self.server_config().get("resume_dirs") or []
         if not isinstance(dirs, list) or not all(isinstance(d, str) and os.path.isabs(d) for d in dirs):
-            raise ValueError(f"{SERVER_CONFIG_RELPATH}: \"resume_dirs\" must be a list of absolute paths, got {dirs!r}")
+            raise ValueError(f'{SERVER_CONFIG_RELPATH}: "resume_dirs" must be a list of absolute paths, got {dirs!r}')
         return confine_path(value, self.get_app_dir(), [self.get_run_dir(), *dirs])

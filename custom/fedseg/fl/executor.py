@@ -24,22 +24,21 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-from nvflare.apis.fl_constant import FLMetaKey
 
+from fedseg.algorithms.lr_schedule import LrSchedule
 from fedseg.algorithms.packing import pack, unpack
 from fedseg.data import DataValidationError, load_datalist, resolve_site_datalist, validate_site_data
-from fedseg.engine.config import LOCAL_OPTIMIZER
 from fedseg.engine import (
     EngineConfig,
     SegEngine,
@@ -48,11 +47,11 @@ from fedseg.engine import (
     optimizer_state_to_numpy,
     state_to_numpy,
 )
+from fedseg.engine.config import LOCAL_OPTIMIZER
 from fedseg.fl.privacy import check_scorable_section
-from fedseg.algorithms.lr_schedule import LrSchedule
 from fedseg.methods.fedcross import cross_visit, score_ensemble
-from fedseg.modelset import member_key
 from fedseg.methods.fedsm import SelectorSettings, fedsm_local_round, new_selector, score_super_model
+from fedseg.modelset import member_key
 
 DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
 PERSONAL_PREFIX = "personal:"  # FedSM: "personal:<site>" groups of the model set sent to fedsm_evaluate
@@ -63,8 +62,13 @@ def planned_number(meta: dict, key: str, kind: type, low: float):
     value = meta.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low \
-            or (kind is int and float(value) != int(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < low
+        or (kind is int and float(value) != int(value))
+    ):
         raise ValueError(f"task meta {key!r} must be a {kind.__name__} >= {low}, got {value!r}")
     return kind(value)
 
@@ -332,26 +336,43 @@ class FedSMExecutor(SegExecutor):
         engine = self.seg_engine
         settings = SelectorSettings.from_meta(len(site_names), meta.get("selector") or {})
         global_net = self.new_net(groups["global"])
-        personal = {k[len(PERSONAL_PREFIX):]: self.new_net(v) for k, v in groups.items() if k.startswith(PERSONAL_PREFIX)}
+        personal = {k[len(PERSONAL_PREFIX) :]: self.new_net(v) for k, v in groups.items() if k.startswith(PERSONAL_PREFIX)}
         selector = None
         if "selector" in groups:
             selector = new_selector(engine, settings)
             load_numpy_state(selector, groups["selector"], self.site)
         _site_index(self.site, site_names)
         gammas = meta.get("gammas")
-        scored = score_super_model(engine, global_net, personal, selector, site_names, self.site,
-                                   float(meta.get("gamma", 0.9)), settings.size(engine.cfg.spatial_dims), section,
-                                   with_hd95=self.hd95,
-                                   gammas=[float(g) for g in gammas] if isinstance(gammas, (list, tuple)) else None)
+        scored = score_super_model(
+            engine,
+            global_net,
+            personal,
+            selector,
+            site_names,
+            self.site,
+            float(meta.get("gamma", 0.9)),
+            settings.size(engine.cfg.spatial_dims),
+            section,
+            with_hd95=self.hd95,
+            gammas=[float(g) for g in gammas] if isinstance(gammas, (list, tuple)) else None,
+        )
         metrics = {"section": section}
         for key in ("selector_accuracy", "routed_own", "routing", "mean_confidence", "gamma_sweep"):
             if key in scored:
                 metrics[key] = scored[key]
         for name, result in scored["scores"].items():
             metrics[name] = _summary(result)
-        self.log_info(fl_ctx, "FedSM evaluation: " + ", ".join(f"{n} {metrics[n]['dice']:.4f}" for n in scored["scores"])
-                      + (f", selector accuracy {scored['selector_accuracy']:.3f}, routed to own model "
-                         f"{scored['routed_own']:.3f}, routing {scored['routing']}" if selector else ""))
+        self.log_info(
+            fl_ctx,
+            "FedSM evaluation: "
+            + ", ".join(f"{n} {metrics[n]['dice']:.4f}" for n in scored["scores"])
+            + (
+                f", selector accuracy {scored['selector_accuracy']:.3f}, routed to own model "
+                f"{scored['routed_own']:.3f}, routing {scored['routing']}"
+                if selector
+                else ""
+            ),
+        )
         return FLModel(metrics=metrics)
 
 

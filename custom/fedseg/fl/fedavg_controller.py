@@ -28,8 +28,8 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fl_model_utils import make_model_learnable
 
 from fedseg.algorithms import AGGREGATIONS, aggregate
-from fedseg.engine.config import LOCAL_OPTIMIZER
 from fedseg.algorithms.screening import read_score, robust_score, update_norm
+from fedseg.engine.config import LOCAL_OPTIMIZER
 from fedseg.fl.base_controller import FedSegController, check_output_name
 from fedseg.modelset import load_model_set, save_model_set
 
@@ -80,13 +80,21 @@ class FedAvgController(FedSegController):
                 local/fedseg_server.json lists under "resume_dirs") to continue from, at its round + 1.
             output_dir: folder under the server's app dir for last.pt, best.pt and history.json.
         """
-        super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=min_clients,
-                         startup_grace=startup_grace, max_update_ratio=max_update_ratio,
-                         task_check_period=task_check_period)
+        super().__init__(
+            persistor_id=persistor_id,
+            task_timeout=task_timeout,
+            min_clients=min_clients,
+            startup_grace=startup_grace,
+            max_update_ratio=max_update_ratio,
+            task_check_period=task_check_period,
+        )
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        for name, value in (("num_rounds", num_rounds), ("max_local_steps", max_local_steps),
-                            ("max_failed_rounds", max_failed_rounds)):
+        for name, value in (
+            ("num_rounds", num_rounds),
+            ("max_local_steps", max_local_steps),
+            ("max_failed_rounds", max_failed_rounds),
+        ):
             if int(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if float(fedprox_mu) < 0 or float(max_weight_ratio) < 0:
@@ -140,8 +148,10 @@ class FedAvgController(FedSegController):
             self._save("best.pt", best_groups["global"], {k: info.get(k) for k in ("best_score", "best_round")})
             self._publish_best(best_groups["global"])
         start = int(info["round"]) + 1
-        self.info(f"FedAvg: resuming from {path} (round {info['round']} done, best {state['best_score']} at round "
-                  f"{state['best_round']}) at round {start}")
+        self.info(
+            f"FedAvg: resuming from {path} (round {info['round']} done, best {state['best_score']} at round "
+            f"{state['best_round']}) at round {start}"
+        )
         return params, start, state
 
     # ---- one round ----------------------------------------------------------------------------------------
@@ -166,20 +176,35 @@ class FedAvgController(FedSegController):
                 return
             sites = self.connected_sites()
             self.info(f"---- FedAvg round {rnd + 1}/{self.num_rounds}: sites {sites} ----")
-            task = FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd,
-                           total_rounds=self.num_rounds, meta=self._task_meta())
+            task = FLModel(
+                params=global_params,
+                params_type=ParamsType.FULL,
+                current_round=rnd,
+                total_rounds=self.num_rounds,
+                meta=self._task_meta(),
+            )
             results = self.run_tasks("train", {s: copy.copy(task) for s in sites})
             checked = {s: r for s, r in sorted(results.items()) if self.accept(s, r.params, global_params, "update")}
             weights = self.step_weights(checked, self.local_steps or self.max_local_steps or None, self.max_weight_ratio)
             norms = {s: update_norm(checked[s].params, global_params) for s in weights}
             too_large = self.screen("update", norms, recent_norms)
             accepted = sorted(s for s in weights if s not in too_large)
-            scores = {s: v for s in sorted(results)
-                      if (v := self.read(s, "metrics", read_score, results[s].metrics, SCORE_KEY)) is not None}
+            scores = {
+                s: v
+                for s in sorted(results)
+                if (v := self.read(s, "metrics", read_score, results[s].metrics, SCORE_KEY)) is not None
+            }
             score = robust_score(scores.values())
-            record = {"round": rnd, "sites": sites, "answered": sorted(results), "accepted": accepted,
-                      "weights": {s: weights[s] for s in accepted}, "val_dice": scores, "score": score,
-                      "update_norms": norms}
+            record = {
+                "round": rnd,
+                "sites": sites,
+                "answered": sorted(results),
+                "accepted": accepted,
+                "weights": {s: weights[s] for s in accepted},
+                "val_dice": scores,
+                "score": score,
+                "update_norms": norms,
+            }
             history.append(record)
             if score is not None:  # the sites' Dice of the global model they received this round: median, each
                 self.track(f"fedavg/global_{SCORE_KEY}", score, rnd)
@@ -193,16 +218,21 @@ class FedAvgController(FedSegController):
             stop = False
             if len(accepted) < self.min_clients:
                 failed_rounds += 1
-                self.error(f"round {rnd}: {len(accepted)} valid update(s) {accepted}, fewer than min_clients="
-                           f"{self.min_clients}: global model unchanged ({failed_rounds}/{self.max_failed_rounds})")
+                self.error(
+                    f"round {rnd}: {len(accepted)} valid update(s) {accepted}, fewer than min_clients="
+                    f"{self.min_clients}: global model unchanged ({failed_rounds}/{self.max_failed_rounds})"
+                )
                 stop = failed_rounds >= self.max_failed_rounds
             else:
                 failed_rounds = 0
                 recent_norms.extend(norms[s] for s in accepted)
-                global_params = aggregate({s: checked[s].params for s in accepted}, weights, self.aggregation,
-                                          self.trim_fraction)
-                self.info(f"round {rnd}: aggregated {accepted} ({self.aggregation})"
-                          + (f"; median {SCORE_KEY} of the received model {score:.4f}" if score is not None else ""))
+                global_params = aggregate(
+                    {s: checked[s].params for s in accepted}, weights, self.aggregation, self.trim_fraction
+                )
+                self.info(
+                    f"round {rnd}: aggregated {accepted} ({self.aggregation})"
+                    + (f"; median {SCORE_KEY} of the received model {score:.4f}" if score is not None else "")
+                )
             self.save_model(FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd))
             self._save("last.pt", global_params, {"round": rnd, **state})
             self.write_json(self.output_dir(self._output_dir) / "history.json", history)

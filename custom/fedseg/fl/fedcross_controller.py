@@ -38,12 +38,14 @@ from pathlib import Path
 import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
+from fedseg.algorithms.aggregation import UpdateRejected, check_update
+from fedseg.algorithms.lr_schedule import LR_SCHEDULES, LrSchedule
 from fedseg.algorithms.packing import pack, unpack
 from fedseg.algorithms.schedules import KINDS, assign, check_latin_communications, validate_explicit
-from fedseg.algorithms.aggregation import UpdateRejected, check_update
 from fedseg.algorithms.screening import (
     case_dice,
     check_optimizer_state,
+    fingerprint,
     read_int,
     read_score,
     read_step_count,
@@ -52,8 +54,6 @@ from fedseg.algorithms.screening import (
 )
 from fedseg.engine.config import EngineConfig
 from fedseg.fl.base_controller import FedSegController, check_output_name
-from fedseg.algorithms.lr_schedule import LR_SCHEDULES, LrSchedule
-from fedseg.algorithms.screening import fingerprint
 from fedseg.modelset import initial_members, load_members, member_key, save_members
 from fedseg.report import RESULTS_FILE, format_table
 
@@ -202,16 +202,28 @@ class FedCrossController(FedSegController):
             output_dir: folder name under the server's app dir for last.pt, best.pt and the validation history
                 (a plain name: a job cannot make the server write elsewhere).
         """
-        super().__init__(startup_grace=startup_grace, task_timeout=task_timeout, min_clients=min_clients,
-                         max_update_ratio=max_update_ratio, persistor_id=persistor_id,
-                         task_check_period=task_check_period, **kwargs)
+        super().__init__(
+            startup_grace=startup_grace,
+            task_timeout=task_timeout,
+            min_clients=min_clients,
+            max_update_ratio=max_update_ratio,
+            persistor_id=persistor_id,
+            task_check_period=task_check_period,
+            **kwargs,
+        )
         if schedule not in KINDS:
             raise ValueError(f"schedule must be one of {KINDS}, got {schedule!r}")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-        for name, value in (("num_models", num_models), ("num_communications", num_communications),
-                            ("visit_epochs", visit_epochs), ("visit_steps", visit_steps), ("seed", seed),
-                            ("validate_timeout", validate_timeout), ("startup_grace", startup_grace)):
+        for name, value in (
+            ("num_models", num_models),
+            ("num_communications", num_communications),
+            ("visit_epochs", visit_epochs),
+            ("visit_steps", visit_steps),
+            ("seed", seed),
+            ("validate_timeout", validate_timeout),
+            ("startup_grace", startup_grace),
+        ):
             if int(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if int(max_site_failures) < 1:
@@ -286,7 +298,13 @@ class FedCrossController(FedSegController):
         self.info(
             f"FedCross: {k} model(s) over sites {self.sites}, schedule {self.schedule!r} (seed {self.seed}), "
             f"communications {start}..{self.num_communications - 1}, visit budget "
-            + (f"{self.visit_steps} steps" if self.visit_steps else f"{self.visit_epochs} epochs" if self.visit_epochs else "the sites' engine default")
+            + (
+                f"{self.visit_steps} steps"
+                if self.visit_steps
+                else f"{self.visit_epochs} epochs"
+                if self.visit_epochs
+                else "the sites' engine default"
+            )
             + f", lr {self.lr_plan.kind} from {self.lr_plan.base_lr:g}; output {self.out}"
         )
         for c in range(start, self.num_communications):
@@ -295,7 +313,9 @@ class FedCrossController(FedSegController):
             changes = self._begin_communication(c)
             active = self.active_sites()
             if len(active) < max(self.min_clients, 1):
-                self.error(f"FedCross: only {active} left (min_clients {self.min_clients}); stopping training at communication {c}")
+                self.error(
+                    f"FedCross: only {active} left (min_clients {self.min_clients}); stopping training at communication {c}"
+                )
                 break
             began = time.perf_counter()
             entry = self._train_communication(c, active)
@@ -338,16 +358,23 @@ class FedCrossController(FedSegController):
             self.info(f"FedCross communication {c}: {joined} connected after the start; in the schedule from now")
         back = self.health.start(c, connected)
         if back:
-            self.info(f"FedCross communication {c}: trying {back} again after {self.health.rejoin_after} communication(s) "
-                      f"left out; one more failure leaves them out again")
+            self.info(
+                f"FedCross communication {c}: trying {back} again after {self.health.rejoin_after} communication(s) "
+                f"left out; one more failure leaves them out again"
+            )
         self.active = [s for s in self.sites if s in connected and s not in self.health.dropped_at]
         gone = [s for s in self.sites if s not in connected]
         if self.active != self.schedule_sites:
             if self.schedule_sites:
-                self.info(f"FedCross communication {c}: active sites {self.schedule_sites} -> {self.active}"
-                          + (f" (not connected: {gone})" if gone else "")
-                          + (f"; the {self.schedule} schedule restarts over {len(self.active)} site(s) at this communication"
-                             if self.schedule != "explicit" else ""))
+                self.info(
+                    f"FedCross communication {c}: active sites {self.schedule_sites} -> {self.active}"
+                    + (f" (not connected: {gone})" if gone else "")
+                    + (
+                        f"; the {self.schedule} schedule restarts over {len(self.active)} site(s) at this communication"
+                        if self.schedule != "explicit"
+                        else ""
+                    )
+                )
             self.schedule_sites, self.schedule_origin = list(self.active), c
         return {"joined": joined, "rejoined": back, "not_connected": gone}
 
@@ -363,7 +390,9 @@ class FedCrossController(FedSegController):
             return None
         model0 = {k: np.asarray(v) for k, v in model0.params.items()}
         persisted = getattr(self.persistor, "model", None)
-        self.network_args = dict(getattr(persisted, "network_args", None) or EngineConfig.from_dict(self.engine_settings).network_args())
+        self.network_args = dict(
+            getattr(persisted, "network_args", None) or EngineConfig.from_dict(self.engine_settings).network_args()
+        )
         if self.schedule == "explicit":
             k = self.num_models or len(self.sites)
             self.explicit_schedule = validate_explicit(self.explicit_schedule, self.sites, k)
@@ -389,13 +418,17 @@ class FedCrossController(FedSegController):
             self.panic(f"FedCross: {path} does not match the job's network; not resuming")
             return None
         if self.num_models and self.num_models != len(members):
-            self.warning(f"FedCross: num_models {self.num_models} but {path} holds {len(members)}; using the saved {len(members)}")
+            self.warning(
+                f"FedCross: num_models {self.num_models} but {path} holds {len(members)}; using the saved {len(members)}"
+            )
         self.members, self.optimizers = members, optimizers
         # the sites, their failure counts and the schedule's site list carry over; new sites join after them
         saved_sites = [str(s) for s in info.get("sites", [])]
         self.sites = saved_sites + [s for s in self.sites if s not in saved_sites]
         self.health.restore(info)
-        self.schedule_sites = [str(s) for s in info.get("schedule_sites", [s for s in saved_sites if s not in self.health.dropped_at])]
+        self.schedule_sites = [
+            str(s) for s in info.get("schedule_sites", [s for s in saved_sites if s not in self.health.dropped_at])
+        ]
         self.schedule_origin = int(info.get("schedule_origin", 0))
         self.visits_done = [int(v) for v in info.get("visits_done", [0] * len(members))]
         self.history = list(info.get("history", []))
@@ -404,14 +437,21 @@ class FedCrossController(FedSegController):
         best_path = path.with_name("best.pt")
         if best_path.exists():
             b_members, b_optimizers, b_info = load_members(best_path)
-            self.best = {"communication": b_info["communication"], "val_dice": float(b_info["val_dice"]),
-                         "members": b_members, "optimizers": b_optimizers, "visits_done": b_info.get("visits_done")}
+            self.best = {
+                "communication": b_info["communication"],
+                "val_dice": float(b_info["val_dice"]),
+                "members": b_members,
+                "optimizers": b_optimizers,
+                "visits_done": b_info.get("visits_done"),
+            }
             save_members(self.out / "best.pt", b_members, b_optimizers, self._info(self.best["communication"], self.best))
         else:
             self.warning(f"FedCross: no best.pt next to {path}; best-set tracking starts afresh")
-        self.info(f"FedCross: resuming from {path} (communication {start - 1} done) at communication {start} "
-                  f"with {len(members)} model(s); visits so far {self.visits_done}; sites {self.sites}, left out "
-                  f"{self.health.dropped_at or 'none'}, failures in a row {self.health.failures or 'none'}")
+        self.info(
+            f"FedCross: resuming from {path} (communication {start - 1} done) at communication {start} "
+            f"with {len(members)} model(s); visits so far {self.visits_done}; sites {self.sites}, left out "
+            f"{self.health.dropped_at or 'none'}, failures in a row {self.health.failures or 'none'}"
+        )
         if start >= self.num_communications:
             self.warning(f"FedCross: {path} already has {start} communications (num_communications {self.num_communications})")
         return start
@@ -436,7 +476,9 @@ class FedCrossController(FedSegController):
     def _train_communication(self, c: int, active: list[str]) -> dict:
         k = len(self.members)
         assignment = assign(self.schedule, active, k, self._schedule_index(c), self.seed, self.explicit_schedule)
-        visits: list[dict] = [{"model": m, "site": s, "status": "sat out" if s is None else "pending"} for m, s in enumerate(assignment)]
+        visits: list[dict] = [
+            {"model": m, "site": s, "status": "sat out" if s is None else "pending"} for m, s in enumerate(assignment)
+        ]
         lrs = [self.lr_plan.lr(v) for v in self.visits_done]
         self.info(
             f"FedCross communication {c}/{self.num_communications - 1}: "
@@ -565,7 +607,9 @@ class FedCrossController(FedSegController):
             # NaN where no voxel of that kind; auroc: of the std for finding the ensemble's wrong voxels
             for key, high in (("mean_std_wrong", math.inf), ("mean_std_right", math.inf), ("auroc", 1.0)):
                 value = u.get(key)
-                unc[key] = float("nan") if isinstance(value, float) and math.isnan(value) else read_score(site, u, key, 0.0, high)
+                unc[key] = (
+                    float("nan") if isinstance(value, float) and math.isnan(value) else read_score(site, u, key, 0.0, high)
+                )
             for key in ("mean_std_per_case", "mean_entropy_per_case"):
                 values = u.get(key, [])
                 if not isinstance(values, list) or len(values) > n_cases:
@@ -594,8 +638,10 @@ class FedCrossController(FedSegController):
             stated = EngineConfig.from_dict(self.engine_settings).to_dict()
             differ = [key for key in INFERENCE_KEYS if stated.get(key) != reported.get(key)]
             if differ:
-                self.warning(f"FedCross: the controller's engine settings differ from {site}'s in {differ}; "
-                             f"the model sets record the sites' settings")
+                self.warning(
+                    f"FedCross: the controller's engine settings differ from {site}'s in {differ}; "
+                    f"the model sets record the sites' settings"
+                )
             self.engine_settings = {key: reported[key] for key in reported}
             return
 
@@ -612,15 +658,23 @@ class FedCrossController(FedSegController):
             ens_cases += case_dice(metrics["ensemble"])
             for m, summary in enumerate(metrics["members"]):
                 member_cases[m] += case_dice(summary)
-            per_site[site] = {"ensemble": metrics["ensemble"]["dice"], "members": [s["dice"] for s in metrics["members"]],
-                              "n_cases": metrics["n_cases"]}
+            per_site[site] = {
+                "ensemble": metrics["ensemble"]["dice"],
+                "members": [s["dice"] for s in metrics["members"]],
+                "n_cases": metrics["n_cases"],
+            }
         val_dice = float(np.mean(ens_cases)) if ens_cases else float("nan")
         missing = sorted(set(targets) - set(scores))
         if missing:
             self._count_failures(list(missing), c, validation=True)
         if math.isfinite(val_dice) and (self.best is None or val_dice > self.best["val_dice"]):
-            self.best = {"communication": c, "val_dice": val_dice, "members": list(self.members),
-                         "optimizers": list(self.optimizers), "visits_done": list(self.visits_done)}
+            self.best = {
+                "communication": c,
+                "val_dice": val_dice,
+                "members": list(self.members),
+                "optimizers": list(self.optimizers),
+                "visits_done": list(self.visits_done),
+            }
             save_members(self.out / "best.pt", self.best["members"], self.best["optimizers"], self._info(c, self.best))
         return {
             "val_dice": val_dice,
@@ -663,13 +717,18 @@ class FedCrossController(FedSegController):
     def _final_test(self) -> None:
         if self.best is None:
             self.warning("FedCross: no validated communication; scoring the last models")
-            best = {"communication": self.history[-1]["communication"] if self.history else None,
-                    "val_dice": float("nan"), "members": self.members}
+            best = {
+                "communication": self.history[-1]["communication"] if self.history else None,
+                "val_dice": float("nan"),
+                "members": self.members,
+            }
         else:
             best = self.best
         k = len(best["members"])
         sites = [s for s in self.sites if s in self._reachable()]  # left-out sites too: they may score again
-        self.info(f"FedCross: scoring the best set (communication {best['communication']}) on '{self.final_section}' at {sites}")
+        self.info(
+            f"FedCross: scoring the best set (communication {best['communication']}) on '{self.final_section}' at {sites}"
+        )
         scores = self._score(best["members"], sites, self.final_section)
         models: dict[str, dict] = {"ensemble": {}}
         models.update({f"member {m}": {} for m in range(k)})
@@ -681,9 +740,21 @@ class FedCrossController(FedSegController):
                 continue
             u = metrics["uncertainty"]
             # per-case and voxel-level uncertainty sit next to the per-case Dice of the ensemble
-            models["ensemble"][site] = {key: metrics["ensemble"][key] for key in keep if key in metrics["ensemble"]} | {
-                key: u[key] for key in ("mean_std_per_case", "mean_entropy_per_case", "mean_std_wrong", "mean_std_right",
-                                        "n_wrong", "n_right")} | {"uncertainty_auroc": u["auroc"], "section": metrics["section"]}
+            models["ensemble"][site] = (
+                {key: metrics["ensemble"][key] for key in keep if key in metrics["ensemble"]}
+                | {
+                    key: u[key]
+                    for key in (
+                        "mean_std_per_case",
+                        "mean_entropy_per_case",
+                        "mean_std_wrong",
+                        "mean_std_right",
+                        "n_wrong",
+                        "n_right",
+                    )
+                }
+                | {"uncertainty_auroc": u["auroc"], "section": metrics["section"]}
+            )
             for m, summary in enumerate(metrics["members"]):
                 models[f"member {m}"][site] = {key: summary[key] for key in keep if key in summary}
             for key in sums:

@@ -30,6 +30,8 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedseg.algorithms import AGGREGATIONS, UpdateRejected, aggregate, softpull, weighted_average
+from fedseg.algorithms.packing import pack, unpack
+from fedseg.algorithms.routing import GLOBAL
 from fedseg.algorithms.screening import (
     check_optimizer_state,
     numeric_metrics,
@@ -39,19 +41,19 @@ from fedseg.algorithms.screening import (
     robust_score,
     update_norm,
 )
-from fedseg.algorithms.packing import pack, unpack
 from fedseg.engine.config import EngineConfig
 from fedseg.engine.engine import optimizer_state_to_numpy, state_to_numpy
 from fedseg.fl.base_controller import FedSegController
 from fedseg.fl.executor import PERSONAL_PREFIX
-from fedseg.algorithms.routing import GLOBAL
 from fedseg.methods.fedsm import DEFAULT_SELECTOR, GAMMA_SWEEP, SELECTOR_INPUT, SelectorSettings, build_selector
 from fedseg.modelset import load_model_set, save_model_set
 from fedseg.report import format_table
 
 OUTPUT_DIR = "fedsm"
-ORACLE_LABEL = ("oracle routing (uses each case's site identity): every case to its own site's personalized model, "
-                "= FedSM personalized (own site)")
+ORACLE_LABEL = (
+    "oracle routing (uses each case's site identity): every case to its own site's personalized model, "
+    "= FedSM personalized (own site)"
+)
 
 
 def plan_round(classes: list[str], connected: list[str]) -> tuple[list[str], list[str], list[str]]:
@@ -118,9 +120,14 @@ class FedSMController(FedSegController):
                 as for every FedSeg method) or "last".
             task_check_period: seconds between FLARE's checks of the standing tasks.
         """
-        super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=min_clients,
-                         max_update_ratio=max_update_ratio,
-                         startup_grace=startup_grace, task_check_period=task_check_period)
+        super().__init__(
+            persistor_id=persistor_id,
+            task_timeout=task_timeout,
+            min_clients=min_clients,
+            max_update_ratio=max_update_ratio,
+            startup_grace=startup_grace,
+            task_check_period=task_check_period,
+        )
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         if final_model not in ("best", "last"):
@@ -147,8 +154,9 @@ class FedSMController(FedSegController):
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.aggregation = aggregation
         self.max_weight_ratio = float(max_weight_ratio)
-        if sites is not None and (not sites or len(set(sites)) != len(sites) or
-                                  not all(isinstance(s, str) and s for s in sites)):
+        if sites is not None and (
+            not sites or len(set(sites)) != len(sites) or not all(isinstance(s, str) and s for s in sites)
+        ):
             raise ValueError(f"sites must be a non-empty list of distinct site names, got {sites!r}")
         self.sites = sites
         self.expected_sites = list(sites) if sites else None
@@ -189,15 +197,24 @@ class FedSMController(FedSegController):
         if best_path.exists():
             best_groups, best_info = load_model_set(best_path)
             self.best_score = max(self.best_score, float(best_info.get("val_score", -1.0)))
-            self._save("best.pt", best_groups, int(best_info["round"]), self.classes, {
-                k: v for k, v in best_info.items() if k in ("val_score", "score_key", "history", "best_score")})
+            self._save(
+                "best.pt",
+                best_groups,
+                int(best_info["round"]),
+                self.classes,
+                {k: v for k, v in best_info.items() if k in ("val_score", "score_key", "history", "best_score")},
+            )
         elif "best_score" in info:
-            self.warning(f"no best.pt next to {path}: the best score {self.best_score:.4f} carries over, best.pt is "
-                         f"written when a later set beats it")
+            self.warning(
+                f"no best.pt next to {path}: the best score {self.best_score:.4f} carries over, best.pt is "
+                f"written when a later set beats it"
+            )
         else:
             self.warning(f"{path} records no best score: best-set tracking starts afresh")
-        self.info(f"resuming from {path} (saved round {info['round']}, best score {self.best_score:.4f}, "
-                  f"{len(self.history)} rounds of history) at round {start}; selector classes {self.classes}")
+        self.info(
+            f"resuming from {path} (saved round {info['round']}, best score {self.best_score:.4f}, "
+            f"{len(self.history)} rounds of history) at round {start}; selector classes {self.classes}"
+        )
         return groups, start
 
     def _initial_selector(self, num_sites: int) -> tuple[dict, dict]:
@@ -214,16 +231,31 @@ class FedSMController(FedSegController):
 
     def _save(self, name: str, groups: dict, rnd: int, sites: list[str], extra: dict | None = None) -> Path:
         path = self.output_dir(OUTPUT_DIR) / name
-        info = {"method": "fedsm", "round": rnd, "site_names": sites, "lam": self.lam, "gamma": self.gamma,
-                "use_selector": self.use_selector, "selector": self.selector_cfg, "engine": self.engine_cfg,
-                "selector_input": SELECTOR_INPUT if self.use_selector else None,
-                "history": self.history, "best_score": self.best_score, **(extra or {})}
+        info = {
+            "method": "fedsm",
+            "round": rnd,
+            "site_names": sites,
+            "lam": self.lam,
+            "gamma": self.gamma,
+            "use_selector": self.use_selector,
+            "selector": self.selector_cfg,
+            "engine": self.engine_cfg,
+            "selector_input": SELECTOR_INPUT if self.use_selector else None,
+            "history": self.history,
+            "best_score": self.best_score,
+            **(extra or {}),
+        }
         save_model_set(path, groups, info)
         return path
 
     def _task_meta(self, sites: list[str]) -> dict:
-        return {"site_names": sites, "gamma": self.gamma, "selector": self.selector_cfg if self.use_selector else None,
-                "local_epochs": self.local_epochs, "local_steps": self.local_steps}
+        return {
+            "site_names": sites,
+            "gamma": self.gamma,
+            "selector": self.selector_cfg if self.use_selector else None,
+            "local_epochs": self.local_epochs,
+            "local_steps": self.local_steps,
+        }
 
     def _names_for(self, site: str) -> list[str]:
         """The site list a site's task carries: the selector classes, plus the site itself when it is none
@@ -243,8 +275,10 @@ class FedSMController(FedSegController):
         for site in outsiders:
             if site not in self._outsiders_told:
                 self._outsiders_told.add(site)
-                self.info(f"site {site} is not one of the selector's classes {self.classes}: it trains the global model "
-                          f"and gets its own personalized model from round {rnd}, but the selector never routes to it")
+                self.info(
+                    f"site {site} is not one of the selector's classes {self.classes}: it trains the global model "
+                    f"and gets its own personalized model from round {rnd}, but the selector never routes to it"
+                )
         if missing != self._missing:
             back = [s for s in self._missing if s not in missing]
             if back:
@@ -309,7 +343,9 @@ class FedSMController(FedSegController):
 
     def _round_score(self, results: dict[str, FLModel], key: str) -> float | None:
         """Median over the sites of the score they report for the set they received (values checked)."""
-        values = [v for s, r in sorted(results.items()) if (v := self.read(s, "metrics", read_score, r.metrics, key)) is not None]
+        values = [
+            v for s, r in sorted(results.items()) if (v := self.read(s, "metrics", read_score, r.metrics, key)) is not None
+        ]
         return robust_score(values)
 
     # ---- workflow --------------------------------------------------------------------------------------
@@ -319,8 +355,10 @@ class FedSMController(FedSegController):
         if not self.classes:
             self.panic("FedSM: no sites connected and no `sites` listed")
             return
-        self.info(f"FedSM: selector classes {self.classes} (class = index in this list), connected {connected}, "
-                  f"lam={self.lam}, gamma={self.gamma}, selector={'on' if self.use_selector else 'off (SoftPull only)'}")
+        self.info(
+            f"FedSM: selector classes {self.classes} (class = index in this list), connected {connected}, "
+            f"lam={self.lam}, gamma={self.gamma}, selector={'on' if self.use_selector else 'off (SoftPull only)'}"
+        )
         score_key = "val_super_dice" if self.use_selector else "val_personalized_dice"
         failed_rounds = 0
         for rnd in range(start, self.num_rounds):
@@ -329,8 +367,13 @@ class FedSMController(FedSegController):
             self.info(f"---- FedSM round {rnd + 1}/{self.num_rounds} ----")
             sent = {s: self._groups_for(groups, s) for s in self._round_sites(rnd)}
             tasks = {
-                s: FLModel(params=pack(g), params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds,
-                           meta=self._task_meta(self._names_for(s)))
+                s: FLModel(
+                    params=pack(g),
+                    params_type=ParamsType.FULL,
+                    current_round=rnd,
+                    total_rounds=self.num_rounds,
+                    meta=self._task_meta(self._names_for(s)),
+                )
                 for s, g in sent.items()
             }
             # in site order, not arrival order: the aggregations then sum in the same order in every run
@@ -339,14 +382,20 @@ class FedSMController(FedSegController):
             updates = self._screen_magnitudes(updates, sent)
             weights = self.step_weights({s: results[s] for s in updates}, self.local_steps, self.max_weight_ratio)
             updates = {s: u for s, u in updates.items() if s in weights}
-            record = {"round": rnd, "answered": sorted(results), "accepted": sorted(updates),
-                      "metrics": {s: numeric_metrics(results[s].metrics) for s in sorted(results)},
-                      **self._selector_round(rnd, {s: results[s] for s in updates})}
+            record = {
+                "round": rnd,
+                "answered": sorted(results),
+                "accepted": sorted(updates),
+                "metrics": {s: numeric_metrics(results[s].metrics) for s in sorted(results)},
+                **self._selector_round(rnd, {s: results[s] for s in updates}),
+            }
             self._track_selector(rnd, record.get("selector"))
             if len(updates) < self.min_clients:
                 failed_rounds += 1
-                self.error(f"round {rnd}: only {len(updates)} valid updates ({sorted(updates)}), fewer than "
-                           f"min_clients={self.min_clients}: models unchanged ({failed_rounds}/{self.max_failed_rounds})")
+                self.error(
+                    f"round {rnd}: only {len(updates)} valid updates ({sorted(updates)}), fewer than "
+                    f"min_clients={self.min_clients}: models unchanged ({failed_rounds}/{self.max_failed_rounds})"
+                )
                 self.history.append(record)
                 self._checkpoint(groups, rnd)
                 if failed_rounds >= self.max_failed_rounds:
@@ -368,7 +417,10 @@ class FedSMController(FedSegController):
                 self.info(f"round {rnd}: new best model set ({score_key}={score:.4f}, the set trained up to round {rnd - 1})")
             self._checkpoint(groups, rnd)
             self.save_model(FLModel(params=groups["global"], params_type=ParamsType.FULL, current_round=rnd))
-            self.info(f"round {rnd}: aggregated {sorted(updates)}" + (f", {score_key} of the received set {score:.4f}" if score is not None else ""))
+            self.info(
+                f"round {rnd}: aggregated {sorted(updates)}"
+                + (f", {score_key} of the received set {score:.4f}" if score is not None else "")
+            )
         self._final_evaluation(self._final_set(groups))
 
     def _final_set(self, last: dict) -> dict:
@@ -376,11 +428,15 @@ class FedSMController(FedSegController):
         follows) or the last one (final_model="last"; also when no round was scored)."""
         best = self.output_dir(OUTPUT_DIR) / "best.pt"
         if self.final_model == "last" or not best.exists():
-            self.info(f"final evaluation of the last model set ({'no best.pt' if self.final_model == 'best' else 'final_model=last'})")
+            self.info(
+                f"final evaluation of the last model set ({'no best.pt' if self.final_model == 'best' else 'final_model=last'})"
+            )
             return last
         groups, info = load_model_set(best)
-        self.info(f"final evaluation of the best model set (best.pt: trained up to round {info['round']}, "
-                  f"{info.get('score_key')}={info.get('val_score')})")
+        self.info(
+            f"final evaluation of the best model set (best.pt: trained up to round {info['round']}, "
+            f"{info.get('score_key')}={info.get('val_score')})"
+        )
         groups["personal"] = {**last["personal"], **groups["personal"]}  # a site that joined later: its last model
         return groups
 
@@ -433,8 +489,11 @@ class FedSMController(FedSegController):
                     out["routed_own"] = read_score(site, metrics, "routed_own", 0.0, out["selector_accuracy"])
                 routing = metrics.get("routing")
                 if isinstance(routing, dict):  # {model name: count}: names are the server's own site names
-                    out["routing"] = {k: int(v) for k, v in routing.items() if k in (GLOBAL, *sites) and
-                                      isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 10**7}
+                    out["routing"] = {
+                        k: int(v)
+                        for k, v in routing.items()
+                        if k in (GLOBAL, *sites) and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 10**7
+                    }
                 if "gamma_sweep" in metrics:
                     out["gamma_sweep"] = self._read_sweep(site, metrics["gamma_sweep"])
             return out
@@ -446,8 +505,13 @@ class FedSMController(FedSegController):
     def _read_sweep(site: str, sweep) -> list[float]:
         """A site's gamma sweep ({"gammas": the server's GAMMA_SWEEP, "dice": one Dice in [0, 1] per gamma})."""
         gammas = sweep.get("gammas") if isinstance(sweep, dict) else None
-        if not isinstance(gammas, list) or len(gammas) != len(GAMMA_SWEEP) or not all(
-                isinstance(g, (int, float)) and not isinstance(g, bool) and float(g) == w for g, w in zip(gammas, GAMMA_SWEEP)):
+        if (
+            not isinstance(gammas, list)
+            or len(gammas) != len(GAMMA_SWEEP)
+            or not all(
+                isinstance(g, (int, float)) and not isinstance(g, bool) and float(g) == w for g, w in zip(gammas, GAMMA_SWEEP)
+            )
+        ):
             raise UpdateRejected(site, f"metrics.gamma_sweep: gammas are not the {list(GAMMA_SWEEP)} the server sent")
         dice = sweep.get("dice")
         if not isinstance(dice, list) or len(dice) != len(GAMMA_SWEEP):
@@ -474,10 +538,15 @@ class FedSMController(FedSegController):
             evaluation_groups["selector"] = groups["selector"]
 
         def task(site: str) -> FLModel:
-            meta = {**self._task_meta(self._names_for(site)), "section": "testing", "use_selector": self.use_selector,
-                    "gammas": list(GAMMA_SWEEP)}
-            return FLModel(params=pack(evaluation_groups if site in sites else without_selector),
-                           params_type=ParamsType.FULL, meta=meta)
+            meta = {
+                **self._task_meta(self._names_for(site)),
+                "section": "testing",
+                "use_selector": self.use_selector,
+                "gammas": list(GAMMA_SWEEP),
+            }
+            return FLModel(
+                params=pack(evaluation_groups if site in sites else without_selector), params_type=ParamsType.FULL, meta=meta
+            )
 
         tasks = {s: task(s) for s in self._round_sites(self.num_rounds)}
         results = self.run_tasks("fedsm_evaluate", tasks, timeout=self.eval_timeout)
@@ -491,7 +560,12 @@ class FedSMController(FedSegController):
         extra = {"lam": self.lam, "gamma": self.gamma, "rounds": self.num_rounds}
         if self.use_selector:
             extra.update(self._selector_extra(per_site))
-        results_record = {"method": "fedsm" if self.use_selector else "softpull", "section": "testing", "models": models, "extra": extra}
+        results_record = {
+            "method": "fedsm" if self.use_selector else "softpull",
+            "section": "testing",
+            "models": models,
+            "extra": extra,
+        }
         self.write_json(Path(self.get_app_dir()) / "fedseg_results.json", results_record)
         self.info("\n" + format_table(results_record))
 
@@ -505,18 +579,29 @@ class FedSMController(FedSegController):
         own = {s: m["routed_own"] for s, m in per_site.items() if "routed_own" in m}
         sweeps = {s: m["gamma_sweep"] for s, m in per_site.items() if "gamma_sweep" in m}
         learned = {s: m["super"]["dice"] for s, m in per_site.items() if "dice" in m.get("super", {})}
-        oracle = {s: m["personalized"]["dice"] for s, m in per_site.items()
-                  if s in self.classes and "dice" in m.get("personalized", {})}
+        oracle = {
+            s: m["personalized"]["dice"]
+            for s, m in per_site.items()
+            if s in self.classes and "dice" in m.get("personalized", {})
+        }
         return {
             "selector": dict(self.selector_cfg),
-            "selector_accuracy": acc, "selector_accuracy_mean": mean(acc),
-            "routed_own": own, "routed_own_mean": mean(own),
+            "selector_accuracy": acc,
+            "selector_accuracy_mean": mean(acc),
+            "routed_own": own,
+            "routed_own_mean": mean(own),
             "routing": {s: m.get("routing") for s, m in per_site.items()},
-            "gamma_sweep": {"gammas": list(GAMMA_SWEEP), "dice": sweeps,
-                            "mean": [float(np.mean([v[i] for v in sweeps.values()])) for i in range(len(GAMMA_SWEEP))]
-                            if sweeps else None},
-            "super_learned": {"label": f"learned routing (selector, gamma={self.gamma})", "gamma": self.gamma,
-                              "dice": learned, "mean": mean(learned)},
+            "gamma_sweep": {
+                "gammas": list(GAMMA_SWEEP),
+                "dice": sweeps,
+                "mean": [float(np.mean([v[i] for v in sweeps.values()])) for i in range(len(GAMMA_SWEEP))] if sweeps else None,
+            },
+            "super_learned": {
+                "label": f"learned routing (selector, gamma={self.gamma})",
+                "gamma": self.gamma,
+                "dice": learned,
+                "mean": mean(learned),
+            },
             "super_oracle": {"label": ORACLE_LABEL, "dice": oracle, "mean": mean(oracle)},
             "selector_history": [{"round": r["round"], **r["selector"]} for r in self.history if "selector" in r],
         }

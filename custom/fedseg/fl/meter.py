@@ -111,8 +111,11 @@ def peak_gpu() -> dict:
     cuda = _cuda()
     if cuda is None:
         return {}
-    return {"peak_gpu_bytes": int(cuda.max_memory_allocated()), "peak_gpu_reserved_bytes": int(cuda.max_memory_reserved()),
-            "gpu_name": cuda.get_device_name(cuda.current_device())}
+    return {
+        "peak_gpu_bytes": int(cuda.max_memory_allocated()),
+        "peak_gpu_reserved_bytes": int(cuda.max_memory_reserved()),
+        "gpu_name": cuda.get_device_name(cuda.current_device()),
+    }
 
 
 # ---- sizes -------------------------------------------------------------------------------------------------

@@ -43,8 +43,10 @@ class SegModelPersistor(PTFileModelPersistor):
             load_weights_only: must stay true (checkpoints are loaded with torch's weights-only unpickler).
             kwargs: any other PTFileModelPersistor argument.
         """
-        for key, name in (("global_model_file_name", global_model_file_name),
-                          ("best_global_model_file_name", best_global_model_file_name)):
+        for key, name in (
+            ("global_model_file_name", global_model_file_name),
+            ("best_global_model_file_name", best_global_model_file_name),
+        ):
             if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
                 raise ValueError(f"{key} must be a plain file name (written in the job's app dir), got {name!r}")
         if load_weights_only is not True:
@@ -52,10 +54,14 @@ class SegModelPersistor(PTFileModelPersistor):
         with torch.random.fork_rng():  # do not disturb the server process's global RNG
             torch.manual_seed(int(seed))
             model = SegNetwork(**network)
-        super().__init__(model=model, source_ckpt_file_full_name=source_ckpt_file_full_name,
-                         global_model_file_name=global_model_file_name,
-                         best_global_model_file_name=best_global_model_file_name,
-                         load_weights_only=load_weights_only, **kwargs)
+        super().__init__(
+            model=model,
+            source_ckpt_file_full_name=source_ckpt_file_full_name,
+            global_model_file_name=global_model_file_name,
+            best_global_model_file_name=best_global_model_file_name,
+            load_weights_only=load_weights_only,
+            **kwargs,
+        )
         # the arguments as given (NVFlare's FedJob export writes the attributes back as the job's arguments)
         self.network = network
         self.seed = seed
@@ -63,8 +69,11 @@ class SegModelPersistor(PTFileModelPersistor):
     def _initialize(self, fl_ctx: FLContext):
         super()._initialize(fl_ctx)
         app_root = os.path.realpath(fl_ctx.get_prop(FLContextKey.APP_ROOT))
-        paths = {"model file": self._ckpt_save_path, "best model file": self._best_ckpt_save_path,
-                 "APP_CKPT": self.ckpt_preload_path}
+        paths = {
+            "model file": self._ckpt_save_path,
+            "best model file": self._best_ckpt_save_path,
+            "APP_CKPT": self.ckpt_preload_path,
+        }
         outside = {k: v for k, v in paths.items() if v and os.path.commonpath([app_root, os.path.realpath(v)]) != app_root}
         if outside:
             # neutralise first (nothing may be written there even if the panic is not acted upon at once), then stop
@@ -72,5 +81,8 @@ class SegModelPersistor(PTFileModelPersistor):
             self._ckpt_save_path = os.path.join(app_root, self.global_model_file_name)
             self._best_ckpt_save_path = os.path.join(app_root, self.best_global_model_file_name)
             self.ckpt_preload_path = None
-            self.system_panic(f"SegModelPersistor: {outside} lie outside the job's app dir {app_root} (set by the "
-                              "job's config/environment.json APP_CKPT_DIR/APP_CKPT?): refused", fl_ctx)
+            self.system_panic(
+                f"SegModelPersistor: {outside} lie outside the job's app dir {app_root} (set by the "
+                "job's config/environment.json APP_CKPT_DIR/APP_CKPT?): refused",
+                fl_ctx,
+            )

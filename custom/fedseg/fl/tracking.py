@@ -28,14 +28,25 @@ SITE_TAG = "site"  # run tag: whose metrics the run holds (a site's name or the 
 
 
 class MLflowServerReceiver(MLflowReceiver):
-    def __init__(self, tracking_uri: str | None = None, kw_args: dict | None = None,
-                 artifact_location: str | None = None, events: list[str] | None = None, buffer_flush_time: float = 1):
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        kw_args: dict | None = None,
+        artifact_location: str | None = None,
+        events: list[str] | None = None,
+        buffer_flush_time: float = 1,
+    ):
         """Arguments as NVFlare's MLflowReceiver; ``events`` defaults to the server's own analytics events and
         those forwarded from the sites."""
         if events is None:
             events = [ANALYTIC_EVENT_TYPE, f"fed.{ANALYTIC_EVENT_TYPE}"]
-        super().__init__(tracking_uri=tracking_uri, kw_args=kw_args, artifact_location=artifact_location,
-                         events=events, buffer_flush_time=buffer_flush_time)
+        super().__init__(
+            tracking_uri=tracking_uri,
+            kw_args=kw_args,
+            artifact_location=artifact_location,
+            events=events,
+            buffer_flush_time=buffer_flush_time,
+        )
 
     def _mlflow_setup(self, art_full_path, experiment_name, experiment_tags, site_names, fl_ctx):
         super()._mlflow_setup(art_full_path, experiment_name, experiment_tags, site_names, fl_ctx)
@@ -51,6 +62,7 @@ class MLflowServerReceiver(MLflowReceiver):
         """A run for an origin the start of the job did not know (the server itself, a site that joined late)."""
         experiment_name = self.kw_args.get(TrackConst.EXPERIMENT_NAME, DEFAULT_EXPERIMENT)
         experiment_tags = self.kw_args.get(TrackConst.EXPERIMENT_TAGS) or {}
-        self._mlflow_setup(self._get_artifact_location(self.artifact_location, fl_ctx), experiment_name,
-                           experiment_tags, [origin], fl_ctx)
+        self._mlflow_setup(
+            self._get_artifact_location(self.artifact_location, fl_ctx), experiment_name, experiment_tags, [origin], fl_ctx
+        )
         self._init_buffer([origin])

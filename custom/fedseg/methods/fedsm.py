@@ -82,8 +82,16 @@ from fedseg.engine.engine import EvalResult
 
 PROTOCOLS = ("epoch", "batch")
 NORMS = ("group", "instance", "layer", "none")
-DEFAULT_SELECTOR = {"protocol": "epoch", "input_size": 64, "input_size_3d": 32, "channels": [16, 32, 64, 128],
-                    "norm": "group", "lr": 1e-3, "epochs": 4, "batch_size": 16}
+DEFAULT_SELECTOR = {
+    "protocol": "epoch",
+    "input_size": 64,
+    "input_size_3d": 32,
+    "channels": [16, 32, 64, 128],
+    "norm": "group",
+    "lr": 1e-3,
+    "epochs": 4,
+    "batch_size": 16,
+}
 # selector confidence thresholds of the final evaluation's sweep (all from one pass over the test cases)
 GAMMA_SWEEP = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
@@ -91,9 +99,11 @@ Z_CLIP = 5.0  # view 1: z-scores clipped to +-5 SD, then / 5
 LOG_RANGE = 1e4  # view 2: sign(x) log1p(|x|) / log1p(1e4), clipped to [-1, 1]
 DETAIL_CLIP = 1.0  # view 3: |z - box3(z)| clipped to [0, 1] SD
 SELECTOR_INPUT = {
-    "views_per_channel": ["appearance: z-score over all channels, clipped to +-5 SD, / 5 -> [-1, 1]",
-                          "intensity: sign(x) log1p(|x|) / log1p(1e4) of the stored values, clipped -> [-1, 1]",
-                          "detail: |z - 3x3 box mean of z| at native resolution, clipped to [0, 1] SD"],
+    "views_per_channel": [
+        "appearance: z-score over all channels, clipped to +-5 SD, / 5 -> [-1, 1]",
+        "intensity: sign(x) log1p(|x|) / log1p(1e4) of the stored values, clipped -> [-1, 1]",
+        "detail: |z - 3x3 box mean of z| at native resolution, clipped to [0, 1] SD",
+    ],
     "resize": "area average to input_size (2-D) / input_size_3d (3-D) per axis",
 }
 
@@ -115,11 +125,17 @@ class SelectorSettings:
             raise ValueError(f"selector protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.norm not in NORMS:
             raise ValueError(f"selector norm must be one of {NORMS}, got {self.norm!r}")
-        if min(int(self.input_size), int(self.input_size_3d)) < 8 or int(self.epochs) < 1 or int(self.batch_size) < 1 \
-                or not float(self.lr) > 0:
-            raise ValueError(f"selector settings out of range: input_size {self.input_size} and input_size_3d "
-                             f"{self.input_size_3d} (>= 8), epochs {self.epochs} "
-                             f"(>= 1), batch_size {self.batch_size} (>= 1), lr {self.lr} (> 0)")
+        if (
+            min(int(self.input_size), int(self.input_size_3d)) < 8
+            or int(self.epochs) < 1
+            or int(self.batch_size) < 1
+            or not float(self.lr) > 0
+        ):
+            raise ValueError(
+                f"selector settings out of range: input_size {self.input_size} and input_size_3d "
+                f"{self.input_size_3d} (>= 8), epochs {self.epochs} "
+                f"(>= 1), batch_size {self.batch_size} (>= 1), lr {self.lr} (> 0)"
+            )
         if not self.channels:
             raise ValueError("selector channels must list at least one block width")
 
@@ -195,8 +211,9 @@ def section_inputs(engine: SegEngine, section: str, size: int) -> torch.Tensor:
     return cache[key].to(engine.device)
 
 
-def selector_epochs(selector: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,
-                    epochs: int, chunk: int) -> int:
+def selector_epochs(
+    selector: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor, epochs: int, chunk: int
+) -> int:
     """The "epoch" protocol: per epoch, gradients of all images accumulated (loss = sum of per-image
     cross-entropies / number of images, so the gradient is the mean over images) and one optimizer step."""
     n = inputs.shape[0]
@@ -211,8 +228,15 @@ def selector_epochs(selector: nn.Module, optimizer: torch.optim.Optimizer, input
     return epochs
 
 
-def selector_batches(selector: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,
-                     epochs: int, batch_size: int, seed: int) -> int:
+def selector_batches(
+    selector: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> int:
     """The "batch" protocol: shuffled mini-batches, one optimizer step per batch."""
     generator = torch.Generator().manual_seed(seed)
     selector.train()
@@ -228,8 +252,9 @@ def selector_batches(selector: nn.Module, optimizer: torch.optim.Optimizer, inpu
     return steps
 
 
-def train_selector_on(selector: nn.Module, optim_state: dict | None, inputs: torch.Tensor, site_index: int,
-                      s: SelectorSettings, seed: int = 0) -> tuple[dict, dict, int]:
+def train_selector_on(
+    selector: nn.Module, optim_state: dict | None, inputs: torch.Tensor, site_index: int, s: SelectorSettings, seed: int = 0
+) -> tuple[dict, dict, int]:
     """Local selector training on these inputs, all labelled site_index, from the received Adam state (moments
     and step count). Returns (weights, Adam state, optimizer steps), as numpy dicts."""
     labels = torch.full((inputs.shape[0],), int(site_index), dtype=torch.long, device=inputs.device)
@@ -243,8 +268,9 @@ def train_selector_on(selector: nn.Module, optim_state: dict | None, inputs: tor
     return state_to_numpy(selector), optimizer_state_to_numpy(optimizer, selector), steps
 
 
-def train_selector(engine: SegEngine, selector: nn.Module, optim_state: dict | None, site_index: int,
-                   s: SelectorSettings, seed: int = 0) -> tuple[dict, dict, int]:
+def train_selector(
+    engine: SegEngine, selector: nn.Module, optim_state: dict | None, site_index: int, s: SelectorSettings, seed: int = 0
+) -> tuple[dict, dict, int]:
     """train_selector_on this site's training images."""
     inputs = section_inputs(engine, "training", s.size(engine.cfg.spatial_dims))
     return train_selector_on(selector, optim_state, inputs, site_index, s, seed)
@@ -272,7 +298,7 @@ def routing_summary(probs: np.ndarray, own_index: int, site_names: list[str], ga
     and "global" (this site's row of the routing confusion matrix); mean_confidence."""
     routes = route_batch(probs, site_names, gamma) if len(probs) else []
     n = max(len(routes), 1)
-    counts = {m: 0 for m in [*site_names, GLOBAL]}
+    counts = dict.fromkeys([*site_names, GLOBAL], 0)
     for r in routes:
         counts[r.model] += 1
     return {
@@ -287,8 +313,9 @@ def routed_models(probs: np.ndarray, site_names: list[str], gamma: float) -> lis
     return [r.model for r in route_batch(probs, site_names, gamma)] if len(probs) else []
 
 
-def gamma_sweep(probs: np.ndarray, site_names: list[str], case_dice: dict[str, np.ndarray],
-                gammas: Sequence[float] = GAMMA_SWEEP) -> list[float]:
+def gamma_sweep(
+    probs: np.ndarray, site_names: list[str], case_dice: dict[str, np.ndarray], gammas: Sequence[float] = GAMMA_SWEEP
+) -> list[float]:
     """Super-model mean Dice at every gamma from one set of selector outputs and per-case Dice of each model
     (case_dice: {model name or "global": (n,)}); a case routed to a model without scores uses the global one."""
     out = []
@@ -311,9 +338,19 @@ def _pick(results: dict[str, EvalResult], chosen: list[str]) -> EvalResult:
 
 
 @torch.no_grad()
-def score_super_model(engine: SegEngine, global_net, personal_nets: dict[str, torch.nn.Module], selector: nn.Module | None,
-                      site_names: list[str], own_site: str, gamma: float, size: int, section: str,
-                      with_hd95: bool = False, gammas: Sequence[float] | None = None) -> dict:
+def score_super_model(
+    engine: SegEngine,
+    global_net,
+    personal_nets: dict[str, torch.nn.Module],
+    selector: nn.Module | None,
+    site_names: list[str],
+    own_site: str,
+    gamma: float,
+    size: int,
+    section: str,
+    with_hd95: bool = False,
+    gammas: Sequence[float] | None = None,
+) -> dict:
     """Per-site scores of the global, own personalized and super model; the selector's routing_summary; and,
     with ``gammas``, the super model's mean Dice at each of them. Each model scores each case once: the super
     model (at any gamma) takes every case's score from the model it was routed to. Without a selector (SoftPull
@@ -335,14 +372,25 @@ def score_super_model(engine: SegEngine, global_net, personal_nets: dict[str, to
     scores["super"] = _pick(results, chosen)
     out = {"scores": scores, **routing_summary(probs, site_names.index(own_site), site_names, gamma)}
     if gammas is not None:
-        out["gamma_sweep"] = {"gammas": [float(g) for g in gammas],
-                              "dice": gamma_sweep(probs, site_names, {m: r.case_dice for m, r in results.items()}, gammas)}
+        out["gamma_sweep"] = {
+            "gammas": [float(g) for g in gammas],
+            "dice": gamma_sweep(probs, site_names, {m: r.case_dice for m, r in results.items()}, gammas),
+        }
     return out
 
 
-def fedsm_local_round(engine: SegEngine, groups: dict, site_index: int, site_names: list[str], selector_values: dict | None,
-                      gamma: float, steps: int, should_stop: Callable[[], bool] | None = None,
-                      on_step: Callable[[int, float], None] | None = None, seed: int = 0) -> tuple[dict, dict, int]:
+def fedsm_local_round(
+    engine: SegEngine,
+    groups: dict,
+    site_index: int,
+    site_names: list[str],
+    selector_values: dict | None,
+    gamma: float,
+    steps: int,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    seed: int = 0,
+) -> tuple[dict, dict, int]:
     """One FedSM round at a site. groups: {"global", "personal"} plus {"selector", "selector_optim"} when the
     job uses the selector (SoftPull alone sends none), all numpy dicts.
 
@@ -367,8 +415,17 @@ def fedsm_local_round(engine: SegEngine, groups: dict, site_index: int, site_nam
         if use_selector:
             # other sites' personalized models are not sent in training rounds: routing to another site uses
             # the global model here; the final evaluation scores the full super model
-            scored = score_super_model(engine, global_net, {own: personal_net}, selector, site_names, own, gamma,
-                                       s.size(engine.cfg.spatial_dims), "validation")
+            scored = score_super_model(
+                engine,
+                global_net,
+                {own: personal_net},
+                selector,
+                site_names,
+                own,
+                gamma,
+                s.size(engine.cfg.spatial_dims),
+                "validation",
+            )
             for name, res in scored["scores"].items():
                 metrics[f"val_{name}_dice"] = res.summary()["dice"]
             metrics["val_selector_acc"] = scored["selector_accuracy"]
@@ -384,6 +441,7 @@ def fedsm_local_round(engine: SegEngine, groups: dict, site_index: int, site_nam
     updated = {"global": state_to_numpy(global_net), "personal": state_to_numpy(personal_net)}
     if use_selector:
         updated["selector"], updated["selector_optim"], sel_steps = train_selector(
-            engine, selector, groups.get("selector_optim"), site_index, s, seed)
+            engine, selector, groups.get("selector_optim"), site_index, s, seed
+        )
         metrics["selector_steps"] = float(sel_steps)
     return updated, metrics, global_stats.steps
