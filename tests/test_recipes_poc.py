@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import CUSTOM
+from nvflare.apis.job_def import RunStatus
+
 from fedseg.fl.allowlist import FEDSEG_CLASSES
 from fedseg.fl.poc_env import (
     MARK_ENV,
@@ -34,7 +36,6 @@ from fedseg.fl.poc_env import (
 )
 from fedseg.recipes import FedAvgRecipe
 from fedseg.report import load_results
-from nvflare.apis.job_def import RunStatus
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POC start scripts are Linux shell")
 
@@ -109,8 +110,9 @@ def test_stop_ends_every_process_of_the_root_also_without_a_poc(tmp_path):
     shutdown cannot reach a server."""
     env = FedSegPocEnv(workspace=tmp_path / "env", clients=SITES)
     env.stop_wait = 1
-    marked = subprocess.Popen(["bash", "-c", "sleep 300 & sleep 300; wait"],
-                              env={**os.environ, MARK_ENV: str(env.root)}, start_new_session=True)
+    marked = subprocess.Popen(
+        ["bash", "-c", "sleep 300 & sleep 300; wait"], env={**os.environ, MARK_ENV: str(env.root)}, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 10
         while len(env.processes()) < 3 and time.monotonic() < deadline:
@@ -129,8 +131,9 @@ def test_stop_ends_every_process_of_the_root_also_without_a_poc(tmp_path):
 
 # ---- a recipe in the POC, end to end --------------------------------------------------------------------------
 def test_fedavg_recipe_runs_in_fedseg_poc_env_on_localhost_only(tiny2d, tmp_path):
-    env = FedSegPocEnv(workspace=tmp_path / "poc_env", clients=SITES, datalist=f"{tiny2d}/{{SITE_NAME}}/datalist.json",
-                       start_timeout=300)
+    env = FedSegPocEnv(
+        workspace=tmp_path / "poc_env", clients=SITES, datalist=f"{tiny2d}/{{SITE_NAME}}/datalist.json", start_timeout=300
+    )
     recipe = FedAvgRecipe(num_rounds=2, min_clients=2, engine=ENGINE, task_timeout=600)
     seen: dict[int, str] = {}
     listening: set[tuple[int, str, int]] = set()

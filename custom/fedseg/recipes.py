@@ -51,12 +51,17 @@ METER_TASKS = ("train", "validate", "submit_model", "fedsm_train", "fedsm_evalua
 # (cyclic: 5 per site). FedCrossEns (K = N, "latin"): every site trains one model per communication, and a Latin
 # schedule needs whole blocks of N communications, so the 20 epochs per site are split by plan_latin:
 # 20 communications x 1-epoch visits (2-epoch visits would give 10 communications, not a multiple of 4).
-_ENS_COMMUNICATIONS, _ENS_VISIT_EPOCHS = plan_latin(DEFAULT_ROUNDS * DEFAULT_ENGINE["local_epochs"], DEFAULT_SITES,
-                                                    DEFAULT_ENGINE["local_epochs"])
+_ENS_COMMUNICATIONS, _ENS_VISIT_EPOCHS = plan_latin(
+    DEFAULT_ROUNDS * DEFAULT_ENGINE["local_epochs"], DEFAULT_SITES, DEFAULT_ENGINE["local_epochs"]
+)
 FEDCROSS_DEFAULTS = {
     "fedcross": {"num_models": 1, "schedule": "cyclic", "communications": 20, "visit_epochs": 4},
-    "fedcrossens": {"num_models": 0, "schedule": "latin", "communications": _ENS_COMMUNICATIONS,
-                    "visit_epochs": _ENS_VISIT_EPOCHS},
+    "fedcrossens": {
+        "num_models": 0,
+        "schedule": "latin",
+        "communications": _ENS_COMMUNICATIONS,
+        "visit_epochs": _ENS_VISIT_EPOCHS,
+    },
 }
 
 
@@ -112,8 +117,18 @@ class FedSegRecipe(Recipe):
     names work), the seeded SegModelPersistor built from the engine's network, the method's workflow(s), the
     method's site executor on every task, experiment tracking and, optionally, the TaskMeter at the sites."""
 
-    def __init__(self, *, name: str, min_clients: int, engine: dict, workflows: list, executor: SegExecutor,
-                 tracking: str | None, meter: bool, cross_site_eval: bool = False):
+    def __init__(
+        self,
+        *,
+        name: str,
+        min_clients: int,
+        engine: dict,
+        workflows: list,
+        executor: SegExecutor,
+        tracking: str | None,
+        meter: bool,
+        cross_site_eval: bool = False,
+    ):
         recipe = type(self).__name__
         _int(recipe, "min_clients", min_clients, 1)
         _choice(recipe, "tracking", tracking, TRACKING)
@@ -133,14 +148,17 @@ class FedSegRecipe(Recipe):
         for workflow_id, workflow in workflows:
             job.to_server(workflow, id=workflow_id)
         if cross_site_eval:
-            job.to_server(CrossSiteModelEval(model_locator_id="model_locator", submit_model_timeout=600,
-                                             validation_timeout=3600), id="cross_site_eval")
+            job.to_server(
+                CrossSiteModelEval(model_locator_id="model_locator", submit_model_timeout=600, validation_timeout=3600),
+                id="cross_site_eval",
+            )
         job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
         job.to_clients(executor, tasks=["*"])
         if tracking is not None:
             job.to_clients(TBWriter(), id="tb_writer")  # the sites' curves, sent to the server's receiver
-            job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."),
-                           id="event_to_fed")
+            job.to_clients(
+                ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."), id="event_to_fed"
+            )
         super().__init__(job)
         if meter:
             from fedseg.fl.meter import TaskMeter
@@ -169,11 +187,23 @@ def _site_executor(cls, recipe: str, engine: dict, datalist: str, tracking: str 
 
 
 class FedAvgRecipe(FedSegRecipe):
-    def __init__(self, *, name: str = "fedavg", num_rounds: int = DEFAULT_ROUNDS, min_clients: int = 2,
-                 engine: dict | None = None, datalist: str = DEFAULT_DATALIST, fedprox_mu: float = 0.0,
-                 aggregation: str = "mean", max_local_steps: int = 0, task_timeout: int = 3600,
-                 cross_site_eval: bool = True, tracking: str | None = "tensorboard", meter: bool = False,
-                 hd95: bool = False):
+    def __init__(
+        self,
+        *,
+        name: str = "fedavg",
+        num_rounds: int = DEFAULT_ROUNDS,
+        min_clients: int = 2,
+        engine: dict | None = None,
+        datalist: str = DEFAULT_DATALIST,
+        fedprox_mu: float = 0.0,
+        aggregation: str = "mean",
+        max_local_steps: int = 0,
+        task_timeout: int = 3600,
+        cross_site_eval: bool = True,
+        tracking: str | None = "tensorboard",
+        meter: bool = False,
+        hd95: bool = False,
+    ):
         """FedAvg (FedProx when fedprox_mu > 0) on FedSeg's site executor and FedAvgController.
 
         Args:
@@ -199,11 +229,25 @@ class FedAvgRecipe(FedSegRecipe):
             task_timeout=_int(recipe, "task_timeout", task_timeout, 0),
             max_local_steps=_int(recipe, "max_local_steps", max_local_steps, 0),
         )
-        controller._always_serialize_args = ("num_rounds", "fedprox_mu", "aggregation", "min_clients", "task_timeout",
-                                             "max_local_steps")
+        controller._always_serialize_args = (
+            "num_rounds",
+            "fedprox_mu",
+            "aggregation",
+            "min_clients",
+            "task_timeout",
+            "max_local_steps",
+        )
         executor = _site_executor(SegExecutor, recipe, engine, datalist, tracking, hd95)
-        super().__init__(name=name, min_clients=min_clients, engine=engine, workflows=[("fedavg", controller)],
-                         executor=executor, tracking=tracking, meter=meter, cross_site_eval=cross_site_eval)
+        super().__init__(
+            name=name,
+            min_clients=min_clients,
+            engine=engine,
+            workflows=[("fedavg", controller)],
+            executor=executor,
+            tracking=tracking,
+            meter=meter,
+            cross_site_eval=cross_site_eval,
+        )
 
 
 class FedProxRecipe(FedAvgRecipe):
@@ -215,11 +259,24 @@ class FedProxRecipe(FedAvgRecipe):
 
 
 class FedSMRecipe(FedSegRecipe):
-    def __init__(self, *, name: str | None = None, num_rounds: int = DEFAULT_ROUNDS, min_clients: int = 2,
-                 engine: dict | None = None, datalist: str = DEFAULT_DATALIST, lam: float = 0.7, gamma: float = 0.9,
-                 softpull_only: bool = False, selector: dict | None = None, final_model: str = "best",
-                 task_timeout: int = 3600, tracking: str | None = "tensorboard", meter: bool = False,
-                 hd95: bool = False):
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        num_rounds: int = DEFAULT_ROUNDS,
+        min_clients: int = 2,
+        engine: dict | None = None,
+        datalist: str = DEFAULT_DATALIST,
+        lam: float = 0.7,
+        gamma: float = 0.9,
+        softpull_only: bool = False,
+        selector: dict | None = None,
+        final_model: str = "best",
+        task_timeout: int = 3600,
+        tracking: str | None = "tensorboard",
+        meter: bool = False,
+        hd95: bool = False,
+    ):
         """FedSM (global, personalized and selector models; the super model routes each case) or, with
         softpull_only, SoftPull personalization alone (no selector).
 
@@ -254,20 +311,50 @@ class FedSMRecipe(FedSegRecipe):
             engine=engine,
             final_model=_choice(recipe, "final_model", final_model, ("best", "last")),
         )
-        controller._always_serialize_args = ("num_rounds", "lam", "gamma", "use_selector", "min_clients", "task_timeout",
-                                             "eval_timeout", "engine", "final_model")
+        controller._always_serialize_args = (
+            "num_rounds",
+            "lam",
+            "gamma",
+            "use_selector",
+            "min_clients",
+            "task_timeout",
+            "eval_timeout",
+            "engine",
+            "final_model",
+        )
         executor = _site_executor(FedSMExecutor, recipe, engine, datalist, tracking, hd95)
-        super().__init__(name=name or ("softpull" if softpull_only else "fedsm"), min_clients=min_clients,
-                         engine=engine, workflows=[("fedsm", controller)], executor=executor, tracking=tracking,
-                         meter=meter)
+        super().__init__(
+            name=name or ("softpull" if softpull_only else "fedsm"),
+            min_clients=min_clients,
+            engine=engine,
+            workflows=[("fedsm", controller)],
+            executor=executor,
+            tracking=tracking,
+            meter=meter,
+        )
 
 
 class FedCrossRecipe(FedSegRecipe):
-    def __init__(self, *, name: str | None = None, num_models: int = 1, sites: int | None = None,
-                 num_communications: int | None = None, schedule: str | None = None, visit_epochs: int | None = None,
-                 visit_steps: int = 0, lr_schedule: str = "constant", seed: int = 0, min_clients: int = 2,
-                 engine: dict | None = None, datalist: str = DEFAULT_DATALIST, task_timeout: int = 3600,
-                 tracking: str | None = "tensorboard", meter: bool = False, hd95: bool = False):
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        num_models: int = 1,
+        sites: int | None = None,
+        num_communications: int | None = None,
+        schedule: str | None = None,
+        visit_epochs: int | None = None,
+        visit_steps: int = 0,
+        lr_schedule: str = "constant",
+        seed: int = 0,
+        min_clients: int = 2,
+        engine: dict | None = None,
+        datalist: str = DEFAULT_DATALIST,
+        task_timeout: int = 3600,
+        tracking: str | None = "tensorboard",
+        meter: bool = False,
+        hd95: bool = False,
+    ):
         """FedCross (num_models=1: one travelling model, one site trains per communication) or FedCrossEns
         (num_models = the number of sites, or 0 for "one per site connected at the start": every site trains one
         model per communication, and the ensemble of the models is the result).
@@ -292,8 +379,10 @@ class FedCrossRecipe(FedSegRecipe):
                 raise RecipeError(f"{recipe}: num_models {num_models} is more than the {sites} sites")
         ensemble = num_models == 0 or (num_models > 1 and num_models == sites)
         if num_models > 1 and not ensemble:
-            raise RecipeError(f"{recipe}: num_models must be 1 (FedCross), 0 or the number of sites (FedCrossEns); got "
-                              f"{num_models}" + ("" if sites else " without sites"))
+            raise RecipeError(
+                f"{recipe}: num_models must be 1 (FedCross), 0 or the number of sites (FedCrossEns); got "
+                f"{num_models}" + ("" if sites else " without sites")
+            )
         defaults = FEDCROSS_DEFAULTS["fedcrossens" if ensemble else "fedcross"]
         communications = defaults["communications"] if num_communications is None else num_communications
         communications = _int(recipe, "num_communications", communications, 1)
@@ -323,13 +412,32 @@ class FedCrossRecipe(FedSegRecipe):
             engine=engine,
         )
         controller._always_serialize_args = (
-            "num_models", "num_communications", "schedule", "seed", "visit_epochs", "visit_steps", "lr_schedule",
-            "task_timeout", "validate_timeout", "startup_grace", "max_site_failures", "retry_on_free_site",
-            "optimizer_state", "min_clients", "engine")
+            "num_models",
+            "num_communications",
+            "schedule",
+            "seed",
+            "visit_epochs",
+            "visit_steps",
+            "lr_schedule",
+            "task_timeout",
+            "validate_timeout",
+            "startup_grace",
+            "max_site_failures",
+            "retry_on_free_site",
+            "optimizer_state",
+            "min_clients",
+            "engine",
+        )
         executor = _site_executor(FedCrossExecutor, recipe, engine, datalist, tracking, hd95)
-        super().__init__(name=name or ("fedcrossens" if ensemble else "fedcross"), min_clients=min_clients,
-                         engine=engine, workflows=[("fedcross", controller)], executor=executor, tracking=tracking,
-                         meter=meter)
+        super().__init__(
+            name=name or ("fedcrossens" if ensemble else "fedcross"),
+            min_clients=min_clients,
+            engine=engine,
+            workflows=[("fedcross", controller)],
+            executor=executor,
+            tracking=tracking,
+            meter=meter,
+        )
 
 
 RECIPES = {"fedavg": FedAvgRecipe, "fedprox": FedProxRecipe, "fedsm": FedSMRecipe, "fedcross": FedCrossRecipe}

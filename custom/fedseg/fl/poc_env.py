@@ -153,8 +153,9 @@ def port_is_free(port: int) -> bool:
             s.bind(("127.0.0.1", port))
         except OSError:
             return False
-    return not any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
-                   for c in psutil.net_connections(kind="tcp"))
+    return not any(
+        c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections(kind="tcp")
+    )
 
 
 def acquire_port(port: int, root: Path) -> bool:
@@ -290,9 +291,20 @@ def _environ(values: dict[str, str | None]):
 
 
 class FedSegPocEnv(PocEnv):
-    def __init__(self, *, workspace: str | os.PathLike, num_clients: int | None = 2, clients: list[str] | None = None,
-                 datalist: str | os.PathLike | dict | None = None, port: int = 0, gpu_ids: list[int] | None = None,
-                 use_he: bool = False, study: str = DEFAULT_STUDY, start_timeout: float = 180, extra: dict | None = None):
+    def __init__(
+        self,
+        *,
+        workspace: str | os.PathLike,
+        num_clients: int | None = 2,
+        clients: list[str] | None = None,
+        datalist: str | os.PathLike | dict | None = None,
+        port: int = 0,
+        gpu_ids: list[int] | None = None,
+        use_he: bool = False,
+        study: str = DEFAULT_STUDY,
+        start_timeout: float = 180,
+        extra: dict | None = None,
+    ):
         """A localhost-only POC under `workspace` (created; the POC itself is <workspace>/poc, re-provisioned on
         every deploy; downloaded job results go to <workspace>/results/<job id>).
 
@@ -306,8 +318,15 @@ class FedSegPocEnv(PocEnv):
         """
         self.root = Path(workspace).resolve()
         with _environ({"NVFLARE_POC_WORKSPACE": str(self.root / "poc")}):  # PocEnv would look up (and create) ~/.nvflare
-            super().__init__(num_clients=num_clients, clients=clients, gpu_ids=gpu_ids, use_he=use_he,
-                             username=DEFAULT_ADMIN_USER, study=study, extra=extra)
+            super().__init__(
+                num_clients=num_clients,
+                clients=clients,
+                gpu_ids=gpu_ids,
+                use_he=use_he,
+                username=DEFAULT_ADMIN_USER,
+                study=study,
+                extra=extra,
+            )
         self.poc_workspace = str(self.root / "poc")
         self.clients = list(self.clients or [f"site-{i + 1}" for i in range(self.num_clients)])
         self.datalists = site_datalists(datalist, self.clients)
@@ -342,17 +361,24 @@ class FedSegPocEnv(PocEnv):
         if self.port is None:
             if self.requested_port:
                 if not acquire_port(self.requested_port, self.root):
-                    raise PocEnvError(f"port {self.requested_port} is reserved by another POC "
-                                      f"({port_lock_file(self.requested_port)})")
+                    raise PocEnvError(
+                        f"port {self.requested_port} is reserved by another POC ({port_lock_file(self.requested_port)})"
+                    )
                 self.port = self.requested_port
             else:
                 self.port = reserve_port(self.root)
         project = render_project(self.clients, self.port, self.use_he)
         project_file = self.root / "project.yml"
         project_file.write_text(yaml.safe_dump(project, sort_keys=False))
-        prepare_poc_provision(clients=[], number_of_clients=len(self.clients), workspace=self.poc_workspace,
-                              docker_image=None, use_he=self.use_he, project_conf_path=str(project_file),
-                              examples_dir=None)
+        prepare_poc_provision(
+            clients=[],
+            number_of_clients=len(self.clients),
+            workspace=self.poc_workspace,
+            docker_image=None,
+            use_he=self.use_he,
+            project_conf_path=str(project_file),
+            examples_dir=None,
+        )
         prod = self.prod_dir
         bind_server_to_localhost(prod / SERVER, self.port)
         for kit in [SERVER, *self.clients]:
@@ -368,11 +394,16 @@ class FedSegPocEnv(PocEnv):
         if not port_is_free(self.port):
             raise PocEnvError(f"port {self.port} is in use on 127.0.0.1")
         with _environ({MARK_ENV: str(self.root), "PYTHONPATH": site_pythonpath(os.environ.get("PYTHONPATH", ""))}):
-            _start_poc(poc_workspace=self.poc_workspace, gpu_ids=self.gpu_ids, excluded=[self.username],
-                       services_list=[])
+            _start_poc(poc_workspace=self.poc_workspace, gpu_ids=self.gpu_ids, excluded=[self.username], services_list=[])
         project_config, service_config = setup_service_config(self.poc_workspace)
-        _wait_for_poc_system_ready(self.poc_workspace, project_config, service_config, services_list=[],
-                                   excluded=[self.username], timeout_in_sec=int(self.start_timeout))
+        _wait_for_poc_system_ready(
+            self.poc_workspace,
+            project_config,
+            service_config,
+            services_list=[],
+            excluded=[self.username],
+            timeout_in_sec=int(self.start_timeout),
+        )
         self.check_localhost()
 
     # ---- inspection ---------------------------------------------------------------------------------------------
@@ -421,8 +452,13 @@ class FedSegPocEnv(PocEnv):
     def _stop_processes(self) -> None:
         try:
             project_config, service_config = setup_service_config(self.poc_workspace)
-            _stop_poc(self.poc_workspace, excluded=[self.username], services_list=[],
-                      project_config=project_config, service_config=service_config)
+            _stop_poc(
+                self.poc_workspace,
+                excluded=[self.username],
+                services_list=[],
+                project_config=project_config,
+                service_config=service_config,
+            )
         except Exception as e:  # noqa: BLE001 - the server may be down already; the steps below still run
             self.logger.info(f"admin shutdown of the POC failed ({e}); stopping its processes directly")
         prod = self.prod_dir
