@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from conftest import REPO, copy_job
 
 sys.path.insert(0, str(REPO / "poc"))
@@ -109,7 +108,7 @@ def assert_per_site_results(result_dir: str) -> dict:
     assert cse_file.name == "cross_val_results.json", cse_file
     cse = json.loads(cse_file.read_text())
     assert sorted(cse) == SITES, cse
-    for validator, scores in cse.items():
+    for scores in cse.values():
         # every site's model and the server's last global model; FedAvgController also has a best model
         assert set(SITES + ["SRV_FL_global_model.pt"]) <= set(scores) <= set(SITES + SERVER_MODELS), scores
         for metrics in scores.values():
@@ -127,7 +126,7 @@ def assert_per_site_results(result_dir: str) -> dict:
 def test_poc_listens_on_localhost_only(poc):
     fed = poc.fed
     listeners = fed.check_localhost()  # raises on any non-loopback listener of a POC process
-    assert (fed.processes() and listeners)
+    assert fed.processes() and listeners
     assert any(port == poc.port and addr == "127.0.0.1" for _, addr, port in listeners), listeners
     server_conf = json.loads((fed.kit("server") / "startup" / "fed_server.json").read_text())["servers"][0]
     assert server_conf["service"]["target"] == f"localhost:{poc.port}" and server_conf["admin_server"] == "localhost"
@@ -229,8 +228,12 @@ def test_a_lead_cannot_manage_another_leads_job(poc, api_job):
 
     session = flare_api.open_session(poc.fed.kit(OTHER_LEAD), OTHER_LEAD)
     try:
-        for action in (session.abort_job, session.delete_job, session.clone_job,
-                       lambda job_id: session.download_job_result(job_id, str(poc.fed.root / "stolen"))):
+        for action in (
+            session.abort_job,
+            session.delete_job,
+            session.clone_job,
+            lambda job_id: session.download_job_result(job_id, str(poc.fed.root / "stolen")),
+        ):
             with pytest.raises(AuthorizationError, match="not authorized"):
                 action(api_job.job_id)
         assert session.get_job_meta(api_job.job_id)["submitter_name"] == LEAD  # viewing is allowed
@@ -282,7 +285,9 @@ def test_privacy_scope_filters_what_the_server_receives(poc, api_job):
         steps[site] = int(m.group(1))
     expected = sum(steps[s] * shared[s].data[f"{FINAL_LAYER}.bias"].astype(np.float64) for s in SITES if s != PRIVATE_SITE)
     expected /= sum(steps.values())
-    global_bias = torch.load(workspace / "app_server" / "FL_global_model.pt", weights_only=False)["model"][f"{FINAL_LAYER}.bias"]
+    global_bias = torch.load(workspace / "app_server" / "FL_global_model.pt", weights_only=False)["model"][
+        f"{FINAL_LAYER}.bias"
+    ]
     np.testing.assert_allclose(np.asarray(global_bias, dtype=np.float64), expected, rtol=1e-4, atol=1e-6)
 
 
@@ -293,8 +298,9 @@ def test_submit_through_nvflare_job_cli_and_admin_console(poc):
     with ThreadPoolExecutor(2) as pool:
         cli = pool.submit(poc.fed.submit, poc.job, via="cli", user=LEAD, timeout=JOB_TIMEOUT, stage_name="fedavg_cli")
         time.sleep(1)
-        console = pool.submit(poc.fed.submit, poc.job, via="console", user=ADMIN, timeout=JOB_TIMEOUT,
-                              stage_name="fedavg_console")
+        console = pool.submit(
+            poc.fed.submit, poc.job, via="console", user=ADMIN, timeout=JOB_TIMEOUT, stage_name="fedavg_console"
+        )
         while not (cli.done() and console.done()):
             poc.seen.update(poc.fed.processes())
             time.sleep(2)
@@ -318,12 +324,18 @@ def test_fedsm_and_fedcrossens_deploy_the_same_way(poc):
     engine = {**fedsm_engine["workflows"][0]["args"]["engine"], **TINY}
     jobs = {
         "fedsm": copy_job("fedsm", root, server_args={"num_rounds": 1, "engine": engine}, engine=TINY),
-        "fedcrossens": copy_job("fedcrossens", root, server_args={"num_communications": len(SITES), "engine": engine},  # one Latin block
-                                engine=TINY),
+        "fedcrossens": copy_job(
+            "fedcrossens",
+            root,
+            server_args={"num_communications": len(SITES), "engine": engine},  # one Latin block
+            engine=TINY,
+        ),
     }
     with ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(poc.fed.submit, job, via="api", user=LEAD, timeout=JOB_TIMEOUT, stage_name=name)
-                   for name, job in jobs.items()}
+        futures = {
+            name: pool.submit(poc.fed.submit, job, via="api", user=LEAD, timeout=JOB_TIMEOUT, stage_name=name)
+            for name, job in jobs.items()
+        }
         while not all(f.done() for f in futures.values()):
             poc.seen.update(poc.fed.processes())
             time.sleep(2)
@@ -346,8 +358,23 @@ def test_real_deployment_project_provisions_every_site_and_admin(tmp_path):
 
     project = yaml.safe_load((REPO / "poc" / "project.yml").read_text())
     env = dict(os.environ, HOME=str(tmp_path / "home"))
-    out = subprocess.run([sys.executable, "-m", "nvflare.cli", "provision", "-p", str(REPO / "poc" / "project.yml"),
-                          "-w", str(tmp_path / "prov")], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nvflare.cli",
+            "provision",
+            "-p",
+            str(REPO / "poc" / "project.yml"),
+            "-w",
+            str(tmp_path / "prov"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     prod = tmp_path / "prov" / project["name"] / "prod_00"
     by_type = {t: [p for p in project["participants"] if p["type"] == t] for t in ("server", "client", "admin")}
@@ -435,8 +462,9 @@ def test_authorization_policy_is_nvflares_default_without_byoc():
                     got, default = fedseg_authz.authorize(ctx)[0], default_authz.authorize(ctx)[0]
                     if got != default:
                         differences.setdefault(role, set()).add((right, got))
-    assert differences == {"project_admin": {("byoc", False), ("server-predeployed-flwr", False)},
-                           "lead": {("byoc", False)}}, differences
+    assert differences == {"project_admin": {("byoc", False), ("server-predeployed-flwr", False)}, "lead": {("byoc", False)}}, (
+        differences
+    )
     lead = Person(LEAD, "hospital_a", "lead")
     other = Person(OTHER_LEAD, "hospital_b", "lead")
     assert not fedseg_authz.authorize(AuthzContext("manage_job", user=other, submitter=lead))[0]
@@ -448,12 +476,20 @@ def test_port_reservation_never_hands_out_a_port_twice(tmp_path):
     """Eight processes reserve a port from the same 16 at once: eight different ports; a reserved port is
     refused to another POC root; a stale lock (its process gone, its root gone) is taken over."""
     go = tmp_path / "go"
-    code = ("import sys, time, pathlib; sys.path[:0] = sys.argv[1:3]; from poc_federation.ports import reserve_port; "
-            "print(reserve_port(sys.argv[3], 18960, 18975), flush=True); "
-            "[time.sleep(0.1) for _ in range(600) if not pathlib.Path(sys.argv[4]).exists()]")
+    code = (
+        "import sys, time, pathlib; sys.path[:0] = sys.argv[1:3]; from poc_federation.ports import reserve_port; "
+        "print(reserve_port(sys.argv[3], 18960, 18975), flush=True); "
+        "[time.sleep(0.1) for _ in range(600) if not pathlib.Path(sys.argv[4]).exists()]"
+    )
     roots = [tmp_path / f"root{i}" for i in range(8)]
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(REPO / "poc"), str(REPO / "custom"), str(r), str(go)],
-                              stdout=subprocess.PIPE, text=True) for r in roots]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(REPO / "poc"), str(REPO / "custom"), str(r), str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in roots
+    ]
     try:
         ports = [int(p.stdout.readline()) for p in procs]
         assert len(set(ports)) == 8, ports
@@ -478,8 +514,11 @@ def test_privacy_filter_unit():
     scope = json.loads((REPO / "poc" / "privacy.json").read_text())
     assert scope["default_scope"] == scope["scopes"][0]["name"] == "hospital_private"
     args = scope["scopes"][0]["task_result_filters"][0]["args"]
-    params = {f"{FINAL_LAYER}.weight": np.ones((2, 16, 3, 3), np.float32), f"{FINAL_LAYER}.bias": np.ones(2, np.float32),
-              "net.model.0.conv.unit0.conv.weight": np.linspace(-1, 1, 64, dtype=np.float32).reshape(4, 16)}
+    params = {
+        f"{FINAL_LAYER}.weight": np.ones((2, 16, 3, 3), np.float32),
+        f"{FINAL_LAYER}.bias": np.ones(2, np.float32),
+        "net.model.0.conv.unit0.conv.weight": np.linspace(-1, 1, 64, dtype=np.float32).reshape(4, 16),
+    }
     filt = LayerPrivacyFilter(**args, seed=0)
     out = from_shareable(filt.process(DXO(DataKind.WEIGHTS, data=dict(params)).to_shareable(), FLContext()))
     assert not np.any(out.data[f"{FINAL_LAYER}.weight"]) and not np.any(out.data[f"{FINAL_LAYER}.bias"])
@@ -492,8 +531,11 @@ def test_privacy_filter_unit():
     with pytest.raises(TypeError):
         LayerPrivacyFilter(zero_vars="fc.bias")  # list form only
     # FedSM / FedCross updates: several models under "<group>/" prefixes, optimizer state under "::" keys
-    packed = {f"global/{FINAL_LAYER}.bias": np.ones(2, np.float32), f"model/{FINAL_LAYER}.bias": np.ones(2, np.float32),
-              "selector_optim/net.layer.weight::exp_avg_sq": np.full(8, 1e-8, np.float32)}
+    packed = {
+        f"global/{FINAL_LAYER}.bias": np.ones(2, np.float32),
+        f"model/{FINAL_LAYER}.bias": np.ones(2, np.float32),
+        "selector_optim/net.layer.weight::exp_avg_sq": np.full(8, 1e-8, np.float32),
+    }
     out = from_shareable(filt.process(DXO(DataKind.WEIGHTS, data=dict(packed)).to_shareable(), FLContext()))
     assert not np.any(out.data[f"global/{FINAL_LAYER}.bias"]) and not np.any(out.data[f"model/{FINAL_LAYER}.bias"])
     assert "selector_optim/net.layer.weight::exp_avg_sq" not in out.data  # the sample scope keeps optimizer state at the site
@@ -508,8 +550,19 @@ def test_gpu_plan_and_job_staging(tmp_path):
     assert gpu["site_capacity"]["hospital-b"] == {"num_of_gpus": 1, "mem_per_gpu_in_GiB": 80}
     assert gpu["resource_spec"] == {"@default": {"num_of_gpus": 1, "mem_per_gpu_in_GiB": 4.0}}
     resources = tmp_path / "resources.json"
-    resources.write_text(json.dumps({"components": [{"id": "resource_manager", "path":
-        "nvflare.app_common.resource_managers.gpu_resource_manager.GPUResourceManager", "args": {"num_of_gpus": 0, "mem_per_gpu_in_GiB": 0}}]}))
+    resources.write_text(
+        json.dumps(
+            {
+                "components": [
+                    {
+                        "id": "resource_manager",
+                        "path": "nvflare.app_common.resource_managers.gpu_resource_manager.GPUResourceManager",
+                        "args": {"num_of_gpus": 0, "mem_per_gpu_in_GiB": 0},
+                    }
+                ]
+            }
+        )
+    )
     set_gpu_capacity(resources, 1, 80)
     assert json.loads(resources.read_text())["components"][0]["args"]["num_of_gpus"] == 1
 
@@ -533,8 +586,10 @@ def test_stop_kills_every_marked_process_and_frees_ports(tmp_path):
     fed = PocFederation(tmp_path / "root")
     fed.state = {"port": reserve_port(fed.root), "sessions": []}
     port = fed.state["port"]
-    listener = (f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); "
-                "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)")
+    listener = (
+        f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); "
+        "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    )
     tree = f"{sys.executable} -c \"{listener}\" & (trap '' TERM; sleep 600) & sleep 600"
     proc = subprocess.Popen(["bash", "-c", tree], env=fed.env(), start_new_session=True)
     try:
@@ -560,8 +615,25 @@ def test_run_command_stops_everything_on_ctrl_c(tmp_path):
     job = copy_job("fedavg", tmp_path / "src_jobs", server_args={"num_rounds": 1}, engine=TINY)
     root = tmp_path / "run"
     port = reserve_port(root)
-    cmd = [sys.executable, str(REPO / "poc" / "fedseg_poc.py"), "--root", str(root), "run", "--sites", "2",
-           "--size", "tiny", "--gpus", "none", "--port", str(port), "--job", str(job), "--timeout", "300"]
+    cmd = [
+        sys.executable,
+        str(REPO / "poc" / "fedseg_poc.py"),
+        "--root",
+        str(root),
+        "run",
+        "--sites",
+        "2",
+        "--size",
+        "tiny",
+        "--gpus",
+        "none",
+        "--port",
+        str(port),
+        "--job",
+        str(job),
+        "--timeout",
+        "300",
+    ]
     out_file = tmp_path / "run.out"
     seen: set[int] = set()
     with open(out_file, "w") as out:
