@@ -22,6 +22,8 @@ demo: venv
 	$(PY) -m fedseg.demo --data $(DATA) --sites $(SITES) --rounds $(ROUNDS)
 
 test: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q --timeout=1200 tests
 
 jobs: venv
