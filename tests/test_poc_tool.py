@@ -1,6 +1,8 @@
 """Quick checks of the POC tool's pure parts (poc/poc_federation): project rendering, the parsing of what the
 `nvflare job` CLI and the admin console print, GPU requests, port locks, and finding a POC's processes through
-psutil (also orphans of a crashed tool). The POC itself runs in tests/test_poc.py."""
+psutil (also orphans of a crashed tool). Ports and processes are fedseg.fl.localhost_poc's, shared with
+FedSegPocEnv: the rules merged from the two former copies are checked here. The POC itself runs in
+tests/test_poc.py."""
 
 from __future__ import annotations
 
@@ -17,10 +19,21 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "poc"))
 from poc_federation.common import MARK_ENV, PROJECT_TEMPLATE, PocError  # noqa: E402
 from poc_federation.gpus import asks_for_gpus, resolve_gpus  # noqa: E402
-from poc_federation.ports import lock_is_stale  # noqa: E402
+from poc_federation.ports import (  # noqa: E402
+    PORT_LOCK_DIR,
+    PORT_RANGE,
+    acquire_port,
+    lock_is_stale,
+    port_lock_file,
+    release_port,
+    reserve_port,
+)
 from poc_federation.processes import find_processes, is_alive, is_loopback, kill_tree  # noqa: E402
 from poc_federation.provision import hospital_names, org_of, participants_of, render_project  # noqa: E402
 from poc_federation.submission import console_job_id, console_job_status, finished_status, json_envelope  # noqa: E402
+
+from fedseg.fl import poc_env  # noqa: E402
+from fedseg.fl.localhost_poc import POC_ENV_PORTS, POC_TOOL_PORTS  # noqa: E402
 
 JOB_ID = "9c8689a7-89a4-4014-a4a4-2daf5b27b7d4"
 
@@ -84,10 +97,69 @@ def test_port_lock_staleness(tmp_path):
     root.mkdir()
     assert not lock_is_stale({"root": str(tmp_path / "gone"), "pid": live_pid}, 18600)  # its process is alive
     assert lock_is_stale({"root": str(tmp_path / "gone"), "pid": dead_pid}, 18600)  # root gone
-    assert lock_is_stale({"root": str(root), "pid": dead_pid}, 18600)  # root never prepared
+    # a root without state.json (a FedSegPocEnv workspace, or a tool root whose prepare failed) keeps its lock: the
+    # stricter of the two former rules (a crashed run's POC may still be starting there)
+    assert not lock_is_stale({"root": str(root), "pid": dead_pid}, 18600)
     (root / "state.json").write_text(json.dumps({"port": 18600}))
     assert not lock_is_stale({"root": str(root), "pid": dead_pid}, 18600)  # the prepared POC still uses it
     assert lock_is_stale({"root": str(root), "pid": dead_pid}, 18601)  # ... but another port no more
+    (root / "state.json").write_text("{")
+    assert not lock_is_stale({"root": str(root), "pid": dead_pid}, 18601)  # unreadable state: keep the lock
+
+
+def test_an_unreadable_port_lock_is_never_taken_over(tmp_path):
+    """Its owner may be between creating and writing it (slow on a loaded machine): even an old one is kept."""
+    owner, other = tmp_path / "owner", tmp_path / "other"
+    port = reserve_port(owner)
+    assert PORT_RANGE[0] <= port <= PORT_RANGE[1] and port_lock_file(port).parent == PORT_LOCK_DIR
+    try:
+        assert acquire_port(port, owner) and not acquire_port(port, other)
+        port_lock_file(port).write_text('{"root": "/tmp/x", "pi')  # a lock half written
+        old = time.time() - 3600
+        os.utime(port_lock_file(port), (old, old))
+        assert not acquire_port(port, other) and not acquire_port(port, owner)
+    finally:
+        port_lock_file(port).unlink(missing_ok=True)
+    assert acquire_port(port, other)
+    release_port(port, other)
+    assert not port_lock_file(port).exists()
+
+
+def test_the_tool_and_fedseg_poc_env_take_ports_from_disjoint_ranges():
+    assert PORT_RANGE == POC_TOOL_PORTS and poc_env.PORT_RANGE == POC_ENV_PORTS
+    assert POC_TOOL_PORTS[1] < POC_ENV_PORTS[0] or POC_ENV_PORTS[1] < POC_TOOL_PORTS[0]
+    assert max(POC_TOOL_PORTS[1], POC_ENV_PORTS[1]) < 32768  # below the kernel's ephemeral range
+
+
+def processes_of(root, at_least: int, timeout: float = 30) -> dict[int, str]:
+    """find_processes(root) once it finds at least that many (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    found = find_processes(root)
+    while len(found) < at_least and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = find_processes(root)
+    return found
+
+
+def test_a_process_that_only_names_the_root_is_not_of_the_poc(tmp_path):
+    """find_processes takes a process by its command line only when it is NVFlare's (or a kit's startup script): an
+    editor or a `tail` of a log under the root is no process of the POC, and stop would kill it."""
+    root = tmp_path / "root"
+    sleeper = "import time; time.sleep(300)"
+    bystander = subprocess.Popen([sys.executable, "-c", sleeper, f"{root}/logs/server.log"])
+    flare = subprocess.Popen([sys.executable, "-c", sleeper, "-m", "nvflare.private.fed.app.server.server_train", str(root)])
+    kit = subprocess.Popen([sys.executable, "-c", sleeper, f"{root}/prod_00/site-1/startup/sub_start.sh"])
+    try:
+        for p in (bystander, flare, kit):  # all three running their command line before the POC's are looked for
+            deadline = time.monotonic() + 30
+            while psutil.Process(p.pid).cmdline()[:2] != [sys.executable, "-c"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+        found = processes_of(root, at_least=2)
+        assert set(found) == {flare.pid, kit.pid}, found
+    finally:
+        for p in (bystander, flare, kit):
+            p.kill()
+            p.wait()
 
 
 def test_orphans_of_a_crashed_tool_are_found_by_their_marker(tmp_path):
@@ -103,11 +175,7 @@ def test_orphans_of_a_crashed_tool_are_found_by_their_marker(tmp_path):
     assert subprocess.run([sys.executable, "-c", tool], timeout=60).returncode == 1  # the "tool" crashed
     orphan = int(pid_file.read_text())
     try:
-        deadline = time.monotonic() + 30
-        found = {}
-        while time.monotonic() < deadline and len(found) < 2:
-            found = find_processes(root)
-            time.sleep(0.2)
+        found = processes_of(root, at_least=2)
         assert orphan in found and len(found) == 2, found
         (grandchild,) = set(found) - {orphan}
         assert "sleep 300" in found[grandchild]

@@ -2,8 +2,8 @@
 
 The end-to-end test provisions and starts a real POC (server + 2 sites, tiny data), runs FedAvgRecipe through
 recipe.execute(env), checks every listening socket while the job runs, reads the downloaded results, and stops
-every process in a finally. Its port comes from FedSegPocEnv's own range (19000-19499), reserved with lock files
-shared with poc/fedseg_poc.py (tests/test_poc.py uses 18500-18999).
+every process in a finally. Its port comes from FedSegPocEnv's own range (19000-19499), reserved with the lock files
+of fedseg.fl.localhost_poc, shared with poc/fedseg_poc.py (tests/test_poc.py uses 18500-18999).
 """
 
 from __future__ import annotations
@@ -22,18 +22,15 @@ from conftest import CUSTOM
 from nvflare.apis.job_def import RunStatus
 
 from fedseg.fl.allowlist import FEDSEG_CLASSES
-from fedseg.fl.poc_env import (
-    MARK_ENV,
-    FedSegPocEnv,
-    PocEnvError,
+from fedseg.fl.localhost_poc import (
     acquire_port,
     bind_server_to_localhost,
     localhost_problem,
     release_port,
-    render_project,
-    site_datalists,
-    site_pythonpath,
+    reserve_port,
+    site_target_problem,
 )
+from fedseg.fl.poc_env import MARK_ENV, PORT_RANGE, FedSegPocEnv, PocEnvError, render_project, site_datalists, site_pythonpath
 from fedseg.recipes import FedAvgRecipe
 from fedseg.report import load_results
 
@@ -62,6 +59,13 @@ def test_server_is_bound_to_localhost(tmp_path):
     server = json.loads((startup / "fed_server.json").read_text())["servers"][0]
     assert server["service"] == {"target": "localhost:19001", "scheme": "http"}
     assert (server["admin_server"], server["admin_port"]) == ("localhost", 19001)
+    site_startup = tmp_path / "site-1" / "startup"
+    site_startup.mkdir(parents=True)
+    (site_startup / "fed_client.json").write_text(json.dumps({"servers": [{"service": {"target": "server:19001"}}]}))
+    problem = site_target_problem(tmp_path / "site-1", 19001)
+    assert problem == f"site-1: {site_startup / 'fed_client.json'} connects to 'server:19001', expected 'localhost:19001'"
+    (site_startup / "fed_client.json").write_text(json.dumps({"servers": [{"service": {"target": "localhost:19001"}}]}))
+    assert site_target_problem(tmp_path / "site-1", 19001) is None
 
 
 def test_listeners_off_localhost_or_without_the_server_are_refused():
@@ -94,8 +98,8 @@ def test_a_port_is_reserved_for_one_root_only(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    port = 19499  # the top of the range: the end-to-end test takes the lowest free one
-    assert acquire_port(port, a)
+    port = reserve_port(a, *PORT_RANGE)  # FedSegPocEnv's own range, disjoint from the POC tool's
+    assert PORT_RANGE == (19000, 19499) and 19000 <= port <= 19499
     try:
         assert acquire_port(port, a)  # the same root again
         assert not acquire_port(port, b)

@@ -9,7 +9,11 @@ import shutil
 import string
 from pathlib import Path
 
-from .common import AUTHZ_FILE, PACKAGE, PRIVACY_FILE, PocError, log
+from .common import AUTHZ_FILE, PACKAGE, PRIVACY_FILE, PocError, log  # first: it puts custom/ on sys.path
+
+# isort: split
+from fedseg.fl import localhost_poc
+from fedseg.fl.localhost_poc import write_site_config as write_site_config  # federation.py calls it from here
 
 
 def hospital_names(n: int) -> list[str]:
@@ -99,35 +103,17 @@ def user_data(data: Path, sites: list[str]) -> dict[str, Path]:
 def bind_server_to_localhost(prod: Path, server: str, sites: list[str], port: int) -> None:
     """Server FL and admin endpoints on localhost:port (a non-loopback target makes the server listen on all
     interfaces); every site must connect there."""
-    fed_server = prod / server / "startup" / "fed_server.json"
-    conf = json.loads(fed_server.read_text())
-    for s in conf["servers"]:
-        s["service"]["target"] = f"localhost:{port}"
-        s["admin_server"] = "localhost"
-        s["admin_port"] = port
-    fed_server.write_text(json.dumps(conf, indent=2))
+    localhost_poc.bind_server_to_localhost(prod / server, port)
     for site in sites:
-        target = json.loads((prod / site / "startup" / "fed_client.json").read_text())["servers"][0]["service"]["target"]
-        if target != f"localhost:{port}":
-            raise PocError(f"{site} would connect to {target}, expected localhost:{port}")
+        problem = localhost_poc.site_target_problem(prod / site, port)
+        if problem:
+            raise PocError(problem)
 
 
 def install_fedseg(kit: Path, policy: dict) -> None:
     """The fedseg package where the server or site loads it (local/custom, as a hospital installs it), its classes
     allowed (exact class paths) and FedSeg's authorization policy as local/authorization.json."""
-    from fedseg.fl.allowlist import allow_fedseg
-
-    local = kit / "local"
-    allow_fedseg(local / "resources.json")
-    (local / "authorization.json").write_text(json.dumps(policy, indent=2) + "\n")
-    dest = local / "custom" / "fedseg"
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(PACKAGE, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-
-
-def write_site_config(kit: Path, datalist: Path) -> None:
-    """local/fedseg_site.json: the site's own data folder, which its executor reads instead of the job's default."""
-    (kit / "local" / "fedseg_site.json").write_text(json.dumps({"datalist": str(datalist)}, indent=2) + "\n")
+    localhost_poc.install_fedseg(kit, PACKAGE, policy)
 
 
 def install_privacy_scope(kit: Path) -> None:

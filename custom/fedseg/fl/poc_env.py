@@ -24,17 +24,13 @@ submit through the admin API) with three differences:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import psutil
 import yaml
 from nvflare.apis.job_def import DEFAULT_STUDY
 from nvflare.job_config.api import FedJob
@@ -52,19 +48,33 @@ from nvflare.tool.poc.poc_commands import (
     update_server_name,
 )
 
-from fedseg.fl.allowlist import allow_fedseg
+from fedseg.fl.localhost_poc import (
+    PACKAGE_DIR,
+    POC_ENV_PORTS,
+    NoFreePortError,
+    acquire_port,
+    bind_server_to_localhost,
+    find_processes,
+    install_fedseg,
+    kill_processes,
+    localhost_problem,
+    port_is_free,
+    port_lock_file,
+    process_listeners,
+    release_port,
+    reserve_port,
+    site_target_problem,
+    write_site_config,
+)
 
-# poc/fedseg_poc.py reserves its ports in the same lock folder, from 18500-18999; this environment takes its own
-# range, also below the kernel's ephemeral range (32768-60999) so that outgoing connections do not take it.
-PORT_LOCK_DIR = Path(tempfile.gettempdir()) / "fedseg-poc-ports"
-PORT_RANGE = (19000, 19499)
+# Ports, processes and kit preparation are fedseg.fl.localhost_poc's, shared with poc/fedseg_poc.py (same lock
+# folder); this environment takes its own port range, disjoint from the tool's.
+PORT_RANGE = POC_ENV_PORTS
 # Every process the POC starts carries this variable (value: the env's workspace), so stop() finds them all.
 MARK_ENV = "FEDSEG_POC_ENV_ROOT"
 SERVER = "server"
 PROJECT_NAME = "example_project"  # the name in NVFlare's default POC project
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
 STOP_WAIT = 60  # seconds for the processes to end after the admin shutdown before they are signalled
-GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
 
 
 class PocEnvError(RuntimeError):
@@ -88,34 +98,6 @@ def render_project(clients: list[str], port: int, use_he: bool = False) -> dict:
     return project
 
 
-def bind_server_to_localhost(server_kit: Path, port: int) -> None:
-    """The server's FL and admin endpoints on localhost:port: NVFlare binds all interfaces for a non-loopback
-    target (the provisioned "server:port")."""
-    fed_server = server_kit / "startup" / "fed_server.json"
-    conf = json.loads(fed_server.read_text())
-    for server in conf["servers"]:
-        server["service"]["target"] = f"localhost:{port}"
-        server["admin_server"] = "localhost"
-        server["admin_port"] = int(port)
-    fed_server.write_text(json.dumps(conf, indent=2))
-
-
-def check_site_target(site_kit: Path, port: int) -> None:
-    fed_client = site_kit / "startup" / "fed_client.json"
-    target = json.loads(fed_client.read_text())["servers"][0]["service"]["target"]
-    if target != f"localhost:{port}":
-        raise PocEnvError(f"{site_kit.name}: {fed_client} connects to {target!r}, expected 'localhost:{port}'")
-
-
-def install_fedseg(kit: Path, package_dir: Path = PACKAGE_DIR) -> None:
-    """FedSeg's classes on the kit's class allow-list (local/resources.json) and the fedseg package in
-    local/custom, which NVFlare appends to the path of the server or site and of its job processes."""
-    allow_fedseg(kit / "local" / "resources.json")
-    dest = kit / "local" / "custom" / "fedseg"
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(package_dir, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-
-
 def site_datalists(datalist: str | os.PathLike | dict | None, clients: list[str]) -> dict[str, Path]:
     """Each site's datalist file: a path template with "{SITE_NAME}", or a mapping site -> path (every site named);
     None: no site file is written (the sites take FEDSEG_DATALIST from the environment they inherit)."""
@@ -134,133 +116,6 @@ def site_datalists(datalist: str | os.PathLike | dict | None, clients: list[str]
         if not path.is_file():
             raise PocEnvError(f"{site}: datalist {path} does not exist")
     return paths
-
-
-def write_site_config(site_kit: Path, datalist: Path) -> None:
-    """local/fedseg_site.json: the site's own data location, which its executor reads before the job's."""
-    (site_kit / "local" / "fedseg_site.json").write_text(json.dumps({"datalist": str(datalist)}, indent=2) + "\n")
-
-
-# ---- ports ----------------------------------------------------------------------------------------------------------
-def port_lock_file(port: int) -> Path:
-    return PORT_LOCK_DIR / f"{int(port)}.lock"
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a previous run's connections in TIME_WAIT are fine
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return not any(
-        c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections(kind="tcp")
-    )
-
-
-def acquire_port(port: int, root: Path) -> bool:
-    """Reserve `port` for the POC at `root` with an O_EXCL lock file: True when it is (now) this root's. A lock is
-    taken over only when its process is dead and its root is gone (a crashed run's POC may still hold the port)."""
-    PORT_LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    lock = port_lock_file(port)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                info = json.loads(lock.read_text())
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError):
-                return False  # being written by its owner, or damaged: not ours
-            if info.get("root") == str(root):
-                return True
-            if psutil.pid_exists(int(info.get("pid", 0))) or Path(info.get("root") or "/").exists():
-                return False
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"root": str(root), "pid": os.getpid(), "time": time.time()}, f)
-        return True
-    return False
-
-
-def release_port(port: int, root: Path) -> None:
-    lock = port_lock_file(port)
-    try:
-        if json.loads(lock.read_text()).get("root") == str(root):
-            lock.unlink(missing_ok=True)
-    except (OSError, ValueError):
-        pass
-
-
-def reserve_port(root: Path, lo: int = PORT_RANGE[0], hi: int = PORT_RANGE[1]) -> int:
-    """A free port in [lo, hi], reserved for the POC at `root` (released by release_port)."""
-    for port in range(lo, hi + 1):
-        if acquire_port(port, root):
-            if port_is_free(port):
-                return port
-            release_port(port, root)
-    raise PocEnvError(f"no free port in {lo}..{hi} (locks in {PORT_LOCK_DIR})")
-
-
-# ---- processes ------------------------------------------------------------------------------------------------------
-def find_processes(root: Path) -> dict[int, str]:
-    """pid -> command line of every live process of the POC at `root`: those that carry MARK_ENV=root or whose
-    command line names root, and all their descendants (this process and its parents excluded)."""
-    root_s = str(root)
-    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    found: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter():
-        if p.pid in mine:
-            continue
-        try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if root_s in " ".join(p.cmdline()) or p.environ().get(MARK_ENV) == root_s:
-                found[p.pid] = p
-        except GONE:
-            continue
-    for p in list(found.values()):
-        try:
-            found.update({c.pid: c for c in p.children(recursive=True) if c.pid not in mine})
-        except GONE:
-            continue
-    out = {}
-    for pid, p in found.items():
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                out[pid] = " ".join(p.cmdline())
-        except GONE:
-            continue
-    return out
-
-
-def process_listeners(pids) -> list[tuple[int, str, int]]:
-    """(pid, address, port) of every listening TCP socket (IPv4 and IPv6) of the given processes."""
-    out = set()
-    for pid in pids:
-        try:
-            conns = psutil.Process(pid).net_connections(kind="tcp")
-        except GONE:
-            continue
-        out |= {(pid, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN and c.laddr}
-    return sorted(out)
-
-
-def is_loopback(address: str) -> bool:
-    return address.startswith(("127.", "::ffff:127.")) or address == "::1"
-
-
-def localhost_problem(listeners: list[tuple[int, str, int]], server_port: int) -> str | None:
-    """What is wrong with a POC's listening sockets (pid, address, port): one off a loopback address, or no
-    server socket on 127.0.0.1:server_port. None when all is well."""
-    public = [x for x in listeners if not is_loopback(x[1])]
-    if public:
-        return f"POC processes listen on non-loopback addresses (pid, address, port): {public}"
-    if not any(addr == "127.0.0.1" and port == server_port for _, addr, port in listeners):
-        return f"the server does not listen on 127.0.0.1:{server_port}; listening: {listeners}"
-    return None
 
 
 def site_pythonpath(pythonpath: str, package_dir: Path = PACKAGE_DIR) -> str | None:
@@ -366,7 +221,10 @@ class FedSegPocEnv(PocEnv):
                     )
                 self.port = self.requested_port
             else:
-                self.port = reserve_port(self.root)
+                try:
+                    self.port = reserve_port(self.root, *PORT_RANGE)
+                except NoFreePortError as e:
+                    raise PocEnvError(str(e)) from None
         project = render_project(self.clients, self.port, self.use_he)
         project_file = self.root / "project.yml"
         project_file.write_text(yaml.safe_dump(project, sort_keys=False))
@@ -384,7 +242,9 @@ class FedSegPocEnv(PocEnv):
         for kit in [SERVER, *self.clients]:
             install_fedseg(prod / kit)
         for site in self.clients:
-            check_site_target(prod / site, self.port)
+            problem = site_target_problem(prod / site, self.port)
+            if problem:
+                raise PocEnvError(problem)
         for site, datalist in self.datalists.items():
             write_site_config(prod / site, datalist)
         return prod
@@ -408,7 +268,7 @@ class FedSegPocEnv(PocEnv):
 
     # ---- inspection ---------------------------------------------------------------------------------------------
     def processes(self) -> dict[int, str]:
-        return find_processes(self.root)
+        return find_processes(self.root, MARK_ENV)
 
     def listeners(self) -> list[tuple[int, str, int]]:
         return process_listeners(self.processes())
@@ -469,12 +329,7 @@ class FedSegPocEnv(PocEnv):
         while self.processes() and time.monotonic() < deadline:
             time.sleep(1)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            left = self.processes()
-            for pid in left:
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            kill_processes(self.processes(), sig)
             for _ in range(20):
                 if not self.processes():
                     break
