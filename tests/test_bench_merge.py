@@ -115,7 +115,7 @@ def test_report_shows_merged_parts_and_the_gpu_table(tmp_path):
     published = json.loads((PUBLISHED_RAW / "results.json").read_text())
     second = copy.deepcopy(published)
     for cell in second["cells"]:
-        cell["seed"] = cell["seed"] + 1
+        cell["seed"] = cell["seed"] + 100  # seeds the published run does not have
     second["run"]["command"] = "the second part"
     merged = merge_results([("first", published), ("second", second)])
     (raw / "results.json").write_text(json.dumps(merged))

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fedseg.bench.budget import METHODS, PAPER_DIFFERS, STOCK
+from fedseg.bench.collect import HEADLINE_MODEL
 
 NAMES = {
     "local": "Local only",
@@ -45,18 +46,8 @@ NAMES = {
     "nvflare_cyclic": "NVFlare CyclicRecipe (stock)",
     "nvflare_fedavg": "NVFlare FedAvgRecipe (stock)",
 }
-HEADLINE = {
-    "local": "local (own site)",
-    "centralized": "centralized",
-    "fedavg": "global (best)",
-    "fedprox": "global (best)",
-    "fedsm": "FedSM super model",
-    "softpull": "SoftPull personalized (own site)",
-    "fedcross": "ensemble",
-    "fedcrossens": "ensemble",
-    "nvflare_cyclic": "global (last)",
-    "nvflare_fedavg": "global (best)",
-}
+# each run's headline model: FedSeg's methods as the collector records them, plus NVFlare's stock peers
+HEADLINE = {**HEADLINE_MODEL, "nvflare_cyclic": "global (last)", "nvflare_fedavg": "global (best)"}
 COLORS = {
     "local": "#8c8c8c",
     "centralized": "#000000",
