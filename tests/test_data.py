@@ -945,25 +945,131 @@ def test_convert_rejects_mismatched_mask_size_and_empty_threshold(pictures, tmp_
     assert no_leftovers(tmp_path, "out")
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "polyp").is_dir(), reason="../shared/data/polyp not available")
+POLYP_CENTRES = ["CVC-ClinicDB", "CVC-ColonDB", "Kvasir-SEG"]
+needs_polyp = pytest.mark.skipif(not (SHARED_DATA / "polyp").is_dir(), reason="../shared/data/polyp not available")
+
+
+@needs_polyp
 def test_convert_real_polyp_sites(tmp_path):
     result = run_module("fedseg.data.convert", "--src", SHARED_DATA / "polyp", "--out", tmp_path / "polyp", "--max-cases", 8)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "polyp" / "dataset.json").read_text())
-    assert [s["site"] for s in summary["sites"]] == ["CVC-ClinicDB", "Kvasir-SEG"]
+    assert [s["site"] for s in summary["sites"]] == POLYP_CENTRES
     assert (summary["in_channels"], summary["num_classes"]) == (3, 2)
     for s in summary["sites"]:
-        assert s["counts"] == {"training": 5, "validation": 1, "testing": 2}
+        # Video centres are split by whole sequences (the counts follow the groups); Kvasir-SEG by image.
+        assert sum(s["counts"].values()) == 8 and s["counts"]["training"] >= 4 and s["counts"]["testing"] >= 1
+        assert s["split_unit"] == ("case" if s["site"] == "Kvasir-SEG" else "video_sequence")
         assert 0.01 < s["foreground_fraction"] < 0.5 and not s["warnings"]
         report = validate_site_data(str(tmp_path / "polyp" / s["datalist"]), s["site"])
-        assert report["shape_min"] == report["shape_max"] == [256, 256]
         assert report["label_fractions"]["1"] == pytest.approx(s["foreground_fraction"], abs=1e-4)
+        shapes = (report["shape_min"], report["shape_max"])
+        assert shapes == ([500, 574], [500, 574]) if s["site"] == "CVC-ColonDB" else shapes == ([256, 256], [256, 256])
     again = convert_folder_dataset(SHARED_DATA / "polyp", tmp_path / "again", max_cases=8)
     assert again["sites"] == summary["sites"]
-    for site in ("CVC-ClinicDB", "Kvasir-SEG"):
+    for site in POLYP_CENTRES:
         assert (tmp_path / "polyp" / site / "datalist.json").read_text() == (
             tmp_path / "again" / site / "datalist.json"
         ).read_text()
+
+
+def sequence_of(site: str) -> dict[str, str]:
+    rows = (SHARED_DATA / "polyp" / site / "sequence.csv").read_text().split()[1:]
+    return dict(row.split(",") for row in rows)
+
+
+def stem_of(entry: dict) -> str:
+    return Path(image_paths(entry)[0]).name.split("_0000")[0].removesuffix(".nii.gz")
+
+
+@needs_polyp
+def test_video_centres_are_split_by_sequence_with_no_sequence_in_two_sections(tmp_path):
+    sites = ["CVC-ClinicDB", "CVC-ColonDB"]
+    summary = convert_folder_dataset(SHARED_DATA / "polyp", tmp_path / "seq", sites=sites, seed=3)
+    for s in summary["sites"]:
+        truth = sequence_of(s["site"])
+        datalist = json.loads((tmp_path / "seq" / s["datalist"]).read_text())
+        assert datalist["split_unit"] == "video_sequence" and s["group_file"].endswith("sequence.csv")
+        sections = {sec: {truth[stem_of(e)] for e in datalist[sec]} for sec in SECTIONS}
+        for e in all_cases(datalist):  # every case records its group, as the centre's own file says
+            assert e["group"] == truth[stem_of(e)]
+        assert not sections["training"] & sections["testing"]
+        assert not sections["training"] & sections["validation"] and not sections["validation"] & sections["testing"]
+        assert sum(s["counts"].values()) == len(truth)
+        assert 0.1 < s["counts"]["testing"] / len(truth) < 0.35, s["counts"]  # whole sequences, near the 20 %
+        assert s["groups"] == {sec: len(sections[sec]) for sec in SECTIONS}
+        validate_site_data(str(tmp_path / "seq" / s["datalist"]), s["site"], check_files=False)
+    # Deterministic per seed; another seed draws other sequences.
+    same = convert_folder_dataset(SHARED_DATA / "polyp", tmp_path / "same", sites=sites, seed=3)
+    convert_folder_dataset(SHARED_DATA / "polyp", tmp_path / "other", sites=sites, seed=4)
+    assert same["sites"] == summary["sites"]
+    for site in sites:
+        assert (tmp_path / "same" / site / "datalist.json").read_text() == (
+            tmp_path / "seq" / site / "datalist.json"
+        ).read_text()
+    tests = [
+        json.loads((tmp_path / d / site / "datalist.json").read_text())["testing"] for d in ("seq", "other") for site in sites
+    ]
+    assert [sorted(e["group"] for e in t) for t in tests[:2]] != [sorted(e["group"] for e in t) for t in tests[2:]]
+
+
+@needs_polyp
+def test_frame_split_is_only_on_request_and_reports_its_leakage(tmp_path):
+    summary = convert_folder_dataset(SHARED_DATA / "polyp", tmp_path / "frames", sites=["CVC-ClinicDB"], split_by="case")
+    site = summary["sites"][0]
+    assert site["split_unit"] == "case" and site["groups"] is None
+    assert "share a video_sequence with training cases" in site["warnings"][0]
+    datalist = json.loads((tmp_path / "frames" / site["datalist"]).read_text())
+    truth = sequence_of("CVC-ClinicDB")
+    trained = {truth[stem_of(e)] for e in datalist["training"]}
+    leaked = sum(truth[stem_of(e)] in trained for e in datalist["testing"])
+    assert f"{leaked} of {site['counts']['testing']} test cases" in site["warnings"][0] and leaked > 0
+    assert not any("group" in e for e in all_cases(datalist))
+
+
+def test_group_split_on_picture_folders_and_refused_inputs(pictures, tmp_path):
+    (pictures / "siteA" / "groups.csv").write_text("stem,patient\n" + "".join(f"case {i},p{i // 2}\n" for i in range(10)))
+    summary = convert_folder_dataset(pictures, tmp_path / "out", sites=["siteA"], split=(0.5, 0.2, 0.3))
+    s = summary["sites"][0]
+    assert s["split_unit"] == "patient" and s["groups"]["testing"] >= 1
+    datalist = json.loads((tmp_path / "out" / "siteA" / "datalist.json").read_text())
+    by_section = {sec: {e["group"] for e in datalist[sec]} for sec in SECTIONS}
+    assert not by_section["training"] & (by_section["validation"] | by_section["testing"])
+    # A case the group file does not list, and a case listed in two groups, are refused by name.
+    (pictures / "siteA" / "groups.csv").write_text("stem,patient\ncase 0,p0\n")
+    with pytest.raises(DataValidationError, match=r"9 case\(s\) have no group") as caught:
+        convert_folder_dataset(pictures, tmp_path / "bad", sites=["siteA"])
+    assert caught.value.site == "siteA" and caught.value.file.endswith("groups.csv")
+    (pictures / "siteA" / "groups.csv").write_text("stem,patient\ncase 0,p0\ncase 0,p1\n")
+    with pytest.raises(DataValidationError, match="is in group 'p0' and in group 'p1'"):
+        convert_folder_dataset(pictures, tmp_path / "bad", sites=["siteA"])
+    (pictures / "siteA" / "groups.csv").write_text("stem,colour\ncase 0,red\n")
+    with pytest.raises(DataValidationError, match="no group column"):
+        convert_folder_dataset(pictures, tmp_path / "bad", sites=["siteA"])
+    assert no_leftovers(tmp_path, "bad")
+
+
+def test_validator_refuses_a_group_in_training_and_testing(site_copy):
+    path, _ = site_copy
+
+    def regroup(dl):
+        for sec in SECTIONS:
+            for i, e in enumerate(dl.get(sec, [])):
+                e["group"] = f"{sec}-{i}"
+        dl["testing"][0]["group"] = dl["training"][1]["group"]
+        dl["validation"][0]["group"] = dl["training"][0]["group"]
+
+    edit_datalist(path, regroup)
+    with pytest.raises(DataValidationError, match=r"1 group\(s\) have cases in training and in testing") as caught:
+        validate_site_data(str(path), "site-1", check_files=False)
+    assert caught.value.site == "site-1" and caught.value.file == str(path)
+
+    def only_validation_shared(dl):
+        dl["testing"][0]["group"] = "testing-0"
+
+    edit_datalist(path, only_validation_shared)
+    report = validate_site_data(str(path), "site-1", check_files=False)
+    assert any("in training and in validation" in w for w in report["warnings"])
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "prostate-slices").is_dir(), reason="../shared/data/prostate-slices not available")

@@ -2,7 +2,7 @@
 
     python -m fedseg.data.convert --src ../shared/data/polyp --out DIR [--sites Kvasir-SEG CVC-ClinicDB]
         [--split 0.7 0.1 0.2] [--seed 0] [--threshold 127 | --label-map '{"255": 1}'] [--max-cases N]
-        [--grayscale] [--pair-by auto|stem|order] [--overwrite]
+        [--grayscale] [--pair-by auto|stem|order] [--groups CSV] [--split-by group|case] [--overwrite]
 
 Two input layouts are recognised per site:
   flat:       <src>/<site>/images/<name>.(png|jpg|jpeg|tif|bmp|nii|nii.gz), mask <src>/<site>/masks/<name>.*
@@ -10,6 +10,14 @@ Two input layouts are recognised per site:
   train/test: <src>/<site>/{train,test}/{image,mask}/...   (e.g. the prostate-slices collection)
               -> the given test set is kept; validation is taken from train by the split fractions.
 Image/mask folder names default to images/masks and also accept image(s)/mask(s)/label(s).
+
+Split unit. Frames of one video sequence (or slices of one patient) are near-duplicates, so a site's split
+is made by GROUP when it has a group file (`--groups CSV`, or sequence.csv / groups.csv in the site's
+folder; fedseg.data.groups says the format): whole groups go to training, validation or testing, seeded,
+and every datalist case records its "group" (a site without a group file: each image is its own group).
+`--split-by case` reproduces the old frame-level split (groups ignored and not recorded) and says so in
+the site's warnings, with the number of test cases whose group also has training cases: use it only to
+measure that leakage.
 
 Output: <out>/<site>/{imagesTr,labelsTr,imagesTs,labelsTs}/<name>.nii.gz, <out>/<site>/datalist.json and
 <out>/dataset.json. Pictures become 2-D NIfTI of shape (H, W) (array rows, columns) with a 1 mm identity
@@ -35,6 +43,7 @@ from PIL import Image
 
 from .datalist import atomic_output_dir, save_nifti, write_json
 from .errors import DataValidationError
+from .groups import find_group_file, groups_of, read_group_file, split_by_group
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -45,11 +54,12 @@ GIVEN_SPLITS = {"train": "training", "test": "testing"}
 # Pillow modes read as raw numbers (16/32-bit grey, float, palette indices) instead of converting to 8-bit grey.
 RAW_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 GREY_MODES = RAW_GREY_MODES + ("1", "L", "LA", "La")
+SPLIT_UNITS = ("group", "case")
 
 
 def convert_folder_dataset(src_root, out_dir, sites=None, image_dir="images", mask_dir="masks", split=(0.7, 0.1, 0.2),
                            seed=0, mask_threshold=127, label_map=None, grayscale=False, max_cases=None,
-                           pair_by="auto", overwrite=False) -> dict:
+                           pair_by="auto", overwrite=False, groups=None, split_by="group") -> dict:
     """Convert <src_root>/<site>/... into one datalist per site; return the summary written to out_dir/dataset.json.
 
     sites: site folder names (default: every sub-folder with an image folder or train/test folders).
@@ -59,8 +69,10 @@ def convert_folder_dataset(src_root, out_dir, sites=None, image_dir="images", ma
     grayscale: write colour pictures as 1 channel instead of 3. max_cases: a seeded random subset of at
     most this many cases per site. pair_by: "stem" pairs image and mask by file name without extension;
     "order" by sorted order; "auto" by name, or by order in a folder where no name matches and the
-    counts agree. Raises DataValidationError (site, file, problem) for a missing mask, an unreadable
-    image or mask, or a mask whose size differs from its image; nothing is left at out_dir then.
+    counts agree. groups: a group CSV for every site (default: each site's own sequence.csv/groups.csv).
+    split_by: "group" (whole groups per section) or "case" (frame-level, groups ignored: leaks).
+    Raises DataValidationError (site, file, problem) for a missing mask, an unreadable image or mask, a mask
+    whose size differs from its image, or a case without a group; nothing is left at out_dir then.
     """
     src_root = Path(src_root).expanduser().absolute()
     fractions = _normalised_split(split)
@@ -72,8 +84,11 @@ def convert_folder_dataset(src_root, out_dir, sites=None, image_dir="images", ma
             raise ValueError(f"label_map must map mask values to classes >= 0, got {label_map}")
     if max_cases is not None and max_cases < 1:
         raise ValueError(f"max_cases must be >= 1, got {max_cases}")
+    if split_by not in SPLIT_UNITS:
+        raise ValueError(f"split_by must be one of {SPLIT_UNITS}, got {split_by!r}")
+    groups = Path(groups).expanduser().absolute() if groups else None
 
-    plans = [_plan_site(src_root, site, image_dir, mask_dir, fractions, seed, max_cases, pair_by)
+    plans = [_plan_site(src_root, site, image_dir, mask_dir, fractions, seed, max_cases, pair_by, groups, split_by)
              for site in _site_names(src_root, sites, image_dir)]
     in_channels = 1 if grayscale else _dataset_channels(plans)
 
@@ -87,6 +102,7 @@ def convert_folder_dataset(src_root, out_dir, sites=None, image_dir="images", ma
         "label_map": None if label_map is None else {_fmt_number(k): v for k, v in label_map.items()},
         "grayscale": grayscale,
         "max_cases": max_cases,
+        "split_by": split_by,
         "spatial_dims": None,
         "in_channels": in_channels,
         "num_classes": None,
@@ -103,11 +119,11 @@ def convert_folder_dataset(src_root, out_dir, sites=None, image_dir="images", ma
         for plan, datalist in zip(plans, datalists):
             site = plan["site"]
             write_json(tmp / site / "datalist.json", {
-                "name": src_root.name, "site": site, "num_classes": num_classes,
+                "name": src_root.name, "site": site, "split_unit": plan["split_unit"], "num_classes": num_classes,
                 "spatial_dims": writer.spatial_dims, "in_channels": in_channels, "labels": labels, **datalist})
             voxels = writer.class_voxels[site]
             foreground = float(voxels[1:].sum() / max(voxels.sum(), 1))
-            warnings = []
+            warnings = list(plan["warnings"])
             if foreground > 0.5:
                 warnings.append(f"foreground covers {foreground:.0%} of the images: are the masks inverted "
                                 "(target = 0)? Then use label_map {\"0\": 1}")
@@ -116,7 +132,10 @@ def convert_folder_dataset(src_root, out_dir, sites=None, image_dir="images", ma
                 "datalist": f"{site}/datalist.json",
                 "layout": plan["layout"],
                 "pairing": plan["pairing"],
+                "split_unit": plan["split_unit"],
+                "group_file": plan["group_file"],
                 "counts": {s: len(datalist[s]) for s in datalist},
+                "groups": plan["group_counts"],
                 "foreground_fraction": round(foreground, 4),
                 "warnings": warnings,
             })
@@ -158,8 +177,9 @@ def _find_dir(parent: Path, preferred: str, fallbacks) -> Path | None:
     return None
 
 
-def _plan_site(src_root, site, image_dir, mask_dir, fractions, seed, max_cases, pair_by) -> dict:
-    """Pair and split one site's files: {"site", "layout", "pairing", "cases": [(section, name, image, mask)]}."""
+def _plan_site(src_root, site, image_dir, mask_dir, fractions, seed, max_cases, pair_by, groups_csv, split_by) -> dict:
+    """Pair and split one site's files: {"site", "layout", "pairing", "split_unit", "group_file", "warnings",
+    "group_counts", "cases": [(section, name, image, mask, group)]}."""
     site_dir = src_root / site
     if not site_dir.is_dir():
         raise DataValidationError(site, str(site_dir), "site folder not found")
@@ -174,30 +194,53 @@ def _plan_site(src_root, site, image_dir, mask_dir, fractions, seed, max_cases, 
             raise DataValidationError(site, str(folder), f"no mask folder ({mask_dir}/ or one of {MASK_DIR_NAMES})")
         return _pair(site, images, masks, pair_by)
 
+    group_file = groups_csv or find_group_file(site_dir)
+    mapping, unit = read_group_file(group_file, site) if group_file else ({}, "case")
+
+    def with_groups(cases, given=""):  # [(name, image, mask, group)]: the file's group, or the image itself
+        if not mapping:
+            return [(name, image, mask, f"{given}{name}") for name, image, mask in cases]
+        found = groups_of(site, group_file, [_stem(image) for _, image, _ in cases], mapping)
+        return [(*case, group) for case, group in zip(cases, found)]
+
+    def split(cases, fr):  # {section: cases}: whole groups, or single cases (also where each case is its own group)
+        if split_by == "group" and mapping:
+            index = split_by_group([c[3] for c in cases], fr, rng)
+            return {s: [cases[i] for i in index[s]] for s in index}
+        _, n_val, n_test = _split_sizes(len(cases), fr)
+        return {"training": cases[n_val + n_test:], "validation": cases[:n_val], "testing": cases[n_val: n_val + n_test]}
+
     if (site_dir / "train").is_dir() and (site_dir / "test").is_dir():
         layout = "train/test"
         train, train_pairing = pairs_in(site_dir / "train")
         test, test_pairing = pairs_in(site_dir / "test")
         pairing = train_pairing if train_pairing == test_pairing else f"train: {train_pairing}, test: {test_pairing}"
-        train, test = _shuffled(train, rng), _shuffled(test, rng)
+        train, test = with_groups(_shuffled(train, rng), "train/"), with_groups(_shuffled(test, rng), "test/")
         if max_cases is not None and len(train) + len(test) > max_cases:
             n_test = min(len(test), int(math.floor(max_cases * len(test) / (len(train) + len(test)) + 0.5)))
             n_test = min(n_test, max_cases - 1) if train else n_test
             train, test = train[: max_cases - n_test], test[:n_test]
         # Validation comes out of the given training set, in the split's training:validation ratio.
-        n_val = _split_sizes(len(train), (fractions[0], fractions[1], 0.0))[1]
-        sections = {"training": train[n_val:], "validation": train[:n_val], "testing": test}
+        sections = {**split(train, (fractions[0], fractions[1], 0.0)), "testing": test}
     else:
         layout = "flat"
         cases, pairing = pairs_in(site_dir)
-        cases = _shuffled(cases, rng)[:max_cases]
-        _, n_val, n_test = _split_sizes(len(cases), fractions)
-        sections = {"training": cases[n_val + n_test:], "validation": cases[:n_val],
-                    "testing": cases[n_val: n_val + n_test]}
+        sections = split(with_groups(_shuffled(cases, rng)[:max_cases]), fractions)
     if not sections["training"]:
         raise DataValidationError(site, str(site_dir), "no image/mask pairs for training")
-    planned = [(section, name, image, mask) for section, cases in sections.items() for name, image, mask in cases]
-    return {"site": site, "layout": layout, "pairing": pairing, "cases": planned}
+    warnings = []
+    if split_by == "case" and mapping:
+        trained = {c[3] for c in sections["training"]}
+        leaked = sum(c[3] in trained for c in sections["testing"])
+        warnings.append(f"split by case although {group_file.name} groups the cases by {unit}: {leaked} of "
+                        f"{len(sections['testing'])} test cases share a {unit} with training cases (leakage)")
+    record = split_by == "group"
+    planned = [(section, name, image, mask, group if record else None)
+               for section, cases in sections.items() for name, image, mask, group in cases]
+    return {"site": site, "layout": layout, "pairing": pairing, "cases": planned, "warnings": warnings,
+            "split_unit": unit if split_by == "group" else "case",
+            "group_file": str(group_file) if group_file else None,
+            "group_counts": {s: len({c[3] for c in cases}) for s, cases in sections.items()} if record else None}
 
 
 def _shuffled(cases, rng):
@@ -267,7 +310,7 @@ def _is_nifti(path: Path) -> bool:
 def _dataset_channels(plans) -> int:
     """3 when any picture is in colour (grey ones are then replicated), else 1; NIfTI images count as grey."""
     for plan in plans:
-        for _, _, image, _ in plan["cases"]:
+        for _, _, image, _, _ in plan["cases"]:
             if _is_nifti(image):
                 continue
             try:
@@ -306,7 +349,7 @@ class _Writer:
         site = plan["site"]
         datalist = {"training": [], "validation": [], "testing": []}
         self.class_voxels[site] = np.zeros(2, dtype=np.int64)
-        for section, name, image_path, mask_path in plan["cases"]:
+        for section, name, image_path, mask_path, group in plan["cases"]:
             tag = "Ts" if section == "testing" else "Tr"
             channels, affine = self.read_image(site, image_path)
             label = self.read_mask(site, mask_path, channels[0].shape, image_path, affine)
@@ -323,8 +366,10 @@ class _Writer:
             for file, data in zip(names, channels):
                 save_nifti(self.root / site / file, data, affine)
             save_nifti(self.root / site / f"labels{tag}/{name}.nii.gz", label, affine)
-            datalist[section].append({"image": names[0] if len(names) == 1 else names,
-                                      "label": f"labels{tag}/{name}.nii.gz"})
+            entry = {"image": names[0] if len(names) == 1 else names, "label": f"labels{tag}/{name}.nii.gz"}
+            if group is not None:
+                entry["group"] = group
+            datalist[section].append(entry)
             counts = np.bincount(label.ravel().astype(np.int64))
             voxels = self.class_voxels[site]
             if counts.size > voxels.size:
@@ -436,6 +481,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-cases", type=int, default=None, help="at most N cases per site (seeded random subset)")
     parser.add_argument("--grayscale", action="store_true", help="write colour images as 1 channel")
     parser.add_argument("--pair-by", choices=("auto", "stem", "order"), default="auto")
+    parser.add_argument("--groups", default=None, help="group CSV (stem,group; optional site column) for every site "
+                                                       "(default: each site's sequence.csv / groups.csv)")
+    parser.add_argument("--split-by", choices=SPLIT_UNITS, default="group",
+                        help="group: whole groups per section (default); case: frame-level split, leaks")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     label_map = json.loads(args.label_map) if args.label_map else None
@@ -444,7 +493,8 @@ def main(argv=None) -> int:
                                          mask_dir=args.mask_dir, split=args.split, seed=args.seed,
                                          mask_threshold=args.threshold, label_map=label_map,
                                          grayscale=args.grayscale, max_cases=args.max_cases,
-                                         pair_by=args.pair_by, overwrite=args.overwrite)
+                                         pair_by=args.pair_by, overwrite=args.overwrite, groups=args.groups,
+                                         split_by=args.split_by)
     except (DataValidationError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -452,7 +502,9 @@ def main(argv=None) -> int:
           f"{summary['num_classes']} classes) to {os.path.abspath(args.out)}")
     for s in summary["sites"]:
         c = s["counts"]
-        print(f"  {s['site']}: {c['training']}/{c['validation']}/{c['testing']} cases ({s['layout']}, paired by "
+        g = s["groups"]
+        by = f", {g['training']}/{g['validation']}/{g['testing']} {s['split_unit']} groups" if g else ", split by case"
+        print(f"  {s['site']}: {c['training']}/{c['validation']}/{c['testing']} cases{by} ({s['layout']}, paired by "
               f"{s['pairing']}), foreground {s['foreground_fraction']:.1%}")
         for warning in s["warnings"]:
             print(f"    warning: {warning}")

@@ -36,7 +36,7 @@ SECTIONS = ("training", "validation", "testing")
 # Top-level keys a datalist may have: the sections, the settings the validator reads, and the descriptive
 # keys the generator and the converter write. Anything else is reported (see unknown_keys).
 SETTING_KEYS = ("num_classes", "spatial_dims", "in_channels", "labels")
-DESCRIPTIVE_KEYS = ("name", "site", "description")
+DESCRIPTIVE_KEYS = ("name", "site", "description", "split_unit")  # split_unit: what a case's "group" is
 KNOWN_KEYS = SECTIONS + SETTING_KEYS + DESCRIPTIVE_KEYS
 
 ENV_DATALIST = "FEDSEG_DATALIST"

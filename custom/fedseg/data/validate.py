@@ -16,6 +16,7 @@ import numpy as np
 
 from .datalist import SECTIONS, image_paths, load_datalist, unknown_keys
 from .errors import DataValidationError
+from .groups import spanning_groups
 
 AFFINE_ATOL = 1e-3
 # Largest image (voxels, all dimensions incl. channels) read by default: 512**3 = 134M voxels. Checked
@@ -69,6 +70,7 @@ def validate_site_data(datalist_path: str, site: str, sections=SECTIONS, num_cla
                                       "(validation and testing cases are scored against it)")
     _check_inside_folder(site, datalist_path, cases)
     _check_no_duplicates(site, datalist_path, cases)
+    warnings += _check_groups(site, datalist_path, datalist)
 
     checker = _SiteChecker(site, datalist_path, num_classes, datalist.get("spatial_dims"), datalist.get("in_channels"),
                            max_voxels)
@@ -91,6 +93,26 @@ def validate_site_data(datalist_path: str, site: str, sections=SECTIONS, num_cla
         "warnings": warnings + checker.warnings,
         **checker.statistics(),
     }
+
+
+def _check_groups(site: str, datalist_path: str, datalist: dict) -> list[str]:
+    """A group (patient, video sequence) with cases in training and in testing is refused: the test score
+    would include near-copies of training images. Shared with validation only: a warning (model selection
+    is optimistic, the test score is not)."""
+    unit = f'{datalist["split_unit"]} group' if datalist.get("split_unit") else "group"
+    leaked = spanning_groups(datalist, "training", "testing")
+    if leaked:
+        group, (train_case, test_case) = next(iter(leaked.items()))
+        raise DataValidationError(
+            site, datalist_path, f"{len(leaked)} {unit}(s) have cases in training and in testing, e.g. {group!r} "
+                                 f"({train_case} and {test_case}): split by whole groups (fedseg.data.convert does)")
+    warnings = []
+    for first, second in (("training", "validation"), ("validation", "testing")):
+        shared = spanning_groups(datalist, first, second)
+        if shared:
+            warnings.append(f"{len(shared)} {unit}(s) have cases in {first} and in {second}, "
+                            f"e.g. {next(iter(shared))!r}")
+    return warnings
 
 
 def _case_files(entry: dict) -> list[tuple[str, str]]:
