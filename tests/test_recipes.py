@@ -65,6 +65,7 @@ def nondefault_components() -> dict[str, tuple[object, dict]]:
                 "aggregation": "median",
                 "trim_fraction": 0.1,
                 "local_optimizer": "keep",
+                "keep_local": "norm",
                 "max_failed_rounds": 2,
                 "resume_from": "r.pt",
                 "output_dir": "out",

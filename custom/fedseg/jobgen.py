@@ -30,6 +30,7 @@ from fedseg.recipes import (  # noqa: F401 - FEDCROSS_DEFAULTS, DEFAULT_SITES re
     FEDCROSS_DEFAULTS,
     TASK_REQUEST_INTERVAL,
     FedAvgRecipe,
+    FedBNRecipe,
     FedCrossRecipe,
     FedProxRecipe,
     FedSegRecipe,
@@ -50,8 +51,8 @@ def recipe_for(name: str, o: argparse.Namespace) -> FedSegRecipe:
         "task_timeout": o.task_timeout,
         "meter": bool(getattr(o, "meter", False)),
     }
-    if name in ("fedavg", "fedprox"):
-        cls = FedProxRecipe if name == "fedprox" else FedAvgRecipe
+    if name in ("fedavg", "fedprox", "fedbn"):
+        cls = {"fedavg": FedAvgRecipe, "fedprox": FedProxRecipe, "fedbn": FedBNRecipe}[name]
         extra = {"fedprox_mu": o.fedprox_mu} if name == "fedprox" else {}
         return cls(
             name=o.name or name,
@@ -97,7 +98,7 @@ def _job(name: str) -> Callable[[argparse.Namespace], tuple[dict, dict]]:
 
 
 JOBS: dict[str, Callable[[argparse.Namespace], tuple[dict, dict]]] = {
-    name: _job(name) for name in ("fedavg", "fedprox", "fedsm", "softpull", "fedcross", "fedcrossens")
+    name: _job(name) for name in ("fedavg", "fedprox", "fedbn", "fedsm", "softpull", "fedcross", "fedcrossens")
 }
 
 
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--aggregation",
         choices=["mean", "median", "trimmed_mean"],
         default="mean",
-        help="FedAvg/FedProx: weighted mean (FedAvg) or a robust coordinate-wise median / trimmed mean",
+        help="FedAvg/FedProx/FedBN: weighted mean (FedAvg) or a robust coordinate-wise median / trimmed mean",
     )
     p.add_argument(
         "--max-local-steps",

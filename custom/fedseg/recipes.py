@@ -34,6 +34,10 @@ from fedseg.engine.config import DEFAULT_ENGINE, EngineConfig, resolve_engine
 from fedseg.fl.executor import DEFAULT_DATALIST, FedCrossExecutor, FedSMExecutor, SegExecutor
 from fedseg.fl.persistor import SegModelPersistor
 
+# FedBNRecipe's network norm unless the engine names one: instance norm with a learned weight and bias per channel
+# (the default "instance" has no normalization parameters, and FedBN keeps exactly those at the sites)
+FEDBN_NORM = "instance_affine"
+
 # How long a site waits before asking the server for its next task. FLARE's default (2 s) added ~2 s of idle
 # time per round per site in the benchmark's FL-overhead measurement; 0.5 s keeps most of the gain without
 # making every site poll the server four times a second.
@@ -187,6 +191,9 @@ def _site_executor(cls, recipe: str, engine: dict, datalist: str, tracking: str 
 
 
 class FedAvgRecipe(FedSegRecipe):
+    KEEP_LOCAL = "none"  # what the sites keep of their own (FedAvgController keep_local; FedBNRecipe: "norm")
+    OUTPUT_DIR = "fedavg"  # the controller's folder under the server's app dir
+
     def __init__(
         self,
         *,
@@ -228,6 +235,8 @@ class FedAvgRecipe(FedSegRecipe):
             min_clients=_int(recipe, "min_clients", min_clients, 1),
             task_timeout=_int(recipe, "task_timeout", task_timeout, 0),
             max_local_steps=_int(recipe, "max_local_steps", max_local_steps, 0),
+            keep_local=self.KEEP_LOCAL,
+            output_dir=self.OUTPUT_DIR,
         )
         controller._always_serialize_args = (
             "num_rounds",
@@ -236,13 +245,13 @@ class FedAvgRecipe(FedSegRecipe):
             "min_clients",
             "task_timeout",
             "max_local_steps",
-        )
+        ) + (("keep_local", "output_dir") if self.KEEP_LOCAL != "none" else ())
         executor = _site_executor(SegExecutor, recipe, engine, datalist, tracking, hd95)
         super().__init__(
             name=name,
             min_clients=min_clients,
             engine=engine,
-            workflows=[("fedavg", controller)],
+            workflows=[(self.OUTPUT_DIR, controller)],
             executor=executor,
             tracking=tracking,
             meter=meter,
@@ -256,6 +265,45 @@ class FedProxRecipe(FedAvgRecipe):
         if isinstance(fedprox_mu, (int, float)) and not isinstance(fedprox_mu, bool) and fedprox_mu <= 0:
             raise RecipeError(f"FedProxRecipe: fedprox_mu must be > 0 (0 is FedAvgRecipe), got {fedprox_mu!r}")
         super().__init__(name=name, fedprox_mu=fedprox_mu, **kwargs)
+
+
+class FedBNRecipe(FedAvgRecipe):
+    KEEP_LOCAL = "norm"
+    OUTPUT_DIR = "fedbn"
+
+    def __init__(self, *, name: str = "fedbn", engine: dict | None = None, **kwargs):
+        """FedBN (Li et al., ICLR 2021): FedAvg in which every normalization layer's parameters and running
+        statistics stay at the sites; each site trains and is scored with its own. The global model's normalization
+        entries (what an unseen site gets) are the step-weighted mean of the sites'.
+
+        Args:
+            engine: as FedAvgRecipe, but the network's norm defaults to "instance_affine" (FEDBN_NORM). A network
+                with no normalization parameters (e.g. norm "instance") is refused. Compare with FedAvg on the
+                same network: FedAvgRecipe(engine={"network": {"norm": "instance_affine"}}).
+            The others as FedAvgRecipe (fedprox_mu > 0 gives FedBN with FedProx's proximal term).
+        """
+        recipe = type(self).__name__
+        engine = fedbn_engine(recipe, engine)
+        super().__init__(name=name, engine=engine, **kwargs)
+
+
+def fedbn_engine(recipe: str, engine: dict | None) -> dict:
+    """The engine settings of a FedBN job: FEDBN_NORM unless the network names a norm; refused (RecipeError) when
+    the network then has no normalization parameters."""
+    from fedseg.engine.networks import network_norm_keys
+
+    if engine is None or isinstance(engine, dict):  # anything else: _engine names the error
+        engine = dict(engine or {})
+        network = engine.get("network", {})
+        if isinstance(network, dict):
+            engine["network"] = {"norm": FEDBN_NORM, **network}
+    resolved = _engine(recipe, engine)
+    if not network_norm_keys(EngineConfig.from_dict(resolved).network_args()):
+        raise RecipeError(
+            f"{recipe}: engine: network norm {resolved['network'].get('norm')!r} gives the network no normalization "
+            "parameters, so FedBN would be FedAvg; use 'instance_affine' or 'batch'"
+        )
+    return engine
 
 
 class FedSMRecipe(FedSegRecipe):
@@ -440,4 +488,10 @@ class FedCrossRecipe(FedSegRecipe):
         )
 
 
-RECIPES = {"fedavg": FedAvgRecipe, "fedprox": FedProxRecipe, "fedsm": FedSMRecipe, "fedcross": FedCrossRecipe}
+RECIPES = {
+    "fedavg": FedAvgRecipe,
+    "fedprox": FedProxRecipe,
+    "fedbn": FedBNRecipe,
+    "fedsm": FedSMRecipe,
+    "fedcross": FedCrossRecipe,
+}

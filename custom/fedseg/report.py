@@ -4,7 +4,7 @@ Every FedSeg run ends in one common record, "fedseg_results.json":
     {"method": str, "section": "testing",
      "models": {model_name: {site: {"dice": mean, "dice_std": std, "n_cases": n, "dice_per_case": [...]}}},
      "extra": {...}}
-FedAvg/FedProx runs produce it from FLARE's cross-site evaluation (cross_val_results.json); FedSM, FedCross
+FedAvg/FedProx/FedBN runs produce it from FLARE's cross-site evaluation (cross_val_results.json); FedSM, FedCross
 and the baselines write it directly. `python -m fedseg.report PATH` finds it under PATH and prints the table.
 """
 
@@ -21,11 +21,13 @@ RESULTS_FILE = "fedseg_results.json"
 CSE_FILE = "cross_val_results.json"
 
 
-def _model_label(name: str) -> str:
-    """FLARE's CSE names: SRV_FL_global_model.pt -> global, SRV_best_FL_global_model.pt -> best global."""
+def _model_label(name: str, method: str = "fedavg") -> str:
+    """FLARE's CSE names: SRV_FL_global_model.pt -> global, SRV_best_FL_global_model.pt -> best global. FedBN sites
+    score a server model with their own normalization: each site's personalized model."""
     if name.startswith("SRV_"):
         stem = name[4:].replace(".pt", "")
-        return {"FL_global_model": "global (last)", "best_FL_global_model": "global (best)"}.get(stem, stem)
+        kind = "personalized" if method == "fedbn" else "global"
+        return {"FL_global_model": f"{kind} (last)", "best_FL_global_model": f"{kind} (best)"}.get(stem, stem)
     return f"site update: {name}"
 
 
@@ -36,7 +38,7 @@ def from_cross_site_val(cse: dict, method: str = "fedavg") -> dict:
         for model_name, metrics in (per_model or {}).items():
             if not isinstance(metrics, dict) or "dice" not in metrics:
                 continue
-            models.setdefault(_model_label(model_name), {})[site] = {
+            models.setdefault(_model_label(model_name, method), {})[site] = {
                 k: metrics[k] for k in ("dice", "dice_std", "n_cases", "dice_per_case", "hd95") if k in metrics
             }
     order = sorted(models, key=lambda name: (name.startswith("site update:"), name))  # global models first

@@ -15,7 +15,16 @@ from numbers import Real
 
 import numpy as np
 
-__all__ = ["AGGREGATIONS", "UpdateRejected", "aggregate", "apply_diff", "check_update", "robust_average", "weighted_average"]
+__all__ = [
+    "AGGREGATIONS",
+    "UpdateRejected",
+    "aggregate",
+    "aggregate_shared",
+    "apply_diff",
+    "check_update",
+    "robust_average",
+    "weighted_average",
+]
 
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
 
@@ -219,3 +228,26 @@ def aggregate(
     if method == "mean":
         return weighted_average(ordered, weights)
     return robust_average(ordered, method, trim_fraction)
+
+
+def aggregate_shared(
+    updates: Mapping[str, Mapping[str, np.ndarray]],
+    weights: Mapping[str, float],
+    local_keys,
+    method: str = "mean",
+    trim_fraction: float = 0.2,
+) -> dict:
+    """FedBN's server step: the keys NOT in ``local_keys`` are aggregated as :func:`aggregate` does; the sites
+    keep their own ``local_keys`` (normalization), so those never enter a model a site trains with. The global
+    model still needs values for them (a site that has none of its own, e.g. an unseen one): the step-weighted
+    mean of the sites' values, whatever ``method`` is. Keys in the first update's order."""
+    local = set(local_keys)
+    ordered = {s: updates[s] for s in sorted(updates)}
+    split = {
+        s: ({k: v for k, v in u.items() if k not in local}, {k: v for k, v in u.items() if k in local})
+        for s, u in ordered.items()
+    }
+    shared = aggregate({s: parts[0] for s, parts in split.items()}, weights, method, trim_fraction)
+    own = weighted_average({s: parts[1] for s, parts in split.items()}, weights) if local else {}
+    first = next(iter(ordered.values()))
+    return {k: shared[k] if k in shared else own[k] for k in first}

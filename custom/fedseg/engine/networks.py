@@ -13,6 +13,31 @@ from monai.networks.nets import DynUNet, SegResNet, UNet
 from torch import nn
 
 ARCHITECTURES = ("unet", "segresnet", "dynunet")
+# FedSeg's own names for MONAI norm settings that a plain string cannot say. MONAI's "instance" builds
+# InstanceNorm with affine=False: no normalization parameters at all (FedBN needs some, see norm_state_keys).
+NORM_ALIASES = {"instance_affine": ("instance", {"affine": True})}
+# module types whose parameters and buffers are "normalization" (InstanceNorm and BatchNorm derive from _NormBase)
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def monai_norm(norm: str | Sequence):
+    """The MONAI norm argument of a FedSeg norm setting ("instance_affine" -> ("instance", {"affine": True}))."""
+    return NORM_ALIASES.get(norm, norm) if isinstance(norm, str) else norm
+
+
+def norm_state_keys(module: nn.Module) -> list[str]:
+    """The state_dict keys that belong to normalization layers (affine weight/bias, running statistics),
+    decided by each submodule's type, never by its name. Sorted; empty when the network has none."""
+    keys = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, NORM_TYPES):
+            keys += [f"{name}.{key}" if name else key for key in sub.state_dict()]
+    return sorted(keys)
+
+
+def network_norm_keys(network_args: dict) -> list[str]:
+    """norm_state_keys of the SegNetwork these arguments build."""
+    return norm_state_keys(SegNetwork(**network_args))
 
 
 def build_segmentation_network(
@@ -29,8 +54,10 @@ def build_segmentation_network(
     """A MONAI segmentation network. `channels` are the feature widths per level for every architecture.
 
     Instance norm is the default: BatchNorm running statistics average poorly across non-iid hospitals.
+    norm: a MONAI norm name, or "instance_affine" (instance norm with a learned weight and bias per channel).
     """
     arch = arch.lower()
+    norm = monai_norm(norm)
     channels = tuple(int(c) for c in channels)
     if len(channels) < 2:
         raise ValueError(f"network needs at least 2 levels in 'channels', got {channels}")

@@ -1,7 +1,8 @@
 """The FedSeg site executors: thin FLARE glue around the MONAI engine, one class per method.
 
 SegExecutor (FedAvg / FedProx jobs) sets up the site's engine and serves the tasks every method shares:
-  train            FedAvg / FedProx local training (FedProx when the server sends fedprox_mu in meta)
+  train            FedAvg / FedProx local training (FedProx when the server sends fedprox_mu in meta; FedBN when it
+                   sends keep_local "norm": the site trains and evaluates with its own normalization layers)
   validate         score the received model on a datalist section (testing by default: cross-site evaluation)
   submit_model     return this site's last locally trained model (cross-site evaluation)
 FedSMExecutor (FedSM / SoftPull jobs) adds
@@ -23,8 +24,10 @@ before any training; a bad dataset stops the job with a message naming the site,
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -33,7 +36,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.app_constant import AlgorithmConstants
+from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedseg.algorithms.lr_schedule import LrSchedule
@@ -48,13 +51,26 @@ from fedseg.engine import (
     state_to_numpy,
 )
 from fedseg.engine.config import LOCAL_OPTIMIZER
+from fedseg.engine.networks import norm_state_keys
 from fedseg.fl.privacy import check_scorable_section
 from fedseg.methods.fedcross import cross_visit, score_ensemble
 from fedseg.methods.fedsm import SelectorSettings, fedsm_local_round, new_selector, score_super_model
-from fedseg.modelset import member_key
+from fedseg.modelset import load_model_set, member_key, save_model_set
 
 DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
 PERSONAL_PREFIX = "personal:"  # FedSM: "personal:<site>" groups of the model set sent to fedsm_evaluate
+KEEP_LOCAL = ("none", "norm")  # what a site keeps of its own across rounds (task meta "keep_local"; "norm": FedBN)
+FEDBN_DIR = "fedbn"  # in the job's app dir at the site: its own normalization, and its personalized models
+LOCAL_NORM_FILE = "local_norm.pt"
+SERVER_MODEL_PREFIX = "SRV_"  # FLARE's cross-site evaluation names the server's models SRV_<file>
+
+
+def with_own(params: dict, own: dict) -> dict:
+    """The received model with the site's own entries (FedBN: its normalization) in place of the received ones."""
+    unknown = sorted(set(own) - set(params))
+    if unknown:
+        raise KeyError(f"own entries {unknown[:3]} are not in the received model")
+    return {k: own.get(k, v) for k, v in params.items()}
 
 
 def planned_number(meta: dict, key: str, kind: type, low: float):
@@ -115,6 +131,8 @@ class SegExecutor(Executor):
         self.tb_writer = None
         self.local_params: dict | None = None  # last locally trained weights, for submit_model
         self.state: dict = {}  # per-method site state kept across rounds (e.g. FedSM's selector optimizer)
+        self.app_dir: Path | None = None  # the job's app dir at this site (FedBN keeps its normalization there)
+        self._norm_keys: list[str] | None = None
         self.handlers: dict[str, Callable] = {}
         for cls in reversed(type(self).__mro__):
             for task, method in vars(cls).get("TASKS", {}).items():
@@ -129,6 +147,7 @@ class SegExecutor(Executor):
         self.site = fl_ctx.get_identity_name()
         self.tb_writer = fl_ctx.get_engine().get_component(self.tb_writer_id) if self.tb_writer_id else None
         workspace = fl_ctx.get_engine().get_workspace()
+        self.app_dir = Path(workspace.get_app_dir(fl_ctx.get_job_id()))
         try:
             path = resolve_site_datalist(self.site, self.datalist, workspace.get_root_dir())
             summary = validate_site_data(path, self.site, num_classes=self.cfg.num_classes)
@@ -170,6 +189,9 @@ class SegExecutor(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         try:
             model = FLModelUtils.from_shareable(shareable)
+            owner = shareable.get_header(AppConstants.MODEL_OWNER)
+            if owner:  # cross-site evaluation: whose model this is (the server's or a site's)
+                model.meta = {**(model.meta or {}), "model_owner": str(owner)}
             start = time.perf_counter()
             result = handler(model, fl_ctx, abort_signal)
             if abort_signal.triggered:
@@ -207,15 +229,77 @@ class SegExecutor(Executor):
             load_numpy_state(net, params, self.site)
         return net
 
-    # ---- FedAvg / FedProx / cross-site evaluation ---------------------------------------------------
+    # ---- FedBN: the site's own normalization layers ---------------------------------------------------
+    def norm_keys(self) -> list[str]:
+        """The state_dict keys of this site's network that are normalization (by module type)."""
+        if self._norm_keys is None:
+            self._norm_keys = norm_state_keys(self.seg_engine.new_network())
+        return self._norm_keys
+
+    def local_norm_path(self) -> Path:
+        return self.app_dir / FEDBN_DIR / LOCAL_NORM_FILE
+
+    def own_norm(self) -> dict | None:
+        """The normalization entries this site kept from its last FedBN training of this job (None: none yet)."""
+        path = self.local_norm_path()
+        return load_model_set(path)[0]["norm"] if path.exists() else None
+
+    def fedbn_params(self, params: dict, rnd, fl_ctx: FLContext) -> dict:
+        """FedBN's start of a round: the received model with this site's own normalization (round 0: the received)."""
+        if not self.norm_keys():
+            raise ValueError(
+                f"[site {self.site}] FedBN refused: the engine's network (norm {self.cfg.network.get('norm', 'instance')!r}) "
+                "has no normalization parameters, so FedBN would be FedAvg; set the engine's network norm to "
+                "'instance_affine' or 'batch'"
+            )
+        if not rnd:  # a new training run: nothing of an earlier one carries over
+            self.local_norm_path().unlink(missing_ok=True)
+        own = self.own_norm()
+        if own is None:
+            self.log_info(
+                fl_ctx, f"FedBN round {rnd}: starting from the received normalization ({len(self.norm_keys())} entries)"
+            )
+            return params
+        self.log_info(fl_ctx, f"FedBN round {rnd}: own normalization kept ({len(own)} entries) over the received model")
+        return with_own(params, own)
+
+    def keep_norm(self, params: dict, rnd) -> None:
+        path = self.local_norm_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model_set(path, {"norm": {k: params[k] for k in self.norm_keys()}}, {"site": self.site, "round": rnd})
+
+    def personalized(self, params: dict, meta: dict, fl_ctx: FLContext) -> dict:
+        """What `validate` scores: with FedBN, a server model gets this site's own normalization (the site's
+        personalized model, also saved as fedbn/personalized_<name>.pt); a site's own model or any model
+        outside FedBN is scored as it came."""
+        owner = str(meta.get("model_owner", ""))
+        if meta.get("keep_local") != "norm" and not owner.startswith(SERVER_MODEL_PREFIX):
+            return params
+        own = self.own_norm()
+        if own is None:
+            if meta.get("keep_local") == "norm":
+                self.log_warning(fl_ctx, "FedBN: no own normalization at this site yet; scoring the received model")
+            return params
+        params = with_own(params, own)
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", owner or str(meta.get("model_name") or "model")).removesuffix(".pt")
+        info = {"site": self.site, "source": owner or meta.get("model_name"), "engine": self.cfg.to_dict()}
+        save_model_set(self.app_dir / FEDBN_DIR / f"personalized_{name}.pt", {"global": params}, info)
+        self.log_info(fl_ctx, f"FedBN: scoring {owner or meta.get('model_name')} with this site's own normalization")
+        return params
+
+    # ---- FedAvg / FedProx / FedBN / cross-site evaluation --------------------------------------------
     def train(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
-        net = self.new_net(model.params)
-        metrics = {}
+        meta = model.meta or {}
         rnd = model.current_round
+        keep_local = meta.get("keep_local", "none")
+        if keep_local not in KEEP_LOCAL:
+            raise ValueError(f"task meta 'keep_local' must be one of {KEEP_LOCAL}, got {keep_local!r}")
+        params = self.fedbn_params(model.params, rnd, fl_ctx) if keep_local == "norm" else model.params
+        net = self.new_net(params)
+        metrics = {}
         if self.validate_before_train and self.seg_engine.cases("validation"):
             metrics.update(self.seg_engine.evaluate(net, "validation").summary("val_"))
             self.track("val_dice", metrics["val_dice"], rnd or 0)
-        meta = model.meta or {}
         mu = planned_number(meta, AlgorithmConstants.FEDPROX_MU, float, 0.0) or 0.0
         steps = self.seg_engine.local_steps(
             epochs=planned_number(meta, "local_epochs", int, 1) or (self.method_args or {}).get("local_epochs"),
@@ -251,6 +335,8 @@ class SegExecutor(Executor):
             + (f", received model val_dice={metrics['val_dice']:.4f}" if "val_dice" in metrics else ""),
         )
         self.local_params = state_to_numpy(net)
+        if keep_local == "norm":
+            self.keep_norm(self.local_params, rnd)
         metrics.update(stats.as_metrics())
         return FLModel(
             params=self.local_params,
@@ -264,7 +350,8 @@ class SegExecutor(Executor):
         section = check_scorable_section(self.site, (model.meta or {}).get("section", self.eval_section))
         if not self.seg_engine.cases(section):
             section = "validation"
-        result = self.seg_engine.evaluate(self.new_net(model.params), section, with_hd95=self.hd95)
+        params = self.personalized(model.params, model.meta or {}, fl_ctx)
+        result = self.seg_engine.evaluate(self.new_net(params), section, with_hd95=self.hd95)
         metrics = result.summary()
         metrics["dice_per_case"] = [float(x) for x in result.case_dice]
         metrics["section"] = section

@@ -9,6 +9,10 @@ plus the proximal term mu at the sites) and adds what a federation of hospitals 
 * every result screened before it touches the model (fedseg.algorithms: keys, shapes, NaN/Inf, step count
   capped by the server's plan, reported scores in [0, 1], update norm against the round's other updates);
 * optional robust aggregation ("median" / "trimmed_mean") instead of the weighted mean;
+* FedBN (``keep_local="norm"``): every normalization layer's parameters (and running statistics) stay at the
+  sites, which train and evaluate with their own (fedseg.fl.executor.SegExecutor); only the other keys are
+  aggregated. The global model's normalization entries, what a site without its own gets (an unseen site, the
+  persistor's FL_global_model), are the step-weighted mean of the sites' (fedseg.algorithms.aggregate_shared);
 * the best global model chosen by the MEDIAN of the sites' validation Dice of the model they received, so
   one site's claim cannot choose it; best and last written every round, with the history, so a killed
   server resumes from ``last.pt`` losing at most one round (``resume_from``).
@@ -27,13 +31,14 @@ from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fl_model_utils import make_model_learnable
 
-from fedseg.algorithms import AGGREGATIONS, aggregate
+from fedseg.algorithms import AGGREGATIONS, aggregate, aggregate_shared
 from fedseg.algorithms.screening import read_score, robust_score, update_norm
 from fedseg.engine.config import LOCAL_OPTIMIZER
 from fedseg.fl.base_controller import FedSegController, check_output_name
 from fedseg.modelset import load_model_set, save_model_set
 
 SCORE_KEY = "val_dice"  # what SegExecutor's train task reports for the model it received
+KEEP_LOCAL = ("none", "norm")  # "norm": FedBN, the normalization layers stay at the sites
 
 
 class FedAvgController(FedSegController):
@@ -49,6 +54,7 @@ class FedAvgController(FedSegController):
         trim_fraction: float = 0.2,
         max_update_ratio: float = 10.0,
         local_optimizer: str = "fresh",
+        keep_local: str = "none",
         min_clients: int = 1,
         task_timeout: int = 0,
         startup_grace: int = 300,
@@ -73,6 +79,8 @@ class FedAvgController(FedSegController):
             max_update_ratio: updates with a norm above this many times the median of the others are rejected.
             local_optimizer: "fresh" (a new Adam at every site every round) or "keep" (each site keeps its own Adam
                 moments from round to round; they never leave the site).
+            keep_local: "none" (FedAvg) or "norm" (FedBN: the normalization layers' parameters and statistics, found
+                by module type in the persistor's network, stay at each site; the job refuses a network with none).
             min_clients: fewest valid updates with which a round changes the global model.
             task_timeout: seconds per training task (0: no limit). startup_grace: extra for a site's first task.
             max_failed_rounds: consecutive rounds below min_clients before the job stops.
@@ -109,6 +117,9 @@ class FedAvgController(FedSegController):
         if local_optimizer not in LOCAL_OPTIMIZER:
             raise ValueError(f"local_optimizer must be one of {LOCAL_OPTIMIZER}, got {local_optimizer!r}")
         self.local_optimizer = local_optimizer
+        if keep_local not in KEEP_LOCAL:
+            raise ValueError(f"keep_local must be one of {KEEP_LOCAL}, got {keep_local!r}")
+        self.keep_local = keep_local
         self.trim_fraction = float(trim_fraction)
         self.max_failed_rounds = max(int(max_failed_rounds), 1)
         self.resume_from = resume_from or ""
@@ -154,6 +165,33 @@ class FedAvgController(FedSegController):
         )
         return params, start, state
 
+    def _local_keys(self, params: dict) -> list[str] | None:
+        """The keys the sites keep (FedBN: the normalization entries of the job's network); None after a panic."""
+        if self.keep_local == "none":
+            return []
+        from fedseg.engine.networks import network_norm_keys
+
+        network = getattr(self.persistor, "network", None)
+        if not isinstance(network, dict):
+            self.panic("FedBN (keep_local='norm') needs FedSeg's SegModelPersistor: it states the job's network")
+            return None
+        keys = network_norm_keys(network)
+        if not keys:
+            self.panic(
+                f"FedBN refused (keep_local='norm'): the job's network (engine network norm "
+                f"{network.get('norm', 'instance')!r}) has no normalization parameters, so FedBN would be FedAvg; set the "
+                "engine's network norm to 'instance_affine' or 'batch'"
+            )
+            return None
+        unknown = sorted(set(keys) - set(params))
+        if unknown:
+            self.panic(f"FedBN: normalization keys {unknown[:3]} are not in the job's model")
+            return None
+        self.info(
+            f"FedBN: {len(keys)} normalization entries stay at the sites; the other {len(params) - len(keys)} are averaged"
+        )
+        return keys
+
     # ---- one round ----------------------------------------------------------------------------------------
     def _task_meta(self) -> dict:
         meta = {"local_epochs": self.local_epochs, "local_steps": self.local_steps, "local_optimizer": self.local_optimizer}
@@ -161,6 +199,8 @@ class FedAvgController(FedSegController):
             meta["max_steps"] = self.max_local_steps
         if self.fedprox_mu:
             meta[AlgorithmConstants.FEDPROX_MU] = self.fedprox_mu
+        if self.keep_local != "none":
+            meta["keep_local"] = self.keep_local
         return meta
 
     def run(self):
@@ -168,6 +208,9 @@ class FedAvgController(FedSegController):
         if started is None:
             return
         global_params, start, state = started
+        local_keys = self._local_keys(global_params)
+        if local_keys is None:
+            return
         history = state["history"]
         recent_norms: deque[float] = deque(maxlen=20)
         failed_rounds = 0
@@ -226,9 +269,11 @@ class FedAvgController(FedSegController):
             else:
                 failed_rounds = 0
                 recent_norms.extend(norms[s] for s in accepted)
-                global_params = aggregate(
-                    {s: checked[s].params for s in accepted}, weights, self.aggregation, self.trim_fraction
-                )
+                updates = {s: checked[s].params for s in accepted}
+                if local_keys:
+                    global_params = aggregate_shared(updates, weights, local_keys, self.aggregation, self.trim_fraction)
+                else:
+                    global_params = aggregate(updates, weights, self.aggregation, self.trim_fraction)
                 self.info(
                     f"round {rnd}: aggregated {accepted} ({self.aggregation})"
                     + (f"; median {SCORE_KEY} of the received model {score:.4f}" if score is not None else "")
