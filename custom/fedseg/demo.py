@@ -7,7 +7,8 @@ shipped job folders jobs/fedavg, jobs/fedsm, jobs/fedcross and jobs/fedcrossens 
 at a time, each configured for the same number of segmentation training steps as FedAvg with R rounds of
 E local epochs (fedseg.bench.budget: FedSM trains its two networks E/2 epochs each, FedCross relays one model
 over N*R communications, FedCrossEns moves N models over R communications); meanwhile train the local-only
-and centralized baselines on the same budget; (3) print one per-site test-Dice table and save it as a PNG.
+and centralized baselines on the same budget; (3) print one per-site test-Dice table (with the mean over sites
+and the worst site, the minimum over sites) and save it as a PNG.
 
 The demo's budget is small (minutes on 2 CPU cores): it shows the product working, it does not compare the
 methods. For that, see BENCHMARKS.md (`make bench-standard`).
@@ -31,7 +32,7 @@ from fedseg.baselines import load_sites, run_centralized, run_local
 from fedseg.bench.budget import Budget, plan_method
 from fedseg.engine import EngineConfig
 from fedseg.jobgen import main as write_jobs
-from fedseg.report import format_table, load_results, site_mean
+from fedseg.report import format_table, load_results, site_mean, worst_site
 from fedseg.sim import run_simulator
 
 # (row label in the table, job, the model of that job's results shown in the row)
@@ -84,7 +85,8 @@ def save_png(table: dict, path: Path) -> None:
     width = 0.8 / max(len(table), 1)
     for i, (label, per_site) in enumerate(table.items()):
         values = [per_site[s]["dice"] if s in per_site else 0.0 for s in sites]
-        ax.bar([x + i * width for x in range(len(sites))], values, width, label=f"{label} ({site_mean(per_site):.3f})")
+        mean, worst = site_mean(per_site), worst_site(per_site)
+        ax.bar([x + i * width for x in range(len(sites))], values, width, label=f"{label} ({mean:.3f}, worst {worst:.3f})")
     ax.set_xticks([x + width * (len(table) - 1) / 2 for x in range(len(sites))], sites)
     ax.set_ylabel("test Dice (mean over cases)")
     ax.set_ylim(0, 1)

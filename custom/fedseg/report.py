@@ -81,22 +81,31 @@ def site_mean(per_site: dict) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def worst_site(per_site: dict) -> float:
+    """The worst site's test Dice: the minimum over sites ({site: dice} or {site: {"dice": ...}}); sites without a
+    finite Dice are left out; NaN when none has one. Next to the mean over sites it says whether a model that looks
+    good on average fails one hospital."""
+    values = [v.get("dice") if isinstance(v, dict) else v for v in per_site.values()]
+    values = [float(v) for v in values if _finite(v) and not isinstance(v, bool)]
+    return min(values) if values else float("nan")
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def format_table(results: dict, title: str | None = None) -> str:
-    """Rows: models; columns: sites (test Dice mean ± std over cases) and the mean over sites."""
+    """Rows: models; columns: sites (test Dice mean ± std over cases), the mean over sites and the worst site."""
     models = results.get("models", {})
     sites = sorted({s for per_site in models.values() for s in per_site})
-    header = ["model"] + sites + ["mean over sites"]
+    header = ["model"] + sites + ["mean over sites", "worst site"]
     rows = []
     for name, per_site in models.items():
         row = [name]
         for s in sites:
             v = per_site.get(s)
             row.append(f"{v['dice']:.3f} ± {v.get('dice_std', 0.0):.3f} (n={int(v.get('n_cases', 0))})" if v else "-")
-        row.append(f"{site_mean(per_site):.3f}")
+        row += [f"{site_mean(per_site):.3f}", f"{worst_site(per_site):.3f}"]
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731

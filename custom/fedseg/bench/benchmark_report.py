@@ -33,6 +33,7 @@ import numpy as np
 
 from fedseg.bench.budget import METHODS, PAPER_DIFFERS, STOCK
 from fedseg.bench.collect import HEADLINE_MODEL
+from fedseg.report import worst_site
 
 NAMES = {
     "local": "Local only",
@@ -62,7 +63,7 @@ COLORS = {
 }
 ORACLE_MODELS = ("FedSM personalized (own site)", "SoftPull personalized (own site)", "personalized (own site)")
 ORACLE_NOTE = "oracle routing: uses the site's identity"
-GROUPS = ("main", "stock", "ablation", "optimizer")
+GROUPS = ("main", "stock", "matched", "ablation", "optimizer")  # matched: baselines at the paper runs' steps
 PUBLISH_DIR = Path("docs") / "benchmarks"
 MB = 1e6
 BEAT_MARGIN = 0.02  # "beats FedAvg by at least 2 Dice points"
@@ -138,6 +139,10 @@ def run_name(key: str, rec: dict) -> str:
         return f"{base} λ={lam} ({'full' if i['protocol'] == 'paper' else 'half'} budget per network)"
     if i["group"] == "optimizer":
         return f"{base} (local optimizer {i['options'].get('local_optimizer')})"
+    if i["group"] == "matched":
+        from fedseg.bench.gap_report import matched_name
+
+        return matched_name(key, rec)
     return base + (" (paper protocol)" if i["protocol"] == "paper" else "")
 
 
@@ -173,7 +178,8 @@ def method_order(cells: list[dict]) -> list[str]:
 def protocol_rows(cells: list[dict], protocol: str) -> list[tuple[str, bool]]:
     """(run key, shared) of one protocol's table: equal steps = every method's equal-steps run; paper = the
     "<method>-paper" run where the method has one, else its equal-steps run (shared=True: its own protocol is
-    the equal-steps plan, the same run serves both tables). NVFlare's stock peers in both."""
+    the equal-steps plan, the same run serves both tables). NVFlare's stock peers in both. The paper table ends
+    with the matched-step baselines (FedAvg, local-only, centralized at the paper runs' 2B / N·B steps) when run."""
     main = method_order(cells)
     if protocol == "equal":
         return [(k, False) for k in main]
@@ -186,7 +192,9 @@ def protocol_rows(cells: list[dict], protocol: str) -> list[tuple[str, bool]]:
             out.append((paper, False))
         elif method not in PAPER_DIFFERS:
             out.append((k, True))
-    return out
+    from fedseg.bench.gap_report import matched_keys
+
+    return out + [(k, False) for k in matched_keys(cells)]
 
 
 # ---- raw files ---------------------------------------------------------------------------------------------
@@ -413,6 +421,7 @@ def aggregate(cells: list[dict], key: str, model: str | None = None) -> dict:
     """Over the seeds of one dataset: lists of per-seed values of one run (its headline model, or `model`)."""
     agg: dict = {
         "dice": [],
+        "worst": [],  # per seed: the worst site's Dice (minimum over sites)
         "hd95": [],
         "wall": [],
         "cpu": [],
@@ -453,6 +462,7 @@ def aggregate(cells: list[dict], key: str, model: str | None = None) -> dict:
             ("server_rss", "server_rss_mb"),
         ):
             agg[k].append(s[src])
+        agg["worst"].append(worst_site(s["per_site"]))
         b = (c.get("budget") or {}).get("total_steps")
         agg["wall"].append(rec.get("wall_seconds"))
         agg["cpu"].append(rec.get("cpu_seconds"))
@@ -930,6 +940,7 @@ def ablation_section(ds: str, cells: list[dict]) -> list[str]:
                 _fmt(lam, 2),
                 budget,
                 _pm(learned["dice"]) if learned else "- (no selector)",
+                _pm((learned or oracle)["worst"]),
                 _pm(oracle["dice"]),
                 _pm(glob["dice"]),
                 _fmt(_mean(routed)) if routed else "-",
@@ -947,6 +958,7 @@ def ablation_section(ds: str, cells: list[dict]) -> list[str]:
                 "λ",
                 "budget per network",
                 "super model (learned routing)",
+                "worst site (super model; SoftPull: personalized)",
                 f"personalized (own site) ({ORACLE_NOTE})",
                 "global model",
                 "routed to own model",
@@ -1041,6 +1053,7 @@ def stock_section(ds: str, cells: list[dict], sites: list[str]) -> list[str]:
                             *["-"] * len(sites),
                             f"{rec.get('status')}: {(rec.get('error') or '')[:80]}",
                             "-",
+                            "-",
                         ]
                     )
                     break
@@ -1051,11 +1064,12 @@ def stock_section(ds: str, cells: list[dict], sites: list[str]) -> list[str]:
                             model + (" (headline)" if model == rec.get("headline_model") else ""),
                             *[_fmt(_mean(a["per_site"].get(s, []))) for s in sites],
                             _pm(a["dice"]),
+                            _pm(a["worst"]),
                             _steps_text(a),
                         ]
                     )
             if not rec:
-                rows.append([NAMES.get(key, key), "-", *["-"] * len(sites), "not run", "-"])
+                rows.append([NAMES.get(key, key), "-", *["-"] * len(sites), "not run", "-", "-"])
     if not rows:
         return []
     return [
@@ -1063,7 +1077,7 @@ def stock_section(ds: str, cells: list[dict], sites: list[str]) -> list[str]:
         "engine, same data, initial checkpoint, seeds and budget; fedseg.bench.stock). The stock Cyclic keeps no "
         "best model: its last model is its headline.",
         "",
-        _table(["workflow", "model"] + sites + ["mean over sites", "steps used / B"], rows),
+        _table(["workflow", "model"] + sites + ["mean over sites", "worst site", "steps used / B"], rows),
         "",
     ]
 
@@ -1131,6 +1145,9 @@ def headline_facts(cells: list[dict]) -> dict:
         if flat is False:
             not_flat.append((k, gain))
     facts["not_flattened"] = not_flat
+    from fedseg.bench.gap_report import gap_rows
+
+    facts["gap_closed"] = gap_rows(cells)  # share of the centralized - FedAvg gap, at matched steps
     return facts
 
 
@@ -1196,6 +1213,9 @@ def _headline_sentences(ds: str, cells: list[dict]) -> list[str]:
         )
     elif "fedcross" in mean:
         out.append("FedCross vs NVFlare's stock CyclicRecipe: not measured in this run.")
+    from fedseg.bench.gap_report import gap_sentence
+
+    out += [s for s in [gap_sentence(cells, facts["gap_closed"])] if s]
     if facts["not_flattened"]:
         out.append(
             "Validation curves NOT flattened (the last 25% of the curve still gain ≥ 0.01): "
@@ -1218,26 +1238,34 @@ def _protocol_table(cells: list[dict], protocol: str, sites: list[str]) -> list[
             rows.append(
                 [name, model]
                 + ["-"] * len(sites)
-                + [f"{(a['status'] or ['not run'])[0]}: {(a['errors'] or [''])[0][:80]}", "-", "-"]
+                + [f"{(a['status'] or ['not run'])[0]}: {(a['errors'] or [''])[0][:80]}", "-", "-", "-"]
             )
             continue
         rows.append(
             [name, model]
             + [_pm(a["per_site"].get(s, [])) for s in sites]
-            + [f"**{_pm(a['dice'])}**", _steps_text(a), _flat_text(cells, key)]
+            + [f"**{_pm(a['dice'])}**", _pm(a["worst"]), _steps_text(a), _flat_text(cells, key)]
         )
     title = {
         "equal": "Equal steps: every method trains B segmentation steps",
         "paper": "Each paper's own protocol: FedSM/SoftPull train every network the full E epochs per round (2B); "
         "FedCrossEns gives every member the full schedule of a single FedCross model (N·B); the other "
-        "methods' own protocol is the equal-steps plan (same run)",
+        "methods' own protocol is the equal-steps plan (same run); FedAvg, local-only and centralized trained for the "
+        "paper runs' steps (R·f rounds of E epochs) are the matched-step rows",
     }[protocol]
+    matched = any(run_info(k, _first_rec(cells, k))["group"] == "matched" for k, _ in protocol_rows(cells, protocol))
+    note = ["No matched-step baselines in this run (FedAvg, local-only and centralized at 2B / N·B steps).", ""]
     return [
-        f"**{title}.** Test Dice, mean ± std over seeds, per site and of the mean over sites; steps used: measured at "
+        f"**{title}.** Test Dice, mean ± std over seeds, per site, of the mean over sites and of the worst site (each "
+        "seed's minimum over sites); steps used: measured at "
         "the sites; flattened?: the rise of the validation curve over its last 25% (a least-squares line through those points; Dice points, < 1 point = flattened).",
         "",
-        _table(["method", "model"] + sites + ["mean over sites", "steps used / B", "flattened? (last-25% gain)"], rows),
+        _table(
+            ["method", "model"] + sites + ["mean over sites", "worst site", "steps used / B", "flattened? (last-25% gain)"],
+            rows,
+        ),
         "",
+        *(note if protocol == "paper" and not matched else []),
     ]
 
 
@@ -1252,7 +1280,11 @@ def _other_models_table(cells: list[dict], sites: list[str]) -> list[str]:
             if not a["dice"]:
                 continue
             note = f" — {ORACLE_NOTE}" if model in ORACLE_MODELS else ""
-            rows.append([run_name(key, rec), model + note] + [_pm(a["per_site"].get(s, [])) for s in sites] + [_pm(a["dice"])])
+            rows.append(
+                [run_name(key, rec), model + note]
+                + [_pm(a["per_site"].get(s, [])) for s in sites]
+                + [_pm(a["dice"]), _pm(a["worst"])]
+            )
     if not rows:
         return []
     return [
@@ -1260,12 +1292,14 @@ def _other_models_table(cells: list[dict], sites: list[str]) -> list[str]:
         'global and personalized models ...); a "personalized (own site)" row routes every case to its own '
         "site's model: it uses the site's identity (oracle routing).",
         "",
-        _table(["run", "model"] + sites + ["mean over sites"], rows),
+        _table(["run", "model"] + sites + ["mean over sites", "worst site"], rows),
         "",
     ]
 
 
 def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict, plots: dict, prefix: str) -> str:
+    from fedseg.bench import gap_report
+
     m = run.get("machine", {})
     L: list[str] = [
         "# FedSeg benchmarks",
@@ -1354,7 +1388,8 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
     L += [
         "",
         "Mean test Dice over sites (each run's headline model), mean ± std over seeds, with the steps it used "
-        "(multiples of the budget B):",
+        "(multiples of the budget B), and the worst site's test Dice (each seed's minimum over sites, mean ± std over "
+        "seeds):",
         "",
     ]
     for protocol in protocols:
@@ -1372,11 +1407,12 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
                     if a["dice"]
                     else f"missing ({', '.join(sorted(set(map(str, a['status'])))) or 'not run'})"
                 )
+                row.append(_pm(a["worst"]) if a["dice"] else "-")
             rows.append(row)
         L += [
             f"*{'Equal steps' if protocol == 'equal' else 'Each paper’s own protocol'}:*",
             "",
-            _table(["method"] + list(cells_by_ds), rows),
+            _table(["method"] + [h for ds in cells_by_ds for h in (ds, f"{ds} worst site")], rows),
             "",
         ]
     if plots.get("curves"):
@@ -1401,6 +1437,7 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
             f"{b.get('batch_size')}, steps per epoch {b.get('site_steps_per_epoch')}). Seeds: {sorted(c['seed'] for c in ds_cells)}.",
             "",
         ]
+        L += gap_report.gap_section(ds, ds_cells)
         for protocol in protocols:
             L += _protocol_table(ds_cells, protocol, sites)
         L += _other_models_table(ds_cells, sites)
@@ -1425,23 +1462,19 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
             for model, per_site in all_models(ds_cells, key).items():
                 if model.startswith("local:"):
                     continue
+                per_seed = [
+                    {s: v[i] for s, v in per_site.items() if i < len(v)} for i in range(max(len(v) for v in per_site.values()))
+                ]
                 rows.append(
                     [run_name(key, _first_rec(ds_cells, key)), model]
                     + [_fmt(_mean(per_site.get(s, []))) for s in sites]
-                    + [
-                        _pm(
-                            [
-                                _mean([per_site[s][i] for s in per_site if i < len(per_site[s])])
-                                for i in range(max(len(v) for v in per_site.values()))
-                            ]
-                        )
-                    ]
+                    + [_pm([_mean(list(d.values())) for d in per_seed]), _pm([worst_site(d) for d in per_seed])]
                 )
         L += [
             "<details><summary>Every model of every run (FedSM global / personalized / super, FedCrossEns members, "
             "ablation and optimizer-state runs ...)</summary>",
             "",
-            _table(["run", "model"] + sites + ["mean over sites"], rows),
+            _table(["run", "model"] + sites + ["mean over sites", "worst site"], rows),
             "",
             "</details>",
             "",
@@ -1584,6 +1617,8 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
             "nvflare_cyclic": f"FedCross's plan: {p.get('communications')} visits of {p.get('visit_epochs')} epochs, fixed order",
             "nvflare_fedavg": f"FedAvg's plan: {p.get('rounds')} rounds × {p.get('local_epochs')} epochs",
         }.get(method, "-")
+        if run_info(key, _first_rec(cells, key))["group"] == "matched":
+            how = f"R·f = {p.get('rounds')} rounds × {p.get('local_epochs')} epochs (steps matched to the paper-protocol runs)"
         multiple = p.get("budget_multiple")
         rows.append(
             [

@@ -36,6 +36,11 @@ Two protocols (every report shows both, side by side):
              FedCrossEns       every member gets the full schedule of a single FedCross model:
                                C = N * R * E / v communications (N times the equal-steps plan; N*B in all)
            Every other method's own protocol IS the equal-steps plan (one run serves both tables).
+  Matched-step baselines (run_specs(matched_steps=True)): next to the paper-protocol runs, FedAvg, local-only and
+  centralized trained for the SAME number of steps, f*B for every multiple f the paper runs use (2 for FedSM /
+  SoftPull, N for FedCrossEns; one set when N == 2). Their plan is the equal-steps plan with the rounds multiplied:
+  R*f rounds of the same E epochs (the same local work per round, more rounds; local-only and centralized: R*f
+  checkpoints of the same chunk size). Keys "<method>-<f>B" ("fedavg-2B", "local-4B", "centralized-4B" ...).
 
 A benchmark cell runs RunSpecs (run_specs): a method under a protocol with optional controller settings
 (e.g. the FedSM ablation's SoftPull lambda, FedAvg's local optimizer state), each with its own key.
@@ -60,6 +65,7 @@ PAPER_DIFFERS = ("fedsm", "softpull", "fedcrossens")  # methods whose own protoc
 STOCK = ("nvflare_cyclic", "nvflare_fedavg")  # NVFlare's own workflows as peers (fedseg.bench.stock)
 STOCK_PLAN = {"nvflare_cyclic": "fedcross", "nvflare_fedavg": "fedavg"}  # the FedSeg method whose plan a peer gets
 FEDSM_ABLATION_LAMBDAS = (0.5, 0.9, 1.0)  # with the default 0.7 (the paper-protocol FedSM run): {0.5, 0.7, 0.9, 1.0}
+MATCHED_BASELINES = ("fedavg", "local", "centralized")  # trained again at the paper runs' steps (matched_steps)
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -319,19 +325,47 @@ class RunSpec:
     protocol: str = "equal"
     options: dict = field(default_factory=dict)
     group: str = "main"
+    rounds_factor: int = 1  # the plan's R multiplied by this, E kept ("matched" group: f*B steps)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+def paper_multiples(methods, n_sites: int | None) -> list[int]:
+    """The multiples of B that the paper-protocol runs of `methods` train: 2 (FedSM / SoftPull), N = n_sites
+    (FedCrossEns); unique, sorted, > 1 (N == 2 gives one multiple)."""
+    found = set()
+    if {"fedsm", "softpull"} & set(methods):
+        found.add(2)
+    if "fedcrossens" in methods:
+        if not n_sites:
+            raise ValueError("the matched-step baselines of FedCrossEns's paper protocol (N*B) need the number of sites")
+        found.add(int(n_sites))
+    return sorted(f for f in found if f > 1)
+
+
+def matched_key(method: str, multiple: int) -> str:
+    """The run key of a matched-step baseline: "fedavg-2B", "centralized-4B" ..."""
+    return f"{method}-{int(multiple)}B"
+
+
 def run_specs(
-    methods, protocols=PROTOCOLS, fedsm_ablation: bool = False, optimizer_variants: tuple = (), stock=()
+    methods,
+    protocols=PROTOCOLS,
+    fedsm_ablation: bool = False,
+    optimizer_variants: tuple = (),
+    stock=(),
+    matched_steps: bool = False,
+    n_sites: int | None = None,
 ) -> list[RunSpec]:
     """The runs of one cell. Every method once under the equal-steps plan (its key is the method); with the
     "paper" protocol also FedSM / SoftPull / FedCrossEns under their papers' protocols ("<method>-paper").
     fedsm_ablation: FedSM at the paper budget with SoftPull lambda in FEDSM_ABLATION_LAMBDAS ("fedsm-paper-lam50"
     ...; lambda 0.7 is "fedsm-paper", half the budget per network is "fedsm"). optimizer_variants: FedAvg and
-    FedProx again with local_optimizer set to each of these ("fedavg-opt-keep" ...). stock: NVFlare peers."""
+    FedProx again with local_optimizer set to each of these ("fedavg-opt-keep" ...). stock: NVFlare peers.
+    matched_steps (with the "paper" protocol): FedAvg, local-only and centralized (those in methods) again at every
+    multiple f of B the paper runs train (paper_multiples; n_sites = N), R*f rounds of E epochs
+    ("fedavg-2B" ..., group "matched")."""
     for p in protocols:
         if p not in PROTOCOLS:
             raise ValueError(f"unknown protocol {p!r}; known: {PROTOCOLS}")
@@ -352,6 +386,13 @@ def run_specs(
             for m in ("fedavg", "fedprox")
             if m in methods
         ]
+    if matched_steps and "paper" in protocols:
+        specs += [
+            RunSpec(matched_key(m, f), m, "paper", group="matched", rounds_factor=f)
+            for f in paper_multiples(methods, n_sites)
+            for m in MATCHED_BASELINES
+            if m in methods
+        ]
     specs += [RunSpec(m, m, "equal", group="stock") for m in stock]
     if "equal" not in protocols:  # only the paper protocol: the shared runs stay, the equal-only ones go
         specs = [s for s in specs if s.protocol == "paper" or s.method not in PAPER_DIFFERS]
@@ -361,9 +402,21 @@ def run_specs(
 
 
 def plan_run(spec: RunSpec, budget: Budget, **options) -> MethodPlan:
-    """The plan of one run: its protocol's plan of its method (a stock peer: the plan of its FedSeg twin)."""
+    """The plan of one run: its protocol's plan of its method (a stock peer: the plan of its FedSeg twin). A run
+    with rounds_factor f (a matched-step baseline): the equal-steps plan of R*f rounds of E epochs (f*B steps)."""
     method = STOCK_PLAN.get(spec.method, spec.method)
-    plan = plan_paper(method, budget, **options) if spec.protocol == "paper" else plan_method(method, budget, **options)
+    f = int(spec.rounds_factor or 1)
+    if f != 1:
+        plan = plan_method(method, Budget(budget.rounds * f, budget.epochs, dict(budget.site_steps_per_epoch)), **options)
+        plan.protocol = spec.protocol
+        plan.within_budget = False
+        plan.extra_cost["matched steps"] = (
+            f"{f}B: R={budget.rounds * f} rounds x E={budget.epochs} epochs, the steps of the paper-protocol runs at {f}B"
+        )
+    elif spec.protocol == "paper":
+        plan = plan_paper(method, budget, **options)
+    else:
+        plan = plan_method(method, budget, **options)
     plan.method = spec.method
     plan.budget_steps = budget.total_steps
     return plan

@@ -31,6 +31,7 @@ SAME = (
     "fedsm_ablation",
     "optimizer_variants",
     "stock",
+    "matched_steps",
     "lr_schedule",
     "conclusive",
     "hd95",

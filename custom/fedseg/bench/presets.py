@@ -23,18 +23,23 @@ paper's own protocol: FedSM/SoftPull 2B, FedCrossEns N*B) and reports them side 
             every method in both protocols, the FedSM ablation on the built-in data (SoftPull lambda 0.5/0.9/1.0
             at the paper budget; lambda 0.7 at half (equal steps) and full (paper) budget; learned routing vs
             the oracle "personalized (own site)" row) and FedAvg/FedProx with the other local-optimizer setting
-            (item 3's measurement), NVFlare's stock CyclicRecipe/FedAvgRecipe peers (fedseg.bench.stock); a
-            progress line every minute. Estimated ~85-100 minutes on 2 otherwise idle CPU cores: ~10,600
-            CPU-seconds of work (measured per run at R=4 and R=8 on synth2d, R=4 on synth2d_scarce and polyp,
-            one seed each, extrapolated linearly to R=24, 3 seeds). Why R=24 x E=2 and not more: one round
+            (item 3's measurement), NVFlare's stock CyclicRecipe/FedAvgRecipe peers (fedseg.bench.stock), the
+            matched-step baselines (FedAvg, local-only, centralized at 2B and N*B: R*2 and R*N rounds of E epochs,
+            fedseg.bench.budget); a progress line every minute. Estimated ~85-100 minutes on 2 otherwise idle
+            CPU cores without the matched-step baselines: ~10,600 CPU-seconds of work (measured per run at R=4
+            and R=8 on synth2d, R=4 on synth2d_scarce and polyp, one seed each, extrapolated linearly to R=24,
+            3 seeds). Why R=24 x E=2 and not more: one round
             (or FedCross communication) costs as much CPU again outside training (validation of the received
             model, hand-over); R=20 x E=4 would cost ~30% more. On synth2d FedAvg/FedProx still gain ~2-3
-            Dice points over the last quarter at R=24 (the report's "flattened?" column says so).
+            Dice points over the last quarter at R=24 (the report's "flattened?" column says so). The matched-step
+            baselines add about 3,300 CPU-seconds of run time (the committed 3-seed run's FedAvg, local-only and
+            centralized runs scaled linearly to 2B and 4B on the built-in data and to 2B on polyp: ~22% more; an
+            estimate, not a measurement); --no-matched-steps leaves them out.
   full      a GPU machine: "medium" built-in data, all polyp cases at 128 px, R=20 x E=2, 3 seeds, one simulator
-            job per method, cost phase at 1 and 20 epochs per round.
+            job per method, matched-step baselines, cost phase at 1 and 20 epochs per round.
 
 Everything can be overridden on the command line (--datasets, --data-dir, --seeds, --methods, --rounds,
---epochs, --parallel, --isolate, --protocols, --no-ablation).
+--epochs, --parallel, --isolate, --protocols, --no-ablation, --no-matched-steps).
 """
 
 from __future__ import annotations
@@ -130,6 +135,7 @@ class Preset:
     fedsm_ablation: bool = False  # FedSM with SoftPull lambda 0.5 / 0.9 / 1.0 at the paper budget
     optimizer_measure: bool = False  # FedAvg/FedProx again with the other local_optimizer setting (item 3)
     stock: list = field(default_factory=list)  # NVFlare's stock peers (fedseg.bench.stock), e.g. ["nvflare_cyclic"]
+    matched_steps: bool = False  # FedAvg / local-only / centralized again at the paper runs' 2B and N*B steps
     lr_schedule: str = "constant"  # FedCross/FedCrossEns LR policy: the constant rate every other method trains with
     progress_every: float = 60.0  # seconds between progress lines
     conclusive: bool = True  # False: the report says the numbers are too small to conclude anything
@@ -218,6 +224,7 @@ PRESETS = {
         fedsm_ablation=True,
         optimizer_measure=True,
         stock=list(STOCK),
+        matched_steps=True,
         description="2 CPU cores, <= ~100 minutes, to convergence: 64 px 2-D data (synth2d, its data-scarce variant, "
         "polyp), 3 seeds, R=24, both protocols, the FedSM ablation",
     ),
@@ -236,6 +243,7 @@ PRESETS = {
         fedsm_ablation=True,
         optimizer_measure=True,
         stock=list(STOCK),
+        matched_steps=True,
         cost=CostSpec(rounds=5, small_epochs=1, realistic_epochs=20),
         timeout=6 * 3600.0,
         description="a GPU machine: medium data, 20 rounds, one simulator job per method",

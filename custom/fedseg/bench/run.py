@@ -353,13 +353,16 @@ def optimizer_variants(preset: Preset) -> tuple:
     return ("keep",) if default == "fresh" else ("fresh",)
 
 
-def cell_specs(preset: Preset, spec: DatasetSpec, methods: list[str]) -> list[budget_mod.RunSpec]:
+def cell_specs(preset: Preset, spec: DatasetSpec, methods: list[str], n_sites: int | None = None) -> list[budget_mod.RunSpec]:
+    """The runs of one cell; n_sites (N) sets the N*B multiple of the matched-step baselines."""
     return budget_mod.run_specs(
         methods,
         preset.protocols,
         fedsm_ablation=preset.fedsm_ablation and spec.ablation,
         optimizer_variants=optimizer_variants(preset) if spec.ablation else (),
         stock=[m for m in preset.stock if m in budget_mod.STOCK],
+        matched_steps=preset.matched_steps,
+        n_sites=n_sites,
     )
 
 
@@ -372,7 +375,9 @@ def run_dataset(
     the baselines for every seed; each seed has its own initial network and controller seeds, the sites'
     data-order/augmentation random stream is seeded once (first seed) and continues from run to run.
     --isolate: one simulator job and one baseline process per (run, seed), each seeded by its seed alone.
-    NVFlare's stock peers run after the FedSeg methods, each in its own SimEnv run (fedseg.bench.stock)."""
+    NVFlare's stock peers run after the FedSeg methods, each in its own SimEnv run (fedseg.bench.stock).
+    Matched-step baselines (preset.matched_steps): FedAvg at f*B runs in the simulator job like every FL run (its plan
+    has R*f rounds); local-only and centralized at f*B run in one more baseline process per multiple f (R*f rounds)."""
     from fedseg import jobgen
     from fedseg.baselines import site_train_counts
 
@@ -384,7 +389,7 @@ def run_dataset(
     engines = {seed: cell_engine(spec, epochs, seed) for seed in seeds}
     batch = int(jobgen.resolve_engine(engines[seeds[0]])["batch_size"])
     budget = budget_mod.Budget.from_counts(rounds, epochs, counts, batch)
-    specs = {s.key: s for s in cell_specs(preset, spec, methods)}
+    specs = {s.key: s for s in cell_specs(preset, spec, methods, len(sites))}
     plans = budget_mod.plan_runs(list(specs.values()), budget, fedsm_policy=preset.fedsm_policy)
     inits = {seed: save_initial_checkpoint(ds_dir / f"init_s{seed}.pt", engines[seed], seed) for seed in seeds}
     cells = {
@@ -475,18 +480,33 @@ def run_dataset(
         if failed and not single and not attempt:
             pending.extend((1, [r]) for r in failed)  # a run that broke the shared job gets its own job
     baselines = [k for k, s in specs.items() if s.method in budget_mod.BASELINES]
+    factors = sorted({specs[k].rounds_factor for k in baselines})  # 1: equal steps; f: the matched f*B runs
     if baselines:
         batches = [[seed] for seed in seeds] if preset.isolate else [seeds]
-        for batch_seeds in batches:
-            check_stop()
-            PROGRESS.running(ds_name, f"local-only / centralized, seeds {batch_seeds} (separate process)")
-            got = run_baselines(
-                data_dir, engines[batch_seeds[0]], preset, inits, batch_seeds, baselines, ds_dir, plans, rounds, epochs
-            )
-            for seed in batch_seeds:
-                for k, rec in got[seed].items():
-                    cells[seed]["methods"][k] = _tag(rec, specs[k])
-            PROGRESS.finished(ds_name, [(k, s) for s in batch_seeds for k in baselines])
+        for factor in factors:
+            keys = {specs[k].method: k for k in baselines if specs[k].rounds_factor == factor}  # method -> run key
+            out_dir = ds_dir if factor == 1 else ds_dir / f"steps-{factor}B"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for batch_seeds in batches:
+                check_stop()
+                steps = "" if factor == 1 else f" at {factor}B steps"
+                PROGRESS.running(ds_name, f"local-only / centralized{steps}, seeds {batch_seeds} (separate process)")
+                got = run_baselines(
+                    data_dir,
+                    engines[batch_seeds[0]],
+                    preset,
+                    inits,
+                    batch_seeds,
+                    list(keys),
+                    out_dir,
+                    {m: plans[k] for m, k in keys.items()},
+                    rounds * factor,  # matched steps: R*f rounds (checkpoints) of the same E epochs
+                    epochs,
+                )
+                for seed in batch_seeds:
+                    for m, rec in got[seed].items():
+                        cells[seed]["methods"][keys[m]] = _tag(rec, specs[keys[m]])
+                PROGRESS.finished(ds_name, [(k, s) for s in batch_seeds for k in keys.values()])
     stock = [k for k, s in specs.items() if s.method in budget_mod.STOCK]
     for k in stock:
         for seed in seeds:
@@ -689,6 +709,7 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
         "fedsm_ablation": preset.fedsm_ablation,
         "optimizer_variants": list(optimizer_variants(preset)),
         "stock": list(preset.stock),
+        "matched_steps": preset.matched_steps,
         "lr_schedule": preset.lr_schedule,
         "conclusive": preset.conclusive,
         "hd95": preset.hd95,
@@ -771,6 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fedsm-policy", choices=budget_mod.FEDSM_POLICIES, help="FedSM/SoftPull under equal steps")
     p.add_argument("--protocols", nargs="*", choices=budget_mod.PROTOCOLS, help="default: both")
     p.add_argument("--no-ablation", action="store_true", help="skip the FedSM ablation and the optimizer-state runs")
+    p.add_argument(
+        "--no-matched-steps",
+        action="store_true",
+        help="skip the matched-step baselines (FedAvg, local-only, centralized at the paper runs' 2B and N*B steps)",
+    )
     p.add_argument("--stock", nargs="*", choices=budget_mod.STOCK, help="NVFlare stock peers (default: the preset's)")
     p.add_argument("--no-cost", action="store_true", help="skip the FL-overhead / throughput measurements")
     p.add_argument("--no-hd95", action="store_true")
@@ -838,6 +864,8 @@ def main(argv: list[str] | None = None) -> int:
             preset.protocols = list(o.protocols)
         if o.no_ablation:
             preset.fedsm_ablation = preset.optimizer_measure = False
+        if o.no_matched_steps:
+            preset.matched_steps = False
         if o.stock is not None:
             preset.stock = list(o.stock)
         if o.no_hd95:
