@@ -26,7 +26,11 @@ def test_worst_site_is_the_minimum_over_sites():
     assert worst_site({"a": {"dice": 0.7}, "b": {}, "c": {"dice": float("nan")}, "d": None}) == 0.7  # no Dice: left out
     assert math.isnan(worst_site({})) and math.isnan(worst_site({"a": {"dice": None}}))
     table = format_table(
-        {"models": {"m": {"a": {"dice": 0.8, "dice_std": 0.1, "n_cases": 4}, "b": {"dice": 0.5, "dice_std": 0.2, "n_cases": 4}}}}
+        {
+            "models": {
+                "m": {"a": {"dice": 0.8, "dice_std": 0.1, "n_cases": 4}, "b": {"dice": 0.5, "dice_std": 0.2, "n_cases": 4}}
+            }
+        }
     )
     header, _, row = table.splitlines()[1:4]
     assert [c.strip() for c in header.split("|")[-3:-1]] == ["mean over sites", "worst site"]
@@ -116,7 +120,9 @@ def test_the_runner_trains_matched_baselines_with_more_rounds(tmp_path, monkeypa
 
     def fake_baselines(data_dir, engine, preset, inits, seeds, methods, ds_dir, plans, rounds=None, epochs=None):
         calls.append((list(methods), rounds, epochs, ds_dir.name))
-        return {s: {m: {"method": m, "status": "ok", "plan": plans[m].as_dict(), "rounds": rounds} for m in methods} for s in seeds}
+        return {
+            s: {m: {"method": m, "status": "ok", "plan": plans[m].as_dict(), "rounds": rounds} for m in methods} for s in seeds
+        }
 
     monkeypatch.setattr(run_mod, "run_baselines", fake_baselines)
     preset = get_preset("smoke")
@@ -214,13 +220,15 @@ def test_report_shows_matched_baselines_worst_site_and_gap_closed():
     assert paper[-5:] == ["fedavg-2B", "local-2B", "centralized-2B", "fedavg-4B", "centralized-4B"]
     rows = {r["key"]: r for r in gap_rows(cells)}
     assert set(rows) == {"local", "fedsm", "fedcrossens", "fedsm-paper", "fedcrossens-paper", "local-2B"}
-    assert rows["fedsm"]["summary"]["closed"] == pytest.approx(0.25) and rows["local"]["summary"]["closed"] == pytest.approx(0.5)
+    assert rows["fedsm"]["summary"]["closed"] == pytest.approx(0.25) and rows["local"]["summary"]["closed"] == pytest.approx(
+        0.5
+    )
     assert rows["fedsm-paper"]["baselines"] == ("fedavg-2B", "centralized-2B")
     assert rows["fedsm-paper"]["summary"]["per_seed"] == pytest.approx({0: 0.5, 1: 0.4, 2: 0.6})
     assert rows["fedcrossens-paper"]["baselines"] == ("fedavg-4B", "centralized-4B")
     assert rows["fedcrossens-paper"]["summary"]["closed"] == pytest.approx(0.75)
     assert rows["local-2B"]["summary"]["closed"] == pytest.approx(0.75)
-    assert [r["key"] for r in headline_facts(cells)["gap_closed"]] == [r for r in rows]
+    assert [r["key"] for r in headline_facts(cells)["gap_closed"]] == list(rows)
 
     md = _markdown(cells)
     assert "| FedAvg, 2B steps (matched) | global (best) |" in md and "| Centralized, 4B steps (matched) |" in md
@@ -228,20 +236,28 @@ def test_report_shows_matched_baselines_worst_site_and_gap_closed():
     # worst site next to the mean over sites: protocol tables and the headline table
     assert "| mean over sites | worst site | steps used / B |" in md and "| d | d worst site |" in md
     assert "| FedAvg | global (best) | 0.700 ± 0.000 | 0.500 ± 0.000 | **0.600 ± 0.000** | 0.500 ± 0.000 |" in md
-    assert "| FedSM (paper protocol) | FedSM super model | 0.800 ± 0.000 | 0.600 ± 0.040 | **0.700 ± 0.020** | 0.600 ± 0.040 |" in md
+    assert (
+        "| FedSM (paper protocol) | FedSM super model | 0.800 ± 0.000 | 0.600 ± 0.040 | **0.700 ± 0.020** | 0.600 ± 0.040 |"
+        in md
+    )
     assert "| FedSM (paper protocol) | 0.700 ± 0.020 (2B) | 0.600 ± 0.040 |" in md  # the headline table
     assert "| FedAvg, 4B steps (matched) | global (best) | 0.700 | 0.500 | 0.600 ± 0.000 | 0.500 ± 0.000 |" in md  # every model
     assert "| Local only, 2B steps (matched) | paper | R·f = 8 rounds × 2 epochs" in md  # the budget table
     # the gap-closed section comes before the protocol tables of the dataset, and in the headline
     section = md.split("## d\n", 1)[1]
     assert section.index("**Gap closed on d**") < section.index("**Equal steps")
-    assert "| FedSM (paper protocol) | paper protocol | 2B | FedAvg, 2B steps (matched) / Centralized, 2B steps (matched) |" in md
+    assert (
+        "| FedSM (paper protocol) | paper protocol | 2B | FedAvg, 2B steps (matched) / Centralized, 2B steps (matched) |" in md
+    )
     assert "| +20.0 ± 0.0 points (3 seeds) | 50% ± 6% |" in md
     headline = md.split("## Headline", 1)[1].split("## d\n", 1)[0]
     assert "Share of the centralized − FedAvg gap closed" in headline
     assert "equal steps (B; centralized − FedAvg +20.0 ± 0.0 points (3 seeds)): Local only 50% ± 0%, FedSM 25% ± 0%" in headline
     assert "paper protocol (2B; centralized − FedAvg +20.0 ± 0.0 points (3 seeds)): FedSM (paper protocol) 50% ± 6%" in headline
-    assert "paper protocol (4B; centralized − FedAvg +20.0 ± 0.0 points (3 seeds)): FedCrossEns (paper protocol) 75% ± 0%" in headline
+    assert (
+        "paper protocol (4B; centralized − FedAvg +20.0 ± 0.0 points (3 seeds)): FedCrossEns (paper protocol) 75% ± 0%"
+        in headline
+    )
 
 
 def test_report_without_matched_runs_says_so():
