@@ -173,3 +173,39 @@ def test_fedbn_job_refuses_a_network_without_normalization_parameters(fedbn_runs
     assert "FedBN refused (keep_local='norm')" in log and "network norm 'instance'" in log, log[-3000:]
     assert not (run.job_dir / "app_server" / "fedbn" / "last.pt").exists()  # no round ran
     assert not any("task train done" in run.log(s) for s in SITES)
+
+
+# ---- the benchmark: FedBN on the dataset's own network, or not at all -------------------------------------------------
+def test_bench_skips_fedbn_where_the_network_has_no_normalization_parameters(tmp_path):
+    from fedseg.bench.presets import get_preset
+    from fedseg.bench.run import prepare_dataset, run_dataset
+
+    preset = get_preset("smoke")  # the built-in cells' network: MONAI "instance" norm, unchanged
+    spec = preset.datasets["synth2d"]
+    data, _ = prepare_dataset(spec, tmp_path / "data")
+    (cell,) = run_dataset("synth2d", data, spec, preset, ["fedbn"], tmp_path / "ds")
+    record = cell["methods"]["fedbn"]
+    assert record["status"] == "skipped" and "norm 'instance' has no parameters: FedBN would be FedAvg" in record["error"]
+    assert cell["jobs"] == []  # nothing ran
+
+
+def test_bench_job_runs_fedbn_on_the_datasets_network(tmp_path):
+    from fedseg.bench.budget import Budget, plan_method
+    from fedseg.bench.jobs import FEDBN_MODELS, build_job, fedbn_refusal, save_initial_checkpoint
+    from fedseg.bench.presets import ENGINE_2D
+
+    engine = {**ENGINE_2D, "network": {**ENGINE_2D["network"], "norm": "batch"}, "local_epochs": 1}
+    assert fedbn_refusal(engine) == "" and fedbn_refusal(ENGINE_2D)
+    init = save_initial_checkpoint(tmp_path / "init.pt", engine, 0)
+    plan = plan_method("fedbn", Budget(2, 1, {"site-1": 2, "site-2": 3}))
+    assert plan.rounds == 2 and plan.seg_steps_total == 10  # FedAvg's plan: the same steps
+    job = build_job(tmp_path / "jobs", "bench_fedbn", [("fedbn", 0)], {"fedbn": plan}, engine, {0: init})
+    config = job / "app" / "config"
+    server = json.loads((config / "config_fed_server.json").read_text())
+    client = json.loads((config / "config_fed_client.json").read_text())
+    flows = {w["path"].rsplit(".", 1)[1]: w["args"] for w in server["workflows"]}
+    assert flows["FedAvgController"]["keep_local"] == "norm" and flows["FedAvgController"]["num_rounds"] == 2
+    assert flows["BenchGlobalEval"]["keep_local"] == "norm" and flows["BenchGlobalEval"]["models"] == FEDBN_MODELS
+    persistors = [c for c in server["components"] if c["path"].endswith("SegModelPersistor")]
+    assert persistors and all(c["args"]["network"]["norm"] == "batch" for c in persistors)
+    assert client["executors"][0]["executor"]["args"]["engine"]["network"]["norm"] == "batch"

@@ -19,6 +19,8 @@ hand. What the report reads from the methods' results records (fedseg_results.js
             row is the model "FedSM personalized (own site)"
   FedCrossEns  uncertainty_auroc_per_site {site: AUROC of the member std for erroneous voxels}
   FedAvg/FedProx  models "global (best)" (headline) and "global (last)"
+  FedBN     models "personalized (best)" (headline) and "personalized (last)": the global model with each site's own
+            normalization; a dataset whose network has no normalization parameters records FedBN as "skipped"
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ NAMES = {
     "centralized": "Centralized",
     "fedavg": "FedAvg",
     "fedprox": "FedProx",
+    "fedbn": "FedBN",
     "fedsm": "FedSM",
     "softpull": "SoftPull",
     "fedcross": "FedCross",
@@ -54,6 +57,7 @@ COLORS = {
     "centralized": "#000000",
     "fedavg": "#1f77b4",
     "fedprox": "#17becf",
+    "fedbn": "#ff7f0e",
     "fedsm": "#d62728",
     "softpull": "#ff9896",
     "fedcross": "#9467bd",
@@ -1610,6 +1614,7 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
             "centralized": "pooled cases, B steps",
             "fedavg": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs",
             "fedprox": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs, mu 0.01",
+            "fedbn": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs, normalization kept at the sites",
             "fedsm": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs for each of 2 networks",
             "softpull": f"{p.get('rounds')} rounds × {p.get('local_epochs')} epochs for each of 2 networks",
             "fedcross": f"{p.get('communications')} communications × {p.get('visit_epochs')}-epoch visits, 1 model (cyclic)",

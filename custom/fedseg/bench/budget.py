@@ -12,6 +12,7 @@ Every method gets exactly B (the batch size, network, optimizer and data are the
   centralized   one model, B steps on the pooled training cases of all sites
   FedAvg        R rounds x E epochs at every site
   FedProx       same as FedAvg (the proximal term costs compute, not steps)
+  FedBN         same as FedAvg (the sites keep their normalization layers; only on a network that has some)
   FedSM         trains TWO segmentation networks per site per round (global g and personalized p_i):
   SoftPull        policy "epochs" (default): R rounds, E/2 epochs per network  (needs E even)
                   policy "rounds": R/2 rounds, E epochs per network             (needs R even)
@@ -55,8 +56,8 @@ from dataclasses import asdict, dataclass, field
 
 from fedseg.algorithms.schedules import plan_latin
 
-METHODS = ("local", "centralized", "fedavg", "fedprox", "fedsm", "softpull", "fedcross", "fedcrossens")
-FL_METHODS = ("fedavg", "fedprox", "fedsm", "softpull", "fedcross", "fedcrossens")
+METHODS = ("local", "centralized", "fedavg", "fedprox", "fedbn", "fedsm", "softpull", "fedcross", "fedcrossens")
+FL_METHODS = ("fedavg", "fedprox", "fedbn", "fedsm", "softpull", "fedcross", "fedcrossens")
 BASELINES = ("local", "centralized")
 FEDSM_POLICIES = ("epochs", "rounds", "extra")
 PROTOCOLS = ("equal", "paper")
@@ -182,8 +183,10 @@ def _plan_method(
             local_epochs=e,
             extra_cost={"data": "all sites' images pooled in one place (not federated)"},
         )
-    if method in ("fedavg", "fedprox"):
+    if method in ("fedavg", "fedprox", "fedbn"):
         extra = {"proximal term": "one extra weight-distance term per step (mu = 0.01)"} if method == "fedprox" else {}
+        if method == "fedbn":
+            extra = {"personalized models": f"{n} site normalizations kept at the sites (never averaged into a site's model)"}
         return MethodPlan(
             method, budget.total_steps, per_site, rounds=r, local_epochs=e, model_downloads_per_site=float(r), extra_cost=extra
         )

@@ -20,19 +20,26 @@ from fedseg.fl.meter import METER_FILE, read_meter
 # tasks that train segmentation networks, and how many networks each result's NUM_STEPS stands for
 TRAIN_TASKS = {"train": 1, "cross_train": 1, "fedsm_train": 2}
 # the validation score a site reports on the model it RECEIVED in a training task (the learning curve)
-CURVE_METRIC = {"fedavg": "val_dice", "fedprox": "val_dice", "fedsm": "val_super_dice", "softpull": "val_personalized_dice"}
+CURVE_METRIC = {
+    "fedavg": "val_dice",
+    "fedprox": "val_dice",
+    "fedbn": "val_dice",  # FedBN: the received model with the site's own normalization
+    "fedsm": "val_super_dice",
+    "softpull": "val_personalized_dice",
+}
 HEADLINE_MODEL = {
     "local": "local (own site)",
     "centralized": "centralized",
     "fedavg": "global (best)",
     "fedprox": "global (best)",
+    "fedbn": "personalized (best)",
     "fedsm": "FedSM super model",
     "softpull": "SoftPull personalized (own site)",
     "fedcross": "ensemble",
     "fedcrossens": "ensemble",
 }
 # extra models reported next to the headline (same rule for every method: the headline is best-validated)
-LAST_MODEL = {"fedavg": "global (last)", "fedprox": "global (last)"}
+LAST_MODEL = {"fedavg": "global (last)", "fedprox": "global (last)", "fedbn": "personalized (last)"}
 
 
 def server_app_dir(workspace: Path) -> Path:

@@ -4,7 +4,7 @@ A bench job runs, in one NVFlare simulator run:
     BenchWarmup                      build every site's data caches once (so no method pays for them)
     BenchMark(start, m1)             time stamp, reset the server's peak-RSS counter
     <m1's own workflow(s)>           e.g. NVFlare's FedAvg, FedSegController subclasses ...
-    BenchGlobalEval(m1)              FedAvg/FedProx only: score the final global model on every site's test cases
+    BenchGlobalEval(m1)              FedAvg/FedProx/FedBN only: score the final global model on every site's test cases
     BenchMark(end, m1)               time stamp, server peak RSS, move m1's output files to bench/m1/
     BenchMark(start, m2) ...
 
@@ -147,7 +147,8 @@ class BenchGlobalEval(FedSegController):
     (e.g. "fedavg/best.pt", FedAvgController's best-validated model) or, with no "/", a model the persistor
     knows by that name. A missing file is recorded in extra["missing_models"] (and skipped).
     validation_model: the label of the model also scored on the validation cases, the last point of the
-    learning curve (the final model; "" = the first found)."""
+    learning curve (the final model; "" = the first found). keep_local "norm" (FedBN): each site scores the model
+    with its own normalization layers, i.e. its personalized model."""
 
     def __init__(
         self,
@@ -159,9 +160,11 @@ class BenchGlobalEval(FedSegController):
         validation_model: str = "",
         section: str = "testing",
         task_timeout: int = 3600,
+        keep_local: str = "none",
     ):
         super().__init__(persistor_id=persistor_id, task_timeout=task_timeout, min_clients=1)
         self.method = method
+        self.keep_local = keep_local
         self.models = dict(models or {label: model_file})
         self.section = section
         self.validation_model = validation_model
@@ -181,6 +184,8 @@ class BenchGlobalEval(FedSegController):
     def _score(self, weights, label: str, section: str) -> dict:
         sites = self.connected_sites()
         meta = {"section": section, "model_name": label}
+        if self.keep_local != "none":
+            meta["keep_local"] = self.keep_local
         return self.run_tasks(
             "validate", {s: FLModel(params=weights, params_type=ParamsType.FULL, meta=dict(meta)) for s in sites}
         )

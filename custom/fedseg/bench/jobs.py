@@ -9,10 +9,12 @@ Differences from the shipped job folders, all of them stated in the report:
   * the server's task_request_interval (how long a site waits before asking for its next task; FLARE's default
     is 2 s) is set to the preset's value (0.1 s), and the workflows' task_check_period to 0.1 s: measured in
     the report's FL-overhead section;
-  * FedAvg/FedProx are scored by BenchGlobalEval instead of FLARE's full cross-site evaluation (which also
+  * FedAvg/FedProx/FedBN are scored by BenchGlobalEval instead of FLARE's full cross-site evaluation (which also
     scores every site's local model everywhere): the best-validated global model (FedAvgController's
     fedavg/best.pt, chosen by the median over sites of the validation Dice of the model they received) is
-    the headline, as every method's model is its best-validated one; the last model is an extra row;
+    the headline, as every method's model is its best-validated one; the last model is an extra row; FedBN's
+    sites score them with their own normalization (personalized models). FedBN runs only where the dataset's
+    engine network has normalization parameters (fedbn_refusal), on that same network as every other method;
   * one learning-rate policy for every method: FedCross/FedCrossEns get the preset's lr_schedule
     ("constant", as every other method trains); FedSM's final scores use its best set where its controller
     has a `final_model` argument;
@@ -38,6 +40,7 @@ FAST_CHECK_PERIOD = 0.1
 METHOD_OUTPUTS = {
     "fedavg": ["fedavg"],
     "fedprox": ["fedavg"],
+    "fedbn": ["fedbn"],
     "fedsm": ["fedsm"],
     "softpull": ["fedsm"],
     "fedcross": ["fedcross"],
@@ -45,6 +48,8 @@ METHOD_OUTPUTS = {
 }
 # FedAvg/FedProx: the models BenchGlobalEval scores (files FedAvgController writes under its output_dir)
 FEDAVG_MODELS = {"global (best)": "fedavg/best.pt", "global (last)": "fedavg/last.pt"}
+# FedBN: the same files under its own folder, each scored by every site with its own normalization
+FEDBN_MODELS = {"personalized (best)": "fedbn/best.pt", "personalized (last)": "fedbn/last.pt"}
 DEFAULT_LR_SCHEDULE = "constant"
 
 
@@ -80,6 +85,20 @@ def controller_default(path: str, arg: str):
     except (ImportError, AttributeError):
         return None
     return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def fedbn_refusal(engine: dict) -> str:
+    """Why FedBN cannot run on this engine's network ("" when it can): with no normalization parameters (e.g.
+    MONAI's "instance" norm, affine=False) FedBN would be FedAvg under another name."""
+    from fedseg.engine.networks import network_norm_keys
+
+    network = EngineConfig.from_dict(jobgen.resolve_engine(engine)).network_args()
+    if network_norm_keys(network):
+        return ""
+    return (
+        f"network norm {network.get('norm', 'instance')!r} has no parameters: FedBN would be FedAvg (FedBN keeps the "
+        "normalization parameters at the sites; every method runs on the dataset's one network)"
+    )
 
 
 def persistor(cid: str, network: dict, init_ckpt: str, prefix: str) -> dict:
@@ -130,7 +149,7 @@ def method_workflows(
     workflow["id"] = f"{name}_{workflow['id']}"
     workflows = [workflow]
     accepted = controller_arguments(workflow["path"])
-    if method in ("fedavg", "fedprox"):
+    if method in ("fedavg", "fedprox", "fedbn"):
         if task_check_period:
             args["task_check_period"] = task_check_period
         if "local_optimizer" in accepted and "local_optimizer" not in args:  # explicit, so the record states it
@@ -143,8 +162,9 @@ def method_workflows(
                     "args": {
                         "method": method,
                         "persistor_id": pid,
-                        "models": dict(FEDAVG_MODELS),
-                        "validation_model": "global (last)",
+                        "models": dict(FEDBN_MODELS if method == "fedbn" else FEDAVG_MODELS),
+                        "validation_model": "personalized (last)" if method == "fedbn" else "global (last)",
+                        **({"keep_local": "norm"} if method == "fedbn" else {}),
                     },
                 }
             )

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from fedseg.bench import budget as budget_mod
 from fedseg.bench.collect import meter_records, method_record, timeline, windows
-from fedseg.bench.jobs import build_job, label, save_initial_checkpoint, workflow_args
+from fedseg.bench.jobs import build_job, fedbn_refusal, label, save_initial_checkpoint, workflow_args
 from fedseg.bench.presets import (
     REPO,
     DatasetSpec,
@@ -366,6 +366,22 @@ def cell_specs(preset: Preset, spec: DatasetSpec, methods: list[str], n_sites: i
     )
 
 
+def _skip_fedbn(key: str, specs: dict, plans: dict, engines: dict, cells: dict, ds_name: str) -> bool:
+    """A FedBN run on a network without normalization parameters is not run (it would be FedAvg): recorded as
+    "skipped" with the reason, which the report shows in its row."""
+    if specs[key].method != "fedbn":
+        return False
+    reasons = {seed: fedbn_refusal(engine) for seed, engine in engines.items()}
+    if not any(reasons.values()):
+        return False
+    for seed, reason in reasons.items():
+        record = {"method": "fedbn", "status": "skipped", "plan": plans[key].as_dict(), "error": reason or "skipped"}
+        cells[seed]["methods"][key] = _tag(record, specs[key])
+    PROGRESS.finished(ds_name, [(key, seed) for seed in engines])
+    log(f"{ds_name}: {key} {next(r for r in reasons.values() if r)}")
+    return True
+
+
 def run_dataset(
     ds_name: str, data_dir: Path, spec: DatasetSpec, preset: Preset, methods: list[str], ds_dir: Path
 ) -> list[dict]:
@@ -429,6 +445,7 @@ def run_dataset(
                 specs[k],
             )
         PROGRESS.finished(ds_name, [(k, seed) for seed in seeds])
+    available = [k for k in available if not _skip_fedbn(k, specs, plans, engines, cells, ds_name)]
     runs = [(k, seed) for seed in seeds for k in available]
     groups = [[r] for r in runs] if preset.isolate else ([runs] if runs else [])
     pending = [(0, g) for g in groups]
