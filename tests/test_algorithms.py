@@ -582,3 +582,31 @@ def test_package_exports():
 
     for name in alg.__all__:
         assert hasattr(alg, name)
+
+
+# ---- FedSM: gamma chosen on validation, and the selector's health ---------------------------------------------
+def test_choose_gamma_takes_the_best_validation_mean_and_the_larger_gamma_on_ties():
+    from fedseg.algorithms.routing import choose_gamma
+
+    gammas = [0.0, 0.5, 0.9, 1.0]
+    gamma, means = choose_gamma(gammas, {"a": [0.5, 0.7, 0.7, 0.6], "b": [0.7, 0.7, 0.7, 0.6]})
+    assert means == pytest.approx([0.6, 0.7, 0.7, 0.6]) and gamma == 0.9
+    assert choose_gamma(gammas, {"a": [0.9, float("nan"), 0.1, 0.2]})[0] == 0.0
+    with pytest.raises(ValueError, match="one Dice per gamma"):
+        choose_gamma(gammas, {"a": [0.5, 0.6]})
+    with pytest.raises(ValueError):
+        choose_gamma([1.5], {"a": [0.5]})
+
+
+def test_selector_health_names_collapse_and_a_super_model_that_is_the_global_one():
+    from fedseg.algorithms.routing import selector_health
+
+    sites = ["a", "b", "c"]
+    route = lambda own, glob: {"a": own, "b": 0, "c": 0, "global": glob}  # noqa: E731
+    learned = selector_health({"a": 0.9, "b": 0.8, "c": 0.7}, {"a": route(8, 2), "b": route(7, 3)}, sites)
+    assert learned["status"] == "learned" and not learned["reasons"] and learned["global_share"] == 0.25
+    stuck = selector_health({"a": 1.0, "b": 0.0, "c": 0.0}, {"a": route(9, 1)}, sites)  # everything is "a"
+    assert stuck["status"] == "collapsed" and stuck["below_chance"] == ["b", "c"]
+    shy = selector_health({"a": 0.9, "b": 0.9, "c": 0.9}, {"a": route(1, 9), "b": route(0, 10)}, sites)
+    assert shy["status"] == "unused" and "routed to the global model" in shy["reasons"][0]
+    assert shy["global_share"] == pytest.approx(0.95)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,8 +227,8 @@ def test_fedsm_final_evaluation_separates_argmax_from_routing_and_sweeps_gamma(f
         assert m["routing"][site] == round(m["routed_own"] * n) and m["routed_own"] <= m["selector_accuracy"]
         sweep = m["gamma_sweep"]
         assert len(sweep) == len(GAMMA_SWEEP)
-        # one scoring of each model: the sweep at the job's gamma IS the super model, at gamma 1 the global model
-        assert sweep[GAMMA_SWEEP.index(0.9)] == pytest.approx(m["super"]["dice"], abs=1e-9)
+        # one scoring of each model: the sweep at the gamma used IS the super model, at gamma 1 the global model
+        assert sweep[GAMMA_SWEEP.index(extra["gamma"])] == pytest.approx(m["super"]["dice"], abs=1e-9)
         assert sweep[-1] == pytest.approx(m["global"]["dice"], abs=1e-9)
         assert extra["gamma_sweep"]["dice"][site] == sweep
     assert extra["gamma_sweep"]["gammas"] == list(GAMMA_SWEEP)
@@ -242,6 +243,15 @@ def test_fedsm_final_evaluation_separates_argmax_from_routing_and_sweeps_gamma(f
     assert extra["super_learned"]["dice"] == {s: evaluation[s]["super"]["dice"] for s in sites}
     assert extra["super_learned"]["mean"] == pytest.approx(np.mean([evaluation[s]["super"]["dice"] for s in sites]))
     assert extra["selector"]["protocol"] == "epoch"
+    # gamma was chosen on the validation cases, before the test cases were scored: the best mean sweep there
+    chosen = extra["gamma_validation"]
+    assert extra["gamma_policy"] == "validation" and chosen["gammas"] == list(GAMMA_SWEEP)
+    assert sorted(chosen["dice"]) == sites and all(len(v) == len(GAMMA_SWEEP) for v in chosen["dice"].values())
+    best = max(chosen["mean_dice"])
+    assert extra["gamma"] == max(g for g, d in zip(GAMMA_SWEEP, chosen["mean_dice"]) if d == best)
+    assert f"gamma chosen on the sites' validation cases: {extra['gamma']}" in fedsm_run.log("server")
+    assert extra["selector_status"]["status"] in ("learned", "unused", "collapsed")
+    assert extra["super_learned"]["gamma"] == extra["gamma"]
 
 
 def test_fedsm_records_the_selector_every_round(fedsm_run):
@@ -377,3 +387,21 @@ def test_softpull_job(tiny2d, tmp_path):
     assert set(results["models"]) == {"SoftPull global", "SoftPull personalized (own site)"}
     groups, info = load_model_set(result.job_dir / FEDSM_DIR / "last.pt")
     assert "selector" not in groups and info["use_selector"] is False
+
+
+def test_fedsm_says_when_its_selector_cannot_learn(tiny2d, tmp_path):
+    """Every site holds the same images: no selector can tell them apart. Each image has one argmax for all
+    three sites, so the sites' argmax accuracies sum to 1 and one is at or below chance: the run must say that
+    the selector collapsed, in its results, its table and the server log, instead of presenting a super model."""
+    data = tmp_path / "same"
+    for site in ("site-1", "site-2", "site-3"):
+        shutil.copytree(tiny2d / "site-1", data / site)
+    run = simulate(fedsm_job(tmp_path, num_rounds=2), tmp_path / "ws", data, n=3)
+    results = json.loads((run.job_dir / "app_server" / "fedseg_results.json").read_text())
+    status = results["extra"]["selector_status"]
+    accuracy = results["extra"]["selector_accuracy"]
+    assert sum(accuracy.values()) == pytest.approx(1.0)
+    assert status["status"] == "collapsed" and status["below_chance"], status
+    assert "at or below chance" in status["reasons"][0]
+    log = run.log("server")
+    assert "SELECTOR COLLAPSED" in log and "WARNING: FedSM selector collapsed" in log

@@ -64,7 +64,13 @@ def recipe_for(name: str, o: argparse.Namespace) -> FedSegRecipe:
         )
     if name in ("fedsm", "softpull"):
         return FedSMRecipe(
-            name=o.name or name, num_rounds=o.rounds, lam=o.lam, gamma=o.gamma, softpull_only=name == "softpull", **common
+            name=o.name or name,
+            num_rounds=o.rounds,
+            lam=o.lam,
+            gamma=o.gamma,
+            gamma_policy=getattr(o, "gamma_policy", "validation"),
+            softpull_only=name == "softpull",
+            **common,
         )
     if name in ("fedcross", "fedcrossens"):
         return FedCrossRecipe(
@@ -195,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lam", type=float, default=0.7, help="FedSM/SoftPull: weight of a site's own personalized model")
     p.add_argument("--gamma", type=float, default=0.9, help="FedSM: selector confidence needed to use a personalized model")
+    p.add_argument(
+        "--gamma-policy",
+        choices=("validation", "fixed"),
+        default="validation",
+        help="FedSM: the final gamma chosen on the sites' validation cases (default) or --gamma as given",
+    )
     p.add_argument("--task-timeout", type=int, default=3600, help="seconds per site task (0: no limit)")
     p.add_argument(
         "--communications",

@@ -317,6 +317,7 @@ class FedSMRecipe(FedSegRecipe):
         datalist: str = DEFAULT_DATALIST,
         lam: float = 0.7,
         gamma: float = 0.9,
+        gamma_policy: str = "validation",
         softpull_only: bool = False,
         selector: dict | None = None,
         final_model: str = "best",
@@ -330,10 +331,13 @@ class FedSMRecipe(FedSegRecipe):
 
         Args:
             lam: SoftPull weight of a site's own model, in [0, 1]. gamma: selector confidence above which the super
-                model uses a personalized model, in [0, 1]. selector: selector settings over
+                model uses a personalized model, in [0, 1]. gamma_policy: "validation" (the final super model's gamma
+                is chosen from the sweep on the sites' validation cases and reported) or "fixed" (gamma as given, the
+                paper's 0.9). selector: selector settings over
                 fedseg.methods.fedsm.DEFAULT_SELECTOR. final_model: "best" or "last" set for the final test scores.
             The others as FedAvgRecipe; min_clients sites start the job, a round needs one valid answer.
         """
+        from fedseg.algorithms.routing import GAMMA_POLICIES
         from fedseg.fl.fedsm_controller import FedSMController
         from fedseg.methods.fedsm import DEFAULT_SELECTOR
 
@@ -351,6 +355,7 @@ class FedSMRecipe(FedSegRecipe):
             num_rounds=_int(recipe, "num_rounds", num_rounds, 1),
             lam=_number(recipe, "lam", lam, 0.0, 1.0),
             gamma=_number(recipe, "gamma", gamma, 0.0, 1.0),
+            gamma_policy=_choice(recipe, "gamma_policy", gamma_policy, GAMMA_POLICIES),
             use_selector=not softpull_only,
             selector=None if softpull_only else {**DEFAULT_SELECTOR, **(selector or {})},
             min_clients=1,
@@ -363,6 +368,7 @@ class FedSMRecipe(FedSegRecipe):
             "num_rounds",
             "lam",
             "gamma",
+            "gamma_policy",
             "use_selector",
             "min_clients",
             "task_timeout",

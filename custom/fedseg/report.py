@@ -111,6 +111,9 @@ def format_table(results: dict, title: str | None = None) -> str:
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     out = [f"{title or results.get('method', 'run')}: per-site test Dice (mean ± std over cases)"]
     out += [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+    health = (results.get("extra") or {}).get("selector_status") or {}
+    if isinstance(health, dict) and health.get("status") not in (None, "learned"):
+        out.append(f"WARNING: FedSM selector {health['status']}: " + "; ".join(map(str, health.get("reasons") or [])))
     for key, value in (results.get("extra") or {}).items():
         if isinstance(value, float):
             out.append(f"{key}: {value:.4g}")

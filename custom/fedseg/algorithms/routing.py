@@ -18,7 +18,7 @@ from numbers import Real
 
 import numpy as np
 
-__all__ = ["GLOBAL", "Route", "route", "route_batch", "softmax"]
+__all__ = ["GAMMA_POLICIES", "GLOBAL", "Route", "choose_gamma", "route", "route_batch", "selector_health", "softmax"]
 
 GLOBAL = "global"
 PROB_ATOL = 1e-3  # tolerance on sum(q) == 1 and 0 <= q <= 1 (covers float16 softmax output)
@@ -109,3 +109,51 @@ def route_batch(probs, site_names: list[str], gamma: float) -> list[Route]:
         raise ValueError(f"probs must have shape (B, {len(names)}), got {q.shape}")
     q = _check_probs(q, len(names))
     return [_decide(row, names, gamma) for row in q]
+
+
+# ---- choosing gamma and judging the selector: pure functions of what the sites measured ---------------------
+GAMMA_POLICIES = ("validation", "fixed")
+UNUSED_GLOBAL_SHARE = 0.9  # a super model that sends this share of cases to the global model is the global model
+
+
+def choose_gamma(gammas, site_dice: dict[str, list[float]]) -> tuple[float, list[float]]:
+    """The confidence threshold with the best mean super-model Dice over sites, from the sites' sweeps on their
+    VALIDATION cases ({site: [Dice per gamma]}, one value per entry of ``gammas``). Ties go to the larger gamma
+    (fewer cases leave the global model). Returns (gamma, mean Dice per gamma)."""
+    gammas = [_check_gamma(g) for g in gammas]
+    rows = [list(map(float, v)) for v in site_dice.values()]
+    if not gammas or not rows or any(len(r) != len(gammas) for r in rows):
+        raise ValueError(f"need one Dice per gamma ({len(gammas)}) from at least one site, got {site_dice}")
+    means = [float(np.nanmean([r[i] for r in rows])) for i in range(len(gammas))]
+    finite = [i for i, m in enumerate(means) if math.isfinite(m)]
+    if not finite:
+        raise ValueError("no site reported a finite Dice for any gamma")
+    best = max(finite, key=lambda i: (means[i], gammas[i]))
+    return gammas[best], means
+
+
+def selector_health(accuracy: dict[str, float], routing: dict[str, dict[str, int]], site_names: list[str]) -> dict:
+    """Whether the selector learned and whether the super model uses it, from per-site argmax accuracy (share of
+    a site's cases whose top class is the site itself) and routing counts ({site: {model or "global": count}}).
+
+    "collapsed": some class site's accuracy is at or below chance (1 / S): the selector attributes most of its
+      images to other sites (a selector stuck on one class, or one that cannot tell the sites apart).
+    "unused": at least UNUSED_GLOBAL_SHARE of all cases go to the global model: the super model is (almost)
+      the global model, whatever the selector learned (e.g. its confidence stays under gamma).
+    "learned": neither. Returns {"status", "reasons", "chance", "below_chance", "global_share"}."""
+    names = _check_sites(site_names)
+    chance = 1.0 / len(names)
+    below = sorted(s for s in names if s in accuracy and float(accuracy[s]) <= chance + 1e-12)
+    total = sum(int(v) for row in routing.values() for v in (row or {}).values())
+    to_global = sum(int((row or {}).get(GLOBAL, 0)) for row in routing.values())
+    share = to_global / total if total else float("nan")
+    reasons = []
+    if below:
+        reasons.append(
+            f"argmax accuracy at or below chance ({chance:.2f}) at {', '.join(below)}: the selector sends their "
+            "images to other sites' models"
+        )
+    if total and share >= UNUSED_GLOBAL_SHARE:
+        reasons.append(f"{share:.0%} of the cases are routed to the global model: the super model is the global model")
+    status = "collapsed" if below else ("unused" if reasons else "learned")
+    return {"status": status, "reasons": reasons, "chance": chance, "below_chance": below, "global_share": share}

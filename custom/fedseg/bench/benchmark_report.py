@@ -33,25 +33,28 @@ from pathlib import Path
 
 import numpy as np
 
-from fedseg.bench.budget import METHODS, PAPER_DIFFERS, STOCK
-from fedseg.bench.collect import HEADLINE_MODEL
+from fedseg.bench.report_data import (
+    HEADLINE,
+    NAMES,
+    _finite,
+    _first_rec,
+    _fmt,
+    _mean,
+    _pm,
+    _pts,
+    _std,
+    _table,
+    aggregate,
+    local_optimizer_of,
+    method_order,
+    method_summary,
+    protocol_rows,
+    run_info,
+    run_keys,
+    run_name,
+)
 from fedseg.report import worst_site
 
-NAMES = {
-    "local": "Local only",
-    "centralized": "Centralized",
-    "fedavg": "FedAvg",
-    "fedprox": "FedProx",
-    "fedbn": "FedBN",
-    "fedsm": "FedSM",
-    "softpull": "SoftPull",
-    "fedcross": "FedCross",
-    "fedcrossens": "FedCrossEns",
-    "nvflare_cyclic": "NVFlare CyclicRecipe (stock)",
-    "nvflare_fedavg": "NVFlare FedAvgRecipe (stock)",
-}
-# each run's headline model: FedSeg's methods as the collector records them, plus NVFlare's stock peers
-HEADLINE = {**HEADLINE_MODEL, "nvflare_cyclic": "global (last)", "nvflare_fedavg": "global (best)"}
 COLORS = {
     "local": "#8c8c8c",
     "centralized": "#000000",
@@ -67,138 +70,10 @@ COLORS = {
 }
 ORACLE_MODELS = ("FedSM personalized (own site)", "SoftPull personalized (own site)", "personalized (own site)")
 ORACLE_NOTE = "oracle routing: uses the site's identity"
-GROUPS = ("main", "stock", "matched", "ablation", "optimizer")  # matched: baselines at the paper runs' steps
 PUBLISH_DIR = Path("docs") / "benchmarks"
-MB = 1e6
 BEAT_MARGIN = 0.02  # "beats FedAvg by at least 2 Dice points"
 MATCH_MARGIN = 0.01  # "FedCross matches the stock cyclic workflow": at most 1 Dice point below it
 FLAT_TAIL, FLAT_GAIN = 0.25, 0.01  # flattened: over the last 25% of a curve the validation Dice rises by < 0.01 (fitted line)
-
-
-# ---- small helpers -----------------------------------------------------------------------------------------
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _mean(values) -> float:
-    v = [float(x) for x in values if _finite(x)]
-    return float(np.mean(v)) if v else float("nan")
-
-
-def _std(values) -> float:
-    """Sample standard deviation (ddof=1); 0 for one value."""
-    v = [float(x) for x in values if _finite(x)]
-    return float(np.std(v, ddof=1)) if len(v) > 1 else (0.0 if v else float("nan"))
-
-
-def _fmt(x, digits: int = 3) -> str:
-    return f"{x:.{digits}f}" if _finite(x) else "-"
-
-
-def _pm(values, digits: int = 3) -> str:
-    m, s = _mean(values), _std(values)
-    if not _finite(m):
-        return "-"
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if len([v for v in values if _finite(v)]) > 1 else f"{m:.{digits}f}"
-
-
-def _pts(x) -> str:
-    """A Dice difference in Dice points (x 100), signed."""
-    return f"{100 * x:+.1f}" if _finite(x) else "-"
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def site_mean(per_site: dict, key: str = "dice") -> float:
-    return _mean([v.get(key) for v in per_site.values() if isinstance(v, dict)])
-
-
-# ---- runs: key, method, protocol, group ------------------------------------------------------------------
-def run_info(key: str, rec: dict) -> dict:
-    """method / protocol / group / options of a run record (records older than the two protocols: the key is
-    the method, equal steps, main group)."""
-    method = rec.get("method") if rec.get("method") in NAMES else key
-    return {
-        "key": key,
-        "method": method,
-        "protocol": rec.get("protocol", "equal"),
-        "group": rec.get("group", "main"),
-        "options": rec.get("options") or {},
-    }
-
-
-def local_optimizer_of(rec: dict) -> str | None:
-    return (rec.get("options") or {}).get("local_optimizer") or (rec.get("workflow_args") or {}).get("local_optimizer")
-
-
-def run_name(key: str, rec: dict) -> str:
-    i = run_info(key, rec)
-    base = NAMES.get(i["method"], i["method"])
-    if i["group"] == "ablation":
-        lam = i["options"].get("lam")
-        return f"{base} λ={lam} ({'full' if i['protocol'] == 'paper' else 'half'} budget per network)"
-    if i["group"] == "optimizer":
-        return f"{base} (local optimizer {i['options'].get('local_optimizer')})"
-    if i["group"] == "matched":
-        from fedseg.bench.gap_report import matched_name
-
-        return matched_name(key, rec)
-    return base + (" (paper protocol)" if i["protocol"] == "paper" else "")
-
-
-def _first_rec(cells: list[dict], key: str) -> dict:
-    return next((c["methods"][key] for c in cells if key in c.get("methods", {})), {})
-
-
-def run_keys(cells: list[dict], groups=GROUPS) -> list[str]:
-    """Every run key present, ordered: group, method (METHODS order, stock last), protocol."""
-    found = {}
-    for c in cells:
-        for k, rec in c.get("methods", {}).items():
-            found.setdefault(k, run_info(k, rec))
-    order = list(METHODS) + list(STOCK)
-
-    def sort_key(k):
-        i = found[k]
-        return (
-            GROUPS.index(i["group"]) if i["group"] in GROUPS else 9,
-            order.index(i["method"]) if i["method"] in order else 99,
-            i["protocol"] != "equal",
-            k,
-        )
-
-    return sorted((k for k in found if found[k]["group"] in groups), key=sort_key)
-
-
-def method_order(cells: list[dict]) -> list[str]:
-    """The main runs under equal steps (one per method) and the stock peers, in METHODS order."""
-    return [k for k in run_keys(cells, ("main", "stock")) if _first_rec(cells, k).get("protocol", "equal") == "equal"]
-
-
-def protocol_rows(cells: list[dict], protocol: str) -> list[tuple[str, bool]]:
-    """(run key, shared) of one protocol's table: equal steps = every method's equal-steps run; paper = the
-    "<method>-paper" run where the method has one, else its equal-steps run (shared=True: its own protocol is
-    the equal-steps plan, the same run serves both tables). NVFlare's stock peers in both. The paper table ends
-    with the matched-step baselines (FedAvg, local-only, centralized at the paper runs' 2B / N·B steps) when run."""
-    main = method_order(cells)
-    if protocol == "equal":
-        return [(k, False) for k in main]
-    keys = set(run_keys(cells))
-    out = []
-    for k in main:
-        method = run_info(k, _first_rec(cells, k))["method"]
-        paper = f"{k}-paper"
-        if method in PAPER_DIFFERS and paper in keys:
-            out.append((paper, False))
-        elif method not in PAPER_DIFFERS:
-            out.append((k, True))
-    from fedseg.bench.gap_report import matched_keys
-
-    return out + [(k, False) for k in matched_keys(cells)]
 
 
 # ---- raw files ---------------------------------------------------------------------------------------------
@@ -314,26 +189,6 @@ def write_raw(raw: Path, cells: list[dict], run_info_: dict) -> None:
     (raw / "run.json").write_text(json.dumps(run_info_, indent=1, default=str))
 
 
-def method_summary(rec: dict, rounds: int, model: str | None = None) -> dict:
-    """Headline numbers of one run in one cell (`model`: another of its models instead of the headline)."""
-    models = (rec.get("results") or {}).get("models") or {}
-    name = model or rec.get("headline_model") or HEADLINE.get(rec.get("method"), "")
-    per_site = models.get(name, {})
-    traffic = rec.get("traffic") or {}
-    memory = [v for v in (rec.get("memory") or {}).values() if _finite(v)]
-    return {
-        "dice": site_mean(per_site) if per_site else float("nan"),
-        "hd95": site_mean(per_site, "hd95") if per_site else float("nan"),
-        "per_site": {s: v.get("dice") for s, v in per_site.items()},
-        "per_site_hd95": {s: v.get("hd95") for s, v in per_site.items()},
-        "per_site_case_std": {s: v.get("dice_std") for s, v in per_site.items()},
-        "mb_in": _mean([t["bytes_in"] / rounds / MB for t in traffic.values()]) if traffic else float("nan"),
-        "mb_out": _mean([t["bytes_out"] / rounds / MB for t in traffic.values()]) if traffic else float("nan"),
-        "peak_rss_mb": max(memory) / 2**20 if memory else float("nan"),
-        "server_rss_mb": rec["server_peak_rss_bytes"] / 2**20 if _finite(rec.get("server_peak_rss_bytes")) else float("nan"),
-    }
-
-
 def load_raw(raw: Path) -> tuple[dict, list[dict], dict | None]:
     data = json.loads((raw / "results.json").read_text())
     cost_file = raw / "cost.json"
@@ -419,66 +274,6 @@ def by_dataset(cells: list[dict]) -> dict[str, list[dict]]:
     for c in cells:
         out.setdefault(c["dataset"], []).append(c)
     return out
-
-
-def aggregate(cells: list[dict], key: str, model: str | None = None) -> dict:
-    """Over the seeds of one dataset: lists of per-seed values of one run (its headline model, or `model`)."""
-    agg: dict = {
-        "dice": [],
-        "worst": [],  # per seed: the worst site's Dice (minimum over sites)
-        "hd95": [],
-        "wall": [],
-        "cpu": [],
-        "steps": [],
-        "planned": [],
-        "budget": [],
-        "ratio": [],
-        "selector_steps": [],
-        "mb_in": [],
-        "mb_out": [],
-        "rss": [],
-        "server_rss": [],
-        "per_site": {},
-        "per_site_hd95": {},
-        "per_site_case_std": {},
-        "status": [],
-        "seeds": [],
-        "errors": [],
-    }
-    for c in cells:
-        rec = c.get("methods", {}).get(key)
-        if rec is None:
-            continue
-        agg["status"].append(rec.get("status"))
-        if rec.get("status") not in ("ok", "partial"):
-            agg["errors"].append(rec.get("error", ""))
-            continue
-        s = method_summary(rec, (c.get("budget") or {}).get("rounds") or 1, model)
-        if model and not s["per_site"]:
-            continue
-        agg["seeds"].append(c["seed"])
-        for k, src in (
-            ("dice", "dice"),
-            ("hd95", "hd95"),
-            ("mb_in", "mb_in"),
-            ("mb_out", "mb_out"),
-            ("rss", "peak_rss_mb"),
-            ("server_rss", "server_rss_mb"),
-        ):
-            agg[k].append(s[src])
-        agg["worst"].append(worst_site(s["per_site"]))
-        b = (c.get("budget") or {}).get("total_steps")
-        agg["wall"].append(rec.get("wall_seconds"))
-        agg["cpu"].append(rec.get("cpu_seconds"))
-        agg["steps"].append(rec.get("seg_steps"))
-        agg["planned"].append((rec.get("plan") or {}).get("seg_steps_total"))
-        agg["budget"].append(b)
-        agg["ratio"].append(rec["seg_steps"] / b if _finite(rec.get("seg_steps")) and b else float("nan"))
-        agg["selector_steps"].append(rec.get("selector_steps"))
-        for k in ("per_site", "per_site_hd95", "per_site_case_std"):
-            for site, v in s[k].items():
-                agg[k].setdefault(site, []).append(v)
-    return agg
 
 
 def all_models(cells: list[dict], key: str) -> dict[str, dict[str, list]]:
@@ -800,17 +595,28 @@ def fedsm_section(ds: str, cells: list[dict], sites: list[str]) -> list[str]:
                 f" / {_fmt(_mean([st[s]['routed_global'] for st in stats]))}"
             )
         row.append(_fmt(min((_mean([st[s]["argmax_own"] for st in stats]) for s in sites), default=float("nan"))))
+        extras = [((c["methods"].get(k) or {}).get("results") or {}).get("extra") or {} for c in cells if k in c["methods"]]
+        row += [
+            ", ".join(_fmt(e["gamma"], 2) for e in extras if _finite(e.get("gamma"))) or "-",
+            ", ".join((e.get("selector_status") or {}).get("status", "-") for e in extras),
+        ]
         rows.append(row)
     if rows:
+        header = ["run"] + [f"{s}: argmax own / routed own / global" for s in sites]
         L += [
             f"**FedSM selector on {ds}'s test cases** (mean over seeds): share whose selector argmax is the own site / "
             "share routed to the own personalized model / share routed to the global model (confidence below gamma). "
             'Only "routed to own model" is what the super model uses; the argmax alone is not enough when the '
-            "confidence stays below gamma.",
+            "confidence stays below gamma. gamma: the threshold each seed's run used (chosen on the sites' validation "
+            'cases unless the run fixed it); status per seed: "learned", "collapsed" (some site\'s argmax accuracy at or '
+            'below chance) or "unused" (90% or more of the cases routed to the global model: the super model is the '
+            "global model).",
             "",
-            _table(["run"] + [f"{s}: argmax own / routed own / global" for s in sites] + ["lowest argmax-own"], rows),
+            _table(header + ["lowest argmax-own", "gamma per seed", "selector status per seed"], rows),
             "",
         ]
+        if any("collapsed" in r[-1] or "unused" in r[-1] for r in rows):
+            L += ["**Warning: in some runs the FedSM selector collapsed or was unused; their super model is not FedSM's.**", ""]
     for k in keys[:2]:  # the routing confusion matrix of FedSM under equal steps and under its own protocol
         total: dict[str, dict[str, float]] = {}
         for c in cells:
@@ -1431,6 +1237,9 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
             "",
         ]
 
+    from fedseg.bench.leakage_report import leakage_section
+
+    L += leakage_section(run, cells_by_ds)
     for ds, ds_cells in cells_by_ds.items():
         sites = sorted({s for c in ds_cells for s in c.get("sites", [])})
         b = ds_cells[0].get("budget", {})

@@ -12,40 +12,11 @@ equal-steps run against "fedavg" and "centralized", a run of f*B steps against "
 
 from __future__ import annotations
 
-import math
-
-from fedseg.bench import benchmark_report as br
-from fedseg.bench.budget import MATCHED_BASELINES, matched_key
+from fedseg.bench import report_data as br
+from fedseg.bench.budget import matched_key
 from fedseg.bench.gap import format_closed, format_gap, gap_closed
 
 NO_MATCHED = "no matched-step baselines in this run"
-
-
-def multiple_of(key: str, rec: dict) -> int:
-    """A run's steps as a whole multiple of B (from its plan; "fedavg-2B" style keys when the plan has none)."""
-    m = (rec.get("plan") or {}).get("budget_multiple")
-    if isinstance(m, (int, float)) and math.isfinite(m) and m > 0:
-        return max(1, round(m))
-    tail = key.rsplit("-", 1)[-1]
-    return int(tail[:-1]) if tail.endswith("B") and tail[:-1].isdigit() else 1
-
-
-def matched_keys(cells: list[dict]) -> list[str]:
-    """The matched-step baseline runs present, ordered by multiple, then FedAvg, local-only, centralized."""
-    keys = br.run_keys(cells, ("matched",))
-
-    def order(k):
-        rec = br._first_rec(cells, k)
-        method = br.run_info(k, rec)["method"]
-        return multiple_of(k, rec), MATCHED_BASELINES.index(method) if method in MATCHED_BASELINES else 9, k
-
-    return sorted(keys, key=order)
-
-
-def matched_name(key: str, rec: dict) -> str:
-    """A matched-step baseline's row name: "FedAvg, 2B steps (matched)"."""
-    method = br.run_info(key, rec)["method"]
-    return f"{br.NAMES.get(method, method)}, {multiple_of(key, rec)}B steps (matched)"
 
 
 def baselines_at(cells: list[dict], multiple: int) -> tuple[str, str] | None:
@@ -74,12 +45,12 @@ def gap_rows(cells: list[dict]) -> list[dict]:
             info = br.run_info(key, rec)
             if shared or key in ("fedavg", "centralized") or (info["group"] == "matched" and info["method"] != "local"):
                 continue
-            multiple = multiple_of(key, rec) if protocol == "paper" else 1
+            multiple = br.multiple_of(key, rec) if protocol == "paper" else 1
             pair = equal_pair if multiple == 1 else baselines_at(cells, multiple)
             summary = None
             if pair:
                 summary = gap_closed(_per_seed(cells, key), _per_seed(cells, pair[0]), _per_seed(cells, pair[1]))
-            name = matched_name(key, rec) if info["group"] == "matched" else br.run_name(key, rec)
+            name = br.matched_name(key, rec) if info["group"] == "matched" else br.run_name(key, rec)
             rows.append(
                 {"key": key, "name": name, "protocol": protocol, "multiple": multiple, "baselines": pair, "summary": summary}
             )
@@ -98,7 +69,8 @@ def gap_section(ds: str, cells: list[dict]) -> list[str]:
     for r in gap_rows(cells):
         base = (
             " / ".join(
-                br.NAMES.get(k, k) if r["multiple"] == 1 else matched_name(k, br._first_rec(cells, k)) for k in r["baselines"]
+                br.NAMES.get(k, k) if r["multiple"] == 1 else br.matched_name(k, br._first_rec(cells, k))
+                for k in r["baselines"]
             )
             if r["baselines"]
             else "- (not run)"
@@ -113,7 +85,7 @@ def gap_section(ds: str, cells: list[dict]) -> list[str]:
                 _closed_text(r),
             ]
         )
-    missing = [] if matched_keys(cells) else [f"The paper-protocol runs have {NO_MATCHED}: no share is given for them.", ""]
+    missing = [] if br.matched_keys(cells) else [f"The paper-protocol runs have {NO_MATCHED}: no share is given for them.", ""]
     return [
         f"**Gap closed on {ds}**: the share of the centralized − FedAvg gap each run closes, (run − FedAvg) / "
         "(centralized − FedAvg) per seed, mean ± standard error over seeds (0% = FedAvg, 100% = centralized, negative = "

@@ -98,6 +98,9 @@ class DatasetSpec:
     epochs: int | None = None
     ablation: bool = True  # the preset's FedSM ablation and optimizer-state runs run on this dataset
     description: str = ""
+    methods: list | None = None  # only these of the preset's methods, and no stock peers (None: all of them)
+    leakage_of: str = ""  # this cell repeats that dataset with the frame-level split: the report compares the two
+    holdout: str = ""  # leave-one-centre-out: this centre's data is converted but kept out of the federation
 
 
 def cell_engine(spec: DatasetSpec, epochs: int, seed: int) -> dict:
@@ -139,6 +142,7 @@ class Preset:
     lr_schedule: str = "constant"  # FedCross/FedCrossEns LR policy: the constant rate every other method trains with
     progress_every: float = 60.0  # seconds between progress lines
     conclusive: bool = True  # False: the report says the numbers are too small to conclude anything
+    loco: bool = False  # leave-one-centre-out cells (fedseg.bench.unseen): one per centre of every polyp dataset
 
     def copy(self) -> Preset:
         return copy.deepcopy(self)
@@ -225,6 +229,7 @@ PRESETS = {
         optimizer_measure=True,
         stock=list(STOCK),
         matched_steps=True,
+        loco=True,
         description="2 CPU cores, <= ~100 minutes, to convergence: 64 px 2-D data (synth2d, its data-scarce variant, "
         "polyp), 3 seeds, R=24, both protocols, the FedSM ablation",
     ),

@@ -111,12 +111,21 @@ def _cpu_seconds() -> float:
 def downscale_pictures(src: Path, dst: Path, image_size: int) -> dict:
     """A copy of a folder dataset (<site>/images, <site>/masks pictures) with every picture scaled so that its
     long side is image_size pixels (area averaging; masks averaged then thresholded at half, written 0/255 PNG).
-    Returns {site: pictures}. Used for the standard preset's polyp data (small images to fit 2 CPU cores)."""
+    Returns {site: pictures}. Used for the standard preset's polyp data (small images to fit 2 CPU cores).
+    A site's group file (sequence.csv / groups.csv) is copied with it."""
+    import shutil
+
     from PIL import Image
+
+    from fedseg.data.groups import GROUP_FILE_NAMES
 
     counts = {}
     for site_dir in sorted(p for p in Path(src).iterdir() if p.is_dir()):
         pics = 0
+        for name in GROUP_FILE_NAMES:  # the split unit travels with the pictures (stems are unchanged)
+            if (site_dir / name).is_file():
+                (dst / site_dir.name).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(site_dir / name, dst / site_dir.name / name)
         for kind in ("images", "masks"):
             folder = site_dir / kind
             if not folder.is_dir():
@@ -360,7 +369,7 @@ def cell_specs(preset: Preset, spec: DatasetSpec, methods: list[str], n_sites: i
         preset.protocols,
         fedsm_ablation=preset.fedsm_ablation and spec.ablation,
         optimizer_variants=optimizer_variants(preset) if spec.ablation else (),
-        stock=[m for m in preset.stock if m in budget_mod.STOCK],
+        stock=[m for m in preset.stock if m in budget_mod.STOCK] if spec.methods is None else [],
         matched_steps=preset.matched_steps,
         n_sites=n_sites,
     )
@@ -745,6 +754,7 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
             "kind": spec.kind,
             "engine": spec.engine,
             "description": spec.description,
+            "leakage_of": spec.leakage_of,
             "rounds": spec.rounds or preset.rounds,
             "epochs": spec.epochs or preset.epochs,
         }
@@ -757,7 +767,8 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
     def one(item):
         name, (path, spec) = item
         try:
-            return run_dataset(name, path, spec, preset, list(preset.methods), out / "runs" / name)
+            methods = [m for m in preset.methods if spec.methods is None or m in spec.methods]
+            return run_dataset(name, path, spec, preset, methods, out / "runs" / name)
         except Stopped:
             raise
         except Exception as e:  # noqa: BLE001 - one broken dataset must not lose the others

@@ -31,7 +31,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedseg.algorithms import AGGREGATIONS, UpdateRejected, aggregate, softpull, weighted_average
 from fedseg.algorithms.packing import pack, unpack
-from fedseg.algorithms.routing import GLOBAL
+from fedseg.algorithms.routing import GAMMA_POLICIES, GLOBAL, choose_gamma, selector_health
 from fedseg.algorithms.screening import (
     check_optimizer_state,
     numeric_metrics,
@@ -71,6 +71,7 @@ class FedSMController(FedSegController):
         num_rounds: int = 10,
         lam: float = 0.7,
         gamma: float = 0.9,
+        gamma_policy: str = "validation",
         use_selector: bool = True,
         selector: dict | None = None,
         engine: dict | None = None,
@@ -96,7 +97,11 @@ class FedSMController(FedSegController):
         Args:
             num_rounds: FL rounds; in each, every site trains g, p_i (and s) once.
             lam: SoftPull weight of a site's own model (1: purely local, 1/N: plain average).
-            gamma: selector confidence above which the super model uses a personalized model.
+            gamma: selector confidence above which the super model uses a personalized model: the fixed value
+                (gamma_policy "fixed", the paper's 0.9), and the one the sites' per-round validation uses.
+            gamma_policy: "validation": the final super model's gamma is the one of GAMMA_SWEEP with the best mean
+                super-model Dice over the sites' VALIDATION cases (ties: the larger gamma), chosen before the
+                test cases are scored and reported; "fixed": `gamma` as given.
             use_selector: False gives SoftPull personalization without the selector.
             selector: selector settings (input_size, channels, lr, epochs, batch_size).
             engine: the sites' engine settings (recorded in the checkpoints for inference).
@@ -135,6 +140,9 @@ class FedSMController(FedSegController):
         self.final_model = final_model
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if gamma_policy not in GAMMA_POLICIES:
+            raise ValueError(f"gamma_policy must be one of {GAMMA_POLICIES}, got {gamma_policy!r}")
+        self.gamma_policy = gamma_policy
         self.num_rounds = int(num_rounds)
         self.lam = float(lam)
         self.gamma = float(gamma)
@@ -537,29 +545,37 @@ class FedSMController(FedSegController):
         if self.use_selector:
             evaluation_groups["selector"] = groups["selector"]
 
-        def task(site: str) -> FLModel:
-            meta = {
-                **self._task_meta(self._names_for(site)),
-                "section": "testing",
-                "use_selector": self.use_selector,
-                "gammas": list(GAMMA_SWEEP),
-            }
-            return FLModel(
-                params=pack(evaluation_groups if site in sites else without_selector), params_type=ParamsType.FULL, meta=meta
-            )
+        def evaluate(section: str, gamma: float) -> dict[str, dict]:
+            def task(site: str) -> FLModel:
+                meta = {
+                    **self._task_meta(self._names_for(site)),
+                    "gamma": gamma,
+                    "section": section,
+                    "use_selector": self.use_selector,
+                    "gammas": list(GAMMA_SWEEP),
+                }
+                groups_ = evaluation_groups if site in sites else without_selector
+                return FLModel(params=pack(groups_), params_type=ParamsType.FULL, meta=meta)
 
-        tasks = {s: task(s) for s in self._round_sites(self.num_rounds)}
-        results = self.run_tasks("fedsm_evaluate", tasks, timeout=self.eval_timeout)
-        per_site = {s: m for s, r in sorted(results.items()) if (m := self._valid_evaluation(s, r.metrics, sites)) is not None}
+            tasks = {s: task(s) for s in self._round_sites(self.num_rounds)}
+            results = self.run_tasks("fedsm_evaluate", tasks, timeout=self.eval_timeout)
+            return {s: m for s, r in sorted(results.items()) if (m := self._valid_evaluation(s, r.metrics, sites)) is not None}
+
+        gamma, validation = self.gamma, None
+        if self.use_selector and self.gamma_policy == "validation":
+            gamma, validation = self._gamma_on_validation(evaluate("validation", self.gamma))
+        per_site = evaluate("testing", gamma)
         out_dir = self.output_dir(OUTPUT_DIR)
         self.write_json(out_dir / "fedsm_evaluation.json", per_site)
         names = {"super": "FedSM super model", "global": "FedSM global", "personalized": "FedSM personalized (own site)"}
         if not self.use_selector:
             names = {"global": "SoftPull global", "personalized": "SoftPull personalized (own site)"}
         models = {label: {s: m[key] for s, m in per_site.items() if key in m} for key, label in names.items()}
-        extra = {"lam": self.lam, "gamma": self.gamma, "rounds": self.num_rounds}
+        extra = {"lam": self.lam, "gamma": gamma, "gamma_policy": self.gamma_policy, "rounds": self.num_rounds}
         if self.use_selector:
-            extra.update(self._selector_extra(per_site))
+            extra["gamma_validation"] = validation
+            extra.update(self._selector_extra(per_site, gamma))
+            self._say_selector_health(extra["selector_status"])
         results_record = {
             "method": "fedsm" if self.use_selector else "softpull",
             "section": "testing",
@@ -569,7 +585,33 @@ class FedSMController(FedSegController):
         self.write_json(Path(self.get_app_dir()) / "fedseg_results.json", results_record)
         self.info("\n" + format_table(results_record))
 
-    def _selector_extra(self, per_site: dict) -> dict:
+    def _gamma_on_validation(self, per_site: dict[str, dict]) -> tuple[float, dict | None]:
+        """(gamma, its record) chosen from the sites' validation sweeps; the fixed gamma when no site has one."""
+        sweeps = {s: m["gamma_sweep"] for s, m in per_site.items() if s in self.classes and "gamma_sweep" in m}
+        if not sweeps:
+            self.warning(f"no site reported a validation gamma sweep: the fixed gamma {self.gamma} is used")
+            return self.gamma, None
+        gamma, means = choose_gamma(GAMMA_SWEEP, sweeps)
+        self.info(
+            f"gamma chosen on the sites' validation cases: {gamma} (mean super-model Dice per gamma "
+            + ", ".join(f"{g}: {m:.4f}" for g, m in zip(GAMMA_SWEEP, means))
+            + ")"
+        )
+        health = selector_health(
+            {s: m["selector_accuracy"] for s, m in per_site.items() if "selector_accuracy" in m},
+            {s: m.get("routing") or {} for s, m in per_site.items()},
+            self.classes,
+        )
+        return gamma, {"gammas": list(GAMMA_SWEEP), "mean_dice": means, "dice": sweeps, "selector_status": health}
+
+    def _say_selector_health(self, health: dict) -> None:
+        """A selector that did not learn, or a super model that is the global one, is said in the log, loudly."""
+        if health["status"] == "learned":
+            self.info(f"selector: learned (routed to the global model: {health['global_share']:.0%} of the test cases)")
+            return
+        self.warning(f"SELECTOR {health['status'].upper()}: " + "; ".join(health["reasons"]))
+
+    def _selector_extra(self, per_site: dict, gamma: float) -> dict:
         """The selector's part of fedseg_results.json "extra" (see _final_evaluation)."""
 
         def mean(values: dict):
@@ -596,9 +638,10 @@ class FedSMController(FedSegController):
                 "dice": sweeps,
                 "mean": [float(np.mean([v[i] for v in sweeps.values()])) for i in range(len(GAMMA_SWEEP))] if sweeps else None,
             },
+            "selector_status": selector_health(acc, {s: m.get("routing") or {} for s, m in per_site.items()}, self.classes),
             "super_learned": {
-                "label": f"learned routing (selector, gamma={self.gamma})",
-                "gamma": self.gamma,
+                "label": f"learned routing (selector, gamma={gamma})",
+                "gamma": gamma,
                 "dice": learned,
                 "mean": mean(learned),
             },

@@ -1,0 +1,83 @@
+"""The benchmark's real-data pieces: the frame-split leakage row, the pilot's arithmetic, group files that travel
+with downscaled pictures, and per-dataset method lists."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from test_bench_gap import _rec
+
+from fedseg.bench.pilot import mean_se, summarise, tail_gain
+
+
+def _cell(dataset: str, seed: int, dice: dict[str, dict[str, float]]) -> dict:
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "sites": ["a", "b"],
+        "budget": {"rounds": 4, "epochs": 2, "total_steps": 100},
+        "methods": {k: _rec(k, ps) for k, ps in dice.items()},
+    }
+
+
+def test_leakage_section_compares_the_frame_split_with_the_sequence_split():
+    from fedseg.bench.benchmark_report import _markdown, by_dataset
+
+    cells = [_cell("polyp", s, {"fedavg": {"a": 0.50, "b": 0.40 + 0.02 * s}}) for s in range(2)]
+    cells += [_cell("polyp_frames", s, {"fedavg": {"a": 0.70, "b": 0.60 + 0.02 * s}}) for s in range(2)]
+    run = {
+        "protocols": ["equal"],
+        "seeds": [0, 1],
+        "preset": "standard",
+        "conclusive": True,
+        "datasets": {"polyp": {"leakage_of": ""}, "polyp_frames": {"leakage_of": "polyp"}},
+    }
+    text = _markdown(run, cells, None, by_dataset(cells), {}, "")
+    section = text.split("### Leakage: polyp split by video sequence vs by frame")[1].split("##")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| FedAvg"))
+    assert "0.455 ± 0.007" in row and "0.655 ± 0.007" in row and "+0.200" in row
+    run["datasets"]["polyp_frames"]["leakage_of"] = ""  # no declared pair: no section
+    assert "### Leakage" not in _markdown(run, cells, None, by_dataset(cells), {}, "")
+
+
+def test_pilot_gap_standard_error_and_curve_tail():
+    assert mean_se([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0 / math.sqrt(3)))
+    assert math.isnan(mean_se([0.5])[1])
+    assert tail_gain([(0.0, 0.1), (0.5, 0.5), (0.75, 0.6), (1.0, 0.62)]) == pytest.approx(0.02)
+
+    def record(local: dict, central: dict) -> dict:
+        def method(name, model, per_site):
+            models = {model: {s: {"dice": d} for s, d in per_site.items()}}
+            return {"results": {"models": models}, "curve": [(0.0, 0.1), (0.75, 0.5), (1.0, 0.5)], "cpu_seconds": 1.0}
+
+        return {"local": method("local", "local (own site)", local), "centralized": method("c", "centralized", central)}
+
+    seeds = {str(s): record({"a": 0.5, "b": 0.3}, {"a": 0.6 + 0.01 * s, "b": 0.5}) for s in range(3)}
+    row = summarise({"image_size": 64, "max_cases": 0, "rounds": 4, "epochs": 1, "total_steps": 10}, seeds)
+    assert row["gap"] == pytest.approx(0.155) and row["conclusive"] and row["local_worst"][0] == pytest.approx(0.3)
+    assert row["local_tail_gain"] == pytest.approx(0.0) and row["cpu_seconds"] == 6.0
+
+
+def test_downscaled_pictures_keep_their_group_file(tmp_path):
+    from PIL import Image
+
+    from fedseg.bench.run import downscale_pictures
+
+    for kind in ("images", "masks"):
+        (tmp_path / "src" / "A" / kind).mkdir(parents=True)
+        Image.new("L" if kind == "masks" else "RGB", (40, 20)).save(tmp_path / "src" / "A" / kind / "1.png")
+    (tmp_path / "src" / "A" / "sequence.csv").write_text("stem,video_sequence\n1,7\n")
+    downscale_pictures(tmp_path / "src", tmp_path / "dst", 16)
+    assert (tmp_path / "dst" / "A" / "sequence.csv").read_text() == "stem,video_sequence\n1,7\n"
+
+
+def test_a_dataset_can_run_a_subset_of_the_methods_without_peers():
+    from fedseg.bench.presets import DatasetSpec, get_preset
+    from fedseg.bench.run import cell_specs
+
+    preset = get_preset("standard")
+    full = DatasetSpec("d", "synthetic", {}, ablation=False)
+    only = DatasetSpec("d", "synthetic", {}, ablation=False, methods=["fedavg"])
+    assert any(s.group == "stock" for s in cell_specs(preset, full, list(preset.methods), 3))
+    assert [s.key for s in cell_specs(preset, only, ["fedavg"], 3)] == ["fedavg"]
