@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,44 @@ def study(data_dir: str, engine: dict, rounds: int, seeds: list[int], settings: 
     return {"data": str(data_dir), "sites": sizes, "gamma": gamma, "rows": rows}
 
 
+def markdown(result: dict, command: str) -> str:
+    """Per selector setting: test argmax accuracy and routed-own per site, federated vs central (mean over seeds)."""
+    sites = sorted(result["sites"])
+    lines = [
+        f"# FedSM selector: federated vs central on {Path(result['data']).name}",
+        "",
+        f"Command: `{command}`. Test cases per site: "
+        + ", ".join(f"{s} {result['sites'][s].get('testing', 0)}" for s in sites)
+        + f". Cells: argmax accuracy federated / central (routed-own at gamma {result['gamma']} federated / central), "
+        "mean over seeds; the last column is the largest shortfall of the federated argmax accuracy at any site.",
+        "",
+        "| selector | R | seeds | " + " | ".join(sites) + " | mean | largest shortfall |",
+        "|---|---|---|" + "---|" * (len(sites) + 2),
+    ]
+    settings = []
+    for row in result["rows"]:
+        if row["selector"] not in settings:
+            settings.append(row["selector"])
+    for values in settings:
+        rows = [r for r in result["rows"] if r["selector"] == values]
+
+        def mean(kind, key, site=None, rows=rows):
+            return float(np.mean([r[kind][key][site] if site else r[kind][f"{key}_mean"] for r in rows]))
+
+        cells = [
+            f"{mean('federated', 'accuracy', s):.3f} / {mean('central', 'accuracy', s):.3f} "
+            f"({mean('federated', 'routed_own', s):.3f} / {mean('central', 'routed_own', s):.3f})"
+            for s in sites
+        ]
+        shortfall = max(mean("central", "accuracy", s) - mean("federated", "accuracy", s) for s in sites)
+        lines.append(
+            f"| {json.dumps(values) if values else 'defaults'} | {rows[0]['rounds']} | {len(rows)} | "
+            + " | ".join(cells)
+            + f" | {mean('federated', 'accuracy'):.3f} / {mean('central', 'accuracy'):.3f} | {shortfall:+.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedseg.bench.selector_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder with <site>/datalist.json")
@@ -164,9 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gamma", type=float, default=0.9)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    result = study(args.data, args.engine, args.rounds, args.seeds, args.selector, args.gamma)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    result = study(args.data, args.engine, args.rounds, args.seeds, args.selector, args.gamma, log=partial(print, flush=True))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    command = "python -m fedseg.bench.selector_study " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(result, command)
+    out.with_suffix(".md").write_text(text)
+    print(text)
     return 0
 
 
