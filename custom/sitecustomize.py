@@ -22,30 +22,48 @@ Any other Python process that starts with custom/ on its path only pays for the 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 DEFAULT_SIMULATOR_WORKSPACE = "simulator_workspace"  # nvflare simulator's own default for a missing -w
 
 
+class _ArgvError(Exception):
+    pass
+
+
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message):  # a command line the simulator itself will refuse: not ours to report
+        raise _ArgvError(message)
+
+
 def simulator_workspace(argv: list[str]) -> str | None:
-    """The simulation workspace of an `nvflare simulator ...` command line, else None."""
+    """The simulation workspace of an `nvflare simulator ...` command line, else None. Parsed with the simulator's
+    own argument definitions, so every form argparse accepts counts: "-w X", "-wX", "-w=X", "--workspace X",
+    "--workspace=X" and unambiguous abbreviations such as "--work X"."""
     if len(argv) < 2 or os.path.basename(argv[0]) != "nvflare" or argv[1] != "simulator":
         return None
-    args = argv[2:]
-    for i, arg in enumerate(args):
-        if arg in ("-w", "--workspace") and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--workspace="):
-            return arg.split("=", 1)[1]
-    return DEFAULT_SIMULATOR_WORKSPACE
+    try:
+        from nvflare.private.fed.app.simulator.simulator import define_simulator_parser
+
+        parser = _QuietParser(prog="nvflare simulator", add_help=False)
+        define_simulator_parser(parser)
+        parser.add_argument("--schema", action="store_true")  # added by nvflare's cli to the same sub-command
+        args, _ = parser.parse_known_args(argv[2:])
+    except (_ArgvError, ImportError):
+        return None
+    return args.workspace or DEFAULT_SIMULATOR_WORKSPACE
 
 
 def allow_fedseg_in_simulation(workspace: str) -> str | None:
     """Write <workspace>/local/resources.json with FedSeg's classes unless the workspace has its own policy;
-    return the file written, else None."""
+    return the file written, else None. A symlink (local/ itself, or a resources.json(.default) link, dangling
+    or not) counts as the workspace's own policy: nothing is ever written through a link."""
     local = os.path.join(workspace, "local")
-    if any(os.path.exists(os.path.join(local, f)) for f in ("resources.json", "resources.json.default")):
+    if os.path.islink(local):
+        return None
+    if any(os.path.lexists(os.path.join(local, f)) for f in ("resources.json", "resources.json.default")):
         return None
     from fedseg.fl.allowlist import allow_fedseg
 

@@ -112,7 +112,10 @@ def allow_fedseg(resources_file: str | os.PathLike, extra_classes: tuple[str, ..
     resources["class_allow_list"] = list(dict.fromkeys([*allow, *FEDSEG_CLASSES, *extra]))
     resources.setdefault("class_list_enforcement_mode", "enforce")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(resources, indent=2) + "\n")
+    # a new file put in place: a symlink at path is replaced, never written through
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(resources, indent=2) + "\n")
+    os.replace(tmp, path)
     return resources
 
 
