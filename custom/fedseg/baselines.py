@@ -23,6 +23,9 @@ best-validated model is scored (local: the chunk with the best validation Dice a
 the chunk with the best median over sites of the validation Dice, as FedAvg's best model); the last model is
 scored too, as an extra row. Wall time and peak resident memory are measured per site (local) and for the
 pooled run; local-only also reports its cross-site Dice matrix (trained at row site, tested at column site).
+The best-validated models are saved as one-network model sets next to OUT.json (saved_models_dir:
+OUT_models/s<seed>/local-<site>.pt and centralized.pt; fedseg.export.modelsets reads them as a "global" model), so
+they can be scored later on data they never saw (fedseg.bench.unseen).
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ def run_benchmark_baselines(
     inits: list[str],
     methods: list[str],
     hd95: bool,
+    models_dir: Path | None = None,
 ) -> dict:
     """Every seed in turn with the same site engines (their random streams continue from seed to seed, as the
     sites' do in the shared bench job); a seed sets the initial network."""
@@ -181,11 +185,36 @@ def run_benchmark_baselines(
         "seeds": {},
     }
     for seed, init in zip(seeds, inits):
-        record["seeds"][str(seed)] = _benchmark_seed(engines, central, budget, load_initial_state(init), rounds, methods, hd95)
+        saver = ModelSaver(models_dir / f"s{seed}", cfg) if models_dir is not None else None
+        record["seeds"][str(seed)] = _benchmark_seed(
+            engines, central, budget, load_initial_state(init), rounds, methods, hd95, saver
+        )
     return record
 
 
-def _benchmark_seed(engines: dict, central, budget, init_state: dict, rounds: int, methods: list[str], hd95: bool) -> dict:
+def saved_models_dir(out_file: str | Path) -> Path:
+    """Where the benchmark variant saves its best-validated models for the results file out_file."""
+    out_file = Path(out_file)
+    return out_file.parent / f"{out_file.stem}_models"
+
+
+class ModelSaver:
+    """Writes a best-validated network as a one-network model set ({"global": weights}) that records its engine."""
+
+    def __init__(self, folder: Path, cfg: EngineConfig):
+        self.folder, self.cfg = Path(folder), cfg
+
+    def __call__(self, name: str, net, **info) -> None:
+        from fedseg.engine import state_to_numpy
+        from fedseg.modelset import save_model_set
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_model_set(self.folder / f"{name}.pt", {"global": state_to_numpy(net)}, {"engine": self.cfg.to_dict(), **info})
+
+
+def _benchmark_seed(
+    engines: dict, central, budget, init_state: dict, rounds: int, methods: list[str], hd95: bool, saver=None
+) -> dict:
     from fedseg.fl.meter import peak_rss_bytes, reset_peak_rss
 
     out: dict = {}
@@ -208,6 +237,8 @@ def _benchmark_seed(engines: dict, central, budget, init_state: dict, rounds: in
             best_chunk[site] = best[0]
             net.load_state_dict(best[2])
             own[site] = _score(engine, net, "testing", hd95)
+            if saver is not None:
+                saver(f"local-{site}", net, model="local-only (best)", site=site, best_checkpoint=best[0])
             # timed like a federated method: training, the per-round validation and the final scoring
             seconds[site] = time.perf_counter() - began
             cpu[site] = time.process_time() - cpu_began
@@ -258,6 +289,8 @@ def _benchmark_seed(engines: dict, central, budget, init_state: dict, rounds: in
         last = {site: _score(e, net, "testing", hd95) for site, e in engines.items()}
         net.load_state_dict(best[2])
         per_site = {site: _score(e, net, "testing", hd95) for site, e in engines.items()}
+        if saver is not None:
+            saver("centralized", net, model="centralized (best)", best_checkpoint=best[0])
         seconds = time.perf_counter() - began
         cpu_seconds = time.process_time() - cpu_began
         out["centralized"] = {
@@ -305,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     if o.kind == "benchmark":
         if len(o.seeds) != len(o.inits):
             b.error("give one --inits checkpoint per --seeds seed")
-        record = run_benchmark_baselines(o.data, o.engine, o.rounds, o.epochs, o.seeds, o.inits, o.methods, o.hd95)
+        record = run_benchmark_baselines(
+            o.data, o.engine, o.rounds, o.epochs, o.seeds, o.inits, o.methods, o.hd95, saved_models_dir(o.out)
+        )
         Path(o.out).parent.mkdir(parents=True, exist_ok=True)
         Path(o.out).write_text(json.dumps(record, indent=2))
         return 0

@@ -1240,6 +1240,9 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
     from fedseg.bench.leakage_report import leakage_section
 
     L += leakage_section(run, cells_by_ds)
+    from fedseg.bench.unseen_report import unseen_section
+
+    L += unseen_section(cells_by_ds)
     for ds, ds_cells in cells_by_ds.items():
         sites = sorted({s for c in ds_cells for s in c.get("sites", [])})
         b = ds_cells[0].get("budget", {})

@@ -34,12 +34,15 @@ paper's own protocol: FedSM/SoftPull 2B, FedCrossEns N*B) and reports them side 
             Dice points over the last quarter at R=24 (the report's "flattened?" column says so). The matched-step
             baselines add about 3,300 CPU-seconds of run time (the committed 3-seed run's FedAvg, local-only and
             centralized runs scaled linearly to 2B and 4B on the built-in data and to 2B on polyp: ~22% more; an
-            estimate, not a measurement); --no-matched-steps leaves them out.
+            estimate, not a measurement); --no-matched-steps leaves them out. The leave-one-centre-out cells (loco):
+            polyp_loco_<centre>, one per polyp centre, each the polyp cell's main runs trained without that centre and
+            scored on it (fedseg.bench.unseen); ~2,100 CPU-seconds each (the committed polyp cell's main runs, an
+            estimate); --no-loco leaves them out.
   full      a GPU machine: "medium" built-in data, all polyp cases at 128 px, R=20 x E=2, 3 seeds, one simulator
             job per method, matched-step baselines, cost phase at 1 and 20 epochs per round.
 
 Everything can be overridden on the command line (--datasets, --data-dir, --seeds, --methods, --rounds,
---epochs, --parallel, --isolate, --protocols, --no-ablation, --no-matched-steps).
+--epochs, --parallel, --isolate, --protocols, --no-ablation, --no-matched-steps, --no-loco, --holdout).
 """
 
 from __future__ import annotations

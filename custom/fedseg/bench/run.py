@@ -43,6 +43,7 @@ from fedseg.bench.presets import (
     datalist_dataset,
     get_preset,
 )
+from fedseg.bench.unseen import add_loco_datasets, run_holdout_dataset
 from fedseg.sim import package_env
 
 _print_lock = threading.Lock()
@@ -697,12 +698,16 @@ def run_baselines(
 
 
 # ---- the whole run ------------------------------------------------------------------------------------------
-def resolve_datasets(preset: Preset, names: list[str] | None, data_dirs: list[str] | None) -> dict[str, DatasetSpec]:
-    """The preset's datasets plus --data-dir ones; --datasets picks among them by name."""
+def resolve_datasets(
+    preset: Preset, names: list[str] | None, data_dirs: list[str] | None, holdout: list[str] | None = None
+) -> dict[str, DatasetSpec]:
+    """The preset's datasets plus --data-dir ones and their leave-one-centre-out cells (preset.loco, --holdout);
+    --datasets picks among them by name."""
     specs = dict(preset.datasets)
     for d in data_dirs or []:
         spec = datalist_dataset(d)
         specs[spec.name] = spec
+    specs.update(add_loco_datasets(specs, preset.loco, holdout))
     if not names:
         return specs
     unknown = [n for n in names if n not in specs]
@@ -755,12 +760,14 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
             "engine": spec.engine,
             "description": spec.description,
             "leakage_of": spec.leakage_of,
+            "holdout": spec.holdout,  # leave-one-centre-out: this centre is not trained on (fedseg.bench.unseen)
             "rounds": spec.rounds or preset.rounds,
             "epochs": spec.epochs or preset.epochs,
         }
         log(f"dataset {name}: {note}")
         if path is not None:
-            run_info["datasets"][name]["sites"] = site_train_counts(path)
+            trained = site_train_counts(path)  # a holdout cell trains on the other centres only
+            run_info["datasets"][name]["sites"] = {s: n for s, n in trained.items() if s != spec.holdout}
             ready[name] = (path, spec)
     results: list[dict] = []
 
@@ -768,7 +775,8 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
         name, (path, spec) = item
         try:
             methods = [m for m in preset.methods if spec.methods is None or m in spec.methods]
-            return run_dataset(name, path, spec, preset, methods, out / "runs" / name)
+            runner = run_holdout_dataset if spec.holdout else run_dataset  # holdout: leave-one-centre-out cell
+            return runner(name, path, spec, preset, methods, out / "runs" / name)
         except Stopped:
             raise
         except Exception as e:  # noqa: BLE001 - one broken dataset must not lose the others
@@ -824,6 +832,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-matched-steps",
         action="store_true",
         help="skip the matched-step baselines (FedAvg, local-only, centralized at the paper runs' 2B and N*B steps)",
+    )
+    p.add_argument(
+        "--no-loco", action="store_true", help="skip the leave-one-centre-out cells (one per polyp centre in standard)"
+    )
+    p.add_argument(
+        "--holdout",
+        nargs="*",
+        metavar="CENTRE",
+        help="leave-one-centre-out cells <dataset>_loco_<CENTRE> for every dataset that has the centre (site folder)",
     )
     p.add_argument("--stock", nargs="*", choices=budget_mod.STOCK, help="NVFlare stock peers (default: the preset's)")
     p.add_argument("--no-cost", action="store_true", help="skip the FL-overhead / throughput measurements")
@@ -894,11 +911,13 @@ def main(argv: list[str] | None = None) -> int:
             preset.fedsm_ablation = preset.optimizer_measure = False
         if o.no_matched_steps:
             preset.matched_steps = False
+        if o.no_loco:
+            preset.loco = False
         if o.stock is not None:
             preset.stock = list(o.stock)
         if o.no_hd95:
             preset.hd95 = False
-        datasets = resolve_datasets(preset, o.datasets, o.data_dir)
+        datasets = resolve_datasets(preset, o.datasets, o.data_dir, o.holdout)
         run_benchmark(preset, out, datasets, command, cost=not o.no_cost)
     md = benchmark_report.write_report(out / "raw", out)
     print(f"report: {md}")
