@@ -39,8 +39,9 @@ def validate_site_data(datalist_path: str, site: str, sections=SECTIONS, num_cla
     symlinks), the same case (image or label file) listed twice in a section or in two sections.
     The files: image or label missing, unreadable or corrupt NIfTI, a header declaring more than
     max_voxels voxels, image/label shape or affine mismatch, wrong number of dimensions or channels,
-    label values outside 0..num_classes-1 or not integers, NaN/Inf in an image, every training
-    label all background.
+    label values outside 0..num_classes-1 or not integers, NaN/Inf in an image, image values that
+    overflow the engine's float32 normalisation, every training label all background. A constant
+    image is a warning.
 
     Returns {"site", "datalist", "num_classes", "spatial_dims", "in_channels",
              "counts": {section: n}, "warnings": [str, ...], "label_fractions": {"0": f0, "1": f1, ...},
@@ -205,6 +206,7 @@ class _SiteChecker:
                 if bad:
                     self.fail(path, f"image has {bad} NaN/Inf voxel(s) out of {data.size}")
             values = data.astype(np.float64, copy=False)
+            self.check_intensity_range(path, values, where)
             self.intensity_sum += float(values.sum())
             self.intensity_sq += float(np.square(values).sum())
             self.intensity_n += values.size
@@ -219,6 +221,22 @@ class _SiteChecker:
 
         if label:
             self.check_label(label, images[0], first_shape, first_affine, where)
+
+    def check_intensity_range(self, path, values: np.ndarray, where: str) -> None:
+        """Refuse values the engine's float32 normalisation overflows; warn about a constant image."""
+        if not values.size:
+            return
+        peak = float(np.abs(values).max())
+        # channel-wise normalisation sums the squares of all n voxels in float32: n * max|x|^2 must stay finite
+        limit = float(np.sqrt(np.finfo(np.float32).max / values.size))
+        if peak > limit:
+            self.fail(path, f"image has values up to {peak:.3g} in magnitude; with its {values.size} voxels the "
+                            f"limit is {limit:.3g} (normalisation computes the std in float32, whose squares "
+                            "would overflow to Inf and make the loss NaN): rescale the image")
+        low = float(values.min())
+        if float(values.max()) == low:
+            self.warnings.append(f"{where}: image {path} is constant (every voxel {low:.6g}): normalisation "
+                                 "turns it into zeros, the network sees no signal")
 
     def check_label(self, label, image, image_shape, image_affine, where="case"):
         data, affine = self.read(label, "label")
