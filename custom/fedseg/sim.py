@@ -12,6 +12,7 @@ every process that carries the run's marker variable is found as well (workers t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -180,12 +181,15 @@ def run_simulator(
     timeout: float = 1800,
     clients: list[str] | None = None,
     allow_classes: tuple[str, ...] = (),
+    resume_dirs: tuple[str | os.PathLike, ...] = (),
 ) -> SimResult:
     """nvflare simulator JOB -w WS -n N -t T [-gpu ...] with the fedseg package on PYTHONPATH (as an installed
     site has it) unless on_pythonpath=False (then the job must carry its code: BYOC).
 
     The sites' class allow-list is the product's (fedseg.fl.allowlist) plus allow_classes (exact class paths,
-    e.g. tests' fault-injecting executors). Every process of the run is stopped when it ends, times out
+    e.g. tests' fault-injecting executors). resume_dirs: folders outside the job the server may load checkpoints
+    from (the server operator's "resume_dirs" in local/fedseg_server.json; e.g. the benchmark's initial
+    checkpoints). Every process of the run is stopped when it ends, times out
     (returncode -9) or is interrupted; SimResult.pids lists them all, SimResult.left what could not be stopped."""
     workspace = Path(workspace).resolve()
     env = {**package_env(data_root, on_pythonpath), **(extra_env or {})}
@@ -200,6 +204,12 @@ def run_simulator(
         from fedseg.fl.allowlist import allow_fedseg
 
         allow_fedseg(workspace / "local" / "resources.json", tuple(allow_classes))
+    if resume_dirs:
+        from fedseg.fl.base_controller import SERVER_CONFIG_RELPATH
+
+        (workspace / "local").mkdir(parents=True, exist_ok=True)
+        dirs = [str(Path(d).resolve()) for d in resume_dirs]
+        (workspace / SERVER_CONFIG_RELPATH).write_text(json.dumps({"resume_dirs": dirs}, indent=2) + "\n")
     start = time.perf_counter()
     out_path = workspace.parent / f"{workspace.name}.simulator.out"
     rc, left, seen = run_process_tree(cmd, env, out_path, timeout)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 from pathlib import Path
 
 from fedseg import jobgen
@@ -112,6 +113,14 @@ def persistor(cid: str, network: dict, init_ckpt: str, prefix: str) -> dict:
             "best_global_model_file_name": f"{prefix}_best.pt",
         },
     }
+
+
+def checkpoint_dirs(job: str | os.PathLike) -> list[str]:
+    """The folders of the initial checkpoints a bench job's persistors start from: the benchmark, as the server's
+    operator of its own simulator runs, allows them (fedseg.sim.run_simulator resume_dirs)."""
+    config = json.loads((Path(job) / "app" / "config" / "config_fed_server.json").read_text())
+    paths = [c.get("args", {}).get("source_ckpt_file_full_name") for c in config.get("components", [])]
+    return sorted({os.path.dirname(os.path.abspath(p)) for p in paths if isinstance(p, str) and p})
 
 
 def label(method: str, seed: int) -> str:

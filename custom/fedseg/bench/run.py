@@ -317,11 +317,19 @@ PROGRESS = Progress()
 
 # ---- one cell ------------------------------------------------------------------------------------------------
 def _run_fl_job(job: Path, workspace: Path, data_dir: Path, sites: list[str], timeout: float) -> dict:
+    from fedseg.bench.jobs import checkpoint_dirs
     from fedseg.fl.allowlist import BENCH_CLASSES
     from fedseg.sim import run_simulator
 
     result = run_simulator(
-        job, workspace, len(sites), data_root=data_dir, clients=sites, timeout=timeout, allow_classes=BENCH_CLASSES
+        job,
+        workspace,
+        len(sites),
+        data_root=data_dir,
+        clients=sites,
+        timeout=timeout,
+        allow_classes=BENCH_CLASSES,
+        resume_dirs=checkpoint_dirs(job),
     )
     errors = result.errors()
     return {

@@ -46,6 +46,25 @@ def confine_path(value: str, base: str | os.PathLike, roots: Iterable[str | os.P
     return path
 
 
+def read_server_config(workspace_root: str | os.PathLike) -> dict:
+    """<server workspace>/local/fedseg_server.json ({} when absent): the operator's settings, not the job's."""
+    path = Path(workspace_root) / SERVER_CONFIG_RELPATH
+    if not path.exists():
+        return {}
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    return config
+
+
+def operator_resume_dirs(workspace_root: str | os.PathLike) -> list[str]:
+    """The directories outside a job that the server operator lets jobs read checkpoints from ("resume_dirs")."""
+    dirs = read_server_config(workspace_root).get("resume_dirs") or []
+    if not isinstance(dirs, list) or not all(isinstance(d, str) and os.path.isabs(d) for d in dirs):
+        raise ValueError(f'{SERVER_CONFIG_RELPATH}: "resume_dirs" must be a list of absolute paths, got {dirs!r}')
+    return dirs
+
+
 class FedSegController(ModelController):
     def __init__(
         self,
@@ -195,19 +214,10 @@ class FedSegController(ModelController):
 
     def server_config(self) -> dict:
         """<server workspace>/local/fedseg_server.json ({} when absent): the operator's settings, not the job's."""
-        root = self.engine.get_workspace().get_root_dir()
-        path = Path(root) / SERVER_CONFIG_RELPATH
-        if not path.exists():
-            return {}
-        config = json.loads(path.read_text())
-        if not isinstance(config, dict):
-            raise ValueError(f"{path}: must hold a JSON object")
-        return config
+        return read_server_config(self.engine.get_workspace().get_root_dir())
 
     def resume_path(self, value: str) -> Path:
         """Where a job may resume from: inside this job's run dir, or a directory the server's own
         local/fedseg_server.json lists under "resume_dirs". Raises PermissionError otherwise."""
-        dirs = self.server_config().get("resume_dirs") or []
-        if not isinstance(dirs, list) or not all(isinstance(d, str) and os.path.isabs(d) for d in dirs):
-            raise ValueError(f'{SERVER_CONFIG_RELPATH}: "resume_dirs" must be a list of absolute paths, got {dirs!r}')
+        dirs = operator_resume_dirs(self.engine.get_workspace().get_root_dir())
         return confine_path(value, self.get_app_dir(), [self.get_run_dir(), *dirs])

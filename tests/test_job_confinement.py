@@ -1,0 +1,61 @@
+"""What a job's own arguments cannot reach on the server: another job's checkpoint (the persistor's source
+checkpoint) is refused unless it lies in this job's folder or a folder the server operator allows. Real
+simulator runs (two, side by side)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_ENGINE, copy_job, in_parallel, simulate
+
+from fedseg.engine.networks import SegNetwork
+
+
+def _server_config(job):
+    path = job / "app" / "config" / "config_fed_server.json"
+    return path, json.loads(path.read_text())
+
+
+def _set_component_args(job, component_id: str, **args) -> None:
+    path, config = _server_config(job)
+    for component in config["components"]:
+        if component["id"] == component_id:
+            component["args"].update(args)
+    path.write_text(json.dumps(config, indent=2))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny2d, tmp_path_factory):
+    """'refused': the persistor names another job's model; 'allowed': the same, with the model's folder listed by
+    the server operator in local/fedseg_server.json ("resume_dirs")."""
+    tmp = tmp_path_factory.mktemp("confine")
+    other_job = tmp / "server_ws" / "other-job-id" / "app_server"
+    other_job.mkdir(parents=True)
+    job = copy_job("fedavg", tmp / "jobs", server_args={"num_rounds": 1}, engine={**TINY_ENGINE, "local_epochs": 1})
+    _, config = _server_config(job)
+    network = next(c for c in config["components"] if c["id"] == "persistor")["args"]["network"]
+    stolen = other_job / "FL_global_model.pt"
+    torch.save({"model": SegNetwork(**network).state_dict()}, stolen)
+    _set_component_args(job, "persistor", source_ckpt_file_full_name=str(stolen))
+
+    def run(name, **kwargs):
+        return lambda: simulate(job, tmp / name, tiny2d, n=2, expect_ok=False, timeout=600, **kwargs)
+
+    results = in_parallel(refused=run("refused"), allowed=run("allowed", resume_dirs=[other_job.parent]))
+    return results, stolen
+
+
+def test_persistor_source_checkpoint_is_confined(runs):
+    results, stolen = runs
+    refused = results["refused"]
+    assert not refused.left
+    log = refused.log("server") + refused.errors()
+    assert f"source_ckpt_file_full_name {str(stolen)!r}" in log and "resume_dirs" in log, log[-5000:]
+    assert f"Loading checkpoint from {stolen}" not in log, "the other job's model was loaded"
+    assert not (refused.job_dir / "app_server" / "FL_global_model.pt").exists()
+
+    allowed = results["allowed"]
+    assert allowed.returncode == 0 and not allowed.errors(), allowed.errors()[-5000:]
+    assert f"Loading checkpoint from {stolen}" in allowed.log("server")
