@@ -16,9 +16,14 @@ paper's own protocol: FedSM/SoftPull 2B, FedCrossEns N*B) and reports them side 
                               validation, 8 test each; images 56-80 px, 64 px patches)
               synth2d_scarce  the same sites, validation and test cases, but only the first 6 labelled
                               training cases per site (fedseg.data.synthetic labelled_training=6)
-              polyp           Kvasir-SEG + CVC-ClinicDB (2 centres), at most 100 cases per centre
-                              (70/10/20 %), pictures downscaled to 64 px on their long side; skipped when
-                              ../shared/data/polyp is absent
+              polyp           Kvasir-SEG, CVC-ClinicDB, CVC-ColonDB (3 centres), every case, split by video
+                              sequence (70/10/20 % of the cases, whole sequences; Kvasir-SEG by image),
+                              pictures downscaled to 64 px on their long side, R=12 x E=2, UNet with
+                              affine instance norm for every method (FedBN needs normalization parameters);
+                              the settings come from the pilot (docs/benchmarks/pilot_polyp.md); skipped
+                              when ../shared/data/polyp is absent
+              polyp_frames    the same centres split by FRAME (fedseg.data.convert --split-by case), FedAvg
+                              only: the leakage row (frame split vs sequence split)
             3 seeds, R=24 rounds x E=2 epochs (E=4 on synth2d_scarce, whose sites have 2 steps per epoch),
             every method in both protocols, the FedSM ablation on the built-in data (SoftPull lambda 0.5/0.9/1.0
             at the paper budget; lambda 0.7 at half (equal steps) and full (paper) budget; learned routing vs
@@ -162,13 +167,31 @@ def _synth(name: str, dims: int, size: str, sites: int = 4, engine: dict | None 
     )
 
 
-def _polyp(max_cases: int | None, roi: int = 96, image_size: int | None = None, **kw) -> DatasetSpec:
+def _polyp(
+    max_cases: int | None,
+    roi: int = 96,
+    image_size: int | None = None,
+    name: str = "polyp",
+    norm: str | None = None,
+    split_by: str = "group",
+    **kw,
+) -> DatasetSpec:
+    """The polyp centres converted by fedseg.data.convert: split by video sequence (split_by "case": by frame, which
+    leaks), at most max_cases per centre, pictures downscaled to image_size; norm: the network's normalization."""
     engine = copy.deepcopy(ENGINE_POLYP)
     engine["roi_size"] = [roi, roi]
-    options = {"max_cases": max_cases, "seed": 0}
+    if norm:
+        engine["network"]["norm"] = norm
+    options = {"max_cases": max_cases, "seed": 0, "split_by": split_by}
     if image_size:
         options["image_size"] = image_size
-    return DatasetSpec("polyp", "polyp", engine, source=str(SHARED_POLYP), options=options, required=False, **kw)
+    return DatasetSpec(name, "polyp", engine, source=str(SHARED_POLYP), options=options, required=False, **kw)
+
+
+# The standard preset's real cell: the three polyp centres split by video sequence, every case, 64 px, R=12 x E=2,
+# chosen by the pilot (docs/benchmarks/pilot_polyp.md). Every method runs on a network whose instance norm has
+# parameters (FedBN keeps them local; the others train the same network). The frame-split twin measures leakage.
+POLYP3 = dict(max_cases=None, roi=64, image_size=64, norm="instance_affine", rounds=12, epochs=2, ablation=False)
 
 
 PRESETS = {
@@ -219,7 +242,15 @@ PRESETS = {
                 description="data-scarce variant: 6 labelled training cases per site, same validation/test cases",
             ),
             "polyp": _polyp(
-                100, 64, image_size=64, ablation=False, description="Kvasir-SEG + CVC-ClinicDB, <= 100 cases per centre, 64 px"
+                **POLYP3, description="Kvasir-SEG, CVC-ClinicDB, CVC-ColonDB, split by video sequence, every case, 64 px"
+            ),
+            "polyp_frames": _polyp(
+                **POLYP3,
+                name="polyp_frames",
+                split_by="case",
+                methods=["fedavg"],
+                leakage_of="polyp",
+                description="the polyp cell split by frame (leaks views of one polyp into the test set): FedAvg only",
             ),
         },
         seeds=[0, 1, 2],
