@@ -20,11 +20,39 @@ import os
 # no such egress and must not try. An operator who wants telemetry sets MLFLOW_DISABLE_TELEMETRY=false.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from urllib.parse import unquote, urlsplit
+
 from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, TrackConst
+from nvflare.apis.fl_constant import ProcessType
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
 DEFAULT_EXPERIMENT = "FLARE FL Experiment"  # NVFlare's MLflowReceiver default
 SITE_TAG = "site"  # run tag: whose metrics the run holds (a site's name or the server's)
+# where the server's (local/fedseg_server.json) or a site's (local/fedseg_site.json) operator allows stores outside jobs
+TRACKING_DIRS_KEY = "tracking_dirs"
+
+
+def store_path(uri: str) -> tuple[str, str]:
+    """(kind, path) of a local MLflow store URI: "sqlite" for sqlite:///<path> (sqlite:////abs/x.db is absolute),
+    "file" for file:///<path> or a plain path. Any other scheme (http, https, databricks, postgresql, ...) or a
+    host is refused: a job's tracking store never makes the process contact anything."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError(f"tracking_uri must be a non-empty string, got {uri!r}")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "sqlite" and uri.lower().startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :].split("?", 1)[0]
+        if path:
+            return "sqlite", path
+    elif scheme == "file" and parts.netloc in ("", "localhost") and parts.path:
+        return "file", unquote(parts.path)
+    elif scheme == "" and not parts.netloc:
+        return "file", uri
+    raise ValueError(
+        f"tracking_uri {uri!r} refused: only a local SQLite (sqlite:///<path>) or file store inside the job's "
+        "folder (or a folder the operator lists under "
+        f'"{TRACKING_DIRS_KEY}") is allowed; no tracking server, no other scheme'
+    )
 
 
 class MLflowServerReceiver(MLflowReceiver):
@@ -40,6 +68,8 @@ class MLflowServerReceiver(MLflowReceiver):
         those forwarded from the sites."""
         if events is None:
             events = [ANALYTIC_EVENT_TYPE, f"fed.{ANALYTIC_EVENT_TYPE}"]
+        if tracking_uri is not None:
+            store_path(tracking_uri)  # a scheme that reaches out is refused before the job starts
         super().__init__(
             tracking_uri=tracking_uri,
             kw_args=kw_args,
@@ -47,6 +77,60 @@ class MLflowServerReceiver(MLflowReceiver):
             events=events,
             buffer_flush_time=buffer_flush_time,
         )
+
+    def _operator_dirs(self, fl_ctx) -> list[str]:
+        """The folders outside jobs the operator of this process (the server's or the site's) allows for stores."""
+        from fedseg.fl.base_controller import SERVER_CONFIG_RELPATH, read_server_config
+
+        root = fl_ctx.get_engine().get_workspace().get_root_dir()
+        if fl_ctx.get_process_type() in (ProcessType.SERVER_JOB, ProcessType.SERVER_PARENT):
+            config, where = read_server_config(root), SERVER_CONFIG_RELPATH
+        else:
+            from fedseg.data.datalist import SITE_CONFIG_RELPATH, _read_site_config
+
+            where = SITE_CONFIG_RELPATH
+            config = _read_site_config(os.path.join(root, where), fl_ctx.get_identity_name())
+        dirs = config.get(TRACKING_DIRS_KEY) or []
+        if not isinstance(dirs, list) or not all(isinstance(d, str) and os.path.isabs(d) for d in dirs):
+            raise ValueError(f'{where}: "{TRACKING_DIRS_KEY}" must be a list of absolute paths, got {dirs!r}')
+        return dirs
+
+    def _job_dirs(self, fl_ctx) -> list[str]:
+        workspace = fl_ctx.get_engine().get_workspace()
+        job_id = fl_ctx.get_job_id()
+        return [workspace.get_run_dir(job_id), workspace.get_result_root(job_id)]
+
+    def _get_tracking_uri(self, fl_ctx):
+        """The job's store, confined to the job's folder (run dir, result dir) or an operator's tracking_dirs."""
+        if not self.tracking_uri:
+            return super()._get_tracking_uri(fl_ctx)
+        from fedseg.fl.base_controller import confine_path
+
+        kind, path = store_path(self.tracking_uri)
+        roots = [*self._job_dirs(fl_ctx), *self._operator_dirs(fl_ctx)]
+        try:
+            resolved = confine_path(path, roots[0], roots)
+        except PermissionError:
+            raise PermissionError(
+                f"tracking_uri {self.tracking_uri!r} refused: it resolves to {os.path.realpath(os.path.join(roots[0], path))}"
+                f", outside the job's folder {roots[0]}; the store must lie inside the job's folder or a folder the "
+                f'operator lists under "{TRACKING_DIRS_KEY}" in its local fedseg_server.json / fedseg_site.json'
+            ) from None
+        return f"sqlite:///{resolved}" if kind == "sqlite" else str(resolved)
+
+    def _get_artifact_location(self, relative_path, fl_ctx):
+        """Artifacts stay under the job's run dir (NVFlare joins the run dir with the job's value: an absolute
+        path would escape it)."""
+        from fedseg.fl.base_controller import confine_path
+
+        run_dir = self._job_dirs(fl_ctx)[0]
+        try:
+            return str(confine_path(relative_path or ".", run_dir, [run_dir, *self._operator_dirs(fl_ctx)]))
+        except PermissionError:
+            raise PermissionError(
+                f"artifact_location {relative_path!r} refused: outside the job's run dir {run_dir} and the "
+                f'operator\'s "{TRACKING_DIRS_KEY}"'
+            ) from None
 
     def _mlflow_setup(self, art_full_path, experiment_name, experiment_tags, site_names, fl_ctx):
         super()._mlflow_setup(art_full_path, experiment_name, experiment_tags, site_names, fl_ctx)
