@@ -9,8 +9,8 @@ the built-in list applies and the job stops with "ComponentNotAuthorized ... is 
 
 What: Python imports `sitecustomize` from the path at start-up, so with custom/ on PYTHONPATH this module runs
 first in the `nvflare` process. Only when that process is `nvflare simulator`, and only when the simulation
-workspace has no resources.json(.default) of its own, it writes <workspace>/local/resources.json with NVFlare's
-default list plus FedSeg's classes by exact class path (fedseg.fl.allowlist.allow_fedseg): what a site
+workspace has no resources.json(.default) of its own, it writes <workspace>/local/resources.json with exactly the
+classes FedSeg's jobs need, by exact class path (fedseg.fl.allowlist.allow_fedseg): what a site
 administrator writes at a real site with `python -m fedseg.fl.allowlist <site>`, and what SimEnv runs get from
 fedseg.recipes. Nothing else changes:
   * a real site (server_train / client_train processes, POC included) is never touched: its allow-list is its
@@ -84,9 +84,7 @@ def _main() -> None:
         )
         return
     if written:
-        print(
-            f"fedseg: wrote {written}: NVFlare's default class allow-list plus FedSeg's classes (exact paths)", file=sys.stderr
-        )
+        print(f"fedseg: wrote {written}: the classes FedSeg's jobs need (exact paths), log streaming off", file=sys.stderr)
 
 
 _main()

@@ -21,7 +21,7 @@ import pytest
 from conftest import CUSTOM
 from nvflare.apis.job_def import RunStatus
 
-from fedseg.fl.allowlist import FEDSEG_CLASSES
+from fedseg.fl.allowlist import needed_classes, workspace_role
 from fedseg.fl.localhost_poc import (
     acquire_port,
     bind_server_to_localhost,
@@ -149,7 +149,7 @@ def test_fedavg_recipe_runs_in_fedseg_poc_env_on_localhost_only(tiny2d, tmp_path
         # the kits as deploy prepared them
         for kit in ["server", *SITES]:
             resources = json.loads((prod / kit / "local" / "resources.json").read_text())
-            assert set(FEDSEG_CLASSES) <= set(resources["class_allow_list"]), kit
+            assert set(needed_classes(workspace_role(prod / kit))) <= set(resources["class_allow_list"]), kit
             assert resources["class_list_enforcement_mode"] == "enforce", kit
             assert (prod / kit / "local" / "custom" / "fedseg" / "fl" / "executor.py").is_file(), kit
         for site in SITES:

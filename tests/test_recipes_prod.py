@@ -29,7 +29,7 @@ from poc_federation.ports import PORT_RANGE, reserve_port  # noqa: E402
 from poc_federation.processes import is_alive, port_listeners  # noqa: E402
 from poc_federation.provision import hospital_names  # noqa: E402
 
-from fedseg.fl.allowlist import FEDSEG_CLASSES  # noqa: E402
+from fedseg.fl.allowlist import needed_classes, workspace_role  # noqa: E402
 from fedseg.recipes import FedAvgRecipe  # noqa: E402
 from fedseg.report import load_results  # noqa: E402
 
@@ -103,7 +103,7 @@ def test_lead_runs_fedavg_recipe_with_prodenv_on_a_running_federation(federation
     for kit in ["server", *SITES]:
         resources = json.loads((fed.kit(kit) / "local" / "resources.json").read_text())
         assert resources["class_list_enforcement_mode"] == "enforce", kit
-        assert set(FEDSEG_CLASSES) <= set(resources["class_allow_list"]), kit
+        assert set(needed_classes(workspace_role(fed.kit(kit)))) <= set(resources["class_allow_list"]), kit
     for site in SITES:
         app = fed.kit(site) / job_id / f"app_{site}"
         assert (app / "config" / "config_fed_client.json").is_file(), sorted(p.name for p in app.parent.iterdir())

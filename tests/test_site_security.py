@@ -140,7 +140,7 @@ def test_allowlist_tool_writes_exact_classes_and_drops_the_old_prefix(tmp_path):
     assert out.returncode == 0, out.stderr
     written = json.loads((kit / "local" / "resources.json").read_text())
     assert written["components"] == provisioned["components"]  # the rest of the site's settings is kept
-    assert written["class_allow_list"] == ["nvflare.app_common.workflows.fedavg.FedAvg", *FEDSEG_CLASSES]
+    assert written["class_allow_list"] == fedseg_allow_list()  # exactly FedSeg's needs: the old entries are dropped
     assert written["class_list_enforcement_mode"] == "enforce" and "WARNING" not in out.stderr
     # a prefix or a function is never added; a site's own '*' is reported
     for bad in ("subprocess.", "subprocess.run", "*", "fedseg.fl.allowlist.allow_fedseg"):

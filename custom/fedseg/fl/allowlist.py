@@ -1,8 +1,8 @@
 """The class allow-list a site or the server needs to run FedSeg jobs that carry no code (non-BYOC).
 
 NVFlare 2.9 refuses every component of a code-less job whose path is not on the site's "class_allow_list"
-(local/resources.json, else local/resources.json.default). FedSeg adds its component classes to NVFlare's
-default list, each by its exact class path, never a package prefix: NVFlare instantiates any callable found at
+(local/resources.json, else local/resources.json.default). FedSeg's list holds exactly the classes its jobs
+reference on that side (not NVFlare's default list), each by its exact class path, never a package prefix: NVFlare instantiates any callable found at
 an allowed path, so a prefix such as "fedseg." would let a job call every function of the package (this
 module's `allow_fedseg` included, which rewrites the allow-list).
 
@@ -16,7 +16,8 @@ but NVFlare loads a path by importing everything before the last dot as a module
 Run by the site's (or the server's) administrator, not by jobs:
 
     python -m fedseg.fl.allowlist <site workspace>           # writes <site workspace>/local/resources.json
-    python -m fedseg.fl.allowlist <site workspace> --check   # what would let a job run code here; exit 1 if any
+    python -m fedseg.fl.allowlist <site workspace> --check   # what would let a job run code or take more than
+                                                             # FedSeg needs here (extra classes, log streaming); exit 1 if any
 """
 
 from __future__ import annotations
@@ -29,22 +30,39 @@ import re
 import sys
 from pathlib import Path
 
-from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-
-# Every FedSeg class a job may instantiate at a site or the server (the job folders of fedseg.jobgen and the
-# recipes of fedseg.recipes, with or without the meter, and the site privacy filter of poc/privacy.json).
-FEDSEG_CLASSES = (
+# Exactly the classes FedSeg's shipped jobs reference, per side: jobs/ and fedseg.jobgen's output (with the
+# meter), every Recipe (any tracking, the meter, cross-site evaluation) and the shipped privacy scope
+# (poc/privacy.json). tests/test_allowlist_minimal.py recomputes both sets from those sources and fails when they
+# differ. Nothing else of NVFlare's default list is needed (e.g. its JobLogStreamer, which streams a site's log,
+# is not).
+SITE_CLASSES = (
     "fedseg.fl.executor.SegExecutor",
     "fedseg.fl.executor.FedSMExecutor",
     "fedseg.fl.executor.FedCrossExecutor",
+    "fedseg.fl.privacy.LayerPrivacyFilter",
+    "fedseg.fl.meter.TaskMeter",
+    "nvflare.app_opt.tracking.tb.tb_writer.TBWriter",
+    "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
+)
+SERVER_CLASSES = (
     "fedseg.fl.persistor.SegModelPersistor",
     "fedseg.fl.fedavg_controller.FedAvgController",
     "fedseg.fl.fedsm_controller.FedSMController",
     "fedseg.fl.fedcross_controller.FedCrossController",
-    "fedseg.fl.privacy.LayerPrivacyFilter",
-    "fedseg.fl.meter.TaskMeter",
     "fedseg.fl.tracking.MLflowServerReceiver",
+    "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
+    "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
+    "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator",
+    "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval",
 )
+# FedSeg's own classes on either side
+FEDSEG_CLASSES = tuple(c for c in (*SITE_CLASSES, *SERVER_CLASSES) if c.startswith("fedseg."))
+# "site": a hospital's kit, "server": the server's kit, "all": a workspace that is both (the simulator copies one
+# local/ folder to the server and every site)
+ROLES = ("site", "server", "all")
+# NVFlare 2.9's resources.json switch for streaming a site's job log to the server (JobLogStreamer, SiteLogStreamer);
+# NVFlare allows it unless it is false
+ALLOW_LOG_STREAMING = "allow_log_streaming"
 # The benchmark's workflows (fedseg.bench.jobs): allowed only in the benchmark's own simulator runs
 # (fedseg.bench passes them to fedseg.sim.run_simulator), never at a site.
 BENCH_CLASSES = (
@@ -78,23 +96,38 @@ def check_class_path(entry: str) -> str:
     return entry
 
 
-def fedseg_allow_list(extra_classes: tuple[str, ...] = ()) -> list[str]:
-    """NVFlare's default class allow-list plus FedSeg's classes (and any extra exact class paths)."""
-    return list(dict.fromkeys([*DEFAULT_CLASS_ALLOW_LIST, *FEDSEG_CLASSES, *map(check_class_path, extra_classes)]))
+def needed_classes(role: str = "all") -> tuple[str, ...]:
+    """The classes FedSeg's jobs need on a site's ("site"), the server's ("server") or a simulation's ("all") list."""
+    if role not in ROLES:
+        raise AllowListError(f"role must be one of {ROLES}, got {role!r}")
+    return tuple(dict.fromkeys([*(SITE_CLASSES if role != "server" else ()), *(SERVER_CLASSES if role != "site" else ())]))
 
 
-def is_stale_fedseg_entry(entry: str) -> bool:
-    """A FedSeg entry this version does not write: a package prefix from an older version ("fedseg."), or a
-    class path under fedseg that is no longer a component."""
-    return (entry == "fedseg" or entry.startswith("fedseg.")) and entry not in FEDSEG_CLASSES
+def workspace_role(workspace: str | os.PathLike) -> str:
+    """A provisioned server kit has startup/fed_server.json, a site's startup/fed_client.json; anything else (a
+    simulation workspace) is "all"."""
+    startup = Path(workspace) / "startup"
+    if (startup / "fed_server.json").is_file():
+        return "server"
+    if (startup / "fed_client.json").is_file():
+        return "site"
+    return "all"
 
 
-def allow_fedseg(resources_file: str | os.PathLike, extra_classes: tuple[str, ...] = ()) -> dict:
-    """Write resources_file (a site's local/resources.json) with FedSeg's classes (and extra_classes, exact
-    class paths) on its class_allow_list. The base is the file itself, else its *.default (what provisioning
-    wrote), else NVFlare's default list; every other setting of the base is kept; enforcement is "enforce"
-    unless the base says otherwise; FedSeg entries of older versions (the "fedseg." prefix) are dropped."""
+def fedseg_allow_list(extra_classes: tuple[str, ...] = (), role: str = "all") -> list[str]:
+    """The classes FedSeg's jobs need (see needed_classes) plus any extra exact class paths."""
+    return list(dict.fromkeys([*needed_classes(role), *map(check_class_path, extra_classes)]))
+
+
+def allow_fedseg(resources_file: str | os.PathLike, extra_classes: tuple[str, ...] = (), role: str = "all") -> dict:
+    """Write resources_file (a site's local/resources.json) whose class_allow_list is exactly what FedSeg's jobs
+    need on that side (needed_classes(role)) plus extra_classes (exact class paths), with log streaming off
+    ("allow_log_streaming": false: a site's job log, which names its cases, never goes to the server). The base is
+    the file itself, else its *.default (what provisioning wrote); every other setting of the base is kept;
+    enforcement is "enforce" unless the base says otherwise. Every other entry of the base's list (NVFlare's
+    default list, FedSeg entries of older versions such as the "fedseg." prefix) is dropped."""
     extra = [check_class_path(c) for c in extra_classes]
+    needed = needed_classes(role)
     path = Path(resources_file)
     base = path if path.exists() else path.with_name(path.name + ".default")
     try:
@@ -104,12 +137,10 @@ def allow_fedseg(resources_file: str | os.PathLike, extra_classes: tuple[str, ..
     if not isinstance(resources, dict):
         raise AllowListError(f"{base}: expected a JSON object")
     allow = resources.get("class_allow_list")
-    if allow is None:
-        allow = list(DEFAULT_CLASS_ALLOW_LIST)
-    if not isinstance(allow, list):
+    if allow is not None and not isinstance(allow, list):
         raise AllowListError(f"{base}: class_allow_list must be a list")
-    allow = [e for e in allow if not is_stale_fedseg_entry(e)]
-    resources["class_allow_list"] = list(dict.fromkeys([*allow, *FEDSEG_CLASSES, *extra]))
+    resources["class_allow_list"] = list(dict.fromkeys([*needed, *extra]))
+    resources[ALLOW_LOG_STREAMING] = False
     resources.setdefault("class_list_enforcement_mode", "enforce")
     path.parent.mkdir(parents=True, exist_ok=True)
     # a new file put in place: a symlink at path is replaced, never written through
@@ -158,9 +189,13 @@ def _site_file(local: Path, name: str) -> Path | None:
     return None
 
 
-def check_site(workspace: str | os.PathLike) -> list[str]:
-    """What lets a job run code at this site: a class allow-list with prefixes, '*' or warn mode, FedSeg's classes
-    missing, roles with the byoc right. Empty when the site is as FedSeg wants it."""
+def check_site(workspace: str | os.PathLike, role: str | None = None) -> list[str]:
+    """What lets a job run code at this site or take more than FedSeg needs: a class allow-list with prefixes, '*'
+    or warn mode, entries beyond the classes FedSeg's jobs need on this side (named), log streaming allowed,
+    FedSeg's classes missing, roles with the byoc right. Empty when the site is as FedSeg wants it. role: "site",
+    "server" or "all"; by default read from the kit (workspace_role)."""
+    role = role or workspace_role(workspace)
+    needed = needed_classes(role)
     local = Path(workspace) / "local"
     problems = []
     resources_file = _site_file(local, "resources.json")
@@ -169,9 +204,21 @@ def check_site(workspace: str | os.PathLike) -> list[str]:
     else:
         resources = json.loads(resources_file.read_text())
         problems += [f"{resources_file}: {w}" for w in warnings_for(resources)]
-        missing = [c for c in FEDSEG_CLASSES if c not in (resources.get("class_allow_list") or [])]
+        allow = resources.get("class_allow_list") or []
+        missing = [c for c in needed if c not in allow]
         if missing:
             problems.append(f"{resources_file}: FedSeg classes not allowed (jobs will fail here): {missing}")
+        extra = [e for e in allow if e not in needed and e != "*"]
+        if extra:
+            problems.append(
+                f"{resources_file}: class_allow_list allows {len(extra)} class(es) beyond what FedSeg's jobs need on "
+                f"this side ({role}): {extra}"
+            )
+        if resources.get(ALLOW_LOG_STREAMING, True) is not False:
+            problems.append(
+                f'{resources_file}: "{ALLOW_LOG_STREAMING}" is not false: NVFlare streams a job\'s log from this '
+                "site to the server when a job asks for it (set it to false)"
+            )
     authz_file = _site_file(local, "authorization.json")
     if authz_file is None:
         problems.append(f"{local}: no authorization.json(.default)")
@@ -191,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("workspace", help="the site's (or the server's) workspace: the folder with startup/ and local/")
     p.add_argument(
+        "--role",
+        choices=ROLES,
+        help="which side's classes: 'site', 'server' or 'all' (a simulation workspace); "
+        "default: from the kit (startup/fed_server.json: server, startup/fed_client.json: site, else all)",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="change nothing: report what would let a job run code here "
@@ -202,20 +255,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{o.workspace}: no local/ folder: not a site or server workspace (startup kit)", file=sys.stderr)
         return 2
     if o.check:
-        problems = check_site(o.workspace)
+        role = o.role or workspace_role(o.workspace)
+        problems = check_site(o.workspace, role)
         for problem in problems:
             print(f"PROBLEM: {problem}")
         if not problems:
-            print(f"{o.workspace}: OK: exact classes only ({len(FEDSEG_CLASSES)} of FedSeg's), nobody has byoc")
+            print(
+                f"{o.workspace}: OK: exactly the {len(needed_classes(role))} classes FedSeg's jobs need ({role}), "
+                "log streaming off, nobody has byoc"
+            )
         return 1 if problems else 0
+    role = o.role or workspace_role(o.workspace)
     try:
-        resources = allow_fedseg(local / "resources.json")
+        resources = allow_fedseg(local / "resources.json", role=role)
     except AllowListError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
     print(
-        f"wrote {local / 'resources.json'}: {len(resources['class_allow_list'])} allowed classes, "
-        f"FedSeg's: {', '.join(FEDSEG_CLASSES)}"
+        f"wrote {local / 'resources.json'} ({role}): exactly the {len(resources['class_allow_list'])} classes "
+        f"FedSeg's jobs need: {', '.join(resources['class_allow_list'])}; {ALLOW_LOG_STREAMING}: false"
     )
     for w in warnings_for(resources):
         print(f"WARNING: {w}", file=sys.stderr)

@@ -275,10 +275,10 @@ def install_fedseg(kit: Path, package_dir: Path = PACKAGE_DIR, policy: dict | No
     """The fedseg package in the kit's local/custom (NVFlare puts it on the path of the server or site and of its
     job processes, as a hospital installs it), FedSeg's classes on its class allow-list (local/resources.json,
     exact class paths) and, when given, an authorization policy as local/authorization.json."""
-    from fedseg.fl.allowlist import allow_fedseg  # imports NVFlare: only where a kit is prepared
+    from fedseg.fl.allowlist import allow_fedseg, workspace_role  # imports NVFlare: only where a kit is prepared
 
     local = Path(kit) / "local"
-    allow_fedseg(local / "resources.json")
+    allow_fedseg(local / "resources.json", role=workspace_role(kit))  # the server's or a site's classes
     if policy is not None:
         (local / "authorization.json").write_text(json.dumps(policy, indent=2) + "\n")
     dest = local / "custom" / "fedseg"
