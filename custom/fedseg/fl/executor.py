@@ -53,6 +53,7 @@ from fedseg.engine import (
 from fedseg.engine.config import LOCAL_OPTIMIZER
 from fedseg.engine.networks import norm_state_keys
 from fedseg.fl.privacy import check_scorable_section
+from fedseg.fl.site_limits import DEFAULT_LIMITS, check_task_limits, read_site_limits
 from fedseg.methods.fedcross import cross_visit, score_ensemble
 from fedseg.methods.fedsm import SelectorSettings, fedsm_local_round, new_selector, score_super_model
 from fedseg.modelset import load_model_set, member_key, save_model_set
@@ -149,6 +150,8 @@ class SegExecutor(Executor):
         workspace = fl_ctx.get_engine().get_workspace()
         self.app_dir = Path(workspace.get_app_dir(fl_ctx.get_job_id()))
         try:
+            # what the server may ask of this site (its own local/fedseg_site.json "limits")
+            self.limits = read_site_limits(workspace.get_root_dir(), self.site)
             path = resolve_site_datalist(self.site, self.datalist, workspace.get_root_dir())
             summary = validate_site_data(path, self.site, num_classes=self.cfg.num_classes)
             self._check_summary(summary, path)
@@ -189,6 +192,7 @@ class SegExecutor(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         try:
             model = FLModelUtils.from_shareable(shareable)
+            self.check_limits(task_name, model.meta or {})
             owner = shareable.get_header(AppConstants.MODEL_OWNER)
             if owner:  # cross-site evaluation: whose model this is (the server's or a site's)
                 model.meta = {**(model.meta or {}), "model_owner": str(owner)}
@@ -201,6 +205,17 @@ class SegExecutor(Executor):
         except Exception as e:
             self.log_exception(fl_ctx, f"[site {self.site}] task {task_name} failed: {type(e).__name__}: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def check_limits(self, task_name: str, meta: dict) -> None:
+        """A task that asks more than this site's caps (fedseg.fl.site_limits) is refused before anything runs."""
+        method = self.method_args or {}
+        job_settings = {
+            "engine local_epochs": self.cfg.local_epochs,
+            "engine local_steps": self.cfg.local_steps,
+            "method_args local_epochs": method.get("local_epochs"),
+            "method_args local_steps": method.get("local_steps"),
+        }
+        check_task_limits(self.site, task_name, meta, getattr(self, "limits", None) or DEFAULT_LIMITS, job_settings)
 
     # ---- helpers shared by the method handlers ------------------------------------------------------
     def track(self, tag: str, value: float, step: int) -> None:
