@@ -35,9 +35,11 @@ from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
+from nvflare.apis.utils.fl_context_utils import generate_log_message
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.security.logging import secure_format_traceback
 
 from fedseg.algorithms.lr_schedule import LrSchedule
 from fedseg.algorithms.packing import pack, unpack
@@ -52,6 +54,7 @@ from fedseg.engine import (
 )
 from fedseg.engine.config import LOCAL_OPTIMIZER
 from fedseg.engine.networks import norm_state_keys
+from fedseg.fl.case_names import CaseRedactor, case_names_allowed
 from fedseg.fl.privacy import check_scorable_section
 from fedseg.fl.site_limits import DEFAULT_LIMITS, check_task_limits, read_site_limits
 from fedseg.methods.fedcross import cross_visit, score_ensemble
@@ -153,6 +156,8 @@ class SegExecutor(Executor):
             # what the server may ask of this site (its own local/fedseg_site.json "limits")
             self.limits = read_site_limits(workspace.get_root_dir(), self.site)
             path = resolve_site_datalist(self.site, self.datalist, workspace.get_root_dir())
+            # from here on the log names cases by their datalist index (unless the privacy scope allows names)
+            self.redact = CaseRedactor(path, case_names_allowed(fl_ctx))
             summary = validate_site_data(path, self.site, num_classes=self.cfg.num_classes)
             self._check_summary(summary, path)
             self.seg_engine = SegEngine(self.cfg, load_datalist(path, self.site), site=self.site)
@@ -205,6 +210,24 @@ class SegExecutor(Executor):
         except Exception as e:
             self.log_exception(fl_ctx, f"[site {self.site}] task {task_name} failed: {type(e).__name__}: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    # ---- logging: cases by index, not by file name (fedseg.fl.case_names) ------------------------------
+    def _redact(self, msg) -> str:
+        return (getattr(self, "redact", None) or CaseRedactor())(msg)
+
+    def log_info(self, fl_ctx: FLContext, msg: str, fire_event=False):
+        super().log_info(fl_ctx, self._redact(msg), fire_event)
+
+    def log_warning(self, fl_ctx: FLContext, msg: str, fire_event=True):
+        super().log_warning(fl_ctx, self._redact(msg), fire_event)
+
+    def log_error(self, fl_ctx: FLContext, msg: str, fire_event=True):
+        super().log_error(fl_ctx, self._redact(msg), fire_event)
+
+    def log_exception(self, fl_ctx: FLContext, msg: str, fire_event=False):
+        """As FLComponent.log_exception, with the message and the traceback (exception texts name files) redacted."""
+        self.logger.error(generate_log_message(fl_ctx, self._redact(msg)))
+        self.logger.error(self._redact(secure_format_traceback()))
 
     def check_limits(self, task_name: str, meta: dict) -> None:
         """A task that asks more than this site's caps (fedseg.fl.site_limits) is refused before anything runs."""
