@@ -84,7 +84,13 @@ def test_mlflow_store_stays_in_the_job(runs):
 def test_mlflow_uri_that_reaches_out_is_refused():
     from fedseg.fl.tracking import MLflowServerReceiver, store_path
 
-    for uri in ("http://tracker.example:5000", "https://x", "databricks://profile", "postgresql://u@h/db", "sqlite://host/x.db"):
+    for uri in (
+        "http://tracker.example:5000",
+        "https://x",
+        "databricks://profile",
+        "postgresql://u@h/db",
+        "sqlite://host/x.db",
+    ):
         with pytest.raises(ValueError, match="refused"):
             MLflowServerReceiver(tracking_uri=uri)
     assert store_path("sqlite:////abs/m.db") == ("sqlite", "/abs/m.db")
