@@ -107,3 +107,30 @@ def test_selector_study_trains_the_federated_and_the_central_selector(tiny2d, tm
         assert all(r <= a for r, a in zip(row[kind]["routed_own"].values(), row[kind]["accuracy"].values()))
     text = out.with_suffix(".md").read_text()
     assert '| {"epochs": 2} | 3 | 1 |' in text and "site-3" in text
+
+
+def test_gpu_real_cell_is_the_full_presets_polyp_cell_cut_to_fit(tmp_path):
+    from PIL import Image
+
+    from fedseg.bench.gpu_real import GPU_REAL_METHODS, prepare, real_preset
+    from fedseg.bench.presets import get_preset
+
+    src = tmp_path / "src" / "C"
+    for kind in ("images", "masks"):
+        (src / kind).mkdir(parents=True)
+        Image.new("L" if kind == "masks" else "RGB", (300, 150)).save(src / kind / "1.png")
+    (src / "sequence.csv").write_text("stem,video_sequence\n1,3\n")
+    assert prepare(tmp_path / "pics", tmp_path / "src") == {"C": 1}
+    with Image.open(tmp_path / "pics" / "C" / "images" / "1.jpg") as im:
+        assert im.size == (128, 64)  # the full preset's 128 px on the long side
+    assert (tmp_path / "pics" / "C" / "masks" / "1.png").exists() and (tmp_path / "pics" / "C" / "sequence.csv").exists()
+
+    full = get_preset("full").datasets["polyp"]
+    preset = real_preset(tmp_path / "pics", 6, dry_run=False)
+    spec = preset.datasets["polyp"]
+    assert spec.engine == {**full.engine, "amp": True} and spec.options["split_by"] == "group"
+    assert "image_size" not in spec.options and spec.options["max_cases"] is None
+    assert (preset.rounds, preset.epochs, preset.seeds, preset.protocols) == (6, 2, [0], ["equal"])
+    assert preset.methods == GPU_REAL_METHODS and not (preset.loco or preset.matched_steps or preset.stock)
+    dry = real_preset(tmp_path / "pics", 6, dry_run=True)
+    assert dry.datasets["polyp"].options["max_cases"] == 8 and (dry.rounds * dry.epochs) % 3 == 0

@@ -43,7 +43,8 @@ paper's own protocol: FedSM/SoftPull 2B, FedCrossEns N*B) and reports them side 
             polyp_loco_<centre>, one per polyp centre, each the polyp cell's main runs trained without that centre and
             scored on it (fedseg.bench.unseen); ~2,100 CPU-seconds each (the committed polyp cell's main runs, an
             estimate); --no-loco leaves them out.
-  full      a GPU machine: "medium" built-in data, all polyp cases at 128 px, R=20 x E=2, 3 seeds, one simulator
+  full      a GPU machine: "medium" built-in data, the three polyp centres (every case, split by video sequence,
+            downscaled to 128 px, affine instance norm), R=20 x E=2, 3 seeds, one simulator
             job per method, matched-step baselines, cost phase at 1 and 20 epochs per round.
 
 Everything can be overridden on the command line (--datasets, --data-dir, --seeds, --methods, --rounds,
@@ -272,7 +273,9 @@ PRESETS = {
         datasets={
             "synth2d": _synth("synth2d", 2, "medium"),
             "synth3d": _synth("synth3d", 3, "medium"),
-            "polyp": _polyp(None, 128),
+            "polyp": _polyp(
+                None, 128, image_size=128, norm="instance_affine", description="the three polyp centres, every case, 128 px"
+            ),
         },
         seeds=[0, 1, 2],
         rounds=20,

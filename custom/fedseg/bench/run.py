@@ -109,7 +109,7 @@ def _cpu_seconds() -> float:
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
-def downscale_pictures(src: Path, dst: Path, image_size: int) -> dict:
+def downscale_pictures(src: Path, dst: Path, image_size: int, image_format: str = "png") -> dict:
     """A copy of a folder dataset (<site>/images, <site>/masks pictures) with every picture scaled so that its
     long side is image_size pixels (area averaging; masks averaged then thresholded at half, written 0/255 PNG).
     Returns {site: pictures}. Used for the standard preset's polyp data (small images to fit 2 CPU cores).
@@ -145,7 +145,10 @@ def downscale_pictures(src: Path, dst: Path, image_size: int) -> dict:
                     small = im.resize(size, Image.BOX)
                     if kind == "masks":
                         small = small.point(lambda v: 255 if v > 127 else 0)
-                    small.save(out / f"{f.stem}.png")
+                    if kind == "images" and image_format == "jpg":  # smaller to carry; masks stay lossless
+                        small.save(out / f"{f.stem}.jpg", quality=95)
+                    else:
+                        small.save(out / f"{f.stem}.png")
                 pics += kind == "images"
         if pics:
             counts[site_dir.name] = pics
