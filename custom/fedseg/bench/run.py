@@ -43,7 +43,7 @@ from fedseg.bench.presets import (
     datalist_dataset,
     get_preset,
 )
-from fedseg.bench.unseen import add_loco_datasets, run_holdout_dataset
+from fedseg.bench.unseen import add_loco_datasets, federation_dir, holdout_preset, score_cell
 from fedseg.sim import package_env
 
 _print_lock = threading.Lock()
@@ -570,6 +570,22 @@ def run_dataset(
         cells[seed]["seconds_dataset"] = round(time.time() - began, 1)
         (ds_dir / f"cell_s{seed}.json").write_text(json.dumps(cells[seed], indent=2, default=str))
     return [cells[seed] for seed in seeds]
+
+
+def run_holdout_dataset(
+    name: str, data_dir: Path, spec: DatasetSpec, preset: Preset, methods: list[str], ds_dir: Path
+) -> list[dict]:
+    """A holdout cell: the normal cell's runs on the other centres, then every deployable model on the unseen one."""
+    federation = federation_dir(data_dir, spec.holdout, ds_dir / f"{name}_federation")
+    cells = run_dataset(name, federation, spec, holdout_preset(preset), methods, ds_dir)
+    unseen = data_dir / spec.holdout / "datalist.json"
+    for cell in cells:
+        check_stop()
+        log(f"{name}: seed {cell['seed']}: scoring every deployable model on the unseen centre {spec.holdout} ...")
+        cell["holdout"] = spec.holdout
+        cell["unseen"] = score_cell(cell, ds_dir, unseen, federation, log)
+        (ds_dir / f"cell_s{cell['seed']}.json").write_text(json.dumps(cell, indent=2, default=str))
+    return cells
 
 
 def run_stock_peer(

@@ -140,24 +140,6 @@ def holdout_preset(preset: Preset) -> Preset:
     return p
 
 
-def run_holdout_dataset(
-    name: str, data_dir: Path, spec: DatasetSpec, preset: Preset, methods: list[str], ds_dir: Path
-) -> list[dict]:
-    """A holdout cell: the normal cell's runs on the other centres, then every deployable model on the unseen one."""
-    from fedseg.bench.run import check_stop, log, run_dataset
-
-    federation = federation_dir(data_dir, spec.holdout, ds_dir / f"{name}_federation")
-    cells = run_dataset(name, federation, spec, holdout_preset(preset), methods, ds_dir)
-    unseen = data_dir / spec.holdout / "datalist.json"
-    for cell in cells:
-        check_stop()
-        log(f"{name}: seed {cell['seed']}: scoring every deployable model on the unseen centre {spec.holdout} ...")
-        cell["holdout"] = spec.holdout
-        cell["unseen"] = score_cell(cell, ds_dir, unseen, federation, log)
-        (ds_dir / f"cell_s{cell['seed']}.json").write_text(json.dumps(cell, indent=2, default=str))
-    return cells
-
-
 # ---- where the benchmark keeps each run's models -------------------------------------------------------------
 def fl_model_set(ds_dir: Path, cell: dict, key: str, method: str) -> tuple[Path, Path]:
     """(best.pt, the server app dir with the job's config) of one FL run of a cell: the last simulator job that ran
