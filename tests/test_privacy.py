@@ -38,7 +38,7 @@ def packed_update(rng) -> dict:
     optim = {}
     for name, w in weights.items():
         optim[f"{name}::step"] = np.array(7.0, np.float32)
-        optim[f"{name}::exp_avg"] = rng.normal(size=w.shape).astype(np.float32)
+        optim[f"{name}::exp_avg"] = (rng.normal(size=w.shape) * 1e-5).astype(np.float32)  # an Adam state: |m| <= 7.3 sqrt(v)
         optim[f"{name}::exp_avg_sq"] = np.full(w.shape, 1e-8, np.float32)  # tiny: noise would turn it negative
     return pack({"model": weights, "optim": optim})
 
@@ -46,7 +46,7 @@ def packed_update(rng) -> dict:
 # ---- weights and optimizer state -----------------------------------------------------------------------------
 def test_optimizer_state_is_sent_untouched_by_noise_and_zeroed_with_its_layer():
     params = packed_update(np.random.default_rng(0))
-    filt = LayerPrivacyFilter(zero_vars=ZERO_LAST, noise_vars=[".*"], noise_std=0.5, seed=0)  # optimizer_state="send"
+    filt = LayerPrivacyFilter(zero_vars=ZERO_LAST, noise_vars=[".*"], noise_std=0.5, seed=0, optimizer_state="send")
     out = run_filter(filt, DXO(DataKind.WEIGHTS, data=dict(params))).data
     assert set(out) == set(params)
     # weights: the last layer zeroed, the others perturbed
@@ -75,6 +75,30 @@ def test_optimizer_state_dropped_leaves_only_weights():
     # FedSM: "selector_optim" goes, "selector" stays
     fedsm = pack({"global": {"w": np.ones(2)}, "selector": {"w": np.ones(2)}, "selector_optim": {"w::exp_avg_sq": np.ones(2)}})
     assert sorted(unpack(run_filter(filt, DXO(DataKind.WEIGHTS, data=fedsm)).data)) == ["global", "selector"]
+
+
+def test_noise_or_zeroing_drops_the_optimizer_state_unless_the_scope_allows_it(caplog):
+    params = packed_update(np.random.default_rng(2))
+    optim_keys = {k for k in params if "::" in k}
+    for args in ({"noise_vars": [".*"], "noise_std": 0.01}, {"zero_vars": ZERO_LAST}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            out = run_filter(LayerPrivacyFilter(**args, seed=0), DXO(DataKind.WEIGHTS, data=dict(params))).data
+        assert not optim_keys & set(out) and list(unpack(out)) == ["model"], args
+        assert "optimizer state dropped" in caplog.text and '"optimizer_state": "send"' in caplog.text
+        # explicitly allowed: sent, with a warning that it carries no noise
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            out = run_filter(
+                LayerPrivacyFilter(**args, seed=0, optimizer_state="send"), DXO(DataKind.WEIGHTS, data=dict(params))
+            )
+        assert optim_keys <= set(out.data) and "optimizer state sent although weights are zeroed or perturbed" in caplog.text
+    # a filter that changes no weight (e.g. only strips per-case metrics) sends it, silently
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        out = run_filter(LayerPrivacyFilter(noise_vars=[".*"]), DXO(DataKind.WEIGHTS, data=dict(params)))
+    assert out.get_filter_history() is None or optim_keys <= set(out.data)
+    assert "optimizer state" not in caplog.text
 
 
 def test_filter_arguments_are_checked():

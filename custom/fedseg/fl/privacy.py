@@ -16,15 +16,19 @@ Model weights (WEIGHTS / WEIGHT_DIFF DXOs; FedSM and FedCross pack several model
 
 Optimizer state (FedSM's selector, "selector_optim/<param>::<state>", and FedCross's travelling models,
 "optim/<param>::<state>"; <state> is e.g. step, exp_avg, exp_avg_sq):
-  optimizer_state="send" (default): it is sent. Noise is never added to it (noise would make Adam's second
-              moments negative). The moments of a zeroed parameter are zeroed with it, so the moments of a layer
+  optimizer_state not given (default): "send" when the filter neither zeroes nor perturbs any weight, else
+              "drop" (with a warning in the site's log): the moments are running averages of the site's
+              gradients (FedSM's selector moment divided by the learning rate IS its full-batch gradient), which
+              the noise does not cover. A scope that wants them sent anyway says so with "send".
+  optimizer_state="send": it is sent (a warning is logged when the weights are zeroed or perturbed). Noise is
+              never added to it (noise would make Adam's second moments negative). The moments of a zeroed parameter are zeroed with it, so the moments of a layer
               that must not leave do not leave either: a state key is zeroed when a zero_vars pattern matches
               its "<group>/<param>" part or its bare "<param>". Step counts ("::step") are kept: they say how
               many steps ran, not what the data is, and the server refuses a step count that goes back.
   optimizer_state="drop": every "::" key is removed, so the groups "optim" / "selector_optim" are absent from
               the reply; the server then continues with a fresh optimizer state.
-  The moments are running averages of the site's gradients: a scope that perturbs the weights should drop
-  the optimizer state, which the noise does not cover.
+  The moments are running averages of the site's gradients: a scope that perturbs the weights drops the
+  optimizer state unless it explicitly allows it.
 
 Metrics (METRICS DXOs, e.g. validate / cross_validate / fedsm_evaluate results, and the metrics in the meta
 of weight DXOs, e.g. "initial_metrics"), searched recursively through nested dicts and lists:
@@ -137,7 +141,7 @@ class LayerPrivacyFilter(DXOFilter):
         noise_vars: list[str] | None = None,
         noise_std: float = 0.0,
         seed: int | None = None,
-        optimizer_state: str = "send",
+        optimizer_state: str | None = None,
         share_per_case: bool = False,
         share_case_names: bool = False,
         data_kinds: list[str] | None = None,
@@ -148,7 +152,8 @@ class LayerPrivacyFilter(DXOFilter):
             noise_vars: regular expressions of parameter names that get Gaussian noise (never optimizer state).
             noise_std: noise standard deviation relative to each tensor's standard deviation (0: no noise).
             seed: seed of the noise generator (None: fresh randomness every time).
-            optimizer_state: "send" (default) or "drop" the optimizer state ("<param>::<state>" keys).
+            optimizer_state: "send" or "drop" the optimizer state ("<param>::<state>" keys); None (default): "drop"
+                when zero_vars or noise is configured, else "send".
             share_per_case: let per-case metric lists ("*_per_case") leave the site.
             share_case_names: let case file names ("case_names") leave the site.
             data_kinds: DXO kinds to filter; default WEIGHTS, WEIGHT_DIFF and METRICS.
@@ -164,9 +169,12 @@ class LayerPrivacyFilter(DXOFilter):
         if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or noise_std < 0:
             raise ValueError(f"noise_std must be a number >= 0, got {noise_std!r}")
         self.noise_std = float(noise_std)
-        if optimizer_state not in OPTIMIZER_STATE_MODES:
+        if optimizer_state is not None and optimizer_state not in OPTIMIZER_STATE_MODES:
             raise ValueError(f"optimizer_state must be one of {list(OPTIMIZER_STATE_MODES)}, got {optimizer_state!r}")
         self.optimizer_state = optimizer_state
+        # the weights leave the site changed: their optimizer state (the site's gradients) must not leave unless allowed
+        self._protects_weights = bool(self._zero_res) or (self.noise_std > 0 and bool(self._noise_res))
+        self._optim_mode = optimizer_state or ("drop" if self._protects_weights else "send")
         for arg, value in (("share_per_case", share_per_case), ("share_case_names", share_case_names)):
             if not isinstance(value, bool):
                 raise TypeError(f"{arg} must be true or false, got {value!r}")
@@ -190,7 +198,7 @@ class LayerPrivacyFilter(DXOFilter):
         done: dict[str, list[str]] = {"zeroed": [], "perturbed": [], "optim_dropped": [], "optim_zeroed": []}
         for name, value in params.items():
             if is_optimizer_state(name):
-                if self.optimizer_state == "drop":
+                if self._optim_mode == "drop":
                     del out[name]
                     done["optim_dropped"].append(name)
                 elif name.partition(OPTIM_SEP)[2] != "step" and self._state_of_zeroed(name):
@@ -225,6 +233,20 @@ class LayerPrivacyFilter(DXOFilter):
             parts.append(f"perturbed {len(done['perturbed'])} tensor(s) (noise {self.noise_std} x std)")
             if done["optim_dropped"]:
                 parts.append(f"dropped optimizer state ({len(done['optim_dropped'])} key(s))")
+                if self.optimizer_state is None:
+                    self.log_warning(
+                        fl_ctx,
+                        f"privacy filter at {fl_ctx.get_identity_name()}: optimizer state dropped "
+                        f"({len(done['optim_dropped'])} key(s)) because this privacy scope zeroes or perturbs weights "
+                        'and does not allow it ("optimizer_state": "send"); the server continues with a fresh one',
+                    )
+            elif self.optimizer_state == "send" and self._protects_weights and any(is_optimizer_state(k) for k in params):
+                self.log_warning(
+                    fl_ctx,
+                    f"privacy filter at {fl_ctx.get_identity_name()}: optimizer state sent although weights are zeroed "
+                    'or perturbed ("optimizer_state": "send"): its moments are running averages of this site\'s '
+                    "gradients and carry no noise",
+                )
             if done["optim_zeroed"]:
                 parts.append(f"zeroed the optimizer moments of zeroed tensors ({len(done['optim_zeroed'])} key(s))")
             if any(done.values()):
