@@ -182,11 +182,15 @@ def test_check_update_names_at_most_five_missing_keys():
 
 def test_check_update_dtype_and_integer_arrays():
     ref = {"w": np.zeros(2, np.float32), "n": np.array(0, np.int64)}
-    check_update("s", {"w": np.ones(2, np.float16), "n": np.array(7, np.int64)}, ref)
+    check_update("s", {"w": np.ones(2, np.float32), "n": np.array(7, np.int64)}, ref)
     err = _rejected("s", {"w": np.array(["a", "b"]), "n": np.array(7)}, ref)
     assert "'w'" in err.reason and "dtype" in err.reason
     assert "'w'" in _rejected("s", {"w": [1.0, 2.0], "n": np.array(7)}, ref).reason
-    assert "'n'" in _rejected("s", {"w": np.ones(2), "n": np.zeros(2, np.int64)}, ref).reason
+    assert "'n'" in _rejected("s", {"w": np.ones(2, np.float32), "n": np.zeros(2, np.int64)}, ref).reason
+    # exactly the dtype the server sent: no other width, no integer or complex tensor (never cast)
+    for dtype in (np.float16, np.float64, np.int64, np.int8, np.complex64):
+        err = _rejected("s", {"w": np.ones(2, dtype), "n": np.array(7, np.int64)}, ref)
+        assert "'w'" in err.reason and f"dtype {np.dtype(dtype)}" in err.reason and "expected float32" in err.reason
 
 
 def test_update_rejected_pickles():

@@ -103,6 +103,7 @@ def adam_state(weights: dict) -> dict:
     for key, value in weights.items():
         state[f"{key}::step"] = np.array(3.0, dtype=np.float32)
         state[f"{key}::exp_avg"] = np.zeros_like(value)
+        state[f"{key}::exp_avg_sq"] = np.zeros_like(value)  # Adam keeps both moments
     return state
 
 

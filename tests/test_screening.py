@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 
 from fedseg.algorithms import UpdateRejected, aggregate, robust_average, weighted_average
+from fedseg.algorithms.aggregation import trim_count
 from fedseg.algorithms.screening import (
+    adam_moment_bound,
     cap_step_weights,
     case_dice,
+    check_metadata,
     check_optimizer_state,
+    clip_scales,
+    clip_update,
     numeric_metrics,
     read_int,
     read_score,
@@ -20,6 +25,8 @@ from fedseg.algorithms.screening import (
     read_summary,
     robust_score,
     screen_magnitudes,
+    screen_relative,
+    state_norm,
     update_norm,
 )
 
@@ -173,3 +180,123 @@ def test_robust_aggregation_resists_one_bad_site_and_mean_is_fedavg():
 def test_robust_score_is_the_median():
     assert robust_score([0.1, 0.2, 1.0]) == 0.2
     assert robust_score([]) is None
+
+
+# ----------------------------------------------------------------------------- number types, bounds, metadata
+
+
+def test_optimizer_state_dtypes_must_be_what_was_sent():
+    weights = {"w": np.zeros(3, np.float32)}
+    sent = {
+        "w::step": np.array(2.0, np.float32),
+        "w::exp_avg": np.zeros(3, np.float32),
+        "w::exp_avg_sq": np.ones(3, np.float32),
+    }
+    check_optimizer_state("s", dict(sent), weights, sent)
+    for key, bad in (
+        ("w::exp_avg", np.zeros(3, np.int64)),
+        ("w::exp_avg_sq", np.ones(3, np.complex64)),
+        ("w::exp_avg", np.zeros(3, np.float64)),
+        ("w::step", np.array(3, np.int64)),
+    ):
+        with pytest.raises(UpdateRejected) as e:
+            check_optimizer_state("s", {**sent, key: bad}, weights, sent)
+        assert key in e.value.reason and f"dtype {bad.dtype}" in e.value.reason and "expected" in e.value.reason
+    # nothing sent (a fresh optimizer): the moments must have their parameter's dtype
+    with pytest.raises(UpdateRejected, match="expected float32"):
+        check_optimizer_state("s", {"w::exp_avg": np.zeros(3, np.int32), "w::exp_avg_sq": np.zeros(3, np.int32)}, weights)
+
+
+def test_adam_first_moments_are_bounded_by_the_second_whatever_the_gradients():
+    import torch
+
+    bound = adam_moment_bound()
+    assert math.isclose(bound, 0.01 / (0.001 * (1 - 0.81 / 0.999)))
+    # real Adam states on wild gradients satisfy it (and so does their average)
+    torch.manual_seed(0)
+    states = []
+    for scale in (1e-3, 1.0, 1e4):
+        p = torch.nn.Parameter(torch.zeros(50))
+        opt = torch.optim.Adam([p], lr=1e-3)
+        for _ in range(30):
+            p.grad = torch.randn(50) * scale * torch.rand(1)
+            opt.step()
+        st = opt.state[p]
+        states.append({k: np.asarray(st[k], np.float32) for k in ("step", "exp_avg", "exp_avg_sq")})
+    weights = {"w": np.zeros(50, np.float32)}
+    for st in states:
+        check_optimizer_state("s", {f"w::{k}": v for k, v in st.items()}, weights)
+    avg = {f"w::{k}": np.mean([st[k] for st in states], axis=0).astype(np.float32) for k in ("exp_avg", "exp_avg_sq")}
+    check_optimizer_state("s", avg, weights)
+    # a poisoned first moment (the next site's Adam steps would explode) is refused, with or without second moments
+    poisoned = {"w::exp_avg": np.full(50, 1e4, np.float32), "w::exp_avg_sq": np.zeros(50, np.float32)}
+    with pytest.raises(UpdateRejected, match="first moment"):
+        check_optimizer_state("s", poisoned, weights)
+    with pytest.raises(UpdateRejected, match="without its second moment"):
+        check_optimizer_state("s", {"w::exp_avg": np.zeros(50, np.float32)}, weights)
+
+
+def test_state_norm_measures_moments_against_what_was_sent():
+    sent = {"w::exp_avg": np.ones(4, np.float32), "w::exp_avg_sq": np.ones(4, np.float32), "w::step": np.array(1.0)}
+    back = {"w::exp_avg": np.full(4, 3.0, np.float32), "w::exp_avg_sq": np.ones(4, np.float32), "w::step": np.array(9.0)}
+    assert state_norm(back, sent, "exp_avg") == pytest.approx(4.0)
+    assert state_norm(back, sent, "exp_avg_sq") == 0.0
+    assert state_norm(back, None, "exp_avg") == pytest.approx(6.0)
+
+
+def test_norm_bounding_clips_a_sign_flipped_or_scaled_update_to_the_round_median():
+    ref = {"w": np.zeros(4, np.float32), "n": np.array(3, np.int64)}
+    honest = {s: {"w": np.full(4, v, np.float32), "n": np.array(3, np.int64)} for s, v in (("a", 1.0), ("b", 1.2), ("c", 0.9))}
+    evil = {"w": np.full(4, -5.0, np.float32), "n": np.array(3, np.int64)}  # sign flipped, 5x: passes the 10x check
+    updates = {**honest, "evil": evil}
+    norms = {s: update_norm(u, ref) for s, u in updates.items()}
+    assert screen_magnitudes(norms, max_ratio=10) == {}
+    scales = clip_scales(norms, clip_ratio=2.0)
+    assert set(scales) == {"evil"}
+    bounded = {s: clip_update(u, ref, scales[s]) if s in scales else u for s, u in updates.items()}
+    assert update_norm(bounded["evil"], ref) == pytest.approx(2.0 * np.median(list(norms.values())), rel=1e-6)
+    assert bounded["evil"]["w"].dtype == np.float32 and bounded["evil"]["n"] is evil["n"]
+    before = aggregate(updates, dict.fromkeys(updates, 1.0), "mean")["w"][0]
+    after = aggregate(bounded, dict.fromkeys(updates, 1.0), "mean")["w"][0]
+    assert before < 0 < after  # unbounded the model goes backwards; bounded it still moves forward
+    assert clip_scales(norms, 0) == {} and clip_scales({"a": 1.0}, 2.0) == {} and clip_scales({"a": 0.0, "b": 0.0}, 2.0) == {}
+
+
+def test_trimmed_mean_always_trims_one_per_side_and_refuses_too_few_sites():
+    assert trim_count(4, 0.2) == 1 and trim_count(3, 0.0) == 1 and trim_count(10, 0.2) == 2
+    with pytest.raises(ValueError, match="at least 3 updates"):
+        trim_count(2, 0.2)
+    updates = {s: {"w": np.full(2, v, np.float32)} for s, v in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("evil", -1e6))}
+    assert np.allclose(robust_average(updates, "trimmed_mean", 0.2)["w"], 1.5)  # 4 sites: the attacker is cut
+    with pytest.raises(ValueError):
+        robust_average({"a": updates["a"], "b": updates["b"]}, "trimmed_mean", 0.2)
+
+
+def test_relative_screen_uses_the_model_that_was_sent():
+    assert screen_relative(0.5, 10.0, 1.0) is None
+    reason = screen_relative(2.2e3, 10.0, 1.0)
+    assert "220x the norm 10 of the model that was sent" in reason
+    assert screen_relative(2.2e3, 10.0, 0) is None and screen_relative(float("nan"), 10.0, 1.0)
+
+
+def test_metadata_limits_refuse_deep_wide_long_and_huge_fields_without_recursion():
+    ok = {"val_dice": 0.5, "members": [{"dice": 0.5, "dice_per_case": [0.1] * 100}], "section": "validation"}
+    check_metadata("s", ok, "metrics")
+    deep = 0.5
+    for _ in range(100000):  # far beyond Python's recursion limit
+        deep = {"x": deep}
+    with pytest.raises(UpdateRejected, match="nested deeper than 12"):
+        check_metadata("s", {"val_dice": 0.5, "x": deep}, "metrics")
+    with pytest.raises(UpdateRejected, match="1000000 entries"):
+        check_metadata("s", {f"k{i}": 1.0 for i in range(10**6)}, "metrics")
+    with pytest.raises(UpdateRejected, match="a string of 5000 characters"):
+        check_metadata("s", {"section": "x" * 5000}, "meta")
+    with pytest.raises(UpdateRejected, match="a string of 5000 characters"):
+        check_metadata("s", {"x" * 5000: 1.0}, "meta")  # keys too
+    with pytest.raises(UpdateRejected, match="entries in all"):
+        check_metadata("s", [[0.0] * 1000 for _ in range(10)], "metrics", {"max_items": 5000})
+
+
+def test_only_the_metric_keys_a_method_defines_are_kept():
+    metrics = {"val_dice": 0.5, "junk_1": 1.0, "junk_2": 2.0}
+    assert numeric_metrics(metrics, allowed=lambda k: k.startswith("val_")) == {"val_dice": 0.5}

@@ -23,6 +23,8 @@ __all__ = [
     "apply_diff",
     "check_update",
     "robust_average",
+    "TRIMMED_MEAN_MIN_SITES",
+    "trim_count",
     "weighted_average",
 ]
 
@@ -60,8 +62,8 @@ def check_update(site: str, params: dict, reference: Mapping[str, np.ndarray], a
     ``params`` (unless ``allow_missing``; up to 5 are named); keys not in ``reference``; per key
     (in ``params`` order): a value that is not a numpy array/scalar, a non-numeric dtype (numeric
     and bool are accepted), a shape different from the reference's, any NaN/Inf in a floating
-    (or complex) array (the count is named). Integer and bool arrays are checked for shape only.
-    The dtype need not equal the reference's (e.g. float16 vs float32 is accepted).
+    (or complex) array (the count is named). Every array's dtype must be EXACTLY the reference's
+    (what the server sent): an integer, complex or other-width tensor is never cast, it rejects the update.
     """
     if not isinstance(reference, Mapping):
         raise TypeError(f"reference must be a dict of arrays, got {type(reference).__name__}")
@@ -82,6 +84,11 @@ def check_update(site: str, params: dict, reference: Mapping[str, np.ndarray], a
             raise UpdateRejected(site, f"key {key!r}: value is not a numpy array (got {type(value).__name__})")
         if not _is_allowed_dtype(value.dtype):
             raise UpdateRejected(site, f"key {key!r}: non-numeric dtype {value.dtype}")
+        expected_dtype = np.asarray(reference[key]).dtype
+        if value.dtype != expected_dtype:
+            raise UpdateRejected(
+                site, f"key {key!r}: dtype {value.dtype}, expected {expected_dtype} (the dtype the server sent)"
+            )
         expected = np.shape(reference[key])
         if value.shape != expected:
             raise UpdateRejected(site, f"key {key!r}: shape {value.shape} does not match expected {expected}")
@@ -182,9 +189,26 @@ def apply_diff(base: Mapping[str, np.ndarray], diff: Mapping[str, np.ndarray]) -
     return out
 
 
+TRIMMED_MEAN_MIN_SITES = 3  # one trimmed at each side and at least one left
+
+
+def trim_count(n: int, trim_fraction: float) -> int:
+    """How many values "trimmed_mean" drops at EACH side of a coordinate among ``n`` sites:
+    ``max(1, floor(trim_fraction * n))`` (always at least one, so a single extreme site is always cut).
+    Raises ValueError when fewer than one value would remain (fewer than 3 sites)."""
+    cut = max(1, int(np.floor(trim_fraction * n)))
+    if n - 2 * cut < 1:
+        raise ValueError(
+            f"trimmed_mean needs at least {2 * cut + 1} updates to trim {cut} per side (trim_fraction {trim_fraction:g}), "
+            f"got {n}"
+        )
+    return cut
+
+
 def robust_average(updates: Mapping[str, Mapping[str, np.ndarray]], method: str = "median", trim_fraction: float = 0.2) -> dict:
     """Unweighted coordinate-wise robust mean of the updates: "median", or "trimmed_mean" (drop the
-    ``floor(trim_fraction * n)`` largest and smallest values of each coordinate, average the rest).
+    ``max(1, floor(trim_fraction * n))`` largest and smallest values of each coordinate, average the rest;
+    :func:`trim_count`: fewer than 3 updates are refused).
 
     Robust to a minority of arbitrary updates; unweighted, because a step count is itself a site's claim.
     Same key set and shapes required as in :func:`weighted_average`; dtypes cast back the same way.
@@ -206,7 +230,7 @@ def robust_average(updates: Mapping[str, Mapping[str, np.ndarray]], method: str 
         if method == "median":
             acc = np.median(stack, axis=0)
         else:
-            cut = int(np.floor(trim_fraction * len(sites)))
+            cut = trim_count(len(sites), trim_fraction)
             ordered = np.sort(stack, axis=0)
             acc = ordered[cut : len(sites) - cut].mean(axis=0)
         out[key] = _cast_back(acc, np.asarray(updates[sites[0]][key]).dtype)

@@ -7,7 +7,12 @@ site and the field, so the workflow can log one line and go on without that site
 * fields:     :func:`read_step_count` (capped by what the server planned), :func:`read_int`, :func:`read_score`
 * optimizer:  :func:`check_optimizer_state` (keys, shapes, finite, Adam's second moments >= 0, step counts)
 * magnitude:  :func:`update_norm` and :func:`screen_magnitudes` (norm above ``max_ratio`` x the median of the
-              other updates of the round, and of recent accepted ones, is rejected)
+              other updates of the round, and of recent accepted ones, is rejected); :func:`clip_scales` and
+              :func:`clip_update` (each accepted update is bounded to ``clip_ratio`` x the round's median norm);
+              :func:`screen_relative` (against the model that was sent: a reference no site chooses);
+              :func:`state_norm` (size of optimizer moments, screened like an update)
+* metadata:   :func:`check_metadata` (depth, key-count, string-length and size limits on whatever a site sends
+              in meta/metrics, checked without recursion before anything formats or stores it)
 * scores:     :func:`read_summary` (a per-site score summary), :func:`case_dice`, :func:`robust_score`
               (median over sites: one lying site cannot pick the best model alone)
 * identity:   :func:`fingerprint` (a short content hash of a weight dict, for the history)
@@ -28,11 +33,17 @@ OPTIM_SEP = "::"  # optimizer state keys are "<parameter name>::<state key>" (en
 STEP_KEY = "NUM_STEPS_CURRENT_ROUND"  # FLMetaKey.NUM_STEPS_CURRENT_ROUND (this module imports no FLARE)
 
 __all__ = [
+    "ADAM_BETAS",
+    "METADATA_LIMITS",
     "OPTIM_SEP",
     "STEP_KEY",
+    "adam_moment_bound",
     "cap_step_weights",
     "case_dice",
+    "check_metadata",
     "check_optimizer_state",
+    "clip_scales",
+    "clip_update",
     "fingerprint",
     "numeric_metrics",
     "read_int",
@@ -41,8 +52,64 @@ __all__ = [
     "read_summary",
     "robust_score",
     "screen_magnitudes",
+    "screen_relative",
+    "state_norm",
     "update_norm",
 ]
+
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, what every FedSeg optimizer uses
+
+
+def adam_moment_bound(betas: tuple[float, float] = ADAM_BETAS) -> float:
+    """K such that Adam's moments always satisfy ``exp_avg**2 <= K * exp_avg_sq`` (element-wise), whatever the
+    gradients: both are exponential averages of the same gradients from zero, so by Cauchy-Schwarz
+    ``(sum a_i g_i)**2 <= (sum a_i**2 / c_i) * (sum c_i g_i**2)`` with a_i = (1 - b1) b1**i and c_i = (1 - b2) b2**i,
+    i.e. K = (1 - b1)**2 / ((1 - b2) * (1 - b1**2 / b2)) (52.9 for the defaults). It holds for averages of
+    valid states too (Jensen), so it is a check no site can choose the reference of: a poisoned ``exp_avg`` that
+    would make the next site's Adam steps explode breaks it."""
+    b1, b2 = betas
+    if not (0 <= b1 < 1 and 0 < b2 < 1 and b1 * b1 < b2):
+        raise ValueError(f"Adam betas {betas} outside the range this bound covers (b1**2 < b2)")
+    return (1 - b1) ** 2 / ((1 - b2) * (1 - b1 * b1 / b2))
+
+
+# what any field a site sends (meta, metrics) may hold at most: nesting depth, entries of one dict or list,
+# characters of one string, and containers + scalars in all
+METADATA_LIMITS = {"max_depth": 12, "max_entries": 20000, "max_string": 4096, "max_items": 500000}
+
+
+def check_metadata(site: str, value, field: str, limits: Mapping | None = None) -> None:
+    """Raise UpdateRejected when ``value`` (a field a site sent: its meta or metrics) is nested deeper, has a
+    dict/list with more entries, a longer string (or key), or more items in all than ``limits`` (default
+    :data:`METADATA_LIMITS`) allow. Iterative (no recursion) and it never formats the value, so a structure
+    nested thousands of levels deep, or a huge one, is refused at its first excess and cannot crash the server."""
+    lim = {**METADATA_LIMITS, **(limits or {})}
+    stack = [(value, 0)]
+    items = 0
+    while stack:
+        item, depth = stack.pop()
+        items += 1
+        if items > lim["max_items"]:
+            raise UpdateRejected(site, f"{field}: more than {lim['max_items']} entries in all")
+        if isinstance(item, (str, bytes)):
+            if len(item) > lim["max_string"]:
+                raise UpdateRejected(site, f"{field}: a string of {len(item)} characters (limit {lim['max_string']})")
+            continue
+        if isinstance(item, Mapping):
+            children = list(item.keys()) + list(item.values())
+            size = len(item)
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            children = list(item)
+            size = len(item)
+        elif isinstance(item, np.ndarray) and item.dtype == object:
+            children, size = list(item.ravel()), item.size
+        else:
+            continue
+        if depth + 1 > lim["max_depth"]:
+            raise UpdateRejected(site, f"{field}: nested deeper than {lim['max_depth']} levels")
+        if size > lim["max_entries"]:
+            raise UpdateRejected(site, f"{field}: a dict or list of {size} entries (limit {lim['max_entries']})")
+        stack.extend((child, depth + 1) for child in children)
 
 
 def _number(site: str, field: str, value) -> float:
@@ -106,7 +173,12 @@ def read_score(site: str, metrics, key: str, low: float = 0.0, high: float = 1.0
 
 
 def check_optimizer_state(
-    site: str, optim: dict, weights: Mapping, sent: Mapping | None = None, max_new_steps: int | None = None
+    site: str,
+    optim: dict,
+    weights: Mapping,
+    sent: Mapping | None = None,
+    max_new_steps: int | None = None,
+    betas: tuple[float, float] = ADAM_BETAS,
 ) -> None:
     """Raise UpdateRejected unless ``optim`` is a sane optimizer state for a model with these ``weights``.
 
@@ -116,6 +188,8 @@ def check_optimizer_state(
     Step counts ("::step") must be >= 0, never go back below what was sent, and (with ``max_new_steps``)
     not advance by more than the server planned. When a non-empty state was sent, the returned one must
     have the same keys; an empty returned state is allowed (a site's privacy scope may withhold it).
+    Every dtype must be exactly what was sent (else: the parameter's dtype; a floating step count), and every
+    first moment must satisfy Adam's invariant ``exp_avg**2 <= K exp_avg_sq`` (:func:`adam_moment_bound`).
     """
     if not isinstance(optim, dict):
         raise UpdateRejected(site, f"optimizer state: not a dict (got {type(optim).__name__})")
@@ -125,6 +199,17 @@ def check_optimizer_state(
             raise UpdateRejected(site, f"optimizer state key {key!r} names no parameter of the model")
         if not isinstance(value, (np.ndarray, np.generic)) or not np.issubdtype(value.dtype, np.number):
             raise UpdateRejected(site, f"optimizer state {key!r} is not a numeric array")
+        before = sent.get(key) if sent else None
+        if before is not None:
+            expected = np.asarray(before).dtype
+        elif state_key == "step":
+            expected = value.dtype if np.issubdtype(value.dtype, np.floating) else np.dtype(np.float32)
+        else:
+            expected = np.asarray(weights[name]).dtype
+        if value.dtype != expected:
+            raise UpdateRejected(
+                site, f"optimizer state {key!r}: dtype {value.dtype}, expected {expected} (the dtype the server sent)"
+            )
         if value.ndim and value.shape != np.shape(weights[name]):
             raise UpdateRejected(
                 site, f"optimizer state {key!r}: shape {value.shape} does not match parameter {np.shape(weights[name])}"
@@ -136,7 +221,6 @@ def check_optimizer_state(
         if state_key == "step":
             if value.size != 1 or float(value) < 0:
                 raise UpdateRejected(site, f"optimizer state {key!r}: step count {value.ravel()[:3]} is not one number >= 0")
-            before = sent.get(key) if sent else None
             if before is not None and float(value) < float(np.asarray(before).ravel()[0]):
                 raise UpdateRejected(
                     site, f"optimizer state {key!r}: step count went back from {float(before):g} to {float(value):g}"
@@ -147,6 +231,23 @@ def check_optimizer_state(
                     f"optimizer state {key!r}: {float(value) - float(before):g} new steps, "
                     f"more than the {max_new_steps} planned",
                 )
+    bound = adam_moment_bound(betas)
+    for key, value in optim.items():
+        name, _, state_key = str(key).partition(OPTIM_SEP)
+        if state_key != "exp_avg":
+            continue
+        second = optim.get(f"{name}{OPTIM_SEP}exp_avg_sq")
+        if second is None:
+            raise UpdateRejected(site, f"optimizer state {key!r}: first moment without its second moment")
+        first = np.abs(np.asarray(value, np.float64))
+        limit = np.sqrt(bound * np.asarray(second, np.float64)) * (1 + 1e-3) + 1e-12
+        over = int(np.count_nonzero(first > limit))
+        if over:
+            raise UpdateRejected(
+                site,
+                f"optimizer state {key!r}: {over} first moment(s) larger than any gradients allow "
+                f"(|exp_avg| <= {math.sqrt(bound):.3g} sqrt(exp_avg_sq) for Adam {betas})",
+            )
     if sent and optim:
         missing = sorted(set(sent) - set(optim))
         extra = sorted(set(optim) - set(sent))
@@ -166,6 +267,63 @@ def update_norm(params: Mapping, reference: Mapping) -> float:
         diff = array.astype(np.float64) - np.asarray(reference[key], dtype=np.float64)
         total += float(np.dot(diff.ravel(), diff.ravel()))
     return math.sqrt(total)
+
+
+def state_norm(optim: Mapping, sent: Mapping | None, state_key: str) -> float:
+    """L2 norm of the change of one kind of optimizer state (e.g. "exp_avg") from what was sent (zeros when
+    nothing was sent): the size of a site's moments, screened against the other sites' like an update."""
+    total = 0.0
+    for key, value in optim.items():
+        if str(key).partition(OPTIM_SEP)[2] != state_key:
+            continue
+        diff = np.asarray(value, np.float64)
+        if sent and key in sent:
+            diff = diff - np.asarray(sent[key], np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def clip_scales(norms: Mapping[str, float], clip_ratio: float) -> dict[str, float]:
+    """Norm bounding: {site: factor < 1} for the updates whose norm is above ``clip_ratio`` x the median norm of
+    the round's accepted updates (``norms``); multiplying such an update by its factor brings it to the bound.
+    A sign-flipped or scaled update then moves the model no more than an honest one may. ``clip_ratio`` <= 0,
+    fewer than 2 updates or a median of 0: nothing is clipped."""
+    if clip_ratio <= 0 or len(norms) < 2:
+        return {}
+    median = float(np.median([float(n) for n in norms.values()]))
+    if not median > 0:
+        return {}
+    bound = clip_ratio * median
+    return {s: bound / float(n) for s, n in sorted(norms.items()) if float(n) > bound}
+
+
+def clip_update(params: Mapping, reference: Mapping, scale: float) -> dict:
+    """``reference + scale * (params - reference)`` for every floating array (computed in float64, returned in
+    the reference's dtype); other arrays and optimizer state are returned as they are."""
+    out = dict(params)
+    for key, value in params.items():
+        if OPTIM_SEP in key or key not in reference:
+            continue
+        ref = np.asarray(reference[key])
+        if not np.issubdtype(ref.dtype, np.floating):
+            continue
+        base = ref.astype(np.float64)
+        out[key] = (base + float(scale) * (np.asarray(value, np.float64) - base)).astype(ref.dtype)
+    return out
+
+
+def screen_relative(norm: float, reference_norm: float, max_ratio: float) -> str | None:
+    """Why an update is too large against the model that was sent (None when it is not): its norm above
+    ``max_ratio`` x the norm of the sent model. No site chooses this reference, so it holds where there is no
+    peer to compare with (FedCross's first visit of a model). ``max_ratio`` <= 0 switches it off."""
+    if max_ratio <= 0 or not reference_norm > 0:
+        return None
+    if not norm <= max_ratio * reference_norm:
+        return (
+            f"update norm {norm:.4g} is {norm / reference_norm:.3g}x the norm {reference_norm:.4g} of the model that "
+            f"was sent (limit {max_ratio:g}x)"
+        )
+    return None
 
 
 def screen_magnitudes(norms: Mapping[str, float], recent: Iterable[float] = (), max_ratio: float = 10.0) -> dict[str, str]:
@@ -233,12 +391,15 @@ def case_dice(summary: Mapping) -> list[float]:
     return [summary["dice"]] * int(summary["n_cases"])
 
 
-def numeric_metrics(metrics) -> dict[str, float]:
-    """The finite numbers among a site's flat metrics (what a history may record of them); the rest is dropped."""
+def numeric_metrics(metrics, allowed=None) -> dict[str, float]:
+    """The finite numbers among a site's flat metrics (what a history may record of them); the rest is dropped.
+    ``allowed`` (a predicate on the key): only the keys the method defines are kept."""
     if not isinstance(metrics, Mapping):
         return {}
     out = {}
     for key, value in metrics.items():
+        if allowed is not None and not (isinstance(key, str) and allowed(key)):
+            continue
         numeric = isinstance(key, str) and not isinstance(value, bool) and isinstance(value, (Real, np.integer, np.floating))
         if numeric and math.isfinite(float(value)):
             out[key] = float(value)
