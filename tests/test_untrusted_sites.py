@@ -76,7 +76,7 @@ def fedavg_runs(tiny2d, tmp_path_factory):
         copy_job(
             "fedavg",
             d,
-            server_args={"num_rounds": 4, "min_clients": 1},  # noqa: E731
+            server_args={"num_rounds": 6, "min_clients": 1},  # noqa: E731
             engine=ENGINE,
         )
     )
@@ -85,8 +85,10 @@ def fedavg_runs(tiny2d, tmp_path_factory):
         {"round": 1, "attack": "scale_1000"},
         {"round": 2, "attack": "metrics_garbage"},
         {"round": 3, "attack": "steps_string"},
+        {"round": 4, "attack": "int_tensor"},
+        {"round": 5, "attack": "metrics_deep"},
     ]
-    reference = [{"round": 0, "attack": "drop"}, {"round": 1, "attack": "drop"}, {"round": 3, "attack": "drop"}]
+    reference = [{"round": r, "attack": "drop"} for r in (0, 1, 3, 4, 5)]
     return attacked_and_reference(tmp_path_factory.mktemp("fedavg_attack"), tiny2d, make, attacks, reference)
 
 
@@ -94,7 +96,7 @@ def test_fedavg_malicious_site_cannot_crash_or_poison_the_global_model(fedavg_ru
     attacked, reference = fedavg_runs["attacked"], fedavg_runs["reference"]
     out = lambda run: run.job_dir / "app_server" / "fedavg"  # noqa: E731
     history = json.loads((out(attacked) / "history.json").read_text())
-    assert [r["round"] for r in history] == [0, 1, 2, 3]
+    assert [r["round"] for r in history] == [0, 1, 2, 3, 4, 5]
     for r in history:
         expected = ["site-1", "site-2", "site-3"] if r["round"] == 2 else ["site-1", "site-2"]
         assert r["accepted"] == expected, r
@@ -106,7 +108,10 @@ def test_fedavg_malicious_site_cannot_crash_or_poison_the_global_model(fedavg_ru
     lines = "\n".join(rejected_lines(attacked))
     assert "NUM_STEPS_CURRENT_ROUND" in lines and "not finite" in lines and "not a number" in lines
     assert "update norm" in lines and "metrics.val_dice" in lines
-    # the global model is exactly the one of the run in which site-3 just failed in rounds 0, 1, 3
+    # an int64 tensor is refused by its dtype, never cast; a metric nested 300 levels deep is refused unformatted
+    assert "dtype int64, expected float32 (the dtype the server sent)" in lines
+    assert "nested deeper than 12 levels" in lines and ATTACKER not in history[5]["answered"]
+    # the global model is exactly the one of the run in which site-3 just failed in rounds 0, 1, 3, 4, 5
     final, _ = load_model_set(out(attacked) / "last.pt")
     expected, _ = load_model_set(out(reference) / "last.pt")
     assert_same_arrays(final["global"], expected["global"], "FedAvg global model")
@@ -115,14 +120,17 @@ def test_fedavg_malicious_site_cannot_crash_or_poison_the_global_model(fedavg_ru
 
 @pytest.fixture(scope="module")
 def fedsm_runs(tiny2d, tmp_path_factory):
-    make = lambda d: copy_job("fedsm", d, server_args={"num_rounds": 4}, engine=ENGINE)  # noqa: E731
+    make = lambda d: copy_job("fedsm", d, server_args={"num_rounds": 7}, engine=ENGINE)  # noqa: E731
     attacks = [
         {"round": 0, "task": "fedsm_train", "attack": "adam_negative"},
         {"round": 1, "task": "fedsm_train", "attack": "steps_negative"},
         {"round": 2, "task": "fedsm_train", "attack": "metrics_missing"},
         {"round": 3, "task": "fedsm_train", "attack": "scale_1000"},
+        {"round": 4, "task": "fedsm_train", "attack": "adam_poison"},
+        {"round": 5, "task": "fedsm_train", "attack": "metrics_wide"},
+        {"round": 6, "task": "fedsm_train", "attack": "metrics_extra_keys"},
     ]
-    reference = [{"round": r, "task": "fedsm_train", "attack": "drop"} for r in (0, 1, 3)]
+    reference = [{"round": r, "task": "fedsm_train", "attack": "drop"} for r in (0, 1, 3, 4, 5)]
     return attacked_and_reference(tmp_path_factory.mktemp("fedsm_attack"), tiny2d, make, attacks, reference)
 
 
@@ -136,9 +144,16 @@ def test_fedsm_malicious_site_cannot_crash_or_poison_the_models(fedsm_runs):
         1: ["site-1", "site-2"],
         2: ["site-1", "site-2", "site-3"],
         3: ["site-1", "site-2"],
+        4: ["site-1", "site-2"],
+        5: ["site-1", "site-2"],
+        6: ["site-1", "site-2", "site-3"],
     }
     lines = "\n".join(rejected_lines(attacked))
     assert "negative second moment" in lines and "NUM_STEPS_CURRENT_ROUND" in lines and "update norm" in lines
+    assert "first moment(s) larger than any gradients allow" in lines and "a dict or list of 30" in lines
+    # only the metric keys FedSM defines are kept (the history, and last.pt, which holds it)
+    assert not any(k.startswith("junk_") for r in history for m in r["metrics"].values() for k in m)
+    assert "val_super_dice" in history[6]["metrics"][ATTACKER]
     final, _ = load_model_set(out(attacked) / "last.pt")
     expected, _ = load_model_set(out(reference) / "last.pt")
     for group in ("global", "selector", "selector_optim"):
@@ -196,6 +211,94 @@ def test_fedcrossens_malicious_site_cannot_crash_or_poison_any_member(fedcross_r
         assert_same_arrays(optims[m], ref_optims[m], f"FedCrossEns member {m} optimizer state")
     results = json.loads((attacked.job_dir / "app_server" / "fedseg_results.json").read_text())
     assert sorted(results["models"]["ensemble"]) == ["site-1", "site-2", "site-3"]
+
+
+@pytest.fixture(scope="module")
+def fedcross_travel_runs(tiny2d, tmp_path_factory):
+    """FedCross (one model) with its Adam state travelling; site-3 hosts it first, in communications 0, 2 and 4."""
+    make = lambda d: copy_job(  # noqa: E731
+        "fedcross",
+        d,
+        engine=ENGINE,
+        server_args={
+            "num_communications": 6,
+            "visit_steps": 4,
+            "task_timeout": 120,
+            "validate_timeout": 120,
+            "max_site_failures": 10,
+            "optimizer_state": "travel",
+            "schedule": "explicit",
+            "explicit_schedule": [["site-3"], ["site-1"], ["site-3"], ["site-2"]],
+        },
+    )
+    attacks = [
+        {"round": 0, "task": "cross_train", "attack": "scale_1000"},  # the first visit: no peer to compare with
+        {"round": 0, "task": "cross_validate", "attack": "metrics_deep"},  # its first validation (communication 1)
+        {"round": 2, "task": "cross_train", "attack": "adam_poison"},  # moments that travel on to the honest sites
+        {"round": 4, "task": "cross_train", "attack": "int_tensor"},
+    ]
+    reference = [{"round": r, "task": "cross_train", "attack": "drop"} for r in (0, 2, 4)]
+    reference.append({"round": 0, "task": "cross_validate", "attack": "drop"})
+    return attacked_and_reference(tmp_path_factory.mktemp("fedcross_travel_attack"), tiny2d, make, attacks, reference)
+
+
+def test_fedcross_first_visit_and_travelling_optimizer_state_are_screened(fedcross_travel_runs):
+    attacked, reference = fedcross_travel_runs["attacked"], fedcross_travel_runs["reference"]
+    out = lambda run: run.job_dir / "app_server" / "fedcross"  # noqa: E731
+    history = json.loads((out(attacked) / "validation_history.json").read_text())
+    assert len(history) == 6
+    for entry in history:
+        (visit,) = entry["visits"]
+        failed = [f["site"] for f in visit.get("failed_at", [])]
+        # the attacker's visits are refused (the model is retried on a free site); no honest visit ever is
+        assert failed == ([ATTACKER] if entry["communication"] in (0, 2, 4) else []), entry["visits"]
+        assert visit["status"] == "trained" and visit["site"] != ATTACKER
+    lines = "\n".join(rejected_lines(attacked))
+    assert "no other visit to compare with" in lines and "of the model that was sent" in lines
+    assert "first moment(s) larger than any gradients allow" in lines
+    assert "dtype int64, expected float32" in lines and "nested deeper than 12 levels" in lines
+    assert not [line for line in attacked.log("server").splitlines() if "REJECTED" in line and ATTACKER not in line]
+    members, optims, _ = load_members(out(attacked) / "last.pt")
+    ref_members, ref_optims, _ = load_members(out(reference) / "last.pt")
+    assert_same_arrays(members[0], ref_members[0], "FedCross model")
+    assert_same_arrays(optims[0], ref_optims[0], "FedCross travelling optimizer state")
+
+
+def test_every_rejection_is_an_nvflare_audit_event(monkeypatch):
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.fuel.sec.audit import Auditor, AuditService
+
+    from fedseg.fl.fedavg_controller import FedAvgController
+
+    events = []
+
+    class Recorder(Auditor):
+        def __init__(self):
+            pass
+
+        def add_job_event(self, job_id, scope_name="", task_name="", task_id="", ref="", msg=""):
+            events.append({"ref": ref, "msg": msg})
+            return "event-1"
+
+    monkeypatch.setattr(AuditService, "the_auditor", Recorder())
+    controller = FedAvgController(num_rounds=1)
+    controller.fl_ctx = FLContext()
+    reference = {"w": np.zeros(2, np.float32)}
+    assert not controller.accept(ATTACKER, {"w": np.zeros(2, np.int8)}, reference, "update")
+    controller.reject(ATTACKER, "metrics", "metrics: nested deeper than 12 levels")
+    assert [e["ref"] for e in events] == [f"fedseg:rejected:{ATTACKER}"] * 2
+    assert "REJECTED update from site-3: key 'w': dtype int8, expected float32" in events[0]["msg"]
+    assert events[1]["msg"] == "REJECTED metrics from site-3: metrics: nested deeper than 12 levels"
+
+
+def test_trimmed_mean_refuses_to_start_with_too_few_sites():
+    from fedseg.fl.fedavg_controller import FedAvgController
+    from fedseg.fl.fedsm_controller import FedSMController
+
+    for controller in (FedAvgController, FedSMController):
+        with pytest.raises(ValueError, match="needs min_clients >= 3"):
+            controller(aggregation="trimmed_mean", min_clients=2)
+        controller(aggregation="trimmed_mean", min_clients=3)
 
 
 def test_a_job_cannot_make_the_server_read_or_write_outside_its_workspace(tiny2d, tmp_path):

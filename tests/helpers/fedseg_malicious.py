@@ -64,6 +64,24 @@ def tamper(attack: str, model, result):
         assert keys, "no Adam second moments in this result"
         for key in keys:
             result.params[key] = -np.abs(np.asarray(result.params[key])) - 1.0
+    elif attack == "int_tensor":  # one weight as int64 values of 2**31 (not a float: must not be cast or averaged)
+        key = next(k for k, v in result.params.items() if "::" not in k and np.asarray(v).dtype.kind == "f")
+        result.params[key] = np.full(np.shape(result.params[key]), 2**31, np.int64)
+    elif attack == "adam_poison":  # first moments no gradients can give (the next Adam steps would explode)
+        keys = [k for k in result.params if k.endswith("::exp_avg")]
+        assert keys, "no Adam first moments in this result"
+        for key in keys:
+            result.params[key] = np.full_like(np.asarray(result.params[key]), 1e4)
+            result.params[key + "_sq"] = np.zeros_like(np.asarray(result.params[key + "_sq"]))
+    elif attack == "metrics_deep":  # nested far deeper than any metric (as deep as FLARE's own encoder still sends)
+        deep = 0.5
+        for _ in range(300):
+            deep = {"x": deep}
+        result.metrics = {**(result.metrics or {}), "deep": deep}
+    elif attack == "metrics_wide":  # more keys than a site may send
+        result.metrics = {**(result.metrics or {}), **{f"k{i}": 1.0 for i in range(30000)}}
+    elif attack == "metrics_extra_keys":  # a few numbers the method does not define (kept out of the history)
+        result.metrics = {**(result.metrics or {}), **{f"junk_{i}": float(i) for i in range(50)}}
     else:
         raise ValueError(f"unknown attack {attack!r}")
     return result

@@ -15,15 +15,29 @@ from pathlib import Path
 
 from nvflare.apis.analytix import AnalyticsDataType, LogWriterName
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
+from nvflare.apis.utils.fl_context_utils import add_job_audit_event
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedseg.algorithms import UpdateRejected, check_update
-from fedseg.algorithms.screening import cap_step_weights, read_step_count, screen_magnitudes
+from fedseg.algorithms.aggregation import TRIMMED_MEAN_MIN_SITES
+from fedseg.algorithms.screening import (
+    cap_step_weights,
+    check_metadata,
+    clip_scales,
+    clip_update,
+    read_step_count,
+    screen_magnitudes,
+    update_norm,
+)
 from fedseg.modelset import json_default
 
-# The server's own settings, written by the server's operator (never by a job): directories a job may resume from.
+# The server's own settings, written by the server's operator (never by a job): directories a job may resume from,
+# and the ceilings on what a site's claimed step count may weigh ("max_local_steps", "max_weight_ratio").
 SERVER_CONFIG_RELPATH = os.path.join("local", "fedseg_server.json")
+# without the operator's own value: a site's aggregation weight is at most this many times the other sites' median
+# step count, whatever the job says (a job may ask for less)
+SERVER_MAX_WEIGHT_RATIO = 2.0
 
 
 def check_output_name(name: str, what: str = "output_dir") -> str:
@@ -44,6 +58,15 @@ def confine_path(value: str, base: str | os.PathLike, roots: Iterable[str | os.P
             f'{SERVER_CONFIG_RELPATH} as {{"resume_dirs": ["/abs/dir"]}}'
         )
     return path
+
+
+def check_trimmed_mean(aggregation: str, min_clients: int) -> None:
+    """A job refused at its start: "trimmed_mean" cuts at least one site per side, so a round needs 3 updates."""
+    if aggregation == "trimmed_mean" and int(min_clients) < TRIMMED_MEAN_MIN_SITES:
+        raise ValueError(
+            f"aggregation 'trimmed_mean' drops at least one site's value per side of every coordinate: it needs "
+            f"min_clients >= {TRIMMED_MEAN_MIN_SITES}, got {min_clients} (or use 'median')"
+        )
 
 
 def read_server_config(workspace_root: str | os.PathLike) -> dict:
@@ -73,6 +96,7 @@ class FedSegController(ModelController):
         min_clients: int = 1,
         startup_grace: int = 300,
         max_update_ratio: float = 10.0,
+        clip_ratio: float = 2.0,
         **kwargs,
     ):
         """
@@ -83,6 +107,9 @@ class FedSegController(ModelController):
                 starts when the task is scheduled, before a late site's job process is even up.
             max_update_ratio: an update whose norm is above this many times the median of the other updates
                 (of the round, and recent accepted ones) is rejected (0: no magnitude check).
+            clip_ratio: every accepted update that is aggregated is bounded to this many times the median norm of
+                the round's accepted updates (norm bounding; 0: none), so a sign-flipped or scaled update within
+                max_update_ratio moves the model no further than an honest one may.
         """
         kwargs.setdefault("ignore_result_error", True)
         super().__init__(*args, **kwargs)
@@ -94,6 +121,9 @@ class FedSegController(ModelController):
         if float(max_update_ratio) < 0:
             raise ValueError(f"max_update_ratio must be >= 0, got {max_update_ratio}")
         self.max_update_ratio = float(max_update_ratio)
+        if float(clip_ratio) < 0:
+            raise ValueError(f"clip_ratio must be >= 0, got {clip_ratio}")
+        self.clip_ratio = float(clip_ratio)
         self.answered: set[str] = set()  # sites that have answered a task: they are up, no start-up grace
 
     # ---- tasks ---------------------------------------------------------------------------------------
@@ -105,7 +135,14 @@ class FedSegController(ModelController):
         results: dict[str, FLModel] = {}
 
         def collect(result: FLModel) -> bool:
-            results[result.meta["client_name"]] = result
+            site = result.meta["client_name"]
+            try:  # before anything formats or stores them: a bad field is a rejected result, the round goes on
+                check_metadata(site, result.meta, "meta")
+                check_metadata(site, result.metrics, "metrics")
+            except UpdateRejected as e:
+                self.reject(site, f"{task_name} result", e.reason)
+                return True
+            results[site] = result
             return True
 
         timeout = self.task_timeout if timeout is None else int(timeout)
@@ -133,12 +170,19 @@ class FedSegController(ModelController):
             check_update(site, params, reference)
             return True
         except UpdateRejected as e:
-            self.warning(f"REJECTED {what} {e}")
+            self.reject(site, what, e.reason)
             return False
 
     def reject(self, site: str, what: str, reason: str) -> None:
-        """One log line per rejected result, naming the site and the field (the round goes on without it)."""
+        """One log line per rejected result, naming the site and the field (the round goes on without it), and
+        the same as an NVFlare audit event of the job (the server's audit.log in a deployment)."""
         self.warning(f"REJECTED {what} from {site}: {reason}")
+        try:
+            fl_ctx = getattr(self, "fl_ctx", None)
+            if fl_ctx is not None:
+                add_job_audit_event(fl_ctx, ref=f"fedseg:rejected:{site}", msg=f"REJECTED {what} from {site}: {reason}")
+        except Exception as e:  # noqa: BLE001 (an audit failure must not stop the round; it is said)
+            self.error(f"audit event for the rejection of {site}'s {what} failed: {type(e).__name__}: {e}")
 
     def read(self, site: str, what: str, read_fn, *args):
         """``read_fn(site, *args)`` (a fedseg.algorithms.screening reader); None, with a log line, when it rejects."""
@@ -155,10 +199,44 @@ class FedSegController(ModelController):
             self.reject(site, what, reason)
         return set(rejected)
 
+    def bound(self, what: str, updates: dict[str, dict], references: dict[str, dict]) -> tuple[dict[str, dict], dict]:
+        """Norm bounding of the accepted updates ({site: params}, each against ``references[site]``, what that site
+        was sent): those above ``clip_ratio`` x the round's median norm are scaled down to it (logged).
+        Returns (updates, {site: factor} of the clipped ones)."""
+        norms = {s: update_norm(u, references[s]) for s, u in updates.items()}
+        scales = clip_scales(norms, self.clip_ratio)
+        for site, scale in scales.items():
+            self.warning(
+                f"BOUNDED {what} from {site}: norm {norms[site]:.4g} above {self.clip_ratio:g}x the round's median; "
+                f"scaled by {scale:.3g}"
+            )
+        return {s: clip_update(u, references[s], scales[s]) if s in scales else u for s, u in updates.items()}, scales
+
+    def server_plan(self, plan: int | None, max_weight_ratio: float) -> tuple[int | None, float]:
+        """(step plan, weight ratio) after the server operator's ceilings (fedseg_server.json "max_local_steps",
+        "max_weight_ratio"; without the latter SERVER_MAX_WEIGHT_RATIO): a job can ask for less, never more."""
+        try:
+            config = self.server_config()
+        except Exception as e:  # noqa: BLE001 (no workspace, e.g. a controller driven in a test)
+            self.debug(f"no server config: {e}")
+            config = {}
+        steps = config.get("max_local_steps")
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f'{SERVER_CONFIG_RELPATH}: "max_local_steps" must be an integer >= 1, got {steps!r}')
+            plan = min(plan, steps) if plan else steps
+        ceiling = config.get("max_weight_ratio", SERVER_MAX_WEIGHT_RATIO)
+        if isinstance(ceiling, bool) or not isinstance(ceiling, (int, float)) or ceiling <= 0:
+            raise ValueError(f'{SERVER_CONFIG_RELPATH}: "max_weight_ratio" must be a number > 0, got {ceiling!r}')
+        ratio = float(ceiling) if max_weight_ratio <= 0 else min(float(max_weight_ratio), float(ceiling))
+        return plan, ratio
+
     def step_weights(self, results: dict[str, FLModel], plan: int | None, max_weight_ratio: float = 4.0) -> dict[str, float]:
-        """Aggregation weights: each site's validated step count, capped by the server's plan (``plan`` steps),
-        or without a plan at ``max_weight_ratio`` x the median of the other sites' counts. A site whose count is
+        """Aggregation weights: each site's validated step count, capped by the server's plan (``plan`` steps, or
+        the server operator's "max_local_steps"), or without a plan at ``max_weight_ratio`` x the median of the
+        other sites' counts, never above the server's own ceiling (:meth:`server_plan`). A site whose count is
         malformed is left out (logged)."""
+        plan, max_weight_ratio = self.server_plan(plan, max_weight_ratio)
         steps = {}
         for site, result in sorted(results.items()):
             value = self.read(site, "step count", read_step_count, result.meta, plan)

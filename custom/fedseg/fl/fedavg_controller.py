@@ -34,7 +34,7 @@ from nvflare.app_common.utils.fl_model_utils import make_model_learnable
 from fedseg.algorithms import AGGREGATIONS, aggregate, aggregate_shared
 from fedseg.algorithms.screening import read_score, robust_score, update_norm
 from fedseg.engine.config import LOCAL_OPTIMIZER
-from fedseg.fl.base_controller import FedSegController, check_output_name
+from fedseg.fl.base_controller import FedSegController, check_output_name, check_trimmed_mean
 from fedseg.modelset import load_model_set, save_model_set
 
 SCORE_KEY = "val_dice"  # what SegExecutor's train task reports for the model it received
@@ -53,6 +53,7 @@ class FedAvgController(FedSegController):
         aggregation: str = "mean",
         trim_fraction: float = 0.2,
         max_update_ratio: float = 10.0,
+        clip_ratio: float = 2.0,
         local_optimizer: str = "fresh",
         keep_local: str = "none",
         min_clients: int = 1,
@@ -72,11 +73,14 @@ class FedAvgController(FedSegController):
             max_local_steps: the most steps a site may train per round (sent to the sites) and so the largest
                 aggregation weight it can claim (0: no fixed plan; local_steps, when set, is the plan).
             max_weight_ratio: without a plan, a site's weight is capped at this many times the median step
-                count of the other sites of the round (0: no cap).
+                count of the other sites of the round, never above the server's own ceiling (2, or the server
+                operator's "max_weight_ratio" in local/fedseg_server.json; 0: that ceiling).
             aggregation: "mean" (FedAvg, weighted by steps), "median" or "trimmed_mean" (coordinate-wise,
                 unweighted; robust to a minority of bad updates).
-            trim_fraction: share of the largest and of the smallest values dropped per coordinate ("trimmed_mean").
+            trim_fraction: share of the largest and of the smallest values dropped per coordinate ("trimmed_mean";
+                at least one per side, so it needs min_clients >= 3).
             max_update_ratio: updates with a norm above this many times the median of the others are rejected.
+            clip_ratio: accepted updates above this many times the round's median norm are scaled down to it.
             local_optimizer: "fresh" (a new Adam at every site every round) or "keep" (each site keeps its own Adam
                 moments from round to round; they never leave the site).
             keep_local: "none" (FedAvg) or "norm" (FedBN: the normalization layers' parameters and statistics, found
@@ -94,10 +98,12 @@ class FedAvgController(FedSegController):
             min_clients=min_clients,
             startup_grace=startup_grace,
             max_update_ratio=max_update_ratio,
+            clip_ratio=clip_ratio,
             task_check_period=task_check_period,
         )
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        check_trimmed_mean(aggregation, min_clients)
         for name, value in (
             ("num_rounds", num_rounds),
             ("max_local_steps", max_local_steps),
@@ -269,7 +275,13 @@ class FedAvgController(FedSegController):
             else:
                 failed_rounds = 0
                 recent_norms.extend(norms[s] for s in accepted)
-                updates = {s: checked[s].params for s in accepted}
+                # norm bounding over the aggregated keys (FedBN's normalization entries stay the sites' own)
+                stay = set(local_keys)
+                shared = {k: v for k, v in global_params.items() if k not in stay}
+                updates, clipped = self.bound(
+                    "update", {s: checked[s].params for s in accepted}, dict.fromkeys(accepted, shared)
+                )
+                record["clipped"] = clipped
                 if local_keys:
                     global_params = aggregate_shared(updates, weights, local_keys, self.aggregation, self.trim_fraction)
                 else:

@@ -50,6 +50,7 @@ from fedseg.algorithms.screening import (
     read_score,
     read_step_count,
     read_summary,
+    screen_relative,
     update_norm,
 )
 from fedseg.engine.config import EngineConfig
@@ -160,6 +161,7 @@ class FedCrossController(FedSegController):
         task_timeout: int = 0,
         min_clients: int = 1,
         max_update_ratio: float = 10.0,
+        max_lone_update_ratio: float = 3.0,
         persistor_id: str = "persistor",
         task_check_period: float = 0.5,
         **kwargs,
@@ -201,6 +203,12 @@ class FedCrossController(FedSegController):
             final_section: datalist section of the final per-site scores.
             output_dir: folder name under the server's app dir for last.pt, best.pt and the validation history
                 (a plain name: a job cannot make the server write elsewhere).
+            max_update_ratio: a visit whose update norm is above this many times the median of the other visits
+                of the communication and the recent accepted ones is rejected.
+            max_lone_update_ratio: a visit with nothing to compare with (the first visit of FedCross's single
+                model) is rejected when its update norm is above this many times the norm of the model that was
+                sent (0: not checked). A travelling optimizer state must satisfy Adam's moment invariant
+                (fedseg.algorithms.screening.adam_moment_bound) at every visit.
         """
         super().__init__(
             startup_grace=startup_grace,
@@ -258,6 +266,9 @@ class FedCrossController(FedSegController):
         if optimizer_state not in ("travel", "fresh"):
             raise ValueError(f"optimizer_state must be 'travel' or 'fresh', got {optimizer_state!r}")
         self.optimizer_state = optimizer_state
+        if float(max_lone_update_ratio) < 0:
+            raise ValueError(f"max_lone_update_ratio must be >= 0, got {max_lone_update_ratio}")
+        self.max_lone_update_ratio = float(max_lone_update_ratio)
         self.resume_from = resume_from or ""
         self.final_section = final_section
         self._output_dir = check_output_name(output_dir)  # `output_dir` is the base class's method
@@ -535,7 +546,17 @@ class FedCrossController(FedSegController):
                 norms[site] = update_norm(weights, self.members[m])
             except Exception:  # noqa: BLE001 (any malformed result: rejected with its reason in _apply_visit)
                 continue
-        return self.screen("model update", norms, self.recent_norms)
+        too_large = self.screen("model update", norms, self.recent_norms)
+        if len(norms) == 1 and not self.recent_norms:  # no peer at all: against the model that was sent
+            (site, norm), m = next(iter(norms.items())), pending[next(iter(norms))]
+            sent = self.members[m]
+            reason = screen_relative(
+                norm, update_norm(sent, {k: np.zeros_like(v) for k, v in sent.items()}), self.max_lone_update_ratio
+            )
+            if reason:
+                self.reject(site, f"model {m} update (no other visit to compare with)", reason)
+                too_large.add(site)
+        return too_large
 
     def _apply_visit(self, site: str, m: int, result: FLModel | None, too_large: bool = False) -> str | None:
         """Replace model m with the site's result if it is usable; otherwise return why not."""
@@ -546,6 +567,7 @@ class FedCrossController(FedSegController):
         try:
             index = read_int(site, meta, "model_index")
             if index != m:
+                self.reject(site, f"model {m}", f"result is for model {index}, expected {m}")
                 return f"REJECTED update from {site}: result is for model {index}, expected {m}"
             groups = unpack(result.params)
             weights, optim = groups.get("model", {}), groups.get("optim", {})
@@ -556,6 +578,7 @@ class FedCrossController(FedSegController):
             self.reject(site, f"model {m}", e.reason)
             return f"REJECTED update from {site}: {e.reason}"
         except (KeyError, AttributeError, TypeError) as e:
+            self.reject(site, f"model {m}", f"cannot unpack: {type(e).__name__}")
             return f"REJECTED update from {site}: cannot unpack: {e}"
         if too_large:
             return f"REJECTED update from {site}: update norm too large (see the line above)"

@@ -39,11 +39,12 @@ from fedseg.algorithms.screening import (
     read_score,
     read_summary,
     robust_score,
+    state_norm,
     update_norm,
 )
 from fedseg.engine.config import EngineConfig
 from fedseg.engine.engine import optimizer_state_to_numpy, state_to_numpy
-from fedseg.fl.base_controller import FedSegController
+from fedseg.fl.base_controller import FedSegController, check_trimmed_mean
 from fedseg.fl.executor import PERSONAL_PREFIX
 from fedseg.methods.fedsm import DEFAULT_SELECTOR, GAMMA_SWEEP, SELECTOR_INPUT, SelectorSettings, build_selector
 from fedseg.modelset import load_model_set, save_model_set
@@ -53,6 +54,26 @@ OUTPUT_DIR = "fedsm"
 ORACLE_LABEL = (
     "oracle routing (uses each case's site identity): every case to its own site's personalized model, "
     "= FedSM personalized (own site)"
+)
+
+
+def train_metric_key(key: str, classes: list[str]) -> bool:
+    """The metrics a FedSM site's training task defines (fedseg.methods.fedsm), with the routing counts to the
+    selector's classes and the global model: only these reach the history."""
+    return key in TRAIN_METRICS or key in {f"val_route/{m}" for m in (*classes, GLOBAL)}
+
+
+TRAIN_METRICS = frozenset(
+    (
+        "val_super_dice",
+        "val_global_dice",
+        "val_personalized_dice",
+        "val_selector_acc",
+        "val_routed_own",
+        "train_global_loss",
+        "train_personal_loss",
+        "selector_steps",
+    )
 )
 
 
@@ -84,6 +105,7 @@ class FedSMController(FedSegController):
         max_failed_rounds: int = 3,
         aggregation: str = "mean",
         max_update_ratio: float = 10.0,
+        clip_ratio: float = 2.0,
         max_weight_ratio: float = 4.0,
         sites: list[str] | None = None,
         resume_from: str | None = None,
@@ -111,9 +133,12 @@ class FedSMController(FedSegController):
             startup_grace: extra seconds for a site's first task (its job process may start late).
             max_failed_rounds: consecutive rounds below min_clients before the job stops.
             aggregation: the global model's aggregation: "mean" (weighted by steps), "median" or "trimmed_mean".
-            max_update_ratio: updates with a norm above this many times the median of the others are rejected.
+            max_update_ratio: updates with a norm above this many times the median of the others are rejected
+                (the selector's Adam moments too, measured against what was sent).
+            clip_ratio: accepted updates of the global, personalized and selector models above this many times
+                the round's median norm are scaled down to it (0: no bounding).
             max_weight_ratio: without local_steps, a site's weight is capped at this many times the median step
-                count of the other sites of the round.
+                count of the other sites of the round (never above the server's own ceiling).
             sites: the expected site names, in selector-class order (None: the sites connected at the start).
                 A listed site that is not connected yet joins from the first round it is connected.
             resume_from: server path of a saved model set (last.pt or best.pt) to continue from, inside this job's
@@ -130,6 +155,7 @@ class FedSMController(FedSegController):
             task_timeout=task_timeout,
             min_clients=min_clients,
             max_update_ratio=max_update_ratio,
+            clip_ratio=clip_ratio,
             startup_grace=startup_grace,
             task_check_period=task_check_period,
         )
@@ -160,6 +186,7 @@ class FedSMController(FedSegController):
         self.max_failed_rounds = int(max_failed_rounds)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        check_trimmed_mean(aggregation, min_clients)
         self.aggregation = aggregation
         self.max_weight_ratio = float(max_weight_ratio)
         if sites is not None and (
@@ -333,7 +360,27 @@ class FedSMController(FedSegController):
         for group in ("global", "personal", "selector"):
             norms = {s: update_norm(u[group], sent[s][group]) for s, u in updates.items() if group in u}
             too_large |= self.screen(f"{group} model update", norms)
+        # the selector's first Adam moments (what would make the next steps explode): their change from what was
+        # sent, against the other sites'. The second moments grow with the SQUARE of a site's gradients (an
+        # honest site with 10x larger gradients differs 100x), so they are bounded by Adam's invariant only
+        # (check_optimizer_state: exp_avg**2 <= K exp_avg_sq, which bounds every next Adam step to a few x lr)
+        norms = {
+            s: state_norm(u["selector_optim"], sent[s].get("selector_optim"), "exp_avg")
+            for s, u in updates.items()
+            if u.get("selector_optim")
+        }
+        too_large |= self.screen("selector optimizer state (exp_avg)", norms)
         return {s: u for s, u in updates.items() if s not in too_large}
+
+    def _bound(self, updates: dict[str, dict], sent: dict[str, dict]) -> dict[str, dict]:
+        """Norm bounding (FedSegController.bound) of each model the sites return, against what each was sent."""
+        out = {s: dict(u) for s, u in updates.items()}
+        for group in ("global", "personal", "selector"):
+            with_group = {s: u[group] for s, u in out.items() if group in u}
+            bounded, _ = self.bound(f"{group} model update", with_group, {s: sent[s][group] for s in with_group})
+            for site, params in bounded.items():
+                out[site][group] = params
+        return out
 
     def _aggregate(self, groups: dict, updates: dict[str, dict], weights: dict[str, float]) -> None:
         """global: aggregated over every site; selector and its Adam state: over the sites that trained it (the
@@ -389,12 +436,14 @@ class FedSMController(FedSegController):
             updates = {s: u for s, r in results.items() if (u := self._valid_update(s, r, sent[s])) is not None}
             updates = self._screen_magnitudes(updates, sent)
             weights = self.step_weights({s: results[s] for s in updates}, self.local_steps, self.max_weight_ratio)
-            updates = {s: u for s, u in updates.items() if s in weights}
+            updates = self._bound({s: u for s, u in updates.items() if s in weights}, sent)
             record = {
                 "round": rnd,
                 "answered": sorted(results),
                 "accepted": sorted(updates),
-                "metrics": {s: numeric_metrics(results[s].metrics) for s in sorted(results)},
+                "metrics": {
+                    s: numeric_metrics(results[s].metrics, lambda k: train_metric_key(k, self.classes)) for s in sorted(results)
+                },
                 **self._selector_round(rnd, {s: results[s] for s in updates}),
             }
             self._track_selector(rnd, record.get("selector"))
