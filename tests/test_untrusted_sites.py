@@ -291,6 +291,26 @@ def test_every_rejection_is_an_nvflare_audit_event(monkeypatch):
     assert events[1]["msg"] == "REJECTED metrics from site-3: metrics: nested deeper than 12 levels"
 
 
+def test_step_weights_are_capped_by_the_servers_plan_even_when_the_job_gives_none():
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from fedseg.fl.fedavg_controller import FedAvgController
+
+    results = {
+        s: FLModel(params={}, meta={"NUM_STEPS_CURRENT_ROUND": n})
+        for s, n in (("site-1", 10), ("site-2", 12), (ATTACKER, 10**6))
+    }
+    controller = FedAvgController(num_rounds=1)  # max_local_steps 0, max_weight_ratio 4: the job plans nothing
+    controller.server_config = lambda: {}
+    assert controller.step_weights(results, None, 4.0) == {"site-1": 10.0, "site-2": 12.0, ATTACKER: 22.0}  # 2 x median
+    controller.server_config = lambda: {"max_weight_ratio": 3}  # the server operator's own ceiling
+    assert controller.step_weights(results, None, 4.0)[ATTACKER] == 33.0
+    assert controller.step_weights(results, None, 1.0)[ATTACKER] == 11.0  # a job may ask for less
+    controller.server_config = lambda: {"max_local_steps": 11}  # the operator's step plan
+    assert controller.step_weights(results, None, 4.0) == {"site-1": 10.0, "site-2": 11.0, ATTACKER: 11.0}
+    assert controller.step_weights(results, 8, 4.0) == {"site-1": 8.0, "site-2": 8.0, ATTACKER: 8.0}  # the smaller plan
+
+
 def test_trimmed_mean_refuses_to_start_with_too_few_sites():
     from fedseg.fl.fedavg_controller import FedAvgController
     from fedseg.fl.fedsm_controller import FedSMController
