@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,9 @@ def tail_gain(curve: list[tuple[float, float]], tail: float = GAIN_TAIL) -> floa
         return float("nan")
     start = min(pts, key=lambda p: abs(p[0] - (pts[-1][0] - tail * (pts[-1][0] - pts[0][0]))))
     return float(pts[-1][1] - start[1])
+
+
+MODELS = {"local": "local (own site)", "centralized": "centralized"}  # each baseline's best-validated model
 
 
 def site_scores(record: dict, method: str, model: str) -> dict[str, float]:
@@ -110,6 +114,8 @@ def markdown(rows: list[dict], command: str, machine: str) -> str:
 
 
 def run_setting(out: Path, image_size: int, max_cases: int, rounds: int, epochs: int, seeds: list[int], log=print) -> dict:
+    """One setting, seed by seed; every finished seed is kept in out/partial_<setting>.json (a stopped pilot keeps
+    what it measured) and reported in a progress line."""
     from fedseg.baselines import run_benchmark_baselines
     from fedseg.bench.jobs import save_initial_checkpoint
     from fedseg.bench.presets import cell_engine
@@ -119,16 +125,27 @@ def run_setting(out: Path, image_size: int, max_cases: int, rounds: int, epochs:
     data, note = prepare_dataset(spec, out / "data" / f"polyp_{image_size}px_{max_cases or 'all'}")
     log(f"  data: {note}")
     engine = cell_engine(spec, epochs, seeds[0])
-    inits = [str(save_initial_checkpoint(out / "init" / f"{image_size}px_s{s}.pt", engine, s)) for s in seeds]
-    record = run_benchmark_baselines(str(data), engine, rounds, epochs, seeds, inits, ["local", "centralized"], False)
+    tag = f"{image_size}px_{max_cases or 'all'}_R{rounds}xE{epochs}"
+    records, budget = {}, None
+    for seed in seeds:
+        init = str(save_initial_checkpoint(out / "init" / f"{image_size}px_s{seed}.pt", engine, seed))
+        began = time.time()
+        record = run_benchmark_baselines(str(data), engine, rounds, epochs, [seed], [init], ["local", "centralized"], False)
+        budget, records[str(seed)] = record["budget"], record["seeds"][str(seed)]
+        (out / f"partial_{tag}.json").write_text(json.dumps({"budget": budget, "seeds": records}, indent=2, default=str))
+        means = {m: np.mean(list(site_scores(records[str(seed)], m, k).values())) for m, k in MODELS.items()}
+        log(
+            f"  seed {seed}: local-only {means['local']:.3f}, centralized {means['centralized']:.3f} "
+            f"({time.time() - began:.0f} s)"
+        )
     setting = {
         "image_size": image_size,
         "max_cases": max_cases,
         "rounds": rounds,
         "epochs": epochs,
-        "total_steps": record["budget"]["total_steps"],
+        "total_steps": budget["total_steps"],
     }
-    return summarise(setting, record["seeds"])
+    return summarise(setting, records)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"pilot: {size} px, {cases or 'all'} cases/centre, R={rounds} x E={args.epochs}, seeds {args.seeds} ...",
                     flush=True,
                 )
-                rows.append(run_setting(out, size, cases, rounds, args.epochs, args.seeds))
+                rows.append(run_setting(out, size, cases, rounds, args.epochs, args.seeds, partial(print, flush=True)))
                 r = rows[-1]
                 print(
                     f"  local {r['local'][0]:.3f}, centralized {r['centralized'][0]:.3f}, gap {r['gap']:+.3f} ± "
