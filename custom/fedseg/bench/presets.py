@@ -30,19 +30,15 @@ paper's own protocol: FedSM/SoftPull 2B, FedCrossEns N*B) and reports them side 
             the oracle "personalized (own site)" row) and FedAvg/FedProx with the other local-optimizer setting
             (item 3's measurement), NVFlare's stock CyclicRecipe/FedAvgRecipe peers (fedseg.bench.stock), the
             matched-step baselines (FedAvg, local-only, centralized at 2B and N*B: R*2 and R*N rounds of E epochs,
-            fedseg.bench.budget); a progress line every minute. Estimated ~85-100 minutes on 2 otherwise idle
-            CPU cores without the matched-step baselines: ~10,600 CPU-seconds of work (measured per run at R=4
-            and R=8 on synth2d, R=4 on synth2d_scarce and polyp, one seed each, extrapolated linearly to R=24,
-            3 seeds). Why R=24 x E=2 and not more: one round
-            (or FedCross communication) costs as much CPU again outside training (validation of the received
-            model, hand-over); R=20 x E=4 would cost ~30% more. On synth2d FedAvg/FedProx still gain ~2-3
-            Dice points over the last quarter at R=24 (the report's "flattened?" column says so). The matched-step
-            baselines add about 3,300 CPU-seconds of run time (the committed 3-seed run's FedAvg, local-only and
-            centralized runs scaled linearly to 2B and 4B on the built-in data and to 2B on polyp: ~22% more; an
-            estimate, not a measurement); --no-matched-steps leaves them out. The leave-one-centre-out cells (loco):
-            polyp_loco_<centre>, one per polyp centre, each the polyp cell's main runs trained without that centre and
-            scored on it (fedseg.bench.unseen); ~2,100 CPU-seconds each (the committed polyp cell's main runs, an
-            estimate); --no-loco leaves them out.
+            fedseg.bench.budget), the leave-one-centre-out cells polyp_loco_<centre> (one per polyp centre: the polyp
+            cell's main runs trained without that centre and scored on it, fedseg.bench.unseen; --no-loco leaves
+            them out); a progress line every minute. Time: the built-in cells took ~80 minutes for 3 seeds on 2 idle
+            cores in the committed run (9632 CPU-seconds, R=24, without matched-step baselines); the three-centre
+            polyp cell with every case has not been timed whole: one seed of its local-only plus centralized
+            baselines alone did not finish in 75 minutes on 2 shared cores, so run it in parts (--datasets,
+            --seeds) merged with fedseg.bench.merge, and let fedseg.bench.pilot decide its size. On synth2d
+            FedAvg/FedProx still gain ~2-3 Dice points over the last quarter at R=24 (the report's "flattened?"
+            column says so).
   full      a GPU machine: "medium" built-in data, the three polyp centres (every case, split by video sequence,
             downscaled to 128 px, affine instance norm), R=20 x E=2, 3 seeds, one simulator
             job per method, matched-step baselines, cost phase at 1 and 20 epochs per round.
