@@ -134,3 +134,14 @@ def test_gpu_real_cell_is_the_full_presets_polyp_cell_cut_to_fit(tmp_path):
     assert preset.methods == GPU_REAL_METHODS and not (preset.loco or preset.matched_steps or preset.stock)
     dry = real_preset(tmp_path / "pics", 6, dry_run=True)
     assert dry.datasets["polyp"].options["max_cases"] == 8 and (dry.rounds * dry.epochs) % 3 == 0
+
+
+def test_selector_status_is_recorded_or_judged_from_the_routing():
+    from fedseg.bench.benchmark_report import selector_status_of
+
+    sites = ["a", "b"]
+    assert selector_status_of({"selector_status": {"status": "unused"}}, sites) == "unused"
+    routing = {"a": {"a": 1, "b": 0, "global": 9}, "b": {"a": 0, "b": 0, "global": 10}}
+    assert selector_status_of({"selector_accuracy": {"a": 0.9, "b": 0.8}, "routing": routing}, sites) == "unused"
+    assert selector_status_of({"selector_accuracy": {"a": 1.0, "b": 0.0}, "routing": routing}, sites) == "collapsed"
+    assert selector_status_of({}, sites) == "-"

@@ -574,6 +574,18 @@ def _fedsm_keys(cells: list[dict]) -> list[str]:
     return [k for k in run_keys(cells) if run_info(k, _first_rec(cells, k))["method"] == "fedsm"]
 
 
+def selector_status_of(extra: dict, sites: list[str]) -> str:
+    """A FedSM run's selector status: as the run recorded it, or judged from its test routing by the same rule
+    (fedseg.algorithms.routing.selector_health) for results written before runs recorded it; "-" without routing."""
+    from fedseg.algorithms.routing import selector_health
+
+    recorded = (extra.get("selector_status") or {}).get("status")
+    accuracy, routing = extra.get("selector_accuracy"), extra.get("routing")
+    if recorded or not isinstance(accuracy, dict) or not isinstance(routing, dict) or not sites:
+        return recorded or "-"
+    return selector_health(accuracy, {s: r or {} for s, r in routing.items()}, sites)["status"]
+
+
 def fedsm_section(ds: str, cells: list[dict], sites: list[str]) -> list[str]:
     L: list[str] = []
     keys = _fedsm_keys(cells)
@@ -598,7 +610,7 @@ def fedsm_section(ds: str, cells: list[dict], sites: list[str]) -> list[str]:
         extras = [((c["methods"].get(k) or {}).get("results") or {}).get("extra") or {} for c in cells if k in c["methods"]]
         row += [
             ", ".join(_fmt(e["gamma"], 2) for e in extras if _finite(e.get("gamma"))) or "-",
-            ", ".join((e.get("selector_status") or {}).get("status", "-") for e in extras),
+            ", ".join(selector_status_of(e, sites) for e in extras),
         ]
         rows.append(row)
     if rows:
