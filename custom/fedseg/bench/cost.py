@@ -209,10 +209,8 @@ def _fl_job(
     from fedseg.baselines import site_train_counts
     from fedseg.bench.budget import Budget, plan_method
     from fedseg.bench.collect import meter_records, timeline, windows
-    from fedseg.bench.jobs import build_job, checkpoint_dirs, label
-    from fedseg.fl.allowlist import BENCH_CLASSES
+    from fedseg.bench.jobs import build_job, label, simulate_bench_job
     from fedseg.jobgen import resolve_engine
-    from fedseg.sim import run_simulator
 
     counts = {s: n for s, n in site_train_counts(data_dir).items() if s in sites}
     batch = int(resolve_engine(engine)["batch_size"])
@@ -235,16 +233,7 @@ def _fl_job(
     ws = out_dir / "ws" / name
     log(f"cost: {name} ({len(sites)} site(s), {rounds} rounds x {engine['local_epochs']} epochs) ...")
     cpu0 = _children_cpu()
-    result = run_simulator(
-        job,
-        ws,
-        len(sites),
-        data_root=data_dir,
-        clients=sites,
-        timeout=timeout,
-        allow_classes=BENCH_CLASSES,
-        resume_dirs=checkpoint_dirs(job),
-    )
+    result = simulate_bench_job(job, ws, data_dir, sites, timeout)
     cpu = _children_cpu() - cpu0
     window = windows(timeline(ws)).get(label("fedavg", seed))
     records = meter_records(ws, sites)

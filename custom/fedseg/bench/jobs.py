@@ -123,6 +123,24 @@ def checkpoint_dirs(job: str | os.PathLike) -> list[str]:
     return sorted({os.path.dirname(os.path.abspath(p)) for p in paths if isinstance(p, str) and p})
 
 
+def simulate_bench_job(job: Path, workspace: Path, data_dir: Path, sites: list[str], timeout: float):
+    """Run a bench job in the NVFlare simulator, one client per site, with the benchmark's allow-list and its own
+    initial checkpoints allowed (fedseg.sim.run_simulator's result)."""
+    from fedseg.fl.allowlist import BENCH_CLASSES
+    from fedseg.sim import run_simulator
+
+    return run_simulator(
+        job,
+        workspace,
+        len(sites),
+        data_root=data_dir,
+        clients=sites,
+        timeout=timeout,
+        allow_classes=BENCH_CLASSES,
+        resume_dirs=checkpoint_dirs(job),
+    )
+
+
 def label(method: str, seed: int) -> str:
     """The name of one (method, seed) run inside a bench job (its BenchMark label and output folder)."""
     return f"{method}__s{int(seed)}"

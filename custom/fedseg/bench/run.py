@@ -320,20 +320,9 @@ PROGRESS = Progress()
 
 # ---- one cell ------------------------------------------------------------------------------------------------
 def _run_fl_job(job: Path, workspace: Path, data_dir: Path, sites: list[str], timeout: float) -> dict:
-    from fedseg.bench.jobs import checkpoint_dirs
-    from fedseg.fl.allowlist import BENCH_CLASSES
-    from fedseg.sim import run_simulator
+    from fedseg.bench.jobs import simulate_bench_job
 
-    result = run_simulator(
-        job,
-        workspace,
-        len(sites),
-        data_root=data_dir,
-        clients=sites,
-        timeout=timeout,
-        allow_classes=BENCH_CLASSES,
-        resume_dirs=checkpoint_dirs(job),
-    )
+    result = simulate_bench_job(job, workspace, data_dir, sites, timeout)
     errors = result.errors()
     return {
         "returncode": result.returncode,
