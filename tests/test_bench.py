@@ -345,7 +345,7 @@ def test_smoke_report_and_plots(smoke_run, tmp_path):
     md = (smoke_run / "BENCHMARKS.md").read_text()
     for name in ("Local only", "Centralized", "FedAvg", "FedProx", "FedSM", "SoftPull", "FedCross", "FedCrossEns"):
         assert f"| {name} |" in md, name
-    assert "python -m fedseg.bench --preset smoke" in md and "no GPU was lent" in md
+    assert "python -m fedseg.bench --preset smoke" in md and "not run on a GPU" in md
     assert "too small to conclude" in md and "best-validated" in md
     # both protocols side by side, with the extra compute next to the Dice and the flattened column
     assert "**Equal steps: every method trains B segmentation steps.**" in md and "**Each paper's own protocol" in md

@@ -127,4 +127,4 @@ def test_report_shows_merged_parts_and_the_gpu_table(tmp_path):
     assert "Merged part" in md and "the second part" in md
     gpu_part = md[md.index("## GPU") :]
     assert "Test GPU" in gpu_part and "| fedcross | synth2d | 100.0 | 2.50 | 5 MiB | 60 |" in gpu_part
-    assert "no GPU was lent" not in md
+    assert "not run on a GPU" not in md

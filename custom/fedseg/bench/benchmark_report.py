@@ -193,7 +193,7 @@ def load_raw(raw: Path) -> tuple[dict, list[dict], dict | None]:
     data = json.loads((raw / "results.json").read_text())
     cost_file = raw / "cost.json"
     cost = json.loads(cost_file.read_text()) if cost_file.exists() else None
-    gpu_file = raw / "gpu.json"  # the GPU variant's measurements (fedseg.bench.gpu), when a GPU was lent
+    gpu_file = raw / "gpu.json"  # the GPU variant's measurements (fedseg.bench.gpu), when it ran
     if gpu_file.exists():
         data["run"]["gpu"] = json.loads(gpu_file.read_text())
     return data["run"], data["cells"], cost
@@ -240,7 +240,7 @@ def gpu_section(gpu: dict | None) -> list[str]:
         return [
             "## GPU",
             "",
-            "No GPU was lent to this task, so no GPU variant was run. Nothing below is estimated.",
+            "The GPU variant was not run on a GPU. Nothing below is estimated.",
             "",
             _table(["method", "dataset", "wall s (GPU)", "× FedAvg", "peak GPU memory / site", "images/s / site"], []),
             "",
@@ -1173,7 +1173,7 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
         (
             "- GPU: everything above ran on CPU; the GPU variant's speed and memory are in the GPU section below."
             if run.get("gpu")
-            else "- GPU: **no GPU was lent to this task**; everything here ran on CPU. The GPU table below is left empty on purpose."
+            else "- GPU: **not run on a GPU**; everything here ran on CPU. The GPU table below is left empty on purpose."
         ),
         "",
     ]

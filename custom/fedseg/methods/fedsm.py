@@ -46,7 +46,7 @@ groups: a sample's feature maps are normalised jointly in groups of 8, so their 
 intensity cues, survive), "layer" (one group), "instance" (one group per map: removes, per image and map,
 exactly the mean level and contrast that tell scanners apart), "none".
 
-Defaults chosen by measurement (issue 9): the federated protocol simulated in-process on the 4 built-in sites
+Defaults chosen by measurement: the federated protocol simulated in-process on the 4 built-in sites
 ("small") and the two polyp centres (140 training images each), seeds 0-2, counting the round from which every
 site has test accuracy AND routed-to-own (gamma 0.9) >= 0.95 (of rounds 5, 10, 15, 20, 30):
   group, lr 1e-3, E=4 (default): built-in 15/15/15, polyp 15/15/10
