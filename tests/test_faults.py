@@ -296,12 +296,11 @@ def kill_site_when_marked(workspace: Path, marker: Path, site: str, killed: dict
     return watch
 
 
-@pytest.fixture(scope="module")
-def site_killed(tiny2d, tmp_path_factory) -> dict:
-    """FedSM, FedCrossEns and FedAvg side by side; in each, site-2's process is SIGKILLed while it trains in
+def site_killed_runs(tmp: Path, data: Path, killed: dict) -> tuple[dict, dict]:
+    """FedSM, FedCrossEns and FedAvg; in each, site-2's process is SIGKILLed while it trains in
     round/communication 1 (a slow task holds it there). FedSM also gets a bad update from site-3 (a missing key) in round 1 and from site-1 (a wrong shape) in
-    round 2; FedCrossEns gets NaN optimizer state from site-1 in communication 2."""
-    tmp = tmp_path_factory.mktemp("site_killed")
+    round 2; FedCrossEns gets NaN optimizer state from site-1 in communication 2. Returns run_all's starters and
+    watchers; the watchers note the killed pids in `killed`."""
     slow = lambda task, marker: {
         "site": "site-2",
         "round": 1,
@@ -336,21 +335,42 @@ def site_killed(tiny2d, tmp_path_factory) -> dict:
         ],
     )
     fedavg = job(tmp / "fedavg", "fedavg", num_rounds=3, task_timeout=TIMEOUT, faults=[slow("train", tmp / "fedavg.marker")])
+    starters = {
+        "fedsm": background("fedsm", fedsm, tmp / "ws_fedsm", data),
+        "fedcrossens": background("fedcrossens", ens, tmp / "ws_ens", data),
+        "fedavg": background("fedavg", fedavg, tmp / "ws_fedavg", data),
+    }
+    watchers = {
+        "fedsm": kill_site_when_marked(tmp / "ws_fedsm", tmp / "fedsm.marker", "site-2", killed),
+        "fedcrossens": kill_site_when_marked(tmp / "ws_ens", tmp / "ens.marker", "site-2", killed),
+        "fedavg": kill_site_when_marked(tmp / "ws_fedavg", tmp / "fedavg.marker", "site-2", killed),
+    }
+    return starters, watchers
+
+
+@pytest.fixture(scope="module")
+def waiting_runs(tiny2d, tmp_path_factory) -> dict:
+    """The runs of (a) and of (c, d) side by side, in one run_all: each is the job it is on its own (its own
+    workspace, faults and watcher), and each spends most of its time waiting: for the killed site-2 until each
+    task of it times out (a), for the late site-3 until round 0 gives up on it (c, d). Started one set after the
+    other, these waits added up; side by side they overlap."""
     killed: dict = {}
+    parts = {
+        "site_killed": site_killed_runs(tmp_path_factory.mktemp("site_killed"), tiny2d, killed),
+        "outage": outage_runs_of(tmp_path_factory.mktemp("outage"), tiny2d),
+    }
     runs = run_all(
-        {
-            "fedsm": background("fedsm", fedsm, tmp / "ws_fedsm", tiny2d),
-            "fedcrossens": background("fedcrossens", ens, tmp / "ws_ens", tiny2d),
-            "fedavg": background("fedavg", fedavg, tmp / "ws_fedavg", tiny2d),
-        },
-        until={
-            "fedsm": kill_site_when_marked(tmp / "ws_fedsm", tmp / "fedsm.marker", "site-2", killed),
-            "fedcrossens": kill_site_when_marked(tmp / "ws_ens", tmp / "ens.marker", "site-2", killed),
-            "fedavg": kill_site_when_marked(tmp / "ws_fedavg", tmp / "fedavg.marker", "site-2", killed),
-        },
+        {f"{part}/{name}": start for part, (starters, _) in parts.items() for name, start in starters.items()},
+        until={f"{part}/{name}": watch for part, (_, watchers) in parts.items() for name, watch in watchers.items()},
     )
-    runs["killed"] = killed
-    return runs
+    out = {part: {name: runs[f"{part}/{name}"] for name in starters} for part, (starters, _) in parts.items()}
+    out["site_killed"]["killed"] = killed
+    return out
+
+
+@pytest.fixture(scope="module")
+def site_killed(waiting_runs) -> dict:
+    return waiting_runs["site_killed"]
 
 
 def test_fedsm_completes_without_a_killed_site(site_killed):
@@ -579,13 +599,11 @@ def release_after_first_round(history: Path, gate: Path):
     return watch
 
 
-@pytest.fixture(scope="module")
-def outage_runs(tiny2d, tmp_path_factory) -> dict:
+def outage_runs_of(tmp: Path, data: Path) -> tuple[dict, dict]:
     """site-3's job process is held until round 0 has ended without it (its first task timed out after 130 s);
     site-2 fails every task of rounds/communications 1 and 2. FedSM and FedAvg run 4 rounds; FedCrossEns runs 6
     communications (Latin: whole blocks of 3) with max_site_failures=2 and rejoin_after=1 (site-2 is left out after communication 2,
-    sits out 3 and is tried again in 4)."""
-    tmp = tmp_path_factory.mktemp("outage")
+    sits out 3 and is tried again in 4). Returns run_all's starters and watchers."""
     # held at most 300 s: a run that fails early must not wait long for the gate
     gates = {name: {"site": "site-3", "file": str(tmp / f"{name}.go"), "seconds": 300} for name in ("fedsm", "ens", "fedavg")}
     down = lambda task: [{"site": "site-2", "rounds": [1, 2], "task": task, "mode": "raise"}]  # noqa: E731
@@ -606,24 +624,28 @@ def outage_runs(tiny2d, tmp_path_factory) -> dict:
         **common,
     )
     fedavg = job(tmp / "c", "fedavg", down("train"), gates["fedavg"], num_rounds=4, **common)
-    return run_all(
-        {
-            "fedsm": background("fedsm", fedsm, tmp / "ws_fedsm", tiny2d),
-            "ens": background("ens", ens, tmp / "ws_ens", tiny2d),
-            "fedavg": background("fedavg", fedavg, tmp / "ws_fedavg", tiny2d),
-        },
-        until={
-            "fedsm": release_after_first_round(
-                tmp / "ws_fedsm/server/simulate_job" / FEDSM_OUT / "history.json", Path(gates["fedsm"]["file"])
-            ),
-            "ens": release_after_first_round(
-                tmp / "ws_ens/server/simulate_job" / CROSS_OUT / "validation_history.json", Path(gates["ens"]["file"])
-            ),
-            "fedavg": release_after_first_round(
-                tmp / "ws_fedavg/server/simulate_job/app_server/fedavg/history.json", Path(gates["fedavg"]["file"])
-            ),
-        },
-    )
+    starters = {
+        "fedsm": background("fedsm", fedsm, tmp / "ws_fedsm", data),
+        "ens": background("ens", ens, tmp / "ws_ens", data),
+        "fedavg": background("fedavg", fedavg, tmp / "ws_fedavg", data),
+    }
+    watchers = {
+        "fedsm": release_after_first_round(
+            tmp / "ws_fedsm/server/simulate_job" / FEDSM_OUT / "history.json", Path(gates["fedsm"]["file"])
+        ),
+        "ens": release_after_first_round(
+            tmp / "ws_ens/server/simulate_job" / CROSS_OUT / "validation_history.json", Path(gates["ens"]["file"])
+        ),
+        "fedavg": release_after_first_round(
+            tmp / "ws_fedavg/server/simulate_job/app_server/fedavg/history.json", Path(gates["fedavg"]["file"])
+        ),
+    }
+    return starters, watchers
+
+
+@pytest.fixture(scope="module")
+def outage_runs(waiting_runs) -> dict:
+    return waiting_runs["outage"]
 
 
 def test_fedsm_uses_a_late_site_and_a_site_back_from_an_outage(outage_runs):
