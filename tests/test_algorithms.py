@@ -614,3 +614,85 @@ def test_selector_health_names_collapse_and_a_super_model_that_is_the_global_one
     shy = selector_health({"a": 0.9, "b": 0.9, "c": 0.9}, {"a": route(1, 9), "b": route(0, 10)}, sites)
     assert shy["status"] == "unused" and "routed to the global model" in shy["reasons"][0]
     assert shy["global_share"] == pytest.approx(0.95)
+
+
+# ---- FedSM selector head in closed form (fedseg.algorithms.selector_head) ----------------------------------
+def _lda_features(seed: int = 0):
+    """Three sites whose 5-d features differ in mean, with a shared anisotropic covariance."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(5, 5))
+    means = [np.zeros(5), np.array([9.0, 0, 0, 3, 0]), np.array([0, -6.0, 6.0, 0, 0])]
+    return [rng.normal(size=(n, 5)) @ mix + m for n, m in zip((40, 25, 60), means)]
+
+
+def test_federated_lda_head_equals_the_head_fitted_on_pooled_features():
+    from fedseg.algorithms.selector_head import feature_statistics, fit_lda_head
+
+    sites = _lda_features()
+    w, b = fit_lda_head([feature_statistics(f) for f in sites], shrinkage=0.0)
+    # centrally: class means and the pooled within-class covariance of the union, by hand
+    means = [f.mean(axis=0) for f in sites]
+    pooled = sum((f - m).T @ (f - m) for f, m in zip(sites, means)) / (sum(len(f) for f in sites) - len(sites))
+    precision = np.linalg.inv(pooled)
+    np.testing.assert_allclose(w, np.stack([precision @ m for m in means]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b, [-0.5 * m @ precision @ m for m in means], rtol=1e-4, atol=1e-5)
+    # and it classifies the sites' own features (well separated by construction)
+    accuracy = [np.mean(np.argmax(f @ w.T + b, axis=1) == k) for k, f in enumerate(sites)]
+    assert min(accuracy) > 0.9, accuracy
+
+
+def test_lda_head_shrinkage_and_a_class_without_statistics():
+    from fedseg.algorithms.selector_head import feature_statistics, fit_lda_head
+
+    sites = _lda_features(1)
+    stats = [feature_statistics(f) for f in sites]
+    w0, _ = fit_lda_head(stats, 0.0)
+    w1, _ = fit_lda_head(stats, 1.0)  # full shrinkage: a spherical covariance, so w_k is parallel to mu_k
+    means = np.stack([f.mean(axis=0) for f in sites])
+    assert not np.allclose(w0, w1)
+    unit = means / np.linalg.norm(means, axis=1, keepdims=True)
+    np.testing.assert_allclose(w1 / np.linalg.norm(w1, axis=1, keepdims=True), unit, atol=1e-6)
+    # site 1 has not sent statistics (None) and site 2 only one image: neither is ever the argmax
+    w, b = fit_lda_head([stats[0], None, feature_statistics(sites[2][:1])], 0.1)
+    logits = np.concatenate(sites) @ w.T + b
+    assert set(np.argmax(logits, axis=1)) == {0}
+    with pytest.raises(ValueError, match="no class"):
+        fit_lda_head([None, None], 0.1)
+    with pytest.raises(ValueError, match="shrinkage"):
+        fit_lda_head(stats, 1.5)
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda s: {**s, "extra": s["count"]}, "exactly the keys"),
+        (lambda s: {k: v for k, v in s.items() if k != "scatter"}, "exactly the keys"),
+        (lambda s: {**s, "mean": s["mean"].astype(np.int64)}, "float array"),
+        (lambda s: {**s, "mean": s["mean"][:3]}, "shape"),
+        (lambda s: {**s, "mean": np.full_like(s["mean"], np.nan)}, "non-finite"),
+        (lambda s: {**s, "count": np.array([2.5], dtype=np.float32)}, "whole number"),
+        (lambda s: {**s, "count": np.array([-4.0], dtype=np.float32)}, "whole number"),
+        (lambda s: {**s, "count": np.array([1e9], dtype=np.float32)}, "whole number"),
+        (lambda s: {**s, "scatter": s["scatter"] + np.triu(np.ones((5, 5)), 1).astype(np.float32) * 50}, "symmetric"),
+        (lambda s: {**s, "scatter": -s["scatter"]}, "positive semi-definite"),
+        (lambda s: [1, 2, 3], "exactly the keys"),
+    ],
+)
+def test_feature_statistics_from_a_site_are_checked(change, problem):
+    from fedseg.algorithms import UpdateRejected
+    from fedseg.algorithms.selector_head import check_feature_statistics, feature_statistics
+
+    stats = feature_statistics(_lda_features()[0])
+    checked = check_feature_statistics("site-1", stats, 5, max_count=1000)
+    assert checked["count"][0] == 40 and checked["scatter"].dtype == np.float64
+    with pytest.raises(UpdateRejected, match=problem) as info:
+        check_feature_statistics("site-1", change(stats), 5, max_count=1000)
+    assert "site-1" in str(info.value)
+
+
+def test_spread_of_statistics_grows_with_an_inflated_scatter():
+    from fedseg.algorithms.selector_head import feature_statistics, spread
+
+    stats = feature_statistics(_lda_features()[0])
+    assert spread({**stats, "scatter": stats["scatter"] * 100}) == pytest.approx(10 * spread(stats))
+    assert spread(feature_statistics(np.zeros((0, 5)))) == 0.0

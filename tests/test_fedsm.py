@@ -198,7 +198,7 @@ def test_fedsm_writes_model_set_and_evaluation(fedsm_run):
     out = fedsm_run.job_dir / FEDSM_DIR
     groups, info = load_model_set(out / "last.pt")
     assert info["site_names"] == ["site-1", "site-2", "site-3"] and info["round"] == 3
-    assert set(groups) == {"global", "personal", "selector", "selector_optim"}
+    assert set(groups) == {"global", "personal", "selector"}  # the default "lda" selector keeps no Adam state
     assert sorted(groups["personal"]) == ["site-1", "site-2", "site-3"]
     assert all(np.isfinite(a).all() for a in all_arrays(groups) if a.dtype.kind == "f")
     # SoftPull with lam=0.7 keeps the personalized models apart from the global one
@@ -242,7 +242,7 @@ def test_fedsm_final_evaluation_separates_argmax_from_routing_and_sweeps_gamma(f
     assert "site identity" in extra["super_oracle"]["label"]
     assert extra["super_learned"]["dice"] == {s: evaluation[s]["super"]["dice"] for s in sites}
     assert extra["super_learned"]["mean"] == pytest.approx(np.mean([evaluation[s]["super"]["dice"] for s in sites]))
-    assert extra["selector"]["protocol"] == "epoch"
+    assert extra["selector"]["protocol"] == "lda"
     # gamma was chosen on the validation cases, before the test cases were scored: the best mean sweep there
     chosen = extra["gamma_validation"]
     assert extra["gamma_policy"] == "validation" and chosen["gammas"] == list(GAMMA_SWEEP)
@@ -268,17 +268,38 @@ def test_fedsm_records_the_selector_every_round(fedsm_run):
             assert row[site] / 2 == pytest.approx(selector["routed_own"][site])
             assert selector["routed_own"][site] <= selector["accuracy"][site]
             assert record["metrics"][site]["val_selector_acc"] == selector["accuracy"][site]
-            assert record["metrics"][site]["selector_steps"] == 4  # 4 selector epochs, one Adam step each
+            assert record["metrics"][site]["selector_steps"] == 0  # "lda": the sites send statistics, no steps
     results = json.loads((fedsm_run.job_dir / "app_server" / "fedseg_results.json").read_text())
     assert results["extra"]["selector_history"] == [{"round": r["round"], **r["selector"]} for r in history]
     groups, info = load_model_set(out / "last.pt")
-    # the shared Adam step count: every site took 4 steps per round from the count it received
-    assert {float(v) for k, v in groups["selector_optim"].items() if k.endswith("::step")} == {16.0}
-    assert info["selector"]["protocol"] == "epoch" and len(info["selector_input"]["views_per_channel"]) == 3
+    assert info["selector"]["protocol"] == "lda" and len(info["selector_input"]["views_per_channel"]) == 3
     # the sites' selector curves reach the server's TensorBoard
     events = b"".join(p.read_bytes() for p in (fedsm_run.job_dir / "tb_events").rglob("events.out.tfevents*"))
     for tag in (b"fedsm/val_selector_acc", b"fedsm/val_routed_own", b"fedsm/val_route/global", b"fedsm/val_route/site-2"):
         assert tag in events, tag
+
+
+def test_fedsm_selector_head_is_the_discriminant_of_the_sites_features(fedsm_run, tiny2d):
+    """The "lda" protocol: the selector's features never move, and the head the server ends with is exactly the
+    linear discriminant of the sites' training features under them (recomputed here from the sites' data)."""
+    from fedseg.algorithms.selector_head import fit_lda_head
+    from fedseg.bench.selector_study import site_inputs
+    from fedseg.methods.fedsm import selector_statistics
+
+    out = fedsm_run.job_dir / FEDSM_DIR
+    last, info = load_model_set(out / "last.pt")
+    best, _ = load_model_set(out / "best.pt")
+    features = [k for k in last["selector"] if not k.startswith("head.")]
+    assert features and all(np.array_equal(last["selector"][k], best["selector"][k]) for k in features)
+    s = SelectorSettings.from_meta(3, info["selector"])
+    inputs, dims, channels = site_inputs(str(tiny2d), info["engine"])
+    net = build_selector(dims, channels, s)
+    load_numpy_state(net, last["selector"])
+    weights, biases = fit_lda_head(
+        [selector_statistics(net, inputs[site]["training"]) for site in info["site_names"]], s.shrinkage
+    )
+    np.testing.assert_allclose(last["selector"]["head.weight"], weights, rtol=1e-3, atol=1e-3 * np.abs(weights).max())
+    np.testing.assert_allclose(last["selector"]["head.bias"], biases, rtol=1e-3, atol=1e-3 * np.abs(biases).max())
 
 
 def test_fedsm_best_set_is_tracked(fedsm_run):
@@ -344,7 +365,8 @@ def test_fedsm_inference_writes_segmentations(fedsm_run, tiny2d, tmp_path):
 def faulty_run(tiny2d, tmp_path_factory):
     """site-2 stalls past the task timeout in round 1; site-3 returns NaN weights in round 2."""
     tmp = tmp_path_factory.mktemp("fedsm_faults")
-    job = fedsm_job(tmp, num_rounds=3, task_timeout=15)
+    # the reference's selector protocol (Adam steps, shared moments): its state is screened like the models
+    job = fedsm_job(tmp, num_rounds=3, task_timeout=15, selector={"protocol": "epoch"})
     set_executor_path(job, "fedseg_faults.FaultySegExecutor")
     client_file = job / "app" / "config" / "config_fed_client.json"
     client = json.loads(client_file.read_text())
@@ -363,6 +385,11 @@ def test_fedsm_survives_a_stalled_site(faulty_run):
     assert "site-2" in by_round[2]["accepted"]  # it comes back in the next round
     assert "no usable result from ['site-2']" in faulty_run.log("server")
     assert (faulty_run.job_dir / "app_server" / "fedseg_results.json").exists()
+    # the "epoch" protocol: 4 selector epochs of one Adam step each, from the shared step count, every round
+    assert all(m["selector_steps"] == 4 for r in history for s, m in r["metrics"].items() if s in r["accepted"])
+    groups, info = load_model_set(faulty_run.job_dir / FEDSM_DIR / "last.pt")
+    assert info["selector"]["protocol"] == "epoch"
+    assert {float(v) for k, v in groups["selector_optim"].items() if k.endswith("::step")} == {12.0}
 
 
 def test_fedsm_rejects_nan_update(faulty_run):

@@ -75,6 +75,15 @@ def test_optimizer_state_dropped_leaves_only_weights():
     # FedSM: "selector_optim" goes, "selector" stays
     fedsm = pack({"global": {"w": np.ones(2)}, "selector": {"w": np.ones(2)}, "selector_optim": {"w::exp_avg_sq": np.ones(2)}})
     assert sorted(unpack(run_filter(filt, DXO(DataKind.WEIGHTS, data=fedsm)).data)) == ["global", "selector"]
+    # ... and so do the "lda" selector's feature statistics (sums over the site's images)
+    stats = {"count": np.ones(1), "mean": np.ones(2), "scatter": np.eye(2)}
+    fedsm = pack({"global": {"w": np.ones(2)}, "selector_stats": stats})
+    assert sorted(unpack(run_filter(filt, DXO(DataKind.WEIGHTS, data=fedsm)).data)) == ["global"]
+    # sent, they are never perturbed (noise would make the scatter asymmetric) even where every weight is
+    noisy = LayerPrivacyFilter(noise_vars=[".*"], noise_std=0.5, optimizer_state="send", seed=0)
+    sent = unpack(run_filter(noisy, DXO(DataKind.WEIGHTS, data=dict(fedsm))).data)
+    assert not np.array_equal(sent["global"]["w"], np.ones(2))
+    assert all(np.array_equal(sent["selector_stats"][k], v) for k, v in stats.items())
 
 
 def test_noise_or_zeroing_drops_the_optimizer_state_unless_the_scope_allows_it(caplog):
@@ -285,7 +294,10 @@ def test_server_receives_no_per_case_results_from_private_sites(private_fedsm_ru
         assert re.search(
             rf"privacy filter at {site}, task fedsm_train: zeroed 0 tensor\(s\) \[\]; perturbed \d+ tensor\(s\)", log
         )
-    # the selector's Adam state was averaged from the sites' replies, which had noise on every weight but none on it
+    # the selector's feature statistics ("optimizer_state": "send") left without noise, which would have made their
+    # scatter asymmetric: the server accepted every site's and fitted the selector head from them
+    server_log = private_fedsm_run.log("server")
+    assert "REJECTED selector statistics" not in server_log and "selector head not fitted" not in server_log
+    assert "selector head fitted without statistics" not in server_log
     groups, _ = load_model_set(out / "fedsm" / "last.pt")
-    second_moments = [v for k, v in groups["selector_optim"].items() if k.endswith("::exp_avg_sq")]
-    assert second_moments and all(np.all(v >= 0) for v in second_moments)
+    assert np.isfinite(groups["selector"]["head.weight"]).all() and np.abs(groups["selector"]["head.weight"]).max() > 0

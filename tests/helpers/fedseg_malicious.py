@@ -73,6 +73,15 @@ def tamper(attack: str, model, result):
         for key in keys:
             result.params[key] = np.full_like(np.asarray(result.params[key]), 1e4)
             result.params[key + "_sq"] = np.zeros_like(np.asarray(result.params[key + "_sq"]))
+    elif attack == "stats_inflated":  # selector feature statistics whose scatter would swamp the pooled covariance
+        key = "selector_stats/scatter"
+        assert key in result.params, "no selector statistics in this result"
+        result.params[key] = np.asarray(result.params[key]) * np.float32(1e4)
+    elif attack == "stats_asymmetric":  # a "scatter" no set of features can give
+        key = "selector_stats/scatter"
+        assert key in result.params, "no selector statistics in this result"
+        scatter = np.asarray(result.params[key])
+        result.params[key] = scatter + np.triu(np.full_like(scatter, np.abs(scatter).max() + 1.0), 1)
     elif attack == "metrics_deep":  # nested far deeper than any metric (as deep as FLARE's own encoder still sends)
         deep = 0.5
         for _ in range(300):

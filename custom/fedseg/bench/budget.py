@@ -204,7 +204,10 @@ def _plan_method(
         if fedsm_policy == "extra":
             extra["second network"] = f"personalized network trained for another {budget.total_steps} steps (2B in all)"
         if method == "fedsm":
-            extra["selector"] = "site-classifier training every round (its steps are reported, not counted in B)"
+            extra["selector"] = (
+                "site classifier: its head fitted from the sites' feature statistics every round (default, no steps), "
+                "or trained at the sites (its steps are reported, not counted in B)"
+            )
             extra["inference"] = "selector + one segmentation network per prediction"
         return MethodPlan(
             method,

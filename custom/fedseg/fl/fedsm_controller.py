@@ -1,9 +1,11 @@
 """FedSM's server workflow (Xu et al., CVPR 2022) on NVFlare 2.9's ModelController.
 
 The server keeps the whole model set: the global model g, one personalized model p_i per site, the model
-selector s and the selector's Adam moments. Every round all sites train in parallel and each receives only
-{g, ITS OWN p_i, s, Adam moments}. Then:
-    g, s, moments <- FedAvg weighted by local steps          (fedseg.algorithms.weighted_average)
+selector s (and, with the reference's selector protocol, its Adam moments). Every round all sites train in
+parallel and each receives only {g, ITS OWN p_i, s (, Adam moments)}. Then:
+    g <- FedAvg weighted by local steps                      (fedseg.algorithms.weighted_average)
+    s <- its head fitted to the sites' feature statistics    ("lda", default; fedseg.algorithms.selector_head)
+      or s, moments <- FedAvg like g                         ("epoch" / "batch": the sites train it)
     p_i <- lam * w_i + (1 - lam)/(N - 1) * sum_{j!=i} w_j    (fedseg.algorithms.softpull, N = sites that answered)
 A site that fails, times out or returns a bad update (NaN/Inf, missing keys, wrong shapes) is left out of
 the round and keeps its personalized model. The set is checkpointed every round (last.pt), the best set by
@@ -42,6 +44,7 @@ from fedseg.algorithms.screening import (
     state_norm,
     update_norm,
 )
+from fedseg.algorithms.selector_head import check_feature_statistics, fit_lda_head, spread
 from fedseg.engine.config import EngineConfig
 from fedseg.engine.engine import optimizer_state_to_numpy, state_to_numpy
 from fedseg.fl.base_controller import FedSegController, check_trimmed_mean
@@ -51,6 +54,8 @@ from fedseg.modelset import load_model_set, save_model_set
 from fedseg.report import format_table
 
 OUTPUT_DIR = "fedsm"
+OPTIONAL_GROUPS = ("selector_optim", "selector_stats")
+MAX_SELECTOR_IMAGES = 10_000_000  # images a site's selector statistics may claim (their count weights the covariance)
 ORACLE_LABEL = (
     "oracle routing (uses each case's site identity): every case to its own site's personalized model, "
     "= FedSM personalized (own site)"
@@ -179,6 +184,9 @@ class FedSMController(FedSegController):
         self.selector = selector
         self.engine = engine
         self.selector_cfg = {**DEFAULT_SELECTOR, **(selector or {})}
+        # "lda": the selector's features stay as seeded and the server fits its head from the sites' statistics
+        self.lda = self.use_selector and self.selector_cfg["protocol"] == "lda"
+        self.selector_stats: dict[str, dict] = {}  # with "lda": each class site's latest accepted statistics
         self.engine_cfg = EngineConfig.from_dict(engine).to_dict()
         self.local_epochs = local_epochs
         self.local_steps = local_steps
@@ -216,7 +224,9 @@ class FedSMController(FedSegController):
         global_params = self.load_model().params
         groups = {"global": global_params, "personal": {s: copy.deepcopy(global_params) for s in self.classes}}
         if self.use_selector:
-            groups["selector"], groups["selector_optim"] = self._initial_selector(len(self.classes))
+            groups["selector"], optim = self._initial_selector(len(self.classes))
+            if not self.lda:  # the "lda" protocol takes no optimizer steps: no Adam state to share
+                groups["selector_optim"] = optim
         return groups, int(self.start_round or 0)
 
     def _resume(self, path: Path, connected: list[str]) -> tuple[dict, int]:
@@ -300,8 +310,17 @@ class FedSMController(FedSegController):
     def _groups_for(self, groups: dict, site: str) -> dict:
         out = {"global": groups["global"], "personal": groups["personal"].setdefault(site, copy.deepcopy(groups["global"]))}
         if self.use_selector and site in self.classes:
-            out["selector"], out["selector_optim"] = groups["selector"], groups["selector_optim"]
+            out["selector"] = groups["selector"]
+            if not self.lda:  # the "lda" protocol takes no optimizer steps
+                out["selector_optim"] = groups["selector_optim"]
         return out
+
+    def _expected(self, sent: dict) -> dict:
+        """The groups a site's update must hold: what it was sent, except that with the "lda" protocol the
+        selector comes back as feature statistics (the site must not change the selector itself)."""
+        if self.lda and "selector" in sent:
+            return {**{g: r for g, r in sent.items() if g != "selector"}, "selector_stats": None}
+        return sent
 
     def _round_sites(self, rnd: int) -> list[str]:
         """The sites of this round: every connected class site, then connected sites that are no class."""
@@ -327,22 +346,33 @@ class FedSMController(FedSegController):
     def _valid_update(self, site: str, result: FLModel, sent: dict) -> dict | None:
         """The site's unpacked update if every part passes the checks, else None (logged with the site).
 
-        The selector's optimizer state may be absent (a site's privacy scope can withhold it); when present
-        it must be a sane Adam state (finite, second moments >= 0, step counts that only go forward)."""
+        The selector's optimizer state and feature statistics may be absent (a site's privacy scope can withhold
+        them); when present the state must be a sane Adam state (finite, second moments >= 0, step counts that
+        only go forward) and the statistics a count, mean and symmetric positive semi-definite scatter."""
         try:
             update = unpack(result.params)
         except (KeyError, AttributeError, TypeError) as e:
             self.reject(site, "update", f"cannot unpack: {e}")
             return None
-        for group, reference in sent.items():
-            if group == "selector_optim":
-                continue
+        expected = self._expected(sent)
+        for group, reference in expected.items():
+            if group in OPTIONAL_GROUPS and group not in update:
+                continue  # a site's privacy scope may withhold its optimizer state and its feature statistics
             if group not in update:
                 self.reject(site, "update", f"the '{group}' model is missing")
                 return None
-            if not self.accept(site, update[group], reference, f"{group} model"):
+            if group == "selector_stats":
+                try:
+                    dim = int(np.asarray(sent["selector"]["head.weight"]).shape[1])
+                    update[group] = check_feature_statistics(site, update[group], dim, MAX_SELECTOR_IMAGES)
+                except UpdateRejected as e:
+                    self.reject(site, "selector statistics", e.reason)
+                    return None
+            elif group == "selector_optim":
+                continue  # checked below, against the selector it belongs to
+            elif not self.accept(site, update[group], reference, f"{group} model"):
                 return None
-        unexpected = sorted(set(update) - set(sent))
+        unexpected = sorted(set(update) - set(expected))
         if unexpected:
             self.reject(site, "update", f"unexpected model group(s) {unexpected}")
             return None
@@ -370,6 +400,9 @@ class FedSMController(FedSegController):
             if u.get("selector_optim")
         }
         too_large |= self.screen("selector optimizer state (exp_avg)", norms)
+        # the spread of a site's selector features (a scatter inflated to swamp the pooled covariance)
+        spreads = {s: spread(u["selector_stats"]) for s, u in updates.items() if "selector_stats" in u}
+        too_large |= self.screen("selector feature statistics (spread)", spreads)
         return {s: u for s, u in updates.items() if s not in too_large}
 
     def _bound(self, updates: dict[str, dict], sent: dict[str, dict]) -> dict[str, dict]:
@@ -386,7 +419,10 @@ class FedSMController(FedSegController):
         """global: aggregated over every site; selector and its Adam state: over the sites that trained it (the
         selector's classes; a privacy scope may withhold the moments); personalized models: SoftPull."""
         groups["global"] = aggregate({s: u["global"] for s, u in updates.items()}, weights, self.aggregation)
-        if self.use_selector:
+        if self.lda:
+            self.selector_stats.update({s: u["selector_stats"] for s, u in updates.items() if "selector_stats" in u})
+            groups["selector"] = self._fit_selector_head(groups["selector"])
+        elif self.use_selector:
             with_selector = {s: updates[s]["selector"] for s in sorted(updates) if "selector" in updates[s]}
             if with_selector:
                 groups["selector"] = weighted_average(with_selector, weights)
@@ -395,6 +431,25 @@ class FedSMController(FedSegController):
                 groups["selector_optim"] = weighted_average(with_optim, weights)
         mixed = softpull({s: u["personal"] for s, u in updates.items()}, self.lam)
         groups["personal"].update(mixed)  # sites that did not answer keep their personalized model
+
+    def _fit_selector_head(self, selector: dict) -> dict:
+        """The "lda" protocol: the selector with its head fitted to the latest statistics of every class site
+        (fedseg.algorithms.selector_head; a class without statistics yet is never the argmax)."""
+        stats = [self.selector_stats.get(site) for site in self.classes]
+        try:
+            weights, biases = fit_lda_head(stats, float(self.selector_cfg["shrinkage"]))
+        except ValueError as e:
+            self.warning(f"selector head not fitted: {e}")
+            return selector
+        missing = [site for site, st in zip(self.classes, stats) if st is None or float(st["count"][0]) < 2]
+        if missing:
+            self.warning(f"selector head fitted without statistics from {missing}: the selector never routes to them")
+        head = selector["head.weight"]
+        return {
+            **selector,
+            "head.weight": weights.astype(head.dtype),
+            "head.bias": biases.astype(selector["head.bias"].dtype),
+        }
 
     def _round_score(self, results: dict[str, FLModel], key: str) -> float | None:
         """Median over the sites of the score they report for the set they received (values checked)."""

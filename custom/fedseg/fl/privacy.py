@@ -29,6 +29,10 @@ Optimizer state (FedSM's selector, "selector_optim/<param>::<state>", and FedCro
               the reply; the server then continues with a fresh optimizer state.
   The moments are running averages of the site's gradients: a scope that perturbs the weights drops the
   optimizer state unless it explicitly allows it.
+  FedSM's "lda" selector statistics ("selector_stats/count", "/mean", "/scatter": sums over the site's training
+  images' selector features) follow the same rule and are never perturbed (noise would make the scatter
+  asymmetric, which the server refuses). Dropped, they leave the selector unable to route to this site (the
+  server logs it, and a selector that routes no better than chance is reported as collapsed).
 
 Metrics (METRICS DXOs, e.g. validate / cross_validate / fedsm_evaluate results, and the metrics in the meta
 of weight DXOs, e.g. "initial_metrics"), searched recursively through nested dicts and lists:
@@ -66,6 +70,7 @@ from nvflare.apis.shareable import Shareable
 
 OPTIM_SEP = "::"  # "<param>::<state key>", see fedseg.engine.optimizer_state_to_numpy
 GROUP_SEP = "/"  # "<group>/<key>", see fedseg.algorithms.packing
+STATS_GROUP = "selector_stats"  # FedSM's "lda" selector: count, mean and scatter of the site's image features
 OPTIMIZER_STATE_MODES = ("send", "drop")
 PER_CASE_SUFFIX = "_per_case"
 CASE_NAMES_KEY = "case_names"
@@ -87,7 +92,9 @@ def check_scorable_section(site: str, section) -> str:
 
 
 def is_optimizer_state(key: str) -> bool:
-    return OPTIM_SEP in key
+    """Optimizer state, and FedSM's selector feature statistics ("selector_stats/..."): running averages and sums
+    over the site's own data that weight noise does not cover, so one rule (optimizer_state) says whether they go."""
+    return OPTIM_SEP in key or key.startswith(STATS_GROUP + GROUP_SEP)
 
 
 def strip_metrics(metrics, share_per_case: bool, share_case_names: bool, path: str = "") -> tuple[object, list[str], list[str]]:
@@ -201,7 +208,7 @@ class LayerPrivacyFilter(DXOFilter):
                 if self._optim_mode == "drop":
                     del out[name]
                     done["optim_dropped"].append(name)
-                elif name.partition(OPTIM_SEP)[2] != "step" and self._state_of_zeroed(name):
+                elif OPTIM_SEP in name and name.partition(OPTIM_SEP)[2] != "step" and self._state_of_zeroed(name):
                     out[name] = value * 0
                     done["optim_zeroed"].append(name)
                 continue  # never noise: Adam's second moments must stay >= 0
