@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import signal
 import sys
+import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -30,6 +32,98 @@ def _terminate(signum, frame):
 
 
 signal.signal(signal.SIGTERM, _terminate)
+
+
+# ---- markers: `make test-fast` runs -m "not slow and not poc and not gpu" -----------------------------------------
+MARKERS = {
+    "slow": "takes more than ~5 s: a FLARE simulator job, a POC federation, a subprocess that trains or benchmarks, "
+    "real data converted, processes waited for",
+    "poc": "starts a POC federation (also slow)",
+    "gpu": "needs CUDA; skipped where torch.cuda.is_available() is False",
+}
+STARTS_A_RUN = frozenset({"simulate", "in_parallel"})  # this file's helpers that start simulator runs
+# module fixtures that start a POC federation (tests/test_poc.py, tests/test_recipes_prod.py)
+POC_FIXTURES = frozenset({"poc", "federation"})
+TESTS = Path(__file__).resolve().parent
+UNMARKED_LIMIT_S = 5.0
+
+
+def pytest_configure(config):
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def _starts_a_run(code: types.CodeType, namespace: dict, seen: set) -> bool:
+    """Whether code calls simulate()/in_parallel(), itself or through functions of the test files (helpers,
+    lambdas and nested functions included)."""
+    if code in seen:
+        return False
+    seen.add(code)
+    for name in code.co_names:
+        if name in STARTS_A_RUN:
+            return True
+        obj = namespace.get(name)
+        if (
+            inspect.isfunction(obj)
+            and Path(obj.__code__.co_filename).resolve().parent == TESTS
+            and _starts_a_run(obj.__code__, obj.__globals__, seen)
+        ):
+            return True
+    return any(isinstance(c, types.CodeType) and _starts_a_run(c, namespace, seen) for c in code.co_consts)
+
+
+def _fixture_functions(item):
+    info = getattr(item, "_fixtureinfo", None)
+    for name in item.fixturenames:  # the whole closure: fixtures of fixtures too
+        for fixturedef in info.name2fixturedefs.get(name, ()) if info else ():
+            func = inspect.unwrap(getattr(fixturedef, "func", None) or (lambda: None))
+            if inspect.isfunction(func):
+                yield func
+
+
+def pytest_collection_modifyitems(config, items):
+    """slow: a test that starts a simulator run (simulate/in_parallel, in the test or in a fixture it uses);
+    poc: a test that uses a POC fixture. A poc test is slow too. Other slow tests carry the marker themselves.
+    gpu tests are skipped without CUDA."""
+    cache: dict = {}
+
+    def starts_a_run(func) -> bool:
+        if func.__code__ not in cache:
+            cache[func.__code__] = _starts_a_run(func.__code__, func.__globals__, set())
+        return cache[func.__code__]
+
+    cuda = None
+    for item in items:
+        if POC_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.poc)
+        if item.get_closest_marker("poc") or (
+            item.get_closest_marker("slow") is None
+            and any(starts_a_run(f) for f in [getattr(item, "function", None), *_fixture_functions(item)] if f)
+        ):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu"):
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)"))
+
+
+_unmarked_slow: list[tuple[float, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    """Note unmarked tests that took long: they belong in `make test-fast` only if they are quick."""
+    if report.when in ("setup", "call") and report.duration > UNMARKED_LIMIT_S and "slow" not in report.keywords:
+        _unmarked_slow.append((report.duration, f"{report.nodeid} ({report.when})"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unmarked_slow:
+        terminalreporter.section(f"tests not marked slow that took over {UNMARKED_LIMIT_S:.0f} s")
+        for duration, name in sorted(_unmarked_slow, reverse=True):
+            terminalreporter.write_line(f"{duration:7.1f}s {name}")
 
 
 @pytest.fixture(scope="session")

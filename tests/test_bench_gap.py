@@ -277,6 +277,7 @@ def test_report_without_matched_runs_says_so():
     assert "equal steps (B; centralized − FedAvg +1.0 ± 2.3 points (3 seeds)): gap within noise" in _markdown(noisy)
 
 
+@pytest.mark.slow
 def test_report_only_renders_the_published_raw_results(tmp_path):
     """The committed raw results have no matched-step runs: the report still renders, and says so."""
     out = tmp_path / "out"

@@ -119,6 +119,7 @@ def test_unseen_section_has_one_table_per_held_out_centre():
 
 
 # ---- end to end: the smoke preset on 3 tiny sites, site-3 held out ---------------------------------------------
+@pytest.mark.slow
 def test_smoke_run_scores_every_deployable_model_on_the_unseen_centre(tiny2d, tmp_path):
     out = tmp_path / "out"
     methods = ["fedavg", "fedsm", "fedcrossens", "local", "centralized"]

@@ -103,6 +103,7 @@ def installed(tmp_path_factory):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_installed_metadata_declares_the_dependencies(installed):
     venv, env = installed
     code = "import importlib.metadata as m, json; print(json.dumps(m.requires('fedseg')))"
@@ -121,6 +122,7 @@ def test_installed_metadata_declares_the_dependencies(installed):
         assert packages <= names[extra], extra
 
 
+@pytest.mark.slow
 def test_installed_fedseg_command_runs_help_and_demo(installed, tmp_path):
     venv, env = installed
     fedseg = str(venv / "bin" / "fedseg")

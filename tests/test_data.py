@@ -949,6 +949,7 @@ POLYP_CENTRES = ["CVC-ClinicDB", "CVC-ColonDB", "Kvasir-SEG"]
 needs_polyp = pytest.mark.skipif(not (SHARED_DATA / "polyp").is_dir(), reason="../shared/data/polyp not available")
 
 
+@pytest.mark.slow
 @needs_polyp
 def test_convert_real_polyp_sites(tmp_path):
     result = run_module("fedseg.data.convert", "--src", SHARED_DATA / "polyp", "--out", tmp_path / "polyp", "--max-cases", 8)
@@ -982,6 +983,7 @@ def stem_of(entry: dict) -> str:
     return Path(image_paths(entry)[0]).name.split("_0000")[0].removesuffix(".nii.gz")
 
 
+@pytest.mark.slow
 @needs_polyp
 def test_video_centres_are_split_by_sequence_with_no_sequence_in_two_sections(tmp_path):
     sites = ["CVC-ClinicDB", "CVC-ColonDB"]
@@ -1014,6 +1016,7 @@ def test_video_centres_are_split_by_sequence_with_no_sequence_in_two_sections(tm
     assert [sorted(e["group"] for e in t) for t in tests[:2]] != [sorted(e["group"] for e in t) for t in tests[2:]]
 
 
+@pytest.mark.slow
 @needs_polyp
 def test_frame_split_is_only_on_request_and_reports_its_leakage(tmp_path):
     summary = convert_folder_dataset(SHARED_DATA / "polyp", tmp_path / "frames", sites=["CVC-ClinicDB"], split_by="case")

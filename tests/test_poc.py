@@ -581,6 +581,7 @@ def test_gpu_plan_and_job_staging(tmp_path):
     assert json.loads((fed.stage_job(src) / "meta.json").read_text())["resource_spec"] == {}
 
 
+@pytest.mark.slow
 def test_stop_kills_every_marked_process_and_frees_ports(tmp_path):
     """The teardown on its own: processes that ignore SIGTERM, grandchildren, listeners are all gone."""
     fed = PocFederation(tmp_path / "root")
@@ -610,6 +611,7 @@ def test_stop_kills_every_marked_process_and_frees_ports(tmp_path):
             proc.wait()
 
 
+@pytest.mark.poc
 def test_run_command_stops_everything_on_ctrl_c(tmp_path):
     """`fedseg_poc.py run` interrupted while its job runs: it aborts, stops every process and exits 130."""
     job = copy_job("fedavg", tmp_path / "src_jobs", server_args={"num_rounds": 1}, engine=TINY)

@@ -134,6 +134,7 @@ def test_stop_ends_every_process_of_the_root_also_without_a_poc(tmp_path):
 
 
 # ---- a recipe in the POC, end to end --------------------------------------------------------------------------
+@pytest.mark.poc
 def test_fedavg_recipe_runs_in_fedseg_poc_env_on_localhost_only(tiny2d, tmp_path):
     env = FedSegPocEnv(
         workspace=tmp_path / "poc_env", clients=SITES, datalist=f"{tiny2d}/{{SITE_NAME}}/datalist.json", start_timeout=300
