@@ -5,7 +5,7 @@ SITES   ?= 4
 DATA    ?= data/synth2d
 ROUNDS  ?= 8
 
-.PHONY: venv data demo test bench-quick bench-standard bench poc jobs clean
+.PHONY: venv data demo test test-fast bench-quick bench-standard bench poc jobs clean
 
 venv: .venv/.installed
 .venv/.installed: requirements.txt
@@ -25,6 +25,13 @@ test: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q --timeout=1200 tests
+
+# The fast layer: lint and every test that starts no simulator job, POC federation or training subprocess and
+# needs no GPU (markers in tests/conftest.py); 75 s on 2 busy cores. `make test` runs everything.
+test-fast: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q --timeout=300 -m "not slow and not poc and not gpu" tests
 
 jobs: venv
 	$(PY) -m fedseg.jobgen --out jobs
