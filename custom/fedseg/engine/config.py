@@ -17,7 +17,8 @@ class EngineConfig:
 
     num_classes counts the background (binary segmentation: 2). roi_size is the training patch and the
     sliding-window size for inference. Local budget per round/visit: local_steps if > 0, else local_epochs
-    passes over the site's training cases.
+    passes over the site's training cases. dp: None, or {"noise_multiplier", "max_grad_norm", "delta"}: every
+    training step is DP-SGD with the site's privacy accounted (fedseg.engine.dp; AMP is then off).
     """
 
     spatial_dims: int = 2
@@ -39,6 +40,7 @@ class EngineConfig:
     seed: int = 0
     sw_batch_size: int = 4
     overlap: float = 0.25
+    dp: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> EngineConfig:
@@ -65,6 +67,10 @@ class EngineConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.local_epochs < 1 and self.local_steps < 1:
             raise ValueError("set local_epochs >= 1 or local_steps >= 1")
+        if self.dp is not None:
+            from fedseg.engine.dp import DPSettings
+
+            DPSettings.from_value(self.dp)
 
     def network_args(self) -> dict[str, Any]:
         """Constructor arguments of fedseg.engine.networks.SegNetwork (what the server persistor needs too)."""
@@ -98,5 +104,10 @@ def resolve_engine(overrides: dict | None) -> dict:
             engine["network"] = {**engine["network"], **value}
         else:
             engine[key] = value
-    EngineConfig.from_dict(engine)
+    cfg = EngineConfig.from_dict(engine)
+    if cfg.dp is not None:  # DP-SGD needs a network it can train per example (no BatchNorm): refused here already
+        from fedseg.engine.dp import check_dp_network
+        from fedseg.engine.networks import SegNetwork
+
+        check_dp_network(SegNetwork(**cfg.network_args()), cfg.network.get("norm", "instance"))
     return engine

@@ -2,7 +2,8 @@
 
 Everything a method needs at a site goes through `SegEngine`: build a network, train it for a number of
 steps (optionally with a FedProx proximal term and a learning-rate function), evaluate it per case on a
-datalist section, and predict a volume with sliding-window inference.
+datalist section, and predict a volume with sliding-window inference. With the engine setting "dp", every
+training step is a DP-SGD step and the engine keeps the site's privacy accountant (fedseg.engine.dp).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -37,9 +39,12 @@ from monai.transforms import (
 from monai.utils import set_determinism
 
 from fedseg.engine.config import EngineConfig
+from fedseg.engine.dp import DPSettings, SiteDP, check_dp_network
 from fedseg.engine.networks import SegNetwork
 
 log = logging.getLogger("fedseg.engine")
+# what Opacus's hooks leave on the modules of a network they were attached to (removed after a DP-SGD run)
+OPACUS_MODULE_ATTRS = ("activations", "max_batch_len")
 
 
 def select_device() -> torch.device:
@@ -144,11 +149,19 @@ def _forever(loader: DataLoader) -> Iterator[dict]:
         yield from loader
 
 
+def _collate_or_none(items: list):
+    """list_data_collate, and None for a Poisson draw of no case (a DP step of noise alone)."""
+    return list_data_collate(items) if items else None
+
+
 class SegEngine:
     """Training and evaluation of segmentation networks on one site's datalist.
 
     Datasets are built once per section and cached in memory (CacheDataset), so a site that trains every
     round does not re-read its NIfTI files every round.
+
+    With cfg.dp, every train() call is DP-SGD (fedseg.engine.dp) and all of them add to one accountant, the
+    engine's `dp` (a SiteDP): its epsilon covers every network this engine has trained on the site's data.
     """
 
     def __init__(self, cfg: EngineConfig, datalist: dict, site: str = "local", device: torch.device | None = None):
@@ -162,7 +175,12 @@ class SegEngine:
         self._datasets: dict[tuple[str, bool], CacheDataset] = {}
         self._train_iter: Iterator[dict] | None = None
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.use_amp = bool(cfg.amp) and self.device.type == "cuda"
+        # DP-SGD clips unscaled per-example gradients: no AMP loss scaling under "dp"
+        self.use_amp = bool(cfg.amp) and self.device.type == "cuda" and cfg.dp is None
+        self._dp: SiteDP | None = None
+        self._dp_iter: Iterator[dict | None] | None = None
+        if cfg.dp is not None:  # a network with BatchNorm cannot be trained per example: refused before anything runs
+            check_dp_network(self.new_network(), cfg.network.get("norm", "instance"))
         # one loss scaler per engine: its scale (and growth tracker) carries over from one train() call to the next,
         # instead of starting again at 2**16 and paying the skipped steps that find the scale every round
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
@@ -217,6 +235,32 @@ class SegEngine:
             self._train_iter = _forever(loader)
         return self._train_iter
 
+    # ---- differential privacy -----------------------------------------------------------------------
+    @property
+    def dp(self) -> SiteDP | None:
+        """The site's DP-SGD state and accountant (None without the "dp" setting), one for the engine's life."""
+        if self.cfg.dp is None:
+            return None
+        if self._dp is None:
+            self._dp = SiteDP(DPSettings.from_value(self.cfg.dp), len(self.cases("training")), self.cfg.batch_size)
+        return self._dp
+
+    def privacy_spent(self) -> dict[str, float]:
+        """{"dp_epsilon", "dp_delta"}: the privacy loss of everything this engine trained so far; {} without "dp"."""
+        return self.dp.metrics() if self.dp is not None else {}
+
+    def _dp_batches(self) -> Iterator[dict | None]:
+        """Poisson-sampled training batches (None: no case drawn), drawn independently at every step."""
+        if self._dp_iter is None:
+            loader = DataLoader(
+                self.dataset("training"),
+                batch_sampler=self.dp.sampler(),
+                num_workers=self.cfg.num_workers,
+                collate_fn=_collate_or_none,
+            )
+            self._dp_iter = _forever(loader)
+        return self._dp_iter
+
     # ---- networks -----------------------------------------------------------------------------------
     def new_network(self) -> SegNetwork:
         return SegNetwork(**self.cfg.network_args()).to(self.device)
@@ -247,8 +291,11 @@ class SegEngine:
         Under AMP the engine's GradScaler skips a step whose gradients are inf/NaN (and lowers its scale): that
         step is not counted and the next batch is tried, up to 2 * num_steps batches in all (then a warning and
         fewer steps; TrainStats.steps says how many were applied, TrainStats.skipped how many were skipped).
+        With the "dp" setting every step is a DP-SGD step (see _train_dp).
         """
         optimizer = optimizer or self.new_optimizer(net)
+        if self.cfg.dp is not None:
+            return self._train_dp(net, num_steps, optimizer, prox_mu, lr_at_step, should_stop, on_step)
         prox_loss, reference = None, None
         if prox_mu > 0:
             from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss  # torch-only helper, no FLARE runtime
@@ -300,6 +347,100 @@ class SegEngine:
         return TrainStats(
             steps=done, mean_loss=total_loss / max(done, 1), seconds=time.perf_counter() - start, images=images, skipped=skipped
         )
+
+    def _train_dp(
+        self,
+        net: torch.nn.Module,
+        num_steps: int,
+        optimizer: torch.optim.Optimizer,
+        prox_mu: float,
+        lr_at_step: Callable[[int], float] | None,
+        should_stop: Callable[[], bool] | None,
+        on_step: Callable[[int, float], None] | None,
+    ) -> TrainStats:
+        """DP-SGD: Poisson-sampled batches, every example's gradient clipped to max_grad_norm, Gaussian noise on
+        their sum (Opacus), then `optimizer`'s own step; each step is recorded in the site's accountant.
+
+        `net` is trained in place (Opacus's hooks are removed again on return) and `optimizer` keeps its state, as
+        without DP. A step that draws no case is a step of noise alone; on_step is called for the other steps.
+        FedProx's proximal gradient (no data in it) is added after the noise. TrainStats.mean_loss is over the
+        steps that drew cases (with the proximal term, as without DP)."""
+        from opacus import GradSampleModule
+
+        dp = self.dp
+        prox_loss, reference = None, None
+        if prox_mu > 0:
+            from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
+
+            prox_loss = PTFedProxLoss(mu=prox_mu)
+            reference = copy.deepcopy(net).eval()
+            for p in reference.parameters():
+                p.requires_grad_(False)
+        batches = self._dp_batches()
+        params = [p for p in net.parameters() if p.requires_grad]
+        model = GradSampleModule(net, loss_reduction="mean")
+        dp_optimizer = dp.optimizer(optimizer, self.device)
+        model.train()
+        start, total_loss, images, done, scored = time.perf_counter(), 0.0, 0, 0, 0
+        try:
+            with warnings.catch_warnings():
+                # the first layer's input needs no gradient: torch says so on every backward through Opacus's hooks
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                while done < num_steps:
+                    if should_stop is not None and should_stop():
+                        break
+                    if lr_at_step is not None:
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr_at_step(done)
+                    drawn = self._dp_gradients(model, params, next(batches), dp_optimizer, done)
+                    value = None if drawn is None else drawn[0]
+                    images += 0 if drawn is None else drawn[1]
+                    dp_optimizer.pre_step()  # clip per example, sum, add noise, divide by the expected batch size
+                    if prox_loss is not None:
+                        prox = prox_loss(net, reference)
+                        for p, grad in zip(params, torch.autograd.grad(prox, params, allow_unused=True)):
+                            if grad is not None:
+                                p.grad = p.grad + grad
+                        if value is not None:
+                            value += float(prox.detach())
+                    optimizer.step()
+                    dp.record_step()
+                    done += 1
+                    if value is not None:
+                        total_loss += value
+                        scored += 1
+                        if on_step is not None:
+                            on_step(done - 1, value)
+        finally:
+            dp_optimizer.zero_grad(set_to_none=True)
+            model._close()  # Opacus's hooks and per-example attributes off `net`: it is a plain network again
+            for p in net.parameters():
+                if hasattr(p, "summed_grad"):
+                    del p.summed_grad
+            for module in net.modules():
+                for attr in OPACUS_MODULE_ATTRS:
+                    if hasattr(module, attr):
+                        delattr(module, attr)
+        return TrainStats(steps=done, mean_loss=total_loss / max(scored, 1), seconds=time.perf_counter() - start, images=images)
+
+    def _dp_gradients(self, model, params: list, batch: dict | None, dp_optimizer, step: int) -> tuple[float, int] | None:
+        """Every drawn example's gradient in p.grad_sample; returns (loss, examples), None for an empty draw."""
+        dp_optimizer.zero_grad(set_to_none=True)
+        if batch is None:  # nobody drawn: zero examples, the step adds the noise alone
+            for p in params:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+            return None
+        image = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        loss = self.loss_fn(model(image), label)
+        loss.backward()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"[site {self.site}] training loss became {value} at step {step}")
+        for p in params:  # a parameter the forward did not use: every example's gradient is zero
+            if getattr(p, "grad_sample", None) is None:
+                p.grad_sample = p.new_zeros((image.shape[0], *p.shape))
+        return value, int(image.shape[0])
 
     # ---- inference / evaluation ---------------------------------------------------------------------
     @torch.no_grad()
