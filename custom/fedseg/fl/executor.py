@@ -56,12 +56,14 @@ from fedseg.engine.config import LOCAL_OPTIMIZER
 from fedseg.engine.networks import norm_state_keys
 from fedseg.fl.case_names import CaseRedactor, case_names_allowed
 from fedseg.fl.privacy import check_scorable_section
-from fedseg.fl.site_limits import DEFAULT_LIMITS, check_task_limits, read_site_limits
+from fedseg.fl.site_limits import DEFAULT_LIMITS, check_site_dp, check_task_limits, read_site_limits, read_site_requires_dp
 from fedseg.methods.fedcross import cross_visit, score_ensemble
 from fedseg.methods.fedsm import SelectorSettings, fedsm_local_round, new_selector, score_super_model
 from fedseg.modelset import load_model_set, member_key, save_model_set
 
 DEFAULT_DATALIST = "$FEDSEG_DATA/{SITE_NAME}/datalist.json"
+# metrics a DP-SGD site keeps to itself: training losses are means over its training cases, computed without noise
+DP_WITHHELD_SUFFIX = "_loss"
 PERSONAL_PREFIX = "personal:"  # FedSM: "personal:<site>" groups of the model set sent to fedsm_evaluate
 KEEP_LOCAL = ("none", "norm")  # what a site keeps of its own across rounds (task meta "keep_local"; "norm": FedBN)
 FEDBN_DIR = "fedbn"  # in the job's app dir at the site: its own normalization, and its personalized models
@@ -137,6 +139,7 @@ class SegExecutor(Executor):
         self.state: dict = {}  # per-method site state kept across rounds (e.g. FedSM's selector optimizer)
         self.app_dir: Path | None = None  # the job's app dir at this site (FedBN keeps its normalization there)
         self._norm_keys: list[str] | None = None
+        self._dp_selector_warned = False
         self.handlers: dict[str, Callable] = {}
         for cls in reversed(type(self).__mro__):
             for task, method in vars(cls).get("TASKS", {}).items():
@@ -155,6 +158,8 @@ class SegExecutor(Executor):
         try:
             # what the server may ask of this site (its own local/fedseg_site.json "limits")
             self.limits = read_site_limits(workspace.get_root_dir(), self.site)
+            # a site that requires DP-SGD refuses a job without it (its own local/fedseg_site.json "require_dp")
+            check_site_dp(self.site, read_site_requires_dp(workspace.get_root_dir(), self.site), self.cfg.dp)
             path = resolve_site_datalist(self.site, self.datalist, workspace.get_root_dir())
             # from here on the log names cases by their datalist index (unless the privacy scope allows names)
             self.redact = CaseRedactor(path, case_names_allowed(fl_ctx))
@@ -173,7 +178,8 @@ class SegExecutor(Executor):
         self.log_info(
             fl_ctx,
             f"site {self.site}: datalist {path} OK: {summary.get('counts')}; device {self.seg_engine.device}; "
-            f"{self.seg_engine.steps_per_epoch()} steps/epoch",
+            f"{self.seg_engine.steps_per_epoch()} steps/epoch"
+            + (f"; DP-SGD on ({self.seg_engine.dp.describe()})" if self.cfg.dp is not None else ""),
         )
         for warning in summary.get("warnings", []):
             self.log_warning(fl_ctx, f"DATA WARNING [site {self.site}] {warning}")
@@ -242,7 +248,10 @@ class SegExecutor(Executor):
 
     # ---- helpers shared by the method handlers ------------------------------------------------------
     def track(self, tag: str, value: float, step: int) -> None:
-        """Training curves to the server's TensorBoard through NVFlare's experiment tracking."""
+        """Training curves to the server's TensorBoard through NVFlare's experiment tracking. With DP-SGD a training
+        loss (computed on the site's training cases without noise) is not sent."""
+        if self.cfg.dp is not None and tag.endswith("loss"):  # "train/loss", "fedcross/model0_train_loss", ...
+            return
         if self.tb_writer is not None:
             self.tb_writer.add_scalar(tag, float(value), global_step=int(step))
 
@@ -260,6 +269,22 @@ class SegExecutor(Executor):
                 self.log_info(fl_ctx, f"{label} round {round_num}: step {step} loss {loss:.4f}")
 
         return on_step
+
+    def privacy_report(self, fl_ctx: FLContext, task: str, metrics: dict) -> dict:
+        """With DP-SGD: the site's privacy loss so far (dp_epsilon at dp_delta, over every network this site has
+        trained in this job) into a training task's metrics, and one line in the site's log. The training losses
+        ("*_loss": means over the site's training cases, without noise) stay at the site."""
+        dp = self.seg_engine.dp
+        if dp is not None:
+            withheld = sorted(k for k in metrics if k.endswith(DP_WITHHELD_SUFFIX))
+            for key in withheld:
+                del metrics[key]
+            metrics.update(dp.metrics())
+            self.log_info(
+                fl_ctx,
+                f"DP-SGD at site {self.site}, task {task}: {dp.describe()}" + (f"; not sent: {withheld}" if withheld else ""),
+            )
+        return metrics
 
     def new_net(self, params: dict | None):
         net = self.seg_engine.new_network()
@@ -376,6 +401,7 @@ class SegExecutor(Executor):
         if keep_local == "norm":
             self.keep_norm(self.local_params, rnd)
         metrics.update(stats.as_metrics())
+        self.privacy_report(fl_ctx, "train", metrics)
         return FLModel(
             params=self.local_params,
             params_type=ParamsType.FULL,
@@ -439,6 +465,17 @@ class FedSMExecutor(SegExecutor):
             on_step=self.progress(fl_ctx, "fedsm_global", rnd),
             seed=engine.cfg.seed + rnd,
         )
+        self.privacy_report(fl_ctx, "fedsm_train", metrics)
+        uncovered = sorted(group for group in updated if group.startswith("selector"))
+        if engine.dp is not None and uncovered and not self._dp_selector_warned:
+            self._dp_selector_warned = True  # once per job
+            self.log_warning(
+                fl_ctx,
+                f"DP-SGD at site {self.site} covers the segmentation networks (global and personalized) only: the "
+                f"selector parts of the FedSM reply {uncovered} are computed from this site's training images without "
+                'differential privacy; a DP site withholds them with its privacy scope ("optimizer_state": "drop" '
+                'drops selector_stats and selector_optim, zero_vars ["^selector/"] the selector\'s weights)',
+            )
         for key, value in metrics.items():
             self.track(f"fedsm/{key}", value, rnd)
         self.local_params = updated["personal"]  # cross-site evaluation would see this site's personalized model
@@ -535,10 +572,13 @@ class FedCrossExecutor(SegExecutor):
             f"FedCross communication {c}: model {m} (visit {visits_done + 1}) trained {stats.steps} steps, "
             f"loss {stats.mean_loss:.4f}, lr {lr_first:.2e} -> {lr_last:.2e}",
         )
+        metrics = self.privacy_report(
+            fl_ctx, "cross_train", {"train_loss": stats.mean_loss, "lr_first": lr_first, "lr_last": lr_last}
+        )
         return FLModel(
             params=pack({"model": weights, "optim": optim}),
             params_type=ParamsType.FULL,
-            metrics={"train_loss": stats.mean_loss, "lr_first": lr_first, "lr_last": lr_last},
+            metrics=metrics,
             meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps, "model_index": m, "communication": c},
         )
 

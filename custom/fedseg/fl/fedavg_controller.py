@@ -13,6 +13,8 @@ plus the proximal term mu at the sites) and adds what a federation of hospitals 
   sites, which train and evaluate with their own (fedseg.fl.executor.SegExecutor); only the other keys are
   aggregated. The global model's normalization entries, what a site without its own gets (an unseen site, the
   persistor's FL_global_model), are the step-weighted mean of the sites' (fedseg.algorithms.aggregate_shared);
+* with DP-SGD at the sites (engine setting "dp"), each site's privacy loss so far (``dp_epsilon`` at ``dp_delta``,
+  as the site reports it with every training result) is kept per round in the history under "dp";
 * the best global model chosen by the MEDIAN of the sites' validation Dice of the model they received, so
   one site's claim cannot choose it; best and last written every round, with the history, so a killed
   server resumes from ``last.pt`` losing at most one round (``resume_from``).
@@ -32,8 +34,9 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fl_model_utils import make_model_learnable
 
 from fedseg.algorithms import AGGREGATIONS, aggregate, aggregate_shared
-from fedseg.algorithms.screening import read_score, robust_score, update_norm
+from fedseg.algorithms.screening import numeric_metrics, read_score, robust_score, update_norm
 from fedseg.engine.config import LOCAL_OPTIMIZER
+from fedseg.engine.dp import DP_METRICS
 from fedseg.fl.base_controller import FedSegController, check_output_name, check_trimmed_mean
 from fedseg.modelset import load_model_set, save_model_set
 
@@ -254,6 +257,15 @@ class FedAvgController(FedSegController):
                 "score": score,
                 "update_norms": norms,
             }
+            # DP-SGD sites: the privacy loss each one reports having spent so far (it is the site's own certificate)
+            spent = {s: m for s in sorted(results) if (m := numeric_metrics(results[s].metrics, DP_METRICS.__contains__))}
+            if spent:
+                record["dp"] = spent
+                self.track_sites("fedavg/dp_epsilon", {s: m["dp_epsilon"] for s, m in spent.items() if "dp_epsilon" in m}, rnd)
+                self.info(
+                    f"round {rnd}: DP-SGD privacy spent so far (site-reported) "
+                    + ", ".join(f"{s} epsilon {m.get('dp_epsilon', float('nan')):.4g}" for s, m in spent.items())
+                )
             history.append(record)
             if score is not None:  # the sites' Dice of the global model they received this round: median, each
                 self.track(f"fedavg/global_{SCORE_KEY}", score, rnd)

@@ -46,6 +46,7 @@ from fedseg.algorithms.screening import (
     case_dice,
     check_optimizer_state,
     fingerprint,
+    numeric_metrics,
     read_int,
     read_score,
     read_step_count,
@@ -54,6 +55,7 @@ from fedseg.algorithms.screening import (
     update_norm,
 )
 from fedseg.engine.config import EngineConfig
+from fedseg.engine.dp import DP_METRICS
 from fedseg.fl.base_controller import FedSegController, check_output_name
 from fedseg.modelset import initial_members, load_members, member_key, save_members
 from fedseg.report import RESULTS_FILE, format_table
@@ -499,9 +501,13 @@ class FedCrossController(FedSegController):
         pending = {s: m for m, s in enumerate(assignment) if s is not None}
         tried: set[str] = set(pending)
         failed_now: list[str] = []
+        spent: dict[str, dict] = {}  # DP-SGD sites: the privacy loss each reports having spent so far
         while pending:
             self.health.tasked(pending)
             results = self.run_tasks("cross_train", {s: self._visit_task(m, c) for s, m in pending.items()})
+            for site, result in results.items():
+                if reported := numeric_metrics(result.metrics, DP_METRICS.__contains__):
+                    spent[site] = reported
             too_large = self._screen_visits({s: m for s, m in pending.items() if s in results}, results)
             unplaced = []
             for site, m in pending.items():
@@ -523,7 +529,7 @@ class FedCrossController(FedSegController):
                 self.info(f"FedCross communication {c}: retrying model {m} on free site {site}")
                 pending[site] = m
                 tried.add(site)
-        return {
+        entry = {
             "communication": c,
             "active_sites": active,
             "assignment": assignment,
@@ -534,6 +540,9 @@ class FedCrossController(FedSegController):
             "weights_sha1": [fingerprint(w) for w in self.members],
             "dropped_sites": list(self.dropped),
         }
+        if spent:
+            entry["dp"] = dict(sorted(spent.items()))
+        return entry
 
     def _screen_visits(self, pending: dict[str, int], results: dict[str, FLModel]) -> set[str]:
         """Sites whose returned model moved far more than the other visits of this communication and the

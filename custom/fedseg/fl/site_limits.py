@@ -8,6 +8,11 @@ Every cap left out keeps its default (DEFAULT_LIMITS: generous for FedSeg's meth
 hospital's machine). Before a task runs, the site executor checks the task's settings (what the server sends in the
 task, and the job's own engine settings) against the caps; a value above a cap fails the task at that site with a
 message naming the site, the setting, the value and the cap, and nothing runs.
+
+A site can also require differential privacy of every job it trains for ("require_dp": true): a job whose engine
+has no "dp" setting (DP-SGD, fedseg.engine.dp) is refused by that site when the job starts, and nothing is trained.
+
+    {"datalist": "/data/fedseg/datalist.json", "require_dp": true}
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 from fedseg.data.datalist import SITE_CONFIG_RELPATH, _read_site_config
 
 LIMITS_KEY = "limits"
+REQUIRE_DP_KEY = "require_dp"
 DEFAULT_LIMITS = {
     "max_local_steps": 20000,  # optimizer steps of one local round or FedCross visit
     "max_local_epochs": 200,  # epochs of one local round or visit
@@ -84,3 +90,21 @@ def check_task_limits(site: str, task: str, meta: dict, limits: dict, job_settin
                 f"site {site} refuses task {task}: {name} {value} is above this site's cap {cap} = {limits[cap]} "
                 f'(the site\'s local/fedseg_site.json "{LIMITS_KEY}"); nothing was run'
             )
+
+
+def read_site_requires_dp(workspace_root: str, site: str) -> bool:
+    """Whether <workspace_root>/local/fedseg_site.json says "require_dp": true (default false)."""
+    config_path = os.path.join(workspace_root, SITE_CONFIG_RELPATH)
+    value = _read_site_config(config_path, site).get(REQUIRE_DP_KEY, False)
+    if not isinstance(value, bool):
+        raise ValueError(f'{config_path}: "{REQUIRE_DP_KEY}" must be true or false, got {value!r}')
+    return value
+
+
+def check_site_dp(site: str, requires_dp: bool, engine_dp) -> None:
+    """Raise TaskRefused when the site requires differential privacy and the job's engine has no "dp" setting."""
+    if requires_dp and engine_dp is None:
+        raise TaskRefused(
+            f'site {site} requires differential privacy ("{REQUIRE_DP_KEY}": true in its local/fedseg_site.json) but '
+            'the job\'s engine has no "dp" setting (DP-SGD: noise_multiplier, max_grad_norm, delta); nothing is trained'
+        )
