@@ -155,12 +155,14 @@ def study(data_dir: str, engine: dict, rounds: int, seeds: list[int], settings: 
             fed, steps, history = train_federated(inputs, dims, channels, s, rounds, seed, log)
             # the "lda" protocol takes no steps: its upper bound is the network trained centrally with the steps
             # the reference protocol would take (E per round)
-            central = train_central(inputs, dims, channels, s, steps or s.epochs * rounds, seed)
+            central_steps = steps or s.epochs * rounds
+            central = train_central(inputs, dims, channels, s, central_steps, seed)
             row = {
                 "selector": values,
                 "seed": seed,
                 "rounds": rounds,
                 "steps": steps,
+                "central_steps": central_steps,
                 "federated": scores(fed, inputs, "testing", gamma),
                 "central": scores(central, inputs, "testing", gamma),
                 "federated_history": history,
