@@ -128,6 +128,29 @@ def test_epsilon_is_the_accountants_over_every_network_the_engine_trains(tiny2si
         assert not any(m._forward_hooks or m._backward_hooks for m in net.modules())
 
 
+def test_fedsm_and_fedcross_training_add_every_network_to_the_one_accountant(tiny2sites):
+    """FedSM trains a global and a personalized network on the same cases, FedCross one travelling model per visit
+    (with its own optimizer state): every step of each goes into the site's one accountant."""
+    from fedseg.algorithms.lr_schedule import LrSchedule
+    from fedseg.methods.fedcross import cross_visit
+    from fedseg.methods.fedsm import fedsm_local_round
+
+    eng = engine(tiny2sites)
+    q = eng.dp.sample_rate
+    params = state_to_numpy(eng.new_network())
+    updated, metrics, steps = fedsm_local_round(eng, {"global": params, "personal": params}, 0, SITES, None, 0.9, 1)
+    assert steps == 1 and set(updated) == {"global", "personal"}
+    assert eng.privacy_spent()["dp_epsilon"] == pytest.approx(
+        independent_epsilon(DP["noise_multiplier"], q, 2, DP["delta"]), abs=1e-6
+    )
+    _, optim, stats = cross_visit(eng, params, None, 2, LrSchedule(base_lr=1e-3), 0)
+    assert stats.steps == 2 and any(k.endswith("::exp_avg") for k in optim)
+    _, _, stats = cross_visit(eng, params, optim, 1, LrSchedule(base_lr=1e-3), 1)  # the state travels on
+    assert eng.privacy_spent()["dp_epsilon"] == pytest.approx(
+        independent_epsilon(DP["noise_multiplier"], q, 5, DP["delta"]), abs=1e-6
+    )
+
+
 def _step_change(eng: SegEngine, net: torch.nn.Module, steps: int = 1) -> float:
     before = {k: torch.as_tensor(v) for k, v in state_to_numpy(net).items()}
     eng.train(net, steps, optimizer=torch.optim.SGD(net.parameters(), lr=1.0))
