@@ -614,6 +614,10 @@ def test_selector_health_names_collapse_and_a_super_model_that_is_the_global_one
     shy = selector_health({"a": 0.9, "b": 0.9, "c": 0.9}, {"a": route(1, 9), "b": route(0, 10)}, sites)
     assert shy["status"] == "unused" and "routed to the global model" in shy["reasons"][0]
     assert shy["global_share"] == pytest.approx(0.95)
+    # a right, confident selector whose super model uses gamma 1 (chosen on validation): unused, and why
+    chosen = selector_health({"a": 1.0, "b": 1.0, "c": 1.0}, {"a": route(0, 10), "b": route(0, 10)}, sites, gamma=1.0)
+    assert chosen["status"] == "unused" and "personalized models scored no better" in chosen["reasons"][1]
+    assert len(selector_health({"a": 0.9, "b": 0.9, "c": 0.9}, {"a": route(1, 9)}, sites, gamma=0.9)["reasons"]) == 1
 
 
 # ---- FedSM selector head in closed form (fedseg.algorithms.selector_head) ----------------------------------

@@ -132,7 +132,9 @@ def choose_gamma(gammas, site_dice: dict[str, list[float]]) -> tuple[float, list
     return gammas[best], means
 
 
-def selector_health(accuracy: dict[str, float], routing: dict[str, dict[str, int]], site_names: list[str]) -> dict:
+def selector_health(
+    accuracy: dict[str, float], routing: dict[str, dict[str, int]], site_names: list[str], gamma: float | None = None
+) -> dict:
     """Whether the selector learned and whether the super model uses it, from per-site argmax accuracy (share of
     a site's cases whose top class is the site itself) and routing counts ({site: {model or "global": count}}).
 
@@ -140,7 +142,9 @@ def selector_health(accuracy: dict[str, float], routing: dict[str, dict[str, int
       images to other sites (a selector stuck on one class, or one that cannot tell the sites apart).
     "unused": at least UNUSED_GLOBAL_SHARE of all cases go to the global model: the super model is (almost)
       the global model, whatever the selector learned (e.g. its confidence stays under gamma).
-    "learned": neither. Returns {"status", "reasons", "chance", "below_chance", "global_share"}."""
+    "learned": neither. Returns {"status", "reasons", "chance", "below_chance", "global_share"}.
+    With the gamma the super model used: gamma >= 1 routes every case to the global model by choice (e.g. chosen on
+    validation, where the personalized models scored no better than the global one), which the reasons say."""
     names = _check_sites(site_names)
     chance = 1.0 / len(names)
     below = sorted(s for s in names if s in accuracy and float(accuracy[s]) <= chance + 1e-12)
@@ -155,5 +159,11 @@ def selector_health(accuracy: dict[str, float], routing: dict[str, dict[str, int
         )
     if total and share >= UNUSED_GLOBAL_SHARE:
         reasons.append(f"{share:.0%} of the cases are routed to the global model: the super model is the global model")
+        if gamma is not None and float(gamma) >= 1.0:
+            reasons.append(
+                f"gamma = {float(gamma):g} sends every case to the global model whatever the selector says: where gamma "
+                "is chosen on the sites' validation cases, the personalized models scored no better than the global "
+                "model there"
+            )
     status = "collapsed" if below else ("unused" if reasons else "learned")
     return {"status": status, "reasons": reasons, "chance": chance, "below_chance": below, "global_share": share}

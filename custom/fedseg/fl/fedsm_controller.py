@@ -742,7 +742,9 @@ class FedSMController(FedSegController):
                 "dice": sweeps,
                 "mean": [float(np.mean([v[i] for v in sweeps.values()])) for i in range(len(GAMMA_SWEEP))] if sweeps else None,
             },
-            "selector_status": selector_health(acc, {s: m.get("routing") or {} for s, m in per_site.items()}, self.classes),
+            "selector_status": selector_health(
+                acc, {s: m.get("routing") or {} for s, m in per_site.items()}, self.classes, gamma
+            ),
             "super_learned": {
                 "label": f"learned routing (selector, gamma={gamma})",
                 "gamma": gamma,
