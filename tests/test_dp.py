@@ -178,6 +178,22 @@ def test_every_examples_gradient_is_clipped(tiny2sites):
         assert _step_change(every, net) <= clip * (1 + 1e-3)
 
 
+def test_a_draw_of_no_case_is_a_step_of_noise_alone(tiny2sites):
+    """Poisson sampling can draw nobody: that step still counts, and moves the weights by the noise alone, whose
+    standard deviation per coordinate is noise_multiplier * max_grad_norm / expected batch size."""
+    eng = engine(tiny2sites)
+    net = eng.new_network()
+    eng._dp_iter = iter([None])  # the next draw is empty
+    change = _step_change(eng, net)
+    d = sum(p.numel() for p in net.parameters())
+    expected = DP["noise_multiplier"] * DP["max_grad_norm"] * math.sqrt(d) / eng.dp.expected_batch_size
+    assert change == pytest.approx(expected, rel=0.05)
+    assert eng.dp.steps == 1
+    assert eng.privacy_spent()["dp_epsilon"] == pytest.approx(
+        independent_epsilon(DP["noise_multiplier"], eng.dp.sample_rate, 1, DP["delta"]), abs=1e-6
+    )
+
+
 def test_the_optimizer_keeps_its_state_and_the_noise_is_not_the_jobs_seed(tiny2sites):
     """A travelling optimizer (FedCross) keeps its Adam moments through DP training; two sites with the same job
     seed draw different cases and noise (the sampler and the noise are seeded from the OS, not the job)."""
