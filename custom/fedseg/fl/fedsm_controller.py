@@ -78,6 +78,8 @@ TRAIN_METRICS = frozenset(
         "train_global_loss",
         "train_personal_loss",
         "selector_steps",
+        "dp_epsilon",
+        "dp_delta",
     )
 )
 
