@@ -300,3 +300,37 @@ def test_metadata_limits_refuse_deep_wide_long_and_huge_fields_without_recursion
 def test_only_the_metric_keys_a_method_defines_are_kept():
     metrics = {"val_dice": 0.5, "junk_1": 1.0, "junk_2": 2.0}
     assert numeric_metrics(metrics, allowed=lambda k: k.startswith("val_")) == {"val_dice": 0.5}
+
+
+def test_direction_screen_refuses_an_update_that_undoes_the_others():
+    from fedseg.algorithms.screening import screen_directions, update_directions
+
+    sent = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32), "w::exp_avg": np.zeros(4, np.float32)}
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=6)
+    honest = {
+        s: {
+            "w": (common[:4] + 0.3 * rng.normal(size=4)).astype(np.float32),
+            "b": (common[4:] + 0.3 * rng.normal(size=2)).astype(np.float32),
+        }
+        for s in ("site-1", "site-2", "site-3")
+    }
+    # the attacker sends its update flipped (and optimizer state, which the direction ignores)
+    flipped = {"w": -3 * honest["site-3"]["w"], "b": -3 * honest["site-3"]["b"], "w::exp_avg": np.full(4, 1e6, np.float32)}
+    updates = {**honest, "site-4": flipped}
+    cosines = update_directions(updates, dict.fromkeys(updates, sent))
+    assert all(cosines[s] > 0.1 for s in honest) and cosines["site-4"] < -0.7, cosines
+    # leave-one-out, by hand: site-1 against the sum of the three others' directions (unit length each: the large
+    # flipped update cannot turn the honest sites' reference around)
+    unit = lambda u: (v := np.concatenate([u["b"], u["w"]]).astype(np.float64)) / np.linalg.norm(v)  # noqa: E731
+    others = sum(unit(u) for s, u in updates.items() if s != "site-1")
+    mine = np.concatenate([honest["site-1"]["b"], honest["site-1"]["w"]]).astype(np.float64)
+    assert cosines["site-1"] == pytest.approx(mine @ others / np.linalg.norm(mine) / np.linalg.norm(others))
+    rejected = screen_directions(cosines, -0.5)
+    assert list(rejected) == ["site-4"] and "points against" in rejected["site-4"]
+    assert screen_directions(cosines, -1.0) == {}  # switched off
+    # two updates: neither can be told from the other; a zero update has no direction
+    assert update_directions(dict(list(honest.items())[:2]), dict.fromkeys(honest, sent)) == {}
+    zero = {**honest, "site-4": {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}}
+    cos = update_directions(zero, dict.fromkeys(zero, sent))
+    assert np.isnan(cos["site-4"]) and screen_directions(cos, 0.99).keys() <= set(honest)

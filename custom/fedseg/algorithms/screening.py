@@ -10,6 +10,8 @@ site and the field, so the workflow can log one line and go on without that site
               other updates of the round, and of recent accepted ones, is rejected); :func:`clip_scales` and
               :func:`clip_update` (each accepted update is bounded to ``clip_ratio`` x the round's median norm);
               :func:`screen_relative` (against the model that was sent: a reference no site chooses);
+* direction:  :func:`update_directions` and :func:`screen_directions` (cosine with the mean of the other
+              sites' updates below ``min_cosine`` is rejected: an update that undoes the others')
               :func:`state_norm` (size of optimizer moments, screened like an update)
 * metadata:   :func:`check_metadata` (depth, key-count, string-length and size limits on whatever a site sends
               in meta/metrics, checked without recursion before anything formats or stores it)
@@ -51,9 +53,11 @@ __all__ = [
     "read_step_count",
     "read_summary",
     "robust_score",
+    "screen_directions",
     "screen_magnitudes",
     "screen_relative",
     "state_norm",
+    "update_directions",
     "update_norm",
 ]
 
@@ -281,6 +285,50 @@ def state_norm(optim: Mapping, sent: Mapping | None, state_key: str) -> float:
             diff = diff - np.asarray(sent[key], np.float64)
         total += float(np.dot(diff.ravel(), diff.ravel()))
     return math.sqrt(total)
+
+
+def _flat_update(params: Mapping, reference: Mapping) -> np.ndarray:
+    """``params - reference`` over the floating-point weights (optimizer state excluded), in float64, key order."""
+    parts = []
+    for key in sorted(params):
+        if OPTIM_SEP in key or key not in reference:
+            continue
+        array = np.asarray(params[key])
+        if np.issubdtype(array.dtype, np.floating):
+            parts.append((array.astype(np.float64) - np.asarray(reference[key], np.float64)).ravel())
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def update_directions(updates: Mapping[str, Mapping], references: Mapping[str, Mapping]) -> dict[str, float]:
+    """Cosine between each site's update (its params minus ``references[site]``, what it was sent) and the mean
+    DIRECTION of the OTHER sites' updates (leave-one-out, each other update scaled to unit length first, so that one
+    large update cannot turn the reference of everyone else around). Needs at least 3 updates (with 2, neither can
+    be told from the other); NaN for a zero update."""
+    if len(updates) < 3:
+        return {}
+    flat = {s: _flat_update(u, references[s]) for s, u in updates.items()}
+    lengths = {s: float(np.linalg.norm(v)) for s, v in flat.items()}
+    flat = {s: v / lengths[s] if lengths[s] > 0 else v for s, v in flat.items()}
+    total = sum(flat.values())
+    out = {}
+    for site, vector in flat.items():
+        others = total - vector
+        denominator = float(np.linalg.norm(vector) * np.linalg.norm(others))
+        out[site] = float(np.dot(vector, others) / denominator) if denominator > 0 else float("nan")
+    return out
+
+
+def screen_directions(cosines: Mapping[str, float], min_cosine: float) -> dict[str, str]:
+    """Which updates point against the others: {site: reason} for a cosine with the leave-one-out mean below
+    ``min_cosine`` (update_directions). ``min_cosine`` <= -1 switches the check off. A sign-flipped update that is
+    not opposed strongly enough to be refused is still bounded in size (clip_scales)."""
+    if min_cosine <= -1:
+        return {}
+    return {
+        site: f"update points against the other sites' (cosine {c:.3f} with their mean, limit {min_cosine:g})"
+        for site, c in sorted(cosines.items())
+        if math.isfinite(c) and c < min_cosine
+    }
 
 
 def clip_scales(norms: Mapping[str, float], clip_ratio: float) -> dict[str, float]:

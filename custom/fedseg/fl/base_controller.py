@@ -27,7 +27,9 @@ from fedseg.algorithms.screening import (
     clip_scales,
     clip_update,
     read_step_count,
+    screen_directions,
     screen_magnitudes,
+    update_directions,
     update_norm,
 )
 from fedseg.modelset import json_default
@@ -97,6 +99,7 @@ class FedSegController(ModelController):
         startup_grace: int = 300,
         max_update_ratio: float = 10.0,
         clip_ratio: float = 2.0,
+        min_update_cosine: float = -0.5,
         **kwargs,
     ):
         """
@@ -110,6 +113,8 @@ class FedSegController(ModelController):
             clip_ratio: every accepted update that is aggregated is bounded to this many times the median norm of
                 the round's accepted updates (norm bounding; 0: none), so a sign-flipped or scaled update within
                 max_update_ratio moves the model no further than an honest one may.
+            min_update_cosine: with 3 or more updates in a round, one whose cosine with the mean of the other
+                sites' updates is below this is rejected: it would undo what the others learned (-1: no check).
         """
         kwargs.setdefault("ignore_result_error", True)
         super().__init__(*args, **kwargs)
@@ -124,6 +129,9 @@ class FedSegController(ModelController):
         if float(clip_ratio) < 0:
             raise ValueError(f"clip_ratio must be >= 0, got {clip_ratio}")
         self.clip_ratio = float(clip_ratio)
+        if not -1.0 <= float(min_update_cosine) <= 1.0:
+            raise ValueError(f"min_update_cosine must be in [-1, 1], got {min_update_cosine}")
+        self.min_update_cosine = float(min_update_cosine)
         self.answered: set[str] = set()  # sites that have answered a task: they are up, no start-up grace
 
     # ---- tasks ---------------------------------------------------------------------------------------
@@ -198,6 +206,15 @@ class FedSegController(ModelController):
         for site, reason in sorted(rejected.items()):
             self.reject(site, what, reason)
         return set(rejected)
+
+    def screen_direction(self, what: str, updates: dict[str, dict], references: dict[str, dict]) -> tuple[set[str], dict]:
+        """Sites whose update points against the others' (fedseg.algorithms.screen_directions), logged; and every
+        site's cosine with the others' mean (for the history)."""
+        cosines = update_directions(updates, references)
+        rejected = screen_directions(cosines, self.min_update_cosine)
+        for site, reason in rejected.items():
+            self.reject(site, what, reason)
+        return set(rejected), cosines
 
     def bound(self, what: str, updates: dict[str, dict], references: dict[str, dict]) -> tuple[dict[str, dict], dict]:
         """Norm bounding of the accepted updates ({site: params}, each against ``references[site]``, what that site

@@ -57,6 +57,7 @@ class FedAvgController(FedSegController):
         trim_fraction: float = 0.2,
         max_update_ratio: float = 10.0,
         clip_ratio: float = 2.0,
+        min_update_cosine: float = -0.5,
         local_optimizer: str = "fresh",
         keep_local: str = "none",
         min_clients: int = 1,
@@ -84,6 +85,8 @@ class FedAvgController(FedSegController):
                 at least one per side, so it needs min_clients >= 3).
             max_update_ratio: updates with a norm above this many times the median of the others are rejected.
             clip_ratio: accepted updates above this many times the round's median norm are scaled down to it.
+            min_update_cosine: with 3 or more updates, one whose cosine with the other sites' mean direction is
+                below this is rejected (-1: no direction check).
             local_optimizer: "fresh" (a new Adam at every site every round) or "keep" (each site keeps its own Adam
                 moments from round to round; they never leave the site).
             keep_local: "none" (FedAvg) or "norm" (FedBN: the normalization layers' parameters and statistics, found
@@ -102,6 +105,7 @@ class FedAvgController(FedSegController):
             startup_grace=startup_grace,
             max_update_ratio=max_update_ratio,
             clip_ratio=clip_ratio,
+            min_update_cosine=min_update_cosine,
             task_check_period=task_check_period,
         )
         if aggregation not in AGGREGATIONS:
@@ -240,7 +244,13 @@ class FedAvgController(FedSegController):
             weights = self.step_weights(checked, self.local_steps or self.max_local_steps or None, self.max_weight_ratio)
             norms = {s: update_norm(checked[s].params, global_params) for s in weights}
             too_large = self.screen("update", norms, recent_norms)
-            accepted = sorted(s for s in weights if s not in too_large)
+            passed = [s for s in weights if s not in too_large]
+            # direction over the aggregated keys (FedBN's normalization entries stay the sites' own)
+            aggregated = {k: v for k, v in global_params.items() if k not in set(local_keys)}
+            opposed, cosines = self.screen_direction(
+                "update", {s: checked[s].params for s in passed}, dict.fromkeys(passed, aggregated)
+            )
+            accepted = sorted(s for s in passed if s not in opposed)
             scores = {
                 s: v
                 for s in sorted(results)
@@ -256,6 +266,7 @@ class FedAvgController(FedSegController):
                 "val_dice": scores,
                 "score": score,
                 "update_norms": norms,
+                "update_cosines": cosines,
             }
             # DP-SGD sites: the privacy loss each one reports having spent so far (it is the site's own certificate)
             spent = {s: m for s in sorted(results) if (m := numeric_metrics(results[s].metrics, DP_METRICS.__contains__))}

@@ -113,6 +113,7 @@ class FedSMController(FedSegController):
         aggregation: str = "mean",
         max_update_ratio: float = 10.0,
         clip_ratio: float = 2.0,
+        min_update_cosine: float = -0.5,
         max_weight_ratio: float = 4.0,
         sites: list[str] | None = None,
         resume_from: str | None = None,
@@ -144,6 +145,8 @@ class FedSMController(FedSegController):
                 (the selector's Adam moments too, measured against what was sent).
             clip_ratio: accepted updates of the global, personalized and selector models above this many times
                 the round's median norm are scaled down to it (0: no bounding).
+            min_update_cosine: with 3 or more updates, one whose cosine with the other sites' mean direction is
+                below this is rejected (-1: no direction check).
             max_weight_ratio: without local_steps, a site's weight is capped at this many times the median step
                 count of the other sites of the round (never above the server's own ceiling).
             sites: the expected site names, in selector-class order (None: the sites connected at the start).
@@ -163,6 +166,7 @@ class FedSMController(FedSegController):
             min_clients=min_clients,
             max_update_ratio=max_update_ratio,
             clip_ratio=clip_ratio,
+            min_update_cosine=min_update_cosine,
             startup_grace=startup_grace,
             task_check_period=task_check_period,
         )
@@ -402,6 +406,12 @@ class FedSMController(FedSegController):
             if u.get("selector_optim")
         }
         too_large |= self.screen("selector optimizer state (exp_avg)", norms)
+        # the global model's update against the other sites' (the personalized models differ by design)
+        kept = {s: u for s, u in updates.items() if s not in too_large}
+        opposed, _ = self.screen_direction(
+            "global model update", {s: u["global"] for s, u in kept.items()}, {s: sent[s]["global"] for s in kept}
+        )
+        too_large |= opposed
         # the spread of a site's selector features (a scatter inflated to swamp the pooled covariance)
         spreads = {s: spread(u["selector_stats"]) for s, u in updates.items() if "selector_stats" in u}
         too_large |= self.screen("selector feature statistics (spread)", spreads)
