@@ -154,6 +154,18 @@ def _collate_or_none(items: list):
     return list_data_collate(items) if items else None
 
 
+def _proximal_term(net, prox_mu: float):
+    """FedProx: (loss, frozen copy of the received network) for mu > 0, else (None, None)."""
+    if not prox_mu > 0:
+        return None, None
+    from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss  # torch-only helper, no FLARE runtime
+
+    reference = copy.deepcopy(net).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return PTFedProxLoss(mu=prox_mu), reference
+
+
 class SegEngine:
     """Training and evaluation of segmentation networks on one site's datalist.
 
@@ -296,14 +308,7 @@ class SegEngine:
         optimizer = optimizer or self.new_optimizer(net)
         if self.cfg.dp is not None:
             return self._train_dp(net, num_steps, optimizer, prox_mu, lr_at_step, should_stop, on_step)
-        prox_loss, reference = None, None
-        if prox_mu > 0:
-            from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss  # torch-only helper, no FLARE runtime
-
-            prox_loss = PTFedProxLoss(mu=prox_mu)
-            reference = copy.deepcopy(net).eval()
-            for p in reference.parameters():
-                p.requires_grad_(False)
+        prox_loss, reference = _proximal_term(net, prox_mu)
         scaler = self.scaler
         batches = self._train_batches()
         net.train()
@@ -368,14 +373,7 @@ class SegEngine:
         from opacus import GradSampleModule
 
         dp = self.dp
-        prox_loss, reference = None, None
-        if prox_mu > 0:
-            from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
-
-            prox_loss = PTFedProxLoss(mu=prox_mu)
-            reference = copy.deepcopy(net).eval()
-            for p in reference.parameters():
-                p.requires_grad_(False)
+        prox_loss, reference = _proximal_term(net, prox_mu)
         batches = self._dp_batches()
         params = [p for p in net.parameters() if p.requires_grad]
         model = GradSampleModule(net, loss_reduction="mean")
