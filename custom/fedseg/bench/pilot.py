@@ -113,7 +113,16 @@ def markdown(rows: list[dict], command: str, machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_setting(out: Path, image_size: int, max_cases: int, rounds: int, epochs: int, seeds: list[int], log=print) -> dict:
+def run_setting(
+    out: Path,
+    image_size: int,
+    max_cases: int,
+    rounds: int,
+    epochs: int,
+    seeds: list[int],
+    log=print,
+    norm: str = "instance_affine",
+) -> dict:
     """One setting, seed by seed; every finished seed is kept in out/partial_<setting>.json (a stopped pilot keeps
     what it measured) and reported in a progress line."""
     from fedseg.baselines import run_benchmark_baselines
@@ -121,7 +130,7 @@ def run_setting(out: Path, image_size: int, max_cases: int, rounds: int, epochs:
     from fedseg.bench.presets import cell_engine
     from fedseg.bench.run import prepare_dataset
 
-    spec = _polyp(max_cases or None, image_size, image_size=image_size)
+    spec = _polyp(max_cases or None, image_size, image_size=image_size, norm=norm)
     data, note = prepare_dataset(spec, out / "data" / f"polyp_{image_size}px_{max_cases or 'all'}")
     log(f"  data: {note}")
     engine = cell_engine(spec, epochs, seeds[0])
@@ -156,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", nargs="+", type=int, default=[24])
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument(
+        "--norm",
+        default="instance_affine",
+        help="the network's normalization (default: the standard cell's, instance norm with parameters)",
+    )
     p.add_argument("--publish", action="store_true", help="write docs/benchmarks/pilot_polyp.md and its JSON")
     args = p.parse_args(argv)
     if not SHARED_POLYP.is_dir():
@@ -174,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"pilot: {size} px, {cases or 'all'} cases/centre, R={rounds} x E={args.epochs}, seeds {args.seeds} ...",
                     flush=True,
                 )
-                rows.append(run_setting(out, size, cases, rounds, args.epochs, args.seeds, partial(print, flush=True)))
+                rows.append(
+                    run_setting(out, size, cases, rounds, args.epochs, args.seeds, partial(print, flush=True), args.norm)
+                )
                 r = rows[-1]
                 print(
                     f"  local {r['local'][0]:.3f}, centralized {r['centralized'][0]:.3f}, gap {r['gap']:+.3f} ± "
