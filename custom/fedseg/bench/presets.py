@@ -35,8 +35,9 @@ paper's own protocol: FedSM/SoftPull 2B, FedCrossEns N*B) and reports them side 
             them out); a progress line every minute. Time: the built-in cells took ~80 minutes for 3 seeds on 2 idle
             cores in the committed run (9632 CPU-seconds, R=24, without matched-step baselines); the three-centre
             polyp cell with every case has not been timed whole: one seed of its local-only plus centralized
-            baselines alone did not finish in 75 minutes on 2 shared cores, so run it in parts (--datasets,
-            --seeds) merged with fedseg.bench.merge, and let fedseg.bench.pilot decide its size. On synth2d
+            baselines took 433 s and one FL method at equal steps ~3.5 min on 2 idle cores (the pilot,
+            docs/benchmarks/pilot_polyp.md, chose its size); run it in parts (--datasets, --seeds) merged with
+            fedseg.bench.merge. On synth2d
             FedAvg/FedProx still gain ~2-3 Dice points over the last quarter at R=24 (the report's "flattened?"
             column says so).
   full      a GPU machine: "medium" built-in data, the three polyp centres (every case, split by video sequence,
