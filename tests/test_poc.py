@@ -614,7 +614,8 @@ def test_stop_kills_every_marked_process_and_frees_ports(tmp_path):
 @pytest.mark.poc
 def test_run_command_stops_everything_on_ctrl_c(tmp_path):
     """`fedseg_poc.py run` interrupted while its job runs: it aborts, stops every process and exits 130."""
-    job = copy_job("fedavg", tmp_path / "src_jobs", server_args={"num_rounds": 1}, engine=TINY)
+    # rounds enough that the job is still running when the interrupt lands (one round finished in 24 s, before it)
+    job = copy_job("fedavg", tmp_path / "src_jobs", server_args={"num_rounds": 30}, engine=TINY)
     root = tmp_path / "run"
     port = reserve_port(root)
     cmd = [
