@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from nvflare.apis.analytix import AnalyticsDataType, LogWriterName
@@ -133,6 +135,9 @@ class FedSegController(ModelController):
             raise ValueError(f"min_update_cosine must be in [-1, 1], got {min_update_cosine}")
         self.min_update_cosine = float(min_update_cosine)
         self.answered: set[str] = set()  # sites that have answered a task: they are up, no start-up grace
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
+        self.write_seconds = 0.0  # spent by write_later's thread
 
     # ---- tasks ---------------------------------------------------------------------------------------
     def run_tasks(self, task_name: str, per_site: dict[str, FLModel], timeout: int | None = None) -> dict[str, FLModel]:
@@ -141,6 +146,8 @@ class FedSegController(ModelController):
         A site that errors, times out or disconnects is simply absent from the result, with a log line.
         """
         results: dict[str, FLModel] = {}
+        heard: set[str] = set()  # sites whose result arrived, usable or not
+        all_heard = threading.Event()
 
         def collect(result: FLModel) -> bool:
             site = result.meta["client_name"]
@@ -149,8 +156,11 @@ class FedSegController(ModelController):
                 check_metadata(site, result.metrics, "metrics")
             except UpdateRejected as e:
                 self.reject(site, f"{task_name} result", e.reason)
-                return True
-            results[site] = result
+            else:
+                results[site] = result
+            heard.add(site)
+            if heard >= set(per_site):
+                all_heard.set()
             return True
 
         timeout = self.task_timeout if timeout is None else int(timeout)
@@ -158,10 +168,12 @@ class FedSegController(ModelController):
         for site, model in per_site.items():
             limits[site] = timeout + self.startup_grace if timeout and site not in self.answered else timeout
             self.send_model(task_name=task_name, data=model, targets=[site], timeout=limits[site], callback=collect)
-        while self.get_num_standing_tasks():
+        # back as soon as the last result is in (FedCross hands a model over here); the standing-task count (FLARE
+        # clears it every task_check_period) ends the wait when a site errs, times out or disconnects instead
+        while not all_heard.is_set() and self.get_num_standing_tasks():
             if self.abort_signal.triggered:
                 return results
-            time.sleep(0.2)
+            all_heard.wait(0.05)
         self.answered.update(results)
         missing = sorted(set(per_site) - set(results))
         if missing:
@@ -301,6 +313,32 @@ class FedSegController(ModelController):
         path = Path(self.get_app_dir()) / check_output_name(name)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def write_later(self, write: Callable[[], None]) -> None:
+        """Run a checkpoint write on one background thread, in order, off the path from one task to the next.
+        The caller hands over what no one changes afterwards; a failed write is raised at the next call or at
+        writes_done()."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedseg-writer")
+        for future in [f for f in self._writes if f.done()]:
+            self._writes.remove(future)
+            future.result()
+
+        def timed() -> None:
+            began = time.perf_counter()
+            write()
+            self.write_seconds += time.perf_counter() - began
+
+        self._writes.append(self._writer.submit(timed))
+
+    def writes_done(self) -> None:
+        """Wait for every write handed to write_later (raising the first failure)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        writes, self._writes = self._writes, []
+        for future in writes:
+            future.result()
 
     def write_json(self, path: Path, data) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")

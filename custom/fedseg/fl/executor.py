@@ -547,6 +547,7 @@ class FedCrossExecutor(SegExecutor):
     def cross_train(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
         """One visit: params = pack({"model": weights, "optim": optimizer state}); meta says which model, its
         schedule position and the visit budget."""
+        started_at = time.time()  # the server measures its hand-over latency with it
         meta = model.meta or {}
         groups = unpack(model.params)
         m, c = int(meta["model_index"]), int(meta["communication"])
@@ -579,7 +580,12 @@ class FedCrossExecutor(SegExecutor):
             params=pack({"model": weights, "optim": optim}),
             params_type=ParamsType.FULL,
             metrics=metrics,
-            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps, "model_index": m, "communication": c},
+            meta={
+                FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps,
+                "model_index": m,
+                "communication": c,
+                "started_at": started_at,
+            },
         )
 
     def cross_validate(self, model: FLModel, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:

@@ -9,9 +9,15 @@ Counting: one communication = one visit per model. `num_communications` is the n
 makes (when every site stays). NVFlare's cyclic workflows call a full pass over the N sites a "round",
 i.e. one NVFlare round = N FedCross communications.
 
-After every communication the ensemble (mean of the K softmax outputs) is scored on every active site's
-validation cases; the K models of the best communication are kept (best.pt), all K are written every
-communication (last.pt), and a job can resume from last.pt (resume_from). At the end the best set is
+Every `validate_every` communications (by default ceil(N / K): as often per training step as FedAvg validates
+once per round) and after the last one, the ensemble (mean of the K softmax outputs) is scored on every active
+site's validation cases; the K models of the best validated communication are kept (best.pt), all K are written
+every communication (last.pt), and a job can resume from last.pt (resume_from). Validation is not on the path
+of a hand-over in the communications between: the next visit starts as soon as the last result is screened.
+The history records per communication the seconds of training, validation and checkpoint writing, and the
+hand-over latency (from the previous communication's last result at the server to this one's first visit
+starting at its site, by the site's clock: meaningful where the server and the sites share one, as in the
+simulator). At the end the best set is
 scored on every site's test cases and the common results record fedseg_results.json is written.
 
 A site whose task fails, times out or returns an unusable update (NaN/Inf, missing keys, wrong shapes) does
@@ -151,6 +157,7 @@ class FedCrossController(FedSegController):
         lr: float = 0.0,
         lr_power: float = 0.9,
         validate_timeout: int = 0,
+        validate_every: int = 0,
         startup_grace: int = 300,
         max_site_failures: int = 3,
         rejoin_after: int | None = None,
@@ -187,6 +194,10 @@ class FedCrossController(FedSegController):
                 the results record.
             lr: base learning rate (0: the engine's lr). lr_power: exponent of "poly".
             task_timeout: seconds one visit may take (0: no limit). validate_timeout: same for scoring.
+            validate_every: score the ensemble on the sites' validation cases after every this many
+                communications and after the last (0: ceil(N / K) for the N sites at the start, i.e. once per
+                N visits, as often per training step as FedAvg validates; 1: every communication). The best set
+                is chosen among the validated communications.
             startup_grace: extra seconds for a site that has not answered any task yet: FLARE counts a
                 task's timeout from when it is scheduled, and a site's job process may start later than that.
             max_site_failures: communications in a row in which a site failed a task (error, timeout, rejected
@@ -232,6 +243,7 @@ class FedCrossController(FedSegController):
             ("visit_steps", visit_steps),
             ("seed", seed),
             ("validate_timeout", validate_timeout),
+            ("validate_every", validate_every),
             ("startup_grace", startup_grace),
         ):
             if int(value) < 0:
@@ -262,6 +274,8 @@ class FedCrossController(FedSegController):
             power=float(lr_power),
         )
         self.validate_timeout = int(validate_timeout)
+        self.validate_every = int(validate_every)
+        self.validation_period = 1  # validate_every, or ceil(N / K) once the sites are known
         self.max_site_failures = int(max_site_failures)
         self.rejoin_after = rejoin_after
         self.retry_on_free_site = bool(retry_on_free_site)
@@ -288,11 +302,19 @@ class FedCrossController(FedSegController):
         self.recent_norms: deque[float] = deque(maxlen=20)  # accepted visits' update norms (magnitude screening)
         self.best: dict | None = None  # {"communication", "val_dice", "members", "optimizers", "visits_done"}
         self.steps_total = 0
+        self.last_result_at: float | None = None  # server clock when the previous communication's last visit arrived
+        self.visit_started: dict[str, float] = {}  # site clock when each visit of this communication began
         self.network_args: dict = {}
         self._engine_checked = False
 
     # ---- workflow -----------------------------------------------------------------------------------------
     def run(self) -> None:
+        try:
+            self._run()
+        finally:  # an aborted job still leaves its last checkpoint whole
+            self.writes_done()
+
+    def _run(self) -> None:
         self.sites = self._reachable()
         if not self.sites:
             self.panic("FedCross: no sites connected")
@@ -308,6 +330,7 @@ class FedCrossController(FedSegController):
         if start is None:
             return
         k = len(self.members)
+        self.validation_period = self.validate_every or max(1, math.ceil(len(self.sites) / k))
         self.info(
             f"FedCross: {k} model(s) over sites {self.sites}, schedule {self.schedule!r} (seed {self.seed}), "
             f"communications {start}..{self.num_communications - 1}, visit budget "
@@ -318,7 +341,8 @@ class FedCrossController(FedSegController):
                 if self.visit_epochs
                 else "the sites' engine default"
             )
-            + f", lr {self.lr_plan.kind} from {self.lr_plan.base_lr:g}; output {self.out}"
+            + f", lr {self.lr_plan.kind} from {self.lr_plan.base_lr:g}; validation every {self.validation_period} "
+            f"communication(s) and after the last; output {self.out}"
         )
         for c in range(start, self.num_communications):
             if self.abort_signal.triggered:
@@ -334,21 +358,44 @@ class FedCrossController(FedSegController):
             entry = self._train_communication(c, active)
             if self.abort_signal.triggered:
                 return
-            entry.update(self._validate_communication(c))
+            trained = time.perf_counter()
+            validated = self._validates(c)
+            if validated:
+                entry.update(self._validate_communication(c))
             recovered = self.health.finish()
             if recovered:
                 self.info(f"FedCross communication {c}: {recovered} answered every task again; their failure count is reset")
             entry.update(changes)
-            entry["seconds"] = round(time.perf_counter() - began, 1)
+            entry["handover_s"] = self._handover_seconds(entry)
+            entry["train_s"] = round(trained - began, 3)
+            entry["validate_s"] = round(time.perf_counter() - trained, 3) if validated else 0.0
             self.history.append(entry)
-            self.track("fedcross/ensemble_val_dice", entry["val_dice"], c)  # over all validation cases
-            self._checkpoint(c)
+            if validated:
+                self.track("fedcross/ensemble_val_dice", entry["val_dice"], c)  # over all validation cases
+            entry["seconds"] = round(time.perf_counter() - began, 1)
+            self._checkpoint(c, validated)
             self.info(
-                f"FedCross communication {c} done in {entry['seconds']}s: validation ensemble dice "
-                f"{entry['val_dice']:.4f} (best {self.best['val_dice'] if self.best else float('nan'):.4f} at "
-                f"communication {self.best['communication'] if self.best else '-'}); dropped sites {self.dropped or 'none'}"
+                f"FedCross communication {c} done in {entry['seconds']}s (train {entry['train_s']:.2f}s, validation "
+                f"{entry['validate_s']:.2f}s, hand-over "
+                + ("-" if entry["handover_s"] is None else f"{entry['handover_s']:.3f}s")
+                + "): "
+                + (f"validation ensemble dice {entry['val_dice']:.4f}" if validated else "not validated")
+                + f" (best {self.best['val_dice'] if self.best else float('nan'):.4f} at communication "
+                f"{self.best['communication'] if self.best else '-'}); dropped sites {self.dropped or 'none'}"
             )
+        self.writes_done()
         self._final_test()
+
+    def _validates(self, c: int) -> bool:
+        return (c + 1) % self.validation_period == 0 or c == self.num_communications - 1
+
+    def _handover_seconds(self, entry: dict) -> float | None:
+        """Seconds from the previous communication's last result at the server to the first visit of this one
+        starting at its site (None for the first communication or without a report)."""
+        previous, self.last_result_at = self.last_result_at, entry.pop("last_result_at", None)
+        if previous is None or not self.visit_started:
+            return None
+        return round(min(self.visit_started.values()) - previous, 4)
 
     @property
     def dropped(self) -> list[str]:
@@ -502,12 +549,17 @@ class FedCrossController(FedSegController):
         tried: set[str] = set(pending)
         failed_now: list[str] = []
         spent: dict[str, dict] = {}  # DP-SGD sites: the privacy loss each reports having spent so far
+        self.visit_started = {}
+        last_result_at = None
         while pending:
             self.health.tasked(pending)
             results = self.run_tasks("cross_train", {s: self._visit_task(m, c) for s, m in pending.items()})
+            last_result_at = time.time()
             for site, result in results.items():
                 if reported := numeric_metrics(result.metrics, DP_METRICS.__contains__):
                     spent[site] = reported
+                if isinstance(started := (result.meta or {}).get("started_at"), float) and math.isfinite(started):
+                    self.visit_started.setdefault(site, started)  # a measurement only: never used to decide
             too_large = self._screen_visits({s: m for s, m in pending.items() if s in results}, results)
             unplaced = []
             for site, m in pending.items():
@@ -539,6 +591,7 @@ class FedCrossController(FedSegController):
             "visits_done": list(self.visits_done),
             "weights_sha1": [fingerprint(w) for w in self.members],
             "dropped_sites": list(self.dropped),
+            "last_result_at": last_result_at,
         }
         if spent:
             entry["dp"] = dict(sorted(spent.items()))
@@ -707,7 +760,9 @@ class FedCrossController(FedSegController):
                 "optimizers": list(self.optimizers),
                 "visits_done": list(self.visits_done),
             }
-            save_members(self.out / "best.pt", self.best["members"], self.best["optimizers"], self._info(c, self.best))
+            best, info = self.best, self._info(c, self.best)
+            info["history"] = list(self.history)
+            self.write_later(lambda: save_members(self.out / "best.pt", best["members"], best["optimizers"], info))
         return {
             "val_dice": val_dice,
             "val_member_dice": [float(np.mean(x)) if x else float("nan") for x in member_cases],
@@ -721,7 +776,9 @@ class FedCrossController(FedSegController):
         return {
             "communication": c,
             "num_communications": self.num_communications,
-            "val_dice": best["val_dice"] if best else (self.history[-1]["val_dice"] if self.history else float("nan")),
+            "val_dice": best["val_dice"]
+            if best
+            else (self.history[-1].get("val_dice", math.nan) if self.history else math.nan),
             "visits_done": (best or {}).get("visits_done") or list(self.visits_done),
             "schedule": self.schedule,
             "seed": self.seed,
@@ -740,11 +797,18 @@ class FedCrossController(FedSegController):
             "history": self.history,
         }
 
-    def _checkpoint(self, c: int) -> None:
-        save_members(self.out / "last.pt", self.members, self.optimizers, self._info(c))
-        self.write_json(self.out / HISTORY_FILE, self.history)
-        # model 0 also through the persistor, so FL_global_model.pt exists like in every FLARE job
-        self.save_model(FLModel(params=self.members[0], params_type=ParamsType.FULL, current_round=c))
+    def _checkpoint(self, c: int, validated: bool) -> None:
+        """last.pt and the history every communication, on the writer thread (the next visit does not wait)."""
+        members, optimizers, info, history = list(self.members), list(self.optimizers), self._info(c), list(self.history)
+        info["history"] = history
+
+        def write() -> None:
+            save_members(self.out / "last.pt", members, optimizers, info)
+            self.write_json(self.out / HISTORY_FILE, history)
+
+        self.write_later(write)
+        if validated:  # model 0 also through the persistor, so FL_global_model.pt exists like in every FLARE job
+            self.save_model(FLModel(params=self.members[0], params_type=ParamsType.FULL, current_round=c))
 
     def _final_test(self) -> None:
         if self.best is None:
@@ -817,6 +881,7 @@ class FedCrossController(FedSegController):
                 "uncertainty_auroc_per_site": per_site_auroc,
                 "uncertainty_auroc_mean": _finite_mean(per_site_auroc.values()),
                 "model_set": str(self.out / "best.pt"),
+                "checkpoint_write_seconds": round(self.write_seconds, 3),  # on the writer thread, off the relay's path
                 "history": self.history,
             },
         }
