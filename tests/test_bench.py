@@ -252,6 +252,25 @@ def test_cost_ratios_from_a_record():
     assert r["throughput"]["lean"]["executor_vs_monai"] == 0.8 and r["throughput"]["shipped"]["engine_vs_monai"] == 0.9
 
 
+def test_relay_measurement_is_reported_as_measured():
+    from fedseg.bench.benchmark_report import _relay_lines
+
+    relay = {
+        "fedavg_rounds": 3,
+        "fedcross_communications": 12,
+        "fedavg_wall_seconds": 20.0,
+        "fedcross_wall_seconds": 24.0,
+        "fedcross_vs_fedavg_wall": 1.2,
+        "handover_seconds": {"median": 0.061, "mean": 0.07, "max": 0.15},
+        "communication_seconds": {"seconds": {"mean": 1.9}, "train_s": {"mean": 1.6}, "validate_s": None},
+        "validated_communications": 3,
+    }
+    text = "\n".join(_relay_lines(relay))
+    assert "| 20.0 | 24.0 | **1.20** | 0.061 / 0.070 / 0.150 | 1.90 | 1.60 | - | 3 |" in text
+    assert "12 communications" in text
+    assert _relay_lines(None) == []  # an older record without the measurement: no section, nothing invented
+
+
 def test_a_method_without_a_flare_job_is_reported_missing(tmp_path, monkeypatch):
     from fedseg import jobgen
     from fedseg.bench.presets import get_preset

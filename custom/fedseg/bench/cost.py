@@ -24,6 +24,12 @@
     the two settings that cost time every round: validate_before_train (scores the received model on the
     validation cases before training) and per-step TensorBoard tracking (an event to the server per step).
 
+(c) Relay latency. One job runs FedAvg and then FedCross (one model relayed round-robin) from the same initial
+    weights at the same steps (small work per round, bench polling settings): the wall ratio of the two
+    workflows, and FedCross's hand-over latency per communication (from the previous visit's result at the
+    server to the next visit starting at its site; the simulator's processes share one clock) with the
+    controller's per-communication split into training, validation and hand-over.
+
     python -m fedseg.bench.cost plain --what fedavg|throughput --data DIR --engine JSON --rounds R --site SITE
                                       --init INIT.pt --out OUT.json
 """
@@ -290,6 +296,70 @@ def _fl_job(
     return record
 
 
+def _relay_job(
+    out_dir: Path, data_dir: Path, sites: list[str], engine: dict, rounds: int, init: Path, timeout: float, log
+) -> dict:
+    """FedAvg then FedCross (K = 1) in one job at the same steps: their workflows' wall times and FedCross's
+    per-communication hand-over latency and time split (its controller's history)."""
+    from fedseg.baselines import site_train_counts
+    from fedseg.bench.budget import Budget, plan_method
+    from fedseg.bench.collect import server_app_dir, timeline, windows
+    from fedseg.bench.jobs import build_job, label, simulate_bench_job
+    from fedseg.jobgen import resolve_engine
+
+    counts = {s: n for s, n in site_train_counts(data_dir).items() if s in sites}
+    budget = Budget.from_counts(rounds, int(engine["local_epochs"]), counts, int(resolve_engine(engine)["batch_size"]))
+    seed = int(engine["seed"])
+    plans = {m: plan_method(m, budget) for m in ("fedavg", "fedcross")}
+    job = build_job(
+        out_dir / "jobs",
+        "relay",
+        [("fedavg", seed), ("fedcross", seed)],
+        plans,
+        engine,
+        {seed: init},
+        hd95=False,
+        evaluate=False,
+    )
+    ws = out_dir / "ws" / "relay"
+    log(f"cost: relay (FedAvg {rounds} rounds, then FedCross {plans['fedcross'].communications} communications) ...")
+    result = simulate_bench_job(job, ws, data_dir, sites, timeout)
+    spans = windows(timeline(ws))
+    wall = {m: (w["end"] - w["start"]) if (w := spans.get(label(m, seed))) else None for m in plans}
+    results_file = server_app_dir(ws) / "bench" / label("fedcross", seed) / "fedseg_results.json"
+    history = json.loads(results_file.read_text())["extra"]["history"] if results_file.exists() else []
+    handovers = [h["handover_s"] for h in history if isinstance(h.get("handover_s"), (int, float))]
+
+    def stats(values: list[float]) -> dict | None:
+        if not values:
+            return None
+        return {"mean": float(np.mean(values)), "median": float(np.median(values)), "max": float(np.max(values))}
+
+    record = {
+        "returncode": result.returncode,
+        "errors": result.errors()[-2000:],
+        "fedavg_rounds": rounds,
+        "fedcross_communications": plans["fedcross"].communications,
+        "fedavg_wall_seconds": wall["fedavg"],
+        "fedcross_wall_seconds": wall["fedcross"],
+        "fedcross_vs_fedavg_wall": _ratio(wall["fedcross"], wall["fedavg"]),
+        "handover_seconds": stats(handovers),
+        "communication_seconds": {
+            key: stats([h[key] for h in history if key in h]) for key in ("seconds", "train_s", "validate_s")
+        },
+        "validated_communications": sum("val_dice" in h for h in history),
+    }
+    log(
+        f"cost: relay: FedAvg {_fmt_s(wall['fedavg'])}, FedCross {_fmt_s(wall['fedcross'])}; hand-over median "
+        + (f"{record['handover_seconds']['median']:.3f}s" if handovers else "-")
+    )
+    return record
+
+
+def _fmt_s(value) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
 SHIPPED = {"task_request_interval": None, "task_check_period": None}
 TUNED = {"task_request_interval": 0.1, "task_check_period": 0.1}
 LEAN_EXECUTOR = {"validate_before_train": False, "tb_writer_id": ""}
@@ -367,6 +437,7 @@ def run_cost(preset, data_dir: Path, spec, out_dir: Path, log=print) -> dict:
             log,
         )
     record["jobs"] = jobs
+    record["relay"] = _relay_job(out_dir, data_dir, sites, small, c.rounds, init, preset.timeout, log)
     record["ratios"] = ratios(record)
     record["seconds"] = round(time.time() - began, 1)
     record["load_average_at_end"] = list(os.getloadavg())
