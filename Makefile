@@ -24,7 +24,7 @@ demo: venv
 test: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q --timeout=1200 tests
+	$(PY) -m pytest -q --timeout=1200 -n 3 --dist loadfile tests
 
 # The fast layer: lint and every test that starts no simulator job, POC federation or training subprocess and
 # needs no GPU (markers in tests/conftest.py); 75 s on 2 busy cores. `make test` runs everything.

@@ -81,10 +81,34 @@ def _fixture_functions(item):
                 yield func
 
 
+# The files that took longest (pytest --durations, 2 cores), run first: `make test` hands whole files to its
+# workers (pytest-xdist --dist loadfile) in collection order, so the long ones must not start last.
+LONGEST_FIRST = (
+    "test_faults.py",
+    "test_poc.py",
+    "test_untrusted_sites.py",
+    "test_fedsm.py",
+    "test_foundation.py",
+    "test_fedcross.py",
+    "test_site_security.py",
+    "test_jobs_cli.py",
+    "test_export.py",
+    "test_bench.py",
+    "test_recipes.py",
+    "test_data.py",
+    "test_cli.py",
+    "test_recipes_prod.py",
+    "test_recipes_poc.py",
+    "test_stock.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     """slow: a test that starts a simulator run (simulate/in_parallel, in the test or in a fixture it uses);
     poc: a test that uses a POC fixture. A poc test is slow too. Other slow tests carry the marker themselves.
-    gpu tests are skipped without CUDA."""
+    gpu tests are skipped without CUDA. Files in LONGEST_FIRST order first, the others after them as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
     cache: dict = {}
 
     def starts_a_run(func) -> bool:

@@ -1510,6 +1510,8 @@ def _relay_lines(relay: dict | None) -> list[str]:
     """The cost phase's relay measurement: FedCross against FedAvg at the same steps in one job."""
     if not relay:
         return []
+    if "error" in relay:
+        return ["### FedCross relay", "", f"The relay measurement failed: `{relay['error']}`", ""]
     hand = relay.get("handover_seconds") or {}
     split = relay.get("communication_seconds") or {}
     row = [
@@ -1523,11 +1525,13 @@ def _relay_lines(relay: dict | None) -> list[str]:
     return [
         "### FedCross relay",
         "",
-        f"One job: FedAvg ({relay.get('fedavg_rounds')} rounds, small work per round), then FedCross with one model "
-        f"({relay.get('fedcross_communications')} communications) at the same steps from the same initial weights, bench "
-        "polling settings. Hand-over: from the previous visit's result at the server to the next visit starting at its "
-        "site (one clock: the simulator's processes share the machine). FedCross validates every N communications and "
-        "after the last (validate_every), so most hand-overs have no validation between them.",
+        f"FedAvg ({relay.get('fedavg_rounds')} rounds, small work per round), then FedCross with one model "
+        f"({relay.get('fedcross_communications')} communications) at the same steps from the same initial weights, each "
+        "in its own job with the bench's polling settings. Every site trains with one thread: FedAvg's sites at once, "
+        "FedCross's one at a time, so where the machine has fewer cores than sites the ratio also counts the cores a "
+        "relay leaves idle. Hand-over: from the last result at the server (a visit's, or after a validated communication "
+        "a validation's) to the next visit starting at its site (one clock: the simulator's processes share the "
+        "machine). FedCross validates every N communications and after the last (validate_every).",
         "",
         _table(
             [

@@ -26,8 +26,8 @@
 
 (c) Relay latency. One job runs FedAvg and then FedCross (one model relayed round-robin) from the same initial
     weights at the same steps (small work per round, bench polling settings): the wall ratio of the two
-    workflows, and FedCross's hand-over latency per communication (from the previous visit's result at the
-    server to the next visit starting at its site; the simulator's processes share one clock) with the
+    workflows, and FedCross's hand-over latency per communication (from the last result at the server to the
+    next visit starting at its site; the simulator's processes share one clock) with the
     controller's per-communication split into training, validation and hand-over.
 
     python -m fedseg.bench.cost plain --what fedavg|throughput --data DIR --engine JSON --rounds R --site SITE
@@ -299,8 +299,11 @@ def _fl_job(
 def _relay_job(
     out_dir: Path, data_dir: Path, sites: list[str], engine: dict, rounds: int, init: Path, timeout: float, log
 ) -> dict:
-    """FedAvg then FedCross (K = 1) in one job at the same steps: their workflows' wall times and FedCross's
-    per-communication hand-over latency and time split (its controller's history)."""
+    """FedAvg, then FedCross (K = 1) at the same steps from the same initial weights, each in its own job: their
+    workflows' wall times and FedCross's per-communication hand-over latency and time split (its controller's
+    history). Every site trains with one thread (the simulator's setting): FedAvg's N sites train at once,
+    FedCross's one site at a time, so on a machine with fewer cores than sites FedCross also leaves cores idle
+    that a federation of hospitals, each on its own machine, would not share."""
     from fedseg.baselines import site_train_counts
     from fedseg.bench.budget import Budget, plan_method
     from fedseg.bench.collect import server_app_dir, timeline, windows
@@ -310,24 +313,23 @@ def _relay_job(
     counts = {s: n for s, n in site_train_counts(data_dir).items() if s in sites}
     budget = Budget.from_counts(rounds, int(engine["local_epochs"]), counts, int(resolve_engine(engine)["batch_size"]))
     seed = int(engine["seed"])
-    plans = {m: plan_method(m, budget) for m in ("fedavg", "fedcross")}
-    job = build_job(
-        out_dir / "jobs",
-        "relay",
-        [("fedavg", seed), ("fedcross", seed)],
-        plans,
-        engine,
-        {seed: init},
-        hd95=False,
-        evaluate=False,
-    )
-    ws = out_dir / "ws" / "relay"
+    engines = {"fedavg": engine, "fedcross": engine}
+    plans = {m: plan_method(m, budget) for m in engines}
+    wall, history = {}, []
     log(f"cost: relay (FedAvg {rounds} rounds, then FedCross {plans['fedcross'].communications} communications) ...")
-    result = simulate_bench_job(job, ws, data_dir, sites, timeout)
-    spans = windows(timeline(ws))
-    wall = {m: (w["end"] - w["start"]) if (w := spans.get(label(m, seed))) else None for m in plans}
-    results_file = server_app_dir(ws) / "bench" / label("fedcross", seed) / "fedseg_results.json"
-    history = json.loads(results_file.read_text())["extra"]["history"] if results_file.exists() else []
+    for method, settings in engines.items():
+        job = build_job(
+            out_dir / "jobs", f"relay_{method}", [(method, seed)], plans, settings, {seed: init}, hd95=False, evaluate=False
+        )
+        ws = out_dir / "ws" / f"relay_{method}"
+        result = simulate_bench_job(job, ws, data_dir, sites, timeout)
+        if result.returncode != 0:
+            return {"error": f"relay {method} job exited with {result.returncode}", "errors": result.errors()[-2000:]}
+        span = windows(timeline(ws)).get(label(method, seed))
+        wall[method] = (span["end"] - span["start"]) if span else None
+        results_file = server_app_dir(ws) / "bench" / label(method, seed) / "fedseg_results.json"
+        if method == "fedcross" and results_file.exists():
+            history = json.loads(results_file.read_text())["extra"]["history"]
     handovers = [h["handover_s"] for h in history if isinstance(h.get("handover_s"), (int, float))]
 
     def stats(values: list[float]) -> dict | None:
@@ -336,8 +338,6 @@ def _relay_job(
         return {"mean": float(np.mean(values)), "median": float(np.median(values)), "max": float(np.max(values))}
 
     record = {
-        "returncode": result.returncode,
-        "errors": result.errors()[-2000:],
         "fedavg_rounds": rounds,
         "fedcross_communications": plans["fedcross"].communications,
         "fedavg_wall_seconds": wall["fedavg"],

@@ -138,6 +138,7 @@ class FedSegController(ModelController):
         self._writer: ThreadPoolExecutor | None = None
         self._writes: list[Future] = []
         self.write_seconds = 0.0  # spent by write_later's thread
+        self.last_result_at: float | None = None  # server clock when the latest task result arrived
 
     # ---- tasks ---------------------------------------------------------------------------------------
     def run_tasks(self, task_name: str, per_site: dict[str, FLModel], timeout: int | None = None) -> dict[str, FLModel]:
@@ -159,6 +160,7 @@ class FedSegController(ModelController):
             else:
                 results[site] = result
             heard.add(site)
+            self.last_result_at = time.time()
             if heard >= set(per_site):
                 all_heard.set()
             return True

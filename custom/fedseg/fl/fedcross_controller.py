@@ -15,8 +15,8 @@ site's validation cases; the K models of the best validated communication are ke
 every communication (last.pt), and a job can resume from last.pt (resume_from). Validation is not on the path
 of a hand-over in the communications between: the next visit starts as soon as the last result is screened.
 The history records per communication the seconds of training, validation and checkpoint writing, and the
-hand-over latency (from the previous communication's last result at the server to this one's first visit
-starting at its site, by the site's clock: meaningful where the server and the sites share one, as in the
+hand-over latency (from the last result at the server, a visit's or a validation's, to this communication's
+first visit starting at its site, by the site's clock: meaningful where the server and the sites share one, as in the
 simulator). At the end the best set is
 scored on every site's test cases and the common results record fedseg_results.json is written.
 
@@ -302,7 +302,6 @@ class FedCrossController(FedSegController):
         self.recent_norms: deque[float] = deque(maxlen=20)  # accepted visits' update norms (magnitude screening)
         self.best: dict | None = None  # {"communication", "val_dice", "members", "optimizers", "visits_done"}
         self.steps_total = 0
-        self.last_result_at: float | None = None  # server clock when the previous communication's last visit arrived
         self.visit_started: dict[str, float] = {}  # site clock when each visit of this communication began
         self.network_args: dict = {}
         self._engine_checked = False
@@ -366,7 +365,6 @@ class FedCrossController(FedSegController):
             if recovered:
                 self.info(f"FedCross communication {c}: {recovered} answered every task again; their failure count is reset")
             entry.update(changes)
-            entry["handover_s"] = self._handover_seconds(entry)
             entry["train_s"] = round(trained - began, 3)
             entry["validate_s"] = round(time.perf_counter() - trained, 3) if validated else 0.0
             self.history.append(entry)
@@ -389,10 +387,10 @@ class FedCrossController(FedSegController):
     def _validates(self, c: int) -> bool:
         return (c + 1) % self.validation_period == 0 or c == self.num_communications - 1
 
-    def _handover_seconds(self, entry: dict) -> float | None:
-        """Seconds from the previous communication's last result at the server to the first visit of this one
-        starting at its site (None for the first communication or without a report)."""
-        previous, self.last_result_at = self.last_result_at, entry.pop("last_result_at", None)
+    def _handover_seconds(self, previous: float | None) -> float | None:
+        """Seconds from the last result the server had before sending this communication's visits (a visit's, or
+        a validation's after a validated communication) to the first visit starting at its site (None for the
+        first task of the job or without a report)."""
         if previous is None or not self.visit_started:
             return None
         return round(min(self.visit_started.values()) - previous, 4)
@@ -550,11 +548,10 @@ class FedCrossController(FedSegController):
         failed_now: list[str] = []
         spent: dict[str, dict] = {}  # DP-SGD sites: the privacy loss each reports having spent so far
         self.visit_started = {}
-        last_result_at = None
+        previous_result_at = self.last_result_at
         while pending:
             self.health.tasked(pending)
             results = self.run_tasks("cross_train", {s: self._visit_task(m, c) for s, m in pending.items()})
-            last_result_at = time.time()
             for site, result in results.items():
                 if reported := numeric_metrics(result.metrics, DP_METRICS.__contains__):
                     spent[site] = reported
@@ -591,7 +588,7 @@ class FedCrossController(FedSegController):
             "visits_done": list(self.visits_done),
             "weights_sha1": [fingerprint(w) for w in self.members],
             "dropped_sites": list(self.dropped),
-            "last_result_at": last_result_at,
+            "handover_s": self._handover_seconds(previous_result_at),
         }
         if spent:
             entry["dp"] = dict(sorted(spent.items()))
