@@ -271,6 +271,24 @@ def test_relay_measurement_is_reported_as_measured():
     assert _relay_lines(None) == []  # an older record without the measurement: no section, nothing invented
 
 
+@pytest.mark.slow
+def test_relay_command_measures_hand_overs_of_a_real_fedcross_run(tmp_path):
+    """python -m fedseg.bench.cost relay on the smoke data: FedAvg and FedCross jobs at the same steps, every
+    hand-over of the relay measured (2 sites, 2 rounds: 4 visits, 3 hand-overs), the record on disk."""
+    from fedseg.bench.cost import main
+
+    assert main(["relay", "--preset", "smoke", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "relay.json").read_text())
+    assert record["dataset"] == "synth2d" and record["fedcross_communications"] == 4
+    assert record["fedavg_wall_seconds"] > 0 and record["fedcross_wall_seconds"] > 0
+    assert record["fedcross_vs_fedavg_wall"] == record["fedcross_wall_seconds"] / record["fedavg_wall_seconds"]
+    hand = record["handover_seconds"]
+    assert 0 <= hand["median"] <= hand["max"]  # a visit never starts before the result it follows
+    history = json.loads(next(tmp_path.rglob("fedcross__s0/fedseg_results.json")).read_text())["extra"]["history"]
+    assert [h["handover_s"] is None for h in history] == [True, False, False, False]
+    assert record["validated_communications"] == 2  # every ceil(2 sites / 1 model) communications
+
+
 def test_a_method_without_a_flare_job_is_reported_missing(tmp_path, monkeypatch):
     from fedseg import jobgen
     from fedseg.bench.presets import get_preset

@@ -30,6 +30,7 @@
     next visit starting at its site; the simulator's processes share one clock) with the
     controller's per-communication split into training, validation and hand-over.
 
+    python -m fedseg.bench.cost relay --out OUT [--preset quick] [--rounds 3]
     python -m fedseg.bench.cost plain --what fedavg|throughput --data DIR --engine JSON --rounds R --site SITE
                                       --init INIT.pt --out OUT.json
 """
@@ -503,10 +504,46 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--site", required=True)
     q.add_argument("--init", required=True)
     q.add_argument("--out", required=True)
+    r = sub.add_parser("relay", help="FedAvg against FedCross at the same steps: wall ratio and hand-over latency (part c)")
+    r.add_argument("--preset", default="quick", help="preset whose cost dataset and engine are used (default quick)")
+    r.add_argument("--rounds", type=int, default=3, help="FedAvg rounds at 1 epoch; FedCross gets the same steps")
+    r.add_argument("--out", required=True, help="folder for the data, jobs, workspaces and relay.json")
     o = p.parse_args(argv)
+    if o.cmd == "relay":
+        record = relay_main(o.preset, o.rounds, Path(o.out))
+        print(json.dumps(record, indent=2))
+        return 0 if "error" not in record else 1
     record = plain_main(o)
     Path(o.out).write_text(json.dumps(record, indent=2))
     return 0
+
+
+def relay_main(preset_name: str, rounds: int, out: Path) -> dict:
+    """Part (c) on its own, on the preset's cost dataset (generated or converted under `out`)."""
+    from fedseg.baselines import site_train_counts
+    from fedseg.bench.jobs import save_initial_checkpoint
+    from fedseg.bench.presets import cell_engine, get_preset
+    from fedseg.data.synthetic import generate_dataset
+
+    preset = get_preset(preset_name)
+    spec = preset.datasets[(preset.cost.dataset if preset.cost else None) or "synth2d"]
+    if spec.kind != "synthetic":
+        return {"error": f"the relay measurement runs on a built-in dataset; {preset_name}'s cost dataset is {spec.kind}"}
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data" / spec.name
+    generate_dataset(str(data), overwrite=True, **spec.options)
+    engine = cell_engine(spec, 1, 0)
+    init = save_initial_checkpoint(out / "init.pt", engine, 0)
+    sites = sorted(site_train_counts(data))
+    record = {
+        "dataset": spec.name,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_at_start": list(os.getloadavg()),
+        **_relay_job(out, Path(data), sites, engine, rounds, init, preset.timeout, print),
+        "load_average_at_end": list(os.getloadavg()),
+    }
+    (out / "relay.json").write_text(json.dumps(record, indent=2))
+    return record
 
 
 if __name__ == "__main__":
