@@ -117,6 +117,17 @@ def test_fedavg_in_simulator_codeless_job(tiny2d, tmp_path):
     assert site_mean(final) > untrained_mean_dice(tiny2d) + 0.05
     site_log = result.log("site-1")
     assert "received model val_dice=" in site_log and "steps/epoch" in site_log
+    # every round says where its time went: the tasks, each site's own validation and training within them, the
+    # server's screening and aggregation, and saving
+    history = json.loads((run_dir / "app_server" / "fedavg" / "history.json").read_text())
+    assert [r["round"] for r in history] == [0, 1, 2]
+    for r in history:
+        t = r["seconds"]
+        assert sorted(t["sites"]) == ["site-1", "site-2", "site-3"]
+        assert all(v["validate_seconds"] > 0 and v["train_seconds"] > 0 for v in t["sites"].values())
+        slowest = max(v["validate_seconds"] + v["train_seconds"] for v in t["sites"].values())
+        assert t["tasks"] >= slowest - 1e-3 and t["tasks_beyond_slowest_site"] == pytest.approx(t["tasks"] - slowest, abs=2e-3)
+        assert t["screen_and_aggregate"] >= 0 and t["save"] > 0
     table = format_table(results)
     assert "global (last)" in table and "site-3" in table
 

@@ -361,7 +361,9 @@ class SegExecutor(Executor):
         net = self.new_net(params)
         metrics = {}
         if self.validate_before_train and self.seg_engine.cases("validation"):
+            began = time.perf_counter()
             metrics.update(self.seg_engine.evaluate(net, "validation").summary("val_"))
+            metrics["validate_seconds"] = time.perf_counter() - began  # the server's per-round time split
             self.track("val_dice", metrics["val_dice"], rnd or 0)
         mu = planned_number(meta, AlgorithmConstants.FEDPROX_MU, float, 0.0) or 0.0
         steps = self.seg_engine.local_steps(
@@ -400,7 +402,7 @@ class SegExecutor(Executor):
         self.local_params = state_to_numpy(net)
         if keep_local == "norm":
             self.keep_norm(self.local_params, rnd)
-        metrics.update(stats.as_metrics())
+        metrics.update(stats.as_metrics(), train_seconds=stats.seconds)
         self.privacy_report(fl_ctx, "train", metrics)
         return FLModel(
             params=self.local_params,

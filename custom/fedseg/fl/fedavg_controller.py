@@ -26,6 +26,8 @@ cross-site evaluation workflow after this one scores them as usual.
 from __future__ import annotations
 
 import copy
+import math
+import time
 from collections import deque
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
@@ -139,6 +141,28 @@ class FedAvgController(FedSegController):
         self._output_dir = check_output_name(output_dir)  # `output_dir` is the base class's method
 
     # ---- checkpoints --------------------------------------------------------------------------------------
+    def _round_seconds(self, results: dict, began: float, tasks_done: float, aggregated_at: float) -> dict:
+        """Where a round's time went: the tasks (sent to last result in), of which each site's own validation of
+        the received model and training (as the site reports them: a measurement, never used to decide), the
+        server's screening and aggregation, and saving the global model."""
+        sites = {}
+        for site, result in sorted(results.items()):
+            metrics = result.metrics if isinstance(result.metrics, dict) else {}
+            sites[site] = {
+                key: round(value, 3)
+                for key in ("validate_seconds", "train_seconds")
+                if isinstance(value := metrics.get(key), float) and math.isfinite(value) and value >= 0
+            }
+        slowest = max((sum(v.values()) for v in sites.values()), default=0.0)
+        return {
+            "tasks": round(tasks_done - began, 3),
+            "sites": sites,
+            # what FLARE adds to the slowest site's own work: transfers, (de)serialisation, polling, building the network
+            "tasks_beyond_slowest_site": round(max(tasks_done - began - slowest, 0.0), 3),
+            "screen_and_aggregate": round(aggregated_at - tasks_done, 3),
+            "save": round(time.perf_counter() - aggregated_at, 3),
+        }
+
     def _save(self, name: str, params: dict, info: dict) -> None:
         save_model_set(self.output_dir(self._output_dir) / name, {"global": params}, info)
 
@@ -239,7 +263,9 @@ class FedAvgController(FedSegController):
                 total_rounds=self.num_rounds,
                 meta=self._task_meta(),
             )
+            began = time.perf_counter()
             results = self.run_tasks("train", {s: copy.copy(task) for s in sites})
+            tasks_done = time.perf_counter()
             checked = {s: r for s, r in sorted(results.items()) if self.accept(s, r.params, global_params, "update")}
             weights = self.step_weights(checked, self.local_steps or self.max_local_steps or None, self.max_weight_ratio)
             norms = {s: update_norm(checked[s].params, global_params) for s in weights}
@@ -313,8 +339,10 @@ class FedAvgController(FedSegController):
                     f"round {rnd}: aggregated {accepted} ({self.aggregation})"
                     + (f"; median {SCORE_KEY} of the received model {score:.4f}" if score is not None else "")
                 )
+            aggregated_at = time.perf_counter()
             self.save_model(FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd))
             self._save("last.pt", global_params, {"round": rnd, **state})
+            record["seconds"] = self._round_seconds(results, began, tasks_done, aggregated_at)
             self.write_json(self.output_dir(self._output_dir) / "history.json", history)
             if stop:
                 self.panic(f"FedAvg stopped: {failed_rounds} consecutive rounds below min_clients")
