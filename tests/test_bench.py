@@ -264,8 +264,10 @@ def test_relay_measurement_is_reported_as_measured():
         "handover_seconds": {"median": 0.061, "mean": 0.07, "max": 0.15},
         "communication_seconds": {"seconds": {"mean": 1.9}, "train_s": {"mean": 1.6}, "validate_s": None},
         "validated_communications": 3,
+        "fedavg_round_seconds": {"tasks": {"mean": 0.9, "max": 1.2}, "save": {"mean": 0.01, "max": 0.02}},
     }
     text = "\n".join(_relay_lines(relay))
+    assert "| 0.900 / 1.200 | - / - | - / - | 0.010 / 0.020 |" in text  # FedAvg's split, missing parts as "-"
     assert "| 20.0 | 24.0 | **1.20** | 0.061 / 0.070 / 0.150 | 1.90 | 1.60 | - | 3 |" in text
     assert "12 communications" in text
     assert _relay_lines(None) == []  # an older record without the measurement: no section, nothing invented
@@ -287,6 +289,8 @@ def test_relay_command_measures_hand_overs_of_a_real_fedcross_run(tmp_path):
     history = json.loads(next(tmp_path.rglob("fedcross__s0/fedseg_results.json")).read_text())["extra"]["history"]
     assert [h["handover_s"] is None for h in history] == [True, False, False, False]
     assert record["validated_communications"] == 2  # every ceil(2 sites / 1 model) communications
+    split = record["fedavg_round_seconds"]  # from FedAvg's own history: 2 rounds
+    assert 0 < split["tasks_beyond_slowest_site"]["mean"] <= split["tasks"]["mean"] and split["save"]["max"] > 0
 
 
 def test_a_method_without_a_flare_job_is_reported_missing(tmp_path, monkeypatch):

@@ -1547,6 +1547,25 @@ def _relay_lines(relay: dict | None) -> list[str]:
             [row],
         ),
         "",
+        *_fedavg_round_lines(relay.get("fedavg_round_seconds") or {}),
+    ]
+
+
+def _fedavg_round_lines(split: dict) -> list[str]:
+    """FedAvg's rounds in the relay measurement, split as its controller's history records them."""
+    if not any(split.values()):
+        return []
+    keys = ("tasks", "tasks_beyond_slowest_site", "screen_and_aggregate", "save")
+    return [
+        "FedAvg's rounds in that measurement (mean / max seconds per round, its controller's history): the tasks from "
+        "sending to the last result; of these, what FLARE added beyond the slowest site's own validation and training "
+        "(transfers, (de)serialisation, polling, building the network); the server's screening and aggregation; saving.",
+        "",
+        _table(
+            ["tasks", "beyond the slowest site", "screen and aggregate", "save"],
+            [[f"{_fmt((split.get(k) or {}).get('mean'), 3)} / {_fmt((split.get(k) or {}).get('max'), 3)}" for k in keys]],
+        ),
+        "",
     ]
 
 

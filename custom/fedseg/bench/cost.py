@@ -316,7 +316,7 @@ def _relay_job(
     seed = int(engine["seed"])
     engines = {"fedavg": engine, "fedcross": engine}
     plans = {m: plan_method(m, budget) for m in engines}
-    wall, history = {}, []
+    wall, history, rounds_split = {}, [], []
     log(f"cost: relay (FedAvg {rounds} rounds, then FedCross {plans['fedcross'].communications} communications) ...")
     for method, settings in engines.items():
         job = build_job(
@@ -331,6 +331,9 @@ def _relay_job(
         results_file = server_app_dir(ws) / "bench" / label(method, seed) / "fedseg_results.json"
         if method == "fedcross" and results_file.exists():
             history = json.loads(results_file.read_text())["extra"]["history"]
+        fedavg_history = server_app_dir(ws) / "bench" / label(method, seed) / "fedavg" / "history.json"
+        if method == "fedavg" and fedavg_history.exists():
+            rounds_split = [r["seconds"] for r in json.loads(fedavg_history.read_text()) if "seconds" in r]
     handovers = [h["handover_s"] for h in history if isinstance(h.get("handover_s"), (int, float))]
 
     def stats(values: list[float]) -> dict | None:
@@ -349,6 +352,11 @@ def _relay_job(
             key: stats([h[key] for h in history if key in h]) for key in ("seconds", "train_s", "validate_s")
         },
         "validated_communications": sum("val_dice" in h for h in history),
+        # FedAvg's rounds, split (FedAvgController history "seconds"): the same questions for the aggregating baseline
+        "fedavg_round_seconds": {
+            key: stats([r[key] for r in rounds_split if key in r])
+            for key in ("tasks", "tasks_beyond_slowest_site", "screen_and_aggregate", "save")
+        },
     }
     log(
         f"cost: relay: FedAvg {_fmt_s(wall['fedavg'])}, FedCross {_fmt_s(wall['fedcross'])}; hand-over median "
