@@ -51,6 +51,9 @@ def _install_signal_handlers() -> None:
 
     signal.signal(signal.SIGTERM, raise_interrupt)
     signal.signal(signal.SIGHUP, raise_interrupt)
+    # Ctrl-C too, explicitly: a process started in the background of a non-interactive shell (a CI script, `cmd &`)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so the federation would run on
+    signal.signal(signal.SIGINT, raise_interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
