@@ -341,8 +341,9 @@ class FedAvgController(FedSegController):
                 )
             aggregated_at = time.perf_counter()
             self.save_model(FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd))
-            self._save("last.pt", global_params, {"round": rnd, **state})
+            # before last.pt, which holds the history a resumed job continues (the save timed is the persistor's)
             record["seconds"] = self._round_seconds(results, began, tasks_done, aggregated_at)
+            self._save("last.pt", global_params, {"round": rnd, **state})
             self.write_json(self.output_dir(self._output_dir) / "history.json", history)
             if stop:
                 self.panic(f"FedAvg stopped: {failed_rounds} consecutive rounds below min_clients")
