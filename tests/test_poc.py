@@ -25,6 +25,7 @@ from conftest import REPO, copy_job
 
 sys.path.insert(0, str(REPO / "poc"))
 from poc_federation import flare_api  # noqa: E402
+from poc_federation.common import PocError  # noqa: E402
 from poc_federation.federation import PocFederation  # noqa: E402
 from poc_federation.gpus import plan_gpus, set_gpu_capacity  # noqa: E402
 from poc_federation.ports import acquire_port, port_lock_file, release_port, reserve_port  # noqa: E402
@@ -609,6 +610,32 @@ def test_stop_kills_every_marked_process_and_frees_ports(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.poc
+def test_start_names_the_site_that_never_registers(tmp_path):
+    """A site whose kit is broken never registers: start fails within its timeout, naming the missing site and
+    showing its log, and stopping leaves nothing behind."""
+    fed = PocFederation(tmp_path / "fed")
+    port = reserve_port(fed.root)
+    seen: set[int] = set()
+    try:
+        fed.prepare(sites=["hospital-a", "hospital-b"], port=port, size="tiny", gpus="none")
+        config = fed.kit("hospital-b") / "startup" / "fed_client.json"
+        config.write_text(config.read_text().replace(str(port), str(port + 1)))  # a server nobody runs
+        started = time.monotonic()
+        with pytest.raises(PocError) as err:
+            fed.start(timeout=45)
+        seen.update(fed.processes())
+        message = str(err.value)
+        assert time.monotonic() - started < 45 + 60, message  # one bounded probe past the deadline at most
+        assert "did not become ready in time" in message and "missing: hospital-b" in message, message
+        assert "registered: hospital-a" in message, message
+        assert f"--- {fed.kit('hospital-b') / 'log.txt'} (tail)" in message, message
+    finally:
+        seen.update(fed.processes())
+        assert fed.stop() == {}
+        assert_nothing_left(fed, port, seen)
 
 
 @pytest.mark.poc

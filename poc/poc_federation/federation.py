@@ -29,6 +29,22 @@ from .jobs import stage_job
 from .ports import acquire_port, port_is_free, port_lock_file, release_port, reserve_port
 from .processes import find_processes, is_loopback, kill_processes, port_listeners, process_listeners, run_in_session
 
+# One readiness probe (argv: admin user, its kit, the sites): exit 0 when every site is registered at the server.
+READINESS_PROBE = """
+import sys
+from nvflare.fuel.flare_api.flare_api import Session
+user, kit, *sites = sys.argv[1:]
+session = Session(username=user, startup_path=kit, secure_mode=True)
+try:
+    session.try_connect(5.0)
+    registered = {c.name for c in session.get_system_info().client_info}
+finally:
+    session.close()
+missing = sorted(set(sites) - registered)
+print("registered: " + ", ".join(sorted(registered)) + "; missing: " + (", ".join(missing) or "none"))
+sys.exit(3 if missing else 0)
+"""
+
 
 @dataclass
 class SubmitResult:
@@ -218,6 +234,11 @@ class PocFederation:
 
     # ---- start --------------------------------------------------------------------------------------
     def start(self, timeout: float = 180) -> None:
+        """Start the server and every site, then wait until all sites are registered (at most `timeout` s).
+
+        `nvflare poc start` only spawns the processes (--no-wait): its own readiness wait can block in one admin
+        call far beyond its deadline on a loaded machine. Readiness is asked here instead, one bounded probe at a
+        time, each in its own process that is killed when it overruns."""
         self._need_state()
         running = self.processes()
         if running:
@@ -228,7 +249,7 @@ class PocFederation:
             )
         if not port_is_free(self.port):
             raise PocError(f"port {self.port} is in use ({port_listeners(self.port)}); choose another with --port")
-        args = [sys.executable, "-m", "nvflare.cli", "poc", "start", "--timeout", str(int(timeout))]
+        args = [sys.executable, "-m", "nvflare.cli", "poc", "start", "--no-wait"]
         if self.state["gpu"]["gpu_ids"]:
             args += ["-gpu", *[str(i) for i in self.state["gpu"]["gpu_ids"]]]
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -247,19 +268,48 @@ class PocFederation:
             self.state.setdefault("sessions", []).append(proc.pid)
             self.save_state()
             try:
-                rc = proc.wait(timeout=timeout + 60)
+                rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                raise PocError(f"nvflare poc start did not return within {timeout + 60:.0f}s") from None
+                proc.kill()  # the spawner only: the processes it started are checked below
+                proc.wait()
+                raise PocError(f"nvflare poc start did not return within {timeout:.0f}s\n{self._start_diagnostics()}") from None
         if rc != 0:
-            raise PocError(
-                f"nvflare poc start failed (rc={rc}); see {self.logs / 'start.log'}:\n"
-                + (self.logs / "start.log").read_text()[-3000:]
-            )
+            raise PocError(f"nvflare poc start failed (rc={rc})\n{self._start_diagnostics()}")
+        self.wait_ready(deadline=time.monotonic() + timeout)
         self.check_localhost()
         log(
             f"started server and {len(self.sites)} sites in {time.perf_counter() - start:.1f}s; "
             f"listening: {sorted({f'{a}:{p}' for _, a, p in process_listeners(self.processes())})}"
         )
+
+    def wait_ready(self, deadline: float, probe_timeout: float = 30.0) -> None:
+        """Until every site is registered at the server: probe as the project admin, one bounded probe at a time."""
+        kit = str(self.kit(PROJECT_ADMIN))
+        probe = [sys.executable, "-c", READINESS_PROBE, PROJECT_ADMIN, kit, *self.sites]
+        last = ""
+        while True:
+            try:
+                result = run_in_session(probe, self.env(), timeout=probe_timeout, cwd=self.root)
+                if result.returncode == 0:
+                    return
+                last = result.stdout.strip()[-500:] or f"rc={result.returncode}"
+            except subprocess.TimeoutExpired:
+                last = f"a readiness probe did not answer within {probe_timeout:.0f}s"
+            if not self.processes():
+                raise PocError(f"the POC processes exited during start-up\n{self._start_diagnostics()}")
+            if time.monotonic() > deadline:
+                raise PocError(f"the POC did not become ready in time; last probe: {last}\n{self._start_diagnostics()}")
+            time.sleep(2)
+
+    def _start_diagnostics(self) -> str:
+        """What a failed start leaves to read: the spawner's output and the tail of each participant's log."""
+        parts = []
+        logs = [self.logs / "start.log"] + [self.kit(n) / "log.txt" for n in [self.state.get("server", "server"), *self.sites]]
+        for path in logs:
+            if path.is_file():
+                parts.append(f"--- {path} (tail)\n{path.read_text(errors='replace')[-1500:]}")
+        parts.append(f"--- processes: {self.processes()}")
+        return "\n".join(parts)
 
     def check_localhost(self) -> list[tuple[int, str, int]]:
         listeners = process_listeners(self.processes())
