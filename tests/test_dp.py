@@ -18,9 +18,9 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from fedseg.data import load_datalist
 from fedseg.engine import EngineConfig, SegEngine, optimizer_state_to_numpy, state_to_numpy
 from fedseg.engine.config import resolve_engine
-from fedseg.engine.dp import DP_METRICS, DPNetworkError, DPSettings, dp_errors
+from fedseg.engine.dp import DP_METRICS, DPNetworkError, DPSettings, PrivacyBudgetExceeded, dp_errors
 from fedseg.engine.networks import SegNetwork
-from fedseg.fl.site_limits import TaskRefused, check_site_dp, read_site_requires_dp
+from fedseg.fl.site_limits import TaskRefused, check_site_dp, read_site_max_epsilon, read_site_requires_dp
 from fedseg.recipes import FedAvgRecipe, RecipeError
 
 DP = {"noise_multiplier": 1.1, "max_grad_norm": 1.0, "delta": 1e-5}
@@ -128,6 +128,43 @@ def test_epsilon_is_the_accountants_over_every_network_the_engine_trains(tiny2si
         assert not any(m._forward_hooks or m._backward_hooks for m in net.modules())
 
 
+def test_a_training_that_would_pass_the_sites_budget_is_refused_whole(tiny2sites):
+    """The budget check projects the call's steps with the accountant: a call that fits runs, one that would pass
+    max_epsilon trains nothing and records nothing; the epsilon reached never exceeds the budget."""
+    eng = engine(tiny2sites)
+    q = eng.dp.sample_rate
+    eps = {k: independent_epsilon(DP["noise_multiplier"], q, k, DP["delta"]) for k in (2, 3, 5)}
+    assert eng.dp.epsilon_after(0) == 0.0 and eng.dp.epsilon_after(3) == pytest.approx(eps[3], abs=1e-6)
+    eng.dp.max_epsilon = (eps[3] + eps[5]) / 2  # 3 steps fit, 5 do not
+    net = eng.new_network()
+    assert eng.train(net, 2).steps == 2
+    assert eng.dp.epsilon_after(1) == pytest.approx(eps[3], abs=1e-6)  # projected from what was spent
+    before = state_to_numpy(net)
+    with pytest.raises(PrivacyBudgetExceeded, match=r"site site-1 stops training: its privacy budget is spent") as err:
+        eng.train(net, 3)
+    assert f"above the site's max_epsilon {eng.dp.max_epsilon:g}" in str(err.value) and "nothing was trained" in str(err.value)
+    after = state_to_numpy(net)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing trained
+    assert eng.dp.steps == 2 and eng.privacy_spent()["dp_epsilon"] == pytest.approx(eps[2], abs=1e-6)
+    assert eng.train(net, 1).steps == 1  # what still fits runs
+    spent = eng.privacy_spent()["dp_epsilon"]
+    assert spent == pytest.approx(eps[3], abs=1e-6) and spent <= eng.dp.max_epsilon
+
+
+def test_a_sites_budget_is_read_from_its_own_configuration_and_requires_dp(tmp_path):
+    assert read_site_max_epsilon(str(tmp_path), "site-1") is None
+    (tmp_path / "local").mkdir()
+    for bad in (0, -1, "8", True, float("inf")):
+        (tmp_path / "local" / "fedseg_site.json").write_text(json.dumps({"max_epsilon": bad}))
+        with pytest.raises(ValueError, match='"max_epsilon": max_epsilon must be a finite number > 0'):
+            read_site_max_epsilon(str(tmp_path), "site-1")
+    (tmp_path / "local" / "fedseg_site.json").write_text(json.dumps({"max_epsilon": 8}))
+    assert read_site_max_epsilon(str(tmp_path), "site-1") == 8.0
+    check_site_dp("site-1", False, DP, 8.0)
+    with pytest.raises(TaskRefused, match='site site-1 requires differential privacy \\("max_epsilon": 8 in its'):
+        check_site_dp("site-1", False, None, 8.0)
+
+
 def test_fedsm_and_fedcross_training_add_every_network_to_the_one_accountant(tiny2sites):
     """FedSM trains a global and a personalized network on the same cases, FedCross one travelling model per visit
     (with its own optimizer state): every step of each goes into the site's one accountant."""
@@ -226,30 +263,47 @@ def test_a_site_can_require_dp(tmp_path):
 
 
 # ---- one real FLARE job ----------------------------------------------------------------------------------------------
+def site_steps(data: Path, site: str) -> tuple[float, int]:
+    """A site's DP sample rate and steps per round (1 local epoch) in the job below."""
+    n = len(json.loads((data / site / "datalist.json").read_text())["training"])
+    return min(1.0, TINY_ENGINE["batch_size"] / n), math.ceil(n / TINY_ENGINE["batch_size"])
+
+
+def epsilon_after_rounds(data: Path, site: str, rounds: int) -> float:
+    q, per_round = site_steps(data, site)
+    return independent_epsilon(DP["noise_multiplier"], q, per_round * rounds, DP["delta"])
+
+
 @pytest.fixture(scope="module")
 def dp_run(tiny2sites, tmp_path_factory):
-    """jobs/fedavg, 2 tiny sites, 2 rounds, 1 local epoch, DP on; both sites require DP; no cross-site evaluation."""
+    """jobs/fedavg, 2 tiny sites, 3 rounds, 1 local epoch, DP on; no cross-site evaluation. Both sites' own
+    configuration caps their privacy loss between what 2 and 3 rounds spend: they train rounds 0 and 1, and refuse
+    round 2's training."""
     root = tmp_path_factory.mktemp("dp_job")
-    job = copy_job("fedavg", root, server_args={"num_rounds": 2}, engine={**TINY_ENGINE, "local_epochs": 1, "dp": DP})
+    job = copy_job("fedavg", root, server_args={"num_rounds": 3}, engine={**TINY_ENGINE, "local_epochs": 1, "dp": DP})
     server_file = job / "app" / "config" / "config_fed_server.json"
     server = json.loads(server_file.read_text())
     server["workflows"] = server["workflows"][:1]
     server_file.write_text(json.dumps(server, indent=2))
+    two = max(epsilon_after_rounds(tiny2sites, s, 2) for s in SITES)
+    three = min(epsilon_after_rounds(tiny2sites, s, 3) for s in SITES)
+    assert two < three, (two, three)
     ws = root / "ws"
     (ws / "local").mkdir(parents=True)  # the simulator copies <workspace>/local to every site
-    (ws / "local" / "fedseg_site.json").write_text(json.dumps({"require_dp": True}))
-    return simulate(job, ws, tiny2sites, n=2, timeout=600)
+    (ws / "local" / "fedseg_site.json").write_text(json.dumps({"require_dp": True, "max_epsilon": (two + three) / 2}))
+    run = simulate(job, ws, tiny2sites, n=2, timeout=600, expect_ok=False)  # round 2 fails by design
+    assert run.returncode == 0, run.log_tail
+    run.max_epsilon = (two + three) / 2
+    return run
 
 
 def test_each_sites_epsilon_after_each_round_is_the_accountants(dp_run, tiny2sites):
     history = json.loads((dp_run.job_dir / "app_server" / "fedavg" / "history.json").read_text())
-    assert [r["round"] for r in history] == [0, 1]
+    assert [r["round"] for r in history] == [0, 1, 2]
     for site in SITES:
-        n = len(json.loads((tiny2sites / site / "datalist.json").read_text())["training"])
-        q = min(1.0, TINY_ENGINE["batch_size"] / n)
-        per_round = math.ceil(n / TINY_ENGINE["batch_size"])  # 1 local epoch
+        q, per_round = site_steps(tiny2sites, site)
         reported = []
-        for record in history:
+        for record in history[:2]:
             dp = record["dp"][site]
             assert record["weights"][site] == per_round  # the steps the site trained this round
             steps = per_round * (record["round"] + 1)
@@ -257,10 +311,52 @@ def test_each_sites_epsilon_after_each_round_is_the_accountants(dp_run, tiny2sit
             assert dp["dp_epsilon"] == pytest.approx(expected, abs=1e-6), (site, record["round"])
             assert dp["dp_delta"] == DP["delta"]
             reported.append(dp["dp_epsilon"])
-        assert 0 < reported[0] < reported[1]
+        assert 0 < reported[0] < reported[1] <= dp_run.max_epsilon
         log = dp_run.log(site)
         lines = [line for line in log.splitlines() if f"DP-SGD at site {site}, task train: epsilon" in line]
         assert len(lines) == 2, log[-3000:]
         assert f"epsilon {reported[1]:.4g} so far at delta 1e-05 ({2 * per_round} DP-SGD steps" in lines[1]
         assert all(line.endswith("not sent: ['train_loss']") for line in lines)  # a loss over training cases
         assert "DP-SGD on (epsilon 0 so far" in log  # the set-up line of a site that requires DP
+        assert f"privacy budget max_epsilon {dp_run.max_epsilon:g}" in log
+
+
+def test_a_site_stops_training_when_its_privacy_budget_is_spent(dp_run):
+    """Round 2 would take every site past its max_epsilon: each refuses that training (a log line and an audit
+    event at the site, below), nothing is trained or sent, and the server keeps the global model of round 1."""
+    history = json.loads((dp_run.job_dir / "app_server" / "fedavg" / "history.json").read_text())
+    assert history[2]["accepted"] == [] and "dp" not in history[2], history[2]
+    server_log = dp_run.log()
+    assert "round 2: 0 valid update(s) [], fewer than min_clients=" in server_log, server_log[-3000:]
+    for site in SITES:
+        log = dp_run.log(site)
+        refusal = f"REFUSED task train at site {site}: site {site} stops training: its privacy budget is spent"
+        assert log.count(refusal) == 1, log[-3000:]
+        assert f"above the site's max_epsilon {dp_run.max_epsilon:g}" in log
+        assert len([line for line in log.splitlines() if "DP-SGD at site" in line and "task train" in line]) == 2
+
+
+def test_a_sites_refusal_is_an_nvflare_audit_event(monkeypatch):
+    """The simulator keeps no audit log; a deployment's auditor receives the refusal the site logs."""
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.fuel.sec.audit import Auditor, AuditService
+
+    from fedseg.fl.executor import SegExecutor
+
+    events = []
+
+    class Recorder(Auditor):
+        def __init__(self):
+            pass
+
+        def add_job_event(self, job_id, scope_name="", task_name="", task_id="", ref="", msg=""):
+            events.append({"ref": ref, "msg": msg})
+            return "event-1"
+
+    monkeypatch.setattr(AuditService, "the_auditor", Recorder())
+    executor = SegExecutor()
+    executor.site = "site-1"
+    executor.refuse(FLContext(), "train", PrivacyBudgetExceeded("site site-1 stops training: its privacy budget is spent"))
+    executor.refuse(FLContext(), "train", TaskRefused("site site-1 refuses task train: local_epochs 3 is above ..."))
+    assert [e["ref"] for e in events] == ["fedseg:refused:site-1"] * 2
+    assert events[0]["msg"] == "REFUSED task train at site site-1: site site-1 stops training: its privacy budget is spent"

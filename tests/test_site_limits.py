@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_ENGINE, copy_job, simulate
+from conftest import TINY_ENGINE, copy_job, in_parallel, simulate
 
 from fedseg.fl.site_limits import DEFAULT_LIMITS, TaskRefused, check_task_limits, read_site_limits
 
@@ -54,19 +54,48 @@ def test_requests_within_the_caps_pass():
     check_task_limits("hospital-a", "train", {"local_steps": None, "gammas": None, "selector": None}, DEFAULT_LIMITS)
 
 
-def test_site_refuses_a_task_beyond_its_cap_in_a_run(tiny2d, tmp_path):
-    """The server asks 3 local epochs; both sites allow 2: every train task fails at the sites, nothing trains."""
-    ws = tmp_path / "ws"
+def refusal_run(tiny2d, root, site_config: dict, server_args: dict, engine: dict):
+    """jobs/fedavg (1 round) on 2 sites whose own local/fedseg_site.json is site_config."""
+    ws = root / "ws"
     (ws / "local").mkdir(parents=True)  # the simulator copies <workspace>/local to every site
-    (ws / "local" / "fedseg_site.json").write_text(json.dumps({"limits": {"max_local_epochs": 2}}))
-    job = copy_job(
-        "fedavg", tmp_path / "jobs", server_args={"num_rounds": 1, "local_epochs": 3}, engine={**TINY_ENGINE, "local_epochs": 1}
+    (ws / "local" / "fedseg_site.json").write_text(json.dumps(site_config))
+    job = copy_job("fedavg", root / "jobs", server_args={"num_rounds": 1, **server_args}, engine={**TINY_ENGINE, **engine})
+    return lambda: simulate(job, ws, tiny2d, n=2, expect_ok=False, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def refusals(tiny2d, tmp_path_factory):
+    """Two runs side by side: the server asks 3 local epochs of sites that allow 2; a job without DP at sites that
+    require it."""
+    root = tmp_path_factory.mktemp("refusals")
+    return in_parallel(
+        cap=refusal_run(tiny2d, root / "cap", {"limits": {"max_local_epochs": 2}}, {"local_epochs": 3}, {"local_epochs": 1}),
+        dp=refusal_run(tiny2d, root / "dp", {"require_dp": True}, {}, {"local_epochs": 1}),
     )
-    result = simulate(job, ws, tiny2d, n=2, expect_ok=False, timeout=600)
+
+
+def test_site_refuses_a_task_beyond_its_cap_in_a_run(refusals):
+    """Every train task fails at the sites, nothing trains."""
+    result = refusals["cap"]
     assert not result.left
     for site in ("site-1", "site-2"):
         log = result.log(site)
-        assert f"site {site} refuses task train: local_epochs 3 is above this site's cap max_local_epochs = 2" in log, log[
-            -3000:
-        ]
+        expected = f"REFUSED task train at site {site}: site {site} refuses task train: local_epochs 3 is above this site's cap max_local_epochs = 2"
+        assert expected in log, log[-3000:]
         assert " steps, loss " not in log, "a site trained although it refused the task"
+
+
+def test_a_site_that_requires_dp_refuses_a_job_without_it_in_a_run(refusals):
+    """Both sites refuse the job when it starts (their own "require_dp"): every task fails, nothing trains, the
+    server's round has no update and its global model is the initial one."""
+    result = refusals["dp"]
+    assert not result.left
+    for site in ("site-1", "site-2"):
+        log = result.log(site)
+        assert (
+            f'REFUSED the job at site {site}: site {site} requires differential privacy ("require_dp": true in its local/fedseg_site.json) '
+            'but the job\'s engine has no "dp" setting' in log
+        ), log[-3000:]
+        assert " steps, loss " not in log, "a site trained although it refused the job"
+    history = json.loads((result.job_dir / "app_server" / "fedavg" / "history.json").read_text())
+    assert [r["accepted"] for r in history] == [[]], history

@@ -17,6 +17,10 @@ step of the engine (``SegEngine.train``, whatever method calls it) a DP-SGD step
 * **Accounting.** One ``opacus.accountants.RDPAccountant`` per ``SiteDP``; the engine keeps one ``SiteDP`` for
   its whole life (at a FLARE site: the job), so every step of every network the engine trains on the site's
   data adds ``(sigma, q)`` to the same accountant and ``epsilon(delta)`` is the privacy loss so far.
+* **Budget.** A site may cap its privacy loss for the job (``SiteDP.max_epsilon``, set by the site from its own
+  configuration, never by the job): before every ``train`` call the engine computes the epsilon that call's steps
+  would bring the site to and refuses the whole call (``PrivacyBudgetExceeded``, nothing trained) when it would pass
+  the cap, so the accountant never goes beyond it.
 * **Randomness.** The sampling and the noise draw from generators seeded from the operating system's randomness
   (``secrets``), never from the job's seed: whoever knows the job (the server) can replay neither which cases a
   step used nor the noise. The noise uses Opacus's ``secure_mode`` draw (against floating-point attacks on the
@@ -42,6 +46,19 @@ DP_METRICS = ("dp_epsilon", "dp_delta")  # what every training task of a DP site
 
 class DPNetworkError(ValueError):
     """The network cannot be trained with per-example gradients (e.g. BatchNorm)."""
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """Training would take the site's privacy loss beyond the site's own budget (max_epsilon)."""
+
+
+def check_max_epsilon(value, where: str) -> float | None:
+    """A site's privacy budget: None (no cap) or a finite number > 0; a ValueError naming `where` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}: max_epsilon must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -113,7 +130,7 @@ class SiteDP:
     """DP-SGD at one site: the Poisson sampler, the DP optimizer around the engine's optimizer, and the one
     accountant every DP step of the site's engine adds to."""
 
-    def __init__(self, settings: DPSettings, num_examples: int, batch_size: int):
+    def __init__(self, settings: DPSettings, num_examples: int, batch_size: int, max_epsilon: float | None = None):
         from opacus.accountants import RDPAccountant
 
         if num_examples < 1:
@@ -127,6 +144,7 @@ class SiteDP:
         self.expected_batch_size = min(int(batch_size), self.num_examples)
         self.accountant = RDPAccountant()
         self.steps = 0
+        self.max_epsilon = check_max_epsilon(max_epsilon, "SiteDP")  # the site's budget (None: no cap)
 
     # ---- the mechanism -----------------------------------------------------------------------------------
     def sampler(self):
@@ -160,6 +178,32 @@ class SiteDP:
     def epsilon(self) -> float:
         """epsilon at the configured delta of everything trained so far (0 before the first step)."""
         return float(self.accountant.get_epsilon(self.settings.delta)) if self.steps else 0.0
+
+    def epsilon_after(self, more_steps: int) -> float:
+        """epsilon at the configured delta if `more_steps` further DP steps were taken (nothing is recorded)."""
+        from opacus.accountants import RDPAccountant
+
+        if more_steps < 0:
+            raise ValueError(f"more_steps must be >= 0, got {more_steps}")
+        projected = RDPAccountant()
+        projected.history = list(self.accountant.history)
+        if more_steps:
+            projected.history.append((self.settings.noise_multiplier, self.sample_rate, int(more_steps)))
+        return float(projected.get_epsilon(self.settings.delta)) if projected.history else 0.0
+
+    def check_budget(self, more_steps: int, site: str) -> None:
+        """Raise PrivacyBudgetExceeded, before anything is trained, when `more_steps` DP steps would take the site's
+        epsilon beyond its max_epsilon."""
+        if self.max_epsilon is None:
+            return
+        after = self.epsilon_after(more_steps)
+        if after > self.max_epsilon:
+            raise PrivacyBudgetExceeded(
+                f"site {site} stops training: its privacy budget is spent. epsilon so far {self.epsilon():.4g} at delta "
+                f"{self.settings.delta:g}; the {more_steps} DP-SGD steps asked would bring it to {after:.4g}, above "
+                f'the site\'s max_epsilon {self.max_epsilon:g} (its local/fedseg_site.json "max_epsilon"); nothing '
+                "was trained"
+            )
 
     def metrics(self) -> dict[str, float]:
         return {"dp_epsilon": self.epsilon(), "dp_delta": self.settings.delta}

@@ -373,6 +373,7 @@ class SegEngine:
         from opacus import GradSampleModule
 
         dp = self.dp
+        dp.check_budget(num_steps, self.site)  # the whole call or nothing: the accountant never passes the budget
         prox_loss, reference = _proximal_term(net, prox_mu)
         batches = self._dp_batches()
         params = [p for p in net.parameters() if p.requires_grad]

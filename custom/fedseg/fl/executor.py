@@ -35,7 +35,7 @@ from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
-from nvflare.apis.utils.fl_context_utils import generate_log_message
+from nvflare.apis.utils.fl_context_utils import add_job_audit_event, generate_log_message
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
@@ -53,10 +53,19 @@ from fedseg.engine import (
     state_to_numpy,
 )
 from fedseg.engine.config import LOCAL_OPTIMIZER
+from fedseg.engine.dp import PrivacyBudgetExceeded
 from fedseg.engine.networks import norm_state_keys
 from fedseg.fl.case_names import CaseRedactor, case_names_allowed
 from fedseg.fl.privacy import check_scorable_section
-from fedseg.fl.site_limits import DEFAULT_LIMITS, check_site_dp, check_task_limits, read_site_limits, read_site_requires_dp
+from fedseg.fl.site_limits import (
+    DEFAULT_LIMITS,
+    TaskRefused,
+    check_site_dp,
+    check_task_limits,
+    read_site_limits,
+    read_site_max_epsilon,
+    read_site_requires_dp,
+)
 from fedseg.methods.fedcross import cross_visit, score_ensemble
 from fedseg.methods.fedsm import SelectorSettings, fedsm_local_round, new_selector, score_super_model
 from fedseg.modelset import load_model_set, member_key, save_model_set
@@ -158,28 +167,36 @@ class SegExecutor(Executor):
         try:
             # what the server may ask of this site (its own local/fedseg_site.json "limits")
             self.limits = read_site_limits(workspace.get_root_dir(), self.site)
-            # a site that requires DP-SGD refuses a job without it (its own local/fedseg_site.json "require_dp")
-            check_site_dp(self.site, read_site_requires_dp(workspace.get_root_dir(), self.site), self.cfg.dp)
+            # a site that requires DP-SGD refuses a job without it (its own local/fedseg_site.json "require_dp"), and
+            # a site's privacy budget per job ("max_epsilon") requires it too
+            max_epsilon = read_site_max_epsilon(workspace.get_root_dir(), self.site)
+            check_site_dp(self.site, read_site_requires_dp(workspace.get_root_dir(), self.site), self.cfg.dp, max_epsilon)
             path = resolve_site_datalist(self.site, self.datalist, workspace.get_root_dir())
             # from here on the log names cases by their datalist index (unless the privacy scope allows names)
             self.redact = CaseRedactor(path, case_names_allowed(fl_ctx))
             summary = validate_site_data(path, self.site, num_classes=self.cfg.num_classes)
             self._check_summary(summary, path)
             self.seg_engine = SegEngine(self.cfg, load_datalist(path, self.site), site=self.site)
+            if self.seg_engine.dp is not None:
+                self.seg_engine.dp.max_epsilon = max_epsilon
         except DataValidationError as e:
-            self.setup_error = str(e)
+            self.setup_error = f"DATA ERROR {e}"
+        except TaskRefused as e:  # the site's own rules refuse the whole job (e.g. "require_dp")
+            self.setup_error = f"REFUSED the job at site {self.site}: {e}"
+            self.audit(fl_ctx, self.setup_error)
         except Exception as e:  # an unexpected failure must still name the site
-            self.setup_error = f"[site {self.site}] cannot set up the engine: {type(e).__name__}: {e}"
+            self.setup_error = f"DATA ERROR [site {self.site}] cannot set up the engine: {type(e).__name__}: {e}"
         if self.setup_error:
             # Every task of this site now fails with this message: the workflows carry on without the site while
             # min_clients valid sites remain. (A client-side panic would leave the server waiting.)
-            self.log_error(fl_ctx, f"DATA ERROR {self.setup_error}")
+            self.log_error(fl_ctx, self.setup_error)
             return
         self.log_info(
             fl_ctx,
             f"site {self.site}: datalist {path} OK: {summary.get('counts')}; device {self.seg_engine.device}; "
             f"{self.seg_engine.steps_per_epoch()} steps/epoch"
-            + (f"; DP-SGD on ({self.seg_engine.dp.describe()})" if self.cfg.dp is not None else ""),
+            + (f"; DP-SGD on ({self.seg_engine.dp.describe()})" if self.cfg.dp is not None else "")
+            + (f"; privacy budget max_epsilon {max_epsilon:g}" if max_epsilon is not None else ""),
         )
         for warning in summary.get("warnings", []):
             self.log_warning(fl_ctx, f"DATA WARNING [site {self.site}] {warning}")
@@ -195,7 +212,7 @@ class SegExecutor(Executor):
     # ---- dispatch ------------------------------------------------------------------------------------
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self.seg_engine is None:
-            self.log_error(fl_ctx, f"task {task_name} refused: DATA ERROR {self.setup_error or 'engine not set up'}")
+            self.log_error(fl_ctx, f"task {task_name} refused: {self.setup_error or 'DATA ERROR engine not set up'}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         handler = self.handlers.get(task_name)
         if handler is None:
@@ -213,9 +230,25 @@ class SegExecutor(Executor):
                 return make_reply(ReturnCode.TASK_ABORTED)
             self.log_info(fl_ctx, f"task {task_name} done in {time.perf_counter() - start:.1f}s")
             return FLModelUtils.to_shareable(result)
+        except (TaskRefused, PrivacyBudgetExceeded) as e:  # the site's own rules: said plainly, and audited
+            self.refuse(fl_ctx, task_name, e)
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         except Exception as e:
             self.log_exception(fl_ctx, f"[site {self.site}] task {task_name} failed: {type(e).__name__}: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def refuse(self, fl_ctx: FLContext, task_name: str, reason: Exception) -> None:
+        """A task this site's own configuration refuses (caps, privacy budget): one log line and an audit event."""
+        msg = self._redact(f"REFUSED task {task_name} at site {self.site}: {reason}")
+        self.log_error(fl_ctx, msg)
+        self.audit(fl_ctx, msg)
+
+    def audit(self, fl_ctx: FLContext, msg: str) -> None:
+        """An NVFlare audit event of the job at this site (its audit.log in a deployment)."""
+        try:
+            add_job_audit_event(fl_ctx, ref=f"fedseg:refused:{self.site}", msg=self._redact(msg))
+        except Exception as e:  # noqa: BLE001 (an audit failure must not hide the refusal; it is said)
+            self.log_error(fl_ctx, f"audit event failed: {type(e).__name__}: {e}")
 
     # ---- logging: cases by index, not by file name (fedseg.fl.case_names) ------------------------------
     def _redact(self, msg) -> str:

@@ -13,6 +13,12 @@ A site can also require differential privacy of every job it trains for ("requir
 has no "dp" setting (DP-SGD, fedseg.engine.dp) is refused by that site when the job starts, and nothing is trained.
 
     {"datalist": "/data/fedseg/datalist.json", "require_dp": true}
+
+And it can cap its privacy loss for each job ("max_epsilon": a number > 0, at the job's own delta): such a site
+requires DP as above, and once the next training of a task would bring its epsilon above the cap, it refuses that
+training (nothing is trained) and every later one; the server carries on without it (its site health).
+
+    {"datalist": "/data/fedseg/datalist.json", "max_epsilon": 8.0}
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ import math
 import os
 
 from fedseg.data.datalist import SITE_CONFIG_RELPATH, _read_site_config
+from fedseg.engine.dp import check_max_epsilon
 
 LIMITS_KEY = "limits"
 REQUIRE_DP_KEY = "require_dp"
+MAX_EPSILON_KEY = "max_epsilon"
 DEFAULT_LIMITS = {
     "max_local_steps": 20000,  # optimizer steps of one local round or FedCross visit
     "max_local_epochs": 200,  # epochs of one local round or visit
@@ -101,10 +109,19 @@ def read_site_requires_dp(workspace_root: str, site: str) -> bool:
     return value
 
 
-def check_site_dp(site: str, requires_dp: bool, engine_dp) -> None:
-    """Raise TaskRefused when the site requires differential privacy and the job's engine has no "dp" setting."""
-    if requires_dp and engine_dp is None:
-        raise TaskRefused(
-            f'site {site} requires differential privacy ("{REQUIRE_DP_KEY}": true in its local/fedseg_site.json) but '
-            'the job\'s engine has no "dp" setting (DP-SGD: noise_multiplier, max_grad_norm, delta); nothing is trained'
-        )
+def read_site_max_epsilon(workspace_root: str, site: str) -> float | None:
+    """The site's privacy budget per job: "max_epsilon" of <workspace_root>/local/fedseg_site.json (None: no cap)."""
+    config_path = os.path.join(workspace_root, SITE_CONFIG_RELPATH)
+    return check_max_epsilon(_read_site_config(config_path, site).get(MAX_EPSILON_KEY), f'{config_path}: "{MAX_EPSILON_KEY}"')
+
+
+def check_site_dp(site: str, requires_dp: bool, engine_dp, max_epsilon: float | None = None) -> None:
+    """Raise TaskRefused when the site requires differential privacy (require_dp, or a privacy budget) and the
+    job's engine has no "dp" setting."""
+    if engine_dp is not None or not (requires_dp or max_epsilon is not None):
+        return
+    why = f'"{REQUIRE_DP_KEY}": true' if requires_dp else f'"{MAX_EPSILON_KEY}": {max_epsilon:g}'
+    raise TaskRefused(
+        f"site {site} requires differential privacy ({why} in its local/fedseg_site.json) but the job's engine has "
+        'no "dp" setting (DP-SGD: noise_multiplier, max_grad_norm, delta); nothing is trained'
+    )
