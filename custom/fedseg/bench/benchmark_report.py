@@ -53,6 +53,7 @@ from fedseg.bench.report_data import (
     run_keys,
     run_name,
 )
+from fedseg.bench.robust import robust_lines
 from fedseg.report import worst_site
 
 COLORS = {
@@ -196,6 +197,9 @@ def load_raw(raw: Path) -> tuple[dict, list[dict], dict | None]:
     gpu_file = raw / "gpu.json"  # the GPU variant's measurements (fedseg.bench.gpu), when it ran
     if gpu_file.exists():
         data["run"]["gpu"] = json.loads(gpu_file.read_text())
+    robust_file = raw / "robust.json"  # one malicious site and DP-SGD (fedseg.bench.robust), when it ran
+    if robust_file.exists():
+        data["run"]["robust"] = json.loads(robust_file.read_text())
     return data["run"], data["cells"], cost
 
 
@@ -1468,6 +1472,7 @@ def _markdown(run: dict, cells: list[dict], cost: dict | None, cells_by_ds: dict
             "",
         ]
     L += gpu_section(run.get("gpu"))
+    L += robust_lines(run.get("robust"))
     L += [
         "## Raw data",
         "",

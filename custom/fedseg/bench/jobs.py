@@ -123,9 +123,12 @@ def checkpoint_dirs(job: str | os.PathLike) -> list[str]:
     return sorted({os.path.dirname(os.path.abspath(p)) for p in paths if isinstance(p, str) and p})
 
 
-def simulate_bench_job(job: Path, workspace: Path, data_dir: Path, sites: list[str], timeout: float):
-    """Run a bench job in the NVFlare simulator, one client per site, with the benchmark's allow-list and its own
-    initial checkpoints allowed (fedseg.sim.run_simulator's result)."""
+def simulate_bench_job(
+    job: Path, workspace: Path, data_dir: Path, sites: list[str], timeout: float, extra_classes: tuple[str, ...] = ()
+):
+    """Run a bench job in the NVFlare simulator, one client per site, with the benchmark's allow-list (and
+    extra_classes, e.g. the robustness benchmark's attacker) and its own initial checkpoints allowed
+    (fedseg.sim.run_simulator's result)."""
     from fedseg.fl.allowlist import BENCH_CLASSES
     from fedseg.sim import run_simulator
 
@@ -136,7 +139,7 @@ def simulate_bench_job(job: Path, workspace: Path, data_dir: Path, sites: list[s
         data_root=data_dir,
         clients=sites,
         timeout=timeout,
-        allow_classes=BENCH_CLASSES,
+        allow_classes=BENCH_CLASSES + tuple(extra_classes),
         resume_dirs=checkpoint_dirs(job),
     )
 
@@ -229,6 +232,7 @@ def build_job(
     evaluate: bool = True,
     specs: dict[str, RunSpec] | None = None,
     lr_schedule: str = DEFAULT_LR_SCHEDULE,
+    executor_path: str | None = None,
 ) -> Path:
     """A job folder that runs the (key, seed) `runs` one after another; one run = an isolated job.
 
@@ -271,7 +275,7 @@ def build_job(
     }
     if task_request_interval:
         server["server"] = {"task_request_interval": float(task_request_interval)}
-    client = jobgen.client_config(o.engine, o.datalist)
+    client = jobgen.client_config(o.engine, o.datalist, **({"executor_path": executor_path} if executor_path else {}))
     executor = client["executors"][0]["executor"]["args"]
     if hd95:
         executor["hd95"] = True
