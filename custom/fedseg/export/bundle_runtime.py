@@ -6,8 +6,8 @@ puts the bundle root on sys.path before it runs, so configs name these classes a
 engine does at inference: per network a sliding-window pass over the whole z-scored image (gaussian
 blending of logits), then the softmax.
 
-The FedSM selector (SelectorNet, selector_input) is the same network and input as fedseg.methods.fedsm;
-tests/test_export.py checks that the two give identical outputs, so a change there fails here.
+The FedSM selector (SelectorNet, selector_input) is defined here only, so that a bundle carries it verbatim;
+fedseg.methods.fedsm imports it from here.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ DETAIL_CLIP = 1.0  # view 3: |z - box3(z)| clipped to [0, 1] SD
 
 class SelectorNet(nn.Module):
     """FedSM's site classifier: strided conv blocks (conv 3x3 stride 2 -> norm -> ReLU), global average
-    pooling, one linear layer (the same module tree and parameter names as fedseg.methods.fedsm.SelectorNet)."""
+    pooling, one linear layer. Its one definition (fedseg.methods.fedsm trains this class)."""
 
     def __init__(self, num_sites: int, spatial_dims: int, in_channels: int, channels: Sequence[int], norm: str = "group"):
         super().__init__()
@@ -87,8 +87,12 @@ class SelectorNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, int(num_sites))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally pooled features: what the head classifies (and what the "lda" protocol's statistics summarise)."""
+        return self.features(x).flatten(2).mean(dim=2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(2).mean(dim=2))
+        return self.head(self.embed(x))
 
 
 def selector_input(image_raw: torch.Tensor, size: int) -> torch.Tensor:

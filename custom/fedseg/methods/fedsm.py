@@ -36,7 +36,7 @@ labelled with its own index, so a site alone would learn "everything is me". Thr
       average); once the shared second moments dominate one round's g^2 (after warm-up), the averaged weights
       equal the centralized step to within ~(1-beta2)*g_k^2/v relative (5e-4 of the step in the test).
   With a local budget of E selector epochs, steps 2..E at a site use its own moments (client drift again);
-  the reference uses E = 1; the default here is E = 4 (measured below).
+  the reference uses E = 1; the default here is E = 4 (measured: docs/methods.md).
 * ``"batch"``: the earlier variant: shuffled mini-batches of ``batch_size``, one Adam step per batch.
 
 Its input (SELECTOR_INPUT, recorded in every saved model set): three views of each image channel, resized
@@ -56,22 +56,11 @@ groups: a sample's feature maps are normalised jointly in groups of 8, so their 
 intensity cues, survive), "layer" (one group), "instance" (one group per map: removes, per image and map,
 exactly the mean level and contrast that tell scanners apart), "none".
 
-The network's other defaults were chosen by measurement with the "epoch" protocol: the federated protocol
-simulated in-process on the 4 built-in sites ("small") and the two polyp centres (140 training images each),
-seeds 0-2, counting the round from which every site has test accuracy AND routed-to-own (gamma 0.9) >= 0.95
-(of rounds 5, 10, 15, 20, 30):
-  group, lr 1e-3, E=4 (its defaults): built-in 15/15/15, polyp 15/15/10
-  group, lr 3e-3, E=2:            built-in 15/15/20, polyp 15/20/10
-  layer, lr 3e-3, E=1 / E=2:      built-in 30/20 / 15/15, polyp 20/30 / 20/20 (seeds 0-1 / 0-2)
-  layer, lr 1e-2, E=1/2/4:        built-in 15-30, polyp 30 or never (a full-batch step per epoch oscillates)
-  instance, lr 3e-3, E=2:         never (polyp: argmax right from round 5, never confident; built-in: wrong)
-  none, lr 3e-3, E=2:             built-in 30 or never, polyp never
-  per-batch protocol, E=2:        built-in 15-20 at lr 3e-3 (never at 3e-4); polyp never at 3e-3, 15/never at 3e-4
+The network's other defaults were chosen by measurement: docs/methods.md (FedSM, selector settings).
 """
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -92,6 +81,9 @@ from fedseg.engine import (
 )
 from fedseg.engine.engine import EvalResult
 
+# the selector network and its input: one definition, in the standalone runtime that exported bundles carry
+from fedseg.export.bundle_runtime import SelectorNet, selector_input
+
 PROTOCOLS = ("lda", "epoch", "batch")
 NORMS = ("group", "instance", "layer", "none")
 DEFAULT_SELECTOR = {
@@ -108,9 +100,6 @@ DEFAULT_SELECTOR = {
 # selector confidence thresholds of the final evaluation's sweep (all from one pass over the test cases)
 GAMMA_SWEEP = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
-Z_CLIP = 5.0  # view 1: z-scores clipped to +-5 SD, then / 5
-LOG_RANGE = 1e4  # view 2: sign(x) log1p(|x|) / log1p(1e4), clipped to [-1, 1]
-DETAIL_CLIP = 1.0  # view 3: |z - box3(z)| clipped to [0, 1] SD
 SELECTOR_INPUT = {
     "views_per_channel": [
         "appearance: z-score over all channels, clipped to +-5 SD, / 5 -> [-1, 1]",
@@ -164,32 +153,6 @@ class SelectorSettings:
         return cls(num_sites=int(num_sites), **{k: merged[k] for k in DEFAULT_SELECTOR})
 
 
-class SelectorNet(nn.Module):
-    """Strided conv blocks (conv 3x3 stride 2 -> norm -> ReLU), global average pooling, one linear layer."""
-
-    def __init__(self, num_sites: int, spatial_dims: int, in_channels: int, channels: Sequence[int], norm: str = "group"):
-        super().__init__()
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        layers: list[nn.Module] = []
-        width = int(in_channels)
-        for c in (int(c) for c in channels):
-            layers.append(conv(width, c, kernel_size=3, stride=2, padding=1))
-            if norm != "none":
-                groups = {"group": max(1, c // 8), "instance": c, "layer": 1}[norm]
-                layers.append(nn.GroupNorm(groups, c))
-            layers.append(nn.ReLU(inplace=True))
-            width = c
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(width, int(num_sites))
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Globally pooled features: what the head classifies (and what the "lda" protocol's statistics summarise)."""
-        return self.features(x).flatten(2).mean(dim=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
-
-
 def build_selector(spatial_dims: int, in_channels: int, s: SelectorSettings) -> SelectorNet:
     """Three views per image channel (see selector_input), hence 3 x in_channels input channels."""
     return SelectorNet(s.num_sites, spatial_dims, 3 * in_channels, s.channels, s.norm)
@@ -197,24 +160,6 @@ def build_selector(spatial_dims: int, in_channels: int, s: SelectorSettings) -> 
 
 def new_selector(engine: SegEngine, s: SelectorSettings) -> SelectorNet:
     return build_selector(engine.cfg.spatial_dims, engine.cfg.in_channels, s).to(engine.device)
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(x, size=(size,) * (x.ndim - 2), mode="area")
-
-
-def selector_input(image_raw: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, C, *spatial) intensities as stored -> (B, 3C, size, ...): the three views of SELECTOR_INPUT."""
-    raw = image_raw.float()
-    dims = tuple(range(1, raw.ndim))
-    mean = raw.mean(dim=dims, keepdim=True)
-    std = raw.std(dim=dims, keepdim=True)
-    z = (raw - mean) / torch.where(std > 0, std, torch.ones_like(std))
-    pool = F.avg_pool2d if raw.ndim == 4 else F.avg_pool3d
-    detail = (z - pool(z, kernel_size=3, stride=1, padding=1, count_include_pad=False)).abs().clamp(0, DETAIL_CLIP)
-    appearance = z.clamp(-Z_CLIP, Z_CLIP) / Z_CLIP
-    intensity = (torch.sign(raw) * torch.log1p(raw.abs()) / math.log1p(LOG_RANGE)).clamp(-1, 1)
-    return torch.cat([_resize(appearance, size), _resize(intensity, size), _resize(detail / DETAIL_CLIP, size)], dim=1)
 
 
 _INPUT_CACHE: weakref.WeakKeyDictionary[SegEngine, dict] = weakref.WeakKeyDictionary()
