@@ -13,7 +13,6 @@ from fedseg.algorithms import (
     KINDS,
     Route,
     UpdateRejected,
-    apply_diff,
     assign,
     check_update,
     make_schedule,
@@ -111,24 +110,6 @@ def test_weighted_average_shape_mismatch_and_empty_raise():
         weighted_average({"a": {"w": np.ones(2)}, "b": {"w": np.ones(3)}}, {"a": 1, "b": 1})
     with pytest.raises(ValueError):
         weighted_average({}, {})
-
-
-def test_apply_diff_preserves_dtype_and_keys():
-    base = {"w": np.array([1.0, 2.0], dtype=np.float16), "n": np.array(3, dtype=np.int64), "k": np.ones(2, np.float32)}
-    diff = {"w": np.array([0.5, -1.0], dtype=np.float32), "n": np.array(2, dtype=np.int64)}
-    out = apply_diff(base, diff)
-    assert list(out) == ["w", "n", "k"]
-    np.testing.assert_array_equal(out["w"], np.array([1.5, 1.0], dtype=np.float16))
-    assert out["w"].dtype == np.float16 and out["n"].dtype == np.int64 and int(out["n"]) == 5
-    np.testing.assert_array_equal(out["k"], base["k"])
-    assert out["k"] is not base["k"]
-    with pytest.raises(ValueError, match="zzz"):
-        apply_diff(base, {"zzz": np.ones(1)})
-    with pytest.raises(ValueError, match="shape"):
-        apply_diff(base, {"w": np.ones(3)})
-
-
-# ----------------------------------------------------------------------------- check_update
 
 
 def test_check_update_clean_passes(models):

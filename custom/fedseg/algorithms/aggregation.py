@@ -20,7 +20,6 @@ __all__ = [
     "UpdateRejected",
     "aggregate",
     "aggregate_shared",
-    "apply_diff",
     "check_update",
     "robust_average",
     "TRIMMED_MEAN_MIN_SITES",
@@ -162,30 +161,6 @@ def weighted_average(updates: Mapping[str, Mapping[str, np.ndarray]], weights: M
             if norm[site] != 0.0:
                 acc += norm[site] * arr.astype(acc.dtype, copy=False)
         out[key] = _cast_back(acc, ref.dtype)
-    return out
-
-
-def apply_diff(base: Mapping[str, np.ndarray], diff: Mapping[str, np.ndarray]) -> dict:
-    """Return ``base + diff`` key-wise, keeping ``base``'s key order and dtypes.
-
-    Keys of ``base`` absent from ``diff`` are copied unchanged; a ``diff`` key absent from
-    ``base`` or a shape mismatch raises ``ValueError``. The sum is computed in float64 and cast
-    back to the base dtype (integer/bool arrays rounded with ``np.rint`` first).
-    """
-    unknown = [k for k in diff if k not in base]
-    if unknown:
-        raise ValueError(f"diff has key(s) not in base: {_name_keys(unknown)}")
-    out = {}
-    for key, value in base.items():
-        b = np.asarray(value)
-        if key not in diff:
-            out[key] = b.copy()
-            continue
-        d = np.asarray(diff[key])
-        if d.shape != b.shape:
-            raise ValueError(f"key {key!r}: diff shape {d.shape} != base shape {b.shape}")
-        acc_dtype = np.promote_types(_acc_dtype(b.dtype, key), _acc_dtype(d.dtype, key))
-        out[key] = _cast_back(b.astype(acc_dtype) + d.astype(acc_dtype), b.dtype)
     return out
 
 
