@@ -269,6 +269,16 @@ def test_fedsm_records_the_selector_every_round(fedsm_run):
             assert selector["routed_own"][site] <= selector["accuracy"][site]
             assert record["metrics"][site]["val_selector_acc"] == selector["accuracy"][site]
             assert record["metrics"][site]["selector_steps"] == 0  # "lda": the sites send statistics, no steps
+        # where the round's time went, as FedAvg says it: each site's validation, training (both networks) and
+        # selector work within the tasks, the server's screening and aggregation, and saving
+        t = record["seconds"]
+        assert sorted(t["sites"]) == sites
+        for site, own in t["sites"].items():
+            assert sorted(own) == ["selector_seconds", "train_seconds", "validate_seconds"] and own["train_seconds"] > 0
+            assert all(own[k] == pytest.approx(record["metrics"][site][k], abs=1e-3) for k in own)
+        slowest = max(sum(v.values()) for v in t["sites"].values())
+        assert t["tasks"] >= slowest - 2e-3 and t["tasks_beyond_slowest_site"] == pytest.approx(t["tasks"] - slowest, abs=3e-3)
+        assert t["screen_and_aggregate"] >= 0 and t["save"] > 0
     results = json.loads((fedsm_run.job_dir / "app_server" / "fedseg_results.json").read_text())
     assert results["extra"]["selector_history"] == [{"round": r["round"], **r["selector"]} for r in history]
     groups, info = load_model_set(out / "last.pt")

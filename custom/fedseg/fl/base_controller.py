@@ -92,6 +92,32 @@ def operator_resume_dirs(workspace_root: str | os.PathLike) -> list[str]:
     return dirs
 
 
+SITE_SECONDS = ("validate_seconds", "train_seconds", "selector_seconds")  # what sites report of a round's task
+
+
+def round_seconds(results: dict, began: float, tasks_done: float, aggregated_at: float, saved_at: float) -> dict:
+    """Where a round's time went (perf_counter stamps): the tasks (sent to last result in), of which each site's own
+    work as it reports it (SITE_SECONDS found in its metrics: a measurement, never used to decide), what FLARE added
+    beyond the slowest site, the server's screening and aggregation, and saving the global model."""
+    sites = {}
+    for site, result in sorted(results.items()):
+        metrics = result.metrics if isinstance(result.metrics, dict) else {}
+        sites[site] = {
+            key: round(value, 3)
+            for key in SITE_SECONDS
+            if isinstance(value := metrics.get(key), float) and math.isfinite(value) and value >= 0
+        }
+    slowest = max((sum(v.values()) for v in sites.values()), default=0.0)
+    return {
+        "tasks": round(tasks_done - began, 3),
+        "sites": sites,
+        # what FLARE adds to the slowest site's own work: transfers, (de)serialisation, polling, building the network
+        "tasks_beyond_slowest_site": round(max(tasks_done - began - slowest, 0.0), 3),
+        "screen_and_aggregate": round(aggregated_at - tasks_done, 3),
+        "save": round(saved_at - aggregated_at, 3),
+    }
+
+
 class FedSegController(ModelController):
     def __init__(
         self,

@@ -26,7 +26,6 @@ cross-site evaluation workflow after this one scores them as usual.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections import deque
 
@@ -39,7 +38,7 @@ from fedseg.algorithms import AGGREGATIONS, aggregate, aggregate_shared
 from fedseg.algorithms.screening import numeric_metrics, read_score, robust_score, update_norm
 from fedseg.engine.config import LOCAL_OPTIMIZER
 from fedseg.engine.dp import DP_METRICS
-from fedseg.fl.base_controller import FedSegController, check_output_name, check_trimmed_mean
+from fedseg.fl.base_controller import FedSegController, check_output_name, check_trimmed_mean, round_seconds
 from fedseg.modelset import load_model_set, save_model_set
 
 SCORE_KEY = "val_dice"  # what SegExecutor's train task reports for the model it received
@@ -141,28 +140,6 @@ class FedAvgController(FedSegController):
         self._output_dir = check_output_name(output_dir)  # `output_dir` is the base class's method
 
     # ---- checkpoints --------------------------------------------------------------------------------------
-    def _round_seconds(self, results: dict, began: float, tasks_done: float, aggregated_at: float) -> dict:
-        """Where a round's time went: the tasks (sent to last result in), of which each site's own validation of
-        the received model and training (as the site reports them: a measurement, never used to decide), the
-        server's screening and aggregation, and saving the global model."""
-        sites = {}
-        for site, result in sorted(results.items()):
-            metrics = result.metrics if isinstance(result.metrics, dict) else {}
-            sites[site] = {
-                key: round(value, 3)
-                for key in ("validate_seconds", "train_seconds")
-                if isinstance(value := metrics.get(key), float) and math.isfinite(value) and value >= 0
-            }
-        slowest = max((sum(v.values()) for v in sites.values()), default=0.0)
-        return {
-            "tasks": round(tasks_done - began, 3),
-            "sites": sites,
-            # what FLARE adds to the slowest site's own work: transfers, (de)serialisation, polling, building the network
-            "tasks_beyond_slowest_site": round(max(tasks_done - began - slowest, 0.0), 3),
-            "screen_and_aggregate": round(aggregated_at - tasks_done, 3),
-            "save": round(time.perf_counter() - aggregated_at, 3),
-        }
-
     def _save(self, name: str, params: dict, info: dict) -> None:
         save_model_set(self.output_dir(self._output_dir) / name, {"global": params}, info)
 
@@ -342,7 +319,7 @@ class FedAvgController(FedSegController):
             aggregated_at = time.perf_counter()
             self.save_model(FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd))
             # before last.pt, which holds the history a resumed job continues (the save timed is the persistor's)
-            record["seconds"] = self._round_seconds(results, began, tasks_done, aggregated_at)
+            record["seconds"] = round_seconds(results, began, tasks_done, aggregated_at, time.perf_counter())
             self._save("last.pt", global_params, {"round": rnd, **state})
             self.write_json(self.output_dir(self._output_dir) / "history.json", history)
             if stop:

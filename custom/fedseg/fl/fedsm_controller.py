@@ -25,6 +25,7 @@ history, the best score and best.pt of the run it resumes.
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ from fedseg.algorithms.screening import (
 from fedseg.algorithms.selector_head import check_feature_statistics, fit_lda_head, spread
 from fedseg.engine.config import EngineConfig
 from fedseg.engine.engine import optimizer_state_to_numpy, state_to_numpy
-from fedseg.fl.base_controller import FedSegController, check_trimmed_mean
+from fedseg.fl.base_controller import FedSegController, check_trimmed_mean, round_seconds
 from fedseg.fl.executor import PERSONAL_PREFIX
 from fedseg.methods.fedsm import DEFAULT_SELECTOR, GAMMA_SWEEP, SELECTOR_INPUT, SelectorSettings, build_selector
 from fedseg.modelset import load_model_set, save_model_set
@@ -78,6 +79,9 @@ TRAIN_METRICS = frozenset(
         "train_global_loss",
         "train_personal_loss",
         "selector_steps",
+        "validate_seconds",
+        "train_seconds",
+        "selector_seconds",
         "dp_epsilon",
         "dp_delta",
     )
@@ -498,8 +502,10 @@ class FedSMController(FedSegController):
                 )
                 for s, g in sent.items()
             }
+            began = time.perf_counter()
             # in site order, not arrival order: the aggregations then sum in the same order in every run
             results = dict(sorted(self.run_tasks("fedsm_train", tasks).items()))
+            tasks_done = time.perf_counter()
             updates = {s: u for s, r in results.items() if (u := self._valid_update(s, r, sent[s])) is not None}
             updates = self._screen_magnitudes(updates, sent)
             weights = self.step_weights({s: results[s] for s in updates}, self.local_steps, self.max_weight_ratio)
@@ -520,6 +526,8 @@ class FedSMController(FedSegController):
                     f"round {rnd}: only {len(updates)} valid updates ({sorted(updates)}), fewer than "
                     f"min_clients={self.min_clients}: models unchanged ({failed_rounds}/{self.max_failed_rounds})"
                 )
+                now = time.perf_counter()
+                record["seconds"] = round_seconds(results, began, tasks_done, now, now)
                 self.history.append(record)
                 self._checkpoint(groups, rnd)
                 if failed_rounds >= self.max_failed_rounds:
@@ -539,8 +547,11 @@ class FedSMController(FedSegController):
                 self.best_score = score
                 self._save("best.pt", sent_set, rnd - 1, self.classes, {"val_score": score, "score_key": score_key})
                 self.info(f"round {rnd}: new best model set ({score_key}={score:.4f}, the set trained up to round {rnd - 1})")
-            self._checkpoint(groups, rnd)
+            aggregated_at = time.perf_counter()
             self.save_model(FLModel(params=groups["global"], params_type=ParamsType.FULL, current_round=rnd))
+            # before last.pt, which holds the history a resumed job continues (the save timed is the persistor's)
+            record["seconds"] = round_seconds(results, began, tasks_done, aggregated_at, time.perf_counter())
+            self._checkpoint(groups, rnd)
             self.info(
                 f"round {rnd}: aggregated {sorted(updates)}"
                 + (f", {score_key} of the received set {score:.4f}" if score is not None else "")

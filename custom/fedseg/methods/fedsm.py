@@ -61,6 +61,7 @@ The network's other defaults were chosen by measurement: docs/methods.md (FedSM,
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -387,6 +388,7 @@ def fedsm_local_round(
         load_numpy_state(selector, groups["selector"], engine.site)
 
     metrics: dict[str, float] = {}
+    began = time.perf_counter()
     if engine.cases("validation"):
         if use_selector:
             # other sites' personalized models are not sent in training rounds: routing to another site uses
@@ -411,10 +413,12 @@ def fedsm_local_round(
             metrics["val_global_dice"] = engine.evaluate(global_net, "validation").summary()["dice"]
             metrics["val_personalized_dice"] = engine.evaluate(personal_net, "validation").summary()["dice"]
 
+    validated = time.perf_counter()
     global_stats = engine.train(global_net, steps, should_stop=should_stop, on_step=on_step)
     personal_stats = engine.train(personal_net, steps, should_stop=should_stop)
     metrics.update({"train_global_loss": global_stats.mean_loss, "train_personal_loss": personal_stats.mean_loss})
     updated = {"global": state_to_numpy(global_net), "personal": state_to_numpy(personal_net)}
+    trained = time.perf_counter()
     if use_selector and s.protocol == "lda":
         inputs = section_inputs(engine, "training", s.size(engine.cfg.spatial_dims))
         updated["selector_stats"] = selector_statistics(selector, inputs)
@@ -424,4 +428,8 @@ def fedsm_local_round(
             engine, selector, groups.get("selector_optim"), site_index, s, seed
         )
         metrics["selector_steps"] = float(sel_steps)
+    # the server's per-round time split (a measurement, never used to decide)
+    metrics.update(
+        validate_seconds=validated - began, train_seconds=trained - validated, selector_seconds=time.perf_counter() - trained
+    )
     return updated, metrics, global_stats.steps
