@@ -229,6 +229,25 @@ def simulate(job: Path, workspace: Path, data: Path, n: int = 3, expect_ok: bool
 TINY_ENGINE = {"roi_size": [32, 32], "batch_size": 4, "local_epochs": 3}
 
 
+@pytest.fixture
+def audit_events(monkeypatch) -> list[dict]:
+    """NVFlare's auditor replaced by a recorder: the job audit events ({"ref", "msg"}) added during the test."""
+    from nvflare.fuel.sec.audit import Auditor, AuditService
+
+    events: list[dict] = []
+
+    class Recorder(Auditor):
+        def __init__(self):
+            pass
+
+        def add_job_event(self, job_id, scope_name="", task_name="", task_id="", ref="", msg=""):
+            events.append({"ref": ref, "msg": msg})
+            return "event-1"
+
+    monkeypatch.setattr(AuditService, "the_auditor", Recorder())
+    return events
+
+
 def in_parallel(**runs: Callable[[], object]) -> dict:
     """Two simulator runs side by side: a run mostly waits (process start-up, task polling), so pairs
     halve the wall time on a 2-core machine. Every run is waited for; the first failure is raised."""

@@ -336,27 +336,17 @@ def test_a_site_stops_training_when_its_privacy_budget_is_spent(dp_run):
         assert len([line for line in log.splitlines() if "DP-SGD at site" in line and "task train" in line]) == 2
 
 
-def test_a_sites_refusal_is_an_nvflare_audit_event(monkeypatch):
+def test_a_sites_refusal_is_an_nvflare_audit_event(audit_events):
     """The simulator keeps no audit log; a deployment's auditor receives the refusal the site logs."""
     from nvflare.apis.fl_context import FLContext
-    from nvflare.fuel.sec.audit import Auditor, AuditService
 
     from fedseg.fl.executor import SegExecutor
 
-    events = []
-
-    class Recorder(Auditor):
-        def __init__(self):
-            pass
-
-        def add_job_event(self, job_id, scope_name="", task_name="", task_id="", ref="", msg=""):
-            events.append({"ref": ref, "msg": msg})
-            return "event-1"
-
-    monkeypatch.setattr(AuditService, "the_auditor", Recorder())
     executor = SegExecutor()
     executor.site = "site-1"
     executor.refuse(FLContext(), "train", PrivacyBudgetExceeded("site site-1 stops training: its privacy budget is spent"))
     executor.refuse(FLContext(), "train", TaskRefused("site site-1 refuses task train: local_epochs 3 is above ..."))
-    assert [e["ref"] for e in events] == ["fedseg:refused:site-1"] * 2
-    assert events[0]["msg"] == "REFUSED task train at site site-1: site site-1 stops training: its privacy budget is spent"
+    assert [e["ref"] for e in audit_events] == ["fedseg:refused:site-1"] * 2
+    assert (
+        audit_events[0]["msg"] == "REFUSED task train at site site-1: site site-1 stops training: its privacy budget is spent"
+    )

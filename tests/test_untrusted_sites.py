@@ -266,23 +266,12 @@ def test_fedcross_first_visit_and_travelling_optimizer_state_are_screened(fedcro
     assert_same_arrays(optims[0], ref_optims[0], "FedCross travelling optimizer state")
 
 
-def test_every_rejection_is_an_nvflare_audit_event(monkeypatch):
+def test_every_rejection_is_an_nvflare_audit_event(audit_events):
     from nvflare.apis.fl_context import FLContext
-    from nvflare.fuel.sec.audit import Auditor, AuditService
 
     from fedseg.fl.fedavg_controller import FedAvgController
 
-    events = []
-
-    class Recorder(Auditor):
-        def __init__(self):
-            pass
-
-        def add_job_event(self, job_id, scope_name="", task_name="", task_id="", ref="", msg=""):
-            events.append({"ref": ref, "msg": msg})
-            return "event-1"
-
-    monkeypatch.setattr(AuditService, "the_auditor", Recorder())
+    events = audit_events
     controller = FedAvgController(num_rounds=1)
     controller.fl_ctx = FLContext()
     reference = {"w": np.zeros(2, np.float32)}
