@@ -293,6 +293,51 @@ def test_relay_command_measures_hand_overs_of_a_real_fedcross_run(tmp_path):
     assert 0 < split["tasks_beyond_slowest_site"]["mean"] <= split["tasks"]["mean"] and split["save"]["max"] > 0
 
 
+def test_throughput_configurations_and_their_table():
+    from fedseg.bench.cost import THROUGHPUT_CONFIGS, throughput_engine, throughput_lines
+    from fedseg.engine import EngineConfig
+    from fedseg.jobgen import resolve_engine
+
+    realistic2d = EngineConfig.from_dict(resolve_engine(throughput_engine("realistic2d", 1)))
+    assert realistic2d.roi_size == [256, 256] and realistic2d.batch_size == 16
+    assert realistic2d.network["channels"] == [32, 64, 128, 256]
+    realistic3d = EngineConfig.from_dict(resolve_engine(throughput_engine("realistic3d", 1)))
+    assert realistic3d.spatial_dims == 3 and realistic3d.roi_size == [96, 96, 96]
+    assert set(THROUGHPUT_CONFIGS) == {"bench2d", "realistic2d", "realistic3d"}
+    record = {
+        "configs": {
+            "bench2d": {
+                "monai_images_per_second": 100.0,
+                "engine_images_per_second": 90.0,
+                "executor_images_per_second": 80.0,
+                "executor_vs_monai": 0.8,
+                "engine_vs_monai": 0.9,
+            },
+            "realistic3d": {"error": "plain loops: TimeoutExpired: ..."},
+        }
+    }
+    text = "\n".join(throughput_lines(record))
+    assert "| bench2d | 100.0 | 90.0 | 80.0 | 0.80 | 0.90 |" in text
+    assert "| realistic3d | failed: plain loops: TimeoutExpired: ... |" in text
+
+
+@pytest.mark.slow
+def test_throughput_command_measures_the_executor_against_plain_monai(tmp_path):
+    """python -m fedseg.bench.cost throughput for the benchmark's network: the plain MONAI loop and the engine in
+    their own process, the executor in a one-site FedAvg job (2 rounds), all on the same site's data."""
+    from fedseg.bench.cost import main
+
+    assert main(["throughput", "--configs", "bench2d", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "throughput.json").read_text())
+    assert record["device"] == "cpu" and record["rounds"] == 2
+    entry = record["configs"]["bench2d"]
+    assert entry["job"]["returncode"] == 0 and entry["job"]["train_tasks"] == 2
+    for key in ("monai_images_per_second", "engine_images_per_second", "executor_images_per_second"):
+        assert entry[key] > 0, (key, entry)
+    assert entry["executor_vs_monai"] == entry["executor_images_per_second"] / entry["monai_images_per_second"]
+    assert entry["plain"]["monai"]["device"] == "cpu"
+
+
 def test_a_method_without_a_flare_job_is_reported_missing(tmp_path, monkeypatch):
     from fedseg import jobgen
     from fedseg.bench.presets import get_preset

@@ -30,7 +30,14 @@
     next visit starting at its site; the simulator's processes share one clock) with the
     controller's per-communication split into training, validation and hand-over.
 
+(d) Executor throughput at three sizes, each on its own generated site data: the benchmark's network at 64 px
+    ("bench2d"), a realistic 2-D configuration ("realistic2d": 256 px, UNet 32-64-128-256, batch 16) and a
+    realistic 3-D one ("realistic3d": 96^3 patches, UNet 16-32-64-128-256, batch 2). Per configuration the
+    executor's images/s in a one-site FedAvg job against a plain MONAI loop and the engine alone, as in (b), on
+    the machine's device (a GPU when torch sees one, else the CPU, which the record says).
+
     python -m fedseg.bench.cost relay --out OUT [--preset quick] [--rounds 3]
+    python -m fedseg.bench.cost throughput --out OUT [--configs bench2d realistic2d realistic3d] [--epochs 1]
     python -m fedseg.bench.cost plain --what fedavg|throughput --data DIR --engine JSON --rounds R --site SITE
                                       --init INIT.pt --out OUT.json
 """
@@ -112,15 +119,17 @@ def plain_monai(datalist: str, site: str, engine_settings: dict, epochs: int, in
     cases = load_datalist(datalist, site)["training"]
     dataset = CacheDataset(cases, transform=train_transforms(cfg), cache_rate=1.0, progress=False)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=0, collate_fn=list_data_collate)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the engine trains too
     net = SegNetwork(**cfg.network_args())
     net.load_state_dict(load_initial_state(init))
+    net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     net.train()
 
     def step(batch) -> int:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(net(batch["image"]), batch["label"])
+        loss = loss_fn(net(batch["image"].to(device)), batch["label"].to(device))
         loss.backward()
         optimizer.step()
         return int(batch["image"].shape[0])
@@ -130,8 +139,11 @@ def plain_monai(datalist: str, site: str, engine_settings: dict, epochs: int, in
     for _ in range(epochs):
         for batch in loader:
             images += step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - began, time.process_time() - cpu0
     return {
+        "device": str(device),
         "images": images,
         "seconds": seconds,
         "cpu_seconds": cpu,
@@ -516,7 +528,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--preset", default="quick", help="preset whose cost dataset and engine are used (default quick)")
     r.add_argument("--rounds", type=int, default=3, help="FedAvg rounds at 1 epoch; FedCross gets the same steps")
     r.add_argument("--out", required=True, help="folder for the data, jobs, workspaces and relay.json")
+    t = sub.add_parser("throughput", help="executor images/s against a plain MONAI loop at three sizes (part d)")
+    t.add_argument("--configs", nargs="+", choices=list(THROUGHPUT_CONFIGS), default=list(THROUGHPUT_CONFIGS))
+    t.add_argument("--epochs", type=int, default=1, help="local epochs per round (2 rounds; the first warms up)")
+    t.add_argument("--timeout", type=float, default=3600.0, help="per job or plain process, seconds")
+    t.add_argument("--out", required=True, help="folder for the data, jobs, workspaces and throughput.json")
     o = p.parse_args(argv)
+    if o.cmd == "throughput":
+        record = throughput_main(Path(o.out), o.configs, o.epochs, o.timeout)
+        print("\n".join(throughput_lines(record)))
+        return 0 if all("error" not in r for r in record["configs"].values()) else 1
     if o.cmd == "relay":
         record = relay_main(o.preset, o.rounds, Path(o.out))
         print(json.dumps(record, indent=2))
@@ -552,6 +573,118 @@ def relay_main(preset_name: str, rounds: int, out: Path) -> dict:
     }
     (out / "relay.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+# ---- (d) executor throughput at three sizes ----------------------------------------------------------------------
+THROUGHPUT_CONFIGS = {
+    # dims, synthetic size, training cases of the measured site (2 steps per epoch), engine settings over the
+    # defaults (None: the quick preset's synth2d engine, the benchmark's network)
+    "bench2d": {"dims": 2, "size": "small", "cases": None, "engine": None},
+    "realistic2d": {
+        "dims": 2,
+        "size": "large",
+        "cases": 32,
+        "engine": {"roi_size": [256, 256], "batch_size": 16, "network": {"channels": [32, 64, 128, 256]}},
+    },
+    "realistic3d": {
+        "dims": 3,
+        "size": "large",
+        "cases": 4,
+        "engine": {"roi_size": [96, 96, 96], "batch_size": 2, "network": {"channels": [16, 32, 64, 128, 256]}},
+    },
+}
+THROUGHPUT_ROUNDS = 2
+THROUGHPUT_SITE = "site-1"
+
+
+def throughput_engine(name: str, epochs: int) -> dict:
+    from fedseg.bench.presets import cell_engine, get_preset
+
+    config = THROUGHPUT_CONFIGS[name]
+    if config["engine"] is None:
+        return cell_engine(get_preset("quick").datasets["synth2d"], epochs, 0)
+    return {**config["engine"], "spatial_dims": config["dims"], "local_epochs": int(epochs), "seed": 0}
+
+
+def throughput_main(out: Path, configs: list[str], epochs: int = 1, timeout: float = 3600.0, log=print) -> dict:
+    """Part (d): per configuration, the executor in a one-site FedAvg job (shipped settings but the bench's
+    polling, 2 rounds) against the plain MONAI loop and the engine alone on the same site's data."""
+    import torch
+
+    from fedseg.bench.jobs import save_initial_checkpoint
+    from fedseg.data.synthetic import generate_dataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": list(os.getloadavg()),
+        "rounds": THROUGHPUT_ROUNDS,
+        "epochs": int(epochs),
+        "configs": {},
+    }
+    for name in configs:
+        config = THROUGHPUT_CONFIGS[name]
+        dims, size = config["dims"], config["size"]
+        engine = throughput_engine(name, epochs)
+        where = out / name
+        data = where / "data"
+        log(f"cost: throughput {name}: generating {size} {dims}-D data ...")
+        generate_dataset(
+            str(data), n_sites=2, spatial_dims=dims, seed=0, size=size, cases_per_site=config["cases"], overwrite=True
+        )
+        init = save_initial_checkpoint(where / "init.pt", engine, 0)
+        args = ["--what", "throughput", "--engine", json.dumps(engine), "--rounds", str(THROUGHPUT_ROUNDS)]
+        args += ["--data", str(data), "--site", THROUGHPUT_SITE, "--init", str(init)]
+        log(f"cost: throughput {name}: plain MONAI loop and engine ...")
+        try:
+            plain = _plain_process(args, where / "plain.json", timeout)
+        except Exception as e:  # noqa: BLE001 - one configuration's failure is recorded, the others still run
+            record["configs"][name] = {"engine": engine, "error": f"plain loops: {type(e).__name__}: {e}"}
+            continue
+        job = _fl_job(f"{name}_executor", where, data, [THROUGHPUT_SITE], engine, THROUGHPUT_ROUNDS, init, TUNED, timeout, log)
+        monai, eng = plain["monai"], plain["engine"]
+        entry = {
+            "engine": engine,
+            "monai_images_per_second": monai.get("images_per_second"),
+            "engine_images_per_second": eng.get("images_per_second"),
+            "executor_images_per_second": job.get("executor_images_per_second"),
+            "executor_vs_monai": _ratio(job.get("executor_images_per_second"), monai.get("images_per_second")),
+            "engine_vs_monai": _ratio(eng.get("images_per_second"), monai.get("images_per_second")),
+            "plain": plain,
+            "job": job,
+        }
+        if job.get("returncode"):
+            entry["error"] = f"executor job exited with {job['returncode']}"
+        record["configs"][name] = entry
+        log(f"cost: throughput {name}: " + " | ".join(throughput_lines({"configs": {name: entry}})[-1:]))
+    record["load_average_at_end"] = list(os.getloadavg())
+    (out / "throughput.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def throughput_lines(record: dict) -> list[str]:
+    """The table: images/s of the plain MONAI loop, the engine and the executor, and the two ratios."""
+    lines = [
+        "| configuration | plain MONAI img/s | engine img/s | executor img/s | executor ÷ MONAI | engine ÷ MONAI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in (record.get("configs") or {}).items():
+        if "error" in r and r.get("executor_images_per_second") is None:
+            lines.append(f"| {name} | failed: {r['error']} | | | | |")
+            continue
+        cells = [r.get(k) for k in ("monai_images_per_second", "engine_images_per_second", "executor_images_per_second")]
+        ratios_ = [r.get("executor_vs_monai"), r.get("engine_vs_monai")]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{v:.1f}" if v else "-" for v in cells)
+            + " | "
+            + " | ".join(f"{v:.2f}" if v else "-" for v in ratios_)
+            + " |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

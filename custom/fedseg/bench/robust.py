@@ -1,7 +1,7 @@
 """Robustness and privacy, measured next to the clean runs: one malicious site of N against FedAvg, FedSM and
 FedCross, and DP-SGD at every site for FedAvg, FedProx, FedSM and FedCross.
 
-    python -m fedseg.bench.robust --out OUT [--preset quick] [--rounds 6] [--epochs 1] [--seed 0] [--jobs ...]
+    python -m fedseg.bench.robust --out OUT [--preset quick] [--rounds 6] [--epochs 2] [--seed 0] [--jobs ...]
 
 Every run of one invocation uses the same data (the preset's built-in 2-D dataset), initial weights, seed and
 budget (equal steps: the same number of local steps per site as FedAvg's R rounds x E epochs). Four jobs:
@@ -101,7 +101,7 @@ def run_robustness(
     out: Path,
     preset_name: str = "quick",
     rounds: int = 6,
-    epochs: int = 1,
+    epochs: int = 2,
     seed: int = 0,
     noise: float = DP_DEFAULT["noise_multiplier"],
     only: tuple[str, ...] = JOBS,
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for the data, jobs, workspaces, robust.json and robust.md")
     p.add_argument("--preset", default="quick", help="the benchmark preset whose synth2d dataset and timeout are used")
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2, help="local epochs per round (FedSM splits them over its 2 networks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=DP_DEFAULT["noise_multiplier"], help="DP-SGD noise multiplier")
     p.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS), help="which of the four jobs to run")

@@ -36,7 +36,12 @@ from .datalist import atomic_output_dir, save_nifti, write_json
 DATASET_NAME = "fedseg-synthetic"
 
 # Base edge length in voxels for 2-D and 3-D images; each site scales it by its size_factor.
-BASE_SIZE = {"tiny": {2: 32, 3: 24}, "small": {2: 64, 3: 32}, "medium": {2: 128, 3: 64}}
+BASE_SIZE = {
+    "tiny": {2: 32, 3: 24},
+    "small": {2: 64, 3: 32},
+    "medium": {2: 128, 3: 64},
+    "large": {2: 256, 3: 96},  # clinical patch sizes, few cases: for throughput measurements (fedseg.bench.cost)
+}
 # Sites' spacings are given for this edge length; other sizes rescale the spacing so that the
 # field of view in mm (and so the target's share of the image) stays the same: sizes change
 # resolution, not anatomy.
@@ -46,6 +51,7 @@ CASE_COUNTS = {
     "tiny": [(6, 2, 3), (5, 2, 3), (7, 2, 3), (4, 2, 3)],
     "small": [(24, 6, 8), (16, 4, 8), (32, 8, 8), (12, 4, 8)],
     "medium": [(48, 12, 16), (32, 8, 16), (64, 16, 16), (24, 8, 16)],
+    "large": [(8, 2, 2), (6, 2, 2), (10, 2, 2), (6, 2, 2)],
 }
 # 3-D targets fill a much smaller fraction of a volume than 2-D ones of an image; enlarge them.
 RADIUS_FACTOR_3D = 1.5
