@@ -262,6 +262,17 @@ def test_norm_bounding_clips_a_sign_flipped_or_scaled_update_to_the_round_median
     assert clip_scales(norms, 0) == {} and clip_scales({"a": 1.0}, 2.0) == {} and clip_scales({"a": 0.0, "b": 0.0}, 2.0) == {}
 
 
+def test_a_lone_visit_is_bounded_against_the_recent_visits():
+    """FedCross with one model: no peer in the communication, so the recent accepted visits' norms are the median;
+    a visit at 9.5x passes the 10x magnitude check and is scaled to 2x that median."""
+    recent = [1.0, 1.2, 0.9, 1.1]
+    assert clip_scales({"evil": 9.5}, 2.0, recent) == {"evil": pytest.approx(2.0 * 1.1 / 9.5)}
+    assert clip_scales({"honest": 1.5}, 2.0, recent) == {}
+    assert clip_scales({"evil": 9.5}, 2.0) == {} and clip_scales({"evil": 9.5}, 2.0, [float("nan")]) == {}
+    # the communication's other visits and the recent ones form one median
+    assert clip_scales({"a": 1.0, "evil": 9.5}, 2.0, [1.0, 1.0]) == {"evil": pytest.approx(2.0 / 9.5)}
+
+
 def test_trimmed_mean_always_trims_one_per_side_and_refuses_too_few_sites():
     assert trim_count(4, 0.2) == 1 and trim_count(3, 0.0) == 1 and trim_count(10, 0.2) == 2
     with pytest.raises(ValueError, match="at least 3 updates"):

@@ -331,14 +331,16 @@ def screen_directions(cosines: Mapping[str, float], min_cosine: float) -> dict[s
     }
 
 
-def clip_scales(norms: Mapping[str, float], clip_ratio: float) -> dict[str, float]:
+def clip_scales(norms: Mapping[str, float], clip_ratio: float, recent: Iterable[float] = ()) -> dict[str, float]:
     """Norm bounding: {site: factor < 1} for the updates whose norm is above ``clip_ratio`` x the median norm of
-    the round's accepted updates (``norms``); multiplying such an update by its factor brings it to the bound.
-    A sign-flipped or scaled update then moves the model no more than an honest one may. ``clip_ratio`` <= 0,
-    fewer than 2 updates or a median of 0: nothing is clipped."""
-    if clip_ratio <= 0 or len(norms) < 2:
+    the round's accepted updates (``norms``) and the ``recent`` accepted norms (FedCross: its earlier visits);
+    multiplying such an update by its factor brings it to the bound. A sign-flipped or scaled update then moves
+    the model no more than an honest one may. ``clip_ratio`` <= 0, fewer than 2 norms in all or a median of 0:
+    nothing is clipped."""
+    values = [float(n) for n in norms.values()] + [float(x) for x in recent if math.isfinite(float(x))]
+    if clip_ratio <= 0 or len(values) < 2:
         return {}
-    median = float(np.median([float(n) for n in norms.values()]))
+    median = float(np.median(values))
     if not median > 0:
         return {}
     bound = clip_ratio * median

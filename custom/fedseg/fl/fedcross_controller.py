@@ -51,6 +51,8 @@ from fedseg.algorithms.schedules import KINDS, assign, check_latin_communication
 from fedseg.algorithms.screening import (
     case_dice,
     check_optimizer_state,
+    clip_scales,
+    clip_update,
     fingerprint,
     numeric_metrics,
     read_int,
@@ -218,6 +220,9 @@ class FedCrossController(FedSegController):
                 (a plain name: a job cannot make the server write elsewhere).
             max_update_ratio: a visit whose update norm is above this many times the median of the other visits
                 of the communication and the recent accepted ones is rejected.
+            clip_ratio (FedSegController): an accepted visit whose update norm is above this many times the median of
+                the communication's visits and the recent accepted ones is scaled down to it (a visit replaces its
+                model whole, with no average to dilute it).
             max_lone_update_ratio: a visit with nothing to compare with (the first visit of FedCross's single
                 model) is rejected when its update norm is above this many times the norm of the model that was
                 sent (0: not checked). A travelling optimizer state must satisfy Adam's moment invariant
@@ -557,10 +562,10 @@ class FedCrossController(FedSegController):
                     spent[site] = reported
                 if isinstance(started := (result.meta or {}).get("started_at"), float) and math.isfinite(started):
                     self.visit_started.setdefault(site, started)  # a measurement only: never used to decide
-            too_large = self._screen_visits({s: m for s, m in pending.items() if s in results}, results)
+            too_large, scales = self._screen_visits({s: m for s, m in pending.items() if s in results}, results)
             unplaced = []
             for site, m in pending.items():
-                reason = self._apply_visit(site, m, results.get(site), site in too_large)
+                reason = self._apply_visit(site, m, results.get(site), site in too_large, scales.get(site))
                 if reason is None:
                     visits[m].update(site=site, status="trained")
                     continue
@@ -594,9 +599,10 @@ class FedCrossController(FedSegController):
             entry["dp"] = dict(sorted(spent.items()))
         return entry
 
-    def _screen_visits(self, pending: dict[str, int], results: dict[str, FLModel]) -> set[str]:
-        """Sites whose returned model moved far more than the other visits of this communication and the
-        recent accepted visits (fedseg.algorithms.screen_magnitudes); malformed results are left to _apply_visit."""
+    def _screen_visits(self, pending: dict[str, int], results: dict[str, FLModel]) -> tuple[set[str], dict[str, float]]:
+        """(sites whose returned model moved far more than the other visits of this communication and the recent
+        accepted visits (fedseg.algorithms.screen_magnitudes), {site: factor} bounding the others above clip_ratio x
+        that median (fedseg.algorithms.clip_scales)); malformed results are left to _apply_visit."""
         norms = {}
         for site, m in pending.items():
             try:
@@ -615,10 +621,16 @@ class FedCrossController(FedSegController):
             if reason:
                 self.reject(site, f"model {m} update (no other visit to compare with)", reason)
                 too_large.add(site)
-        return too_large
+        # a visit replaces its model whole (no average dilutes it): one above clip_ratio x the median of this
+        # communication's and the recent visits moves the model no further than that
+        scales = clip_scales({s: n for s, n in norms.items() if s not in too_large}, self.clip_ratio, self.recent_norms)
+        return too_large, scales
 
-    def _apply_visit(self, site: str, m: int, result: FLModel | None, too_large: bool = False) -> str | None:
-        """Replace model m with the site's result if it is usable; otherwise return why not."""
+    def _apply_visit(
+        self, site: str, m: int, result: FLModel | None, too_large: bool = False, scale: float | None = None
+    ) -> str | None:
+        """Replace model m with the site's result if it is usable (bounded by `scale` when given); otherwise return
+        why not."""
         if result is None:
             return "no result (error, timeout or disconnect)"
         meta = result.meta or {}
@@ -641,6 +653,13 @@ class FedCrossController(FedSegController):
             return f"REJECTED update from {site}: cannot unpack: {e}"
         if too_large:
             return f"REJECTED update from {site}: update norm too large (see the line above)"
+        if scale is not None:
+            norm = update_norm(weights, self.members[m])
+            weights = clip_update(weights, self.members[m], scale)
+            self.warning(
+                f"BOUNDED model {m} update from {site}: norm {norm:.4g} above {self.clip_ratio:g}x the median of this "
+                f"communication's and the recent visits; scaled by {scale:.3g}"
+            )
         self.recent_norms.append(update_norm(weights, self.members[m]))
         self.members[m] = weights
         # {} when the site's privacy scope withholds it or the job wants a fresh Adam at every visit
