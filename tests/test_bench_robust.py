@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from fedseg.bench.attacks import scaled_update
-from fedseg.bench.robust import attack_factors, honest_dice, largest_epsilon, main, robust_lines, screening_counts
+from fedseg.bench.robust import (
+    attack_factors,
+    honest_dice,
+    largest_epsilon,
+    last_quarter_gain,
+    main,
+    robust_lines,
+    screening_counts,
+)
 
 
 def test_the_attack_scales_every_received_weight_and_nothing_else():
@@ -64,8 +72,9 @@ def test_report_section_shows_clean_attacked_and_dp_side_by_side():
         "attack_factors": {"sign_flip": -9.5, "scaled": 9.5},
         "max_update_ratio": 10.0,
         "dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5},
+        "machine": {"cpu": "Some CPU", "cpu_count": 2, "torch": "2.13.0", "nvflare": "2.9.0", "monai": "1.6.1"},
         "runs": {
-            "clean": {m: run(0.80, 0.70) for m in ("fedavg", "fedprox", "fedsm", "fedcross")},
+            "clean": {m: run(0.80, 0.70, last_quarter_gain=0.002) for m in ("fedavg", "fedprox", "fedsm", "fedcross")},
             "sign_flip": {"fedavg": run(0.79, 0.69, screening={"rejected": 6, "bounded": 0})},
             "scaled": {"error": "job exited with 1"},
             "dp": {"fedavg": run(0.60, 0.40, max_epsilon=7.5)},
@@ -77,6 +86,10 @@ def test_report_section_shows_clean_attacked_and_dp_side_by_side():
     assert "| FedSM | 0.800 (0.700) | - | - | - | - | - | - |" in text  # not measured: no number invented
     assert "| FedAvg | 0.790 (0.700) | 0.590 (0.400) | -20.0 | 7.50 |" in text
     assert "Jobs that failed: scaled" in text
+    assert "Machine: Some CPU (2 cores), no GPU; torch 2.13.0" in text
+    assert "FedAvg +0.2, FedProx +0.2, FedSM +0.2, FedCross +0.2; every curve had flattened (within 1 point)" in text
+    assert last_quarter_gain([(0.0, 0.1), (0.5, 0.4), (0.75, 0.5), (1.0, 0.55)]) == pytest.approx(0.05)
+    assert last_quarter_gain([]) is None
     assert robust_lines(None) == [] and robust_lines({"runs": {}}) == []
 
 

@@ -86,6 +86,17 @@ def screening_counts(server_lines: list[str], attacker: str) -> dict:
     }
 
 
+def last_quarter_gain(curve: list) -> float | None:
+    """How much the validation Dice rose over the last quarter of a run ((fraction of the run, Dice) points): near
+    0 where the curve has flattened."""
+    points = [(float(f), float(d)) for f, d in curve or [] if np.isfinite(d)]
+    if len(points) < 2:
+        return None
+    end = points[-1]
+    start = min(points, key=lambda p: abs(p[0] - (end[0] - 0.25)))
+    return end[1] - start[1]
+
+
 def largest_epsilon(site_lines: dict[str, list[str]]) -> float | None:
     """The largest epsilon any site reported having spent (its last DP-SGD log line in the run)."""
     last = {}
@@ -112,6 +123,7 @@ def run_robustness(
     from fedseg.bench.collect import meter_records, method_record, timeline, windows
     from fedseg.bench.jobs import build_job, controller_default, label, save_initial_checkpoint, simulate_bench_job
     from fedseg.bench.presets import cell_engine, get_preset
+    from fedseg.bench.run import machine_info
     from fedseg.data.synthetic import generate_dataset
     from fedseg.jobgen import resolve_engine
 
@@ -153,7 +165,7 @@ def run_robustness(
         "dp": dp,
         "steps_per_site": {s: budget.site_steps(s) for s in sites},
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "load_average_at_start": list(os.getloadavg()),
+        "machine": machine_info(),
         "runs": {},
     }
     for i, (job_name, (methods, job_engine, attack)) in enumerate(jobs.items(), 1):
@@ -186,6 +198,7 @@ def run_robustness(
                 "honest": honest_dice(rec, attacker),
                 "all_sites": honest_dice(rec, None),
                 "wall_seconds": rec.get("wall_seconds"),
+                "last_quarter_gain": last_quarter_gain(rec.get("curve") or []),
             }
             if attack:
                 entry["screening"] = screening_counts(_log_lines_in(ws / "server" / "log.txt", window), attacker)
@@ -230,6 +243,7 @@ def robust_lines(record: dict | None) -> list[str]:
         f"({record['max_update_ratio']:g} x the median). Dice: the honest sites' test Dice of each method's "
         "deployable model, mean (worst site); change against the clean run in Dice points.",
         "",
+        *([about, ""] if (about := _machine_line(record.get("machine")) + _flattening_line(clean)) else []),
         "| method | clean | sign flip | change | rejected / bounded | scaled | change | rejected / bounded |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -270,6 +284,27 @@ def robust_lines(record: dict | None) -> list[str]:
         lines += ["", f"Jobs that failed: {', '.join(failed)} (robust.json has their errors)."]
     lines.append("")
     return lines
+
+
+def _machine_line(machine: dict | None) -> str:
+    if not machine:
+        return ""
+    device = machine.get("gpu") or f"{machine.get('cpu', 'CPU')} ({machine.get('cpu_count')} cores), no GPU"
+    return f"Machine: {device}; torch {machine.get('torch')}, NVFlare {machine.get('nvflare')}, MONAI {machine.get('monai')}. "
+
+
+def _flattening_line(clean: dict) -> str:
+    gains = {m: r.get("last_quarter_gain") for m, r in clean.items() if isinstance(r, dict)}
+    shown = [f"{NAMES.get(m, m)} {100 * g:+.1f}" for m, g in gains.items() if isinstance(g, (int, float))]
+    if not shown:
+        return ""
+    rising = [m for m, g in gains.items() if isinstance(g, (int, float)) and g > 0.01]
+    verdict = (
+        f"the curves of {', '.join(NAMES.get(m, m) for m in rising)} had not flattened: the changes are at this budget"
+        if rising
+        else "every curve had flattened (within 1 point)"
+    )
+    return f"Validation Dice of the clean runs over their last quarter, in points: {', '.join(shown)}; {verdict}."
 
 
 def main(argv: list[str] | None = None) -> int:
