@@ -77,7 +77,7 @@ def test_report_section_shows_clean_attacked_and_dp_side_by_side():
             "clean": {m: run(0.80, 0.70, last_quarter_gain=0.002) for m in ("fedavg", "fedprox", "fedsm", "fedcross")},
             "sign_flip": {"fedavg": run(0.79, 0.69, screening={"rejected": 6, "bounded": 0})},
             "scaled": {"error": "job exited with 1"},
-            "dp": {"fedavg": run(0.60, 0.40, max_epsilon=7.5)},
+            "dp": {"fedavg": run(0.60, 0.40, max_epsilon=7.5), "fedsm": {"error": "job exited with 1"}},
         },
     }
     text = "\n".join(robust_lines(record))
@@ -85,7 +85,7 @@ def test_report_section_shows_clean_attacked_and_dp_side_by_side():
     assert "| FedAvg | 0.800 (0.700) | 0.790 (0.690) | -1.0 | 6 / 0 | - | - | - |" in text
     assert "| FedSM | 0.800 (0.700) | - | - | - | - | - | - |" in text  # not measured: no number invented
     assert "| FedAvg | 0.790 (0.700) | 0.590 (0.400) | -20.0 | 7.50 |" in text
-    assert "Jobs that failed: scaled" in text
+    assert "Jobs that failed: scaled, dp fedsm" in text
     assert "Machine: Some CPU (2 cores), no GPU; torch 2.13.0" in text
     assert "FedAvg +0.2, FedProx +0.2, FedSM +0.2, FedCross +0.2; every curve had flattened (within 1 point)" in text
     assert last_quarter_gain([(0.0, 0.1), (0.5, 0.4), (0.75, 0.5), (1.0, 0.55)]) == pytest.approx(0.05)

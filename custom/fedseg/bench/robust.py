@@ -11,7 +11,8 @@ budget (equal steps: the same number of local steps per site as FedAvg's R round
   training task it sends ``sent + factor * (trained - sent)``, factor = -0.95 x (sign_flip) or +0.95 x (scaled)
   FedAvg's ``max_update_ratio`` (default 10): the largest multiple of its own honest update that the magnitude
   check lets through when the honest updates are of a similar size;
-* dp: the four methods with DP-SGD at every site (engine "dp", noise multiplier ``--noise``, clip 1, delta 1e-5).
+* dp: the four methods with DP-SGD at every site (engine "dp", noise multiplier ``--noise``, clip 1, delta 1e-5),
+  each in a job of its own (a site's privacy accountant counts every network it trains in one job).
 
 Reported per run (OUT/robust.json, OUT/robust.md): the honest sites' mean and worst test Dice of the method's
 deployable model (FedAvg/FedProx: best global; FedSM: super model; FedCross: its model), the change against the
@@ -168,12 +169,19 @@ def run_robustness(
         "machine": machine_info(),
         "runs": {},
     }
-    for i, (job_name, (methods, job_engine, attack)) in enumerate(jobs.items(), 1):
-        log(f"robust: job {i}/{len(jobs)} {job_name}: {', '.join(NAMES[m] for m in methods)} ...")
+    # a site's privacy accountant lives as long as its FLARE job: each DP method gets a job of its own, so that
+    # the epsilon it reports is its own and not that of every method run before it in the same job
+    units = [
+        (name, f"{name}_{m}" if name == "dp" else name, [m] if name == "dp" else methods, job_engine, attack)
+        for name, (methods, job_engine, attack) in jobs.items()
+        for m in (methods if name == "dp" else methods[:1])
+    ]
+    for i, (job_name, folder, methods, job_engine, attack) in enumerate(units, 1):
+        log(f"robust: job {i}/{len(units)} {folder}: {', '.join(NAMES[m] for m in methods)} ...")
         began = time.perf_counter()
         job = build_job(
             out / "jobs",
-            f"robust_{job_name}",
+            f"robust_{folder}",
             [(m, seed) for m in methods],
             plans,
             job_engine,
@@ -182,11 +190,15 @@ def run_robustness(
             executor_args=attack or None,
             executor_path=ATTACKER_CLASS if attack else None,
         )
-        ws = out / "ws" / job_name
+        ws = out / "ws" / folder
         result = simulate_bench_job(job, ws, data, sites, preset.timeout, extra_classes=(ATTACKER_CLASS,) if attack else ())
         if result.returncode != 0:
-            record["runs"][job_name] = {"error": f"job exited with {result.returncode}", "errors": result.errors()[-2000:]}
-            log(f"robust: job {job_name} FAILED (exit {result.returncode})")
+            error = {"error": f"job exited with {result.returncode}", "errors": result.errors()[-2000:]}
+            if job_name == "dp":  # one DP method's job: the others keep their rows
+                record["runs"].setdefault("dp", {})[methods[0]] = error
+            else:
+                record["runs"][job_name] = error
+            log(f"robust: job {folder} FAILED (exit {result.returncode})")
             continue
         wins, meters = windows(timeline(ws)), meter_records(ws, sites)
         runs = {}
@@ -205,9 +217,10 @@ def run_robustness(
             if job_name == "dp":
                 entry["max_epsilon"] = largest_epsilon({s: _log_lines_in(ws / s / "log.txt", window) for s in sites})
             runs[method] = entry
-        record["runs"][job_name] = runs
+        if "error" not in record["runs"].get(job_name, {}):
+            record["runs"].setdefault(job_name, {}).update(runs)
         log(
-            f"robust: job {job_name} done in {time.perf_counter() - began:.0f}s: "
+            f"robust: job {folder} done in {time.perf_counter() - began:.0f}s: "
             + ", ".join(f"{NAMES[m]} honest {_fmt(r['honest']['mean'])}" for m, r in runs.items())
         )
     record["load_average_at_end"] = list(os.getloadavg())
@@ -279,7 +292,9 @@ def robust_lines(record: dict | None) -> list[str]:
                 f"{_fmt(got.get('mean'))} ({_fmt(got.get('worst'))}) | {_pts(got.get('mean'), ref.get('mean'))} | "
                 f"{_fmt((dp_runs.get(method) or {}).get('max_epsilon'), 2)} |"
             )
-    failed = [name for name, r in runs.items() if isinstance(r, dict) and "error" in r]
+    if record.get("note"):  # e.g. rows from a second invocation
+        lines += ["", f"Note: {record['note']}."]
+    failed = failed_jobs(record)
     if failed:
         lines += ["", f"Jobs that failed: {', '.join(failed)} (robust.json has their errors)."]
     lines.append("")
@@ -307,6 +322,14 @@ def _flattening_line(clean: dict) -> str:
     return f"Validation Dice of the clean runs over their last quarter, in points: {', '.join(shown)}; {verdict}."
 
 
+def failed_jobs(record: dict) -> list[str]:
+    """The jobs that failed (a DP method's own job named "dp <method>")."""
+    runs = record.get("runs") or {}
+    failed = [name for name, r in runs.items() if isinstance(r, dict) and "error" in r]
+    dp = runs.get("dp") if isinstance(runs.get("dp"), dict) else {}
+    return failed + [f"dp {m}" for m, r in dp.items() if isinstance(r, dict) and "error" in r]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fedseg.bench.robust", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -323,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds and --epochs must be >= 1")
     record = run_robustness(Path(o.out), o.preset, o.rounds, o.epochs, o.seed, o.noise, tuple(o.jobs))
     print("\n".join(robust_lines(record)))
-    return 1 if any(isinstance(r, dict) and "error" in r for r in record["runs"].values()) else 0
+    return 1 if failed_jobs(record) else 0
 
 
 if __name__ == "__main__":
