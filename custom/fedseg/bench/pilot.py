@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if not SHARED_POLYP.is_dir():
         print(f"the pilot needs the polyp centres at {SHARED_POLYP}")
         return 2
-    from fedseg.bench.run import machine_info
+    from fedseg.bench.machine import machine_info
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

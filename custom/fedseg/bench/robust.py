@@ -123,8 +123,8 @@ def run_robustness(
     from fedseg.bench.budget import Budget, plan_method
     from fedseg.bench.collect import meter_records, method_record, timeline, windows
     from fedseg.bench.jobs import build_job, controller_default, label, save_initial_checkpoint, simulate_bench_job
+    from fedseg.bench.machine import machine_info
     from fedseg.bench.presets import cell_engine, get_preset
-    from fedseg.bench.run import machine_info
     from fedseg.data.synthetic import generate_dataset
     from fedseg.jobgen import resolve_engine
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 from fedseg.bench import budget as budget_mod
 from fedseg.bench.collect import meter_records, method_record, timeline, windows
 from fedseg.bench.jobs import build_job, fedbn_refusal, label, save_initial_checkpoint, workflow_args
+from fedseg.bench.machine import machine_info
 from fedseg.bench.presets import (
     REPO,
     DatasetSpec,
@@ -65,38 +65,6 @@ def log(msg: str) -> None:
 
 
 # ---- machine ---------------------------------------------------------------------------------------------------
-def machine_info() -> dict:
-    import torch
-
-    info = {
-        "hostname_hash": abs(hash(platform.node())) % 10**6,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.is_available(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        import monai
-        import nvflare
-
-        info.update(nvflare=nvflare.__version__, monai=monai.__version__)
-    except ImportError:
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()
-        info["memory_gib"] = round(int(mem[1]) / 2**20, 1)
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except (OSError, IndexError, ValueError):
-        pass
-    return info
-
-
 def _cpu_seconds() -> float:
     """CPU time of this process and of every child process that has finished (simulators, baselines)."""
     import resource
