@@ -16,6 +16,7 @@ from fedseg.bench.robust import (
     last_quarter_gain,
     main,
     robust_lines,
+    run_robustness,
     screening_counts,
 )
 
@@ -95,27 +96,35 @@ def test_report_section_shows_clean_attacked_and_dp_side_by_side():
 
 @pytest.mark.slow
 def test_a_sign_flipping_site_and_dp_sgd_measured_in_real_runs(tmp_path):
-    """Two of the four jobs on the smoke data (2 sites, 1 round of 2 epochs): site-2 flips its updates; then DP-SGD at both."""
-    assert (
-        main(["--out", str(tmp_path), "--preset", "smoke", "--rounds", "1", "--epochs", "2", "--jobs", "sign_flip", "dp"]) == 0
-    )
-    record = json.loads((tmp_path / "robust.json").read_text())
-    assert record["attacker"] == "site-2" and set(record["runs"]) == {"sign_flip", "dp"}
-    attacker_log = (tmp_path / "ws" / "sign_flip" / "site-2" / "log.txt").read_text()
+    """Two of the four jobs on the smoke data (2 sites, 1 round of 2 epochs): site-2 flips its updates in a job of
+    FedAvg, FedSM and FedCross; then DP-SGD at both sites in FedProx's own job (--methods: 2 jobs, not 5)."""
+    smoke = ["--preset", "smoke", "--rounds", "1", "--epochs", "2"]
+    attacked, private = tmp_path / "attack", tmp_path / "dp"
+    assert main(["--out", str(attacked), *smoke, "--jobs", "sign_flip", "--methods", "fedavg", "fedsm", "fedcross"]) == 0
+    record = json.loads((attacked / "robust.json").read_text())
+    assert record["attacker"] == "site-2" and set(record["runs"]) == {"sign_flip"}
+    assert set(record["runs"]["sign_flip"]) == {"fedavg", "fedsm", "fedcross"}
+    attacker_log = (attacked / "ws" / "sign_flip" / "site-2" / "log.txt").read_text()
     for task in ("train", "fedsm_train", "cross_train"):
         assert f"ATTACK by site-2 on task {task}: update x -9.5" in attacker_log
-    assert "ATTACK" not in (tmp_path / "ws" / "sign_flip" / "site-1" / "log.txt").read_text()
+    assert "ATTACK" not in (attacked / "ws" / "sign_flip" / "site-1" / "log.txt").read_text()
     for method, run in record["runs"]["sign_flip"].items():
         assert run["status"] == "ok", (method, run)
         assert set(run["honest"]["per_site"]) == {"site-1"}, run
         # counted from the server's log (with 2 sites no screening can tell the flipped update from the honest one:
         # the cosine check needs 3 updates, and the median of 2 norms is their mean)
         assert sorted(run["screening"]) == ["bounded", "rejected"] and min(run["screening"].values()) >= 0, run
-    for method, run in record["runs"]["dp"].items():
-        assert run["status"] == "ok" and 0 < run["max_epsilon"] < 1e3, (method, run)
-        assert set(run["all_sites"]["per_site"]) == {"site-1", "site-2"}
-    text = (tmp_path / "robust.md").read_text()
-    assert "## One malicious site of 2, and DP-SGD" in text and "| FedProx |" in text
+    assert "## One malicious site of 2, and DP-SGD" in (attacked / "robust.md").read_text()
+
+    assert main(["--out", str(private), *smoke, "--jobs", "dp", "--methods", "fedprox"]) == 0
+    record = json.loads((private / "robust.json").read_text())
+    assert set(record["runs"]) == {"dp"} and set(record["runs"]["dp"]) == {"fedprox"} and record["methods"] == ["fedprox"]
+    run = record["runs"]["dp"]["fedprox"]
+    assert run["status"] == "ok" and 0 < run["max_epsilon"] < 1e3, run
+    assert set(run["all_sites"]["per_site"]) == {"site-1", "site-2"}
+    assert "| FedProx |" in (private / "robust.md").read_text()
+    with pytest.raises(ValueError, match="unknown or no method"):
+        run_robustness(tmp_path / "none", "smoke", methods=("fedbn",))
 
 
 def test_the_benchmark_report_reads_the_record_beside_its_results(tmp_path):

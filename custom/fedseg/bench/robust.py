@@ -118,6 +118,7 @@ def run_robustness(
     noise: float = DP_DEFAULT["noise_multiplier"],
     only: tuple[str, ...] = JOBS,
     log=print,
+    methods: tuple[str, ...] = CLEAN_METHODS,
 ) -> dict:
     from fedseg.baselines import site_train_counts
     from fedseg.bench.budget import Budget, plan_method
@@ -128,6 +129,9 @@ def run_robustness(
     from fedseg.data.synthetic import generate_dataset
     from fedseg.jobgen import resolve_engine
 
+    unknown = sorted(set(methods) - set(CLEAN_METHODS))
+    if unknown or not methods:
+        raise ValueError(f"unknown or no method(s) {unknown or list(methods)}; the methods are {list(CLEAN_METHODS)}")
     preset = get_preset(preset_name)
     spec = preset.datasets.get("synth2d")
     if spec is None or spec.kind != "synthetic":
@@ -145,15 +149,17 @@ def run_robustness(
     max_ratio = float(controller_default("fedseg.fl.fedavg_controller.FedAvgController", "max_update_ratio"))
     factors = attack_factors(max_ratio)
     dp = {**DP_DEFAULT, "noise_multiplier": float(noise)}
+    clean = tuple(m for m in CLEAN_METHODS if m in methods)
+    attacked = tuple(m for m in ATTACKED_METHODS if m in methods)
     jobs = {
-        "clean": (CLEAN_METHODS, engine, {}),
-        **{a: (ATTACKED_METHODS, engine, {"attacker": attacker, "factor": factors[a]}) for a in ATTACKS},
-        "dp": (CLEAN_METHODS, {**engine, "dp": dp}, {}),
+        "clean": (clean, engine, {}),
+        **{a: (attacked, engine, {"attacker": attacker, "factor": factors[a]}) for a in ATTACKS if attacked},
+        "dp": (clean, {**engine, "dp": dp}, {}),
     }
-    unknown = sorted(set(only) - set(jobs))
+    unknown = sorted(set(only) - set(JOBS))
     if unknown:
-        raise ValueError(f"unknown job(s) {unknown}; the jobs are {list(jobs)}")
-    jobs = {name: jobs[name] for name in JOBS if name in only}
+        raise ValueError(f"unknown job(s) {unknown}; the jobs are {list(JOBS)}")
+    jobs = {name: jobs[name] for name in JOBS if name in only and name in jobs}
     record: dict = {
         "dataset": spec.name,
         "sites": sites,
@@ -161,6 +167,7 @@ def run_robustness(
         "rounds": rounds,
         "epochs": epochs,
         "seed": seed,
+        "methods": list(clean),
         "attack_factors": factors,
         "max_update_ratio": max_ratio,
         "dp": dp,
@@ -341,10 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=DP_DEFAULT["noise_multiplier"], help="DP-SGD noise multiplier")
     p.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS), help="which of the four jobs to run")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=CLEAN_METHODS,
+        default=list(CLEAN_METHODS),
+        help="which methods every job runs (the attacks: those of them FedProx aside; DP: one job per method)",
+    )
     o = p.parse_args(argv)
     if o.rounds < 1 or o.epochs < 1:
         p.error("--rounds and --epochs must be >= 1")
-    record = run_robustness(Path(o.out), o.preset, o.rounds, o.epochs, o.seed, o.noise, tuple(o.jobs))
+    record = run_robustness(Path(o.out), o.preset, o.rounds, o.epochs, o.seed, o.noise, tuple(o.jobs), methods=tuple(o.methods))
     print("\n".join(robust_lines(record)))
     return 1 if failed_jobs(record) else 0
 
