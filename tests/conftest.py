@@ -42,7 +42,7 @@ MARKERS = {
     "gpu": "needs CUDA; skipped where torch.cuda.is_available() is False",
 }
 STARTS_A_RUN = frozenset({"simulate", "in_parallel"})  # this file's helpers that start simulator runs
-# module fixtures that start a POC federation (tests/test_poc.py, tests/test_recipes_prod.py)
+# module fixtures that start a POC federation (tests/test_poc.py)
 POC_FIXTURES = frozenset({"poc", "federation"})
 TESTS = Path(__file__).resolve().parent
 UNMARKED_LIMIT_S = 5.0
@@ -87,19 +87,19 @@ LONGEST_FIRST = (
     "test_faults.py",
     "test_poc.py",
     "test_untrusted_sites.py",
+    "test_export.py",
     "test_fedsm.py",
-    "test_foundation.py",
+    "test_bench.py",
     "test_fedcross.py",
     "test_site_security.py",
-    "test_jobs_cli.py",
-    "test_export.py",
-    "test_bench.py",
+    "test_cli.py",
+    "test_foundation.py",
+    "test_bench_robust.py",
     "test_recipes.py",
     "test_data.py",
-    "test_cli.py",
-    "test_recipes_prod.py",
     "test_recipes_poc.py",
     "test_stock.py",
+    "test_bench_unseen.py",
 )
 
 

@@ -790,8 +790,9 @@ def test_resolve_errors(tmp_path):
 
 def test_simulator_sites_take_their_data_from_the_environment(tiny2d, tmp_path):
     """run_simulator(data_root=...) names each site's datalist in the sites' environment (FEDSEG_DATALIST): the
-    job's datalist argument, here one this site would refuse, is not used."""
-    from conftest import TINY_ENGINE, copy_job, simulate
+    job's datalist argument, here one this site would refuse, is not used. Without that setting the site refuses
+    the job's path, and says so in its log (the two runs side by side: they mostly wait)."""
+    from conftest import TINY_ENGINE, copy_job, in_parallel, simulate
 
     job = copy_job(
         "fedavg",
@@ -800,12 +801,13 @@ def test_simulator_sites_take_their_data_from_the_environment(tiny2d, tmp_path):
         engine={**TINY_ENGINE, "local_epochs": 1},
         client_args={"datalist": "$HOME/{SITE_NAME}/datalist.json"},
     )
-    result = simulate(job, tmp_path / "ws", tiny2d, n=2)
+    runs = in_parallel(
+        from_env=lambda: simulate(job, tmp_path / "ws", tiny2d, n=2),
+        without=lambda: simulate(job, tmp_path / "ws2", tiny2d, n=2, expect_ok=False, extra_env={"FEDSEG_DATALIST": ""}),
+    )
     for site in ("site-1", "site-2"):
-        assert f"site {site}: datalist {tiny2d.resolve() / site / 'datalist.json'} OK" in result.log(site)
-    # Without that setting the site refuses the job's path, and says so in its log.
-    result = simulate(job, tmp_path / "ws2", tiny2d, n=2, expect_ok=False, extra_env={"FEDSEG_DATALIST": ""})
-    log = result.log("site-1")  # (FLARE itself fills in {SITE_NAME} in the job's configuration)
+        assert f"site {site}: datalist {tiny2d.resolve() / site / 'datalist.json'} OK" in runs["from_env"].log(site)
+    log = runs["without"].log("site-1")  # (FLARE itself fills in {SITE_NAME} in the job's configuration)
     assert "DATA ERROR [site site-1] <no datalist>: the job names the datalist '$HOME/site-1/datalist.json'" in log
     assert "FEDSEG_ALLOW_JOB_DATALIST=1" in log and "site site-1: datalist" not in log
 
@@ -1019,7 +1021,10 @@ def test_video_centres_are_split_by_sequence_with_no_sequence_in_two_sections(tm
 @pytest.mark.slow
 @needs_polyp
 def test_frame_split_is_only_on_request_and_reports_its_leakage(tmp_path):
-    summary = convert_folder_dataset(SHARED_DATA / "polyp", tmp_path / "frames", sites=["CVC-ClinicDB"], split_by="case")
+    # a seeded subset of 150 of the centre's 612 frames: still more frames than sequences, so the leak shows
+    summary = convert_folder_dataset(
+        SHARED_DATA / "polyp", tmp_path / "frames", sites=["CVC-ClinicDB"], split_by="case", max_cases=150
+    )
     site = summary["sites"][0]
     assert site["split_unit"] == "case" and site["groups"] is None
     assert "share a video_sequence with training cases" in site["warnings"][0]

@@ -1,9 +1,12 @@
-"""`fedseg export`: trained model sets as MONAI bundles that `python -m monai.bundle run` executes.
+"""Real runs of every job folder in the plain `nvflare simulator`, and `fedseg export`: trained model sets as MONAI
+bundles that `python -m monai.bundle run` executes.
 
 The fast tests build model sets in-process with the save functions the controllers use (fedseg.modelset,
-fedseg.methods.fedcross.save_members). The real run trains tiny FedAvg, FedCrossEns and FedSM jobs in the
-simulator, exports each, runs the bundle in a subprocess WITHOUT FedSeg on the Python path, and compares the
-segmentations with `python -m fedseg.infer` and the probabilities with FedSeg's engine on the same images.
+fedseg.methods.fedcross.save_members). The real runs: every job folder runs with the plain `nvflare simulator`
+command, as an NVFlare user types it; the FedAvg, FedCrossEns and FedSM runs are then exported, each bundle runs in
+a subprocess WITHOUT FedSeg on the Python path, and its segmentations are compared with `python -m fedseg.infer` and
+its probabilities with FedSeg's engine on the same images. The FedAvg run also shows that `python -m fedseg.infer`
+segments a site's test cases with the Dice the job measured.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CUSTOM, TINY_ENGINE, copy_job, in_parallel, simulate
+from conftest import CUSTOM, REPO, TINY_ENGINE, copy_job, in_parallel
 from monai.transforms import Compose
 
+from fedseg.data import load_datalist
 from fedseg.engine import (
     EngineConfig,
     SegEngine,
@@ -33,6 +38,7 @@ from fedseg.engine import (
 from fedseg.engine.engine import eval_transforms
 from fedseg.export import ExportError, bundle_runtime, export_bundle, main
 from fedseg.export.bundle import instantiate, monai_network_config
+from fedseg.fl.allowlist import FEDSEG_CLASSES
 from fedseg.methods.fedsm import (
     DEFAULT_SELECTOR,
     SelectorSettings,
@@ -40,6 +46,8 @@ from fedseg.methods.fedsm import (
     selector_input,
 )
 from fedseg.modelset import load_model_set, save_members, save_model_set
+from fedseg.report import load_results
+from fedseg.sim import run_process_tree
 
 SMALL = {"roi_size": [32, 32], "network": {"arch": "unet", "channels": [8, 16, 32], "num_res_units": 1}}
 SITES = ["site-1", "site-2", "site-3"]
@@ -312,34 +320,129 @@ def test_3d_bundle_runs_in_process_like_the_engine(tmp_path):
     assert np.array_equal(np.asarray(seg.dataobj), expected.argmax(0))
 
 
-# ---- real runs: simulator -> export -> monai.bundle run, against fedseg.infer ---------------------------
-def tiny_job(tmp: Path, name: str, **server_args) -> Path:
-    """jobs/<name> with the tiny engine at the sites (and on the server, for methods whose workflow has one)."""
-    config = json.loads((Path(__file__).parents[1] / "jobs" / name / "app" / "config" / "config_fed_server.json").read_text())[
-        "workflows"
-    ][0]["args"]
-    if "engine" in config:
-        server_args["engine"] = {**config["engine"], **TINY_ENGINE}
-    return copy_job(name, tmp, server_args=server_args, engine=TINY_ENGINE)
+# ---- real runs: every job folder in the plain `nvflare simulator` ------------------------------------------
+# The command as an NVFlare user types it:
+#
+#     PYTHONPATH=custom FEDSEG_DATALIST=<data>/{SITE_NAME}/datalist.json nvflare simulator jobs/<name> -w <fresh workspace> -n 2 -t 2
+#
+# Nothing is prepared by hand in the workspace (custom/sitecustomize.py writes the simulation's allow-list, see its
+# docstring). The jobs are copies of jobs/<name> with a tiny budget, the way a user edits the JSON. The FedAvg,
+# FedCrossEns and FedSM runs are also the ones exported below.
+NVFLARE = str(Path(sys.executable).parent / "nvflare")  # the `nvflare` of the environment FedSeg is installed in
+RUN_SITES = ["site-1", "site-2"]  # 2 sites: every job still aggregates, routes or travels between sites
+RUN_ENGINE = {**TINY_ENGINE, "local_epochs": 1}
+BUDGET = {
+    "fedavg": {"num_rounds": 2},  # the best global model is chosen from the initial and a trained one
+    "fedprox": {"num_rounds": 1},
+    "fedsm": {"num_rounds": 1, "selector": {"epochs": 1}},
+    "softpull": {"num_rounds": 1},
+    "fedcross": {"num_communications": 2, "visit_epochs": 1},  # each site trains once
+    "fedcrossens": {"num_communications": 2, "visit_epochs": 1},  # one Latin block
+}
+
+
+def tiny_job(name: str, dest: Path) -> Path:
+    server = json.loads((REPO / "jobs" / name / "app" / "config" / "config_fed_server.json").read_text())
+    args = dict(BUDGET[name])
+    if "engine" in server["workflows"][0]["args"]:  # the server's copy of the engine settings
+        args["engine"] = {**server["workflows"][0]["args"]["engine"], **RUN_ENGINE}
+    if "selector" in args:
+        args["selector"] = {**server["workflows"][0]["args"]["selector"], **args["selector"]}
+    return copy_job(name, dest, server_args=args, engine=RUN_ENGINE)
+
+
+def plain_simulator(job: Path, workspace: Path, data: Path) -> tuple[int, str]:
+    """The command as typed, in a process tree that is always stopped."""
+    env = {**os.environ, "PYTHONPATH": str(CUSTOM), "FEDSEG_DATALIST": f"{data}/{{SITE_NAME}}/datalist.json"}
+    out = workspace.parent / f"{workspace.name}.out"
+    n = str(len(RUN_SITES))
+    rc, left, _ = run_process_tree(
+        [NVFLARE, "simulator", str(job), "-w", str(workspace), "-n", n, "-t", n],
+        env,
+        out,
+        timeout=900,
+        cwd=str(workspace.parent),
+    )
+    assert not left, f"processes left running: {left}"
+    return rc, out.read_text(errors="replace")
+
+
+def error_logs(workspace: Path) -> str:
+    return "\n".join(
+        f"== {p}\n{p.read_text(errors='replace')}"
+        for p in sorted(workspace.rglob("error_log.txt"))
+        if p.read_text(errors="replace").strip()
+    )
 
 
 @pytest.fixture(scope="module")
-def trained(tiny2d, tmp_path_factory) -> dict:
-    """Model sets of tiny FedAvg (2 rounds), FedCrossEns (3 communications) and FedSM (2 rounds) runs."""
-    tmp = tmp_path_factory.mktemp("export_runs")
-    jobs = {
-        "fedavg": tiny_job(tmp / "a", "fedavg", num_rounds=2),
-        "fedcrossens": tiny_job(tmp / "b", "fedcrossens", num_communications=3, visit_steps=4),
-        "fedsm": tiny_job(tmp / "c", "fedsm", num_rounds=2),
-    }
-    runs = in_parallel(
-        **{name: (lambda job=job, name=name: simulate(job, tmp / f"ws_{name}", tiny2d, n=3)) for name, job in jobs.items()}
-    )
-    out = {name: run.workspace / "server" / "simulate_job" / "app_server" for name, run in runs.items()}
+def runs(tiny2d, tmp_path_factory) -> dict:
+    """Every job folder run once, three side by side: {name: SimpleNamespace(job, workspace, rc, output)}."""
+    tmp = tmp_path_factory.mktemp("plain_simulator")
+    jobs = {name: tiny_job(name, tmp / "jobs") for name in BUDGET}
+    outcomes = {}
+    for batch in (("fedavg", "fedcrossens", "fedsm"), ("fedprox", "softpull", "fedcross")):
+        for name in batch:
+            assert not (tmp / f"ws_{name}").exists()
+        outcomes.update(
+            in_parallel(**{name: (lambda name=name: plain_simulator(jobs[name], tmp / f"ws_{name}", tiny2d)) for name in batch})
+        )
     return {
-        "fedavg": out["fedavg"] / "fedavg" / "best.pt",
-        "fedcrossens": out["fedcrossens"] / "fedcross" / "best.pt",
-        "fedsm": out["fedsm"] / "fedsm" / "best.pt",
+        name: SimpleNamespace(job=jobs[name], workspace=tmp / f"ws_{name}", rc=rc, output=output)
+        for name, (rc, output) in outcomes.items()
+    }
+
+
+def check_run(name: str, run: SimpleNamespace) -> None:
+    assert run.rc == 0, run.output[-4000:]
+    assert not error_logs(run.workspace), error_logs(run.workspace)[-4000:]
+    assert "ComponentNotAuthorized" not in run.output and "not in allow_list" not in run.output
+    resources = json.loads((run.workspace / "local" / "resources.json").read_text())
+    assert set(FEDSEG_CLASSES) <= set(resources["class_allow_list"]) and "*" not in resources["class_allow_list"]
+    assert not any(e.endswith(".") for e in resources["class_allow_list"])
+    results = load_results(run.workspace, name)
+    scored = [k for k, v in results["models"].items() if isinstance(v, dict) and sorted(v) == RUN_SITES]
+    assert scored, f"{name}: no model scored at every site: {list(results['models'])}"
+    for key in scored:
+        for site in RUN_SITES:
+            assert 0.0 <= results["models"][key][site]["dice"] <= 1.0
+
+
+@pytest.mark.parametrize("name", list(BUDGET))
+def test_plain_nvflare_simulator_runs_every_job_folder(name, runs):
+    check_run(name, runs[name])
+
+
+def test_an_existing_simulation_policy_is_kept(tmp_path):
+    """A workspace with its own resources.json keeps it: the hook only fills an empty local/."""
+    local = tmp_path / "ws" / "local"
+    local.mkdir(parents=True)
+    own = {"class_allow_list": ["nvflare.app_common.workflows.fedavg.FedAvg"], "class_list_enforcement_mode": "enforce"}
+    (local / "resources.json").write_text(json.dumps(own))
+    code = f"import sitecustomize as s; print(s.allow_fedseg_in_simulation({str(tmp_path / 'ws')!r}))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(CUSTOM)}, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "None" and json.loads((local / "resources.json").read_text()) == own
+    import sitecustomize
+
+    assert sitecustomize.simulator_workspace(["/x/bin/nvflare", "simulator", "jobs/fedsm", "-w", "w1"]) == "w1"
+    assert sitecustomize.simulator_workspace(["/x/bin/nvflare", "simulator", "jobs/fedsm", "--workspace=w2"]) == "w2"
+    for argv in (["/x/bin/nvflare", "poc", "start"], ["-m", "simulator"], ["server_train.py", "simulator", "-w", "x"]):
+        assert sitecustomize.simulator_workspace(argv) is None
+
+
+# ---- real runs: those model sets -> export -> monai.bundle run, against fedseg.infer -------------------------
+@pytest.fixture(scope="module")
+def trained(runs) -> dict:
+    """The model sets of the FedAvg, FedCrossEns and FedSM runs."""
+    for name in ("fedavg", "fedcrossens", "fedsm"):
+        assert runs[name].rc == 0, runs[name].output[-4000:]
+    app = {name: runs[name].workspace / "server" / "simulate_job" / "app_server" for name in runs}
+    return {
+        "fedavg": app["fedavg"] / "fedavg" / "best.pt",
+        "fedcrossens": app["fedcrossens"] / "fedcross" / "best.pt",
+        "fedsm": app["fedsm"] / "fedsm" / "best.pt",
     }
 
 
@@ -503,10 +606,58 @@ def test_fedavg_bundle_segments_like_fedseg(trained, bundle_runs):
     )
 
 
+def _infer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedseg.infer", "global", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+
+
+def test_global_model_of_a_fedavg_run_segments_new_images(runs, trained, tiny2d, tmp_path):
+    job, workspace = runs["fedavg"].job, runs["fedavg"].workspace
+    best = trained["fedavg"]
+    assert best.is_file()
+    datalist = tiny2d / "site-1" / "datalist.json"
+
+    proc = _infer("--models", str(best), "--input", str(datalist), "--out", str(tmp_path / "dl"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((tmp_path / "dl" / "summary.json").read_text())
+    cases = load_datalist(str(datalist))["testing"]
+    assert summary["command"] == "global" and summary["method"] == "fedavg" and len(summary["cases"]) == len(cases)
+    for case, row in zip(cases, summary["cases"]):
+        source, seg = nib.load(case["image"]), nib.load(tmp_path / "dl" / row["segmentation"])
+        assert seg.shape == source.shape and np.allclose(seg.affine, source.affine)
+        assert seg.get_data_dtype() == np.uint8 and set(np.unique(seg.get_fdata())) <= {0.0, 1.0}
+        truth, pred = nib.load(case["label"]).get_fdata() > 0, seg.get_fdata() > 0
+        assert row["dice"] == pytest.approx(2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1), abs=1e-5)
+    # same weights and engine settings as the job's own final test: the same per-case Dice
+    job_dice = load_results(workspace, "fedavg")["models"]["global (best)"]["site-1"]["dice_per_case"]
+    assert [r["dice"] for r in summary["cases"]] == pytest.approx(job_dice, abs=1e-4)
+
+    # moved away from its run, the set has no engine settings next to it: refused by name, then --job-config works
+    moved = tmp_path / "moved" / "best.pt"
+    moved.parent.mkdir()
+    shutil.copy(best, moved)
+    refused = _infer("--models", str(moved), "--input", str(tiny2d / "site-2" / "imagesTs"), "--out", str(tmp_path / "x"))
+    assert refused.returncode != 0 and str(moved) in refused.stderr and "--job-config" in refused.stderr
+    folder = tmp_path / "folder"
+    proc = _infer(
+        "--models", str(moved), "--job-config", str(job), "--input", str(tiny2d / "site-2" / "imagesTs"), "--out", str(folder)
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    images = sorted(p.name for p in (tiny2d / "site-2" / "imagesTs").glob("*.nii.gz"))
+    assert sorted(p.name for p in folder.glob("*_seg.nii.gz")) == [n.replace(".nii.gz", "_seg.nii.gz") for n in images]
+    assert all("dice" not in r for r in json.loads((folder / "summary.json").read_text())["cases"])
+
+
 def test_fedcrossens_bundle_segments_like_fedseg_infer(trained, bundle_runs):
     engine, groups, info = engine_for(trained["fedcrossens"])
     nets = [net_of(engine, groups["members"][f"m{m}"]) for m in range(info["num_models"])]
-    assert len(nets) == 3
+    assert len(nets) == len(RUN_SITES)  # one member per site
     expected = {}
     for c in bundle_runs["cases"]:
         image = read_image(bundle_runs["images"] / f"{c}.nii.gz")
@@ -517,7 +668,7 @@ def test_fedcrossens_bundle_segments_like_fedseg_infer(trained, bundle_runs):
     bundle = bundle_runs["bundles"]["fedcrossens"]
     network = json.loads((bundle / "configs" / "inference.json").read_text())["member_def"]
     assert network.pop("_target_") == "monai.networks.nets.UNet"
-    for m in range(3):
+    for m in range(len(RUN_SITES)):
         UNet(**network).load_state_dict(torch.load(bundle / "models" / f"member_{m}.pt", weights_only=True), strict=True)
 
 

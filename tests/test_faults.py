@@ -537,6 +537,9 @@ def test_fedsm_resumes_after_the_server_was_killed(server_killed):
     assert history[:2] == before
     log = run.log("server")
     assert "(saved round 1," in log and "at round 2" in log
+    # the per-round selector records carry over too
+    extra = json.loads((run.job_dir / "app_server" / "fedseg_results.json").read_text())["extra"]
+    assert [r["round"] for r in extra["selector_history"]] == [0, 1, 2, 3]
     # best-set tracking carried over: best.pt is the best of ALL rounds, never a worse later set
     scores = {r["round"]: r["score"] for r in history if r.get("score") is not None}
     best_round = max(scores, key=scores.get)

@@ -361,18 +361,13 @@ def fedcrossens_run(clean_runs):
 def test_fedcrossens_in_partial_latin_blocks_fails_at_once(tiny2d, tmp_path):
     """4 communications at 3 sites: the server refuses the job when it starts (it learns the sites only then),
     before any model is sent anywhere, with an error naming both numbers."""
-    import time
-
     job = cross_job(tmp_path, "fedcrossens", num_communications=4, visit_steps=2)
-    began = time.monotonic()
     run = simulate(job, tmp_path / "ws", tiny2d, n=3, expect_ok=False, timeout=300)
-    seconds = time.monotonic() - began
     log = run.log("server")
     assert "num_communications 4 is not a multiple of the number of sites 3" in log, log[-3000:]
     assert "FedCross job refused at its start (sites ['site-1', 'site-2', 'site-3'])" in log
     assert "cross_train" not in log and not (run.job_dir / OUT / "last.pt").exists()  # no model ever left the server
-    assert not any("cross_train" in run.log(s) for s in ("site-1", "site-2", "site-3"))
-    assert seconds < 120, seconds  # fails at start, not after training (about 20 s of simulator start-up)
+    assert not any("cross_train" in run.log(s) for s in ("site-1", "site-2", "site-3"))  # refused before any task
 
 
 # ---- FedCross (K = 1) -------------------------------------------------------------------------------------------

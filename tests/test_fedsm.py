@@ -1,8 +1,11 @@
-"""FedSM and SoftPull in the real NVFlare simulator: model set, evaluation, resume, failures and bad updates."""
+"""FedSM and SoftPull in the real NVFlare simulator: model set, evaluation, experiment tracking (MLflow and
+TensorBoard), resume, failures and bad updates, and sites that filter what they send as a private scope would."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +32,7 @@ from fedseg.methods.fedsm import (
 from fedseg.modelset import load_model_set
 
 FEDSM_DIR = Path("app_server") / "fedsm"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # this process reads the MLflow store with mlflow's client
 
 
 # ---- the selector's "epoch" protocol against centralized full-batch Adam (torch double precision) ----------------
@@ -187,17 +191,34 @@ def all_arrays(groups) -> list[np.ndarray]:
     return [np.asarray(groups)]
 
 
+# what a recipe or jobgen adds to config_fed_server.json's "components" for MLflow (no tracking_uri: NVFlare's
+# default store, <job result dir>/mlflow.db); the job's TensorBoard receiver already takes the server's own events
+# and those forwarded from the sites
+MLFLOW_COMPONENT = {
+    "id": "mlflow_receiver",
+    "path": "fedseg.fl.tracking.MLflowServerReceiver",
+    "args": {"kw_args": {"experiment_name": "fedseg-fedsm", "run_name": "fedsm"}},
+}
+SITES = ["site-1", "site-2", "site-3"]
+
+
 @pytest.fixture(scope="module")
 def fedsm_run(tiny2d, tmp_path_factory):
+    """jobs/fedsm on the 3 tiny sites, 3 rounds, with MLflow tracking."""
     tmp = tmp_path_factory.mktemp("fedsm")
-    job = fedsm_job(tmp, num_rounds=4)
-    return simulate(job, tmp / "ws", tiny2d, n=3)
+    job = fedsm_job(tmp, num_rounds=3)
+    path = job / "app" / "config" / "config_fed_server.json"
+    server = json.loads(path.read_text())
+    assert any(c["id"] == "tb_receiver" for c in server["components"])
+    server["components"].append(MLFLOW_COMPONENT)
+    path.write_text(json.dumps(server, indent=2))
+    return simulate(job, tmp / "ws", tiny2d, n=len(SITES))
 
 
 def test_fedsm_writes_model_set_and_evaluation(fedsm_run):
     out = fedsm_run.job_dir / FEDSM_DIR
     groups, info = load_model_set(out / "last.pt")
-    assert info["site_names"] == ["site-1", "site-2", "site-3"] and info["round"] == 3
+    assert info["site_names"] == ["site-1", "site-2", "site-3"] and info["round"] == 2
     assert set(groups) == {"global", "personal", "selector"}  # the default "lda" selector keeps no Adam state
     assert sorted(groups["personal"]) == ["site-1", "site-2", "site-3"]
     assert all(np.isfinite(a).all() for a in all_arrays(groups) if a.dtype.kind == "f")
@@ -258,7 +279,7 @@ def test_fedsm_records_the_selector_every_round(fedsm_run):
     out = fedsm_run.job_dir / FEDSM_DIR
     history = json.loads((out / "history.json").read_text())
     sites = ["site-1", "site-2", "site-3"]
-    assert [r["round"] for r in history] == [0, 1, 2, 3]
+    assert [r["round"] for r in history] == [0, 1, 2]
     for record in history:
         selector = record["selector"]  # measured on each site's 2 validation cases with the selector sent that round
         assert sorted(selector["accuracy"]) == sorted(selector["routed_own"]) == sorted(selector["confusion"]) == sites
@@ -324,19 +345,56 @@ def test_fedsm_best_set_is_tracked(fedsm_run):
     )
 
 
-def test_fedsm_resumes_from_a_saved_set(fedsm_run, tiny2d, tmp_path):
-    saved = fedsm_run.job_dir / FEDSM_DIR / "last.pt"
-    job = fedsm_job(tmp_path, num_rounds=5, resume_from=str(saved))
-    result = simulate(job, tmp_path / "ws", tiny2d, n=3, resume_dirs=[fedsm_run.workspace])
+# ---- experiment tracking: the server's own per-round metrics reach MLflow (a local SQLite store) and TensorBoard --
+def server_name(result) -> str:
+    """The server's identity in the run (the folder TensorBoard writes its own records to)."""
+    names = [p.name for p in (result.job_dir / "tb_events").iterdir() if not p.name.startswith("site-")]
+    assert len(names) == 1, names
+    return names[0]
+
+
+def expected_series(result) -> dict[str, dict[int, float]]:
+    """{tag: {round: value}} the server must have tracked, from its own history.json."""
     history = json.loads((result.job_dir / FEDSM_DIR / "history.json").read_text())
-    assert [r["round"] for r in history] == [0, 1, 2, 3, 4]  # the saved history carries over
-    assert f"resuming from {saved}" in result.log("server")
-    # ... and so do the best score and the per-round selector records
-    _, before = load_model_set(saved)
-    _, after = load_model_set(result.job_dir / FEDSM_DIR / "last.pt")
-    assert after["best_score"] >= before["best_score"] > 0
-    extra = json.loads((result.job_dir / "app_server" / "fedseg_results.json").read_text())["extra"]
-    assert [r["round"] for r in extra["selector_history"]] == [0, 1, 2, 3, 4]
+    series: dict[str, dict[int, float]] = {}
+    for record in history:
+        accuracy = record["selector"]["accuracy"]
+        assert accuracy, record  # every site scored the selector it received
+        for site, value in accuracy.items():
+            series.setdefault(f"fedsm/selector_accuracy/{site}", {})[record["round"]] = value
+        series.setdefault("fedsm/selector_accuracy_mean", {})[record["round"]] = sum(accuracy.values()) / len(accuracy)
+        series.setdefault("fedsm/val_super_dice", {})[record["round"]] = record["score"]
+    assert set(next(iter(series.values()))) == {0, 1, 2}
+    return series
+
+
+def test_mlflow_run_holds_the_servers_selector_accuracy(fedsm_run):
+    from mlflow.tracking import MlflowClient
+
+    db = fedsm_run.job_dir / "mlflow.db"
+    assert db.is_file(), sorted(p.name for p in fedsm_run.job_dir.iterdir())
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("fedseg-fedsm")
+    runs = {r.data.tags.get("site"): r for r in client.search_runs([experiment.experiment_id])}
+    server = server_name(fedsm_run)
+    assert set(runs) == {server, *SITES}, set(runs)
+    run_id, expected = runs[server].info.run_id, expected_series(fedsm_run)
+    assert set(runs[server].data.metrics) == set(expected)  # the server's own metrics, nothing of the sites'
+    for tag, by_round in expected.items():
+        logged = {m.step: m.value for m in client.get_metric_history(run_id, tag)}
+        assert logged == pytest.approx(by_round), tag
+    # the sites' own curves (forwarded from the sites) arrive in their own runs
+    assert all("fedsm/val_selector_acc" in runs[site].data.metrics for site in SITES)
+
+
+def test_tensorboard_gets_the_same_server_tags(fedsm_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(fedsm_run.job_dir / "tb_events" / server_name(fedsm_run)))
+    events.Reload()
+    for tag, by_round in expected_series(fedsm_run).items():
+        logged = {e.step: e.value for e in events.Scalars(tag)}
+        assert logged == pytest.approx(by_round, abs=1e-6), tag  # TensorBoard stores float32
 
 
 def test_fedsm_inference_writes_segmentations(fedsm_run, tiny2d, tmp_path):
@@ -373,7 +431,7 @@ def test_fedsm_inference_writes_segmentations(fedsm_run, tiny2d, tmp_path):
 
 @pytest.fixture(scope="module")
 def faulty_run(tiny2d, tmp_path_factory):
-    """site-2 stalls past the task timeout in round 1; site-3 returns NaN weights in round 2."""
+    """2 sites: site-2 stalls past the task timeout in round 1; site-1 returns NaN weights in round 2."""
     tmp = tmp_path_factory.mktemp("fedsm_faults")
     # the reference's selector protocol (Adam steps, shared moments): its state is screened like the models
     job = fedsm_job(tmp, num_rounds=3, task_timeout=15, selector={"protocol": "epoch"})
@@ -382,16 +440,16 @@ def faulty_run(tiny2d, tmp_path_factory):
     client = json.loads(client_file.read_text())
     client["executors"][0]["executor"]["args"]["faults"] = [
         {"site": "site-2", "round": 1, "mode": "stall", "seconds": 18, "task": "fedsm_train"},
-        {"site": "site-3", "round": 2, "mode": "nan", "task": "fedsm_train"},
+        {"site": "site-1", "round": 2, "mode": "nan", "task": "fedsm_train"},
     ]
     client_file.write_text(json.dumps(client))
-    return simulate(job, tmp / "ws", tiny2d, n=3)
+    return simulate(job, tmp / "ws", tiny2d, n=2)
 
 
 def test_fedsm_survives_a_stalled_site(faulty_run):
     history = json.loads((faulty_run.job_dir / FEDSM_DIR / "history.json").read_text())
     by_round = {r["round"]: r for r in history}
-    assert "site-2" not in by_round[1]["accepted"] and {"site-1", "site-3"} <= set(by_round[1]["accepted"])
+    assert "site-2" not in by_round[1]["accepted"] and "site-1" in by_round[1]["accepted"]
     assert "site-2" in by_round[2]["accepted"]  # it comes back in the next round
     assert "no usable result from ['site-2']" in faulty_run.log("server")
     assert (faulty_run.job_dir / "app_server" / "fedseg_results.json").exists()
@@ -405,20 +463,20 @@ def test_fedsm_survives_a_stalled_site(faulty_run):
 def test_fedsm_rejects_nan_update(faulty_run):
     history = json.loads((faulty_run.job_dir / FEDSM_DIR / "history.json").read_text())
     by_round = {r["round"]: r for r in history}
-    assert "site-3" in by_round[2]["answered"] and "site-3" not in by_round[2]["accepted"]
+    assert "site-1" in by_round[2]["answered"] and "site-1" not in by_round[2]["accepted"]
     log = faulty_run.log("server")
     # the fault NaNs the update's last float array (the selector's Adam state): refused as non-finite
-    rejected = [line for line in log.splitlines() if "REJECTED" in line and "site-3" in line]
+    rejected = [line for line in log.splitlines() if "REJECTED" in line and "site-1" in line]
     assert any("NaN" in line or "non-finite" in line for line in rejected), rejected
     for name in ("last.pt", "best.pt"):
         groups, _ = load_model_set(faulty_run.job_dir / FEDSM_DIR / name)
         assert all(np.isfinite(a).all() for a in all_arrays(groups) if a.dtype.kind == "f"), name
-    # site-3's personalized model was kept, not replaced by its NaN update
+    # site-1's personalized model was kept, not replaced by its NaN update
     assert "FL_global_model.pt" in {p.name for p in (faulty_run.job_dir / "app_server").iterdir()}
 
 
 def test_softpull_job(tiny2d, tmp_path):
-    job = fedsm_job(tmp_path, name="softpull", num_rounds=2)
+    job = fedsm_job(tmp_path, name="softpull", num_rounds=1)
     result = simulate(job, tmp_path / "ws", tiny2d, n=2)
     results = json.loads((result.job_dir / "app_server" / "fedseg_results.json").read_text())
     assert set(results["models"]) == {"SoftPull global", "SoftPull personalized (own site)"}
@@ -426,19 +484,82 @@ def test_softpull_job(tiny2d, tmp_path):
     assert "selector" not in groups and info["use_selector"] is False
 
 
-def test_fedsm_says_when_its_selector_cannot_learn(tiny2d, tmp_path):
-    """Every site holds the same images: no selector can tell them apart. Each image has one argmax for all
-    three sites, so the sites' argmax accuracies sum to 1 and one is at or below chance: the run must say that
-    the selector collapsed, in its results, its table and the server log, instead of presenting a super model."""
-    data = tmp_path / "same"
-    for site in ("site-1", "site-2", "site-3"):
+# ---- one run: sites that hold the same images and filter their replies as a private scope would ---------------------
+PRIVATE_SCOPE_ARGS = {"noise_vars": [".*"], "noise_std": 0.05, "optimizer_state": "send"}
+SITE_TASKS = ["fedsm_train", "fedsm_evaluate", "validate", "submit_model"]
+
+
+def keys_anywhere(obj) -> set[str]:
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in keys_anywhere(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in keys_anywhere(v)}
+    return set()
+
+
+@pytest.fixture(scope="module")
+def private_same_data_run(tiny2d, tmp_path_factory):
+    """FedSM, 2 rounds, 2 sites that both hold site-1's images, every site filtering its replies as a private scope
+    would (per-case results stripped, weights perturbed, the selector's statistics sent as they are: the noise
+    touches no selector output, so the collapse below is the data's, not the filter's).
+
+    The NVFlare 2.9 simulator does not apply a privacy scope at a site: its SimulatorClientRunManager
+    .create_job_processing_context_properties leaves out FLContextKey.SCOPE_OBJECT, which
+    nvflare.apis.utils.task_utils.get_filters needs. (It copies <workspace>/local/privacy.json to the server too,
+    and the server then applies the scope to the results it receives: after they left the sites.) So the filter is
+    put in the job's own task_result_filters here; in a deployment it sits in local/privacy.json (tests/test_poc.py)."""
+    tmp = tmp_path_factory.mktemp("fedsm_private_same")
+    data = tmp / "same"
+    for site in ("site-1", "site-2"):
         shutil.copytree(tiny2d / "site-1", data / site)
-    run = simulate(fedsm_job(tmp_path, num_rounds=2), tmp_path / "ws", data, n=3)
+    job = fedsm_job(tmp, num_rounds=2)
+    client_file = job / "app" / "config" / "config_fed_client.json"
+    client = json.loads(client_file.read_text())
+    client["executors"][0]["executor"]["args"]["engine"]["local_epochs"] = 1
+    client["task_result_filters"] = [
+        {"tasks": SITE_TASKS, "filters": [{"path": "fedseg.fl.privacy.LayerPrivacyFilter", "args": PRIVATE_SCOPE_ARGS}]}
+    ]
+    client_file.write_text(json.dumps(client, indent=2))
+    return simulate(job, tmp / "ws", data, n=2)
+
+
+def test_fedsm_says_when_its_selector_cannot_learn(private_same_data_run):
+    """Every site holds the same images: no selector can tell them apart. Each image has one argmax for both sites,
+    so the sites' argmax accuracies sum to 1 and one is at or below chance: the run must say that the selector
+    collapsed, in its results, its table and the server log, instead of presenting a super model."""
+    run = private_same_data_run
     results = json.loads((run.job_dir / "app_server" / "fedseg_results.json").read_text())
     status = results["extra"]["selector_status"]
     accuracy = results["extra"]["selector_accuracy"]
-    assert sum(accuracy.values()) == pytest.approx(1.0)
+    assert sorted(accuracy) == ["site-1", "site-2"] and sum(accuracy.values()) == pytest.approx(1.0)
     assert status["status"] == "collapsed" and status["below_chance"], status
     assert "at or below chance" in status["reasons"][0]
     log = run.log("server")
     assert "SELECTOR COLLAPSED" in log and "WARNING: FedSM selector collapsed" in log
+
+
+def test_server_receives_no_per_case_results_from_private_sites(private_same_data_run):
+    run = private_same_data_run
+    out = run.job_dir / "app_server"
+    evaluation = json.loads((out / "fedsm" / "fedsm_evaluation.json").read_text())
+    results = json.loads((out / "fedseg_results.json").read_text())
+    history = json.loads((out / "fedsm" / "history.json").read_text())
+    assert sorted(evaluation) == ["site-1", "site-2"] and len(history) == 2  # the run completed
+    for name, record in (("fedsm_evaluation.json", evaluation), ("fedseg_results.json", results), ("history.json", history)):
+        keys = keys_anywhere(record)
+        assert not {k for k in keys if k.endswith("_per_case")} and "case_names" not in keys, name
+    for site, metrics in evaluation.items():
+        assert np.isfinite(metrics["super"]["dice"]) and metrics["super"]["n_cases"] > 0, site  # summaries still arrive
+    for site in ("site-1", "site-2"):
+        log = run.log(site)
+        assert f"privacy filter at {site}, task fedsm_evaluate: removed per-case results" in log
+        assert re.search(
+            rf"privacy filter at {site}, task fedsm_train: zeroed 0 tensor\(s\) \[\]; perturbed \d+ tensor\(s\)", log
+        )
+    # the selector's feature statistics ("optimizer_state": "send") left without noise, which would have made their
+    # scatter asymmetric: the server accepted every site's and fitted the selector head from them
+    server_log = run.log("server")
+    assert "REJECTED selector statistics" not in server_log and "selector head not fitted" not in server_log
+    assert "selector head fitted without statistics" not in server_log
+    groups, _ = load_model_set(out / "fedsm" / "last.pt")
+    assert np.isfinite(groups["selector"]["head.weight"]).all() and np.abs(groups["selector"]["head.weight"]).max() > 0

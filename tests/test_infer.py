@@ -1,22 +1,14 @@
-"""`python -m fedseg.infer`: results written on the input image's grid (MONAI SaveImage), and the global model of a
-real FedAvg run segments new images with the Dice the job itself measured."""
+"""`python -m fedseg.infer`: results written on the input image's grid (MONAI SaveImage). That the global model of a
+real FedAvg run segments new images with the Dice the job itself measured is shown in tests/test_export.py, on the
+FedAvg run its bundles are exported from."""
 
 from __future__ import annotations
-
-import json
-import os
-import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import CUSTOM, TINY_ENGINE, copy_job, simulate
 
-from fedseg.data import load_datalist
 from fedseg.inference_io import write_nifti_like
-from fedseg.report import load_results
 
 
 def _oblique_affine(spacing: tuple[float, float, float]) -> np.ndarray:
@@ -50,52 +42,3 @@ def test_written_results_keep_the_input_grid(shape, dtype, tmp_path):
     assert np.array_equal(np.asarray(written.dataobj), array)
     with pytest.raises(ValueError, match="does not match .*case.nii.gz"):
         write_nifti_like(tmp_path / "case.nii.gz", array[:-1], tmp_path / "out" / "bad_seg.nii.gz")
-
-
-def _infer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedseg.infer", "global", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
-        timeout=600,
-    )
-
-
-def test_global_model_of_a_fedavg_run_segments_new_images(tiny2d, tmp_path):
-    job = copy_job("fedavg", tmp_path, server_args={"num_rounds": 2}, engine={**TINY_ENGINE, "local_epochs": 1})
-    result = simulate(job, tmp_path / "ws", tiny2d, n=3)
-    best = result.job_dir / "app_server" / "fedavg" / "best.pt"
-    assert best.is_file()
-    datalist = tiny2d / "site-1" / "datalist.json"
-
-    proc = _infer("--models", str(best), "--input", str(datalist), "--out", str(tmp_path / "dl"))
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    summary = json.loads((tmp_path / "dl" / "summary.json").read_text())
-    cases = load_datalist(str(datalist))["testing"]
-    assert summary["command"] == "global" and summary["method"] == "fedavg" and len(summary["cases"]) == len(cases)
-    for case, row in zip(cases, summary["cases"]):
-        source, seg = nib.load(case["image"]), nib.load(tmp_path / "dl" / row["segmentation"])
-        assert seg.shape == source.shape and np.allclose(seg.affine, source.affine)
-        assert seg.get_data_dtype() == np.uint8 and set(np.unique(seg.get_fdata())) <= {0.0, 1.0}
-        truth, pred = nib.load(case["label"]).get_fdata() > 0, seg.get_fdata() > 0
-        assert row["dice"] == pytest.approx(2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1), abs=1e-5)
-    # same weights and engine settings as the job's own final test: the same per-case Dice
-    job_dice = load_results(result.workspace, "fedavg")["models"]["global (best)"]["site-1"]["dice_per_case"]
-    assert [r["dice"] for r in summary["cases"]] == pytest.approx(job_dice, abs=1e-4)
-
-    # moved away from its run, the set has no engine settings next to it: refused by name, then --job-config works
-    moved = tmp_path / "moved" / "best.pt"
-    moved.parent.mkdir()
-    shutil.copy(best, moved)
-    refused = _infer("--models", str(moved), "--input", str(tiny2d / "site-2" / "imagesTs"), "--out", str(tmp_path / "x"))
-    assert refused.returncode != 0 and str(moved) in refused.stderr and "--job-config" in refused.stderr
-    folder = tmp_path / "folder"
-    proc = _infer(
-        "--models", str(moved), "--job-config", str(job), "--input", str(tiny2d / "site-2" / "imagesTs"), "--out", str(folder)
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    images = sorted(p.name for p in (tiny2d / "site-2" / "imagesTs").glob("*.nii.gz"))
-    assert sorted(p.name for p in folder.glob("*_seg.nii.gz")) == [n.replace(".nii.gz", "_seg.nii.gz") for n in images]
-    assert all("dice" not in r for r in json.loads((folder / "summary.json").read_text())["cases"])

@@ -1,6 +1,7 @@
 """What a job's own arguments cannot reach on the server: another job's checkpoint (the persistor's source
 checkpoint) is refused unless it lies in this job's folder or a folder the server operator allows; an MLflow
-store outside the job's folder, or on a tracking server, is refused. Real simulator runs (two, side by side)."""
+store outside the job's folder, or on a tracking server, is refused. Real simulator runs (two, side by side, of one
+site each: what is checked happens on the server)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ def _set_component_args(job, component_id: str, **args) -> None:
 @pytest.fixture(scope="module")
 def runs(tiny2d, tmp_path_factory):
     """'refused': the persistor names another job's model; 'allowed': the same, with the model's folder listed by
-    the server operator in local/fedseg_server.json ("resume_dirs")."""
+    the server operator in local/fedseg_server.json ("resume_dirs"). jobs/fedavg, 1 round on 1 site, no
+    cross-site evaluation."""
     tmp = tmp_path_factory.mktemp("confine")
     other_job = tmp / "server_ws" / "other-job-id" / "app_server"
     other_job.mkdir(parents=True)
-    job = copy_job("fedavg", tmp / "jobs", server_args={"num_rounds": 1}, engine={**TINY_ENGINE, "local_epochs": 1})
+    job = copy_job(
+        "fedavg", tmp / "jobs", server_args={"num_rounds": 1, "min_clients": 1}, engine={**TINY_ENGINE, "local_epochs": 1}
+    )
     _, config = _server_config(job)
     network = next(c for c in config["components"] if c["id"] == "persistor")["args"]["network"]
     stolen = other_job / "FL_global_model.pt"
@@ -45,11 +49,12 @@ def runs(tiny2d, tmp_path_factory):
         {"id": "mlflow_outside", "path": receiver, "args": {"tracking_uri": f"sqlite:///{tmp / 'outside' / 'mlflow.db'}"}},
         {"id": "mlflow_inside", "path": receiver, "args": {"tracking_uri": "sqlite:///tracking/mlflow.db"}},
     ]
+    config["workflows"] = config["workflows"][:1]
     path.write_text(json.dumps(config, indent=2))
     (tmp / "outside").mkdir()
 
     def run(name, **kwargs):
-        return lambda: simulate(job, tmp / name, tiny2d, n=2, expect_ok=False, timeout=600, **kwargs)
+        return lambda: simulate(job, tmp / name, tiny2d, n=1, expect_ok=False, timeout=600, **kwargs)
 
     results = in_parallel(refused=run("refused"), allowed=run("allowed", resume_dirs=[other_job.parent]))
     return results, stolen, tmp

@@ -1,14 +1,17 @@
-"""Deployment: POC federation (localhost only), the three submission ways, roles and FedSeg's authorization
-policy (no BYOC, leads manage only their own jobs), signing, privacy scope, GPU planning, port reservation,
-provisioning of the real-deployment project, and teardown that leaves nothing behind.
+"""Deployment: POC federation (localhost only), the three submission ways and a recipe run with NVFlare's ProdEnv,
+roles and FedSeg's authorization policy (no BYOC, leads manage only their own jobs), signing, privacy scope, GPU
+planning, port reservation, provisioning of the real-deployment project, and teardown that leaves nothing behind.
 
-One POC (server + hospital-a/b/c, hospital-a with the privacy scope on) is shared by the module; its
-finalizer stops it and asserts that no process of it and no listening port is left, whatever the tests did.
+One POC (server + hospital-a/b, hospital-a with the privacy scope on) is shared by the module: 2 hospitals are
+enough for every check here (a filtered site beside an unfiltered one, two leads of two orgs). Its port comes from
+the tool's range, reserved with its lock files; its finalizer stops it and asserts that no process of it and no
+listening port is left, whatever the tests did.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -28,13 +31,13 @@ from poc_federation import flare_api  # noqa: E402
 from poc_federation.common import PocError  # noqa: E402
 from poc_federation.federation import PocFederation  # noqa: E402
 from poc_federation.gpus import plan_gpus, set_gpu_capacity  # noqa: E402
-from poc_federation.ports import acquire_port, port_lock_file, release_port, reserve_port  # noqa: E402
+from poc_federation.ports import PORT_RANGE, acquire_port, port_lock_file, release_port, reserve_port  # noqa: E402
 from poc_federation.processes import find_processes, is_alive, port_listeners, process_listeners  # noqa: E402
 from poc_federation.provision import hospital_names, load_authorization_policy  # noqa: E402
 
 LEAD, MEMBER, ADMIN = "lead@hospital-a.org", "member@hospital-a.org", "admin@fedseg.org"
 OTHER_LEAD = "lead@hospital-b.org"
-SITES = hospital_names(3)
+SITES = hospital_names(2)
 PRIVATE_SITE = "hospital-a"
 FINAL_LAYER = "net.model.2.1.conv.unit0.conv"  # what poc/privacy.json zeroes in FedSeg's UNet
 TINY = {"roi_size": [32, 32], "batch_size": 4, "local_epochs": 1}
@@ -73,7 +76,8 @@ def poc(tmp_path_factory):
     root = tmp_path_factory.mktemp("poc")
     job = copy_job("fedavg", root / "src_jobs", server_args={"num_rounds": 1}, engine=TINY)
     fed = PocFederation(root / "fed")
-    port = reserve_port(fed.root)
+    port = reserve_port(fed.root)  # the POC tool's own range, locked for this root
+    assert PORT_RANGE[0] <= port <= PORT_RANGE[1]
     seen: set[int] = set()
     try:
         fed.prepare(sites=SITES, port=port, size="tiny", gpus="auto", privacy_sites=[PRIVATE_SITE])
@@ -346,6 +350,97 @@ def test_fedsm_and_fedcrossens_deploy_the_same_way(poc):
         assert result.status == "FINISHED:COMPLETED", (name, result)
         record = load_results(result.result_dir)
         assert sorted(record["models"][expected_model[name]]) == SITES, (name, record["models"].keys())
+
+
+# --------------------------------------------------------------------------------------------------
+# A FedSeg recipe executed with NVFlare's ProdEnv against the running federation, as a hospital's study lead does:
+# ProdEnv starts nothing, it submits through an admin startup kit (FLARE API: log in, sign the job with the kit's
+# certificate, submit, monitor, download).
+# --------------------------------------------------------------------------------------------------
+
+
+def job_ids(fed: PocFederation) -> set[str]:
+    """Every job the server knows, as the project admin sees them."""
+    session = flare_api.open_session(fed.kit(ADMIN), ADMIN)
+    try:
+        return {job["job_id"] for job in session.list_jobs() or []}
+    finally:
+        session.close()
+
+
+def tiny_recipe(name: str):
+    from fedseg.recipes import FedAvgRecipe
+
+    # 1 round: FedAvgController scores the model the sites received, so the round also gives a best model
+    engine = {**TINY, "lr": 0.002}
+    return FedAvgRecipe(name=name, num_rounds=1, min_clients=len(SITES), engine=engine, task_timeout=600)
+
+
+def test_lead_runs_fedavg_recipe_with_prodenv_on_a_running_federation(poc):
+    from nvflare.apis.job_def import RunStatus
+    from nvflare.recipe import ProdEnv
+
+    from fedseg.fl.allowlist import needed_classes, workspace_role
+    from fedseg.report import load_results
+
+    fed = poc.fed
+    job_name = "fedavg_prodenv"
+    env = ProdEnv(startup_kit_location=str(fed.kit(LEAD)), username=LEAD, login_timeout=30.0)
+    run = tiny_recipe(job_name).execute(env)
+    job_id = run.get_job_id()
+    result = None
+    try:
+        result = run.get_result(timeout=JOB_TIMEOUT)  # monitors, then downloads into the lead kit's transfer/
+        poc.seen.update(fed.processes())
+    finally:
+        if result is None:  # not done in time: leave no job running for the next test (Run.abort is a no-op now)
+            env.abort_job(job_id)
+    status = run.get_status()  # cached by get_result
+    assert status == RunStatus.FINISHED_COMPLETED.value, (status, result)
+    assert result is not None
+
+    # the job ran under the lead's name and role, signed by the lead's kit, at every site, without code
+    session = flare_api.open_session(fed.kit(ADMIN), ADMIN)
+    try:
+        meta = session.get_job_meta(job_id)
+    finally:
+        session.close()
+    assert (meta["name"], meta["submitter_name"], meta["submitter_role"]) == (job_name, LEAD, "lead"), meta
+    for kit in ["server", *SITES]:
+        resources = json.loads((fed.kit(kit) / "local" / "resources.json").read_text())
+        assert resources["class_list_enforcement_mode"] == "enforce", kit
+        assert set(needed_classes(workspace_role(fed.kit(kit)))) <= set(resources["class_allow_list"]), kit
+    for site in SITES:
+        app = fed.kit(site) / job_id / f"app_{site}"
+        assert (app / "config" / "config_fed_client.json").is_file(), sorted(p.name for p in app.parent.iterdir())
+        assert not (app / "custom").exists(), f"{site}: the job brought code"
+        assert (app / ".__nvfl_sig.json").exists() and (app / ".__nvfl_submitter.crt").exists(), site
+        log = site_job_log(fed, site, job_id)
+        assert f"site {site}: datalist {fed.state['data'][site]} OK" in log, log[-3000:]
+
+    # the downloaded result: FedAvg's global models and cross-site evaluation with a finite Dice at every site
+    result = Path(result)
+    assert result.is_relative_to(fed.kit(LEAD)), result
+    assert list(result.rglob("*best_FL_global_model.pt")), sorted(p.name for p in result.rglob("*"))
+    results = load_results(result, "fedavg")
+    scored = {m: s for m, s in results["models"].items() if isinstance(s, dict) and sorted(s) == SITES}
+    assert scored, results["models"]
+    for scores in scored.values():
+        for site in SITES:
+            dice = scores[site]["dice"]
+            assert math.isfinite(dice) and 0.0 <= dice <= 1.0, (site, scores)
+
+
+def test_member_cannot_submit_a_recipe_with_prodenv(poc):
+    """FedSeg's policy holds for ProdEnv too: a member's kit logs in, but the server refuses the job."""
+    from nvflare.recipe import ProdEnv
+
+    fed = poc.fed
+    env = ProdEnv(startup_kit_location=str(fed.kit(MEMBER)), username=MEMBER, login_timeout=30.0)
+    jobs_before = job_ids(fed)
+    with pytest.raises(RuntimeError, match=r"member@hospital-a\.org' is not authorized for 'submit_job'"):
+        tiny_recipe("fedavg_by_member").execute(env)
+    assert job_ids(fed) == jobs_before  # nothing was stored or scheduled
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Only what is agreed leaves a site: the privacy filter on weights, optimizer state and metrics, the sections
-a site scores for the server, and a FedSM run whose sites strip per-case results."""
+"""Only what is agreed leaves a site: the privacy filter on weights, optimizer state and metrics, and the sections
+a site scores for the server. (A FedSM run whose sites strip per-case results: tests/test_fedsm.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_ENGINE, copy_job, simulate
+from conftest import TINY_ENGINE
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -232,72 +232,3 @@ def test_a_site_never_scores_its_training_cases_for_the_server(site_executors, c
         reply = run(task, "testing")
         assert reply.get_return_code() == ReturnCode.OK, task
         assert "dice_per_case" in json.dumps(from_shareable(reply).data), task
-
-
-# ---- a real run -----------------------------------------------------------------------------------------------------
-PRIVATE_SCOPE_ARGS = {"noise_vars": [".*"], "noise_std": 0.05, "optimizer_state": "send"}
-SITE_TASKS = ["fedsm_train", "fedsm_evaluate", "validate", "submit_model"]
-
-
-def keys_anywhere(obj) -> set[str]:
-    if isinstance(obj, dict):
-        return set(obj) | {k for v in obj.values() for k in keys_anywhere(v)}
-    if isinstance(obj, list):
-        return {k for v in obj for k in keys_anywhere(v)}
-    return set()
-
-
-@pytest.fixture(scope="module")
-def private_fedsm_run(tiny2d, tmp_path_factory):
-    """FedSM, 2 rounds, every site filtering its replies as a private scope would.
-
-    The NVFlare 2.9 simulator does not apply a privacy scope at a site: its SimulatorClientRunManager
-    .create_job_processing_context_properties leaves out FLContextKey.SCOPE_OBJECT, which
-    nvflare.apis.utils.task_utils.get_filters needs. (It copies <workspace>/local/privacy.json to the server too,
-    and the server then applies the scope to the results it receives: after they left the sites.) So the filter is
-    put in the job's own task_result_filters here; in a deployment it sits in local/privacy.json (tests/test_poc.py)."""
-    tmp = tmp_path_factory.mktemp("privacy")
-    engine = json.loads((REPO / "jobs" / "fedsm" / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0][
-        "args"
-    ]["engine"]
-    job = copy_job(
-        "fedsm",
-        tmp,
-        server_args={"num_rounds": 2, "engine": {**engine, **TINY_ENGINE}},
-        engine={**TINY_ENGINE, "local_epochs": 1},
-    )
-    client_file = job / "app" / "config" / "config_fed_client.json"
-    client = json.loads(client_file.read_text())
-    client["task_result_filters"] = [
-        {"tasks": SITE_TASKS, "filters": [{"path": "fedseg.fl.privacy.LayerPrivacyFilter", "args": PRIVATE_SCOPE_ARGS}]}
-    ]
-    client_file.write_text(json.dumps(client, indent=2))
-    return simulate(job, tmp / "ws", tiny2d, n=3)
-
-
-def test_server_receives_no_per_case_results_from_private_sites(private_fedsm_run):
-    from fedseg.modelset import load_model_set
-
-    out = private_fedsm_run.job_dir / "app_server"
-    evaluation = json.loads((out / "fedsm" / "fedsm_evaluation.json").read_text())
-    results = json.loads((out / "fedseg_results.json").read_text())
-    history = json.loads((out / "fedsm" / "history.json").read_text())
-    assert sorted(evaluation) == ["site-1", "site-2", "site-3"] and len(history) == 2  # the run completed
-    for name, record in (("fedsm_evaluation.json", evaluation), ("fedseg_results.json", results), ("history.json", history)):
-        keys = keys_anywhere(record)
-        assert not {k for k in keys if k.endswith("_per_case")} and "case_names" not in keys, name
-    for site, metrics in evaluation.items():
-        assert np.isfinite(metrics["super"]["dice"]) and metrics["super"]["n_cases"] > 0, site  # summaries still arrive
-    for site in ("site-1", "site-2", "site-3"):
-        log = private_fedsm_run.log(site)
-        assert f"privacy filter at {site}, task fedsm_evaluate: removed per-case results" in log
-        assert re.search(
-            rf"privacy filter at {site}, task fedsm_train: zeroed 0 tensor\(s\) \[\]; perturbed \d+ tensor\(s\)", log
-        )
-    # the selector's feature statistics ("optimizer_state": "send") left without noise, which would have made their
-    # scatter asymmetric: the server accepted every site's and fitted the selector head from them
-    server_log = private_fedsm_run.log("server")
-    assert "REJECTED selector statistics" not in server_log and "selector head not fitted" not in server_log
-    assert "selector head fitted without statistics" not in server_log
-    groups, _ = load_model_set(out / "fedsm" / "last.pt")
-    assert np.isfinite(groups["selector"]["head.weight"]).all() and np.abs(groups["selector"]["head.weight"]).max() > 0

@@ -1,6 +1,6 @@
 """The README's quick start stays true: its recipe example builds every method's job (exported through NVFlare's
 own Recipe.export), and every job folder its simulator commands name exists. Running them is tests/test_recipes.py
-(SimEnv) and tests/test_jobs_cli.py (plain `nvflare simulator jobs/<name>`)."""
+(SimEnv) and tests/test_export.py (plain `nvflare simulator jobs/<name>`)."""
 
 from __future__ import annotations
 

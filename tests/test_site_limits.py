@@ -55,11 +55,15 @@ def test_requests_within_the_caps_pass():
 
 
 def refusal_run(tiny2d, root, site_config: dict, server_args: dict, engine: dict):
-    """jobs/fedavg (1 round) on 2 sites whose own local/fedseg_site.json is site_config."""
+    """jobs/fedavg (1 round, no cross-site evaluation) on 2 sites whose own local/fedseg_site.json is site_config."""
     ws = root / "ws"
     (ws / "local").mkdir(parents=True)  # the simulator copies <workspace>/local to every site
     (ws / "local" / "fedseg_site.json").write_text(json.dumps(site_config))
     job = copy_job("fedavg", root / "jobs", server_args={"num_rounds": 1, **server_args}, engine={**TINY_ENGINE, **engine})
+    server_file = job / "app" / "config" / "config_fed_server.json"
+    server = json.loads(server_file.read_text())
+    server["workflows"] = server["workflows"][:1]
+    server_file.write_text(json.dumps(server, indent=2))
     return lambda: simulate(job, ws, tiny2d, n=2, expect_ok=False, timeout=600)
 
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from conftest import TINY_ENGINE, in_parallel
 
-SITES = ["site-1", "site-2", "site-3"]
+SITES = ["site-1", "site-2"]  # 2 sites: the model still travels (Cyclic) and is averaged (FedAvg)
 
 
 # ---- pure logic ---------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def _survivors(folder: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def stock_runs(tiny2d, tmp_path_factory):
-    """Both stock recipes on the 3 tiny sites from the same seeded checkpoint, plus a run whose first site has a
+    """Both stock recipes on 2 of the tiny sites from the same seeded checkpoint, plus a run whose first site has a
     broken datalist (all three side by side: they mostly wait)."""
     from fedseg.bench.jobs import save_initial_checkpoint
     from fedseg.bench.stock import StockRunError, run_stock
@@ -122,10 +122,10 @@ def test_stock_cyclic_visits_every_site_in_order_from_the_given_checkpoint(stock
     res = stock_runs["cyclic"]
     extra = res["extra"]
     assert res["method"] == "nvflare_cyclic" and res["section"] == "testing"
-    assert extra["visits"] == 3 and extra["seg_steps"] == 6
+    assert extra["visits"] == 2 and extra["seg_steps"] == 4
     assert [(h["round"], h["site"], h["steps"]) for h in extra["history"]] == [(0, s, 2) for s in SITES]
     assert list(res["models"]) == ["global (last)"]  # the stock Cyclic keeps no best model
-    assert "last" in extra["model_selection"] and "site-3" in extra["model_selection"]
+    assert "last" in extra["model_selection"] and f"site {SITES[-1]})" in extra["model_selection"]
     for site in SITES:
         scores = res["models"]["global (last)"][site]
         assert scores["n_cases"] == _n_test_cases(tiny2d, site) == len(scores["dice_per_case"])
@@ -135,7 +135,8 @@ def test_stock_cyclic_visits_every_site_in_order_from_the_given_checkpoint(stock
     assert extra["history"][0]["val_dice"] == pytest.approx(init_val["site-1"], abs=1e-5)
     # the model moved on from site to site: the next site received a trained model, not the checkpoint
     assert extra["history"][1]["val_dice"] != pytest.approx(init_val["site-2"], abs=1e-5)
-    assert extra["curve"][-1] == pytest.approx([1.0, sum(extra["final_validation_dice"].values()) / 3])
+    assert sorted(extra["final_validation_dice"]) == SITES
+    assert extra["curve"][-1] == pytest.approx([1.0, sum(extra["final_validation_dice"].values()) / len(SITES)])
     assert (
         json.loads((stock_runs["root"] / "cyclic" / "nvflare_cyclic" / "fedseg_results.json").read_text())["models"]
         == res["models"]
@@ -148,7 +149,7 @@ def test_stock_fedavg_rounds_best_model_and_initial_checkpoint(stock_runs, tiny2
 
     res = stock_runs["fedavg"]
     extra = res["extra"]
-    assert extra["visits"] == 6 and extra["seg_steps"] == 6
+    assert extra["visits"] == 4 and extra["seg_steps"] == 4
     assert sorted((h["round"], h["site"]) for h in extra["history"]) == [(r, s) for r in (0, 1) for s in SITES]
     init_val, engines = _init_scores(tiny2d, stock_runs["init"])
     round0 = {h["site"]: h["val_dice"] for h in extra["history"] if h["round"] == 0}
