@@ -229,6 +229,23 @@ def simulate(job: Path, workspace: Path, data: Path, n: int = 3, expect_ok: bool
 TINY_ENGINE = {"roi_size": [32, 32], "batch_size": 4, "local_epochs": 3}
 
 
+def assert_fedavg_result_scored(result: Path, sites: list[str]) -> None:
+    """A FedAvg job's downloaded result: its best global model, and a finite Dice in [0, 1] at every site for
+    every model the cross-site evaluation scored at all of them."""
+    import math
+
+    from fedseg.report import load_results
+
+    assert list(result.rglob("*best_FL_global_model.pt")), sorted(p.name for p in result.rglob("*"))
+    results = load_results(result, "fedavg")
+    scored = {m: s for m, s in results["models"].items() if isinstance(s, dict) and sorted(s) == sites}
+    assert scored, results["models"]
+    for scores in scored.values():
+        for site in sites:
+            dice = scores[site]["dice"]
+            assert math.isfinite(dice) and 0.0 <= dice <= 1.0, (site, scores)
+
+
 @pytest.fixture
 def audit_events(monkeypatch) -> list[dict]:
     """NVFlare's auditor replaced by a recorder: the job audit events ({"ref", "msg"}) added during the test."""

@@ -11,7 +11,6 @@ listening port is left, whatever the tests did.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -24,7 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import REPO, copy_job
+from conftest import REPO, assert_fedavg_result_scored, copy_job
 
 sys.path.insert(0, str(REPO / "poc"))
 from poc_federation import flare_api  # noqa: E402
@@ -381,7 +380,6 @@ def test_lead_runs_fedavg_recipe_with_prodenv_on_a_running_federation(poc):
     from nvflare.recipe import ProdEnv
 
     from fedseg.fl.allowlist import needed_classes, workspace_role
-    from fedseg.report import load_results
 
     fed = poc.fed
     job_name = "fedavg_prodenv"
@@ -421,14 +419,7 @@ def test_lead_runs_fedavg_recipe_with_prodenv_on_a_running_federation(poc):
     # the downloaded result: FedAvg's global models and cross-site evaluation with a finite Dice at every site
     result = Path(result)
     assert result.is_relative_to(fed.kit(LEAD)), result
-    assert list(result.rglob("*best_FL_global_model.pt")), sorted(p.name for p in result.rglob("*"))
-    results = load_results(result, "fedavg")
-    scored = {m: s for m, s in results["models"].items() if isinstance(s, dict) and sorted(s) == SITES}
-    assert scored, results["models"]
-    for scores in scored.values():
-        for site in SITES:
-            dice = scores[site]["dice"]
-            assert math.isfinite(dice) and 0.0 <= dice <= 1.0, (site, scores)
+    assert_fedavg_result_scored(result, SITES)
 
 
 def test_member_cannot_submit_a_recipe_with_prodenv(poc):

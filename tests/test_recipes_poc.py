@@ -9,7 +9,6 @@ of fedseg.fl.localhost_poc, shared with poc/fedseg_poc.py (tests/test_poc.py use
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import CUSTOM
+from conftest import CUSTOM, assert_fedavg_result_scored
 from nvflare.apis.job_def import RunStatus
 
 from fedseg.fl.allowlist import needed_classes, workspace_role
@@ -32,7 +31,6 @@ from fedseg.fl.localhost_poc import (
 )
 from fedseg.fl.poc_env import MARK_ENV, PORT_RANGE, FedSegPocEnv, PocEnvError, render_project, site_datalists, site_pythonpath
 from fedseg.recipes import FedAvgRecipe
-from fedseg.report import load_results
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POC start scripts are Linux shell")
 
@@ -193,11 +191,4 @@ def test_fedavg_recipe_runs_in_fedseg_poc_env_on_localhost_only(tiny2d, tmp_path
     # the results, copied out of the POC workspace before it was removed
     result = Path(result)
     assert result.parent == env.root / "results" and result.is_dir()
-    assert list(result.rglob("*best_FL_global_model.pt")), sorted(p.name for p in result.rglob("*"))
-    results = load_results(result, "fedavg")
-    scored = {m: s for m, s in results["models"].items() if isinstance(s, dict) and sorted(s) == SITES}
-    assert scored, results["models"]
-    for scores in scored.values():
-        for site in SITES:
-            dice = scores[site]["dice"]
-            assert math.isfinite(dice) and 0.0 <= dice <= 1.0, (site, scores)
+    assert_fedavg_result_scored(result, SITES)
