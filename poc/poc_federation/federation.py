@@ -29,21 +29,8 @@ from .jobs import stage_job
 from .ports import acquire_port, port_is_free, port_lock_file, release_port, reserve_port
 from .processes import find_processes, is_loopback, kill_processes, port_listeners, process_listeners, run_in_session
 
-# One readiness probe (argv: admin user, its kit, the sites): exit 0 when every site is registered at the server.
-READINESS_PROBE = """
-import sys
-from nvflare.fuel.flare_api.flare_api import Session
-user, kit, *sites = sys.argv[1:]
-session = Session(username=user, startup_path=kit, secure_mode=True)
-try:
-    session.try_connect(5.0)
-    registered = {c.name for c in session.get_system_info().client_info}
-finally:
-    session.close()
-missing = sorted(set(sites) - registered)
-print("registered: " + ", ".join(sorted(registered)) + "; missing: " + (", ".join(missing) or "none"))
-sys.exit(3 if missing else 0)
-"""
+# isort: split
+from fedseg.fl.localhost_poc import wait_until_registered
 
 
 @dataclass
@@ -284,22 +271,19 @@ class PocFederation:
 
     def wait_ready(self, deadline: float, probe_timeout: float = 30.0) -> None:
         """Until every site is registered at the server: probe as the project admin, one bounded probe at a time."""
-        kit = str(self.kit(PROJECT_ADMIN))
-        probe = [sys.executable, "-c", READINESS_PROBE, PROJECT_ADMIN, kit, *self.sites]
-        last = ""
-        while True:
-            try:
-                result = run_in_session(probe, self.env(), timeout=probe_timeout, cwd=self.root)
-                if result.returncode == 0:
-                    return
-                last = result.stdout.strip()[-500:] or f"rc={result.returncode}"
-            except subprocess.TimeoutExpired:
-                last = f"a readiness probe did not answer within {probe_timeout:.0f}s"
-            if not self.processes():
-                raise PocError(f"the POC processes exited during start-up\n{self._start_diagnostics()}")
-            if time.monotonic() > deadline:
-                raise PocError(f"the POC did not become ready in time; last probe: {last}\n{self._start_diagnostics()}")
-            time.sleep(2)
+        try:
+            wait_until_registered(
+                PROJECT_ADMIN,
+                self.kit(PROJECT_ADMIN),
+                self.sites,
+                self.env(),
+                deadline,
+                alive=lambda: bool(self.processes()),
+                probe_timeout=probe_timeout,
+                cwd=self.root,
+            )
+        except RuntimeError as e:
+            raise PocError(f"{e}\n{self._start_diagnostics()}") from None
 
     def _start_diagnostics(self) -> str:
         """What a failed start leaves to read: the spawner's output and the tail of each participant's log."""

@@ -4,13 +4,19 @@ sessions), killing them, and running a command in its own session."""
 
 from __future__ import annotations
 
-import subprocess
-
 from .common import MARK_ENV  # first: it puts this checkout's custom/ (the fedseg package) on sys.path
 
 # isort: split
 from fedseg.fl import localhost_poc
-from fedseg.fl.localhost_poc import is_alive, is_loopback, kill_processes, kill_tree, port_listeners, process_listeners
+from fedseg.fl.localhost_poc import (
+    is_alive,
+    is_loopback,
+    kill_processes,
+    kill_tree,
+    port_listeners,
+    process_listeners,
+    run_in_session,
+)
 
 __all__ = [
     "find_processes",
@@ -29,27 +35,3 @@ def find_processes(root, sessions: list[int] | tuple = ()) -> dict[int, str]:
     variable, NVFlare processes whose command line names the root, members of the recorded sessions, and every
     descendant of those (by parent pid, whatever its session or environment)."""
     return localhost_poc.find_processes(root, MARK_ENV, sessions)
-
-
-def run_in_session(
-    args: list[str], env: dict, timeout: float, input_text: str | None = None, cwd=None
-) -> subprocess.CompletedProcess:
-    """Run a command in its own session, stdout and stderr together: Ctrl-C reaches only the tool, and on a
-    timeout or interrupt the command's whole process tree is killed before the exception goes on."""
-    proc = subprocess.Popen(
-        args,
-        env=env,
-        stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        cwd=cwd,
-    )
-    try:
-        out, _ = proc.communicate(input=input_text, timeout=timeout)
-    except BaseException:
-        kill_tree(proc.pid)
-        proc.wait()
-        raise
-    return subprocess.CompletedProcess(args, proc.returncode, out, "")

@@ -22,6 +22,8 @@ import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -289,3 +291,78 @@ def install_fedseg(kit: Path, package_dir: Path = PACKAGE_DIR, policy: dict | No
 def write_site_config(site_kit: Path, datalist: Path) -> None:
     """local/fedseg_site.json: the site's own data location, which its executor reads instead of the job's."""
     (Path(site_kit) / "local" / "fedseg_site.json").write_text(json.dumps({"datalist": str(datalist)}, indent=2) + "\n")
+
+
+# ---- readiness ------------------------------------------------------------------------------------------------------
+# One readiness probe (argv: admin user, its kit, the sites): exit 0 when every site is registered at the server.
+# It runs in a child process because NVFlare's admin session can hang for good while it closes (a connector thread
+# blocked in a websocket connect that has no timeout, seen while the server was still starting): a probe that does
+# not answer is killed and the next one tried.
+READINESS_PROBE = """
+import sys
+from nvflare.fuel.flare_api.flare_api import Session
+user, kit, *sites = sys.argv[1:]
+session = Session(username=user, startup_path=kit, secure_mode=True)
+try:
+    session.try_connect(5.0)
+    registered = {c.name for c in session.get_system_info().client_info}
+finally:
+    session.close()
+missing = sorted(set(sites) - registered)
+print("registered: " + ", ".join(sorted(registered)) + "; missing: " + (", ".join(missing) or "none"))
+sys.exit(3 if missing else 0)
+"""
+
+
+def run_in_session(
+    args: list[str], env: dict, timeout: float, input_text: str | None = None, cwd=None
+) -> subprocess.CompletedProcess:
+    """Run a command in its own session, stdout and stderr together: Ctrl-C reaches only the caller, and on a
+    timeout or interrupt the command's whole process tree is killed before the exception goes on."""
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        cwd=cwd,
+    )
+    try:
+        out, _ = proc.communicate(input=input_text, timeout=timeout)
+    except BaseException:
+        kill_tree(proc.pid)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, "")
+
+
+def wait_until_registered(
+    user: str,
+    kit: str | os.PathLike,
+    sites: list[str],
+    env: dict,
+    deadline: float,
+    alive,
+    probe_timeout: float = 30.0,
+    cwd=None,
+) -> None:
+    """Until every site is registered at the server: probe as `user` (admin kit `kit`), one bounded probe at a
+    time. Raises RuntimeError, with the last probe's answer, when `alive()` says the POC's processes are gone or
+    time.monotonic() passes `deadline`."""
+    probe = [sys.executable, "-c", READINESS_PROBE, user, str(kit), *sites]
+    last = ""
+    while True:
+        try:
+            result = run_in_session(probe, env, timeout=probe_timeout, cwd=cwd)
+            if result.returncode == 0:
+                return
+            last = result.stdout.strip()[-500:] or f"rc={result.returncode}"
+        except subprocess.TimeoutExpired:
+            last = f"a readiness probe did not answer within {probe_timeout:.0f}s"
+        if not alive():
+            raise RuntimeError(f"the POC processes exited during start-up; last probe: {last}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the POC did not become ready in time; last probe: {last}")
+        time.sleep(2)

@@ -39,7 +39,6 @@ from nvflare.recipe.utils import collect_non_local_scripts
 from nvflare.tool.poc.poc_commands import (
     _start_poc,
     _stop_poc,
-    _wait_for_poc_system_ready,
     add_he_builder,
     get_prod_dir,
     prepare_poc_provision,
@@ -64,6 +63,7 @@ from fedseg.fl.localhost_poc import (
     release_port,
     reserve_port,
     site_target_problem,
+    wait_until_registered,
     write_site_config,
 )
 
@@ -255,15 +255,20 @@ class FedSegPocEnv(PocEnv):
             raise PocEnvError(f"port {self.port} is in use on 127.0.0.1")
         with _environ({MARK_ENV: str(self.root), "PYTHONPATH": site_pythonpath(os.environ.get("PYTHONPATH", ""))}):
             _start_poc(poc_workspace=self.poc_workspace, gpu_ids=self.gpu_ids, excluded=[self.username], services_list=[])
-        project_config, service_config = setup_service_config(self.poc_workspace)
-        _wait_for_poc_system_ready(
-            self.poc_workspace,
-            project_config,
-            service_config,
-            services_list=[],
-            excluded=[self.username],
-            timeout_in_sec=int(self.start_timeout),
-        )
+        # not NVFlare's _wait_for_poc_system_ready: its admin session can hang for good (localhost_poc explains)
+        env = {k: v for k, v in os.environ.items() if k != MARK_ENV}
+        try:
+            wait_until_registered(
+                self.username,
+                self.prod_dir / self.username,
+                list(self.clients),
+                env,
+                deadline=time.monotonic() + float(self.start_timeout),
+                alive=lambda: bool(self.processes()),
+                cwd=self.root,
+            )
+        except RuntimeError as e:
+            raise PocEnvError(str(e)) from None
         self.check_localhost()
 
     # ---- inspection ---------------------------------------------------------------------------------------------
