@@ -15,7 +15,7 @@ from conftest import TINY_ENGINE
 
 from fedseg.data import load_datalist
 from fedseg.engine import EngineConfig, SegEngine
-from fedseg.jobgen import resolve_engine
+from fedseg.engine.config import resolve_engine
 
 
 def amp_engine(data) -> SegEngine:

@@ -182,3 +182,9 @@ def test_methods_are_site_side_and_algorithms_are_pure():
         if name.startswith("fedseg.algorithms"):
             outside = {t for t in targets if not t.startswith("fedseg.algorithms")}
             assert not outside, f"{name} (pure math) imports {outside}"
+
+
+def test_the_engine_knows_nothing_about_flare():
+    for path in sorted((PACKAGE_DIR / "engine").rglob("*.py")):
+        taken = _imported_names(path, "nvflare")
+        assert not taken, f"engine/{path.relative_to(PACKAGE_DIR / 'engine')} imports from NVFlare: {sorted(taken)}"

@@ -296,7 +296,7 @@ def test_relay_command_measures_hand_overs_of_a_real_fedcross_run(tmp_path):
 def test_throughput_configurations_and_their_table():
     from fedseg.bench.cost import THROUGHPUT_CONFIGS, throughput_engine, throughput_lines
     from fedseg.engine import EngineConfig
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
 
     realistic2d = EngineConfig.from_dict(resolve_engine(throughput_engine("realistic2d", 1)))
     assert realistic2d.roi_size == [256, 256] and realistic2d.batch_size == 16

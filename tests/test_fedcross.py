@@ -29,7 +29,8 @@ from fedseg.algorithms.schedules import member_seed
 from fedseg.algorithms.screening import check_optimizer_state, fingerprint
 from fedseg.data import load_datalist
 from fedseg.engine import EngineConfig, SegEngine, load_numpy_state, state_to_numpy
-from fedseg.jobgen import FEDCROSS_DEFAULTS, resolve_engine
+from fedseg.engine.config import resolve_engine
+from fedseg.jobgen import FEDCROSS_DEFAULTS
 from fedseg.jobgen import main as jobgen_main
 from fedseg.methods.fedcross import (
     auroc_from_histograms,

@@ -17,7 +17,7 @@ from conftest import CUSTOM, JOBS, REPO, TINY_ENGINE, copy_job, simulate
 from fedseg.baselines import load_sites, run_centralized, run_local
 from fedseg.data import load_datalist
 from fedseg.engine import EngineConfig, SegEngine, load_numpy_state, state_to_numpy
-from fedseg.jobgen import DEFAULT_ENGINE, resolve_engine
+from fedseg.engine.config import DEFAULT_ENGINE, resolve_engine
 from fedseg.report import format_table, load_results, site_mean
 
 
@@ -221,3 +221,20 @@ def test_selectable_networks_train_and_infer(arch, tiny2d):
     stats = engine.train(net, 2)
     assert stats.steps == 2 and np.isfinite(stats.mean_loss)
     assert engine.evaluate(net, "testing").dice.shape[0] == len(engine.cases("testing"))
+
+
+def test_fedprox_proximal_term_is_half_mu_times_the_squared_distance_to_the_received_weights():
+    from fedseg.engine.engine import _proximal_term
+
+    assert _proximal_term(torch.nn.Linear(3, 2), 0.0) == (None, None)
+    net = torch.nn.Linear(3, 2)  # 8 parameters
+    prox_loss, reference = _proximal_term(net, 0.2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.5)
+    loss = prox_loss(net, reference)
+    assert float(loss) == pytest.approx(0.2 / 2 * 8 * 0.25)
+    loss.backward()
+    # d/dw = mu * (w - w_received) on the trained network; the received copy stays frozen
+    assert all(torch.allclose(p.grad, torch.full_like(p, 0.2 * 0.5)) for p in net.parameters())
+    assert all(r.grad is None and not r.requires_grad for r in reference.parameters())

@@ -108,7 +108,7 @@ def stock_runs(tiny2d, tmp_path_factory):
 
 def _init_scores(tiny2d, init, section="validation"):
     from fedseg.bench.stock import load_checkpoint_state, score_state, site_engines
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
 
     engines = site_engines(Path(tiny2d), SITES, resolve_engine({**TINY_ENGINE, "seed": 3}))
     return {s: v["dice"] for s, v in score_state(load_checkpoint_state(init), engines, section).items()}, engines

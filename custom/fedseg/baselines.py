@@ -160,7 +160,7 @@ def run_benchmark_baselines(
     sites' do in the shared bench job); a seed sets the initial network."""
     from fedseg.bench.budget import Budget
     from fedseg.bench.jobs import load_initial_state
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
 
     cfg = EngineConfig.from_dict(resolve_engine(engine_settings))
     engines = load_sites(data, cfg)
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_plain(o: argparse.Namespace) -> int:
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
 
     cfg = EngineConfig.from_dict(resolve_engine(o.engine))
     engines = load_sites(o.data, cfg)

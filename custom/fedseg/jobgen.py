@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from fedseg.engine.config import DEFAULT_ENGINE, resolve_engine  # noqa: F401 - re-exported for older importers
+from fedseg.engine.config import resolve_engine
 from fedseg.fl.executor import DEFAULT_DATALIST
 from fedseg.recipes import (  # noqa: F401 - FEDCROSS_DEFAULTS, DEFAULT_SITES re-exported
     DEFAULT_ROUNDS,

@@ -71,7 +71,7 @@ def plain_fedavg(data: str, engine_settings: dict, rounds: int, init: str) -> di
     from fedseg.baselines import load_sites
     from fedseg.bench.jobs import load_initial_state
     from fedseg.engine import EngineConfig, load_numpy_state, state_to_numpy
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
 
     cfg = EngineConfig.from_dict(resolve_engine(engine_settings))
     engines = load_sites(data, cfg)
@@ -110,9 +110,9 @@ def plain_monai(datalist: str, site: str, engine_settings: dict, epochs: int, in
     from fedseg.bench.jobs import load_initial_state
     from fedseg.data import load_datalist
     from fedseg.engine import EngineConfig
+    from fedseg.engine.config import resolve_engine
     from fedseg.engine.engine import train_transforms
     from fedseg.engine.networks import SegNetwork
-    from fedseg.jobgen import resolve_engine
 
     cfg = EngineConfig.from_dict(resolve_engine(engine_settings))
     torch.manual_seed(cfg.seed)
@@ -157,7 +157,7 @@ def plain_engine(datalist: str, site: str, engine_settings: dict, rounds: int, i
     from fedseg.bench.jobs import load_initial_state
     from fedseg.data import load_datalist
     from fedseg.engine import EngineConfig, SegEngine, load_numpy_state
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
 
     cfg = EngineConfig.from_dict(resolve_engine(engine_settings))
     engine = SegEngine(cfg, load_datalist(datalist, site), site=site)
@@ -229,7 +229,7 @@ def _fl_job(
     from fedseg.bench.budget import Budget, plan_method
     from fedseg.bench.collect import meter_records, timeline, windows
     from fedseg.bench.jobs import build_job, label, simulate_bench_job
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
 
     counts = {s: n for s, n in site_train_counts(data_dir).items() if s in sites}
     batch = int(resolve_engine(engine)["batch_size"])
@@ -321,7 +321,7 @@ def _relay_job(
     from fedseg.bench.budget import Budget, plan_method
     from fedseg.bench.collect import server_app_dir, timeline, windows
     from fedseg.bench.jobs import build_job, label, simulate_bench_job
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
 
     counts = {s: n for s, n in site_train_counts(data_dir).items() if s in sites}
     budget = Budget.from_counts(rounds, int(engine["local_epochs"]), counts, int(resolve_engine(engine)["batch_size"]))

@@ -127,7 +127,7 @@ def run_robustness(
     from fedseg.bench.machine import machine_info
     from fedseg.bench.presets import cell_engine, get_preset
     from fedseg.data.synthetic import generate_dataset
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
 
     unknown = sorted(set(methods) - set(CLEAN_METHODS))
     if unknown or not methods:

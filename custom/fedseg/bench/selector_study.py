@@ -47,7 +47,7 @@ def site_inputs(data_dir: str, engine_settings: dict) -> tuple[dict[str, dict[st
     """({site: {section: selector inputs}}, spatial_dims, in_channels), sites in name order."""
     from fedseg.baselines import load_sites
     from fedseg.engine import EngineConfig
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
 
     cfg = EngineConfig.from_dict(resolve_engine(engine_settings))
     engines = load_sites(data_dir, cfg)

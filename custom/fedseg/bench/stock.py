@@ -286,7 +286,7 @@ def run_stock(
     local_steps_per_site: optimizer steps per visit / round at each site. out_dir: where the run's folder
     out_dir/<method>/ is made (emptied first): fedseg_results.json, the SimEnv workspace sim/<method>/, the spec,
     the sites' config and the child's output <method>.simenv.out."""
-    from fedseg.jobgen import resolve_engine
+    from fedseg.engine.config import resolve_engine
 
     plan = plan_visits(method, list(sites), rounds)
     steps = check_steps(list(sites), local_steps_per_site)

@@ -155,15 +155,18 @@ def _collate_or_none(items: list):
 
 
 def _proximal_term(net, prox_mu: float):
-    """FedProx: (loss, frozen copy of the received network) for mu > 0, else (None, None)."""
+    """FedProx: (loss, frozen copy of the received network) for mu > 0, else (None, None). The loss is
+    mu/2 * sum over parameters of ||w - w_received||^2 (Li et al., 2020; the same term as NVFlare's PTFedProxLoss)."""
     if not prox_mu > 0:
         return None, None
-    from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss  # torch-only helper, no FLARE runtime
-
     reference = copy.deepcopy(net).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
-    return PTFedProxLoss(mu=prox_mu), reference
+
+    def prox_loss(model, ref) -> torch.Tensor:
+        return (prox_mu / 2) * sum(torch.sum((p - r) ** 2) for p, r in zip(model.parameters(), ref.parameters()))
+
+    return prox_loss, reference
 
 
 class SegEngine:
@@ -298,8 +301,8 @@ class SegEngine:
     ) -> TrainStats:
         """Train `net` in place for `num_steps` applied optimizer steps.
 
-        prox_mu > 0 adds FedProx's proximal term towards the weights `net` had on entry (NVFlare's
-        PTFedProxLoss). lr_at_step(i) sets the learning rate before step i (schedules that travel with a model).
+        prox_mu > 0 adds FedProx's proximal term towards the weights `net` had on entry (_proximal_term).
+        lr_at_step(i) sets the learning rate before step i (schedules that travel with a model).
         Under AMP the engine's GradScaler skips a step whose gradients are inf/NaN (and lowers its scale): that
         step is not counted and the next batch is tried, up to 2 * num_steps batches in all (then a warning and
         fewer steps; TrainStats.steps says how many were applied, TrainStats.skipped how many were skipped).
