@@ -233,7 +233,7 @@ def test_fedprox_proximal_term_is_half_mu_times_the_squared_distance_to_the_rece
         for p in net.parameters():
             p.add_(0.5)
     loss = prox_loss(net, reference)
-    assert float(loss) == pytest.approx(0.2 / 2 * 8 * 0.25)
+    assert float(loss.detach()) == pytest.approx(0.2 / 2 * 8 * 0.25)
     loss.backward()
     # d/dw = mu * (w - w_received) on the trained network; the received copy stays frozen
     assert all(torch.allclose(p.grad, torch.full_like(p, 0.2 * 0.5)) for p in net.parameters())
