@@ -276,12 +276,17 @@ def test_relay_measurement_is_reported_as_measured():
 @pytest.mark.slow
 def test_relay_command_measures_hand_overs_of_a_real_fedcross_run(tmp_path):
     """python -m fedseg.bench.cost relay on the smoke data: FedAvg and FedCross jobs at the same steps, every
-    hand-over of the relay measured (2 sites, 2 rounds: 4 visits, 3 hand-overs), the record on disk."""
+    hand-over of the relay measured (2 sites, 2 rounds: 4 visits, 3 hand-overs), the record on disk; both jobs
+    poll at the interval asked for."""
     from fedseg.bench.cost import main
 
-    assert main(["relay", "--preset", "smoke", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    args = ["relay", "--preset", "smoke", "--rounds", "2", "--out", str(tmp_path), "--task-request-interval", "0.05"]
+    assert main(args) == 0
     record = json.loads((tmp_path / "relay.json").read_text())
     assert record["dataset"] == "synth2d" and record["fedcross_communications"] == 4
+    assert record["task_request_interval"] == 0.05
+    servers = sorted((tmp_path / "jobs").rglob("config_fed_server.json"))
+    assert len(servers) == 2 and all(json.loads(p.read_text())["server"]["task_request_interval"] == 0.05 for p in servers)
     assert record["fedavg_wall_seconds"] > 0 and record["fedcross_wall_seconds"] > 0
     assert record["fedcross_vs_fedavg_wall"] == record["fedcross_wall_seconds"] / record["fedavg_wall_seconds"]
     hand = record["handover_seconds"]
@@ -291,6 +296,16 @@ def test_relay_command_measures_hand_overs_of_a_real_fedcross_run(tmp_path):
     assert record["validated_communications"] == 2  # every ceil(2 sites / 1 model) communications
     split = record["fedavg_round_seconds"]  # from FedAvg's own history: 2 rounds
     assert 0 < split["tasks_beyond_slowest_site"]["mean"] <= split["tasks"]["mean"] and split["save"]["max"] > 0
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "11"])
+def test_relay_refuses_a_task_request_interval_out_of_range(interval, tmp_path, capsys):
+    from fedseg.bench.cost import main
+
+    with pytest.raises(SystemExit):
+        main(["relay", "--out", str(tmp_path), "--task-request-interval", interval])
+    assert "--task-request-interval must be in (0, 10]" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work
 
 
 def test_throughput_configurations_and_their_table():

@@ -57,6 +57,8 @@ from pathlib import Path
 import numpy as np
 
 IMG_PER_S = re.compile(r"round (\d+): (\d+) steps, loss [-\d.naif]+, ([\d.]+) img/s")
+SHIPPED = {"task_request_interval": None, "task_check_period": None}
+TUNED = {"task_request_interval": 0.1, "task_check_period": 0.1}
 
 
 def _children_cpu() -> float:
@@ -310,13 +312,22 @@ def _fl_job(
 
 
 def _relay_job(
-    out_dir: Path, data_dir: Path, sites: list[str], engine: dict, rounds: int, init: Path, timeout: float, log
+    out_dir: Path,
+    data_dir: Path,
+    sites: list[str],
+    engine: dict,
+    rounds: int,
+    init: Path,
+    timeout: float,
+    log,
+    task_request_interval: float = TUNED["task_request_interval"],
 ) -> dict:
     """FedAvg, then FedCross (K = 1) at the same steps from the same initial weights, each in its own job: their
     workflows' wall times and FedCross's per-communication hand-over latency and time split (its controller's
     history). Every site trains with one thread (the simulator's setting): FedAvg's N sites train at once,
     FedCross's one site at a time, so on a machine with fewer cores than sites FedCross also leaves cores idle
-    that a federation of hospitals, each on its own machine, would not share."""
+    that a federation of hospitals, each on its own machine, would not share. task_request_interval: how often an
+    idle site asks the server for a task in both jobs (the bench's 0.1 s by default)."""
     from fedseg.baselines import site_train_counts
     from fedseg.bench.budget import Budget, plan_method
     from fedseg.bench.collect import server_app_dir, timeline, windows
@@ -332,7 +343,15 @@ def _relay_job(
     log(f"cost: relay (FedAvg {rounds} rounds, then FedCross {plans['fedcross'].communications} communications) ...")
     for method, settings in engines.items():
         job = build_job(
-            out_dir / "jobs", f"relay_{method}", [(method, seed)], plans, settings, {seed: init}, hd95=False, evaluate=False
+            out_dir / "jobs",
+            f"relay_{method}",
+            [(method, seed)],
+            plans,
+            settings,
+            {seed: init},
+            hd95=False,
+            evaluate=False,
+            task_request_interval=task_request_interval,
         )
         ws = out_dir / "ws" / f"relay_{method}"
         result = simulate_bench_job(job, ws, data_dir, sites, timeout)
@@ -354,6 +373,7 @@ def _relay_job(
         return {"mean": float(np.mean(values)), "median": float(np.median(values)), "max": float(np.max(values))}
 
     record = {
+        "task_request_interval": task_request_interval,
         "fedavg_rounds": rounds,
         "fedcross_communications": plans["fedcross"].communications,
         "fedavg_wall_seconds": wall["fedavg"],
@@ -381,8 +401,6 @@ def _fmt_s(value) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
-SHIPPED = {"task_request_interval": None, "task_check_period": None}
-TUNED = {"task_request_interval": 0.1, "task_check_period": 0.1}
 LEAN_EXECUTOR = {"validate_before_train": False, "tb_writer_id": ""}
 
 
@@ -528,6 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--preset", default="quick", help="preset whose cost dataset and engine are used (default quick)")
     r.add_argument("--rounds", type=int, default=3, help="FedAvg rounds at 1 epoch; FedCross gets the same steps")
     r.add_argument("--out", required=True, help="folder for the data, jobs, workspaces and relay.json")
+    r.add_argument(
+        "--task-request-interval",
+        type=float,
+        default=TUNED["task_request_interval"],
+        help="seconds between an idle site's task requests in both jobs (default: the bench's 0.1)",
+    )
     t = sub.add_parser("throughput", help="executor images/s against a plain MONAI loop at three sizes (part d)")
     t.add_argument("--configs", nargs="+", choices=list(THROUGHPUT_CONFIGS), default=list(THROUGHPUT_CONFIGS))
     t.add_argument("--epochs", type=int, default=1, help="local epochs per round (2 rounds; the first warms up)")
@@ -539,7 +563,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(throughput_lines(record)))
         return 0 if all("error" not in r for r in record["configs"].values()) else 1
     if o.cmd == "relay":
-        record = relay_main(o.preset, o.rounds, Path(o.out))
+        if not 0 < o.task_request_interval <= 10:
+            p.error(f"--task-request-interval must be in (0, 10] seconds, got {o.task_request_interval}")
+        record = relay_main(o.preset, o.rounds, Path(o.out), o.task_request_interval)
         print(json.dumps(record, indent=2))
         return 0 if "error" not in record else 1
     record = plain_main(o)
@@ -547,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def relay_main(preset_name: str, rounds: int, out: Path) -> dict:
+def relay_main(preset_name: str, rounds: int, out: Path, task_request_interval: float = TUNED["task_request_interval"]) -> dict:
     """Part (c) on its own, on the preset's cost dataset (generated or converted under `out`)."""
     from fedseg.baselines import site_train_counts
     from fedseg.bench.jobs import save_initial_checkpoint
@@ -568,7 +594,7 @@ def relay_main(preset_name: str, rounds: int, out: Path) -> dict:
         "dataset": spec.name,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "load_average_at_start": list(os.getloadavg()),
-        **_relay_job(out, Path(data), sites, engine, rounds, init, preset.timeout, print),
+        **_relay_job(out, Path(data), sites, engine, rounds, init, preset.timeout, print, task_request_interval),
         "load_average_at_end": list(os.getloadavg()),
     }
     (out / "relay.json").write_text(json.dumps(record, indent=2))
