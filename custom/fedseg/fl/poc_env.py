@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,11 +40,9 @@ from nvflare.recipe.poc_env import DEFAULT_ADMIN_USER, PocEnv
 from nvflare.recipe.utils import collect_non_local_scripts
 from nvflare.tool.poc.poc_commands import (
     _start_poc,
-    _stop_poc,
     add_he_builder,
     get_prod_dir,
     prepare_poc_provision,
-    setup_service_config,
     update_clients,
     update_server_name,
 )
@@ -62,6 +62,7 @@ from fedseg.fl.localhost_poc import (
     process_listeners,
     release_port,
     reserve_port,
+    run_in_session,
     site_target_problem,
     wait_until_registered,
     write_site_config,
@@ -75,6 +76,14 @@ MARK_ENV = "FEDSEG_POC_ENV_ROOT"
 SERVER = "server"
 PROJECT_NAME = "example_project"  # the name in NVFlare's default POC project
 STOP_WAIT = 60  # seconds for the processes to end after the admin shutdown before they are signalled
+# NVFlare's admin shutdown of server and sites (argv: POC workspace, admin user), run in a child process
+ADMIN_SHUTDOWN = """
+import sys
+from nvflare.tool.poc.poc_commands import _stop_poc, setup_service_config
+workspace, user = sys.argv[1:]
+project_config, service_config = setup_service_config(workspace)
+_stop_poc(workspace, excluded=[user], services_list=[], project_config=project_config, service_config=service_config)
+"""
 
 
 class PocEnvError(RuntimeError):
@@ -315,17 +324,19 @@ class FedSegPocEnv(PocEnv):
             shutil.rmtree(self.poc_workspace, ignore_errors=True)
 
     def _stop_processes(self) -> None:
+        # NVFlare's admin shutdown in a child process with a time limit: its admin session can hang in-process
+        # (localhost_poc explains); a shutdown that hangs or fails leaves the steps below to stop everything
+        env = {k: v for k, v in os.environ.items() if k != MARK_ENV}
         try:
-            project_config, service_config = setup_service_config(self.poc_workspace)
-            _stop_poc(
-                self.poc_workspace,
-                excluded=[self.username],
-                services_list=[],
-                project_config=project_config,
-                service_config=service_config,
+            result = run_in_session(
+                [sys.executable, "-c", ADMIN_SHUTDOWN, str(self.poc_workspace), self.username], env, timeout=self.stop_wait
             )
-        except Exception as e:  # noqa: BLE001 - the server may be down already; the steps below still run
-            self.logger.info(f"admin shutdown of the POC failed ({e}); stopping its processes directly")
+            if result.returncode != 0:
+                self.logger.info(
+                    f"admin shutdown of the POC failed ({result.stdout.strip()[-300:]}); stopping its processes directly"
+                )
+        except subprocess.TimeoutExpired:
+            self.logger.info(f"admin shutdown of the POC did not end within {self.stop_wait}s; stopping its processes directly")
         prod = self.prod_dir
         for kit in [SERVER, *self.clients]:
             if (prod / kit).is_dir():
