@@ -86,6 +86,11 @@ _stop_poc(workspace, excluded=[user], services_list=[], project_config=project_c
 """
 
 
+def _unmarked_environ() -> dict:
+    """This process's environment without the POC marker: helpers it starts are not processes of the POC."""
+    return {k: v for k, v in os.environ.items() if k != MARK_ENV}
+
+
 class PocEnvError(RuntimeError):
     pass
 
@@ -265,7 +270,7 @@ class FedSegPocEnv(PocEnv):
         with _environ({MARK_ENV: str(self.root), "PYTHONPATH": site_pythonpath(os.environ.get("PYTHONPATH", ""))}):
             _start_poc(poc_workspace=self.poc_workspace, gpu_ids=self.gpu_ids, excluded=[self.username], services_list=[])
         # not NVFlare's _wait_for_poc_system_ready: its admin session can hang for good (localhost_poc explains)
-        env = {k: v for k, v in os.environ.items() if k != MARK_ENV}
+        env = _unmarked_environ()
         try:
             wait_until_registered(
                 self.username,
@@ -326,7 +331,7 @@ class FedSegPocEnv(PocEnv):
     def _stop_processes(self) -> None:
         # NVFlare's admin shutdown in a child process with a time limit: its admin session can hang in-process
         # (localhost_poc explains); a shutdown that hangs or fails leaves the steps below to stop everything
-        env = {k: v for k, v in os.environ.items() if k != MARK_ENV}
+        env = _unmarked_environ()
         try:
             result = run_in_session(
                 [sys.executable, "-c", ADMIN_SHUTDOWN, str(self.poc_workspace), self.username], env, timeout=self.stop_wait
