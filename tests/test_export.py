@@ -323,10 +323,11 @@ def test_3d_bundle_runs_in_process_like_the_engine(tmp_path):
 # ---- real runs: every job folder in the plain `nvflare simulator` ------------------------------------------
 # The command as an NVFlare user types it:
 #
-#     PYTHONPATH=custom FEDSEG_DATALIST=<data>/{SITE_NAME}/datalist.json nvflare simulator jobs/<name> -w <fresh workspace> -n 2 -t 2
+#     export PYTHONPATH=custom FEDSEG_DATALIST=<data>/{SITE_NAME}/datalist.json
+#     python -m fedseg.fl.allowlist --simulation <fresh workspace>
+#     nvflare simulator jobs/<name> -w <fresh workspace> -n 2 -t 2
 #
-# Nothing is prepared by hand in the workspace (custom/sitecustomize.py writes the simulation's allow-list, see its
-# docstring). The jobs are copies of jobs/<name> with a tiny budget, the way a user edits the JSON. The FedAvg,
+# The set-up command writes the simulation's allow-list (fedseg.fl.allowlist); nothing else is prepared by hand. The jobs are copies of jobs/<name> with a tiny budget, the way a user edits the JSON. The FedAvg,
 # FedCrossEns and FedSM runs are also the ones exported below.
 NVFLARE = str(Path(sys.executable).parent / "nvflare")  # the `nvflare` of the environment FedSeg is installed in
 RUN_SITES = ["site-1", "site-2"]  # 2 sites: every job still aggregates, routes or travels between sites
@@ -352,9 +353,13 @@ def tiny_job(name: str, dest: Path) -> Path:
 
 
 def plain_simulator(job: Path, workspace: Path, data: Path) -> tuple[int, str]:
-    """The command as typed, in a process tree that is always stopped."""
+    """The commands as typed (the set-up command, then the simulator), in process trees that are always stopped."""
     env = {**os.environ, "PYTHONPATH": str(CUSTOM), "FEDSEG_DATALIST": f"{data}/{{SITE_NAME}}/datalist.json"}
     out = workspace.parent / f"{workspace.name}.out"
+    rc, left, _ = run_process_tree(
+        [sys.executable, "-m", "fedseg.fl.allowlist", "--simulation", str(workspace)], env, out, timeout=120
+    )
+    assert rc == 0 and not left, out.read_text(errors="replace")
     n = str(len(RUN_SITES))
     rc, left, _ = run_process_tree(
         [NVFLARE, "simulator", str(job), "-w", str(workspace), "-n", n, "-t", n],
@@ -411,25 +416,6 @@ def check_run(name: str, run: SimpleNamespace) -> None:
 @pytest.mark.parametrize("name", list(BUDGET))
 def test_plain_nvflare_simulator_runs_every_job_folder(name, runs):
     check_run(name, runs[name])
-
-
-def test_an_existing_simulation_policy_is_kept(tmp_path):
-    """A workspace with its own resources.json keeps it: the hook only fills an empty local/."""
-    local = tmp_path / "ws" / "local"
-    local.mkdir(parents=True)
-    own = {"class_allow_list": ["nvflare.app_common.workflows.fedavg.FedAvg"], "class_list_enforcement_mode": "enforce"}
-    (local / "resources.json").write_text(json.dumps(own))
-    code = f"import sitecustomize as s; print(s.allow_fedseg_in_simulation({str(tmp_path / 'ws')!r}))"
-    out = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(CUSTOM)}, capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "None" and json.loads((local / "resources.json").read_text()) == own
-    import sitecustomize
-
-    assert sitecustomize.simulator_workspace(["/x/bin/nvflare", "simulator", "jobs/fedsm", "-w", "w1"]) == "w1"
-    assert sitecustomize.simulator_workspace(["/x/bin/nvflare", "simulator", "jobs/fedsm", "--workspace=w2"]) == "w2"
-    for argv in (["/x/bin/nvflare", "poc", "start"], ["-m", "simulator"], ["server_train.py", "simulator", "-w", "x"]):
-        assert sitecustomize.simulator_workspace(argv) is None
 
 
 # ---- real runs: those model sets -> export -> monai.bundle run, against fedseg.infer -------------------------

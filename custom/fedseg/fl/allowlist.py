@@ -18,6 +18,11 @@ Run by the site's (or the server's) administrator, not by jobs:
     python -m fedseg.fl.allowlist <site workspace>           # writes <site workspace>/local/resources.json
     python -m fedseg.fl.allowlist <site workspace> --check   # what would let a job run code or take more than
                                                              # FedSeg needs here (extra classes, log streaming); exit 1 if any
+
+and once before the plain simulator command on a fresh workspace (NVFlare's simulator copies <workspace>/local/
+to the server and every simulated site, so the list written there is what they enforce):
+
+    python -m fedseg.fl.allowlist --simulation <workspace>   # then: nvflare simulator jobs/<name> -w <workspace> ...
 """
 
 from __future__ import annotations
@@ -150,6 +155,22 @@ def allow_fedseg(resources_file: str | os.PathLike, extra_classes: tuple[str, ..
     return resources
 
 
+def allow_fedseg_in_simulation(workspace: str | os.PathLike) -> Path | None:
+    """Give a simulation workspace (`nvflare simulator -w <workspace>`) the classes FedSeg's jobs need (role "all")
+    in <workspace>/local/resources.json and return that file; None when local/ already holds a
+    resources.json(.default) (the workspace's own policy, kept as it is). Nothing is ever written through a
+    symlink (local/ itself or a policy file, dangling or not): AllowListError naming the link."""
+    local = Path(workspace) / "local"
+    for path in (local, local / "resources.json", local / "resources.json.default"):
+        if path.is_symlink():
+            raise AllowListError(f"{path}: is a symlink; the allow-list is never written through a link")
+    if any((local / name).exists() for name in ("resources.json", "resources.json.default")):
+        return None
+    local.mkdir(parents=True, exist_ok=True)
+    allow_fedseg(local / "resources.json")
+    return local / "resources.json"
+
+
 def warnings_for(resources: dict) -> list[str]:
     """What in a class allow-list lets a code-less job instantiate more than listed classes."""
     out = []
@@ -236,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fedseg.fl.allowlist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("workspace", help="the site's (or the server's) workspace: the folder with startup/ and local/")
+    p.add_argument(
+        "workspace",
+        help="the site's (or the server's) workspace: the folder with startup/ and local/; "
+        "with --simulation: the workspace `nvflare simulator -w` will use (made if missing)",
+    )
     p.add_argument(
         "--role",
         choices=ROLES,
@@ -249,7 +274,15 @@ def main(argv: list[str] | None = None) -> int:
         help="change nothing: report what would let a job run code here "
         "(allow-list prefixes, '*', warn mode, roles with byoc); exit 1 when anything is found",
     )
+    p.add_argument(
+        "--simulation",
+        action="store_true",
+        help="prepare a simulation workspace for `nvflare simulator -w WORKSPACE` (every class, both sides); "
+        "a workspace with its own resources.json(.default) is left as it is",
+    )
     o = p.parse_args(argv)
+    if o.simulation:
+        return _prepare_simulation(o.workspace)
     local = Path(o.workspace) / "local"
     if not local.is_dir():
         print(f"{o.workspace}: no local/ folder: not a site or server workspace (startup kit)", file=sys.stderr)
@@ -277,6 +310,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     for w in warnings_for(resources):
         print(f"WARNING: {w}", file=sys.stderr)
+    return 0
+
+
+def _prepare_simulation(workspace: str) -> int:
+    try:
+        written = allow_fedseg_in_simulation(workspace)
+    except AllowListError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    if written is None:
+        print(f"{Path(workspace) / 'local'}: the workspace's own resources.json(.default) is kept as it is")
+    else:
+        print(f"wrote {written}: the {len(needed_classes())} classes FedSeg's jobs need (exact paths), log streaming off")
     return 0
 
 
