@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,17 +16,26 @@ from fedseg.algorithms import (
     UpdateRejected,
     assign,
     check_update,
-    make_schedule,
     route,
     route_batch,
     softmax,
     softpull,
     softpull_weights,
     validate_explicit,
-    visits_per_model,
     weighted_average,
 )
 from fedseg.algorithms.schedules import check_latin_communications, plan_latin
+
+
+def make_schedule(kind, sites, num_models, num_communications, seed=0, explicit=None):
+    """The whole schedule of a fixed site list, as the FedCross controller asks for it: one assign() per
+    communication (result[c][m]: the site of model m at communication c)."""
+    return [assign(kind, sites, num_models, c, seed, explicit) for c in range(num_communications)]
+
+
+def visits_per_model(schedule):
+    """Per model, a Counter of how often it visits each site (None: sits out)."""
+    return [Counter(site for site in column if site is not None) for column in zip(*schedule)]
 
 
 def make_model(rng, scale=1.0):
@@ -467,10 +477,10 @@ def test_explicit_validated_and_repeated():
         ["site-1site-2"],  # a string is not a row
     ):
         with pytest.raises(ValueError):
-            make_schedule("explicit", sites, 2, 3, explicit=bad)
+            validate_explicit(bad, sites, 2)
     assert validate_explicit(((("site-2", "site-3")),), sites, 2) == [["site-2", "site-3"]]
     with pytest.raises(ValueError):
-        make_schedule("cyclic", sites, 2, 3, explicit=rows)
+        assign("cyclic", sites, 2, 0, explicit=rows)
 
 
 @pytest.mark.parametrize(
@@ -478,23 +488,17 @@ def test_explicit_validated_and_repeated():
     [
         dict(kind="bogus"),
         dict(num_models=0),
-        dict(num_models=4),
-        dict(num_communications=-1),
+        dict(communication=-1),
         dict(seed=-1),
-        dict(sites=["a", "a", "b"]),
+        dict(active_sites=["a", "a", "b"]),
         dict(num_models=1.5),
     ],
 )
-def test_make_schedule_validation(kwargs):
-    args = dict(kind="cyclic", sites=sites_n(3), num_models=2, num_communications=3, seed=0)
+def test_assign_validation(kwargs):
+    args = dict(kind="cyclic", active_sites=sites_n(3), num_models=2, communication=3, seed=0)
     args.update(kwargs)
     with pytest.raises(ValueError):
-        make_schedule(**args)
-
-
-def test_make_schedule_zero_communications():
-    assert make_schedule("latin", sites_n(3), 2, 0) == []
-    assert visits_per_model([]) == []
+        assign(**args)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -552,13 +556,6 @@ def test_assign_matches_make_schedule_and_explicit_fallback():
     rows = [["site-1", "site-2", "site-3"]]
     # site-2 fails: models on active sites keep them, the displaced model takes the free site-4
     assert assign("explicit", ["site-1", "site-3", "site-4"], 3, 0, explicit=rows) == ["site-1", "site-4", "site-3"]
-
-
-def test_visits_per_model_counts():
-    counts = visits_per_model([["a", "b"], ["b", None], ["a", "c"]])
-    assert counts[0] == {"a": 2, "b": 1} and counts[1] == {"b": 1, "c": 1}
-    with pytest.raises(ValueError):
-        visits_per_model([["a", "b"], ["a"]])
 
 
 def test_package_exports():

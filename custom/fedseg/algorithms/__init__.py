@@ -17,7 +17,7 @@ from .aggregation import (
     weighted_average,
 )
 from .routing import GLOBAL, Route, route, route_batch, softmax
-from .schedules import KINDS, assign, make_schedule, validate_explicit, visits_per_model
+from .schedules import KINDS, assign, validate_explicit
 from .softpull import softpull, softpull_weights
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
     "aggregate_shared",
     "assign",
     "check_update",
-    "make_schedule",
     "robust_average",
     "route",
     "route_batch",
@@ -38,6 +37,5 @@ __all__ = [
     "softpull",
     "softpull_weights",
     "validate_explicit",
-    "visits_per_model",
     "weighted_average",
 ]

@@ -40,7 +40,6 @@ that is not a multiple of the number of sites (some models would miss some sites
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from numbers import Integral
 
@@ -50,10 +49,8 @@ __all__ = [
     "KINDS",
     "assign",
     "check_latin_communications",
-    "make_schedule",
     "plan_latin",
     "validate_explicit",
-    "visits_per_model",
 ]
 
 KINDS = ("cyclic", "latin", "random", "explicit")
@@ -199,44 +196,6 @@ def assign(
     for m, site in zip(trainers, _slot_sites(kind, active, len(trainers), c, seed)):
         result[m] = site
     return result
-
-
-def make_schedule(
-    kind: str,
-    sites: Sequence[str],
-    num_models: int,
-    num_communications: int,
-    seed: int = 0,
-    explicit: Sequence[Sequence[str]] | None = None,
-) -> list[list[str]]:
-    """Full schedule for a fixed site list: ``result[c][m]`` = site of model m at communication c.
-
-    Equals ``[assign(kind, sites, num_models, c, seed, explicit) for c in range(C)]`` after
-    validating ``1 <= num_models <= len(sites)``, ``num_communications >= 0`` and (for
-    "explicit") that every row names known sites.
-    """
-    sites = _check_sites(sites, "sites")
-    k = _check_int("num_models", num_models, 1)
-    if k > len(sites):
-        raise ValueError(f"num_models ({k}) must not exceed the number of sites ({len(sites)})")
-    n_comm = _check_int("num_communications", num_communications, 0)
-    if kind == "explicit":
-        explicit = validate_explicit(explicit, sites, k)
-    return [assign(kind, sites, k, c, seed, explicit) for c in range(n_comm)]
-
-
-def visits_per_model(schedule: Sequence[Sequence[str | None]]) -> list[Counter]:
-    """Per model, a Counter of how often it visits each site (``None`` entries are skipped)."""
-    if not schedule:
-        return []
-    counts = [Counter() for _ in schedule[0]]
-    for c, row in enumerate(schedule):
-        if len(row) != len(counts):
-            raise ValueError(f"schedule row {c} has {len(row)} entries, expected {len(counts)}")
-        for m, site in enumerate(row):
-            if site is not None:
-                counts[m][site] += 1
-    return counts
 
 
 def member_seed(seed: int, m: int) -> int:
