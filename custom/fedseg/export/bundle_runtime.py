@@ -70,7 +70,13 @@ DETAIL_CLIP = 1.0  # view 3: |z - box3(z)| clipped to [0, 1] SD
 
 class SelectorNet(nn.Module):
     """FedSM's site classifier: strided conv blocks (conv 3x3 stride 2 -> norm -> ReLU), global average
-    pooling, one linear layer. Its one definition (fedseg.methods.fedsm trains this class)."""
+    pooling, one linear layer. Its one definition (fedseg.methods.fedsm trains this class).
+
+    norm is GroupNorm in every case, so a sample is normalised on its own (independent of the batch: gradient
+    accumulation in chunks is exact, and no running statistics of single-site batches are averaged): "group"
+    (default; channels // 8 groups, so the feature maps' relative levels, and with them the intensity cues that
+    tell scanners apart, survive), "layer" (one group), "instance" (one group per map: removes exactly those
+    cues), "none"."""
 
     def __init__(self, num_sites: int, spatial_dims: int, in_channels: int, channels: Sequence[int], norm: str = "group"):
         super().__init__()

@@ -1,62 +1,16 @@
 """FedSM at a site (no FLARE): train the global model, this site's personalized model and the model selector,
 and score the super model.
 
-The model selector
-------------------
-A site classifier: which site does an image come from? Every site trains it only on its own images, all
-labelled with its own index, so a site alone would learn "everything is me". Three protocols
-(``selector.protocol``):
-
-* ``"lda"`` (default): no local optimisation at all. The selector's convolutional features stay as the server
-  seeded them (the same at every site); each site sends the count, mean and scatter of its training images'
-  pooled features (``selector_statistics``), and the server fits the head in closed form: linear discriminant
-  analysis with a shared, shrunk covariance (``shrinkage``, default 0.1) and equal priors
-  (fedseg.algorithms.selector_head). The sums are exact, so the federated head is the head fitted centrally on
-  the pooled features: no client drift, whatever the rounds. Measured on the three polyp centres split by video
-  sequence (docs/benchmarks/selector_study_polyp.md, R=12, seeds 0-2): test argmax accuracy within 2 points of
-  the same network trained centrally, where the reference protocol below stayed ~19 points under it; on the
-  built-in sites both reach 1.0. A privacy scope that withholds optimizer state withholds these statistics too
-  (fedseg.fl.privacy), and the selector then never routes to that site.
-* ``"epoch"`` (NVIDIA's reference): per local epoch, the gradients of ALL the site's training images
-  are accumulated (loss = sum of the per-image cross-entropies / number of images) and ONE Adam step is taken,
-  starting from the Adam moments and step count the server sent. The server averages weights, moments and
-  step counts over the sites, weighted like the global model (by local steps: proportional to image counts
-  when the budget is in epochs, up to whole batches; equal under a fixed step budget, which makes the averaged
-  gradient the mean of the sites' mean gradients, i.e. class-balanced). What that makes equal
-  (tests/test_fedsm.py, ``test_epoch_protocol_matches_a_centralized_full_batch_step``), with site weights =
-  image counts:
-    - exactly, for the first local epoch of every round (all of the round when E = 1): the averaged first
-      moment (exp_avg) and step count are those of ONE centralized full-batch Adam step on the union of all
-      sites' images; so the averaged gradient IS the full-batch gradient over all sites (every class seen, in
-      its true proportion).
-    - not exactly: the averaged second moment has (1-beta2)*mean_k(g_k^2), not (1-beta2)*(mean_k g_k)^2 (a site
-      whose gradient disagrees with the others makes it larger), and the averaged weights are the average of
-      per-site Adam steps, not one step with the averaged moments. At the first step from zero moments this
-      differs a lot (Adam's first step is ~lr*sign(g): the average of the sites' signs is not the sign of the
-      average); once the shared second moments dominate one round's g^2 (after warm-up), the averaged weights
-      equal the centralized step to within ~(1-beta2)*g_k^2/v relative (5e-4 of the step in the test).
-  With a local budget of E selector epochs, steps 2..E at a site use its own moments (client drift again);
-  the reference uses E = 1; the default here is E = 4 (measured: docs/methods.md).
-* ``"batch"``: the earlier variant: shuffled mini-batches of ``batch_size``, one Adam step per batch.
-
-Its input (SELECTOR_INPUT, recorded in every saved model set): three views of each image channel, resized
-with area averaging (no aliasing) to ``input_size`` pixels per axis (``input_size_3d`` voxels for volumes: 64^3
-would cost ~8x the compute of 32^3 for volumes that are rarely that detailed), all on fixed, bounded scales:
-  1. appearance: the image z-scored over ALL its channels together (so an RGB image keeps its colour balance),
-     clipped to +-5 SD and divided by 5: [-1, 1]. Removes brightness and contrast, keeps anatomy and colour.
-  2. stored intensity: sign(x) * log1p(|x|) / log1p(1e4) of the intensities as stored, clipped to [-1, 1]:
-     scanner units differ between hospitals (8-bit RGB ~ [0, 0.6], CT-like HU and MR units spread further).
-  3. fine detail: |z - 3x3 box mean of z| (z: view 1 before clipping) at the NATIVE resolution, clipped to
-     [0, 1] SD, then area-averaged: the local noise and texture energy that a thumbnail alone averages away.
-The network (SelectorNet): ``len(channels)`` blocks of a strided 3x3 convolution, a normalisation and a ReLU,
-global average pooling and one linear layer (~0.1 M parameters at the defaults, against ~130 M of the
-reference's VGG-11). ``norm`` (GroupNorm in every case, so independent of the batch: gradient accumulation in
-chunks is exact, and no running statistics of single-site batches are averaged): "group" (default; channels // 8
-groups: a sample's feature maps are normalised jointly in groups of 8, so their relative levels, and so the
-intensity cues, survive), "layer" (one group), "instance" (one group per map: removes, per image and map,
-exactly the mean level and contrast that tell scanners apart), "none".
-
-The network's other defaults were chosen by measurement: docs/methods.md (FedSM, selector settings).
+The model selector (SelectorNet) is a site classifier: which site does an image come from? Every site sees only
+its own label, so a site alone would learn "everything is me". Three protocols (``selector.protocol``):
+``"lda"`` (default: fixed seeded features; the sites send feature statistics and the server fits the head in
+closed form, fedseg.algorithms.selector_head), ``"epoch"`` (NVIDIA's reference: one full-batch Adam step per local
+epoch from the moments the server sent; weights, moments and step counts averaged) and ``"batch"`` (one Adam step
+per mini-batch). Its input (SELECTOR_INPUT, recorded in every saved model set) is three views per image channel
+on fixed scales: appearance (z-scored over all channels, clipped), stored intensity (signed log scale) and fine
+detail (|z - 3x3 mean| at native resolution), area-averaged to ``input_size`` (``input_size_3d`` for volumes).
+docs/methods.md describes each protocol, what the "epoch" protocol's averaging makes exactly equal to a
+centralized step and what not, and the measurements that chose the defaults.
 """
 
 from __future__ import annotations
