@@ -30,6 +30,7 @@ from fedseg.bench.budget import (
     run_specs,
     steps_per_epoch,
 )
+from fedseg.bench.tuning import tuning_runs
 
 
 # ---- budget (pure) -----------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def test_cost_ratios_from_a_record():
 
 
 def test_relay_measurement_is_reported_as_measured():
-    from fedseg.bench.benchmark_report import _relay_lines
+    from fedseg.bench.benchmark_report.cost_section import relay_lines
 
     relay = {
         "fedavg_rounds": 3,
@@ -266,11 +267,11 @@ def test_relay_measurement_is_reported_as_measured():
         "validated_communications": 3,
         "fedavg_round_seconds": {"tasks": {"mean": 0.9, "max": 1.2}, "save": {"mean": 0.01, "max": 0.02}},
     }
-    text = "\n".join(_relay_lines(relay))
+    text = "\n".join(relay_lines(relay))
     assert "| 0.900 / 1.200 | - / - | - / - | 0.010 / 0.020 |" in text  # FedAvg's split, missing parts as "-"
     assert "| 20.0 | 24.0 | **1.20** | 0.061 / 0.070 / 0.150 | 1.90 | 1.60 | - | 3 |" in text
     assert "12 communications" in text
-    assert _relay_lines(None) == []  # an older record without the measurement: no section, nothing invented
+    assert relay_lines(None) == []  # an older record without the measurement: no section, nothing invented
 
 
 @pytest.mark.slow
@@ -389,11 +390,12 @@ def test_smoke_preset_runs_every_method_end_to_end(smoke_run):
     (cell,) = data["cells"]
     budget = cell["budget"]["total_steps"]
     paper = [f"{m}-paper" for m in PAPER_DIFFERS]
-    assert sorted(cell["methods"]) == sorted([*METHODS, *paper])  # both protocols, every method
+    tuned = [key for key, _, _ in tuning_runs(METHODS)]  # FedProx's mu and FedSM's lambda candidates
+    assert sorted(cell["methods"]) == sorted([*METHODS, *paper, *tuned])  # both protocols, every method
     # measured at the sites: every equal-steps run trained exactly B steps; the papers' own protocols: FedSM and
     # SoftPull 2B (both networks the full E epochs per round), FedCrossEns N*B (every member a full FedCross schedule)
     expected = {
-        **dict.fromkeys(METHODS, budget),
+        **dict.fromkeys([*METHODS, *tuned], budget),
         "fedsm-paper": 2 * budget,
         "softpull-paper": 2 * budget,
         "fedcrossens-paper": len(cell["sites"]) * budget,
@@ -410,6 +412,11 @@ def test_smoke_preset_runs_every_method_end_to_end(smoke_run):
         assert rec["protocol"] == ("paper" if m in paper else "equal"), m
         assert rec["wall_seconds"] > 0 and rec["curve"], m
         assert all(v and v > 50 * 2**20 for v in rec["memory"].values()), (m, rec["memory"])
+    # each candidate run trained with its candidate value, the main runs with the shipped defaults
+    for key, method, options in tuning_runs(METHODS):
+        assert cell["methods"][key]["group"] == "tuning" and cell["methods"][key]["options"] == options
+        for arg, value in options.items():
+            assert cell["methods"][key]["workflow_args"][arg] == value != cell["methods"][method]["workflow_args"][arg]
     # the paper runs really ran their papers' plans: R rounds x E epochs per network, N*R communications
     assert cell["methods"]["fedsm-paper"]["workflow_args"]["local_epochs"] == cell["budget"]["epochs"]
     assert cell["methods"]["fedsm"]["workflow_args"]["local_epochs"] == cell["budget"]["epochs"] // 2
@@ -442,7 +449,7 @@ def test_smoke_preset_runs_every_method_end_to_end(smoke_run):
         assert cell["methods"][m]["traffic"] == {}
     with open(smoke_run / "raw" / "methods.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted(r["run"] for r in rows) == sorted([*METHODS, *paper])
+    assert sorted(r["run"] for r in rows) == sorted([*METHODS, *paper, *tuned])
 
 
 @pytest.mark.slow
@@ -452,6 +459,9 @@ def test_smoke_report_and_plots(smoke_run, tmp_path):
         assert f"| {name} |" in md, name
     assert "python -m fedseg.bench --preset smoke" in md and "not run on a GPU" in md
     assert "too small to conclude" in md and "best-validated" in md
+    # FedProx's mu and FedSM's lambda chosen on validation, every candidate shown
+    assert "## Hyper-parameters chosen on validation" in md and "**FedProx on synth2d** (`fedprox_mu`, 1 seed(s))" in md
+    assert "| 0.01 (default) |" in md and "| 0.7 (default) |" in md and "| 0.001 |" in md and "| 0.9 |" in md
     # both protocols side by side, with the extra compute next to the Dice and the flattened column
     assert "**Equal steps: every method trains B segmentation steps.**" in md and "**Each paper's own protocol" in md
     assert "steps used / B" in md and "flattened? (last-25% gain)" in md
@@ -543,7 +553,7 @@ def _cell(seed: int, dice: dict[str, float], sites=("a", "b"), curves: dict | No
 
 
 def test_flattened_uses_the_last_quarter_of_the_curve():
-    from fedseg.bench.benchmark_report import flattened
+    from fedseg.bench.benchmark_report.facts import flattened
 
     rising = [(i / 12, 0.05 * i) for i in range(13)]
     flat = [(i / 12, min(0.8, 0.2 * i)) for i in range(13)]
@@ -556,7 +566,8 @@ def test_flattened_uses_the_last_quarter_of_the_curve():
 
 
 def test_headline_answers_come_from_the_numbers():
-    from fedseg.bench.benchmark_report import _headline_sentences, headline_facts
+    from fedseg.bench.benchmark_report.facts import headline_facts
+    from fedseg.bench.benchmark_report.headline_section import headline_sentences
 
     runs = {
         "local": 0.70,
@@ -575,35 +586,50 @@ def test_headline_answers_come_from_the_numbers():
     assert facts["fedcrossens"]["beats_fedavg"] is False  # -1 and +1.5 points: below 2 under both
     assert facts["centralized_vs_local"]["beats"] is True
     assert facts["fedcross_vs_stock"]["matches"] is False and facts["fedcross_vs_stock"]["diff"] == pytest.approx(-0.02)
-    text = " ".join(_headline_sentences("d", cells))
+    text = " ".join(headline_sentences("d", cells))
     assert "FedSM super model vs FedAvg" in text and "paper protocol (2B)" in text
     assert "FedCrossEns ensemble vs FedAvg" in text and "under at least one protocol: **no**" in text
     assert "matches the stock cyclic workflow (at most 1 point below): **no**" in text
     facts = headline_facts([_cell(0, {**runs, "fedcross": 0.665})])
     assert facts["fedcross_vs_stock"]["matches"] is True
     curves = {"fedavg": [(i / 8, 0.1 * i) for i in range(9)]}
-    assert "NOT flattened" in " ".join(_headline_sentences("d", [_cell(0, runs, curves=curves)]))
+    assert "NOT flattened" in " ".join(headline_sentences("d", [_cell(0, runs, curves=curves)]))
 
 
 def test_fedsm_selector_and_gamma_sweep_readers():
-    from fedseg.bench.benchmark_report import gamma_sweep, selector_stats
+    from fedseg.bench.benchmark_report.fedsm_facts import gamma_sweep, selector_stats
 
     extra = {"selector_accuracy": {"a": 1.0, "b": 0.5}, "routing": {"a": {"a": 3, "global": 1}, "b": {"a": 2, "b": 2}}}
     st = selector_stats(extra, ["a", "b"])
     assert st["a"] == {"argmax_own": 1.0, "routed_own": 0.75, "routed_global": 0.25, "cases": 4}
     assert st["b"]["routed_own"] == 0.5 and st["b"]["routed_global"] == 0.0
     assert selector_stats({**extra, "routed_own": {"a": 0.5}}, ["a"])["a"]["routed_own"] == 0.5  # the site's own count wins
-    layouts = [
-        {"0.5": {"a": 0.8, "b": 0.6}, "1.0": {"a": 0.7, "b": 0.5}},
-        {"a": {"0.5": 0.8, "1.0": 0.7}, "b": {"0.5": {"dice": 0.6}, "1.0": {"dice": 0.5}}},
-        [{"gamma": 0.5, "per_site": {"a": 0.8, "b": 0.6}}, {"gamma": 1.0, "per_site": {"a": 0.7, "b": 0.5}}],
-        {"gammas": [0.5, 1.0], "dice": {"a": [0.8, 0.7], "b": [0.6, 0.5]}, "mean": [0.7, 0.6]},
-    ]
-    for raw in layouts:
-        sweep = gamma_sweep({"gamma_sweep": raw})
-        assert sorted(sweep) == [0.5, 1.0] and sweep[0.5]["mean"] == pytest.approx(0.7), raw
-        assert sweep[1.0]["a"] == 0.7
+    # the sweep as FedSM's controller records it: the mean it wrote, or the mean over the sites without one
+    recorded = {"gammas": [0.5, 1.0], "dice": {"a": [0.8, 0.7], "b": [0.6, 0.5]}, "mean": [0.71, 0.6]}
+    sweep = gamma_sweep({"gamma_sweep": recorded})
+    assert sorted(sweep) == [0.5, 1.0] and sweep[0.5] == {"a": 0.8, "b": 0.6, "mean": 0.71}
+    assert gamma_sweep({"gamma_sweep": {**recorded, "mean": None}})[1.0] == {"a": 0.7, "b": 0.5, "mean": pytest.approx(0.6)}
+    assert gamma_sweep({"gamma_sweep": {"gammas": [0.5], "dice": {}, "mean": None}}) == {}  # no site reported one
     assert gamma_sweep({}) == {}
+
+
+def test_fedsm_routing_and_history_are_summed_over_seeds():
+    import math
+
+    from fedseg.bench.benchmark_report.fedsm_facts import selector_history, summed_counts
+
+    seeds = [
+        {
+            "routing": {"a": {"a": 3, "global": 1}},
+            "selector_history": [{"round": r, "accuracy": {"a": r / 10}} for r in range(9)],
+        },
+        {"routing": {"a": {"a": 1, "b": None}}, "selector_history": [{"round": r, "accuracy": {"a": r / 5}} for r in range(9)]},
+    ]
+    assert summed_counts(seeds, "routing") == {"a": {"a": 4.0, "global": 1.0}}  # a count that is no number is left out
+    assert summed_counts(seeds, "confusion") == {}  # not recorded
+    history = selector_history(seeds, ["a"])
+    assert [r for r, _ in history] == [0, 2, 4, 6, 8]  # first, quarter, half, three quarters, last round
+    assert history[-1][1]["a"][0] == pytest.approx((0.8 + 1.6) / 2) and math.isnan(history[-1][1]["a"][1])
 
 
 def test_polyp_pictures_are_downscaled_with_binary_masks(tmp_path):
@@ -722,12 +748,12 @@ def test_sigterm_stops_the_benchmark_and_everything_it_started(tmp_path):
 
 
 def test_headline_says_when_a_difference_is_seed_noise():
-    from fedseg.bench.benchmark_report import _headline_sentences
+    from fedseg.bench.benchmark_report.headline_section import headline_sentences
 
     noisy = [_cell(s, {"fedavg": 0.60, "fedsm": 0.60 + d}) for s, d in enumerate((0.10, -0.05, 0.01))]  # +2 points, noisy
     clear = [_cell(s, {"fedavg": 0.60, "fedsm": 0.63 + d}) for s, d in enumerate((0.001, -0.001, 0.0))]
-    assert "within seed noise" in " ".join(_headline_sentences("d", noisy))
-    text = " ".join(_headline_sentences("d", clear))
+    assert "within seed noise" in " ".join(headline_sentences("d", noisy))
+    text = " ".join(headline_sentences("d", clear))
     assert "within seed noise" not in text and "standard errors over 3 seeds" in text
 
 

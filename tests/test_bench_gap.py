@@ -203,16 +203,17 @@ def _cells(with_matched: bool = True) -> list[dict]:
 
 
 def _markdown(cells) -> str:
-    from fedseg.bench.benchmark_report import _markdown as markdown
-    from fedseg.bench.benchmark_report import by_dataset
+    from fedseg.bench.benchmark_report import markdown
+    from fedseg.bench.benchmark_report.facts import by_dataset
 
     run = {"protocols": ["equal", "paper"], "seeds": [0, 1, 2], "preset": "standard", "conclusive": True}
     return markdown(run, cells, None, by_dataset(cells), {}, "")
 
 
 def test_report_shows_matched_baselines_worst_site_and_gap_closed():
-    from fedseg.bench.benchmark_report import aggregate, headline_facts, protocol_rows
+    from fedseg.bench.benchmark_report.facts import headline_facts
     from fedseg.bench.gap_report import gap_rows
+    from fedseg.bench.report_data import aggregate, protocol_rows
 
     cells = _cells()
     assert aggregate(cells, "fedavg")["worst"] == [0.5, 0.5, 0.5]  # per seed: the minimum over sites

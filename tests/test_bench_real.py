@@ -22,7 +22,8 @@ def _cell(dataset: str, seed: int, dice: dict[str, dict[str, float]]) -> dict:
 
 
 def test_leakage_section_compares_the_frame_split_with_the_sequence_split():
-    from fedseg.bench.benchmark_report import _markdown, by_dataset
+    from fedseg.bench.benchmark_report import markdown
+    from fedseg.bench.benchmark_report.facts import by_dataset
 
     cells = [_cell("polyp", s, {"fedavg": {"a": 0.50, "b": 0.40 + 0.02 * s}}) for s in range(2)]
     cells += [_cell("polyp_frames", s, {"fedavg": {"a": 0.70, "b": 0.60 + 0.02 * s}}) for s in range(2)]
@@ -33,12 +34,12 @@ def test_leakage_section_compares_the_frame_split_with_the_sequence_split():
         "conclusive": True,
         "datasets": {"polyp": {"leakage_of": ""}, "polyp_frames": {"leakage_of": "polyp"}},
     }
-    text = _markdown(run, cells, None, by_dataset(cells), {}, "")
+    text = markdown(run, cells, None, by_dataset(cells), {}, "")
     section = text.split("### Leakage: polyp split by video sequence vs by frame")[1].split("##")[0]
     row = next(line for line in section.splitlines() if line.startswith("| FedAvg"))
     assert "0.455 ± 0.007" in row and "0.655 ± 0.007" in row and "+0.200" in row
     run["datasets"]["polyp_frames"]["leakage_of"] = ""  # no declared pair: no section
-    assert "### Leakage" not in _markdown(run, cells, None, by_dataset(cells), {}, "")
+    assert "### Leakage" not in markdown(run, cells, None, by_dataset(cells), {}, "")
 
 
 def test_pilot_gap_standard_error_and_curve_tail():
@@ -137,7 +138,7 @@ def test_gpu_real_cell_is_the_full_presets_polyp_cell_cut_to_fit(tmp_path):
 
 
 def test_selector_status_is_recorded_or_judged_from_the_routing():
-    from fedseg.bench.benchmark_report import selector_status_of
+    from fedseg.bench.benchmark_report.fedsm_facts import selector_status_of
 
     sites = ["a", "b"]
     assert selector_status_of({"selector_status": {"status": "unused"}}, sites) == "unused"

@@ -69,7 +69,7 @@ def test_loco_cells_are_the_same_data_without_one_centre():
         add_loco_datasets({"s": synth}, False, ["Z"])
     assert get_preset("standard").loco and not get_preset("quick").loco and not get_preset("smoke").loco
     p = holdout_preset(get_preset("standard"))
-    assert not (p.fedsm_ablation or p.optimizer_measure or p.matched_steps or p.stock)
+    assert not (p.fedsm_ablation or p.optimizer_measure or p.matched_steps or p.stock or p.tuning)
 
 
 def test_federation_folder_links_only_the_other_centres(tmp_path):

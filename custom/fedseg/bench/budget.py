@@ -55,6 +55,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from fedseg.algorithms.schedules import plan_latin
+from fedseg.bench.tuning import tuning_runs
 
 METHODS = ("local", "centralized", "fedavg", "fedprox", "fedbn", "fedsm", "softpull", "fedcross", "fedcrossens")
 FL_METHODS = ("fedavg", "fedprox", "fedbn", "fedsm", "softpull", "fedcross", "fedcrossens")
@@ -323,8 +324,9 @@ def plan_methods(methods, budget: Budget, **options) -> dict[str, MethodPlan]:
 class RunSpec:
     """One run of a benchmark cell: `method` under `protocol`, with controller `options` (overrides of the
     method's workflow arguments). key: unique in the cell (its results' name); group: "main", "ablation"
-    (the FedSM ablation), "optimizer" (local optimizer state measurement) or "stock" (NVFlare's own
-    workflows)."""
+    (the FedSM ablation), "optimizer" (local optimizer state measurement), "tuning" (a candidate value of an
+    argument chosen on validation, fedseg.bench.tuning), "matched" (matched-step baselines) or "stock" (NVFlare's
+    own workflows)."""
 
     key: str
     method: str
@@ -363,6 +365,7 @@ def run_specs(
     stock=(),
     matched_steps: bool = False,
     n_sites: int | None = None,
+    tuning: bool = False,
 ) -> list[RunSpec]:
     """The runs of one cell. Every method once under the equal-steps plan (its key is the method); with the
     "paper" protocol also FedSM / SoftPull / FedCrossEns under their papers' protocols ("<method>-paper").
@@ -371,7 +374,8 @@ def run_specs(
     FedProx again with local_optimizer set to each of these ("fedavg-opt-keep" ...). stock: NVFlare peers.
     matched_steps (with the "paper" protocol): FedAvg, local-only and centralized (those in methods) again at every
     multiple f of B the paper runs train (paper_multiples; n_sites = N), R*f rounds of E epochs
-    ("fedavg-2B" ..., group "matched")."""
+    ("fedavg-2B" ..., group "matched"). tuning: FedProx and FedSM again with each candidate value of the argument
+    they may choose (fedseg.bench.tuning: the choice is made on validation Dice; group "tuning")."""
     for p in protocols:
         if p not in PROTOCOLS:
             raise ValueError(f"unknown protocol {p!r}; known: {PROTOCOLS}")
@@ -399,6 +403,8 @@ def run_specs(
             for m in MATCHED_BASELINES
             if m in methods
         ]
+    if tuning and "equal" in protocols:
+        specs += [RunSpec(key, m, "equal", options, "tuning") for key, m, options in tuning_runs(methods)]
     specs += [RunSpec(m, m, "equal", group="stock") for m in stock]
     if "equal" not in protocols:  # only the paper protocol: the shared runs stay, the equal-only ones go
         specs = [s for s in specs if s.protocol == "paper" or s.method not in PAPER_DIFFERS]

@@ -32,6 +32,7 @@ SAME = (
     "optimizer_variants",
     "stock",
     "matched_steps",
+    "tuning",
     "lr_schedule",
     "conclusive",
     "hd95",

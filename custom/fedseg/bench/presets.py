@@ -27,8 +27,9 @@ paper's own protocol: FedSM/SoftPull 2B, FedCrossEns N*B) and reports them side 
             3 seeds, R=24 rounds x E=2 epochs (E=4 on synth2d_scarce, whose sites have 2 steps per epoch),
             every method in both protocols, the FedSM ablation on the built-in data (SoftPull lambda 0.5/0.9/1.0
             at the paper budget; lambda 0.7 at half (equal steps) and full (paper) budget; learned routing vs
-            the oracle "personalized (own site)" row) and FedAvg/FedProx with the other local-optimizer setting
-            (item 3's measurement), NVFlare's stock CyclicRecipe/FedAvgRecipe peers (fedseg.bench.stock), the
+            the oracle "personalized (own site)" row) and FedAvg/FedProx with the other local-optimizer setting,
+            FedProx's mu (0.001, 0.1) and FedSM's lambda (0.5, 0.9) next to their defaults, chosen per seed on
+            validation Dice (fedseg.bench.tuning; --no-tuning leaves them out), NVFlare's stock CyclicRecipe/FedAvgRecipe peers (fedseg.bench.stock), the
             matched-step baselines (FedAvg, local-only, centralized at 2B and N*B: R*2 and R*N rounds of E epochs,
             fedseg.bench.budget), the leave-one-centre-out cells polyp_loco_<centre> (one per polyp centre: the polyp
             cell's main runs trained without that centre and scored on it, fedseg.bench.unseen; --no-loco leaves
@@ -149,6 +150,7 @@ class Preset:
     progress_every: float = 60.0  # seconds between progress lines
     conclusive: bool = True  # False: the report says the numbers are too small to conclude anything
     loco: bool = False  # leave-one-centre-out cells (fedseg.bench.unseen): one per centre of every polyp dataset
+    tuning: bool = False  # FedProx's mu and FedSM's lambda chosen on validation (fedseg.bench.tuning)
 
     def copy(self) -> Preset:
         return copy.deepcopy(self)
@@ -209,6 +211,7 @@ PRESETS = {
         cost=None,
         timeout=600.0,
         conclusive=False,
+        tuning=True,
         description="end-to-end check of the whole pipeline (tests/test_bench.py); numbers mean nothing",
     ),
     "quick": Preset(
@@ -262,6 +265,7 @@ PRESETS = {
         stock=list(STOCK),
         matched_steps=True,
         loco=True,
+        tuning=True,
         description="2 CPU cores, <= ~100 minutes, to convergence: 64 px 2-D data (synth2d, its data-scarce variant, "
         "polyp), 3 seeds, R=24, both protocols, the FedSM ablation",
     ),
@@ -283,6 +287,7 @@ PRESETS = {
         optimizer_measure=True,
         stock=list(STOCK),
         matched_steps=True,
+        tuning=True,
         cost=CostSpec(rounds=5, small_epochs=1, realistic_epochs=20),
         timeout=6 * 3600.0,
         description="a GPU machine: medium data, 20 rounds, one simulator job per method",

@@ -1,7 +1,7 @@
 """The facts layer of the benchmark report: runs, their names and order, and per-seed values, from the raw cells.
 
-benchmark_report.py renders sections from these; its section modules (gap_report, leakage_report) import them
-from here, so that no report module imports another in a circle.
+The report (fedseg.bench.benchmark_report and the section modules gap_report, leakage_report, tuning_report ...)
+imports them from here, so that no report module imports another in a circle.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ NAMES = {
 HEADLINE = {**HEADLINE_MODEL, "nvflare_cyclic": "global (last)", "nvflare_fedavg": "global (best)"}
 
 
-GROUPS = ("main", "stock", "matched", "ablation", "optimizer")  # matched: baselines at the paper runs' steps
+GROUPS = ("main", "stock", "matched", "tuning", "ablation", "optimizer")  # matched: baselines at the paper runs' steps
 
 
 MB = 1e6
@@ -107,6 +107,8 @@ def run_name(key: str, rec: dict) -> str:
         return f"{base} λ={lam} ({'full' if i['protocol'] == 'paper' else 'half'} budget per network)"
     if i["group"] == "optimizer":
         return f"{base} (local optimizer {i['options'].get('local_optimizer')})"
+    if i["group"] == "tuning":
+        return f"{base} ({', '.join(f'{k}={v:g}' for k, v in sorted(i['options'].items()))})"
     if i["group"] == "matched":
         return matched_name(key, rec)
     return base + (" (paper protocol)" if i["protocol"] == "paper" else "")

@@ -341,6 +341,7 @@ def cell_specs(preset: Preset, spec: DatasetSpec, methods: list[str], n_sites: i
         stock=[m for m in preset.stock if m in budget_mod.STOCK] if spec.methods is None else [],
         matched_steps=preset.matched_steps,
         n_sites=n_sites,
+        tuning=preset.tuning,
     )
 
 
@@ -725,6 +726,7 @@ def run_benchmark(preset: Preset, out: Path, datasets: dict[str, DatasetSpec], c
         "optimizer_variants": list(optimizer_variants(preset)),
         "stock": list(preset.stock),
         "matched_steps": preset.matched_steps,
+        "tuning": preset.tuning,
         "lr_schedule": preset.lr_schedule,
         "conclusive": preset.conclusive,
         "hd95": preset.hd95,
@@ -818,6 +820,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the matched-step baselines (FedAvg, local-only, centralized at the paper runs' 2B and N*B steps)",
     )
     p.add_argument(
+        "--no-tuning",
+        action="store_true",
+        help="skip the candidate runs of FedProx's mu and FedSM's lambda (chosen on validation: fedseg.bench.tuning)",
+    )
+    p.add_argument(
         "--no-loco", action="store_true", help="skip the leave-one-centre-out cells (one per polyp centre in standard)"
     )
     p.add_argument(
@@ -897,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
             preset.matched_steps = False
         if o.no_loco:
             preset.loco = False
+        if o.no_tuning:
+            preset.tuning = False
         if o.stock is not None:
             preset.stock = list(o.stock)
         if o.no_hd95:

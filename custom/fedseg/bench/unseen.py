@@ -135,7 +135,7 @@ def federation_dir(data_dir: Path, holdout: str, dst: Path) -> Path:
 def holdout_preset(preset: Preset) -> Preset:
     """The preset a holdout cell runs under: the main runs only (what the unseen centre scores)."""
     p = preset.copy()
-    p.fedsm_ablation = p.optimizer_measure = p.matched_steps = False
+    p.fedsm_ablation = p.optimizer_measure = p.matched_steps = p.tuning = False
     p.stock = []
     return p
 
