@@ -345,8 +345,8 @@ BUDGET = {
 def tiny_job(name: str, dest: Path) -> Path:
     server = json.loads((REPO / "jobs" / name / "app" / "config" / "config_fed_server.json").read_text())
     args = dict(BUDGET[name])
-    if "engine" in server["workflows"][0]["args"]:  # the server's copy of the engine settings
-        args["engine"] = {**server["workflows"][0]["args"]["engine"], **RUN_ENGINE}
+    if "engine_config" in server["workflows"][0]["args"]:  # the server's copy of the engine settings
+        args["engine_config"] = {**server["workflows"][0]["args"]["engine_config"], **RUN_ENGINE}
     if "selector" in args:
         args["selector"] = {**server["workflows"][0]["args"]["selector"], **args["selector"]}
     return copy_job(name, dest, server_args=args, engine=RUN_ENGINE)

@@ -12,7 +12,7 @@ participants when it is deployed, so a site cannot enter the participant list la
 participant whose job process comes up late (slow storage, a busy machine): the test's executor holds the
 site's START_RUN set-up until the test releases it, after round 0 has ended without the site.
 
-Plus the pure site bookkeeping (fedseg.fl.fedsm_controller.plan_round, fedseg.fl.fedcross_controller.SiteHealth,
+Plus the pure site bookkeeping (fedseg.fl.site_health.plan_round, fedseg.fl.site_health.SiteHealth,
 schedules over a changing site list) tested directly.
 """
 
@@ -29,8 +29,7 @@ import pytest
 from conftest import JOBS, TINY_ENGINE, copy_job, set_executor_path, simulate
 
 from fedseg.algorithms.schedules import assign
-from fedseg.fl.fedcross_controller import SiteHealth
-from fedseg.fl.fedsm_controller import plan_round
+from fedseg.fl.site_health import SiteHealth, plan_round
 from fedseg.modelset import load_members, load_model_set
 
 FAULTY = "fedseg_faults.FaultySegExecutor"
@@ -241,8 +240,8 @@ def server_args(name: str) -> dict:
 def job(tmp: Path, name: str, faults: list | None = None, start_gate: dict | None = None, **args) -> Path:
     """jobs/<name> with the tiny engine (1 local epoch) and the fault-injecting executor; FedAvg without its
     cross-site evaluation workflow (it would wait for a dead site's model for its own, long timeout)."""
-    if "engine" in server_args(name):  # the server's copy of the engine settings (model sets record them)
-        args = {"engine": {**server_args(name)["engine"], **ENGINE}, **args}
+    if "engine_config" in server_args(name):  # the server's copy of the engine settings (model sets record them)
+        args = {"engine_config": {**server_args(name)["engine_config"], **ENGINE}, **args}
     path = copy_job(name, tmp, server_args=args, engine=ENGINE)
     server_file = path / "app" / "config" / "config_fed_server.json"
     server = json.loads(server_file.read_text())

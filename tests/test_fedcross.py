@@ -58,8 +58,8 @@ def server_args(name: str) -> dict:
 
 def cross_job(tmp: Path, name: str, **args) -> Path:
     """jobs/<name> with the tiny engine on both sides (the model set records the sites' settings)."""
-    engine = {**server_args(name)["engine"], **TINY_ENGINE}
-    return copy_job(name, tmp, server_args={"engine": engine, **args}, engine=TINY_ENGINE)
+    engine = {**server_args(name)["engine_config"], **TINY_ENGINE}
+    return copy_job(name, tmp, server_args={"engine_config": engine, **args}, engine=TINY_ENGINE)
 
 
 def history(run) -> list[dict]:
@@ -259,10 +259,18 @@ def test_job_configs_state_the_fedcross_settings():
     for name, k, kind in (("fedcross", 1, "cyclic"), ("fedcrossens", 0, "latin")):
         args = server_args(name)
         assert args["num_models"] == k and args["schedule"] == kind
-        for key in ("num_communications", "visit_epochs", "visit_steps", "task_timeout", "validate_timeout", "seed", "engine"):
+        for key in (
+            "num_communications",
+            "visit_epochs",
+            "visit_steps",
+            "task_timeout",
+            "validate_timeout",
+            "seed",
+            "engine_config",
+        ):
             assert key in args, (name, key)
         client = json.loads((JOBS / name / "app" / "config" / "config_fed_client.json").read_text())
-        assert client["executors"][0]["executor"]["args"]["engine"] == args["engine"]  # one engine, both sides
+        assert client["executors"][0]["executor"]["args"]["engine"] == args["engine_config"]  # one engine, both sides
     # same total budget as jobs/fedavg at 4 sites: FedAvg R x local_epochs at every site per round
     fedavg = json.loads((JOBS / "fedavg" / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0]["args"]
     fedavg_client = json.loads((JOBS / "fedavg" / "app" / "config" / "config_fed_client.json").read_text())

@@ -181,8 +181,8 @@ def test_routing_summary_and_gamma_sweep():
 def fedsm_job(tmp_path: Path, name: str = "fedsm", **server_args) -> Path:
     engine = json.loads((Path(__file__).parents[1] / "jobs" / name / "app" / "config" / "config_fed_server.json").read_text())[
         "workflows"
-    ][0]["args"]["engine"]
-    return copy_job(name, tmp_path, server_args={"engine": {**engine, **TINY_ENGINE}, **server_args}, engine=TINY_ENGINE)
+    ][0]["args"]["engine_config"]
+    return copy_job(name, tmp_path, server_args={"engine_config": {**engine, **TINY_ENGINE}, **server_args}, engine=TINY_ENGINE)
 
 
 def all_arrays(groups) -> list[np.ndarray]:

@@ -325,13 +325,13 @@ def test_fedsm_and_fedcrossens_deploy_the_same_way(poc):
 
     root = poc.fed.root / "src_jobs_custom"
     fedsm_engine = json.loads((REPO / "jobs" / "fedsm" / "app" / "config" / "config_fed_server.json").read_text())
-    engine = {**fedsm_engine["workflows"][0]["args"]["engine"], **TINY}
+    engine = {**fedsm_engine["workflows"][0]["args"]["engine_config"], **TINY}
     jobs = {
-        "fedsm": copy_job("fedsm", root, server_args={"num_rounds": 1, "engine": engine}, engine=TINY),
+        "fedsm": copy_job("fedsm", root, server_args={"num_rounds": 1, "engine_config": engine}, engine=TINY),
         "fedcrossens": copy_job(
             "fedcrossens",
             root,
-            server_args={"num_communications": len(SITES), "engine": engine},  # one Latin block
+            server_args={"num_communications": len(SITES), "engine_config": engine},  # one Latin block
             engine=TINY,
         ),
     }

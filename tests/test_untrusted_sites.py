@@ -275,7 +275,7 @@ def test_every_rejection_is_an_nvflare_audit_event(audit_events):
     controller = FedAvgController(num_rounds=1)
     controller.fl_ctx = FLContext()
     reference = {"w": np.zeros(2, np.float32)}
-    assert not controller.accept(ATTACKER, {"w": np.zeros(2, np.int8)}, reference, "update")
+    assert not controller.screener.accept(ATTACKER, {"w": np.zeros(2, np.int8)}, reference, "update")
     controller.reject(ATTACKER, "metrics", "metrics: nested deeper than 12 levels")
     assert [e["ref"] for e in events] == [f"fedseg:rejected:{ATTACKER}"] * 2
     assert "REJECTED update from site-3: key 'w': dtype int8, expected float32" in events[0]["msg"]
@@ -313,7 +313,7 @@ def test_trimmed_mean_refuses_to_start_with_too_few_sites():
 
 
 def test_a_job_cannot_make_the_server_read_or_write_outside_its_workspace(tiny2d, tmp_path):
-    """resume_from outside the job and the server's allowed directories, and an output_dir that is a path:
+    """resume_from outside the job and the server's allowed directories, and a results_dir that is a path:
     the job stops at once with a message that says why and how to allow it."""
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -324,7 +324,7 @@ def test_a_job_cannot_make_the_server_read_or_write_outside_its_workspace(tiny2d
         )
     )
     fedcross = copy_job(
-        "fedcross", tmp_path / "b", engine=ENGINE, server_args={"num_communications": 1, "output_dir": "../../x"}
+        "fedcross", tmp_path / "b", engine=ENGINE, server_args={"num_communications": 1, "results_dir": "../../x"}
     )
     runs = in_parallel(
         fedavg=lambda: simulate(fedavg, tmp_path / "ws_a", tiny2d, n=2, expect_ok=False),
@@ -333,5 +333,5 @@ def test_a_job_cannot_make_the_server_read_or_write_outside_its_workspace(tiny2d
     log = runs["fedavg"].log("server")
     assert "outside the job's workspace and the server's allowed directories" in log and "resume_dirs" in log
     assert "round 0" not in log.split("outside the job's workspace")[1]  # no training after the refusal
-    assert "output_dir must be a plain folder name" in runs["fedcross"].log("server")
+    assert "results_dir must be a plain folder name" in runs["fedcross"].log("server")
     assert not (tmp_path / "x").exists()

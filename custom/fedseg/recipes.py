@@ -193,7 +193,7 @@ def _site_executor(cls, recipe: str, engine: dict, datalist: str, tracking: str 
 
 class FedAvgRecipe(FedSegRecipe):
     KEEP_LOCAL = "none"  # what the sites keep of their own (FedAvgController keep_local; FedBNRecipe: "norm")
-    OUTPUT_DIR = "fedavg"  # the controller's folder under the server's app dir
+    RESULTS_DIR = "fedavg"  # the controller's results_dir, its folder under the server's app dir
 
     def __init__(
         self,
@@ -237,7 +237,7 @@ class FedAvgRecipe(FedSegRecipe):
             task_timeout=_int(recipe, "task_timeout", task_timeout, 0),
             max_local_steps=_int(recipe, "max_local_steps", max_local_steps, 0),
             keep_local=self.KEEP_LOCAL,
-            output_dir=self.OUTPUT_DIR,
+            results_dir=self.RESULTS_DIR,
         )
         controller._always_serialize_args = (
             "num_rounds",
@@ -246,13 +246,13 @@ class FedAvgRecipe(FedSegRecipe):
             "min_clients",
             "task_timeout",
             "max_local_steps",
-        ) + (("keep_local", "output_dir") if self.KEEP_LOCAL != "none" else ())
+        ) + (("keep_local", "results_dir") if self.KEEP_LOCAL != "none" else ())
         executor = _site_executor(SegExecutor, recipe, engine, datalist, tracking, hd95)
         super().__init__(
             name=name,
             min_clients=min_clients,
             engine=engine,
-            workflows=[(self.OUTPUT_DIR, controller)],
+            workflows=[(self.RESULTS_DIR, controller)],
             executor=executor,
             tracking=tracking,
             meter=meter,
@@ -270,7 +270,7 @@ class FedProxRecipe(FedAvgRecipe):
 
 class FedBNRecipe(FedAvgRecipe):
     KEEP_LOCAL = "norm"
-    OUTPUT_DIR = "fedbn"
+    RESULTS_DIR = "fedbn"
 
     def __init__(self, *, name: str = "fedbn", engine: dict | None = None, **kwargs):
         """FedBN (Li et al., ICLR 2021): FedAvg in which every normalization layer's parameters and running
@@ -362,7 +362,7 @@ class FedSMRecipe(FedSegRecipe):
             min_clients=1,
             task_timeout=task_timeout,
             eval_timeout=task_timeout,
-            engine=engine,
+            engine_config=engine,
             final_model=_choice(recipe, "final_model", final_model, ("best", "last")),
         )
         controller._always_serialize_args = (
@@ -374,7 +374,7 @@ class FedSMRecipe(FedSegRecipe):
             "min_clients",
             "task_timeout",
             "eval_timeout",
-            "engine",
+            "engine_config",
             "final_model",
         )
         executor = _site_executor(FedSMExecutor, recipe, engine, datalist, tracking, hd95)
@@ -468,7 +468,7 @@ class FedCrossRecipe(FedSegRecipe):
             retry_on_free_site=True,
             optimizer_state="fresh",
             min_clients=1,
-            engine=engine,
+            engine_config=engine,
         )
         controller._always_serialize_args = (
             "num_models",
@@ -486,7 +486,7 @@ class FedCrossRecipe(FedSegRecipe):
             "retry_on_free_site",
             "optimizer_state",
             "min_clients",
-            "engine",
+            "engine_config",
         )
         executor = _site_executor(FedCrossExecutor, recipe, engine, datalist, tracking, hd95)
         super().__init__(

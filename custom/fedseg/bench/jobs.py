@@ -47,7 +47,7 @@ METHOD_OUTPUTS = {
     "fedcross": ["fedcross"],
     "fedcrossens": ["fedcrossens"],
 }
-# FedAvg/FedProx: the models BenchGlobalEval scores (files FedAvgController writes under its output_dir)
+# FedAvg/FedProx: the models BenchGlobalEval scores (files FedAvgController writes under its results_dir)
 FEDAVG_MODELS = {"global (best)": "fedavg/best.pt", "global (last)": "fedavg/last.pt"}
 # FedBN: the same files under its own folder, each scored by every site with its own normalization
 FEDBN_MODELS = {"personalized (best)": "fedbn/best.pt", "personalized (last)": "fedbn/last.pt"}
@@ -204,7 +204,7 @@ def method_workflows(
         if "final_model" in accepted:
             args["final_model"] = "best"
     elif method in ("fedcross", "fedcrossens"):
-        args["output_dir"] = method
+        args["results_dir"] = method
         args["lr_schedule"] = lr_schedule
         if task_check_period:
             args["task_check_period"] = task_check_period
@@ -326,5 +326,5 @@ def workflow_args(job: Path) -> dict[str, dict]:
         if w["path"].startswith(FLOW):
             continue
         name = w["id"].rsplit("_", 1)[0]  # "<label>_<jobgen's workflow id>"
-        out.setdefault(name, {k: v for k, v in w["args"].items() if k != "engine"})
+        out.setdefault(name, {k: v for k, v in w["args"].items() if k != "engine_config"})
     return out

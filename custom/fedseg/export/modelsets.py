@@ -127,7 +127,7 @@ def kind_of(path: Path, groups: dict, info: dict) -> str:
 
 
 def find_app_dir(path: Path) -> Path | None:
-    """The run's app folder holding config/ (the model set lies in <app>/<output_dir>/), or None."""
+    """The run's app folder holding config/ (the model set lies in <app>/<results_dir>/), or None."""
     for folder in list(path.resolve().parents)[:3]:
         if (folder / "config" / "config_fed_client.json").is_file():
             return folder

@@ -35,10 +35,12 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fl_model_utils import make_model_learnable
 
 from fedseg.algorithms import AGGREGATIONS, aggregate, aggregate_shared
-from fedseg.algorithms.screening import numeric_metrics, read_score, robust_score, update_norm
+from fedseg.algorithms.screening import robust_score, update_norm
 from fedseg.engine.config import LOCAL_OPTIMIZER
-from fedseg.engine.dp import DP_METRICS
-from fedseg.fl.base_controller import FedSegController, check_output_name, check_trimmed_mean, round_seconds
+from fedseg.fl.base_controller import FedSegController, check_trimmed_mean
+from fedseg.fl.checkpoints import best_beside, check_folder_name, improves
+from fedseg.fl.results import dp_spent, round_seconds
+from fedseg.fl.site_health import FailedRounds
 from fedseg.modelset import load_model_set, save_model_set
 
 SCORE_KEY = "val_dice"  # what SegExecutor's train task reports for the model it received
@@ -46,6 +48,39 @@ KEEP_LOCAL = ("none", "norm")  # "norm": FedBN, the normalization layers stay at
 
 
 class FedAvgController(FedSegController):
+    """FedAvg / FedProx / FedBN with FedSeg's screening, checkpoints and resume.
+
+    Args:
+        num_rounds: FL rounds.
+        fedprox_mu: FedProx's proximal weight, sent to the sites (0: plain FedAvg).
+        local_epochs / local_steps: local budget per round (None: the sites' engine setting; steps win).
+        max_local_steps: the most steps a site may train per round (sent to the sites) and so the largest
+            aggregation weight it can claim (0: no fixed plan; local_steps, when set, is the plan).
+        max_weight_ratio: without a plan, a site's weight is capped at this many times the median step
+            count of the other sites of the round, never above the server's own ceiling (2, or the server
+            operator's "max_weight_ratio" in local/fedseg_server.json; 0: that ceiling).
+        aggregation: "mean" (FedAvg, weighted by steps), "median" or "trimmed_mean" (coordinate-wise,
+            unweighted; robust to a minority of bad updates).
+        trim_fraction: share of the largest and of the smallest values dropped per coordinate ("trimmed_mean";
+            at least one per side, so it needs min_clients >= 3).
+        max_update_ratio: updates with a norm above this many times the median of the others are rejected.
+        clip_ratio: accepted updates above this many times the round's median norm are scaled down to it.
+        min_update_cosine: with 3 or more updates, one whose cosine with the other sites' mean direction is
+            below this is rejected (-1: no direction check).
+        local_optimizer: "fresh" (a new Adam at every site every round) or "keep" (each site keeps its own Adam
+            moments from round to round; they never leave the site).
+        keep_local: "none" (FedAvg) or "norm" (FedBN: the normalization layers' parameters and statistics, found
+            by module type in the persistor's network, stay at each site; the job refuses a network with none).
+        min_clients: fewest valid updates with which a round changes the global model.
+        task_timeout: seconds per training task (0: no limit). startup_grace: extra for a site's first task.
+        max_failed_rounds: consecutive rounds below min_clients before the job stops.
+        resume_from: a last.pt of an earlier run (inside this job's run dir or a directory the server's
+            local/fedseg_server.json lists under "resume_dirs") to continue from, at its round + 1.
+        results_dir: folder under the server's app dir for last.pt, best.pt and history.json (a plain name).
+    """
+
+    RENAMED = {"output_dir": "results_dir"}
+
     def __init__(
         self,
         num_rounds: int = 10,
@@ -66,39 +101,11 @@ class FedAvgController(FedSegController):
         startup_grace: int = 300,
         max_failed_rounds: int = 3,
         resume_from: str = "",
-        output_dir: str = "fedavg",
+        results_dir: str = "fedavg",
         persistor_id: str = "persistor",
         task_check_period: float = 0.5,
+        **kwargs,
     ):
-        """
-        Args:
-            num_rounds: FL rounds.
-            fedprox_mu: FedProx's proximal weight, sent to the sites (0: plain FedAvg).
-            local_epochs / local_steps: local budget per round (None: the sites' engine setting; steps win).
-            max_local_steps: the most steps a site may train per round (sent to the sites) and so the largest
-                aggregation weight it can claim (0: no fixed plan; local_steps, when set, is the plan).
-            max_weight_ratio: without a plan, a site's weight is capped at this many times the median step
-                count of the other sites of the round, never above the server's own ceiling (2, or the server
-                operator's "max_weight_ratio" in local/fedseg_server.json; 0: that ceiling).
-            aggregation: "mean" (FedAvg, weighted by steps), "median" or "trimmed_mean" (coordinate-wise,
-                unweighted; robust to a minority of bad updates).
-            trim_fraction: share of the largest and of the smallest values dropped per coordinate ("trimmed_mean";
-                at least one per side, so it needs min_clients >= 3).
-            max_update_ratio: updates with a norm above this many times the median of the others are rejected.
-            clip_ratio: accepted updates above this many times the round's median norm are scaled down to it.
-            min_update_cosine: with 3 or more updates, one whose cosine with the other sites' mean direction is
-                below this is rejected (-1: no direction check).
-            local_optimizer: "fresh" (a new Adam at every site every round) or "keep" (each site keeps its own Adam
-                moments from round to round; they never leave the site).
-            keep_local: "none" (FedAvg) or "norm" (FedBN: the normalization layers' parameters and statistics, found
-                by module type in the persistor's network, stay at each site; the job refuses a network with none).
-            min_clients: fewest valid updates with which a round changes the global model.
-            task_timeout: seconds per training task (0: no limit). startup_grace: extra for a site's first task.
-            max_failed_rounds: consecutive rounds below min_clients before the job stops.
-            resume_from: a last.pt of an earlier run (inside this job's run dir or a directory the server's
-                local/fedseg_server.json lists under "resume_dirs") to continue from, at its round + 1.
-            output_dir: folder under the server's app dir for last.pt, best.pt and history.json.
-        """
         super().__init__(
             persistor_id=persistor_id,
             task_timeout=task_timeout,
@@ -108,6 +115,7 @@ class FedAvgController(FedSegController):
             clip_ratio=clip_ratio,
             min_update_cosine=min_update_cosine,
             task_check_period=task_check_period,
+            **kwargs,
         )
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -137,47 +145,62 @@ class FedAvgController(FedSegController):
         self.trim_fraction = float(trim_fraction)
         self.max_failed_rounds = max(int(max_failed_rounds), 1)
         self.resume_from = resume_from or ""
-        self._output_dir = check_output_name(output_dir)  # `output_dir` is the base class's method
+        self.results_dir = check_folder_name(results_dir)
+
+    # ---- workflow -----------------------------------------------------------------------------------------
+    def run(self):
+        if not self._start():
+            return
+        for rnd in range(self.first_round, self.num_rounds):
+            if self.abort_signal.triggered:
+                return
+            if not self._round(rnd):
+                self.panic(f"FedAvg stopped: {self.failed.count} consecutive rounds below min_clients")
+                return
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def _save(self, name: str, params: dict, info: dict) -> None:
-        save_model_set(self.output_dir(self._output_dir) / name, {"global": params}, info)
+        save_model_set(self.folder.path(name), {"global": params}, info)
 
     def _publish_best(self, params: dict) -> None:
         """best_FL_global_model.pt through the persistor (what FLARE's cross-site evaluation reads)."""
         self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(params, {}), private=True, sticky=True)
         self.event(AppEventType.GLOBAL_BEST_MODEL_AVAILABLE)
 
-    def _start(self) -> tuple[dict, int, dict] | None:
-        """(global params, first round, state {history, best_score, best_round}) fresh or from resume_from."""
-        state = {"history": [], "best_score": None, "best_round": None}
+    def _start(self) -> bool:
+        """The run's state, fresh or from resume_from: global params, first round, {history, best_score, best_round},
+        the keys the sites keep; False after a panic."""
+        self.folder = self.results_folder(self.results_dir)
+        self.state = {"history": [], "best_score": None, "best_round": None}
+        self.failed = FailedRounds(self.max_failed_rounds)
+        self.recent_norms: deque[float] = deque(maxlen=20)  # accepted updates' norms (magnitude screening)
         initial = self.load_model()
         if initial is None:
-            return None
-        if not self.resume_from:
-            return dict(initial.params), 0, state
-        try:
-            path = self.resume_path(self.resume_from)
-            groups, info = load_model_set(path)
-            params = groups["global"]
-        except Exception as e:
-            self.panic(f"FedAvg: cannot resume from {self.resume_from!r}: {type(e).__name__}: {e}")
-            return None
-        if not self.accept(f"resume file {path}", params, initial.params, "saved global model"):
-            self.panic(f"FedAvg: {path} does not match the job's network; not resuming")
-            return None
-        state.update({k: info.get(k, state[k]) for k in state})
-        best = path.with_name("best.pt")
-        if best.exists() and state["best_score"] is not None:
+            return False
+        self.global_params, self.first_round = dict(initial.params), 0
+        if self.resume_from and not self._resume(initial.params):
+            return False
+        self.local_keys = self._local_keys(self.global_params)
+        return self.local_keys is not None
+
+    def _resume(self, reference: dict) -> bool:
+        opened = self.load_resume("FedAvg", load_model_set, lambda saved: {"saved global model": saved[0]["global"]}, reference)
+        if opened is None:
+            return False
+        path, (groups, info) = opened
+        self.global_params = groups["global"]
+        self.state.update({k: info.get(k, self.state[k]) for k in self.state})
+        best = best_beside(path)
+        if best is not None and self.state["best_score"] is not None:
             best_groups, _ = load_model_set(best)
             self._save("best.pt", best_groups["global"], {k: info.get(k) for k in ("best_score", "best_round")})
             self._publish_best(best_groups["global"])
-        start = int(info["round"]) + 1
+        self.first_round = int(info["round"]) + 1
         self.info(
-            f"FedAvg: resuming from {path} (round {info['round']} done, best {state['best_score']} at round "
-            f"{state['best_round']}) at round {start}"
+            f"FedAvg: resuming from {path} (round {info['round']} done, best {self.state['best_score']} at round "
+            f"{self.state['best_round']}) at round {self.first_round}"
         )
-        return params, start, state
+        return True
 
     def _local_keys(self, params: dict) -> list[str] | None:
         """The keys the sites keep (FedBN: the normalization entries of the job's network); None after a panic."""
@@ -217,111 +240,109 @@ class FedAvgController(FedSegController):
             meta["keep_local"] = self.keep_local
         return meta
 
-    def run(self):
-        started = self._start()
-        if started is None:
-            return
-        global_params, start, state = started
-        local_keys = self._local_keys(global_params)
-        if local_keys is None:
-            return
-        history = state["history"]
-        recent_norms: deque[float] = deque(maxlen=20)
-        failed_rounds = 0
-        for rnd in range(start, self.num_rounds):
-            if self.abort_signal.triggered:
-                return
-            sites = self.connected_sites()
-            self.info(f"---- FedAvg round {rnd + 1}/{self.num_rounds}: sites {sites} ----")
-            task = FLModel(
-                params=global_params,
-                params_type=ParamsType.FULL,
-                current_round=rnd,
-                total_rounds=self.num_rounds,
-                meta=self._task_meta(),
+    def _round(self, rnd: int) -> bool:
+        """Train, screen, score and aggregate one round, then write its checkpoint; False when the job must stop."""
+        sites = self.connected_sites()
+        self.info(f"---- FedAvg round {rnd + 1}/{self.num_rounds}: sites {sites} ----")
+        task = FLModel(
+            params=self.global_params,
+            params_type=ParamsType.FULL,
+            current_round=rnd,
+            total_rounds=self.num_rounds,
+            meta=self._task_meta(),
+        )
+        began = time.perf_counter()
+        results = self.run_tasks("train", {s: copy.copy(task) for s in sites})
+        tasks_done = time.perf_counter()
+        checked, weights, norms, cosines, accepted = self._screen(results)
+        scores = self.screener.scores({s: r.metrics for s, r in results.items()}, SCORE_KEY)
+        score = robust_score(scores.values())
+        record = {
+            "round": rnd,
+            "sites": sites,
+            "answered": sorted(results),
+            "accepted": accepted,
+            "weights": {s: weights[s] for s in accepted},
+            "val_dice": scores,
+            "score": score,
+            "update_norms": norms,
+            "update_cosines": cosines,
+        }
+        self._record_privacy(record, results, rnd)
+        self.state["history"].append(record)
+        self._keep_best(rnd, score, scores)
+        stop = self._update(rnd, record, checked, weights, accepted, score)
+        aggregated_at = time.perf_counter()
+        self.save_model(FLModel(params=self.global_params, params_type=ParamsType.FULL, current_round=rnd))
+        # before last.pt, which holds the history a resumed job continues (the save timed is the persistor's)
+        record["seconds"] = round_seconds(results, began, tasks_done, aggregated_at, time.perf_counter())
+        self._save("last.pt", self.global_params, {"round": rnd, **self.state})
+        self.folder.write_json("history.json", self.state["history"])
+        return not stop
+
+    def _shared(self) -> dict:
+        """The global model's aggregated entries (FedBN's normalization entries stay the sites' own)."""
+        stay = set(self.local_keys)
+        return {k: v for k, v in self.global_params.items() if k not in stay}
+
+    def _screen(self, results: dict[str, FLModel]) -> tuple[dict, dict, dict, dict, list[str]]:
+        """(results whose update fits the model, their step weights, update norms and cosines, the accepted
+        sites): shape checks, step counts, magnitude against the round's and recent updates, direction."""
+        reference = self.global_params
+        checked = {s: r for s, r in sorted(results.items()) if self.screener.accept(s, r.params, reference, "update")}
+        weights = self.step_weights(checked, self.local_steps or self.max_local_steps or None, self.max_weight_ratio)
+        norms = {s: update_norm(checked[s].params, reference) for s in weights}
+        too_large = self.screener.magnitudes("update", norms, self.recent_norms)
+        passed = [s for s in weights if s not in too_large]
+        opposed, cosines = self.screener.directions(
+            "update", {s: checked[s].params for s in passed}, dict.fromkeys(passed, self._shared())
+        )
+        return checked, weights, norms, cosines, sorted(s for s in passed if s not in opposed)
+
+    def _record_privacy(self, record: dict, results: dict[str, FLModel], rnd: int) -> None:
+        """DP-SGD sites: the privacy loss each one reports having spent so far, into the round's record."""
+        spent = dp_spent({s: r.metrics for s, r in results.items()})
+        if spent:
+            record["dp"] = spent
+            self.track_sites("fedavg/dp_epsilon", {s: m["dp_epsilon"] for s, m in spent.items() if "dp_epsilon" in m}, rnd)
+            self.info(
+                f"round {rnd}: DP-SGD privacy spent so far (site-reported) "
+                + ", ".join(f"{s} epsilon {m.get('dp_epsilon', float('nan')):.4g}" for s, m in spent.items())
             )
-            began = time.perf_counter()
-            results = self.run_tasks("train", {s: copy.copy(task) for s in sites})
-            tasks_done = time.perf_counter()
-            checked = {s: r for s, r in sorted(results.items()) if self.accept(s, r.params, global_params, "update")}
-            weights = self.step_weights(checked, self.local_steps or self.max_local_steps or None, self.max_weight_ratio)
-            norms = {s: update_norm(checked[s].params, global_params) for s in weights}
-            too_large = self.screen("update", norms, recent_norms)
-            passed = [s for s in weights if s not in too_large]
-            # direction over the aggregated keys (FedBN's normalization entries stay the sites' own)
-            aggregated = {k: v for k, v in global_params.items() if k not in set(local_keys)}
-            opposed, cosines = self.screen_direction(
-                "update", {s: checked[s].params for s in passed}, dict.fromkeys(passed, aggregated)
+
+    def _keep_best(self, rnd: int, score: float | None, scores: dict[str, float]) -> None:
+        """The sites scored the global model they RECEIVED this round: it is the candidate best (best.pt)."""
+        if score is not None:  # the sites' Dice of the global model they received this round: median, each
+            self.track(f"fedavg/global_{SCORE_KEY}", score, rnd)
+            self.track_sites(f"fedavg/global_{SCORE_KEY}", scores, rnd)
+        if improves(score, self.state["best_score"]):
+            self.state["best_score"], self.state["best_round"] = score, rnd
+            self._save("best.pt", self.global_params, {"round": rnd - 1, "best_score": score, "best_round": rnd})
+            self._publish_best(self.global_params)
+            self.info(f"round {rnd}: new best global model (median {SCORE_KEY} {score:.4f})")
+
+    def _update(self, rnd: int, record: dict, checked: dict, weights: dict, accepted: list[str], score) -> bool:
+        """Aggregate the accepted updates into the global model, or leave it unchanged with fewer than min_clients;
+        True when that was one failed round too many."""
+        if len(accepted) < self.min_clients:
+            stop = self.failed.failed()
+            self.error(
+                f"round {rnd}: {len(accepted)} valid update(s) {accepted}, fewer than min_clients="
+                f"{self.min_clients}: global model unchanged ({self.failed.count}/{self.failed.limit})"
             )
-            accepted = sorted(s for s in passed if s not in opposed)
-            scores = {
-                s: v
-                for s in sorted(results)
-                if (v := self.read(s, "metrics", read_score, results[s].metrics, SCORE_KEY)) is not None
-            }
-            score = robust_score(scores.values())
-            record = {
-                "round": rnd,
-                "sites": sites,
-                "answered": sorted(results),
-                "accepted": accepted,
-                "weights": {s: weights[s] for s in accepted},
-                "val_dice": scores,
-                "score": score,
-                "update_norms": norms,
-                "update_cosines": cosines,
-            }
-            # DP-SGD sites: the privacy loss each one reports having spent so far (it is the site's own certificate)
-            spent = {s: m for s in sorted(results) if (m := numeric_metrics(results[s].metrics, DP_METRICS.__contains__))}
-            if spent:
-                record["dp"] = spent
-                self.track_sites("fedavg/dp_epsilon", {s: m["dp_epsilon"] for s, m in spent.items() if "dp_epsilon" in m}, rnd)
-                self.info(
-                    f"round {rnd}: DP-SGD privacy spent so far (site-reported) "
-                    + ", ".join(f"{s} epsilon {m.get('dp_epsilon', float('nan')):.4g}" for s, m in spent.items())
-                )
-            history.append(record)
-            if score is not None:  # the sites' Dice of the global model they received this round: median, each
-                self.track(f"fedavg/global_{SCORE_KEY}", score, rnd)
-                self.track_sites(f"fedavg/global_{SCORE_KEY}", scores, rnd)
-            # the sites scored the model they RECEIVED this round: it is the candidate best
-            if score is not None and (state["best_score"] is None or score > state["best_score"]):
-                state["best_score"], state["best_round"] = score, rnd
-                self._save("best.pt", global_params, {"round": rnd - 1, "best_score": score, "best_round": rnd})
-                self._publish_best(global_params)
-                self.info(f"round {rnd}: new best global model (median {SCORE_KEY} {score:.4f})")
-            stop = False
-            if len(accepted) < self.min_clients:
-                failed_rounds += 1
-                self.error(
-                    f"round {rnd}: {len(accepted)} valid update(s) {accepted}, fewer than min_clients="
-                    f"{self.min_clients}: global model unchanged ({failed_rounds}/{self.max_failed_rounds})"
-                )
-                stop = failed_rounds >= self.max_failed_rounds
-            else:
-                failed_rounds = 0
-                recent_norms.extend(norms[s] for s in accepted)
-                # norm bounding over the aggregated keys (FedBN's normalization entries stay the sites' own)
-                stay = set(local_keys)
-                shared = {k: v for k, v in global_params.items() if k not in stay}
-                updates, clipped = self.bound(
-                    "update", {s: checked[s].params for s in accepted}, dict.fromkeys(accepted, shared)
-                )
-                record["clipped"] = clipped
-                if local_keys:
-                    global_params = aggregate_shared(updates, weights, local_keys, self.aggregation, self.trim_fraction)
-                else:
-                    global_params = aggregate(updates, weights, self.aggregation, self.trim_fraction)
-                self.info(
-                    f"round {rnd}: aggregated {accepted} ({self.aggregation})"
-                    + (f"; median {SCORE_KEY} of the received model {score:.4f}" if score is not None else "")
-                )
-            aggregated_at = time.perf_counter()
-            self.save_model(FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd))
-            # before last.pt, which holds the history a resumed job continues (the save timed is the persistor's)
-            record["seconds"] = round_seconds(results, began, tasks_done, aggregated_at, time.perf_counter())
-            self._save("last.pt", global_params, {"round": rnd, **state})
-            self.write_json(self.output_dir(self._output_dir) / "history.json", history)
-            if stop:
-                self.panic(f"FedAvg stopped: {failed_rounds} consecutive rounds below min_clients")
-                return
+            return stop
+        self.failed.succeeded()
+        self.recent_norms.extend(record["update_norms"][s] for s in accepted)
+        shared = self._shared()
+        updates, record["clipped"] = self.screener.bound(
+            "update", {s: checked[s].params for s in accepted}, dict.fromkeys(accepted, shared)
+        )
+        if self.local_keys:
+            self.global_params = aggregate_shared(updates, weights, self.local_keys, self.aggregation, self.trim_fraction)
+        else:
+            self.global_params = aggregate(updates, weights, self.aggregation, self.trim_fraction)
+        self.info(
+            f"round {rnd}: aggregated {accepted} ({self.aggregation})"
+            + (f"; median {SCORE_KEY} of the received model {score:.4f}" if score is not None else "")
+        )
+        return False

@@ -44,108 +44,108 @@ from pathlib import Path
 import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedseg.algorithms.aggregation import UpdateRejected, check_update
+from fedseg.algorithms.aggregation import UpdateRejected
 from fedseg.algorithms.lr_schedule import LR_SCHEDULES, LrSchedule
-from fedseg.algorithms.packing import pack, unpack
+from fedseg.algorithms.packing import pack
 from fedseg.algorithms.schedules import KINDS, assign, check_latin_communications, validate_explicit
-from fedseg.algorithms.screening import (
-    case_dice,
-    check_optimizer_state,
-    clip_scales,
-    clip_update,
-    fingerprint,
-    numeric_metrics,
-    read_int,
-    read_score,
-    read_step_count,
-    read_summary,
-    screen_relative,
-    update_norm,
-)
+from fedseg.algorithms.screening import clip_update, fingerprint, update_norm
 from fedseg.engine.config import EngineConfig
-from fedseg.engine.dp import DP_METRICS
-from fedseg.fl.base_controller import FedSegController, check_output_name
+from fedseg.fl.base_controller import FedSegController
+from fedseg.fl.checkpoints import best_beside, check_folder_name, improves, write_json
+from fedseg.fl.fedcross_results import fedcross_results, validation_scores
+from fedseg.fl.fedcross_screening import check_visit, read_cross_scores, screen_visits
+from fedseg.fl.results import dp_spent, write_results
+from fedseg.fl.site_health import SiteHealth
 from fedseg.modelset import initial_members, load_members, member_key, save_members
-from fedseg.report import RESULTS_FILE, format_table
 
 HISTORY_FILE = "validation_history.json"
 # engine settings that decide how a saved model set is rebuilt and run for inference
 INFERENCE_KEYS = ("spatial_dims", "in_channels", "num_classes", "roi_size", "network", "sw_batch_size", "overlap", "amp")
 
 
-def _finite_mean(values) -> float:
-    finite = [float(v) for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-class SiteHealth:
-    """Which sites FedCross leaves out: consecutive failed communications, drops and rejoins (no FLARE).
-
-    Per communication: start() (returns the sites due back), then failed() / tasked() for each task, then
-    finish() (resets the count of every site whose tasks all succeeded; returns those that recovered)."""
-
-    def __init__(self, max_failures: int, rejoin_after: int):
-        self.max_failures = int(max_failures)
-        self.rejoin_after = int(rejoin_after)
-        self.failures: dict[str, int] = {}  # failed communications in a row
-        self.dropped_at: dict[str, int] = {}  # left-out site -> communication in which it was left out
-        self._failed: set[str] = set()
-        self._tasked: set[str] = set()
-
-    @property
-    def dropped(self) -> list[str]:
-        return list(self.dropped_at)
-
-    def start(self, c: int, connected: list[str]) -> list[str]:
-        """Begin communication c; left-out sites whose rejoin_after communications are over and that are
-        connected come back, one failure away from being left out again."""
-        self._failed, self._tasked = set(), set()
-        back = [s for s, at in self.dropped_at.items() if c - at > self.rejoin_after and s in connected]
-        for site in back:
-            del self.dropped_at[site]
-            self.failures[site] = self.max_failures - 1
-        return back
-
-    def tasked(self, sites) -> None:
-        self._tasked.update(sites)
-
-    def failed(self, site: str, c: int, validation: bool = False) -> bool:
-        """Count a failure of site in communication c (once per communication); True if it is left out now.
-        A failure that is only a missed validation needs at least 2 in a row."""
-        self._tasked.add(site)
-        if site in self._failed:
-            return False
-        self._failed.add(site)
-        self.failures[site] = self.failures.get(site, 0) + 1
-        limit = max(self.max_failures, 2) if validation else self.max_failures
-        if self.failures[site] >= limit and site not in self.dropped_at:
-            self.dropped_at[site] = c
-            return True
-        return False
-
-    def failed_now(self, site: str) -> bool:
-        return site in self._failed
-
-    def finish(self) -> list[str]:
-        ok = self._tasked - self._failed
-        recovered = sorted(s for s in ok if self.failures.get(s))
-        for site in ok:
-            self.failures[site] = 0
-        return recovered
-
-    def state(self) -> dict:
-        return {"site_failures": dict(self.failures), "dropped_at": dict(self.dropped_at)}
-
-    def restore(self, info: dict) -> None:
-        """From a checkpoint's info (older checkpoints list only dropped_sites: left out at their communication)."""
-        self.failures = {str(s): int(n) for s, n in (info.get("site_failures") or {}).items()}
-        dropped_at = info.get("dropped_at")
-        if dropped_at is None:
-            dropped_at = {s: int(info.get("communication", 0)) for s in info.get("dropped_sites", [])}
-        self.dropped_at = {str(s): int(c) for s, c in dropped_at.items()}
+def check_arguments(
+    schedule: str,
+    lr_schedule: str,
+    counts: tuple[tuple[str, int], ...],
+    max_site_failures: int,
+    rejoin_after: int | None,
+    optimizer_state: str,
+    max_lone_update_ratio: float,
+) -> None:
+    """FedCrossController's arguments that cannot make a job (ValueError, naming the argument)."""
+    if schedule not in KINDS:
+        raise ValueError(f"schedule must be one of {KINDS}, got {schedule!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    for name, value in counts:
+        if int(value) < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if int(max_site_failures) < 1:
+        raise ValueError("max_site_failures must be >= 1")
+    if rejoin_after is not None and int(rejoin_after) < 0:
+        raise ValueError(f"rejoin_after must be >= 0 or None, got {rejoin_after}")
+    if optimizer_state not in ("travel", "fresh"):
+        raise ValueError(f"optimizer_state must be 'travel' or 'fresh', got {optimizer_state!r}")
+    if float(max_lone_update_ratio) < 0:
+        raise ValueError(f"max_lone_update_ratio must be >= 0, got {max_lone_update_ratio}")
 
 
 class FedCrossController(FedSegController):
+    """FedCross / FedCrossEns: K models travel among the sites (the module's description).
+
+    Args:
+        num_models: K, the number of travelling models; 0 means one per site connected at the start
+            (FedCrossEns). 1 is FedCross.
+        num_communications: visits per model (one NVFlare "round" of a cyclic workflow = N communications).
+        schedule: who visits whom: "cyclic" (model m at sites[(m + c) % N]), "latin" (a seeded Latin
+            square per block of N communications: every model visits every site once per block; the job
+            is refused at its start unless num_communications is a multiple of the N sites connected then),
+            "random" (a seeded permutation per communication) or "explicit" (explicit_schedule rows).
+        explicit_schedule: for "explicit": rows of K site names, row c % len(rows) used at communication c.
+        seed: seeds the schedule and the initialisation of models 1..K-1 (fedseg.algorithms.schedules.member_seed:
+            distinct for every (seed, model) pair; model 0 is the persistor's initial model).
+        visit_epochs / visit_steps: local budget of one visit (steps win; 0/0: the sites' engine
+            local_steps / local_epochs).
+        lr_schedule: "constant" (default: the constant rate every other FedSeg method trains with), "poly" or
+            "cosine" over each model's own visits (fedseg.algorithms.lr_schedule.lr_at); recorded in the history and
+            the results record.
+        lr: base learning rate (0: the engine's lr). lr_power: exponent of "poly".
+        task_timeout: seconds one visit may take (0: no limit). validate_timeout: same for scoring.
+        validate_every: score the ensemble on the sites' validation cases after every this many
+            communications and after the last (0: ceil(N / K) for the N sites at the start, i.e. once per
+            N visits, as often per training step as FedAvg validates; 1: every communication). The best set
+            is chosen among the validated communications.
+        startup_grace: extra seconds for a site that has not answered any task yet: FLARE counts a
+            task's timeout from when it is scheduled, and a site's job process may start later than that.
+        max_site_failures: communications in a row in which a site failed a task (error, timeout, rejected
+            update, missed validation) after which it is left out; a success resets the count. A missed
+            validation alone counts, but needs at least 2 in a row to leave a site out.
+        rejoin_after: communications a left-out site sits out before it is tried again, if connected
+            (None: the number of sites at the start). A retried site is left out again at its next failure.
+        retry_on_free_site: a model whose visit failed is sent at once to a site idle in that communication.
+        optimizer_state: "travel" (the model's Adam state goes with it from site to site, as in the authors'
+            code) or "fresh" (a new Adam at every visit, as NVFlare's cyclic workflow does). "fresh" is the
+            default because it measured better (README, FedCross: optimizer state).
+        min_clients: fewest remaining sites with which training continues.
+        engine_config: the sites' engine settings, stored with the model sets so inference can rebuild the networks.
+        resume_from: server path of a last.pt to continue from (at its communication + 1): inside this job's run
+            dir or a directory the server's local/fedseg_server.json lists under "resume_dirs".
+        final_section: datalist section of the final per-site scores.
+        results_dir: folder name under the server's app dir for last.pt, best.pt and the validation history
+            (a plain name: a job cannot make the server write elsewhere).
+        max_update_ratio: a visit whose update norm is above this many times the median of the other visits
+            of the communication and the recent accepted ones is rejected.
+        clip_ratio (FedSegController): an accepted visit whose update norm is above this many times the median of
+            the communication's visits and the recent accepted ones is scaled down to it (a visit replaces its
+            model whole, with no average to dilute it).
+        max_lone_update_ratio: a visit with nothing to compare with (the first visit of FedCross's single
+            model) is rejected when its update norm is above this many times the norm of the model that was
+            sent (0: not checked). A travelling optimizer state must satisfy Adam's moment invariant
+            (fedseg.algorithms.screening.adam_moment_bound) at every visit.
+    """
+
+    RENAMED = {"engine": "engine_config", "output_dir": "results_dir"}
+
     def __init__(
         self,
         num_models: int = 1,
@@ -165,10 +165,10 @@ class FedCrossController(FedSegController):
         rejoin_after: int | None = None,
         retry_on_free_site: bool = True,
         optimizer_state: str = "fresh",
-        engine: dict | None = None,
+        engine_config: dict | None = None,
         resume_from: str = "",
         final_section: str = "testing",
-        output_dir: str = "fedcross",
+        results_dir: str = "fedcross",
         task_timeout: int = 0,
         min_clients: int = 1,
         max_update_ratio: float = 10.0,
@@ -177,57 +177,6 @@ class FedCrossController(FedSegController):
         task_check_period: float = 0.5,
         **kwargs,
     ):
-        """
-        Args:
-            num_models: K, the number of travelling models; 0 means one per site connected at the start
-                (FedCrossEns). 1 is FedCross.
-            num_communications: visits per model (one NVFlare "round" of a cyclic workflow = N communications).
-            schedule: who visits whom: "cyclic" (model m at sites[(m + c) % N]), "latin" (a seeded Latin
-                square per block of N communications: every model visits every site once per block; the job
-                is refused at its start unless num_communications is a multiple of the N sites connected then),
-                "random" (a seeded permutation per communication) or "explicit" (explicit_schedule rows).
-            explicit_schedule: for "explicit": rows of K site names, row c % len(rows) used at communication c.
-            seed: seeds the schedule and the initialisation of models 1..K-1 (fedseg.algorithms.schedules.member_seed:
-                distinct for every (seed, model) pair; model 0 is the persistor's initial model).
-            visit_epochs / visit_steps: local budget of one visit (steps win; 0/0: the sites' engine
-                local_steps / local_epochs).
-            lr_schedule: "constant" (default: the constant rate every other FedSeg method trains with), "poly" or
-                "cosine" over each model's own visits (fedseg.algorithms.lr_schedule.lr_at); recorded in the history and
-                the results record.
-            lr: base learning rate (0: the engine's lr). lr_power: exponent of "poly".
-            task_timeout: seconds one visit may take (0: no limit). validate_timeout: same for scoring.
-            validate_every: score the ensemble on the sites' validation cases after every this many
-                communications and after the last (0: ceil(N / K) for the N sites at the start, i.e. once per
-                N visits, as often per training step as FedAvg validates; 1: every communication). The best set
-                is chosen among the validated communications.
-            startup_grace: extra seconds for a site that has not answered any task yet: FLARE counts a
-                task's timeout from when it is scheduled, and a site's job process may start later than that.
-            max_site_failures: communications in a row in which a site failed a task (error, timeout, rejected
-                update, missed validation) after which it is left out; a success resets the count. A missed
-                validation alone counts, but needs at least 2 in a row to leave a site out.
-            rejoin_after: communications a left-out site sits out before it is tried again, if connected
-                (None: the number of sites at the start). A retried site is left out again at its next failure.
-            retry_on_free_site: a model whose visit failed is sent at once to a site idle in that communication.
-            optimizer_state: "travel" (the model's Adam state goes with it from site to site, as in the authors'
-                code) or "fresh" (a new Adam at every visit, as NVFlare's cyclic workflow does). "fresh" is the
-                default because it measured better (README, FedCross: optimizer state).
-            min_clients: fewest remaining sites with which training continues.
-            engine: the sites' engine settings, stored with the model sets so inference can rebuild the networks.
-            resume_from: server path of a last.pt to continue from (at its communication + 1): inside this job's run
-                dir or a directory the server's local/fedseg_server.json lists under "resume_dirs".
-            final_section: datalist section of the final per-site scores.
-            output_dir: folder name under the server's app dir for last.pt, best.pt and the validation history
-                (a plain name: a job cannot make the server write elsewhere).
-            max_update_ratio: a visit whose update norm is above this many times the median of the other visits
-                of the communication and the recent accepted ones is rejected.
-            clip_ratio (FedSegController): an accepted visit whose update norm is above this many times the median of
-                the communication's visits and the recent accepted ones is scaled down to it (a visit replaces its
-                model whole, with no average to dilute it).
-            max_lone_update_ratio: a visit with nothing to compare with (the first visit of FedCross's single
-                model) is rejected when its update norm is above this many times the norm of the model that was
-                sent (0: not checked). A travelling optimizer state must satisfy Adam's moment invariant
-                (fedseg.algorithms.screening.adam_moment_bound) at every visit.
-        """
         super().__init__(
             startup_grace=startup_grace,
             task_timeout=task_timeout,
@@ -237,11 +186,7 @@ class FedCrossController(FedSegController):
             task_check_period=task_check_period,
             **kwargs,
         )
-        if schedule not in KINDS:
-            raise ValueError(f"schedule must be one of {KINDS}, got {schedule!r}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-        for name, value in (
+        counts = (
             ("num_models", num_models),
             ("num_communications", num_communications),
             ("visit_epochs", visit_epochs),
@@ -250,13 +195,9 @@ class FedCrossController(FedSegController):
             ("validate_timeout", validate_timeout),
             ("validate_every", validate_every),
             ("startup_grace", startup_grace),
-        ):
-            if int(value) < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if int(max_site_failures) < 1:
-            raise ValueError("max_site_failures must be >= 1")
-        if rejoin_after is not None and int(rejoin_after) < 0:
-            raise ValueError(f"rejoin_after must be >= 0 or None, got {rejoin_after}")
+        )
+        check_arguments(schedule, lr_schedule, counts, max_site_failures, rejoin_after, optimizer_state, max_lone_update_ratio)
+        # the arguments as given (NVFlare's FedJob export reads the attributes back as the job's arguments)
         self.num_models = int(num_models)
         self.num_communications = int(num_communications)
         self.schedule = schedule
@@ -264,37 +205,33 @@ class FedCrossController(FedSegController):
         self.seed = int(seed)
         self.visit_epochs = int(visit_epochs)
         self.visit_steps = int(visit_steps)
-        # the arguments as given (NVFlare's FedJob export reads the attributes back as the job's arguments).
-        # `engine` holds the settings until the workflow starts, when FLARE puts its own engine there
-        # (BaseModelController.start_controller): the run uses engine_settings.
-        self.engine = engine
+        self.engine_config = engine_config
         self.lr_schedule = lr_schedule
         self.lr = lr
         self.lr_power = lr_power
-        self.engine_settings = dict(engine or {})
-        self.lr_plan = LrSchedule(
-            kind=lr_schedule,
-            base_lr=float(lr or EngineConfig.from_dict(self.engine_settings).lr),
-            total_visits=max(self.num_communications, 1),
-            power=float(lr_power),
-        )
         self.validate_timeout = int(validate_timeout)
         self.validate_every = int(validate_every)
-        self.validation_period = 1  # validate_every, or ceil(N / K) once the sites are known
         self.max_site_failures = int(max_site_failures)
         self.rejoin_after = rejoin_after
         self.retry_on_free_site = bool(retry_on_free_site)
-        if optimizer_state not in ("travel", "fresh"):
-            raise ValueError(f"optimizer_state must be 'travel' or 'fresh', got {optimizer_state!r}")
         self.optimizer_state = optimizer_state
-        if float(max_lone_update_ratio) < 0:
-            raise ValueError(f"max_lone_update_ratio must be >= 0, got {max_lone_update_ratio}")
         self.max_lone_update_ratio = float(max_lone_update_ratio)
         self.resume_from = resume_from or ""
         self.final_section = final_section
-        self._output_dir = check_output_name(output_dir)  # `output_dir` is the base class's method
+        self.results_dir = check_folder_name(results_dir)
+        self._new_run()
 
-        # run state
+    def _new_run(self) -> None:
+        """The run's settings and state before it starts (a resumed run restores its state from its checkpoint)."""
+        # the sites' engine settings (replaced by what the sites report they run) and each model's lr plan
+        self.engine_settings = dict(self.engine_config or {})
+        self.lr_plan = LrSchedule(
+            kind=self.lr_schedule,
+            base_lr=float(self.lr or EngineConfig.from_dict(self.engine_settings).lr),
+            total_visits=max(self.num_communications, 1),
+            power=float(self.lr_power),
+        )
+        self.validation_period = 1  # validate_every, or ceil(N / K) once the sites are known
         self.sites: list[str] = []
         self.members: list[dict] = []
         self.optimizers: list[dict] = []
@@ -313,81 +250,95 @@ class FedCrossController(FedSegController):
 
     # ---- workflow -----------------------------------------------------------------------------------------
     def run(self) -> None:
+        self.folder = self.results_folder(self.results_dir)
         try:
-            self._run()
+            start = self._setup()
+            if start is None:
+                return
+            for c in range(start, self.num_communications):
+                if self.abort_signal.triggered:
+                    return
+                trained = self._communication(c)
+                if trained is None:  # aborted
+                    return
+                if not trained:
+                    break
+            self.folder.done()
+            self._final_test()
         finally:  # an aborted job still leaves its last checkpoint whole
-            self.writes_done()
+            self.folder.done()
 
-    def _run(self) -> None:
+    def _setup(self) -> int | None:
+        """The sites, the models (fresh or resumed) and the validation period; the first communication, or None
+        after a panic."""
         self.sites = self._reachable()
         if not self.sites:
             self.panic("FedCross: no sites connected")
-            return
+            return None
         if self.schedule == "latin":  # whole blocks, or some models miss some sites (FLARE logs it and stops the job)
             try:
                 check_latin_communications(self.num_communications, len(self.sites))
             except ValueError as e:
                 raise ValueError(f"FedCross job refused at its start (sites {self.sites}): {e}") from None
-        self.out = self.output_dir(self._output_dir)
+        self.folder.path()
         self.health.rejoin_after = len(self.sites) if self.rejoin_after is None else int(self.rejoin_after)
         start = self._start_state()
         if start is None:
-            return
+            return None
         k = len(self.members)
         self.validation_period = self.validate_every or max(1, math.ceil(len(self.sites) / k))
+        budget = (
+            f"{self.visit_steps} steps"
+            if self.visit_steps
+            else f"{self.visit_epochs} epochs"
+            if self.visit_epochs
+            else "the sites' engine default"
+        )
         self.info(
             f"FedCross: {k} model(s) over sites {self.sites}, schedule {self.schedule!r} (seed {self.seed}), "
-            f"communications {start}..{self.num_communications - 1}, visit budget "
-            + (
-                f"{self.visit_steps} steps"
-                if self.visit_steps
-                else f"{self.visit_epochs} epochs"
-                if self.visit_epochs
-                else "the sites' engine default"
-            )
-            + f", lr {self.lr_plan.kind} from {self.lr_plan.base_lr:g}; validation every {self.validation_period} "
-            f"communication(s) and after the last; output {self.out}"
+            f"communications {start}..{self.num_communications - 1}, visit budget {budget}, lr {self.lr_plan.kind} "
+            f"from {self.lr_plan.base_lr:g}; validation every {self.validation_period} communication(s) and after the "
+            f"last; output {self.folder.folder}"
         )
-        for c in range(start, self.num_communications):
-            if self.abort_signal.triggered:
-                return
-            changes = self._begin_communication(c)
-            active = self.active_sites()
-            if len(active) < max(self.min_clients, 1):
-                self.error(
-                    f"FedCross: only {active} left (min_clients {self.min_clients}); stopping training at communication {c}"
-                )
-                break
-            began = time.perf_counter()
-            entry = self._train_communication(c, active)
-            if self.abort_signal.triggered:
-                return
-            trained = time.perf_counter()
-            validated = self._validates(c)
-            if validated:
-                entry.update(self._validate_communication(c))
-            recovered = self.health.finish()
-            if recovered:
-                self.info(f"FedCross communication {c}: {recovered} answered every task again; their failure count is reset")
-            entry.update(changes)
-            entry["train_s"] = round(trained - began, 3)
-            entry["validate_s"] = round(time.perf_counter() - trained, 3) if validated else 0.0
-            self.history.append(entry)
-            if validated:
-                self.track("fedcross/ensemble_val_dice", entry["val_dice"], c)  # over all validation cases
-            entry["seconds"] = round(time.perf_counter() - began, 1)
-            self._checkpoint(c, validated)
-            self.info(
-                f"FedCross communication {c} done in {entry['seconds']}s (train {entry['train_s']:.2f}s, validation "
-                f"{entry['validate_s']:.2f}s, hand-over "
-                + ("-" if entry["handover_s"] is None else f"{entry['handover_s']:.3f}s")
-                + "): "
-                + (f"validation ensemble dice {entry['val_dice']:.4f}" if validated else "not validated")
-                + f" (best {self.best['val_dice'] if self.best else float('nan'):.4f} at communication "
-                f"{self.best['communication'] if self.best else '-'}); dropped sites {self.dropped or 'none'}"
-            )
-        self.writes_done()
-        self._final_test()
+        return start
+
+    def _communication(self, c: int) -> bool | None:
+        """Communication c: the visits, the validation when due, the checkpoint. False when too few sites are left
+        to train, None when the job was aborted during the visits."""
+        changes = self._begin_communication(c)
+        active = self.active_sites()
+        if len(active) < max(self.min_clients, 1):
+            self.error(f"FedCross: only {active} left (min_clients {self.min_clients}); stopping training at communication {c}")
+            return False
+        began = time.perf_counter()
+        entry = self._train_communication(c, active)
+        if self.abort_signal.triggered:
+            return None
+        trained = time.perf_counter()
+        validated = self._validates(c)
+        if validated:
+            entry.update(self._validate_communication(c))
+        recovered = self.health.finish()
+        if recovered:
+            self.info(f"FedCross communication {c}: {recovered} answered every task again; their failure count is reset")
+        entry.update(changes)
+        entry["train_s"] = round(trained - began, 3)
+        entry["validate_s"] = round(time.perf_counter() - trained, 3) if validated else 0.0
+        self.history.append(entry)
+        if validated:
+            self.track("fedcross/ensemble_val_dice", entry["val_dice"], c)  # over all validation cases
+        entry["seconds"] = round(time.perf_counter() - began, 1)
+        self._checkpoint(c, validated)
+        self.info(
+            f"FedCross communication {c} done in {entry['seconds']}s (train {entry['train_s']:.2f}s, validation "
+            f"{entry['validate_s']:.2f}s, hand-over "
+            + ("-" if entry["handover_s"] is None else f"{entry['handover_s']:.3f}s")
+            + "): "
+            + (f"validation ensemble dice {entry['val_dice']:.4f}" if validated else "not validated")
+            + f" (best {self.best['val_dice'] if self.best else float('nan'):.4f} at communication "
+            f"{self.best['communication'] if self.best else '-'}); dropped sites {self.dropped or 'none'}"
+        )
+        return True
 
     def _validates(self, c: int) -> bool:
         return (c + 1) % self.validation_period == 0 or c == self.num_communications - 1
@@ -400,6 +351,7 @@ class FedCrossController(FedSegController):
             return None
         return round(min(self.visit_started.values()) - previous, 4)
 
+    # ---- sites --------------------------------------------------------------------------------------------------
     @property
     def dropped(self) -> list[str]:
         return self.health.dropped
@@ -446,6 +398,16 @@ class FedCrossController(FedSegController):
         communication where the current site list began."""
         return c if self.schedule == "explicit" else c - self.schedule_origin
 
+    def _count_failures(self, sites: list[str], c: int, validation: bool = False) -> None:
+        for site in sites:
+            if self.health.failed(site, c, validation):
+                self.warning(
+                    f"FedCross: site {site} failed {self.health.failures[site]} time(s) in a row (max_site_failures "
+                    f"{self.max_site_failures}); leaving it out for {self.health.rejoin_after} communication(s); "
+                    f"remaining {self.active_sites()}"
+                )
+        sites.clear()
+
     # ---- start: fresh or resumed -------------------------------------------------------------------------------
     def _start_state(self) -> int | None:
         model0 = self.load_model()
@@ -470,16 +432,12 @@ class FedCrossController(FedSegController):
         return 0
 
     def _resume(self, model0: dict) -> int | None:
-        path = Path(self.resume_from)
-        try:
-            path = self.resume_path(self.resume_from)  # inside this job or a directory the server operator allows
-            members, optimizers, info = load_members(path)
-        except Exception as e:
-            self.panic(f"FedCross: cannot resume from {path}: {type(e).__name__}: {e}")
+        opened = self.load_resume(
+            "FedCross", load_members, lambda saved: {f"saved model {m}": w for m, w in enumerate(saved[0])}, model0
+        )
+        if opened is None:
             return None
-        if not all(self.accept(f"resume file {path}", w, model0, f"saved model {m}") for m, w in enumerate(members)):
-            self.panic(f"FedCross: {path} does not match the job's network; not resuming")
-            return None
+        path, (members, optimizers, info) = opened
         if self.num_models and self.num_models != len(members):
             self.warning(
                 f"FedCross: num_models {self.num_models} but {path} holds {len(members)}; using the saved {len(members)}"
@@ -497,19 +455,7 @@ class FedCrossController(FedSegController):
         self.history = list(info.get("history", []))
         self.steps_total = int(info.get("train_steps_total", 0))
         start = int(info["communication"]) + 1
-        best_path = path.with_name("best.pt")
-        if best_path.exists():
-            b_members, b_optimizers, b_info = load_members(best_path)
-            self.best = {
-                "communication": b_info["communication"],
-                "val_dice": float(b_info["val_dice"]),
-                "members": b_members,
-                "optimizers": b_optimizers,
-                "visits_done": b_info.get("visits_done"),
-            }
-            save_members(self.out / "best.pt", b_members, b_optimizers, self._info(self.best["communication"], self.best))
-        else:
-            self.warning(f"FedCross: no best.pt next to {path}; best-set tracking starts afresh")
+        self._resume_best(path)
         self.info(
             f"FedCross: resuming from {path} (communication {start - 1} done) at communication {start} "
             f"with {len(members)} model(s); visits so far {self.visits_done}; sites {self.sites}, left out "
@@ -518,6 +464,22 @@ class FedCrossController(FedSegController):
         if start >= self.num_communications:
             self.warning(f"FedCross: {path} already has {start} communications (num_communications {self.num_communications})")
         return start
+
+    def _resume_best(self, path: Path) -> None:
+        """The best set saved next to the checkpoint a job resumes from: kept, and copied into this job's folder."""
+        best_path = best_beside(path)
+        if best_path is None:
+            self.warning(f"FedCross: no best.pt next to {path}; best-set tracking starts afresh")
+            return
+        b_members, b_optimizers, b_info = load_members(best_path)
+        self.best = {
+            "communication": b_info["communication"],
+            "val_dice": float(b_info["val_dice"]),
+            "members": b_members,
+            "optimizers": b_optimizers,
+            "visits_done": b_info.get("visits_done"),
+        }
+        save_members(self.folder.path("best.pt"), b_members, b_optimizers, self._info(self.best["communication"], self.best))
 
     # ---- one communication --------------------------------------------------------------------------------------
     def _visit_task(self, m: int, c: int) -> FLModel:
@@ -537,6 +499,7 @@ class FedCrossController(FedSegController):
         )
 
     def _train_communication(self, c: int, active: list[str]) -> dict:
+        """Every model that trains in communication c visits its site; the communication's history entry."""
         k = len(self.members)
         assignment = assign(self.schedule, active, k, self._schedule_index(c), self.seed, self.explicit_schedule)
         visits: list[dict] = [
@@ -548,21 +511,47 @@ class FedCrossController(FedSegController):
             + ", ".join(f"model {m} -> {s or 'sits out'}" for m, s in enumerate(assignment))
             + f" (lr {', '.join(f'{x:.2e}' for x in lrs)})"
         )
-        pending = {s: m for m, s in enumerate(assignment) if s is not None}
+        previous_result_at = self.last_result_at
+        spent = self._visit(c, {s: m for m, s in enumerate(assignment) if s is not None}, visits)
+        entry = {
+            "communication": c,
+            "active_sites": active,
+            "assignment": assignment,
+            "visits": visits,
+            "lr_schedule": self.lr_plan.kind,
+            "lr": lrs,
+            "visits_done": list(self.visits_done),
+            "weights_sha1": [fingerprint(w) for w in self.members],
+            "dropped_sites": list(self.dropped),
+            "handover_s": self._handover_seconds(previous_result_at),
+        }
+        if spent:
+            entry["dp"] = dict(sorted(spent.items()))
+        return entry
+
+    def _visit(self, c: int, pending: dict[str, int], visits: list[dict]) -> dict[str, dict]:
+        """The visits of communication c ({site: model}, in parallel); a model whose visit failed is retried on a
+        site free in this communication (retry_on_free_site). Records each visit's outcome in ``visits``;
+        returns what DP-SGD sites report of their privacy loss so far."""
         tried: set[str] = set(pending)
         failed_now: list[str] = []
         spent: dict[str, dict] = {}  # DP-SGD sites: the privacy loss each reports having spent so far
         self.visit_started = {}
-        previous_result_at = self.last_result_at
         while pending:
             self.health.tasked(pending)
             results = self.run_tasks("cross_train", {s: self._visit_task(m, c) for s, m in pending.items()})
+            spent.update(dp_spent({s: r.metrics for s, r in results.items()}))
             for site, result in results.items():
-                if reported := numeric_metrics(result.metrics, DP_METRICS.__contains__):
-                    spent[site] = reported
                 if isinstance(started := (result.meta or {}).get("started_at"), float) and math.isfinite(started):
                     self.visit_started.setdefault(site, started)  # a measurement only: never used to decide
-            too_large, scales = self._screen_visits({s: m for s, m in pending.items() if s in results}, results)
+            too_large, scales = screen_visits(
+                self.screener,
+                {s: m for s, m in pending.items() if s in results},
+                results,
+                self.members,
+                self.recent_norms,
+                self.max_lone_update_ratio,
+            )
             unplaced = []
             for site, m in pending.items():
                 reason = self._apply_visit(site, m, results.get(site), site in too_large, scales.get(site))
@@ -583,48 +572,7 @@ class FedCrossController(FedSegController):
                 self.info(f"FedCross communication {c}: retrying model {m} on free site {site}")
                 pending[site] = m
                 tried.add(site)
-        entry = {
-            "communication": c,
-            "active_sites": active,
-            "assignment": assignment,
-            "visits": visits,
-            "lr_schedule": self.lr_plan.kind,
-            "lr": lrs,
-            "visits_done": list(self.visits_done),
-            "weights_sha1": [fingerprint(w) for w in self.members],
-            "dropped_sites": list(self.dropped),
-            "handover_s": self._handover_seconds(previous_result_at),
-        }
-        if spent:
-            entry["dp"] = dict(sorted(spent.items()))
-        return entry
-
-    def _screen_visits(self, pending: dict[str, int], results: dict[str, FLModel]) -> tuple[set[str], dict[str, float]]:
-        """(sites whose returned model moved far more than the other visits of this communication and the recent
-        accepted visits (fedseg.algorithms.screen_magnitudes), {site: factor} bounding the others above clip_ratio x
-        that median (fedseg.algorithms.clip_scales)); malformed results are left to _apply_visit."""
-        norms = {}
-        for site, m in pending.items():
-            try:
-                weights = unpack(results[site].params)["model"]
-                check_update(site, weights, self.members[m])
-                norms[site] = update_norm(weights, self.members[m])
-            except Exception:  # noqa: BLE001 (any malformed result: rejected with its reason in _apply_visit)
-                continue
-        too_large = self.screen("model update", norms, self.recent_norms)
-        if len(norms) == 1 and not self.recent_norms:  # no peer at all: against the model that was sent
-            (site, norm), m = next(iter(norms.items())), pending[next(iter(norms))]
-            sent = self.members[m]
-            reason = screen_relative(
-                norm, update_norm(sent, {k: np.zeros_like(v) for k, v in sent.items()}), self.max_lone_update_ratio
-            )
-            if reason:
-                self.reject(site, f"model {m} update (no other visit to compare with)", reason)
-                too_large.add(site)
-        # a visit replaces its model whole (no average dilutes it): one above clip_ratio x the median of this
-        # communication's and the recent visits moves the model no further than that
-        scales = clip_scales({s: n for s, n in norms.items() if s not in too_large}, self.clip_ratio, self.recent_norms)
-        return too_large, scales
+        return spent
 
     def _apply_visit(
         self, site: str, m: int, result: FLModel | None, too_large: bool = False, scale: float | None = None
@@ -633,18 +581,8 @@ class FedCrossController(FedSegController):
         why not."""
         if result is None:
             return "no result (error, timeout or disconnect)"
-        meta = result.meta or {}
-        planned = self.visit_steps or None
         try:
-            index = read_int(site, meta, "model_index")
-            if index != m:
-                self.reject(site, f"model {m}", f"result is for model {index}, expected {m}")
-                return f"REJECTED update from {site}: result is for model {index}, expected {m}"
-            groups = unpack(result.params)
-            weights, optim = groups.get("model", {}), groups.get("optim", {})
-            check_update(site, weights, self.members[m])
-            check_optimizer_state(site, optim, weights, self.optimizers[m], max_new_steps=planned)
-            steps, _ = read_step_count(site, meta, planned)
+            weights, optim, steps = check_visit(site, m, result, self.members[m], self.optimizers[m], self.visit_steps or None)
         except UpdateRejected as e:
             self.reject(site, f"model {m}", e.reason)
             return f"REJECTED update from {site}: {e.reason}"
@@ -668,16 +606,6 @@ class FedCrossController(FedSegController):
         self.steps_total += steps
         return None
 
-    def _count_failures(self, sites: list[str], c: int, validation: bool = False) -> None:
-        for site in sites:
-            if self.health.failed(site, c, validation):
-                self.warning(
-                    f"FedCross: site {site} failed {self.health.failures[site]} time(s) in a row (max_site_failures "
-                    f"{self.max_site_failures}); leaving it out for {self.health.rejoin_after} communication(s); "
-                    f"remaining {self.active_sites()}"
-                )
-        sites.clear()
-
     # ---- scoring ------------------------------------------------------------------------------------------------
     def _score(self, members: list[dict], sites: list[str], section: str, c: int | None = None) -> dict[str, dict]:
         """cross_validate of the ensemble of `members` at `sites`: {site: metrics} of those that answered."""
@@ -686,41 +614,11 @@ class FedCrossController(FedSegController):
         task = {s: FLModel(params=packed, params_type=ParamsType.FULL, meta=meta) for s in sites}
         results = self.run_tasks("cross_validate", task, self.validate_timeout)
         self._adopt_site_engine({s: r.metrics for s, r in results.items() if isinstance(r.metrics, dict)})
-        return {s: m for s, r in sorted(results.items()) if (m := self._valid_scores(s, r.metrics, len(members))) is not None}
-
-    def _valid_scores(self, site: str, metrics, k: int) -> dict | None:
-        """A site's cross_validate metrics reduced to validated fields (None, logged, when malformed)."""
-        try:
-            n_cases = read_int(site, metrics, "n_cases", 0, 100000)
-            out = {"n_cases": n_cases, "section": str(metrics.get("section", ""))[:20]}
-            if n_cases == 0:
-                return out
-            members = metrics.get("members")
-            if not isinstance(members, list) or len(members) != k:
-                raise UpdateRejected(site, f"metrics.members: not a list of {k} summaries")
-            out["ensemble"] = read_summary(site, metrics, "ensemble")
-            out["members"] = [read_summary(site, {"m": x}, "m") for x in members]
-            u = metrics.get("uncertainty")
-            if not isinstance(u, dict):
-                raise UpdateRejected(site, "metrics.uncertainty: missing or not a dict")
-            unc = {key: read_score(site, u, key, 0.0, math.inf) for key in ("std_sum_wrong", "std_sum_right")}
-            unc.update({key: read_int(site, u, key, 0) for key in ("n_wrong", "n_right")})
-            # NaN where no voxel of that kind; auroc: of the std for finding the ensemble's wrong voxels
-            for key, high in (("mean_std_wrong", math.inf), ("mean_std_right", math.inf), ("auroc", 1.0)):
-                value = u.get(key)
-                unc[key] = (
-                    float("nan") if isinstance(value, float) and math.isnan(value) else read_score(site, u, key, 0.0, high)
-                )
-            for key in ("mean_std_per_case", "mean_entropy_per_case"):
-                values = u.get(key, [])
-                if not isinstance(values, list) or len(values) > n_cases:
-                    raise UpdateRejected(site, f"metrics.uncertainty.{key}: not a list of at most {n_cases} values")
-                unc[key] = [read_score(site, {key: v}, key, 0.0, math.inf) for v in values]
-            out["uncertainty"] = unc
-            return out
-        except UpdateRejected as e:
-            self.reject(site, "scores", e.reason)
-            return None
+        return {
+            s: m
+            for s, r in sorted(results.items())
+            if (m := read_cross_scores(self.screener, s, r.metrics, len(members))) is not None
+        }
 
     def _adopt_site_engine(self, scores: dict[str, dict]) -> None:
         """The model sets must say how the sites ran the networks; warn once if the job's copy differs."""
@@ -747,28 +645,17 @@ class FedCrossController(FedSegController):
             return
 
     def _validate_communication(self, c: int) -> dict:
+        """The ensemble scored on the active sites' validation cases; a new best set is saved (best.pt)."""
         # a site whose visit failed in this communication is not asked to validate in it (it may be down)
         targets = [s for s in self.active_sites() if not self.health.failed_now(s)]
         self.health.tasked(targets)
         scores = self._score(self.members, targets, "validation", c)
-        ens_cases, member_cases = [], [[] for _ in self.members]
-        per_site = {}
-        for site, metrics in sorted(scores.items()):
-            if not metrics.get("n_cases"):
-                continue
-            ens_cases += case_dice(metrics["ensemble"])
-            for m, summary in enumerate(metrics["members"]):
-                member_cases[m] += case_dice(summary)
-            per_site[site] = {
-                "ensemble": metrics["ensemble"]["dice"],
-                "members": [s["dice"] for s in metrics["members"]],
-                "n_cases": metrics["n_cases"],
-            }
-        val_dice = float(np.mean(ens_cases)) if ens_cases else float("nan")
+        validation = validation_scores(scores, len(self.members))
         missing = sorted(set(targets) - set(scores))
         if missing:
             self._count_failures(list(missing), c, validation=True)
-        if math.isfinite(val_dice) and (self.best is None or val_dice > self.best["val_dice"]):
+        val_dice = validation["val_dice"]
+        if improves(val_dice, self.best["val_dice"] if self.best else None):
             self.best = {
                 "communication": c,
                 "val_dice": val_dice,
@@ -776,16 +663,10 @@ class FedCrossController(FedSegController):
                 "optimizers": list(self.optimizers),
                 "visits_done": list(self.visits_done),
             }
-            best, info = self.best, self._info(c, self.best)
+            best, info, path = self.best, self._info(c, self.best), self.folder.path("best.pt")
             info["history"] = list(self.history)
-            self.write_later(lambda: save_members(self.out / "best.pt", best["members"], best["optimizers"], info))
-        return {
-            "val_dice": val_dice,
-            "val_member_dice": [float(np.mean(x)) if x else float("nan") for x in member_cases],
-            "val_n_cases": len(ens_cases),
-            "val_per_site": per_site,
-            "val_missing_sites": missing,
-        }
+            self.folder.later(lambda: save_members(path, best["members"], best["optimizers"], info))
+        return {**validation, "val_missing_sites": missing}
 
     # ---- files --------------------------------------------------------------------------------------------------
     def _info(self, c: int, best: dict | None = None) -> dict:
@@ -817,16 +698,19 @@ class FedCrossController(FedSegController):
         """last.pt and the history every communication, on the writer thread (the next visit does not wait)."""
         members, optimizers, info, history = list(self.members), list(self.optimizers), self._info(c), list(self.history)
         info["history"] = history
+        last, history_file = self.folder.path("last.pt"), self.folder.path(HISTORY_FILE)
 
         def write() -> None:
-            save_members(self.out / "last.pt", members, optimizers, info)
-            self.write_json(self.out / HISTORY_FILE, history)
+            save_members(last, members, optimizers, info)
+            write_json(history_file, history)
 
-        self.write_later(write)
+        self.folder.later(write)
         if validated:  # model 0 also through the persistor, so FL_global_model.pt exists like in every FLARE job
             self.save_model(FLModel(params=self.members[0], params_type=ParamsType.FULL, current_round=c))
 
     def _final_test(self) -> None:
+        """The best set (the last models when no communication was validated) scored on every site's
+        final_section cases; writes the results record fedseg_results.json."""
         if self.best is None:
             self.warning("FedCross: no validated communication; scoring the last models")
             best = {
@@ -842,67 +726,26 @@ class FedCrossController(FedSegController):
             f"FedCross: scoring the best set (communication {best['communication']}) on '{self.final_section}' at {sites}"
         )
         scores = self._score(best["members"], sites, self.final_section)
-        models: dict[str, dict] = {"ensemble": {}}
-        models.update({f"member {m}": {} for m in range(k)})
-        sums = {"std_sum_wrong": 0.0, "n_wrong": 0, "std_sum_right": 0.0, "n_right": 0}
-        per_site_uncertainty, per_site_auroc = {}, {}
-        keep = ("dice", "dice_std", "n_cases", "dice_per_case", "hd95")  # hd95 only when the sites compute it
-        for site, metrics in sorted(scores.items()):
-            if not metrics.get("n_cases"):
-                continue
-            u = metrics["uncertainty"]
-            # per-case and voxel-level uncertainty sit next to the per-case Dice of the ensemble
-            models["ensemble"][site] = (
-                {key: metrics["ensemble"][key] for key in keep if key in metrics["ensemble"]}
-                | {
-                    key: u[key]
-                    for key in (
-                        "mean_std_per_case",
-                        "mean_entropy_per_case",
-                        "mean_std_wrong",
-                        "mean_std_right",
-                        "n_wrong",
-                        "n_right",
-                    )
-                }
-                | {"uncertainty_auroc": u["auroc"], "section": metrics["section"]}
-            )
-            for m, summary in enumerate(metrics["members"]):
-                models[f"member {m}"][site] = {key: summary[key] for key in keep if key in summary}
-            for key in sums:
-                sums[key] += u[key]
-            per_site_uncertainty[site] = {"wrong": u["mean_std_wrong"], "right": u["mean_std_right"]}
-            per_site_auroc[site] = u["auroc"]
-        results = {
-            "method": "fedcross" if k == 1 else "fedcrossens",
-            "section": self.final_section,
-            "models": models,
-            "extra": {
-                "num_models": k,
-                "schedule": self.schedule,
-                "seed": self.seed,
-                "lr_schedule": self.lr_plan.kind,  # over each model's own visits; "constant" like every other method
-                "lr_base": self.lr_plan.base_lr,
-                **({"lr_power": self.lr_plan.power} if self.lr_plan.kind == "poly" else {}),
-                "num_communications": self.num_communications,
-                "best_communication": best["communication"],
-                "best_val_dice": best["val_dice"],
-                "train_steps_total": self.steps_total,
-                "dropped_sites": ", ".join(self.dropped) or "none",
-                "uncertainty_mean_std_wrong": sums["std_sum_wrong"] / sums["n_wrong"] if sums["n_wrong"] else float("nan"),
-                "uncertainty_mean_std_right": sums["std_sum_right"] / sums["n_right"] if sums["n_right"] else float("nan"),
-                "uncertainty_per_site": per_site_uncertainty,  # mean std over wrong / right voxels
-                # voxel-level AUROC of the ensemble's std for finding its wrong voxels (0.5: no better than chance;
-                # a single model has no spread: 0.5); the mean is over the sites where both kinds of voxel exist
-                "uncertainty_auroc_per_site": per_site_auroc,
-                "uncertainty_auroc_mean": _finite_mean(per_site_auroc.values()),
-                "model_set": str(self.out / "best.pt"),
-                "checkpoint_write_seconds": round(self.write_seconds, 3),  # on the writer thread, off the relay's path
-                "history": self.history,
-            },
+        run = {
+            "num_models": k,
+            "schedule": self.schedule,
+            "seed": self.seed,
+            "lr_schedule": self.lr_plan.kind,  # over each model's own visits; "constant" like every other method
+            "lr_base": self.lr_plan.base_lr,
+            **({"lr_power": self.lr_plan.power} if self.lr_plan.kind == "poly" else {}),
+            "num_communications": self.num_communications,
+            "best_communication": best["communication"],
+            "best_val_dice": best["val_dice"],
+            "train_steps_total": self.steps_total,
+            "dropped_sites": ", ".join(self.dropped) or "none",
         }
-        missing = sorted(set(self.sites) - set(models["ensemble"]))
+        files = {
+            "model_set": str(self.folder.path("best.pt")),
+            "checkpoint_write_seconds": round(self.folder.write_seconds, 3),  # on the writer thread, off the relay's path
+            "history": self.history,
+        }
+        results = fedcross_results(scores, k, self.final_section, run, files)
+        missing = sorted(set(self.sites) - set(results["models"]["ensemble"]))
         if missing:
             self.warning(f"FedCross: no final scores from {missing}")
-        self.write_json(Path(self.get_app_dir()) / RESULTS_FILE, results)
-        self.info("\n" + format_table(results))
+        self.info("\n" + write_results(self.get_app_dir(), results))

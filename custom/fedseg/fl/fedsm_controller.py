@@ -12,7 +12,7 @@ the round and keeps its personalized model. The set is checkpointed every round 
 validation score is kept (best.pt: the set that was SENT in the round whose received-model scores were
 best), and a job can resume from either. With use_selector=False this is SoftPull alone (jobs/softpull).
 history.json records per round who answered and was accepted, every site's metrics and, with the selector,
-"selector": its accuracy, routed-to-own fraction and routing confusion row per site (_selector_round).
+"selector": its accuracy, routed-to-own fraction and routing confusion row per site (fedseg.fl.fedsm_screening.selector_round).
 
 Sites come and go: the selector's classes are fixed when the job starts (the `sites` argument, else the sites
 connected at the start; on resume, the saved set's list). Every round uses every class site connected at
@@ -28,76 +28,96 @@ import copy
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedseg.algorithms import AGGREGATIONS, UpdateRejected, aggregate, softpull, weighted_average
-from fedseg.algorithms.packing import pack, unpack
-from fedseg.algorithms.routing import GAMMA_POLICIES, GLOBAL, choose_gamma, selector_health
-from fedseg.algorithms.screening import (
-    check_optimizer_state,
-    numeric_metrics,
-    read_int,
-    read_score,
-    read_summary,
-    robust_score,
-    state_norm,
-    update_norm,
-)
-from fedseg.algorithms.selector_head import check_feature_statistics, fit_lda_head, spread
+from fedseg.algorithms import AGGREGATIONS, aggregate, softpull, weighted_average
+from fedseg.algorithms.packing import pack
+from fedseg.algorithms.routing import GAMMA_POLICIES
+from fedseg.algorithms.screening import numeric_metrics, robust_score
+from fedseg.algorithms.selector_head import fit_lda_head
 from fedseg.engine.config import EngineConfig
 from fedseg.engine.engine import optimizer_state_to_numpy, state_to_numpy
-from fedseg.fl.base_controller import FedSegController, check_trimmed_mean, round_seconds
+from fedseg.fl.base_controller import FedSegController, check_trimmed_mean
+from fedseg.fl.checkpoints import best_beside, improves
 from fedseg.fl.executor import PERSONAL_PREFIX
+from fedseg.fl.fedsm_results import fedsm_results, gamma_on_validation, selector_extra, train_metric_key
+from fedseg.fl.fedsm_screening import bound_updates, screen_updates, selector_round, valid_evaluation, valid_update
+from fedseg.fl.results import round_seconds, write_results
+from fedseg.fl.site_health import FailedRounds, plan_round
 from fedseg.methods.fedsm import DEFAULT_SELECTOR, GAMMA_SWEEP, SELECTOR_INPUT, SelectorSettings, build_selector
 from fedseg.modelset import load_model_set, save_model_set
-from fedseg.report import format_table
 
-OUTPUT_DIR = "fedsm"
-OPTIONAL_GROUPS = ("selector_optim", "selector_stats")
-MAX_SELECTOR_IMAGES = 10_000_000  # images a site's selector statistics may claim (their count weights the covariance)
-ORACLE_LABEL = (
-    "oracle routing (uses each case's site identity): every case to its own site's personalized model, "
-    "= FedSM personalized (own site)"
-)
+RESULTS_DIR = "fedsm"  # the folder under the server's app dir for last.pt, best.pt and the records
 
 
-def train_metric_key(key: str, classes: list[str]) -> bool:
-    """The metrics a FedSM site's training task defines (fedseg.methods.fedsm), with the routing counts to the
-    selector's classes and the global model: only these reach the history."""
-    return key in TRAIN_METRICS or key in {f"val_route/{m}" for m in (*classes, GLOBAL)}
-
-
-TRAIN_METRICS = frozenset(
-    (
-        "val_super_dice",
-        "val_global_dice",
-        "val_personalized_dice",
-        "val_selector_acc",
-        "val_routed_own",
-        "train_global_loss",
-        "train_personal_loss",
-        "selector_steps",
-        "validate_seconds",
-        "train_seconds",
-        "selector_seconds",
-        "dp_epsilon",
-        "dp_delta",
-    )
-)
-
-
-def plan_round(classes: list[str], connected: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """(class sites connected now, in class order; connected sites that are no selector class; class sites
-    not connected now)."""
-    members = [s for s in classes if s in connected]
-    outsiders = sorted(s for s in connected if s not in classes)
-    missing = [s for s in classes if s not in connected]
-    return members, outsiders, missing
+def check_arguments(
+    lam: float,
+    gamma: float,
+    gamma_policy: str,
+    final_model: str,
+    aggregation: str,
+    min_clients: int,
+    sites: list[str] | None,
+) -> None:
+    """FedSMController's arguments that cannot make a job (ValueError, naming the argument)."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if final_model not in ("best", "last"):
+        raise ValueError(f"final_model must be 'best' or 'last', got {final_model!r}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if gamma_policy not in GAMMA_POLICIES:
+        raise ValueError(f"gamma_policy must be one of {GAMMA_POLICIES}, got {gamma_policy!r}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    check_trimmed_mean(aggregation, min_clients)
+    if sites is not None and (not sites or len(set(sites)) != len(sites) or not all(isinstance(s, str) and s for s in sites)):
+        raise ValueError(f"sites must be a non-empty list of distinct site names, got {sites!r}")
 
 
 class FedSMController(FedSegController):
+    """FedSM (or SoftPull alone, use_selector=False) with FedSeg's screening, checkpoints and resume.
+
+    Args:
+        num_rounds: FL rounds; in each, every site trains g, p_i (and s) once.
+        lam: SoftPull weight of a site's own model (1: purely local, 1/N: plain average).
+        gamma: selector confidence above which the super model uses a personalized model: the fixed value
+            (gamma_policy "fixed", the paper's 0.9), and the one the sites' per-round validation uses.
+        gamma_policy: "validation": the final super model's gamma is the one of GAMMA_SWEEP with the best mean
+            super-model Dice over the sites' VALIDATION cases (ties: the larger gamma), chosen before the
+            test cases are scored and reported; "fixed": `gamma` as given.
+        use_selector: False gives SoftPull personalization without the selector.
+        selector: selector settings (input_size, channels, lr, epochs, batch_size).
+        engine_config: the sites' engine settings (recorded in the checkpoints for inference).
+        local_epochs / local_steps: local budget per round for each segmentation model (None: the site's).
+        min_clients: fewest valid answers with which a round updates the models.
+        task_timeout / eval_timeout: seconds per training / evaluation task (0: no limit).
+        startup_grace: extra seconds for a site's first task (its job process may start late).
+        max_failed_rounds: consecutive rounds below min_clients before the job stops.
+        aggregation: the global model's aggregation: "mean" (weighted by steps), "median" or "trimmed_mean".
+        max_update_ratio: updates with a norm above this many times the median of the others are rejected
+            (the selector's Adam moments too, measured against what was sent).
+        clip_ratio: accepted updates of the global, personalized and selector models above this many times
+            the round's median norm are scaled down to it (0: no bounding).
+        min_update_cosine: with 3 or more updates, one whose cosine with the other sites' mean direction is
+            below this is rejected (-1: no direction check).
+        max_weight_ratio: without local_steps, a site's weight is capped at this many times the median step
+            count of the other sites of the round (never above the server's own ceiling).
+        sites: the expected site names, in selector-class order (None: the sites connected at the start).
+            A listed site that is not connected yet joins from the first round it is connected.
+        resume_from: server path of a saved model set (last.pt or best.pt) to continue from, inside this job's
+            run dir or a directory the server's local/fedseg_server.json lists under "resume_dirs"; its
+            history, best score and best.pt (next to it) carry over, and its site list stays the
+            selector's classes.
+        start_round: round to continue at (default: the saved round + 1).
+        final_model: the set the final per-site test scores are for: "best" (best.pt, the best-validated set,
+            as for every FedSeg method) or "last".
+        task_check_period: seconds between FLARE's checks of the standing tasks.
+    """
+
+    RENAMED = {"engine": "engine_config"}
+
     def __init__(
         self,
         num_rounds: int = 10,
@@ -106,7 +126,7 @@ class FedSMController(FedSegController):
         gamma_policy: str = "validation",
         use_selector: bool = True,
         selector: dict | None = None,
-        engine: dict | None = None,
+        engine_config: dict | None = None,
         local_epochs: int | None = None,
         local_steps: int | None = None,
         min_clients: int = 1,
@@ -126,44 +146,8 @@ class FedSMController(FedSegController):
         final_model: str = "best",
         persistor_id: str = "persistor",
         task_check_period: float = 0.5,
+        **kwargs,
     ):
-        """
-        Args:
-            num_rounds: FL rounds; in each, every site trains g, p_i (and s) once.
-            lam: SoftPull weight of a site's own model (1: purely local, 1/N: plain average).
-            gamma: selector confidence above which the super model uses a personalized model: the fixed value
-                (gamma_policy "fixed", the paper's 0.9), and the one the sites' per-round validation uses.
-            gamma_policy: "validation": the final super model's gamma is the one of GAMMA_SWEEP with the best mean
-                super-model Dice over the sites' VALIDATION cases (ties: the larger gamma), chosen before the
-                test cases are scored and reported; "fixed": `gamma` as given.
-            use_selector: False gives SoftPull personalization without the selector.
-            selector: selector settings (input_size, channels, lr, epochs, batch_size).
-            engine: the sites' engine settings (recorded in the checkpoints for inference).
-            local_epochs / local_steps: local budget per round for each segmentation model (None: the site's).
-            min_clients: fewest valid answers with which a round updates the models.
-            task_timeout / eval_timeout: seconds per training / evaluation task (0: no limit).
-            startup_grace: extra seconds for a site's first task (its job process may start late).
-            max_failed_rounds: consecutive rounds below min_clients before the job stops.
-            aggregation: the global model's aggregation: "mean" (weighted by steps), "median" or "trimmed_mean".
-            max_update_ratio: updates with a norm above this many times the median of the others are rejected
-                (the selector's Adam moments too, measured against what was sent).
-            clip_ratio: accepted updates of the global, personalized and selector models above this many times
-                the round's median norm are scaled down to it (0: no bounding).
-            min_update_cosine: with 3 or more updates, one whose cosine with the other sites' mean direction is
-                below this is rejected (-1: no direction check).
-            max_weight_ratio: without local_steps, a site's weight is capped at this many times the median step
-                count of the other sites of the round (never above the server's own ceiling).
-            sites: the expected site names, in selector-class order (None: the sites connected at the start).
-                A listed site that is not connected yet joins from the first round it is connected.
-            resume_from: server path of a saved model set (last.pt or best.pt) to continue from, inside this job's
-                run dir or a directory the server's local/fedseg_server.json lists under "resume_dirs"; its
-                history, best score and best.pt (next to it) carry over, and its site list stays the
-                selector's classes.
-            start_round: round to continue at (default: the saved round + 1).
-            final_model: the set the final per-site test scores are for: "best" (best.pt, the best-validated set,
-                as for every FedSeg method) or "last".
-            task_check_period: seconds between FLARE's checks of the standing tasks.
-        """
         super().__init__(
             persistor_id=persistor_id,
             task_timeout=task_timeout,
@@ -173,44 +157,30 @@ class FedSMController(FedSegController):
             min_update_cosine=min_update_cosine,
             startup_grace=startup_grace,
             task_check_period=task_check_period,
+            **kwargs,
         )
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {lam}")
-        if final_model not in ("best", "last"):
-            raise ValueError(f"final_model must be 'best' or 'last', got {final_model!r}")
+        check_arguments(lam, gamma, gamma_policy, final_model, aggregation, min_clients, sites)
         self.final_model = final_model
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-        if gamma_policy not in GAMMA_POLICIES:
-            raise ValueError(f"gamma_policy must be one of {GAMMA_POLICIES}, got {gamma_policy!r}")
         self.gamma_policy = gamma_policy
         self.num_rounds = int(num_rounds)
         self.lam = float(lam)
         self.gamma = float(gamma)
         self.use_selector = bool(use_selector)
-        # the arguments as given (NVFlare's FedJob export reads the attributes back as the job's arguments).
-        # `engine` holds the settings until the workflow starts, when FLARE puts its own engine there
-        # (BaseModelController.start_controller): the run uses engine_cfg (and selector_cfg, with the defaults).
+        # the arguments as given (NVFlare's FedJob export reads the attributes back as the job's arguments);
+        # the run uses engine_settings and selector_cfg (with the defaults)
         self.selector = selector
-        self.engine = engine
+        self.engine_config = engine_config
         self.selector_cfg = {**DEFAULT_SELECTOR, **(selector or {})}
         # "lda": the selector's features stay as seeded and the server fits its head from the sites' statistics
         self.lda = self.use_selector and self.selector_cfg["protocol"] == "lda"
         self.selector_stats: dict[str, dict] = {}  # with "lda": each class site's latest accepted statistics
-        self.engine_cfg = EngineConfig.from_dict(engine).to_dict()
+        self.engine_settings = EngineConfig.from_dict(engine_config).to_dict()
         self.local_epochs = local_epochs
         self.local_steps = local_steps
         self.eval_timeout = int(eval_timeout)
         self.max_failed_rounds = int(max_failed_rounds)
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        check_trimmed_mean(aggregation, min_clients)
         self.aggregation = aggregation
         self.max_weight_ratio = float(max_weight_ratio)
-        if sites is not None and (
-            not sites or len(set(sites)) != len(sites) or not all(isinstance(s, str) and s for s in sites)
-        ):
-            raise ValueError(f"sites must be a non-empty list of distinct site names, got {sites!r}")
         self.sites = sites
         self.expected_sites = list(sites) if sites else None
         self.resume_from = resume_from
@@ -222,6 +192,27 @@ class FedSMController(FedSegController):
         self.best_score = -1.0  # the best round score so far (the set behind it is best.pt)
         self._outsiders_told: set[str] = set()
         self._missing: list[str] = []
+
+    # ---- workflow --------------------------------------------------------------------------------------
+    def run(self):
+        self.folder = self.results_folder(RESULTS_DIR)
+        self.failed = FailedRounds(self.max_failed_rounds)
+        connected = self.connected_sites()
+        groups, start = self._initial_set(connected)
+        if not self.classes:
+            self.panic("FedSM: no sites connected and no `sites` listed")
+            return
+        self.info(
+            f"FedSM: selector classes {self.classes} (class = index in this list), connected {connected}, "
+            f"lam={self.lam}, gamma={self.gamma}, selector={'on' if self.use_selector else 'off (SoftPull only)'}"
+        )
+        for rnd in range(start, self.num_rounds):
+            if self.abort_signal.triggered:
+                return
+            if not self._round(rnd, groups):
+                self.panic(f"FedSM stopped: {self.failed.count} consecutive rounds below min_clients")
+                return
+        self._final_evaluation(self._final_set(groups))
 
     # ---- model set -------------------------------------------------------------------------------------
     def _initial_set(self, connected: list[str]) -> tuple[dict, int]:
@@ -248,8 +239,8 @@ class FedSMController(FedSegController):
         # the rounds after the saved one are trained again: their records are dropped
         self.history = [r for r in info.get("history", []) if int(r["round"]) < start]
         self.best_score = float(info.get("best_score", info.get("val_score", -1.0)))
-        best_path = path.with_name("best.pt")
-        if best_path.exists():
+        best_path = best_beside(path)
+        if best_path is not None:
             best_groups, best_info = load_model_set(best_path)
             self.best_score = max(self.best_score, float(best_info.get("val_score", -1.0)))
             self._save(
@@ -275,7 +266,7 @@ class FedSMController(FedSegController):
     def _initial_selector(self, num_sites: int) -> tuple[dict, dict]:
         torch.manual_seed(self.seed)
         settings = SelectorSettings.from_meta(num_sites, self.selector_cfg)
-        selector = build_selector(self.engine_cfg["spatial_dims"], self.engine_cfg["in_channels"], settings)
+        selector = build_selector(self.engine_settings["spatial_dims"], self.engine_settings["in_channels"], settings)
         # Adam moments start as zeros so that every site, from round 0 on, sends the same key set
         optimizer = torch.optim.Adam(selector.parameters(), lr=self.selector_cfg["lr"])
         for p in selector.parameters():
@@ -285,7 +276,7 @@ class FedSMController(FedSegController):
         return state_to_numpy(selector), optimizer_state_to_numpy(optimizer, selector)
 
     def _save(self, name: str, groups: dict, rnd: int, sites: list[str], extra: dict | None = None) -> Path:
-        path = self.output_dir(OUTPUT_DIR) / name
+        path = self.folder.path(name)
         info = {
             "method": "fedsm",
             "round": rnd,
@@ -294,7 +285,7 @@ class FedSMController(FedSegController):
             "gamma": self.gamma,
             "use_selector": self.use_selector,
             "selector": self.selector_cfg,
-            "engine": self.engine_cfg,
+            "engine": self.engine_settings,
             "selector_input": SELECTOR_INPUT if self.use_selector else None,
             "history": self.history,
             "best_score": self.best_score,
@@ -303,6 +294,29 @@ class FedSMController(FedSegController):
         save_model_set(path, groups, info)
         return path
 
+    def _checkpoint(self, groups: dict, rnd: int) -> None:
+        """last.pt (with the history and best score, so a resumed job continues them) and history.json."""
+        self._save("last.pt", groups, rnd, self.classes)
+        self.folder.write_json("history.json", self.history)
+
+    def _final_set(self, last: dict) -> dict:
+        """The set the final scores are for: the best-validated one (best.pt, the rule every FedSeg method
+        follows) or the last one (final_model="last"; also when no round was scored)."""
+        best = self.folder.path("best.pt")
+        if self.final_model == "last" or not best.exists():
+            self.info(
+                f"final evaluation of the last model set ({'no best.pt' if self.final_model == 'best' else 'final_model=last'})"
+            )
+            return last
+        groups, info = load_model_set(best)
+        self.info(
+            f"final evaluation of the best model set (best.pt: trained up to round {info['round']}, "
+            f"{info.get('score_key')}={info.get('val_score')})"
+        )
+        groups["personal"] = {**last["personal"], **groups["personal"]}  # a site that joined later: its last model
+        return groups
+
+    # ---- what each site gets -------------------------------------------------------------------------------
     def _task_meta(self, sites: list[str]) -> dict:
         return {
             "site_names": sites,
@@ -325,13 +339,6 @@ class FedSMController(FedSegController):
                 out["selector_optim"] = groups["selector_optim"]
         return out
 
-    def _expected(self, sent: dict) -> dict:
-        """The groups a site's update must hold: what it was sent, except that with the "lda" protocol the
-        selector comes back as feature statistics (the site must not change the selector itself)."""
-        if self.lda and "selector" in sent:
-            return {**{g: r for g, r in sent.items() if g != "selector"}, "selector_stats": None}
-        return sent
-
     def _round_sites(self, rnd: int) -> list[str]:
         """The sites of this round: every connected class site, then connected sites that are no class."""
         connected = self.connected_sites()
@@ -353,83 +360,91 @@ class FedSMController(FedSegController):
         return members + outsiders
 
     # ---- one round -------------------------------------------------------------------------------------
-    def _valid_update(self, site: str, result: FLModel, sent: dict) -> dict | None:
-        """The site's unpacked update if every part passes the checks, else None (logged with the site).
-
-        The selector's optimizer state and feature statistics may be absent (a site's privacy scope can withhold
-        them); when present the state must be a sane Adam state (finite, second moments >= 0, step counts that
-        only go forward) and the statistics a count, mean and symmetric positive semi-definite scatter."""
-        try:
-            update = unpack(result.params)
-        except (KeyError, AttributeError, TypeError) as e:
-            self.reject(site, "update", f"cannot unpack: {e}")
-            return None
-        expected = self._expected(sent)
-        for group, reference in expected.items():
-            if group in OPTIONAL_GROUPS and group not in update:
-                continue  # a site's privacy scope may withhold its optimizer state and its feature statistics
-            if group not in update:
-                self.reject(site, "update", f"the '{group}' model is missing")
-                return None
-            if group == "selector_stats":
-                try:
-                    dim = int(np.asarray(sent["selector"]["head.weight"]).shape[1])
-                    update[group] = check_feature_statistics(site, update[group], dim, MAX_SELECTOR_IMAGES)
-                except UpdateRejected as e:
-                    self.reject(site, "selector statistics", e.reason)
-                    return None
-            elif group == "selector_optim":
-                continue  # checked below, against the selector it belongs to
-            elif not self.accept(site, update[group], reference, f"{group} model"):
-                return None
-        unexpected = sorted(set(update) - set(expected))
-        if unexpected:
-            self.reject(site, "update", f"unexpected model group(s) {unexpected}")
-            return None
-        if "selector_optim" in update:
-            try:
-                check_optimizer_state(site, update["selector_optim"], update["selector"], sent.get("selector_optim"))
-            except UpdateRejected as e:
-                self.reject(site, "selector optimizer state", e.reason)
-                return None
-        return update
-
-    def _screen_magnitudes(self, updates: dict[str, dict], sent: dict[str, dict]) -> dict[str, dict]:
-        """Updates whose norm, in any of the models, is far above the other sites' (logged, left out)."""
-        too_large: set[str] = set()
-        for group in ("global", "personal", "selector"):
-            norms = {s: update_norm(u[group], sent[s][group]) for s, u in updates.items() if group in u}
-            too_large |= self.screen(f"{group} model update", norms)
-        # the selector's first Adam moments (what would make the next steps explode): their change from what was
-        # sent, against the other sites'. The second moments grow with the SQUARE of a site's gradients (an
-        # honest site with 10x larger gradients differs 100x), so they are bounded by Adam's invariant only
-        # (check_optimizer_state: exp_avg**2 <= K exp_avg_sq, which bounds every next Adam step to a few x lr)
-        norms = {
-            s: state_norm(u["selector_optim"], sent[s].get("selector_optim"), "exp_avg")
-            for s, u in updates.items()
-            if u.get("selector_optim")
+    def _round(self, rnd: int, groups: dict) -> bool:
+        """Train, screen and aggregate one round (``groups``, the model set, in place) and write its checkpoint;
+        False when the job must stop."""
+        self.info(f"---- FedSM round {rnd + 1}/{self.num_rounds} ----")
+        sent = {s: self._groups_for(groups, s) for s in self._round_sites(rnd)}
+        tasks = {
+            s: FLModel(
+                params=pack(g),
+                params_type=ParamsType.FULL,
+                current_round=rnd,
+                total_rounds=self.num_rounds,
+                meta=self._task_meta(self._names_for(s)),
+            )
+            for s, g in sent.items()
         }
-        too_large |= self.screen("selector optimizer state (exp_avg)", norms)
-        # the global model's update against the other sites' (the personalized models differ by design)
-        kept = {s: u for s, u in updates.items() if s not in too_large}
-        opposed, _ = self.screen_direction(
-            "global model update", {s: u["global"] for s, u in kept.items()}, {s: sent[s]["global"] for s in kept}
+        began = time.perf_counter()
+        # in site order, not arrival order: the aggregations then sum in the same order in every run
+        results = dict(sorted(self.run_tasks("fedsm_train", tasks).items()))
+        tasks_done = time.perf_counter()
+        updates, weights = self._screen(results, sent)
+        record = {
+            "round": rnd,
+            "answered": sorted(results),
+            "accepted": sorted(updates),
+            "metrics": {
+                s: numeric_metrics(results[s].metrics, lambda k: train_metric_key(k, self.classes)) for s in sorted(results)
+            },
+        }
+        if self.use_selector:
+            record["selector"] = selector_round(self.screener, rnd, {s: results[s].metrics for s in updates}, self.classes)
+        self._track_selector(rnd, record.get("selector"))
+        if len(updates) < self.min_clients:
+            stop = self.failed.failed()
+            self.error(
+                f"round {rnd}: only {len(updates)} valid updates ({sorted(updates)}), fewer than "
+                f"min_clients={self.min_clients}: models unchanged ({self.failed.count}/{self.failed.limit})"
+            )
+            now = time.perf_counter()
+            record["seconds"] = round_seconds(results, began, tasks_done, now, now)
+            self.history.append(record)
+            self._checkpoint(groups, rnd)
+            return not stop
+        self.failed.succeeded()
+        score = robust_score(self.screener.scores({s: results[s].metrics for s in updates}, self.score_key).values())
+        record.update({"score": score, "left_out": sorted(set(sent) - set(updates))})
+        self._update(rnd, record, groups, updates, weights)
+        aggregated_at = time.perf_counter()
+        self.save_model(FLModel(params=groups["global"], params_type=ParamsType.FULL, current_round=rnd))
+        # before last.pt, which holds the history a resumed job continues (the save timed is the persistor's)
+        record["seconds"] = round_seconds(results, began, tasks_done, aggregated_at, time.perf_counter())
+        self._checkpoint(groups, rnd)
+        self.info(
+            f"round {rnd}: aggregated {sorted(updates)}"
+            + (f", {self.score_key} of the received set {score:.4f}" if score is not None else "")
         )
-        too_large |= opposed
-        # the spread of a site's selector features (a scatter inflated to swamp the pooled covariance)
-        spreads = {s: spread(u["selector_stats"]) for s, u in updates.items() if "selector_stats" in u}
-        too_large |= self.screen("selector feature statistics (spread)", spreads)
-        return {s: u for s, u in updates.items() if s not in too_large}
+        return True
 
-    def _bound(self, updates: dict[str, dict], sent: dict[str, dict]) -> dict[str, dict]:
-        """Norm bounding (FedSegController.bound) of each model the sites return, against what each was sent."""
-        out = {s: dict(u) for s, u in updates.items()}
-        for group in ("global", "personal", "selector"):
-            with_group = {s: u[group] for s, u in out.items() if group in u}
-            bounded, _ = self.bound(f"{group} model update", with_group, {s: sent[s][group] for s in with_group})
-            for site, params in bounded.items():
-                out[site][group] = params
-        return out
+    @property
+    def score_key(self) -> str:
+        """What the sites report for the set they received, the round's score (the median over the sites)."""
+        return "val_super_dice" if self.use_selector else "val_personalized_dice"
+
+    def _screen(self, results: dict[str, FLModel], sent: dict[str, dict]) -> tuple[dict[str, dict], dict[str, float]]:
+        """(the accepted updates, bounded; their step weights): every part checked, magnitudes and the global
+        model's direction against the other sites', step counts."""
+        updates = {
+            s: u for s, r in results.items() if (u := valid_update(self.screener, s, r.params, sent[s], self.lda)) is not None
+        }
+        updates = screen_updates(self.screener, updates, sent)
+        weights = self.step_weights({s: results[s] for s in updates}, self.local_steps, self.max_weight_ratio)
+        return bound_updates(self.screener, {s: u for s, u in updates.items() if s in weights}, sent), weights
+
+    def _update(self, rnd: int, record: dict, groups: dict, updates: dict, weights: dict) -> None:
+        """Aggregate the updates into ``groups``; the set SENT this round, on which the sites measured the score
+        they report (the round's record), is the candidate best (best.pt)."""
+        score = record["score"]
+        sent_set = copy.deepcopy(groups)
+        self._aggregate(groups, updates, weights)
+        if score is not None:
+            self.track(f"fedsm/{self.score_key}", score, rnd)  # median over the sites, of the set sent this round
+        self.history.append(record)
+        if improves(score, self.best_score):
+            self.best_score = score
+            self._save("best.pt", sent_set, rnd - 1, self.classes, {"val_score": score, "score_key": self.score_key})
+            self.info(f"round {rnd}: new best model set ({self.score_key}={score:.4f}, the set trained up to round {rnd - 1})")
 
     def _aggregate(self, groups: dict, updates: dict[str, dict], weights: dict[str, float]) -> None:
         """global: aggregated over every site; selector and its Adam state: over the sites that trained it (the
@@ -467,138 +482,6 @@ class FedSMController(FedSegController):
             "head.bias": biases.astype(selector["head.bias"].dtype),
         }
 
-    def _round_score(self, results: dict[str, FLModel], key: str) -> float | None:
-        """Median over the sites of the score they report for the set they received (values checked)."""
-        values = [
-            v for s, r in sorted(results.items()) if (v := self.read(s, "metrics", read_score, r.metrics, key)) is not None
-        ]
-        return robust_score(values)
-
-    # ---- workflow --------------------------------------------------------------------------------------
-    def run(self):
-        connected = self.connected_sites()
-        groups, start = self._initial_set(connected)
-        if not self.classes:
-            self.panic("FedSM: no sites connected and no `sites` listed")
-            return
-        self.info(
-            f"FedSM: selector classes {self.classes} (class = index in this list), connected {connected}, "
-            f"lam={self.lam}, gamma={self.gamma}, selector={'on' if self.use_selector else 'off (SoftPull only)'}"
-        )
-        score_key = "val_super_dice" if self.use_selector else "val_personalized_dice"
-        failed_rounds = 0
-        for rnd in range(start, self.num_rounds):
-            if self.abort_signal.triggered:
-                return
-            self.info(f"---- FedSM round {rnd + 1}/{self.num_rounds} ----")
-            sent = {s: self._groups_for(groups, s) for s in self._round_sites(rnd)}
-            tasks = {
-                s: FLModel(
-                    params=pack(g),
-                    params_type=ParamsType.FULL,
-                    current_round=rnd,
-                    total_rounds=self.num_rounds,
-                    meta=self._task_meta(self._names_for(s)),
-                )
-                for s, g in sent.items()
-            }
-            began = time.perf_counter()
-            # in site order, not arrival order: the aggregations then sum in the same order in every run
-            results = dict(sorted(self.run_tasks("fedsm_train", tasks).items()))
-            tasks_done = time.perf_counter()
-            updates = {s: u for s, r in results.items() if (u := self._valid_update(s, r, sent[s])) is not None}
-            updates = self._screen_magnitudes(updates, sent)
-            weights = self.step_weights({s: results[s] for s in updates}, self.local_steps, self.max_weight_ratio)
-            updates = self._bound({s: u for s, u in updates.items() if s in weights}, sent)
-            record = {
-                "round": rnd,
-                "answered": sorted(results),
-                "accepted": sorted(updates),
-                "metrics": {
-                    s: numeric_metrics(results[s].metrics, lambda k: train_metric_key(k, self.classes)) for s in sorted(results)
-                },
-                **self._selector_round(rnd, {s: results[s] for s in updates}),
-            }
-            self._track_selector(rnd, record.get("selector"))
-            if len(updates) < self.min_clients:
-                failed_rounds += 1
-                self.error(
-                    f"round {rnd}: only {len(updates)} valid updates ({sorted(updates)}), fewer than "
-                    f"min_clients={self.min_clients}: models unchanged ({failed_rounds}/{self.max_failed_rounds})"
-                )
-                now = time.perf_counter()
-                record["seconds"] = round_seconds(results, began, tasks_done, now, now)
-                self.history.append(record)
-                self._checkpoint(groups, rnd)
-                if failed_rounds >= self.max_failed_rounds:
-                    self.panic(f"FedSM stopped: {failed_rounds} consecutive rounds below min_clients")
-                    return
-                continue
-            failed_rounds = 0
-            # the metrics sites report were measured on the set SENT this round: that set is the candidate best
-            score = self._round_score({s: results[s] for s in updates}, score_key)
-            sent_set = copy.deepcopy(groups)
-            self._aggregate(groups, updates, weights)
-            record.update({"score": score, "left_out": sorted(set(sent) - set(updates))})
-            if score is not None:
-                self.track(f"fedsm/{score_key}", score, rnd)  # median over the sites, of the set sent this round
-            self.history.append(record)
-            if score is not None and score > self.best_score:
-                self.best_score = score
-                self._save("best.pt", sent_set, rnd - 1, self.classes, {"val_score": score, "score_key": score_key})
-                self.info(f"round {rnd}: new best model set ({score_key}={score:.4f}, the set trained up to round {rnd - 1})")
-            aggregated_at = time.perf_counter()
-            self.save_model(FLModel(params=groups["global"], params_type=ParamsType.FULL, current_round=rnd))
-            # before last.pt, which holds the history a resumed job continues (the save timed is the persistor's)
-            record["seconds"] = round_seconds(results, began, tasks_done, aggregated_at, time.perf_counter())
-            self._checkpoint(groups, rnd)
-            self.info(
-                f"round {rnd}: aggregated {sorted(updates)}"
-                + (f", {score_key} of the received set {score:.4f}" if score is not None else "")
-            )
-        self._final_evaluation(self._final_set(groups))
-
-    def _final_set(self, last: dict) -> dict:
-        """The set the final scores are for: the best-validated one (best.pt, the rule every FedSeg method
-        follows) or the last one (final_model="last"; also when no round was scored)."""
-        best = self.output_dir(OUTPUT_DIR) / "best.pt"
-        if self.final_model == "last" or not best.exists():
-            self.info(
-                f"final evaluation of the last model set ({'no best.pt' if self.final_model == 'best' else 'final_model=last'})"
-            )
-            return last
-        groups, info = load_model_set(best)
-        self.info(
-            f"final evaluation of the best model set (best.pt: trained up to round {info['round']}, "
-            f"{info.get('score_key')}={info.get('val_score')})"
-        )
-        groups["personal"] = {**last["personal"], **groups["personal"]}  # a site that joined later: its last model
-        return groups
-
-    def _selector_round(self, rnd: int, results: dict[str, FLModel]) -> dict:
-        """The selector SENT this round, as the class sites measured it on their validation cases before training:
-        {"selector": {"accuracy": {site: fraction whose argmax is the own site}, "routed_own": {site: fraction
-        routed to the own personalized model (argmax own and confidence > gamma)}, "confusion": {true site:
-        {routed-to model (a class site or "global"): count}}}}; {} without a selector. A site that reports no
-        selector fields (no validation cases) is absent; one whose fields are malformed is left out (logged)."""
-        if not self.use_selector:
-            return {}
-        models = [*self.classes, GLOBAL]
-        out: dict[str, dict] = {"accuracy": {}, "routed_own": {}, "confusion": {}}
-        for site, result in sorted(results.items()):
-            metrics = result.metrics
-            if site not in self.classes or not isinstance(metrics, dict) or "val_selector_acc" not in metrics:
-                continue
-            try:
-                accuracy = read_score(site, metrics, "val_selector_acc")
-                own = read_score(site, metrics, "val_routed_own", 0.0, accuracy)  # routed own implies argmax own
-                row = {m: read_int(site, metrics, f"val_route/{m}", 0, 10**7) for m in models}
-            except UpdateRejected as e:
-                self.reject(site, f"round {rnd} selector metrics", e.reason)
-                continue
-            out["accuracy"][site], out["routed_own"][site], out["confusion"][site] = accuracy, own, row
-        return {"selector": out}
-
     def _track_selector(self, rnd: int, selector: dict | None) -> None:
         """The selector's accuracy per site and its mean over the sites, to the job's experiment tracking."""
         accuracy = (selector or {}).get("accuracy") or {}
@@ -606,130 +489,62 @@ class FedSMController(FedSegController):
         if accuracy:
             self.track("fedsm/selector_accuracy_mean", sum(accuracy.values()) / len(accuracy), rnd)
 
-    def _checkpoint(self, groups: dict, rnd: int) -> None:
-        """last.pt (with the history and best score, so a resumed job continues them) and history.json."""
-        self._save("last.pt", groups, rnd, self.classes)
-        self.write_json(self.output_dir(OUTPUT_DIR) / "history.json", self.history)
-
-    def _valid_evaluation(self, site: str, metrics, sites: list[str]) -> dict | None:
-        """A site's final scores, validated field by field (None, logged, when malformed)."""
-        try:
-            out = {"section": str((metrics or {}).get("section", "testing"))[:20]}
-            for key in ("super", "global", "personalized"):
-                if isinstance(metrics, dict) and key in metrics:
-                    out[key] = read_summary(site, metrics, key)
-            if self.use_selector and isinstance(metrics, dict) and "selector_accuracy" in metrics:
-                out["selector_accuracy"] = read_score(site, metrics, "selector_accuracy")
-                if "routed_own" in metrics:  # routed to the own model implies argmax own site
-                    out["routed_own"] = read_score(site, metrics, "routed_own", 0.0, out["selector_accuracy"])
-                routing = metrics.get("routing")
-                if isinstance(routing, dict):  # {model name: count}: names are the server's own site names
-                    out["routing"] = {
-                        k: int(v)
-                        for k, v in routing.items()
-                        if k in (GLOBAL, *sites) and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 10**7
-                    }
-                if "gamma_sweep" in metrics:
-                    out["gamma_sweep"] = self._read_sweep(site, metrics["gamma_sweep"])
-            return out
-        except UpdateRejected as e:
-            self.reject(site, "final scores", e.reason)
-            return None
-
-    @staticmethod
-    def _read_sweep(site: str, sweep) -> list[float]:
-        """A site's gamma sweep ({"gammas": the server's GAMMA_SWEEP, "dice": one Dice in [0, 1] per gamma})."""
-        gammas = sweep.get("gammas") if isinstance(sweep, dict) else None
-        if (
-            not isinstance(gammas, list)
-            or len(gammas) != len(GAMMA_SWEEP)
-            or not all(
-                isinstance(g, (int, float)) and not isinstance(g, bool) and float(g) == w for g, w in zip(gammas, GAMMA_SWEEP)
+    # ---- final evaluation ------------------------------------------------------------------------------
+    def _evaluate(self, groups: dict, section: str, gamma: float) -> dict[str, dict]:
+        """The set ``groups`` scored on every connected site's ``section`` cases (a site that is no selector
+        class scores the global and its personalized model only): {site: validated scores}."""
+        sites = self.classes
+        without_selector = {"global": groups["global"], **{f"{PERSONAL_PREFIX}{s}": p for s, p in groups["personal"].items()}}
+        with_selector = {**without_selector, "selector": groups["selector"]} if self.use_selector else without_selector
+        meta = {"gamma": gamma, "section": section, "use_selector": self.use_selector, "gammas": list(GAMMA_SWEEP)}
+        tasks = {
+            s: FLModel(
+                params=pack(with_selector if s in sites else without_selector),
+                params_type=ParamsType.FULL,
+                meta={**self._task_meta(self._names_for(s)), **meta},
             )
-        ):
-            raise UpdateRejected(site, f"metrics.gamma_sweep: gammas are not the {list(GAMMA_SWEEP)} the server sent")
-        dice = sweep.get("dice")
-        if not isinstance(dice, list) or len(dice) != len(GAMMA_SWEEP):
-            raise UpdateRejected(site, f"metrics.gamma_sweep.dice: not a list of {len(GAMMA_SWEEP)} values")
-        return [read_score(site, {"gamma_sweep.dice": d}, "gamma_sweep.dice") for d in dice]
+            for s in self._round_sites(self.num_rounds)
+        }
+        results = self.run_tasks("fedsm_evaluate", tasks, timeout=self.eval_timeout)
+        return {
+            s: m
+            for s, r in sorted(results.items())
+            if (m := valid_evaluation(self.screener, s, r.metrics, sites, self.use_selector)) is not None
+        }
 
     def _final_evaluation(self, groups: dict) -> None:
-        """Scores the final set on every connected site's test cases (a site that is no selector class scores
-        the global and its personalized model only) and writes fedsm_evaluation.json + fedseg_results.json.
-
-        With the selector, "extra" holds: selector (its settings); selector_accuracy / routed_own ({site:
-        fraction of test cases whose argmax is the own site / that are routed to the own personalized model,
-        i.e. argmax own AND confidence > gamma}) and their *_mean over sites; routing ({site: {routed-to model:
-        count}}: the test routing confusion matrix); gamma_sweep ({"gammas", "dice": {site: [super-model Dice
-        per gamma]}, "mean": [mean over sites per gamma]}, every gamma from the same selector outputs and one
-        scoring of each model); super_learned and super_oracle ({"label", "dice": {site: Dice}, "mean"}: the
-        super model with the selector's routing at the job's gamma, and with oracle routing, which uses each
-        case's site identity); selector_history (per round: {"round", "accuracy", "routed_own", "confusion"} on
-        the validation cases, as in history.json's "selector")."""
-        sites = self.classes
-        evaluation_groups = {"global": groups["global"], **{f"{PERSONAL_PREFIX}{s}": p for s, p in groups["personal"].items()}}
-        without_selector = dict(evaluation_groups)
-        if self.use_selector:
-            evaluation_groups["selector"] = groups["selector"]
-
-        def evaluate(section: str, gamma: float) -> dict[str, dict]:
-            def task(site: str) -> FLModel:
-                meta = {
-                    **self._task_meta(self._names_for(site)),
-                    "gamma": gamma,
-                    "section": section,
-                    "use_selector": self.use_selector,
-                    "gammas": list(GAMMA_SWEEP),
-                }
-                groups_ = evaluation_groups if site in sites else without_selector
-                return FLModel(params=pack(groups_), params_type=ParamsType.FULL, meta=meta)
-
-            tasks = {s: task(s) for s in self._round_sites(self.num_rounds)}
-            results = self.run_tasks("fedsm_evaluate", tasks, timeout=self.eval_timeout)
-            return {s: m for s, r in sorted(results.items()) if (m := self._valid_evaluation(s, r.metrics, sites)) is not None}
-
+        """Scores the final set on every connected site's test cases and writes fedsm_evaluation.json and the
+        results record fedseg_results.json (fedseg.fl.fedsm_results: with the selector, its accuracy, routing,
+        gamma sweep, learned and oracle super model, and the selector's history)."""
         gamma, validation = self.gamma, None
         if self.use_selector and self.gamma_policy == "validation":
-            gamma, validation = self._gamma_on_validation(evaluate("validation", self.gamma))
-        per_site = evaluate("testing", gamma)
-        out_dir = self.output_dir(OUTPUT_DIR)
-        self.write_json(out_dir / "fedsm_evaluation.json", per_site)
-        names = {"super": "FedSM super model", "global": "FedSM global", "personalized": "FedSM personalized (own site)"}
-        if not self.use_selector:
-            names = {"global": "SoftPull global", "personalized": "SoftPull personalized (own site)"}
-        models = {label: {s: m[key] for s, m in per_site.items() if key in m} for key, label in names.items()}
+            gamma, validation = self._gamma_on_validation(self._evaluate(groups, "validation", self.gamma))
+        per_site = self._evaluate(groups, "testing", gamma)
+        self.folder.write_json("fedsm_evaluation.json", per_site)
         extra = {"lam": self.lam, "gamma": gamma, "gamma_policy": self.gamma_policy, "rounds": self.num_rounds}
+        selector = None
         if self.use_selector:
-            extra["gamma_validation"] = validation
-            extra.update(self._selector_extra(per_site, gamma))
-            self._say_selector_health(extra["selector_status"])
-        results_record = {
-            "method": "fedsm" if self.use_selector else "softpull",
-            "section": "testing",
-            "models": models,
-            "extra": extra,
-        }
-        self.write_json(Path(self.get_app_dir()) / "fedseg_results.json", results_record)
-        self.info("\n" + format_table(results_record))
+            selector = {
+                "gamma_validation": validation,
+                **selector_extra(per_site, gamma, self.classes, self.selector_cfg, self.history),
+            }
+            self._say_selector_health(selector["selector_status"])
+        record = fedsm_results(per_site, self.use_selector, extra, selector)
+        self.info("\n" + write_results(self.get_app_dir(), record))
 
     def _gamma_on_validation(self, per_site: dict[str, dict]) -> tuple[float, dict | None]:
         """(gamma, its record) chosen from the sites' validation sweeps; the fixed gamma when no site has one."""
-        sweeps = {s: m["gamma_sweep"] for s, m in per_site.items() if s in self.classes and "gamma_sweep" in m}
-        if not sweeps:
+        chosen = gamma_on_validation(per_site, self.classes)
+        if chosen is None:
             self.warning(f"no site reported a validation gamma sweep: the fixed gamma {self.gamma} is used")
             return self.gamma, None
-        gamma, means = choose_gamma(GAMMA_SWEEP, sweeps)
+        gamma, means, record = chosen
         self.info(
             f"gamma chosen on the sites' validation cases: {gamma} (mean super-model Dice per gamma "
             + ", ".join(f"{g}: {m:.4f}" for g, m in zip(GAMMA_SWEEP, means))
             + ")"
         )
-        health = selector_health(
-            {s: m["selector_accuracy"] for s, m in per_site.items() if "selector_accuracy" in m},
-            {s: m.get("routing") or {} for s, m in per_site.items()},
-            self.classes,
-        )
-        return gamma, {"gammas": list(GAMMA_SWEEP), "mean_dice": means, "dice": sweeps, "selector_status": health}
+        return gamma, record
 
     def _say_selector_health(self, health: dict) -> None:
         """A selector that did not learn, or a super model that is the global one, is said in the log, loudly."""
@@ -737,43 +552,3 @@ class FedSMController(FedSegController):
             self.info(f"selector: learned (routed to the global model: {health['global_share']:.0%} of the test cases)")
             return
         self.warning(f"SELECTOR {health['status'].upper()}: " + "; ".join(health["reasons"]))
-
-    def _selector_extra(self, per_site: dict, gamma: float) -> dict:
-        """The selector's part of fedseg_results.json "extra" (see _final_evaluation)."""
-
-        def mean(values: dict):
-            return float(np.mean(list(values.values()))) if values else None
-
-        acc = {s: m["selector_accuracy"] for s, m in per_site.items() if "selector_accuracy" in m}
-        own = {s: m["routed_own"] for s, m in per_site.items() if "routed_own" in m}
-        sweeps = {s: m["gamma_sweep"] for s, m in per_site.items() if "gamma_sweep" in m}
-        learned = {s: m["super"]["dice"] for s, m in per_site.items() if "dice" in m.get("super", {})}
-        oracle = {
-            s: m["personalized"]["dice"]
-            for s, m in per_site.items()
-            if s in self.classes and "dice" in m.get("personalized", {})
-        }
-        return {
-            "selector": dict(self.selector_cfg),
-            "selector_accuracy": acc,
-            "selector_accuracy_mean": mean(acc),
-            "routed_own": own,
-            "routed_own_mean": mean(own),
-            "routing": {s: m.get("routing") for s, m in per_site.items()},
-            "gamma_sweep": {
-                "gammas": list(GAMMA_SWEEP),
-                "dice": sweeps,
-                "mean": [float(np.mean([v[i] for v in sweeps.values()])) for i in range(len(GAMMA_SWEEP))] if sweeps else None,
-            },
-            "selector_status": selector_health(
-                acc, {s: m.get("routing") or {} for s, m in per_site.items()}, self.classes, gamma
-            ),
-            "super_learned": {
-                "label": f"learned routing (selector, gamma={gamma})",
-                "gamma": gamma,
-                "dice": learned,
-                "mean": mean(learned),
-            },
-            "super_oracle": {"label": ORACLE_LABEL, "dice": oracle, "mean": mean(oracle)},
-            "selector_history": [{"round": r["round"], **r["selector"]} for r in self.history if "selector" in r],
-        }
