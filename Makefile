@@ -19,7 +19,7 @@ data: venv
 
 # The demo: built-in non-iid dataset, a real FedAvg job in the NVFlare simulator, per-site Dice table.
 demo: venv
-	$(PY) -m fedseg.demo --data $(DATA) --sites $(SITES) --rounds $(ROUNDS)
+	$(PY) -m fedseg_tools.demo --data $(DATA) --sites $(SITES) --rounds $(ROUNDS)
 
 test: venv
 	$(PY) -m ruff check .
@@ -46,15 +46,15 @@ clean:
 # Benchmark: every method on the same data, seeds and training budget -> $(BENCH_OUT)/BENCHMARKS.md, raw JSON/CSV, plots.
 # bench-quick: 2 CPU cores, minutes, too small to conclude; bench-standard: 2 CPU cores, up to ~100 minutes, runs to
 # convergence (the committed report); bench: the full preset (a GPU machine). BENCH_ARGS=--publish also updates the
-# committed report (BENCHMARKS.md + docs/benchmarks/); see python -m fedseg.bench --help for datasets/seeds/methods.
+# committed report (BENCHMARKS.md + docs/benchmarks/); see python -m fedseg_tools.bench --help for datasets/seeds/methods.
 BENCH_OUT  ?= bench_results
 BENCH_ARGS ?=
 
 bench-quick: venv
-	$(PY) -m fedseg.bench --preset quick --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(PY) -m fedseg_tools.bench --preset quick --out $(BENCH_OUT) $(BENCH_ARGS)
 
 bench-standard: venv
-	$(PY) -m fedseg.bench --preset standard --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(PY) -m fedseg_tools.bench --preset standard --out $(BENCH_OUT) $(BENCH_ARGS)
 
 bench: venv
-	$(PY) -m fedseg.bench --preset full --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(PY) -m fedseg_tools.bench --preset full --out $(BENCH_OUT) $(BENCH_ARGS)

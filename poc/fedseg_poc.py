@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 _POC_DIR = str(Path(__file__).resolve().parent)
-if _POC_DIR not in sys.path:  # run as a script or loaded by path (fedseg.cli): poc_federation sits beside it
+if _POC_DIR not in sys.path:  # run as a script or loaded by path (fedseg_tools.cli): poc_federation sits beside it
     sys.path.insert(0, _POC_DIR)
 
 from poc_federation.cli import main  # noqa: E402

@@ -204,7 +204,7 @@ def set_executor_path(job: Path, path: str) -> None:
 
 def simulate(job: Path, workspace: Path, data: Path, n: int = 3, expect_ok: bool = True, **kwargs):
     """Run the job in the NVFlare simulator (a process group that is always stopped)."""
-    from fedseg.sim import run_simulator
+    from fedseg_tools.sim import run_simulator
 
     extra_env = kwargs.pop("extra_env", {})
     helpers = str(Path(__file__).resolve().parent / "helpers")

@@ -1,7 +1,8 @@
-"""The package's shape, checked from its source: no import cycles inside ``fedseg``; ``methods/`` is site-side only;
-one module per name (report, baselines).
+"""The packages' shape, checked from their source: two layers, the runtime ``fedseg`` (what a site and the server
+run) and the tooling ``fedseg_tools`` (benchmark, baselines runner, demo, simulator runner, CLI, POC environments)
+that imports it and is never imported by it; no import cycles in either; ``methods/`` is site-side only.
 
-The import graph is built from the AST of every module under custom/fedseg. It counts top-level AND function-level
+The import graph is built from the AST of every module under custom/fedseg and custom/fedseg_tools. It counts top-level AND function-level
 imports (also those under ``if TYPE_CHECKING``, ``try`` or a class body): an import moved into a function to dodge
 a load-order error is still a dependency in both directions, and two modules that need each other are one module
 split in the wrong place. An edge goes to the module named; ``from pkg import name`` goes to ``pkg.name`` when that
@@ -14,8 +15,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "custom" / "fedseg"
+CUSTOM_DIR = Path(__file__).resolve().parents[1] / "custom"
+PACKAGE_DIR = CUSTOM_DIR / "fedseg"
 PACKAGE = "fedseg"
+RUNTIME, TOOLING = "fedseg", "fedseg_tools"
+PACKAGES = {RUNTIME: PACKAGE_DIR, TOOLING: CUSTOM_DIR / TOOLING}
 
 
 def module_name(path: Path, package_dir: Path = PACKAGE_DIR, package: str = PACKAGE) -> str:
@@ -38,9 +42,15 @@ def _absolute(importer: str, is_package: bool, level: int, module: str | None) -
     return ".".join(base + ([module] if module else []))
 
 
-def import_graph(package_dir: Path = PACKAGE_DIR, package: str = PACKAGE) -> dict[str, set[str]]:
-    """module -> the modules of the package it imports anywhere in its source (top level or inside functions)."""
-    modules = package_modules(package_dir, package)
+def _in_package(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def import_graph(packages: dict[str, Path] = PACKAGES) -> dict[str, set[str]]:
+    """module -> the modules of the packages it imports anywhere in its source (top level or inside functions)."""
+    modules = {
+        name: path for package, package_dir in packages.items() for name, path in package_modules(package_dir, package).items()
+    }
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         is_package = path.name == "__init__.py"
@@ -54,7 +64,8 @@ def import_graph(package_dir: Path = PACKAGE_DIR, package: str = PACKAGE) -> dic
                     sub = f"{base}.{alias.name}"
                     targets.append(sub if sub in modules else base)
             for target in targets:
-                if target == package or target.startswith(package + "."):
+                package = next((p for p in packages if _in_package(target, p)), None)
+                if package:
                     if target not in modules:
                         raise AssertionError(f"{path}: imports {target}, which is no module of {package}")
                     if target != name:
@@ -133,17 +144,47 @@ def test_find_cycles_names_the_cycle(tmp_path):
     (pkg / "sub" / "b.py").write_text("def f():\n    from . import c\n")
     (pkg / "sub" / "c.py").write_text("import pkg.a\n")
     (pkg / "d.py").write_text("from pkg import a\n")
-    graph = import_graph(pkg, "pkg")
+    graph = import_graph({"pkg": pkg})
     assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.sub.c"} and graph["pkg.d"] == {"pkg.a"}
     assert find_cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.sub.c", "pkg.a"]]
     (pkg / "sub" / "c.py").write_text("import os\n")
-    assert find_cycles(import_graph(pkg, "pkg")) == []
+    assert find_cycles(import_graph({"pkg": pkg})) == []
+
+
+def runtime_to_tooling(graph: dict[str, set[str]], runtime: str = RUNTIME, tooling: str = TOOLING) -> list[str]:
+    """Every import of the tooling layer by the runtime layer ("importer -> imported")."""
+    return sorted(
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        if _in_package(name, runtime)
+        for target in targets
+        if _in_package(target, tooling)
+    )
+
+
+def test_the_layer_check_finds_a_runtime_module_that_imports_tooling(tmp_path):
+    """The checker itself: a function-level import of the tooling by the runtime is found; tooling -> runtime is not."""
+    for name in ("rt", "rt_tools"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+    (tmp_path / "rt" / "core.py").write_text("def f():\n    from rt_tools import bench\n")
+    (tmp_path / "rt_tools" / "bench.py").write_text("from rt import core\n")
+    graph = import_graph({"rt": tmp_path / "rt", "rt_tools": tmp_path / "rt_tools"})
+    assert runtime_to_tooling(graph, "rt", "rt_tools") == ["rt.core -> rt_tools.bench"]
+    assert find_cycles(graph) == [["rt.core", "rt_tools.bench", "rt.core"]]  # the function-level import makes a cycle
+    (tmp_path / "rt" / "core.py").write_text("import os\n")
+    assert runtime_to_tooling(import_graph({"rt": tmp_path / "rt", "rt_tools": tmp_path / "rt_tools"}), "rt", "rt_tools") == []
+
+
+def test_the_runtime_never_imports_the_tooling():
+    found = runtime_to_tooling(import_graph())
+    assert not found, "the runtime (what sites and the server run) imports tooling:\n" + "\n".join(found)
 
 
 def test_no_import_cycles_in_fedseg():
     graph = import_graph()
     tangles = import_tangles(graph)
-    assert not tangles, "import cycles in fedseg (top-level and function-level imports):\n" + "\n".join(
+    assert not tangles, "import cycles in fedseg / fedseg_tools (top-level and function-level imports):\n" + "\n".join(
         f"{' -> '.join(_closed_path(graph, set(t)))}   (modules that import each other: {', '.join(t)})" for t in tangles
     )
 

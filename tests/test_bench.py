@@ -14,7 +14,7 @@ import pytest
 from conftest import CUSTOM, REPO
 
 from fedseg.algorithms.schedules import assign
-from fedseg.bench.budget import (
+from fedseg_tools.bench.budget import (
     BASELINES,
     FEDSM_ABLATION_LAMBDAS,
     FL_METHODS,
@@ -30,7 +30,7 @@ from fedseg.bench.budget import (
     run_specs,
     steps_per_epoch,
 )
-from fedseg.bench.tuning import tuning_runs
+from fedseg_tools.bench.tuning import tuning_runs
 
 
 # ---- budget (pure) -----------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ print(json.dumps({"size": size, "method": method, "arrays": arrays, "rss": peak_
 
 
 def test_cost_ratios_from_a_record():
-    from fedseg.bench.cost import ratios
+    from fedseg_tools.bench.cost import ratios
 
     plain = {
         "fedavg_small": {"wall_seconds": 2.0, "cpu_seconds": 2.0, "process_wall_seconds": 10.0, "process_cpu_seconds": 8.0},
@@ -254,7 +254,7 @@ def test_cost_ratios_from_a_record():
 
 
 def test_relay_measurement_is_reported_as_measured():
-    from fedseg.bench.benchmark_report.cost_section import relay_lines
+    from fedseg_tools.bench.benchmark_report.cost_section import relay_lines
 
     relay = {
         "fedavg_rounds": 3,
@@ -276,10 +276,10 @@ def test_relay_measurement_is_reported_as_measured():
 
 @pytest.mark.slow
 def test_relay_command_measures_hand_overs_of_a_real_fedcross_run(tmp_path):
-    """python -m fedseg.bench.cost relay on the smoke data: FedAvg and FedCross jobs at the same steps, every
+    """python -m fedseg_tools.bench.cost relay on the smoke data: FedAvg and FedCross jobs at the same steps, every
     hand-over of the relay measured (2 sites, 2 rounds: 4 visits, 3 hand-overs), the record on disk; both jobs
     poll at the interval asked for."""
-    from fedseg.bench.cost import main
+    from fedseg_tools.bench.cost import main
 
     args = ["relay", "--preset", "smoke", "--rounds", "2", "--out", str(tmp_path), "--task-request-interval", "0.05"]
     assert main(args) == 0
@@ -301,7 +301,7 @@ def test_relay_command_measures_hand_overs_of_a_real_fedcross_run(tmp_path):
 
 @pytest.mark.parametrize("interval", ["0", "-1", "11"])
 def test_relay_refuses_a_task_request_interval_out_of_range(interval, tmp_path, capsys):
-    from fedseg.bench.cost import main
+    from fedseg_tools.bench.cost import main
 
     with pytest.raises(SystemExit):
         main(["relay", "--out", str(tmp_path), "--task-request-interval", interval])
@@ -310,9 +310,9 @@ def test_relay_refuses_a_task_request_interval_out_of_range(interval, tmp_path, 
 
 
 def test_throughput_configurations_and_their_table():
-    from fedseg.bench.cost import THROUGHPUT_CONFIGS, throughput_engine, throughput_lines
     from fedseg.engine import EngineConfig
     from fedseg.engine.config import resolve_engine
+    from fedseg_tools.bench.cost import THROUGHPUT_CONFIGS, throughput_engine, throughput_lines
 
     realistic2d = EngineConfig.from_dict(resolve_engine(throughput_engine("realistic2d", 1)))
     assert realistic2d.roi_size == [256, 256] and realistic2d.batch_size == 16
@@ -339,9 +339,9 @@ def test_throughput_configurations_and_their_table():
 
 @pytest.mark.slow
 def test_throughput_command_measures_the_executor_against_plain_monai(tmp_path):
-    """python -m fedseg.bench.cost throughput for the benchmark's network: the plain MONAI loop and the engine in
+    """python -m fedseg_tools.bench.cost throughput for the benchmark's network: the plain MONAI loop and the engine in
     their own process, the executor in a one-site FedAvg job (2 rounds), all on the same site's data."""
-    from fedseg.bench.cost import main
+    from fedseg_tools.bench.cost import main
 
     assert main(["throughput", "--configs", "bench2d", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "throughput.json").read_text())
@@ -356,8 +356,8 @@ def test_throughput_command_measures_the_executor_against_plain_monai(tmp_path):
 
 def test_a_method_without_a_flare_job_is_reported_missing(tmp_path, monkeypatch):
     from fedseg import jobgen
-    from fedseg.bench.presets import get_preset
-    from fedseg.bench.run import prepare_dataset, run_dataset
+    from fedseg_tools.bench.presets import get_preset
+    from fedseg_tools.bench.run import prepare_dataset, run_dataset
 
     monkeypatch.delitem(jobgen.JOBS, "fedcross")
     preset = get_preset("smoke")
@@ -373,7 +373,7 @@ def test_a_method_without_a_flare_job_is_reported_missing(tmp_path, monkeypatch)
 def smoke_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedseg.bench", "--preset", "smoke", "--out", str(out)],
+        [sys.executable, "-m", "fedseg_tools.bench", "--preset", "smoke", "--out", str(out)],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -457,7 +457,7 @@ def test_smoke_report_and_plots(smoke_run, tmp_path):
     md = (smoke_run / "BENCHMARKS.md").read_text()
     for name in ("Local only", "Centralized", "FedAvg", "FedProx", "FedSM", "SoftPull", "FedCross", "FedCrossEns"):
         assert f"| {name} |" in md, name
-    assert "python -m fedseg.bench --preset smoke" in md and "not run on a GPU" in md
+    assert "python -m fedseg_tools.bench --preset smoke" in md and "not run on a GPU" in md
     assert "too small to conclude" in md and "best-validated" in md
     # FedProx's mu and FedSM's lambda chosen on validation, every candidate shown
     assert "## Hyper-parameters chosen on validation" in md and "**FedProx on synth2d** (`fedprox_mu`, 1 seed(s))" in md
@@ -478,15 +478,15 @@ def test_smoke_report_and_plots(smoke_run, tmp_path):
     for png in ("dice_per_round.png", "site_dice_synth2d.png", "fedcrossens_uncertainty.png"):
         assert (smoke_run / png).stat().st_size > 5000, png
     # the report is generated from the raw files alone
-    from fedseg.bench.benchmark_report import write_report
+    from fedseg_tools.bench.benchmark_report import write_report
 
     again = write_report(smoke_run / "raw", tmp_path)
     assert again.read_text() == md
 
 
 def test_any_datalist_folder_is_a_dataset(tiny3d):
-    from fedseg.bench.presets import get_preset
-    from fedseg.bench.run import resolve_datasets
+    from fedseg_tools.bench.presets import get_preset
+    from fedseg_tools.bench.run import resolve_datasets
 
     specs = resolve_datasets(get_preset("quick"), ["tiny3d"], [str(tiny3d)])
     spec = specs["tiny3d"]
@@ -553,7 +553,7 @@ def _cell(seed: int, dice: dict[str, float], sites=("a", "b"), curves: dict | No
 
 
 def test_flattened_uses_the_last_quarter_of_the_curve():
-    from fedseg.bench.benchmark_report.facts import flattened
+    from fedseg_tools.bench.benchmark_report.facts import flattened
 
     rising = [(i / 12, 0.05 * i) for i in range(13)]
     flat = [(i / 12, min(0.8, 0.2 * i)) for i in range(13)]
@@ -566,8 +566,8 @@ def test_flattened_uses_the_last_quarter_of_the_curve():
 
 
 def test_headline_answers_come_from_the_numbers():
-    from fedseg.bench.benchmark_report.facts import headline_facts
-    from fedseg.bench.benchmark_report.headline_section import headline_sentences
+    from fedseg_tools.bench.benchmark_report.facts import headline_facts
+    from fedseg_tools.bench.benchmark_report.headline_section import headline_sentences
 
     runs = {
         "local": 0.70,
@@ -597,7 +597,7 @@ def test_headline_answers_come_from_the_numbers():
 
 
 def test_fedsm_selector_and_gamma_sweep_readers():
-    from fedseg.bench.benchmark_report.fedsm_facts import gamma_sweep, selector_stats
+    from fedseg_tools.bench.benchmark_report.fedsm_facts import gamma_sweep, selector_stats
 
     extra = {"selector_accuracy": {"a": 1.0, "b": 0.5}, "routing": {"a": {"a": 3, "global": 1}, "b": {"a": 2, "b": 2}}}
     st = selector_stats(extra, ["a", "b"])
@@ -616,7 +616,7 @@ def test_fedsm_selector_and_gamma_sweep_readers():
 def test_fedsm_routing_and_history_are_summed_over_seeds():
     import math
 
-    from fedseg.bench.benchmark_report.fedsm_facts import selector_history, summed_counts
+    from fedseg_tools.bench.benchmark_report.fedsm_facts import selector_history, summed_counts
 
     seeds = [
         {
@@ -636,7 +636,7 @@ def test_polyp_pictures_are_downscaled_with_binary_masks(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from fedseg.bench.run import downscale_pictures
+    from fedseg_tools.bench.run import downscale_pictures
 
     for site, size in (("A", (300, 200)), ("B", (120, 160))):
         (tmp_path / "src" / site / "images").mkdir(parents=True)
@@ -660,8 +660,8 @@ def test_progress_line_reads_the_running_job(tmp_path):
     """The progress line names the run in progress and its round from the job's own files (timeline, meters)."""
     import time
 
-    from fedseg.bench.budget import Budget, plan_runs
-    from fedseg.bench.run import Progress
+    from fedseg_tools.bench.budget import Budget, plan_runs
+    from fedseg_tools.bench.run import Progress
 
     ws = tmp_path / "ws"
     app = ws / "server" / "simulate_job" / "app_server" / "bench"
@@ -703,7 +703,7 @@ def test_sigterm_stops_the_benchmark_and_everything_it_started(tmp_path):
 
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedseg.bench", "--preset", "smoke", "--out", str(out), "--protocols", "equal"],
+        [sys.executable, "-m", "fedseg_tools.bench", "--preset", "smoke", "--out", str(out), "--protocols", "equal"],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
         stdout=subprocess.PIPE,
@@ -748,7 +748,7 @@ def test_sigterm_stops_the_benchmark_and_everything_it_started(tmp_path):
 
 
 def test_headline_says_when_a_difference_is_seed_noise():
-    from fedseg.bench.benchmark_report.headline_section import headline_sentences
+    from fedseg_tools.bench.benchmark_report.headline_section import headline_sentences
 
     noisy = [_cell(s, {"fedavg": 0.60, "fedsm": 0.60 + d}) for s, d in enumerate((0.10, -0.05, 0.01))]  # +2 points, noisy
     clear = [_cell(s, {"fedavg": 0.60, "fedsm": 0.63 + d}) for s, d in enumerate((0.001, -0.001, 0.0))]
@@ -759,10 +759,10 @@ def test_headline_says_when_a_difference_is_seed_noise():
 
 @pytest.mark.slow
 def test_benchmark_baselines_run_in_their_own_process(tiny2d, tmp_path):
-    """python -m fedseg.baselines benchmark: what the benchmark runs for local-only and centralized (one seed, the
+    """python -m fedseg_tools.baselines benchmark: what the benchmark runs for local-only and centralized (one seed, the
     seed's initial checkpoint, the budget of R rounds x E epochs, a learning curve of R+1 points, best-validated)."""
-    from fedseg.baselines import site_train_counts
-    from fedseg.bench.jobs import save_initial_checkpoint
+    from fedseg_tools.baselines import site_train_counts
+    from fedseg_tools.bench.jobs import save_initial_checkpoint
 
     engine = {
         "spatial_dims": 2,
@@ -777,7 +777,7 @@ def test_benchmark_baselines_run_in_their_own_process(tiny2d, tmp_path):
         [
             sys.executable,
             "-m",
-            "fedseg.baselines",
+            "fedseg_tools.baselines",
             "benchmark",
             "--data",
             str(tiny2d),
@@ -811,7 +811,7 @@ def test_benchmark_baselines_run_in_their_own_process(tiny2d, tmp_path):
         [
             sys.executable,
             "-m",
-            "fedseg.baselines",
+            "fedseg_tools.baselines",
             "benchmark",
             "--data",
             str(tiny2d),

@@ -12,9 +12,9 @@ import sys
 import pytest
 from conftest import CUSTOM, REPO
 
-from fedseg.bench.budget import METHODS, Budget, matched_key, paper_multiples, plan_method, plan_run, run_specs
-from fedseg.bench.gap import closed_per_seed, format_closed, gap_closed, gap_within_noise, mean_se
 from fedseg.report import format_table, worst_site
+from fedseg_tools.bench.budget import METHODS, Budget, matched_key, paper_multiples, plan_method, plan_run, run_specs
+from fedseg_tools.bench.gap import closed_per_seed, format_closed, gap_closed, gap_within_noise, mean_se
 
 SITE_STEPS = {"a": 3, "b": 2, "c": 5, "d": 1}
 
@@ -91,7 +91,7 @@ def test_matched_step_baselines_train_the_paper_runs_steps():
     assert plan_run(specs["local-4B"], budget).seg_steps_per_site == {s: 4 * budget.site_steps(s) for s in SITE_STEPS}
     assert plan_run(specs["fedavg"], budget).as_dict() == plan_method("fedavg", budget).as_dict()  # equal runs unchanged
     # the FL runner's job: FedAvg's workflow trains R*f rounds
-    from fedseg.bench.jobs import method_workflows
+    from fedseg_tools.bench.jobs import method_workflows
 
     engine = {"spatial_dims": 2, "roi_size": [32, 32], "batch_size": 4, "local_epochs": 2}
     flows, _ = method_workflows("fedavg", plan_run(specs["fedavg-4B"], budget), engine, 0, 0.1)
@@ -99,8 +99,8 @@ def test_matched_step_baselines_train_the_paper_runs_steps():
 
 
 def test_presets_run_matched_steps_where_they_conclude():
-    from fedseg.bench.presets import get_preset
-    from fedseg.bench.run import build_parser
+    from fedseg_tools.bench.presets import get_preset
+    from fedseg_tools.bench.run import build_parser
 
     assert get_preset("standard").matched_steps and get_preset("full").matched_steps
     assert not get_preset("smoke").matched_steps
@@ -111,8 +111,8 @@ def test_the_runner_trains_matched_baselines_with_more_rounds(tmp_path, monkeypa
     """run_dataset: local-only / centralized at f*B in a baseline process of R*f rounds each, recorded under their
     own keys; FedAvg at f*B planned with R*f rounds (here reported missing: no FLARE job runs in this test)."""
     from fedseg import jobgen
-    from fedseg.bench import run as run_mod
-    from fedseg.bench.presets import get_preset
+    from fedseg_tools.bench import run as run_mod
+    from fedseg_tools.bench.presets import get_preset
 
     for job in ("fedavg", "fedsm"):
         monkeypatch.delitem(jobgen.JOBS, job)
@@ -203,17 +203,17 @@ def _cells(with_matched: bool = True) -> list[dict]:
 
 
 def _markdown(cells) -> str:
-    from fedseg.bench.benchmark_report import markdown
-    from fedseg.bench.benchmark_report.facts import by_dataset
+    from fedseg_tools.bench.benchmark_report import markdown
+    from fedseg_tools.bench.benchmark_report.facts import by_dataset
 
     run = {"protocols": ["equal", "paper"], "seeds": [0, 1, 2], "preset": "standard", "conclusive": True}
     return markdown(run, cells, None, by_dataset(cells), {}, "")
 
 
 def test_report_shows_matched_baselines_worst_site_and_gap_closed():
-    from fedseg.bench.benchmark_report.facts import headline_facts
-    from fedseg.bench.gap_report import gap_rows
-    from fedseg.bench.report_data import aggregate, protocol_rows
+    from fedseg_tools.bench.benchmark_report.facts import headline_facts
+    from fedseg_tools.bench.gap_report import gap_rows
+    from fedseg_tools.bench.report_data import aggregate, protocol_rows
 
     cells = _cells()
     assert aggregate(cells, "fedavg")["worst"] == [0.5, 0.5, 0.5]  # per seed: the minimum over sites
@@ -262,7 +262,7 @@ def test_report_shows_matched_baselines_worst_site_and_gap_closed():
 
 
 def test_report_without_matched_runs_says_so():
-    from fedseg.bench.gap_report import gap_rows
+    from fedseg_tools.bench.gap_report import gap_rows
 
     cells = _cells(with_matched=False)
     rows = {r["key"]: r for r in gap_rows(cells)}
@@ -284,7 +284,7 @@ def test_report_only_renders_the_published_raw_results(tmp_path):
     out = tmp_path / "out"
     shutil.copytree(REPO / "docs" / "benchmarks" / "raw", out / "raw")
     proc = subprocess.run(
-        [sys.executable, "-m", "fedseg.bench", "--report-only", "--out", str(out)],
+        [sys.executable, "-m", "fedseg_tools.bench", "--report-only", "--out", str(out)],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"},
         capture_output=True,

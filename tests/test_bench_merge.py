@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.bench.gpu import gpu_rows
-from fedseg.bench.merge import MergeError, merge_results
+from fedseg_tools.bench.gpu import gpu_rows
+from fedseg_tools.bench.merge import MergeError, merge_results
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED_RAW = REPO / "docs" / "benchmarks" / "raw"
@@ -108,7 +108,7 @@ def test_gpu_rows_ratios_and_rates():
 
 @pytest.mark.skipif(not (PUBLISHED_RAW / "results.json").exists(), reason="no published benchmark raw results")
 def test_report_shows_merged_parts_and_the_gpu_table(tmp_path):
-    from fedseg.bench.benchmark_report import write_report
+    from fedseg_tools.bench.benchmark_report import write_report
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -121,7 +121,7 @@ def test_report_shows_merged_parts_and_the_gpu_table(tmp_path):
     (raw / "results.json").write_text(json.dumps(merged))
     if (PUBLISHED_RAW / "cost.json").exists():
         shutil.copy2(PUBLISHED_RAW / "cost.json", raw / "cost.json")
-    gpu = {"command": "python -m fedseg.bench.gpu --out X", "machine": {"gpu": "Test GPU"}, "rows": gpu_rows(_gpu_cell())}
+    gpu = {"command": "python -m fedseg_tools.bench.gpu --out X", "machine": {"gpu": "Test GPU"}, "rows": gpu_rows(_gpu_cell())}
     (raw / "gpu.json").write_text(json.dumps(gpu))
     md = write_report(raw, tmp_path / "out").read_text()
     assert "Merged part" in md and "the second part" in md

@@ -8,7 +8,7 @@ import math
 import pytest
 from test_bench_gap import _rec
 
-from fedseg.bench.pilot import mean_se, summarise, tail_gain
+from fedseg_tools.bench.pilot import mean_se, summarise, tail_gain
 
 
 def _cell(dataset: str, seed: int, dice: dict[str, dict[str, float]]) -> dict:
@@ -22,8 +22,8 @@ def _cell(dataset: str, seed: int, dice: dict[str, dict[str, float]]) -> dict:
 
 
 def test_leakage_section_compares_the_frame_split_with_the_sequence_split():
-    from fedseg.bench.benchmark_report import markdown
-    from fedseg.bench.benchmark_report.facts import by_dataset
+    from fedseg_tools.bench.benchmark_report import markdown
+    from fedseg_tools.bench.benchmark_report.facts import by_dataset
 
     cells = [_cell("polyp", s, {"fedavg": {"a": 0.50, "b": 0.40 + 0.02 * s}}) for s in range(2)]
     cells += [_cell("polyp_frames", s, {"fedavg": {"a": 0.70, "b": 0.60 + 0.02 * s}}) for s in range(2)]
@@ -63,7 +63,7 @@ def test_pilot_gap_standard_error_and_curve_tail():
 def test_downscaled_pictures_keep_their_group_file(tmp_path):
     from PIL import Image
 
-    from fedseg.bench.run import downscale_pictures
+    from fedseg_tools.bench.run import downscale_pictures
 
     for kind in ("images", "masks"):
         (tmp_path / "src" / "A" / kind).mkdir(parents=True)
@@ -74,8 +74,8 @@ def test_downscaled_pictures_keep_their_group_file(tmp_path):
 
 
 def test_a_dataset_can_run_a_subset_of_the_methods_without_peers():
-    from fedseg.bench.presets import DatasetSpec, get_preset
-    from fedseg.bench.run import cell_specs
+    from fedseg_tools.bench.presets import DatasetSpec, get_preset
+    from fedseg_tools.bench.run import cell_specs
 
     preset = get_preset("standard")
     full = DatasetSpec("d", "synthetic", {}, ablation=False)
@@ -89,7 +89,7 @@ def test_selector_study_trains_the_federated_and_the_central_selector(tiny2d, tm
     """The in-process FedSM selector protocol against the same network trained centrally, on 3 tiny sites."""
     import json
 
-    from fedseg.bench.selector_study import main
+    from fedseg_tools.bench.selector_study import main
 
     out = tmp_path / "study.json"
     engine = json.dumps({"spatial_dims": 2, "in_channels": 1, "roi_size": [32, 32], "batch_size": 4})
@@ -113,8 +113,8 @@ def test_selector_study_trains_the_federated_and_the_central_selector(tiny2d, tm
 def test_gpu_real_cell_is_the_full_presets_polyp_cell_cut_to_fit(tmp_path):
     from PIL import Image
 
-    from fedseg.bench.gpu_real import GPU_REAL_METHODS, prepare, real_preset
-    from fedseg.bench.presets import get_preset
+    from fedseg_tools.bench.gpu_real import GPU_REAL_METHODS, prepare, real_preset
+    from fedseg_tools.bench.presets import get_preset
 
     src = tmp_path / "src" / "C"
     for kind in ("images", "masks"):
@@ -138,7 +138,7 @@ def test_gpu_real_cell_is_the_full_presets_polyp_cell_cut_to_fit(tmp_path):
 
 
 def test_selector_status_is_recorded_or_judged_from_the_routing():
-    from fedseg.bench.benchmark_report.fedsm_facts import selector_status_of
+    from fedseg_tools.bench.benchmark_report.fedsm_facts import selector_status_of
 
     sites = ["a", "b"]
     assert selector_status_of({"selector_status": {"status": "unused"}}, sites) == "unused"

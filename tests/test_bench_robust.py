@@ -1,4 +1,4 @@
-"""The robustness and privacy benchmark (fedseg.bench.robust): its attacker, what it reads from a run, its report
+"""The robustness and privacy benchmark (fedseg_tools.bench.robust): its attacker, what it reads from a run, its report
 section, and one real run of two of its jobs (a sign-flipping site; DP-SGD everywhere) on the smoke data."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from fedseg.bench.attacks import scaled_update
-from fedseg.bench.robust import (
+from fedseg_tools.bench.attacks import scaled_update
+from fedseg_tools.bench.robust import (
     attack_factors,
     honest_dice,
     largest_epsilon,
@@ -128,7 +128,7 @@ def test_a_sign_flipping_site_and_dp_sgd_measured_in_real_runs(tmp_path):
 
 
 def test_the_benchmark_report_reads_the_record_beside_its_results(tmp_path):
-    from fedseg.bench.benchmark_report import load_raw
+    from fedseg_tools.bench.benchmark_report import load_raw
 
     (tmp_path / "results.json").write_text(json.dumps({"run": {"preset": "quick"}, "cells": []}))
     assert "robust" not in load_raw(tmp_path)[0]

@@ -1,10 +1,10 @@
-"""fedseg.bench.tuning: the hyper-parameters FedProx and FedSM may choose are chosen on validation Dice by one
+"""fedseg_tools.bench.tuning: the hyper-parameters FedProx and FedSM may choose are chosen on validation Dice by one
 rule (test Dice plays no part; a tie keeps the shipped default), and the benchmark plans their candidate runs."""
 
 from __future__ import annotations
 
-from fedseg.bench.budget import run_specs
-from fedseg.bench.tuning import TUNING, best_validation, choose, tuning_key
+from fedseg_tools.bench.budget import run_specs
+from fedseg_tools.bench.tuning import TUNING, best_validation, choose, tuning_key
 
 
 def run(curve, test=0.5, status="ok", **args):
@@ -64,7 +64,7 @@ def scored(curve, dice, **args):
 
 
 def test_the_report_shows_every_candidate_the_choice_per_seed_and_the_chosen_runs_test_dice():
-    from fedseg.bench.tuning_report import tuning_facts, tuning_section
+    from fedseg_tools.bench.tuning_report import tuning_facts, tuning_section
 
     cells = []
     for seed, (val_default, val_low, val_high) in enumerate([(0.70, 0.75, 0.60), (0.70, 0.60, 0.65)]):

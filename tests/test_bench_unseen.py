@@ -1,4 +1,4 @@
-"""Leave-one-centre-out in the benchmark (fedseg.bench.unseen, unseen_report): the pure parts, and one smoke run on
+"""Leave-one-centre-out in the benchmark (fedseg_tools.bench.unseen, unseen_report): the pure parts, and one smoke run on
 3 tiny sites with one held out, whose deployable models are scored on the unseen centre."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import CUSTOM, REPO
 
-from fedseg.bench.presets import DatasetSpec, get_preset
-from fedseg.bench.unseen import (
+from fedseg_tools.bench.presets import DatasetSpec, get_preset
+from fedseg_tools.bench.unseen import (
     add_loco_datasets,
     dataset_centres,
     federation_dir,
@@ -25,7 +25,7 @@ from fedseg.bench.unseen import (
     seen_global_share,
     seen_mean,
 )
-from fedseg.bench.unseen_report import unseen_section
+from fedseg_tools.bench.unseen_report import unseen_section
 
 
 # ---- pure ------------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_unseen_section_has_one_table_per_held_out_centre():
 def test_smoke_run_scores_every_deployable_model_on_the_unseen_centre(tiny2d, tmp_path):
     out = tmp_path / "out"
     methods = ["fedavg", "fedsm", "fedcrossens", "local", "centralized"]
-    cmd = [sys.executable, "-m", "fedseg.bench", "--preset", "smoke", "--out", str(out), "--data-dir", str(tiny2d)]
+    cmd = [sys.executable, "-m", "fedseg_tools.bench", "--preset", "smoke", "--out", str(out), "--data-dir", str(tiny2d)]
     cmd += ["--holdout", "site-3", "--datasets", "tiny2d_loco_site-3", "--protocols", "equal", "--methods", *methods]
     env = {**os.environ, "PYTHONPATH": str(CUSTOM), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import CUSTOM, REPO
 
-from fedseg import cli
+from fedseg_tools import cli
 
 
 def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -34,7 +34,7 @@ def test_every_command_names_a_module_main():
 
 
 def test_help_lists_commands_without_importing_torch():
-    code = "import sys; from fedseg.cli import main; main(['--help']); print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'nvflare', 'monai')))"
+    code = "import sys; from fedseg_tools.cli import main; main(['--help']); print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'nvflare', 'monai')))"
     out = run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(CUSTOM)})
     for name in cli.COMMANDS:
         assert f"\n  {name} " in out.stdout, name

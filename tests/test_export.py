@@ -47,7 +47,7 @@ from fedseg.methods.fedsm import (
 )
 from fedseg.modelset import load_model_set, save_members, save_model_set
 from fedseg.report import load_results
-from fedseg.sim import run_process_tree
+from fedseg_tools.sim import run_process_tree
 
 SMALL = {"roi_size": [32, 32], "network": {"arch": "unet", "channels": [8, 16, 32], "num_res_units": 1}}
 SITES = ["site-1", "site-2", "site-3"]

@@ -124,7 +124,7 @@ def alive(p: psutil.Process) -> bool:
 
 def sigkill(procs: list[psutil.Process]) -> None:
     """SIGKILL, then wait until each is gone or a zombie. Never reap (psutil.wait_procs would): the simulator is
-    a child of this process, and if it were reaped here its Popen.wait() in fedseg.sim would report 0."""
+    a child of this process, and if it were reaped here its Popen.wait() in fedseg_tools.sim would report 0."""
     for p in procs:
         try:
             p.kill()

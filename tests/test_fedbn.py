@@ -178,8 +178,8 @@ def test_fedbn_job_refuses_a_network_without_normalization_parameters(fedbn_runs
 
 # ---- the benchmark: FedBN on the dataset's own network, or not at all -------------------------------------------------
 def test_bench_skips_fedbn_where_the_network_has_no_normalization_parameters(tmp_path):
-    from fedseg.bench.presets import get_preset
-    from fedseg.bench.run import prepare_dataset, run_dataset
+    from fedseg_tools.bench.presets import get_preset
+    from fedseg_tools.bench.run import prepare_dataset, run_dataset
 
     preset = get_preset("smoke")  # the built-in cells' network: MONAI "instance" norm, unchanged
     spec = preset.datasets["synth2d"]
@@ -191,9 +191,9 @@ def test_bench_skips_fedbn_where_the_network_has_no_normalization_parameters(tmp
 
 
 def test_bench_job_runs_fedbn_on_the_datasets_network(tmp_path):
-    from fedseg.bench.budget import Budget, plan_method
-    from fedseg.bench.jobs import FEDBN_MODELS, build_job, fedbn_refusal, save_initial_checkpoint
-    from fedseg.bench.presets import ENGINE_2D
+    from fedseg_tools.bench.budget import Budget, plan_method
+    from fedseg_tools.bench.jobs import FEDBN_MODELS, build_job, fedbn_refusal, save_initial_checkpoint
+    from fedseg_tools.bench.presets import ENGINE_2D
 
     engine = {**ENGINE_2D, "network": {**ENGINE_2D["network"], "norm": "batch"}, "local_epochs": 1}
     assert fedbn_refusal(engine) == "" and fedbn_refusal(ENGINE_2D)

@@ -314,8 +314,8 @@ def test_fedsm_selector_head_is_the_discriminant_of_the_sites_features(fedsm_run
     """The "lda" protocol: the selector's features never move, and the head the server ends with is exactly the
     linear discriminant of the sites' training features under them (recomputed here from the sites' data)."""
     from fedseg.algorithms.selector_head import fit_lda_head
-    from fedseg.bench.selector_study import site_inputs
     from fedseg.methods.fedsm import selector_statistics
+    from fedseg_tools.bench.selector_study import site_inputs
 
     out = fedsm_run.job_dir / FEDSM_DIR
     last, info = load_model_set(out / "last.pt")

@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import CUSTOM, JOBS, REPO, TINY_ENGINE, copy_job, simulate
 
-from fedseg.baselines import load_sites, run_centralized, run_local
 from fedseg.data import load_datalist
 from fedseg.engine import EngineConfig, SegEngine, load_numpy_state, state_to_numpy
 from fedseg.engine.config import DEFAULT_ENGINE, resolve_engine
 from fedseg.report import format_table, load_results, site_mean
+from fedseg_tools.baselines import load_sites, run_centralized, run_local
 
 
 def tiny_cfg(**extra) -> EngineConfig:

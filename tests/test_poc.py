@@ -156,7 +156,12 @@ def test_fedavg_through_flare_api(poc, api_job):
         if fed.state["gpu"]["gpu_ids"]:
             assert "device cuda" in log
         # code-less job: the package came from the site's local/custom, the job carries no code
-        assert (fed.kit(site) / "local" / "custom" / "fedseg" / "fl" / "executor.py").exists()
+        kit_code = fed.kit(site) / "local" / "custom"
+        assert (kit_code / "fedseg" / "fl" / "executor.py").exists()
+        # only the runtime: no benchmark, demo, simulator runner, CLI or POC tooling travels to a hospital
+        assert sorted(p.name for p in kit_code.iterdir()) == ["fedseg"]
+        tooling = [p for p in kit_code.rglob("*.py") if p.stem in ("bench", "demo", "sim", "cli", "baselines", "poc_env")]
+        assert not tooling and not list(kit_code.rglob("bench")), tooling
         app = fed.kit(site) / api_job.job_id / f"app_{site}"
         assert not (app / "custom").exists()
         # signed by the submitter's kit and accepted by a site that requires signed jobs

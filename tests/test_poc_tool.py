@@ -1,6 +1,6 @@
 """Quick checks of the POC tool's pure parts (poc/poc_federation): project rendering, the parsing of what the
 `nvflare job` CLI and the admin console print, GPU requests, port locks, and finding a POC's processes through
-psutil (also orphans of a crashed tool). Ports and processes are fedseg.fl.localhost_poc's, shared with
+psutil (also orphans of a crashed tool). Ports and processes are fedseg_tools.localhost_poc's, shared with
 FedSegPocEnv: the rules merged from the two former copies are checked here. The POC itself runs in
 tests/test_poc.py."""
 
@@ -32,8 +32,8 @@ from poc_federation.processes import find_processes, is_alive, is_loopback, kill
 from poc_federation.provision import hospital_names, org_of, participants_of, render_project  # noqa: E402
 from poc_federation.submission import console_job_id, console_job_status, finished_status, json_envelope  # noqa: E402
 
-from fedseg.fl import poc_env  # noqa: E402
-from fedseg.fl.localhost_poc import POC_ENV_PORTS, POC_TOOL_PORTS  # noqa: E402
+from fedseg_tools import poc_env  # noqa: E402
+from fedseg_tools.localhost_poc import POC_ENV_PORTS, POC_TOOL_PORTS  # noqa: E402
 
 JOB_ID = "9c8689a7-89a4-4014-a4a4-2daf5b27b7d4"
 

@@ -16,7 +16,7 @@ from nvflare.job_config.defs import FilterType
 from fedseg.fl.allowlist import FEDSEG_CLASSES
 from fedseg.recipes import FedAvgRecipe, FedCrossRecipe, FedProxRecipe, FedSMRecipe, RecipeError
 from fedseg.report import load_results
-from fedseg.sim import run_process_tree
+from fedseg_tools.sim import run_process_tree
 
 ENGINE = {"roi_size": [32, 32], "batch_size": 4, "local_epochs": 1, "lr": 0.002}
 SITES = ["site-1", "site-2"]  # the SimEnv runs: 2 sites are enough to aggregate, route and travel

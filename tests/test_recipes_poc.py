@@ -1,9 +1,9 @@
-"""fedseg.fl.poc_env.FedSegPocEnv: a FedSeg recipe run in NVFlare's POC environment, localhost only.
+"""fedseg_tools.poc_env.FedSegPocEnv: a FedSeg recipe run in NVFlare's POC environment, localhost only.
 
 The end-to-end test provisions and starts a real POC (server + 2 sites, tiny data), runs FedAvgRecipe through
 recipe.execute(env), checks every listening socket while the job runs, reads the downloaded results, and stops
 every process in a finally. Its port comes from FedSegPocEnv's own range (19000-19499), reserved with the lock files
-of fedseg.fl.localhost_poc, shared with poc/fedseg_poc.py (tests/test_poc.py uses 18500-18999).
+of fedseg_tools.localhost_poc, shared with poc/fedseg_poc.py (tests/test_poc.py uses 18500-18999).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from conftest import CUSTOM, assert_fedavg_result_scored
 from nvflare.apis.job_def import RunStatus
 
 from fedseg.fl.allowlist import needed_classes, workspace_role
-from fedseg.fl.localhost_poc import (
+from fedseg.recipes import FedAvgRecipe
+from fedseg_tools.localhost_poc import (
     acquire_port,
     bind_server_to_localhost,
     localhost_problem,
@@ -29,8 +30,15 @@ from fedseg.fl.localhost_poc import (
     reserve_port,
     site_target_problem,
 )
-from fedseg.fl.poc_env import MARK_ENV, PORT_RANGE, FedSegPocEnv, PocEnvError, render_project, site_datalists, site_pythonpath
-from fedseg.recipes import FedAvgRecipe
+from fedseg_tools.poc_env import (
+    MARK_ENV,
+    PORT_RANGE,
+    FedSegPocEnv,
+    PocEnvError,
+    render_project,
+    site_datalists,
+    site_pythonpath,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POC start scripts are Linux shell")
 

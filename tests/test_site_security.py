@@ -3,7 +3,7 @@
 * The site allow-list names exact classes: every other callable reachable under fedseg is refused by NVFlare's
   own matcher, and a job that tries to widen the allow-list (or call subprocess.run) is refused in a real
   simulator run, with every resources.json unchanged.
-* fedseg.sim stops every process of a run on timeout, client workers in their own sessions included.
+* fedseg_tools.sim stops every process of a run on timeout, client workers in their own sessions included.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import pytest
 from conftest import CUSTOM, JOBS, TINY_ENGINE, copy_job, set_executor_path, simulate
 
 import fedseg
-from fedseg.fl.allowlist import BENCH_CLASSES, FEDSEG_CLASSES, AllowListError, allow_fedseg, fedseg_allow_list, warnings_for
+from fedseg.fl.allowlist import FEDSEG_CLASSES, AllowListError, allow_fedseg, fedseg_allow_list, warnings_for
+from fedseg_tools.bench.jobs import BENCH_CLASSES
 
 
 class _SiteWorkspace:
@@ -182,8 +183,8 @@ def test_generated_jobs_use_only_allowed_classes(tmp_path):
     """Every component path of jobs/, of fedseg.jobgen's output (with the meter) and of a benchmark job that
     runs every method is on the allow-list: the list is complete."""
     from fedseg import jobgen
-    from fedseg.bench.budget import METHODS, Budget, plan_methods
-    from fedseg.bench.jobs import build_job
+    from fedseg_tools.bench.budget import METHODS, Budget, plan_methods
+    from fedseg_tools.bench.jobs import build_job
 
     assert jobgen.main(["--out", str(tmp_path / "gen"), "--meter"]) == 0
     fl_methods = [m for m in METHODS if m in jobgen.JOBS]
@@ -210,7 +211,7 @@ def test_generated_jobs_use_only_allowed_classes(tmp_path):
     assert {"fedseg.fl.meter.TaskMeter", "fedseg.fl.executor.SegExecutor"} <= product
     assert product <= allow, product - allow
     bench_paths = used_in(bench)  # the benchmark's simulator runs add its workflows
-    assert "fedseg.bench.flow.BenchMark" in bench_paths and "fedseg.bench.flow.BenchMark" not in allow
+    assert "fedseg_tools.bench.flow.BenchMark" in bench_paths and "fedseg_tools.bench.flow.BenchMark" not in allow
     assert bench_paths <= set(fedseg_allow_list(BENCH_CLASSES)), bench_paths - set(fedseg_allow_list(BENCH_CLASSES))
 
 

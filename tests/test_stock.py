@@ -1,4 +1,4 @@
-"""NVFlare's stock CyclicRecipe and FedAvgRecipe on FedSeg's engine (fedseg.bench.stock), run for real in SimEnv."""
+"""NVFlare's stock CyclicRecipe and FedAvgRecipe on FedSeg's engine (fedseg_tools.bench.stock), run for real in SimEnv."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ SITES = ["site-1", "site-2"]  # 2 sites: the model still travels (Cyclic) and is
 
 # ---- pure logic ---------------------------------------------------------------------------------------------
 def test_plan_visits_cycles_sites_in_the_given_order():
-    from fedseg.bench.stock import plan_visits
+    from fedseg_tools.bench.stock import plan_visits
 
     assert plan_visits("nvflare_cyclic", ["b", "a"], 2) == [(0, "b"), (0, "a"), (1, "b"), (1, "a")]
     with pytest.raises(ValueError, match="rounds"):
@@ -28,7 +28,7 @@ def test_plan_visits_cycles_sites_in_the_given_order():
 
 
 def test_check_steps_names_missing_and_unknown_sites():
-    from fedseg.bench.stock import check_steps
+    from fedseg_tools.bench.stock import check_steps
 
     assert check_steps(["a", "b"], {"a": 2, "b": 3}) == {"a": 2, "b": 3}
     with pytest.raises(ValueError, match=r"missing \['b'\], unknown \['c'\]"):
@@ -38,7 +38,7 @@ def test_check_steps_names_missing_and_unknown_sites():
 
 
 def test_visit_problems_report_a_skipped_site():
-    from fedseg.bench.stock import plan_visits, visit_problems
+    from fedseg_tools.bench.stock import plan_visits, visit_problems
 
     plan = plan_visits("nvflare_cyclic", ["s1", "s2", "s3"], 1)
     records = [{"site": s, "task": "train", "round": 0, "t_in": i} for i, s in enumerate(["s1", "s3"])]
@@ -67,8 +67,8 @@ def _survivors(folder: Path) -> list[int]:
 def stock_runs(tiny2d, tmp_path_factory):
     """Both stock recipes on 2 of the tiny sites from the same seeded checkpoint, plus a run whose first site has a
     broken datalist (all three side by side: they mostly wait)."""
-    from fedseg.bench.jobs import save_initial_checkpoint
-    from fedseg.bench.stock import StockRunError, run_stock
+    from fedseg_tools.bench.jobs import save_initial_checkpoint
+    from fedseg_tools.bench.stock import StockRunError, run_stock
 
     root = tmp_path_factory.mktemp("stock")
     init = save_initial_checkpoint(root / "init.pt", TINY_ENGINE, seed=3)
@@ -107,8 +107,8 @@ def stock_runs(tiny2d, tmp_path_factory):
 
 
 def _init_scores(tiny2d, init, section="validation"):
-    from fedseg.bench.stock import load_checkpoint_state, score_state, site_engines
     from fedseg.engine.config import resolve_engine
+    from fedseg_tools.bench.stock import load_checkpoint_state, score_state, site_engines
 
     engines = site_engines(Path(tiny2d), SITES, resolve_engine({**TINY_ENGINE, "seed": 3}))
     return {s: v["dice"] for s, v in score_state(load_checkpoint_state(init), engines, section).items()}, engines
@@ -145,7 +145,7 @@ def test_stock_cyclic_visits_every_site_in_order_from_the_given_checkpoint(stock
 
 
 def test_stock_fedavg_rounds_best_model_and_initial_checkpoint(stock_runs, tiny2d):
-    from fedseg.bench.stock import load_checkpoint_state, score_state
+    from fedseg_tools.bench.stock import load_checkpoint_state, score_state
 
     res = stock_runs["fedavg"]
     extra = res["extra"]

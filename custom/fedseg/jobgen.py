@@ -39,7 +39,6 @@ from fedseg.recipes import (  # noqa: F401 - FEDCROSS_DEFAULTS, DEFAULT_SITES re
 )
 
 APP = "app"  # one app for the server and every site (deploy_map @ALL), so any site names work
-MULTI_METHOD_EXECUTOR = "fedseg.fl.executor.MultiMethodExecutor"
 
 
 def recipe_for(name: str, o: argparse.Namespace) -> FedSegRecipe:
@@ -113,10 +112,11 @@ def client_config(
     datalist: str,
     method_args: dict | None = None,
     extra: dict | None = None,
-    executor_path: str = MULTI_METHOD_EXECUTOR,
+    *,
+    executor_path: str,
 ) -> dict:
-    """A recipe's client app (site executor, tracking writer) for a job that runs several methods one after
-    another (the benchmark's shared jobs): by default its executor serves every FedSeg task."""
+    """A recipe's client app (site executor, tracking writer) with the executor at executor_path, for a job that
+    runs several methods one after another (the benchmark's shared jobs, whose executor serves every FedSeg task)."""
     _, client = export_configs(FedAvgRecipe(engine=engine, datalist=datalist, cross_site_eval=False))
     executor = client["executors"][0]["executor"]
     executor["path"] = executor_path

@@ -30,7 +30,7 @@ from .ports import acquire_port, port_is_free, port_lock_file, release_port, res
 from .processes import find_processes, is_loopback, kill_processes, port_listeners, process_listeners, run_in_session
 
 # isort: split
-from fedseg.fl.localhost_poc import wait_until_registered
+from fedseg_tools.localhost_poc import wait_until_registered
 
 
 @dataclass

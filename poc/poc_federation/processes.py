@@ -1,4 +1,4 @@
-"""The POC's processes and listening sockets, through psutil (fedseg.fl.localhost_poc, shared with FedSegPocEnv):
+"""The POC's processes and listening sockets, through psutil (fedseg_tools.localhost_poc, shared with FedSegPocEnv):
 finding every process of a POC root (also after a crash of the tool, from the marker variable and the recorded
 sessions), killing them, and running a command in its own session."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 from .common import MARK_ENV  # first: it puts this checkout's custom/ (the fedseg package) on sys.path
 
 # isort: split
-from fedseg.fl import localhost_poc
-from fedseg.fl.localhost_poc import (
+from fedseg_tools import localhost_poc
+from fedseg_tools.localhost_poc import (
     is_alive,
     is_loopback,
     kill_processes,

@@ -12,8 +12,8 @@ from pathlib import Path
 from .common import AUTHZ_FILE, PACKAGE, PRIVACY_FILE, PocError, log  # first: it puts custom/ on sys.path
 
 # isort: split
-from fedseg.fl import localhost_poc
-from fedseg.fl.localhost_poc import write_site_config as write_site_config  # federation.py calls it from here
+from fedseg_tools import localhost_poc
+from fedseg_tools.localhost_poc import write_site_config as write_site_config  # federation.py calls it from here
 
 
 def hospital_names(n: int) -> list[str]:

@@ -40,7 +40,7 @@ BASE_SIZE = {
     "tiny": {2: 32, 3: 24},
     "small": {2: 64, 3: 32},
     "medium": {2: 128, 3: 64},
-    "large": {2: 256, 3: 96},  # clinical patch sizes, few cases: for throughput measurements (fedseg.bench.cost)
+    "large": {2: 256, 3: 96},  # clinical patch sizes, few cases: for throughput measurements (fedseg_tools.bench.cost)
 }
 # Sites' spacings are given for this edge length; other sizes rescale the spacing so that the
 # field of view in mm (and so the target's share of the image) stays the same: sizes change

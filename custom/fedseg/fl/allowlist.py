@@ -68,14 +68,6 @@ ROLES = ("site", "server", "all")
 # NVFlare 2.9's resources.json switch for streaming a site's job log to the server (JobLogStreamer, SiteLogStreamer);
 # NVFlare allows it unless it is false
 ALLOW_LOG_STREAMING = "allow_log_streaming"
-# The benchmark's workflows (fedseg.bench.jobs): allowed only in the benchmark's own simulator runs
-# (fedseg.bench passes them to fedseg.sim.run_simulator), never at a site.
-BENCH_CLASSES = (
-    "fedseg.fl.executor.MultiMethodExecutor",
-    "fedseg.bench.flow.BenchWarmup",
-    "fedseg.bench.flow.BenchMark",
-    "fedseg.bench.flow.BenchGlobalEval",
-)
 _CLASS_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 

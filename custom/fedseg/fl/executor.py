@@ -659,9 +659,3 @@ class FedCrossExecutor(SegExecutor):
             f"AUROC of the std for wrong voxels {u['auroc']:.4f}",
         )
         return FLModel(metrics=metrics)
-
-
-class MultiMethodExecutor(FedSMExecutor, FedCrossExecutor):
-    """Every FedSeg site task, for a job that runs several methods one after another (the benchmark's shared
-    jobs, fedseg.bench.jobs). Allowed only in the benchmark's own simulator runs (fedseg.fl.allowlist
-    BENCH_CLASSES), never at a site: a shipped job uses its method's executor."""

@@ -1,5 +1,0 @@
-import sys
-
-from fedseg.cli import main
-
-sys.exit(main())

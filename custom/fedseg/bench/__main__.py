@@ -1,5 +1,0 @@
-import sys
-
-from fedseg.bench.run import main
-
-sys.exit(main())
