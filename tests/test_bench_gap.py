@@ -295,3 +295,25 @@ def test_report_only_renders_the_published_raw_results(tmp_path):
     md = (out / "BENCHMARKS.md").read_text()
     assert "No matched-step baselines in this run" in md and "**Gap closed on synth2d**" in md
     assert "| mean over sites | worst site |" in md and "Share of the centralized − FedAvg gap closed" in md
+
+
+@pytest.mark.slow
+def test_publishing_replaces_the_previous_report_and_keeps_the_other_measurements(tmp_path):
+    """--publish writes BENCHMARKS.md and docs/benchmarks/: the previous report's raw files and plots are replaced,
+    a note or a measurement kept beside them (a pilot table, the robustness run) is not deleted."""
+    from fedseg_tools.bench.benchmark_report import publish
+
+    out, repo = tmp_path / "out", tmp_path / "repo"
+    shutil.copytree(REPO / "docs" / "benchmarks" / "raw", out / "raw")
+    (out / "raw" / "cost.json").unlink(missing_ok=True)
+    kept = repo / "docs" / "benchmarks"
+    (kept / "raw").mkdir(parents=True)
+    (kept / "pilot_table.md").write_text("a pilot")
+    (kept / "raw" / "pilot.json").write_text("{}")
+    (kept / "raw" / "cost.json").write_text('{"from": "the previous run"}')
+    (kept / "old_plot.png").write_bytes(b"png")
+    written = publish(out, repo)
+    assert (kept / "pilot_table.md").read_text() == "a pilot" and (kept / "raw" / "pilot.json").exists()
+    assert not (kept / "raw" / "cost.json").exists() and not (kept / "old_plot.png").exists()
+    assert (kept / "raw" / "results.json").read_bytes() == (out / "raw" / "results.json").read_bytes()
+    assert (repo / "BENCHMARKS.md") in written and "## Raw data" in (repo / "BENCHMARKS.md").read_text()

@@ -104,12 +104,19 @@ def write_report(raw: Path, out: Path, asset_prefix: str = "") -> Path:
     return path
 
 
+# the files a benchmark run writes to raw/ (write_raw, the cost phase): a new report replaces them all, so that no
+# file of the previous run stays behind under the new report
+REPORT_RAW = ("results.json", "results.csv", "methods.csv", "run.json", "cost.json")
+
+
 def publish(out: Path, repo: Path) -> list[Path]:
-    """Copy raw files + plots to <repo>/docs/benchmarks/ and write <repo>/BENCHMARKS.md pointing at them."""
+    """Copy raw files + plots to <repo>/docs/benchmarks/ and write <repo>/BENCHMARKS.md pointing at them. Only the
+    previous report's own files (REPORT_RAW and the plots) are replaced; the other notes and measurements kept in
+    docs/benchmarks/ (pilot, selector study, robustness and GPU runs, ...) stay."""
     target = repo / PUBLISH_DIR
-    if target.exists():
-        shutil.rmtree(target)
-    (target / "raw").mkdir(parents=True)
+    (target / "raw").mkdir(parents=True, exist_ok=True)
+    for stale in [*(target / "raw" / name for name in REPORT_RAW), *target.glob("*.png")]:
+        stale.unlink(missing_ok=True)
     written = []
     for f in sorted((out / "raw").iterdir()):
         if f.suffix in (".json", ".csv"):
