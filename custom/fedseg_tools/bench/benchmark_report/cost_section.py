@@ -12,8 +12,8 @@ POLLING = {
     "tuned": "bench settings (task_request_interval 0.1 s, task_check_period 0.1 s)",
 }
 EXECUTOR = {
-    "shipped": "as shipped (validate_before_train, TensorBoard scalar every step)",
-    "lean": "validate_before_train=false, no per-step TensorBoard",
+    "shipped": "as shipped (validate_before_train, the mean loss of every 10 steps to TensorBoard)",
+    "lean": "validate_before_train=false, no TensorBoard events",
 }
 
 
@@ -193,7 +193,7 @@ def throughput_table(cost: dict, throughput: dict) -> list[str]:
         "",
         _table(header, [_throughput_row(setting, v) for setting, v in throughput.items()]),
         "",
-        "Between the two rows the engine's own loop differs only by the per-step TensorBoard event (its wall img/s also by "
+        "Between the two rows the engine's own loop differs only by the TensorBoard events (its wall img/s also by "
         'the machine\'s other load); "rest" is the task time outside the training loop (validating the received model, '
         "building the network, converting weights, the meter).",
         "",
@@ -214,8 +214,8 @@ def changes_lines(fl_overhead: dict, throughput: dict) -> list[str]:
         '(`"server": {"task_request_interval": 0.2}` in config_fed_server.json, fedseg.recipes.TASK_REQUEST_INTERVAL), '
         "and FedSeg's workflows return from a task as soon as its last result is in, not at the next status check.",
         "- **Executor (measured):** scoring the received model on the validation cases before every round "
-        "(`validate_before_train`, it feeds FLARE's best-model selection) and a TensorBoard event to the server at every "
-        "optimizer step cost the executor "
+        "(`validate_before_train`, it feeds FLARE's best-model selection) and the TensorBoard events to the server (the "
+        "mean loss of every 10 optimizer steps) cost the executor "
         f"{_fmt((throughput.get('shipped') or {}).get('executor_vs_monai_cpu'), 2)} → "
         f"{_fmt((throughput.get('lean') or {}).get('executor_vs_monai_cpu'), 2)} of the plain MONAI loop's images per CPU second "
         "when both are off.",
