@@ -317,3 +317,19 @@ def test_publishing_replaces_the_previous_report_and_keeps_the_other_measurement
     assert not (kept / "raw" / "cost.json").exists() and not (kept / "old_plot.png").exists()
     assert (kept / "raw" / "results.json").read_bytes() == (out / "raw" / "results.json").read_bytes()
     assert (repo / "BENCHMARKS.md") in written and "## Raw data" in (repo / "BENCHMARKS.md").read_text()
+
+
+def test_the_headline_holds_a_paper_protocol_run_against_fedavg_at_the_same_steps():
+    """A 2B run is compared with FedAvg at 2B when that run exists, and the sentence says so; without it, FedAvg at B."""
+    from fedseg_tools.bench.benchmark_report.facts import headline_facts
+    from fedseg_tools.bench.benchmark_report.headline_section import headline_sentences
+
+    cells = _cells(with_matched=True)
+    facts = headline_facts(cells)
+    assert facts["fedsm"]["reference"] == {"equal": "fedavg", "paper": "fedavg-2B"}
+    assert facts["fedcrossens"]["reference"] == {"equal": "fedavg", "paper": "fedavg-4B"}
+    text = " ".join(headline_sentences("d", cells))
+    assert "(FedAvg at the same 2B steps)" in text
+    plain = _cells(with_matched=False)
+    assert all(ref == "fedavg" for ref in headline_facts(plain)["fedsm"]["reference"].values())
+    assert "FedAvg at the same" not in " ".join(headline_sentences("d", plain))

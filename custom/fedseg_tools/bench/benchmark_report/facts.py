@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedseg_tools.bench.budget import matched_key
 from fedseg_tools.bench.gap_report import gap_rows
 from fedseg_tools.bench.report_data import (
     _finite,
+    _first_rec,
     _mean,
     aggregate,
     local_optimizer_of,
     method_order,
     method_summary,
+    multiple_of,
     protocol_rows,
     run_info,
     run_keys,
@@ -108,17 +111,27 @@ def compare(cells: list[dict], a: str, b: str) -> tuple[float, float, float, lis
     return _mean(aa["dice"]), _mean(bb["dice"]), _mean(aa["dice"]) - _mean(bb["dice"]), paired
 
 
+def fedavg_reference(cells: list[dict], key: str, keys: set[str]) -> str:
+    """The FedAvg run a run is held against: FedAvg trained for the same steps (the matched-step run at the run's
+    multiple of B) when it ran, else FedAvg at B."""
+    multiple = multiple_of(key, _first_rec(cells, key))
+    matched = matched_key("fedavg", multiple)
+    return matched if multiple > 1 and matched in keys else "fedavg"
+
+
 def headline_facts(cells: list[dict]) -> dict:
     """The headline's yes/no answers for one dataset, from the numbers (None: not measured)."""
     keys = set(run_keys(cells))
     facts: dict = {}
     for m in ("fedsm", "fedcrossens"):
-        per = {}
+        per, reference = {}, {}
         for protocol, key in (("equal", m), ("paper", f"{m}-paper")):
             if key in keys and "fedavg" in keys:
-                per[protocol] = compare(cells, key, "fedavg")
+                reference[protocol] = fedavg_reference(cells, key, keys)
+                per[protocol] = compare(cells, key, reference[protocol])
         facts[m] = {
             "per_protocol": per,
+            "reference": reference,
             "beats_fedavg": (any(d >= BEAT_MARGIN for _, _, d, _ in per.values()) if per else None),
         }
     if {"centralized", "local"} <= keys:

@@ -59,9 +59,11 @@ def _against_fedavg(cells: list[dict], facts: dict) -> list[str]:
         for protocol, (va, vb, d, paired) in f["per_protocol"].items():
             key = m if protocol == "equal" else f"{m}-paper"
             ratio = _mean(aggregate(cells, key)["ratio"])
+            ref = f["reference"][protocol]
+            against = f" (FedAvg at the same {ref.rsplit('-', 1)[-1]} steps)" if ref != "fedavg" else ""
             parts.append(
-                f"{'equal steps' if protocol == 'equal' else f'paper protocol ({ratio:.2g}B)'} {va:.3f} vs {vb:.3f} "
-                f"({_pts(d)} points; {noise_text(paired)})"
+                f"{'equal steps' if protocol == 'equal' else f'paper protocol ({ratio:.2g}B)'} {va:.3f} vs {vb:.3f}"
+                f"{against} ({_pts(d)} points; {noise_text(paired)})"
             )
         out.append(
             f"{label} vs FedAvg: " + "; ".join(parts) + f" → beats FedAvg by ≥ {100 * BEAT_MARGIN:.0f} Dice points "
