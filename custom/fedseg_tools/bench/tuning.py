@@ -56,8 +56,8 @@ def candidates(cell: dict, method: str) -> list[tuple[str, float]]:
 
 
 def choose(cell: dict, method: str) -> dict | None:
-    """The choice in one cell: {"param", "values": {value: best validation Dice}, "chosen": value, "key": run key of
-    the chosen value, "default": the main run's value}; None when the cell has no candidate run of the method or a
+    """The choice in one cell: {"param", "values": {value: best validation Dice}, "keys": {value: its run key},
+    "chosen": value, "key": run key of the chosen value, "default": the main run's value}; None when the cell has no candidate run of the method or a
     candidate has no validation curve (nothing is chosen from an incomplete set)."""
     found = candidates(cell, method)
     if len(found) < 2 or found[0][0] != method:
